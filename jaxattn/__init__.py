@@ -1,0 +1,30 @@
+"""jaxattn: transformers as interacting particle systems, in JAX.
+
+Tokens are particles, weight-tied attention layers an ODE in depth, LoRA a low-rank
+perturbation of Q, K, V. See SPEC §1–§3 of the project documentation.
+"""
+
+from ._attention import (
+    attend as attend,
+    attention_scores as attention_scores,
+    softmax_weights as softmax_weights,
+    unnormalised_weights as unnormalised_weights,
+)
+from ._fields import (
+    AbstractField as AbstractField,
+    PlainField as PlainField,
+    RescaledField as RescaledField,
+    SphereField as SphereField,
+    USAField as USAField,
+    make_field as make_field,
+)
+from ._lora import LoRA as LoRA
+from ._simulate import (
+    STATUS_MESSAGES as STATUS_MESSAGES,
+    Solution as Solution,
+    fixed_step_grid as fixed_step_grid,
+    simulate as simulate,
+)
+from ._solvers import RK4 as RK4, get_solver as get_solver
+
+__version__ = "0.1.0"

@@ -1,0 +1,377 @@
+"""`simulate`: one jitted, vmapped `diffrax.diffeqsolve` over batches of tokens and LoRAs."""
+
+from __future__ import annotations
+
+import math
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array, Float, Int
+from ._fields import AbstractField
+from ._solvers import ADAPTIVE, RK4, get_solver
+from ._validate import (
+    as_float_array,
+    check_choice,
+    check_dtype,
+    check_positive,
+    check_tokens,
+)
+
+STATUS_OK = 0
+STATUS_MAX_STEPS = 1
+STATUS_SOLVER_FAILED = 2
+STATUS_NONFINITE = 3
+STATUS_MESSAGES = {
+    STATUS_OK: "ok",
+    STATUS_MAX_STEPS: "maximum number of steps reached (raise max_steps)",
+    STATUS_SOLVER_FAILED: "the solver failed (step size underflow or internal error)",
+    STATUS_NONFINITE: "the trajectory became NaN or inf",
+}
+ADJOINTS = ("checkpoint", "backsolve", "forward")
+
+
+class Solution(eqx.Module):
+    """Output of `simulate`.
+
+    - `ts`: output times, shape `(T,)`.
+    - `xs`: tokens, shape `(*batch, T, n, d)`; `batch` is the LoRA batch shape followed
+      by the initial-condition batch shape (either may be empty).
+    - `status`: per member, `(*batch)` ints: 0 ok, 1 max steps, 2 solver failure,
+      3 non-finite values (`STATUS_MESSAGES`). A failed member never crashes the batch.
+    - `num_steps`: accepted solver steps per member.
+    - `norm_drift`: for sphere dynamics, `max_{t,i} | |x_i(t)| − 1 |` per member, else None.
+    """
+
+    ts: Float[Array, " T"]
+    xs: Float[Array, "*batch T n d"]
+    status: Int[Array, "*batch"]
+    num_steps: Int[Array, "*batch"]
+    norm_drift: Float[Array, "*batch"] | None
+    dynamics: str = eqx.field(static=True)
+
+    @property
+    def ok(self) -> bool:
+        return bool(jnp.all(self.status == STATUS_OK))
+
+    def messages(self) -> list[str]:
+        """Distinct failure messages in the batch (empty when all members are ok)."""
+        codes = sorted({int(c) for c in np.asarray(self.status).ravel()} - {STATUS_OK})
+        return [STATUS_MESSAGES[c] for c in codes]
+
+    @property
+    def final(self) -> Float[Array, "*batch n d"]:
+        return self.xs[..., -1, :, :]
+
+
+class _Projected(diffrax.AbstractWrappedSolver):
+    """Wrap a solver so that each accepted step is renormalised onto the sphere.
+
+    The FSAL state of Tsit5/Dopri (the field at the unprojected end point) is kept as is:
+    it differs from the field at the projected point by O(norm drift of one step).
+    """
+
+    solver: diffrax.AbstractSolver
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, err, dense, state, result = self.solver.step(
+            terms, t0, t1, y0, args, solver_state, made_jump
+        )
+        y1 = y1 / jnp.linalg.norm(y1, axis=-1, keepdims=True)
+        return y1, err, dense, state, result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+
+# Diffrax's adaptive `_Projected` needs the adaptive marker when the inner solver is.
+class _ProjectedAdaptive(_Projected, diffrax.AbstractAdaptiveSolver):  # noqa: D101
+    pass
+
+
+def fixed_step_grid(t0: float, t1: float, dt: float) -> np.ndarray:
+    """`t0, t0+dt, …, t1` in float64; a last short step when `(t1−t0)/dt` is fractional."""
+    span = t1 - t0
+    k = int(math.floor(span / dt + 1e-9))
+    grid = t0 + dt * np.arange(k + 1, dtype=np.float64)
+    if span - k * dt > 1e-9 * max(1.0, abs(span)):
+        grid = np.append(grid, t1)
+    else:
+        grid[-1] = t1
+    if grid.size == 1:  # t1 == t0
+        grid = np.array([t0, t1])
+    return grid
+
+
+class _Config(eqx.Module):
+    solver: diffrax.AbstractSolver
+    controller: diffrax.AbstractStepSizeController
+    saveat_steps: bool
+    max_steps: int
+    adjoint: diffrax.AbstractAdjoint
+    progress: bool
+    sphere: bool
+    renormalise: bool
+    n_field_batch: int
+    n_x_batch: int
+
+
+def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
+    term = diffrax.ODETerm(field)
+    if cfg.saveat_steps:
+        saveat = diffrax.SaveAt(t0=True, steps=True)
+    else:
+        saveat = diffrax.SaveAt(ts=ts)
+    meter = diffrax.TqdmProgressMeter() if cfg.progress else diffrax.NoProgressMeter()
+    sol = diffrax.diffeqsolve(
+        term, cfg.solver, t0, t1, dt0, y0,
+        saveat=saveat,
+        stepsize_controller=cfg.controller,
+        max_steps=cfg.max_steps,
+        adjoint=cfg.adjoint,
+        throw=False,
+        progress_meter=meter,
+    )
+    ys = sol.ys
+    if cfg.renormalise:
+        # Steps are projected by `_Projected`; dense-output points between steps too.
+        ys = ys / jnp.linalg.norm(ys, axis=-1, keepdims=True)
+    res = sol.result
+    status = jnp.where(
+        res == diffrax.RESULTS.successful,
+        STATUS_OK,
+        jnp.where(res == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS,
+                  STATUS_SOLVER_FAILED),
+    )
+    status = jnp.where(
+        (status == STATUS_OK) & ~jnp.all(jnp.isfinite(ys)), STATUS_NONFINITE, status
+    )
+    if cfg.sphere:
+        drift = jnp.max(jnp.abs(jnp.linalg.norm(ys, axis=-1) - 1.0))
+    else:
+        drift = jnp.zeros((), ys.dtype)
+    return ys, status, sol.stats["num_accepted_steps"], drift
+
+
+@eqx.filter_jit
+def _solve_batch(field, x0, t0, t1, dt0, ts, cfg: _Config):
+    fn = lambda f, y: _solve_one(f, y, t0, t1, dt0, ts, cfg)  # noqa: E731
+    for _ in range(cfg.n_x_batch):
+        fn = jax.vmap(fn, in_axes=(None, 0))
+    for _ in range(cfg.n_field_batch):
+        axes = _lora_axes(field)
+        fn = eqx.filter_vmap(fn, in_axes=(axes, None))
+    return fn(field, x0)
+
+
+def _lora_axes(field: AbstractField):
+    axes = jax.tree.map(lambda _: None, field)
+    if not field.loras:
+        return axes
+    where = lambda f: [leaf for lo in f.loras for leaf in (lo.A, lo.B)]  # noqa: E731
+    return eqx.tree_at(where, axes, [0] * (2 * len(field.loras)), is_leaf=lambda x: x is None)
+
+
+def _cast_field(field: AbstractField, dtype) -> AbstractField:
+    def cast(x):
+        if eqx.is_inexact_array(x) and x.dtype != dtype:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, field)
+
+
+def _get_adjoint(adjoint, checkpoints):
+    if adjoint is None or adjoint == "checkpoint":
+        return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
+    if isinstance(adjoint, diffrax.AbstractAdjoint):
+        return adjoint
+    name = check_choice(adjoint, "adjoint", ADJOINTS)
+    if name == "backsolve":
+        return diffrax.BacksolveAdjoint()
+    return diffrax.ForwardMode()
+
+
+def simulate(
+    field: AbstractField,
+    x0,
+    t1,
+    *,
+    solver: str | diffrax.AbstractSolver = "rk4",
+    dt=None,
+    rtol=None,
+    atol=None,
+    ts=None,
+    t0=0.0,
+    dtype=None,
+    max_steps: int | None = None,
+    renormalise: bool = False,
+    adjoint=None,
+    checkpoints: int | None = None,
+    progress: bool = False,
+) -> Solution:
+    """Integrate `x' = field(t, x)` from `t0` to `t1` for one or many initial conditions.
+
+    **Arguments:**
+
+    - `field`: a `PlainField`, `RescaledField`, `SphereField` or `USAField`. Its LoRA may
+      be stacked (batch of perturbations): the solve is vmapped over it.
+    - `x0`: tokens `(n, d)` or a batch `(*batch, n, d)`; all are solved in one jitted
+      call. With a stacked LoRA too, the result is the outer product
+      `(*lora_batch, *x0_batch, T, n, d)`.
+    - `t1`: final time (≥ t0).
+    - `solver`: `euler | heun | rk4 | tsit5 | dopri5 | dopri8` or a diffrax solver.
+    - `dt`: fixed step (exactly `ceil((t1−t0)/dt)` steps on the grid `t0 + k·dt`, the last
+      possibly shorter); or `rtol`/`atol`: adaptive steps (PID controller). With neither,
+      non-adaptive solvers use `dt = 0.1` and adaptive ones `rtol = 1e-6, atol = 1e-9`.
+    - `ts`: output times in `[t0, t1]` (interpolated by the solver's dense output).
+      Default: every step for fixed steps, 101 equally spaced times for adaptive ones.
+    - `dtype`: `float32 | float64` (default: that of `x0`, else JAX's default float).
+    - `max_steps`: cap for adaptive solves (default 100 000).
+    - `renormalise`: sphere dynamics only: project back onto the sphere after each step.
+    - `adjoint`: `"checkpoint"` (default, reverse mode with `checkpoints`), `"backsolve"`
+      or `"forward"` (forward-mode AD), or any `diffrax.AbstractAdjoint`.
+    - `progress`: show a tqdm progress bar.
+
+    **Returns:** a `Solution`. Members whose solve fails get a non-zero `status`; the
+    batch still returns.
+    """
+    if not isinstance(field, AbstractField):
+        raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
+    if dtype is None:
+        if hasattr(x0, "dtype") and jnp.issubdtype(x0.dtype, jnp.floating):
+            dtype = x0.dtype
+        else:
+            dtype = jnp.result_type(float)
+    dtype = check_dtype(dtype)
+    x0 = as_float_array(x0, "x0", dtype)
+    check_tokens(x0, "x0")
+    if x0.shape[-1] != field.d:
+        raise ValueError(f"x0 has d = {x0.shape[-1]} but the field's weights are "
+                         f"{field.d}×{field.d}")
+    field = _cast_field(field, dtype)
+    sphere = field.dynamics in ("sphere", "usa")
+    if sphere:
+        norms = jnp.linalg.norm(x0, axis=-1, keepdims=True)
+        if not isinstance(x0, jax.core.Tracer) and bool(jnp.any(norms == 0)):
+            raise ValueError("x0 has a zero token, which cannot be put on the sphere")
+        x0 = x0 / norms
+    elif renormalise:
+        raise ValueError("renormalise applies to sphere dynamics (sphere, usa) only")
+
+    t0 = float(t0) if not isinstance(t0, jax.core.Tracer) else t0
+    if isinstance(t1, jax.core.Tracer):
+        raise TypeError("t1 must be a concrete number (it fixes the number of steps)")
+    t1 = check_positive(t1, "t1", allow_zero=True) if float(t1) >= 0 else None
+    if t1 is None:
+        raise ValueError("t1 must be finite and ≥ 0")
+    if t1 < t0:
+        raise ValueError(f"t1 = {t1} is before t0 = {t0}")
+
+    solver_obj = get_solver(solver) if isinstance(solver, str) else solver
+    solver_name = solver.lower() if isinstance(solver, str) else type(solver).__name__
+    adaptive_ok = isinstance(solver_obj, diffrax.AbstractAdaptiveSolver) and (
+        solver_name in ADAPTIVE if isinstance(solver, str) else not isinstance(solver, RK4)
+    )
+    if dt is not None and (rtol is not None or atol is not None):
+        raise ValueError("give either dt (fixed step) or rtol/atol (adaptive), not both")
+    if dt is None and rtol is None and atol is None:
+        if adaptive_ok:
+            rtol, atol = 1e-6, 1e-9
+        else:
+            dt = 0.1
+    if renormalise and sphere:
+        wrap = _ProjectedAdaptive if adaptive_ok else _Projected
+        solver_obj = wrap(solver_obj)
+
+    fixed = dt is not None
+    if fixed:
+        dt = check_positive(dt, "dt")
+        grid = fixed_step_grid(t0, t1, dt)
+        controller = diffrax.StepTo(ts=jnp.asarray(grid, dtype))
+        n_steps = grid.size - 1
+        max_steps = n_steps
+        dt0 = None
+    else:
+        if not adaptive_ok:
+            raise ValueError(f"solver {solver_name!r} has no error estimate: give dt for "
+                             "fixed steps, or use heun, tsit5, dopri5 or dopri8")
+        rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
+        atol = check_positive(1e-9 if atol is None else atol, "atol")
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        max_steps = 100_000 if max_steps is None else int(max_steps)
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
+        dt0 = None
+        grid = None
+
+    if ts is not None:
+        ts = np.asarray(as_float_array(ts, "ts"), dtype=np.float64).ravel()
+        if ts.size == 0:
+            raise ValueError("ts is empty")
+        if np.any(np.diff(ts) < 0):
+            raise ValueError("ts must be non-decreasing")
+        if ts[0] < t0 - 1e-12 or ts[-1] > t1 + 1e-12:
+            raise ValueError(f"ts must lie in [t0, t1] = [{t0}, {t1}]")
+        ts = np.clip(ts, t0, t1)
+        saveat_steps = False
+    elif fixed:
+        saveat_steps = True
+    else:
+        ts = np.linspace(t0, t1, 101)
+        saveat_steps = False
+    if t1 == t0:
+        # Nothing to integrate: diffrax rejects a zero-length interval.
+        out_ts = jnp.asarray(ts if ts is not None else [t0], dtype)
+        batch = field.batch_shape + tuple(x0.shape[:-2])
+        xs = jnp.broadcast_to(x0, field.batch_shape + x0.shape)
+        xs = jnp.broadcast_to(xs[..., None, :, :], batch + (out_ts.shape[0],) + x0.shape[-2:])
+        zeros = jnp.zeros(batch, jnp.int32)
+        return Solution(out_ts, xs, zeros, zeros, jnp.zeros(batch, dtype) if sphere else None,
+                        field.dynamics)
+
+    cfg = _Config(
+        solver=solver_obj,
+        controller=controller,
+        saveat_steps=saveat_steps,
+        max_steps=max_steps,
+        adjoint=_get_adjoint(adjoint, checkpoints),
+        progress=bool(progress),
+        sphere=sphere,
+        renormalise=bool(renormalise and sphere),
+        n_field_batch=len(field.batch_shape),
+        n_x_batch=x0.ndim - 2,
+    )
+    ts_arr = None if ts is None else jnp.asarray(ts, dtype)
+    ys, status, steps, drift = _solve_batch(
+        field, x0, jnp.asarray(t0, dtype), jnp.asarray(t1, dtype), dt0, ts_arr, cfg
+    )
+    out_ts = jnp.asarray(grid if saveat_steps else ts, dtype)
+    return Solution(out_ts, ys, status, steps, drift if sphere else None, field.dynamics)

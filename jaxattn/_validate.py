@@ -1,0 +1,107 @@
+"""Argument checks at the package boundary, each failing with a one-line message.
+
+The inner numerics assume valid input; everything a user passes in goes through here
+first (public constructors, `simulate`, the spec parser). Checks on values are done only
+on concrete arrays: inside `jit`/`vmap` they are skipped (shapes are still checked).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DYNAMICS = ("plain", "rescaled", "sphere", "usa")
+SOLVERS = ("euler", "heun", "rk4", "tsit5", "dopri5", "dopri8")
+TARGETS = ("Q", "K", "V")
+DTYPES = ("float32", "float64")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(value, name: str, dtype=None):
+    """Turn nested lists / arrays into a float array; ragged input is a ValueError."""
+    if isinstance(value, jax.Array):
+        arr = value
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            if jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == bool:
+                arr = arr.astype(dtype or jnp.result_type(float))
+            else:
+                raise TypeError(f"{name} must be a real floating-point array, got {arr.dtype}")
+    else:
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as e:  # ragged lists
+            raise ValueError(f"{name} is ragged or not numeric: {_short(e)}") from None
+        if arr.dtype == object:
+            raise ValueError(f"{name} is ragged or not numeric")
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64)
+    if dtype is not None:
+        arr = jnp.asarray(arr, dtype=dtype)
+    return arr
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
+def check_finite(arr, name: str) -> None:
+    if _is_concrete(arr) and not bool(np.all(np.isfinite(np.asarray(arr)))):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_tokens(x, name: str = "x0", *, batch_ok: bool = True) -> None:
+    shape = tuple(x.shape)
+    if len(shape) < 2 or (not batch_ok and len(shape) != 2):
+        want = "(n, d)" if not batch_ok else "(n, d) or (batch..., n, d)"
+        raise ValueError(f"{name} must have shape {want}, got {shape}")
+    if shape[-2] == 0:
+        raise ValueError(f"{name} has no tokens (n = 0)")
+    if shape[-1] == 0:
+        raise ValueError(f"{name} has dimension d = 0")
+    check_finite(x, name)
+
+
+def check_square(W, name: str, d: int | None = None) -> None:
+    shape = tuple(W.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"{name} must be a square d×d matrix, got shape {shape}")
+    if d is not None and shape[0] != d:
+        raise ValueError(f"{name} is {shape[0]}×{shape[1]} but the tokens have d = {d}")
+    check_finite(W, name)
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
+    canon = {c.lower(): c for c in choices}
+    if not isinstance(value, str) or value.lower() not in canon:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return canon[value.lower()]
+
+
+def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        rel = "≥ 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {rel}, got {value!r}")
+    return v
+
+
+def check_dtype(dtype) -> jnp.dtype:
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    check_choice(name, "dtype", DTYPES)
+    if name == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "dtype float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
+            "before creating arrays (or use dtype float32)"
+        )
+    return jnp.dtype(name)
