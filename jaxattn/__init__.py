@@ -28,3 +28,29 @@ from ._simulate import (
 from ._solvers import RK4 as RK4, get_solver as get_solver
 
 __version__ = "0.1.0"
+from ._bounds import (
+    Bound as Bound,
+    bound_a_posteriori as bound_a_posteriori,
+    bound_a_priori as bound_a_priori,
+    certified_horizon as certified_horizon,
+)
+from ._metrics import (
+    approach_departure as approach_departure,
+    approach_departure_times as approach_departure_times,
+    booleanness as booleanness,
+    cluster_centres as cluster_centres,
+    cluster_centres_masked as cluster_centres_masked,
+    cluster_count as cluster_count,
+    cluster_distance as cluster_distance,
+    cluster_labels as cluster_labels,
+    divergence as divergence,
+    energy as energy,
+    fraction_close_pairs as fraction_close_pairs,
+    gram as gram,
+    hausdorff as hausdorff,
+    leaders as leaders,
+    mean_cosine as mean_cosine,
+    one_sided_distance as one_sided_distance,
+    pairwise_distances as pairwise_distances,
+    support as support,
+)

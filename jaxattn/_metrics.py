@@ -1,0 +1,188 @@
+"""Cluster and divergence statistics (SPEC §3.3, §5 last paragraph).
+
+Every function acts on one token set `(n, d)` (or a pair of them) and is jittable and
+vmappable; `jax.vmap` batches them over time or over a sweep. Non-finite tokens are
+never read as distances: the functions that return a decision (times, counts) come with
+eager wrappers that raise on NaN/inf, and the jittable forms return NaN, never "far".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array, Bool, Float, Int
+
+
+def _require_finite(x, name: str) -> None:
+    if not isinstance(x, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise ValueError(f"{name} contains NaN or inf; non-finite tokens have no distance "
+                         "(check the solve's status)")
+
+
+def pairwise_distances(x: Float[Array, "n d"], y: Float[Array, "m d"] | None = None
+                       ) -> Float[Array, "n m"]:
+    """Euclidean distances `|x_i − y_j|` (y defaults to x), computed from differences."""
+    y = x if y is None else y
+    diff = x[:, None, :] - y[None, :, :]
+    return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+
+
+def gram(x: Float[Array, "n d"]) -> Float[Array, "n n"]:
+    """Gram matrix of the normalised tokens, `G_ij = <x_i/|x_i|, x_j/|x_j|>`."""
+    u = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return u @ u.T
+
+
+def _adjacency(x, threshold, sphere: bool):
+    if sphere:
+        return gram(x) >= 1.0 - threshold
+    return pairwise_distances(x) <= threshold
+
+
+def cluster_labels(x: Float[Array, "n d"], threshold, *, sphere: bool = False
+                   ) -> Int[Array, " n"]:
+    """Connected components of the graph `{|x_i − x_j| ≤ threshold}` (on the sphere:
+    `G_ij ≥ 1 − threshold`). Label = smallest token index in the component."""
+    n = x.shape[0]
+    adj = _adjacency(x, threshold, sphere)
+    big = jnp.asarray(n, jnp.int32)
+
+    def step(labels):
+        cand = jnp.where(adj, labels[None, :], big)
+        return jnp.minimum(labels, jnp.min(cand, axis=1))
+
+    def cond(carry):
+        old, new = carry
+        return jnp.any(old != new)
+
+    def body(carry):
+        _, new = carry
+        return new, step(new)
+
+    labels0 = jnp.arange(n, dtype=jnp.int32)
+    _, labels = jax.lax.while_loop(cond, body, (labels0, step(labels0)))
+    return labels
+
+
+def cluster_count(x: Float[Array, "n d"], threshold, *, sphere: bool = False
+                  ) -> Int[Array, ""]:
+    """Number of clusters (connected components at `threshold`)."""
+    labels = cluster_labels(x, threshold, sphere=sphere)
+    return jnp.sum(labels == jnp.arange(x.shape[0], dtype=jnp.int32))
+
+
+def cluster_centres_masked(x: Float[Array, "n d"], threshold, *, sphere: bool = False
+                           ) -> tuple[Float[Array, "n d"], Bool[Array, " n"]]:
+    """Jittable centres: row `k` is the mean of component `k`, valid where `mask[k]`."""
+    n = x.shape[0]
+    labels = cluster_labels(x, threshold, sphere=sphere)
+    onehot = (labels[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]).astype(x.dtype)
+    counts = jnp.sum(onehot, axis=0)
+    centres = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
+    return centres, counts > 0
+
+
+def cluster_centres(x, threshold, *, sphere: bool = False) -> np.ndarray:
+    """Centres of the clusters as a compact NumPy array `(k, d)` (eager only)."""
+    _require_finite(x, "tokens")
+    centres, mask = cluster_centres_masked(jnp.asarray(x), threshold, sphere=sphere)
+    return np.asarray(centres)[np.asarray(mask)]
+
+
+def hausdorff(x: Float[Array, "n d"], y: Float[Array, "m d"]) -> Float[Array, ""]:
+    """Two-sided Hausdorff distance between the token sets (sees merges and splits)."""
+    dist = pairwise_distances(x, y)
+    return jnp.maximum(jnp.max(jnp.min(dist, axis=1)), jnp.max(jnp.min(dist, axis=0)))
+
+
+def one_sided_distance(x: Float[Array, "n d"], c: Float[Array, "m d"]) -> Float[Array, ""]:
+    """The paper's metric `D = max_i min_c |x_i − c|` (one-sided: blind to merging)."""
+    return jnp.max(jnp.min(pairwise_distances(x, c), axis=1))
+
+
+def divergence(x: Float[Array, "*batch n d"], y: Float[Array, "*batch n d"]
+               ) -> Float[Array, "*batch"]:
+    """`e = max_i |x_i − y_i|` between two runs (same token order), over leading axes."""
+    diff = x - y
+    return jnp.max(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), axis=-1)
+
+
+def approach_departure(ts: Float[Array, " T"], dist: Float[Array, " T"], delta
+                       ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """First time `dist ≤ delta` (approach) and first later time `dist > delta`
+    (departure); `inf` when it never happens. A NaN in `dist` up to the decision gives NaN
+    (jittable form; see `approach_departure_times` for the checked one)."""
+    finite = jnp.isfinite(dist)
+    near = finite & (dist <= delta)
+    idx = jnp.arange(ts.shape[0])
+    big = ts.shape[0]
+    i_app = jnp.min(jnp.where(near, idx, big))
+    far = (idx > i_app) & ~near
+    i_dep = jnp.min(jnp.where(far, idx, big))
+    bad_before = lambda i: jnp.any(~finite & (idx <= i))  # noqa: E731
+    inf = jnp.asarray(jnp.inf, ts.dtype)
+    nan = jnp.asarray(jnp.nan, ts.dtype)
+    t_app = jnp.where(i_app < big, ts[jnp.minimum(i_app, big - 1)], inf)
+    t_dep = jnp.where(i_dep < big, ts[jnp.minimum(i_dep, big - 1)], inf)
+    t_app = jnp.where(bad_before(jnp.minimum(i_app, big - 1)), nan, t_app)
+    t_dep = jnp.where(bad_before(jnp.minimum(i_dep, big - 1)), nan, t_dep)
+    return t_app, t_dep
+
+
+def cluster_distance(xs: Float[Array, "T n d"], centres: Float[Array, "m d"], *,
+                     metric: str = "hausdorff") -> Float[Array, " T"]:
+    """Distance of the token set at each time to reference cluster centres:
+    `"hausdorff"` (two-sided, default) or `"paper"` (one-sided `max_i min_c`)."""
+    if metric not in ("hausdorff", "paper"):
+        raise ValueError(f"unknown metric {metric!r}; choose hausdorff or paper")
+    fn = hausdorff if metric == "hausdorff" else one_sided_distance
+    return jax.vmap(fn, in_axes=(0, None))(xs, centres)
+
+
+def approach_departure_times(ts, xs, centres, delta, *, metric: str = "hausdorff"
+                             ) -> tuple[float, float]:
+    """Eager, checked: approach and departure times of trajectory `xs (T, n, d)` relative
+    to reference `centres (m, d)` at tolerance `delta`. Raises on NaN/inf tokens."""
+    _require_finite(xs, "trajectory")
+    _require_finite(centres, "reference centres")
+    dist = cluster_distance(jnp.asarray(xs), jnp.asarray(centres), metric=metric)
+    t_app, t_dep = approach_departure(jnp.asarray(ts), dist, delta)
+    return float(t_app), float(t_dep)
+
+
+def booleanness(P: Float[Array, "n n"]) -> Float[Array, ""]:
+    """`max_ij min(P_ij, 1 − P_ij)`: 0 exactly when P is a 0/1 matrix."""
+    return jnp.max(jnp.minimum(P, 1.0 - P))
+
+
+def leaders(P: Float[Array, "n n"]) -> Bool[Array, " n"]:
+    """Leaders `{j : max_i P_ij > 1/2}` (columns that some token mostly attends to)."""
+    return jnp.max(P, axis=0) > 0.5
+
+
+def energy(x: Float[Array, "n d"], beta) -> Float[Array, ""]:
+    """`E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>)` (SPEC §5.5, Q = K = V = I)."""
+    n = x.shape[0]
+    return jnp.sum(jnp.exp(beta * (x @ x.T))) / (2.0 * beta * n * n)
+
+
+def support(x: Float[Array, "n d"], w: Float[Array, "m d"]) -> Float[Array, " m"]:
+    """Support function of the convex hull, `max_i <w_k, x_i>` for each direction."""
+    return jnp.max(w @ x.T, axis=-1)
+
+
+def fraction_close_pairs(x: Float[Array, "n d"], delta) -> Float[Array, ""]:
+    """Fraction of pairs `i < j` with `G_ij ≥ 1 − delta` (normalised tokens)."""
+    n = x.shape[0]
+    G = gram(x)
+    iu = jnp.triu_indices(n, 1)
+    return jnp.mean((G[iu] >= 1.0 - delta).astype(x.dtype))
+
+
+def mean_cosine(x: Float[Array, "n d"]) -> Float[Array, ""]:
+    """Mean pairwise cosine similarity over pairs `i ≠ j`."""
+    n = x.shape[0]
+    G = gram(x)
+    return (jnp.sum(G) - jnp.trace(G)) / (n * (n - 1))
