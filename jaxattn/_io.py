@@ -1,0 +1,130 @@
+"""Atomic output files and early checks that an output location is writable."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+
+
+def check_output_file(path: str | os.PathLike) -> str:
+    """Fail early (one line) if `path` cannot be written: missing or unwritable folder."""
+    path = os.fspath(path)
+    if not path:
+        raise ValueError("the output path is empty")
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output folder {parent} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"output file {path} is not writable")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, *, create: bool = True) -> str:
+    """Fail early if `path` cannot hold outputs; create it (and parents) if asked."""
+    path = os.fspath(path)
+    if not path:
+        raise ValueError("the output folder is empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output {path} exists and is not a folder")
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"cannot create output folder {path}: {parent} is not writable")
+        if create:
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create output folder {path}: {e.strerror}") from None
+    elif not os.access(path, os.W_OK):
+        raise ValueError(f"output folder {path} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path in the same folder; on success it replaces `path`
+    atomically, on failure it is removed (no partial output is ever left)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".tmp",
+                               dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_atomic(path, writer: Callable[[str], None]) -> None:
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def write_json(path, data) -> None:
+    def _w(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(_clean(data), fh, indent=2, sort_keys=False, default=_json_default,
+                      allow_nan=False)
+            fh.write("\n")
+
+    write_atomic(path, _w)
+
+
+def write_npz(path, **arrays) -> None:
+    import numpy as np
+
+    def _w(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    write_atomic(path, _w)
+
+
+def save_figure(fig, path, **kw) -> None:
+    def _w(tmp):
+        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "png", **kw)
+
+    write_atomic(path, _w)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "__array__"):
+        return np.asarray(o).tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o):
+    """JSON has no NaN/inf: non-finite floats become null (documented where written)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _clean(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o

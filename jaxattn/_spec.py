@@ -1,0 +1,341 @@
+"""Simulation specs (TOML or JSON) → field, initial tokens and solve options.
+
+Validation happens here, once; every message is one line naming the offending key.
+Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._fields import AbstractField, make_field
+from ._lora import LoRA
+from ._validate import (
+    DTYPES,
+    DYNAMICS,
+    SOLVERS,
+    TARGETS,
+    as_float_array,
+    check_choice,
+    check_dtype,
+    check_tokens,
+)
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message is one line."""
+
+
+TOP_KEYS = {"dynamics", "beta", "dtype", "Q", "K", "V", "init", "lora", "solve"}
+INIT_KEYS = {"x0", "kind", "n", "d", "low", "high", "scale", "seed"}
+INIT_KINDS = ("uniform", "normal", "sphere")
+LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed"}
+SOLVE_KEYS = {"t1", "solver", "dt", "rtol", "atol", "ts", "max_steps", "renormalise"}
+
+
+@dataclasses.dataclass
+class Simulation:
+    """A resolved spec: what `simulate` needs, plus the resolved spec as plain data."""
+
+    field: AbstractField
+    x0: jax.Array
+    t1: float
+    solve: dict[str, Any]
+    resolved: dict[str, Any]
+
+    @property
+    def base_field(self) -> AbstractField:
+        return self.field.without_lora()
+
+
+def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a `.toml` or `.json` spec (by extension; otherwise try TOML then JSON)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SpecError(f"spec file not found: {path}")
+    if os.path.isdir(path):
+        raise SpecError(f"spec path is a directory: {path}")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {path} is not UTF-8 text") from None
+    ext = os.path.splitext(path)[1].lower()
+    parsers = [("json", _parse_json)] if ext == ".json" else (
+        [("toml", _parse_toml)] if ext == ".toml" else [("toml", _parse_toml), ("json", _parse_json)]
+    )
+    errors = []
+    for name, parse in parsers:
+        try:
+            data = parse(text)
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        if not isinstance(data, dict):
+            raise SpecError(f"spec file {path} must hold a table/object at the top level")
+        return data
+    raise SpecError(f"cannot parse spec file {path} ({'; '.join(errors)})")
+
+
+def _parse_toml(text):
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+
+
+def _parse_json(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def _unknown(section: dict, allowed: set, where: str) -> None:
+    extra = sorted(set(section) - allowed)
+    if extra:
+        raise SpecError(f"unknown key{'s' if len(extra) > 1 else ''} in {where}: "
+                        f"{', '.join(extra)} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(spec: dict, key: str) -> dict:
+    sec = spec.get(key, {})
+    if not isinstance(sec, dict):
+        raise SpecError(f"[{key}] must be a table/object, got {type(sec).__name__}")
+    return sec
+
+
+def _int(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SpecError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpecError(f"{name} must be ≥ {minimum}, got {value}")
+    return int(value)
+
+
+def _num(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise SpecError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _matrix(value, name: str, dtype) -> jax.Array:
+    try:
+        arr = as_float_array(value, name, dtype)
+    except (ValueError, TypeError) as e:
+        raise SpecError(str(e)) from None
+    return arr
+
+
+def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
+    """Tokens from `[init]`: explicit `x0`, or a seeded random draw."""
+    _unknown(init, INIT_KEYS, "[init]")
+    if "x0" in init:
+        others = sorted(set(init) - {"x0"})
+        if others:
+            raise SpecError(f"[init] x0 is explicit; remove {', '.join(others)}")
+        x0 = _matrix(init["x0"], "init x0", dtype)
+        if x0.ndim != 2:
+            raise SpecError(f"init x0 must be a list of tokens (n×d), got shape {tuple(x0.shape)}")
+        try:
+            check_tokens(x0, "init x0", batch_ok=False)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+        return x0
+    if "kind" not in init:
+        raise SpecError("[init] needs x0 (explicit tokens) or kind = uniform | normal | sphere")
+    try:
+        kind = check_choice(init["kind"], "init kind", INIT_KINDS)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    if "n" not in init:
+        raise SpecError("[init] needs n (number of tokens)")
+    n = _int(init["n"], "init n", 1)
+    d = _int(init["d"], "init d", 1) if "d" in init else d_hint
+    if d is None:
+        raise SpecError("[init] needs d (token dimension), or give Q, K or V")
+    seed = _int(init.get("seed", 0), "init seed")
+    key = jax.random.key(seed)
+    if kind == "uniform":
+        low = _num(init.get("low", -1.0), "init low")
+        high = _num(init.get("high", 1.0), "init high")
+        if not high > low:
+            raise SpecError(f"init high ({high}) must exceed low ({low})")
+        bad = sorted({"scale"} & set(init))
+        if bad:
+            raise SpecError(f"init kind uniform takes low/high, not {', '.join(bad)}")
+        return jax.random.uniform(key, (n, d), dtype, low, high)
+    bad = sorted({"low", "high"} & set(init))
+    if bad:
+        raise SpecError(f"init kind {kind} takes scale, not {', '.join(bad)}")
+    scale = _num(init.get("scale", 1.0), "init scale")
+    if scale <= 0:
+        raise SpecError(f"init scale must be > 0, got {scale}")
+    x = jax.random.normal(key, (n, d), dtype)
+    if kind == "sphere":
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return scale * x
+
+
+def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
+    _unknown(lo, LORA_KEYS, "[lora]")
+    try:
+        target = check_choice(lo.get("target", "V"), "lora target", TARGETS)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    alpha = _num(lo.get("alpha", 1.0), "lora alpha")
+    if alpha <= 0:
+        raise SpecError(f"lora alpha must be > 0, got {alpha}")
+    explicit = "A" in lo or "B" in lo
+    if explicit:
+        if not ("A" in lo and "B" in lo):
+            raise SpecError("[lora] needs both A (r×d) and B (d×r)")
+        bad = sorted({"rank", "norm", "seed"} & set(lo))
+        if bad:
+            raise SpecError(f"[lora] has explicit A, B: remove {', '.join(bad)}")
+        A = _matrix(lo["A"], "lora A", dtype)
+        B = _matrix(lo["B"], "lora B", dtype)
+        if A.ndim != 2 or B.ndim != 2:
+            raise SpecError(f"lora A must be r×d and B d×r, got {tuple(A.shape)} and {tuple(B.shape)}")
+        if A.shape[1] != d or B.shape[0] != d:
+            raise SpecError(f"lora A is {A.shape[0]}×{A.shape[1]} and B {B.shape[0]}×{B.shape[1]}, "
+                            f"but d = {d}: A must be r×{d}, B {d}×r")
+        if A.shape[0] != B.shape[1]:
+            raise SpecError(f"lora rank mismatch: A has {A.shape[0]} rows, B {B.shape[1]} columns")
+        if A.shape[0] > d:
+            raise SpecError(f"lora rank {A.shape[0]} exceeds the dimension d = {d}")
+        try:
+            return LoRA(A, B, alpha, target)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+    if "rank" not in lo or "norm" not in lo:
+        raise SpecError("[lora] needs A and B, or rank and norm (and seed) for a random draw")
+    rank = _int(lo["rank"], "lora rank", 1)
+    if rank > d:
+        raise SpecError(f"lora rank {rank} exceeds the dimension d = {d}")
+    norm = _num(lo["norm"], "lora norm")
+    if norm < 0:
+        raise SpecError(f"lora norm must be ≥ 0, got {norm}")
+    seed = _int(lo.get("seed", 0), "lora seed")
+    return LoRA.random(d, rank=rank, norm=norm, target=target, alpha=alpha,
+                       key=jax.random.key(seed), dtype=dtype)
+
+
+def parse_spec(spec: dict[str, Any]) -> Simulation:
+    """Validate a spec dictionary and build a `Simulation`."""
+    if not isinstance(spec, dict):
+        raise SpecError("a spec must be a table/object")
+    _unknown(spec, TOP_KEYS, "the spec")
+    try:
+        dynamics = check_choice(spec.get("dynamics", "rescaled"), "dynamics", DYNAMICS)
+        dtype_name = check_choice(spec.get("dtype", "float64"), "dtype", DTYPES)
+        dtype = check_dtype(dtype_name)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    beta = _num(spec.get("beta", 1.0), "beta")
+    if beta < 0:
+        raise SpecError(f"beta must be ≥ 0, got {beta}")
+    mats = {k: _matrix(spec[k], k, dtype) for k in ("Q", "K", "V") if k in spec}
+    for k, W in mats.items():
+        if W.ndim != 2 or W.shape[0] != W.shape[1]:
+            raise SpecError(f"{k} must be a square d×d matrix, got shape {tuple(W.shape)}")
+    dims = {W.shape[0] for W in mats.values()}
+    if len(dims) > 1:
+        raise SpecError("Q, K and V have different sizes: "
+                        + ", ".join(f"{k} {W.shape[0]}×{W.shape[1]}" for k, W in mats.items()))
+    d_hint = dims.pop() if dims else None
+    init = _table(spec, "init")
+    if not init:
+        raise SpecError("the spec needs an [init] table (x0, or kind/n/d/seed)")
+    x0 = initial_tokens(init, dtype, d_hint)
+    d = int(x0.shape[1])
+    if d_hint is not None and d != d_hint:
+        raise SpecError(f"the tokens have d = {d} but Q/K/V are {d_hint}×{d_hint}")
+    lora = None
+    if "lora" in spec:
+        lora = lora_from_table(_table(spec, "lora"), d, dtype)
+    try:
+        field = make_field(dynamics, mats.get("Q"), mats.get("K"), mats.get("V"),
+                           beta=beta, lora=lora, d=d, dtype=dtype)
+    except (ValueError, TypeError) as e:
+        raise SpecError(str(e)) from None
+
+    solve = _table(spec, "solve")
+    _unknown(solve, SOLVE_KEYS, "[solve]")
+    if "t1" not in solve:
+        raise SpecError("[solve] needs t1 (final time)")
+    t1 = _num(solve["t1"], "solve t1")
+    if t1 < 0:
+        raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
+    try:
+        solver = check_choice(solve.get("solver", "rk4"), "solver", SOLVERS)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    kw: dict[str, Any] = {"solver": solver}
+    if "dt" in solve:
+        if "rtol" in solve or "atol" in solve:
+            raise SpecError("[solve] give either dt (fixed step) or rtol/atol (adaptive), not both")
+        dt = _num(solve["dt"], "solve dt")
+        if dt <= 0:
+            raise SpecError(f"solve dt must be > 0, got {dt}")
+        kw["dt"] = dt
+    for key in ("rtol", "atol"):
+        if key in solve:
+            val = _num(solve[key], f"solve {key}")
+            if val <= 0:
+                raise SpecError(f"solve {key} must be > 0, got {val}")
+            kw[key] = val
+    if ("rtol" in kw or "atol" in kw) and solver in ("euler", "rk4"):
+        raise SpecError(f"solver {solver} has no error estimate: give dt, or use heun, tsit5, "
+                        "dopri5 or dopri8 with rtol/atol")
+    if "ts" in solve:
+        ts = solve["ts"]
+        if not isinstance(ts, list) or not ts or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in ts
+        ):
+            raise SpecError("solve ts must be a non-empty list of numbers")
+        ts_arr = np.asarray(ts, np.float64)
+        if np.any(np.diff(ts_arr) < 0):
+            raise SpecError("solve ts must be non-decreasing")
+        if ts_arr[0] < 0 or ts_arr[-1] > t1:
+            raise SpecError(f"solve ts must lie in [0, t1] = [0, {t1}]")
+        kw["ts"] = ts_arr
+    if "max_steps" in solve:
+        kw["max_steps"] = _int(solve["max_steps"], "solve max_steps", 1)
+    if "renormalise" in solve:
+        if not isinstance(solve["renormalise"], bool):
+            raise SpecError("solve renormalise must be true or false")
+        if solve["renormalise"] and dynamics not in ("sphere", "usa"):
+            raise SpecError("solve renormalise applies to sphere dynamics (sphere, usa) only")
+        kw["renormalise"] = solve["renormalise"]
+
+    resolved = {
+        "dynamics": dynamics,
+        "beta": beta,
+        "dtype": dtype_name,
+        "Q": np.asarray(field.Q).tolist(),
+        "K": np.asarray(field.K).tolist(),
+        "V": np.asarray(field.V).tolist(),
+        "init": {"x0": np.asarray(x0).tolist(), **{k: v for k, v in init.items() if k != "x0"}},
+        "solve": {"t1": t1, **{k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                               for k, v in kw.items()}},
+    }
+    if lora is not None:
+        resolved["lora"] = {"target": lora.target, "A": np.asarray(lora.A).tolist(),
+                            "B": np.asarray(lora.B).tolist(), "alpha": float(lora.alpha)}
+    return Simulation(field=field, x0=x0, t1=t1, solve=kw, resolved=resolved)
+

@@ -1,0 +1,88 @@
+"""Figures (matplotlib is imported here only, never by `import jaxattn`)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ._io import save_figure  # noqa: E402
+
+
+def snapshots_side_by_side(ts, runs: dict[str, np.ndarray], times, path, *, title=None,
+                           trail: bool = True):
+    """Rows = runs (e.g. original / LoRA), columns = snapshot times; 2-D tokens.
+
+    `runs[name]` has shape `(T, n, 2)`. Faint trails show each token's path so far.
+    """
+    ts = np.asarray(ts)
+    idx = [int(np.argmin(np.abs(ts - t))) for t in times]
+    names = list(runs)
+    fig, axes = plt.subplots(len(names), len(idx), figsize=(2.6 * len(idx), 2.7 * len(names)),
+                             squeeze=False, sharex=True, sharey=True)
+    allpts = np.concatenate([np.asarray(r).reshape(-1, 2) for r in runs.values()])
+    allpts = allpts[np.all(np.isfinite(allpts), axis=1)]
+    lo, hi = allpts.min(0), allpts.max(0)
+    pad = 0.05 * (hi - lo).max()
+    colors = plt.cm.viridis(np.linspace(0, 1, np.asarray(runs[names[0]]).shape[1]))
+    for r, name in enumerate(names):
+        xs = np.asarray(runs[name])
+        for c, k in enumerate(idx):
+            ax = axes[r, c]
+            if trail and k > 0:
+                for i in range(xs.shape[1]):
+                    ax.plot(xs[: k + 1, i, 0], xs[: k + 1, i, 1], color=colors[i], lw=0.5,
+                            alpha=0.35)
+            ax.scatter(xs[k, :, 0], xs[k, :, 1], s=10, c=colors, edgecolors="k",
+                       linewidths=0.3, zorder=3)
+            ax.set_xlim(lo[0] - pad, hi[0] + pad)
+            ax.set_ylim(lo[1] - pad, hi[1] + pad)
+            ax.set_aspect("equal")
+            if r == 0:
+                ax.set_title(f"t = {ts[k]:g}")
+            if c == 0:
+                ax.set_ylabel(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def divergence_with_bounds(ts, e, bounds: dict[str, np.ndarray], path, *, eta=None,
+                           horizon=None, zoom=None, title=None):
+    """`e(t)` on a log axis with bound curves; optional second panel `zoom = (ts, e,
+    bounds)` for the short-time window where the bounds are informative."""
+    panels = [(np.asarray(ts), np.asarray(e), bounds, "whole run")]
+    if zoom is not None:
+        panels.append((np.asarray(zoom[0]), np.asarray(zoom[1]), zoom[2], "short times"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    styles = ["--", ":", "-."]
+    for ax, (t, ee, bb, sub) in zip(axes[0], panels):
+        pos = ee > 0
+        ax.semilogy(t[pos], ee[pos], "k-", lw=1.6, label="measured e(t)")
+        for s, (name, b) in zip(styles, bb.items()):
+            b = np.asarray(b)
+            ok = np.isfinite(b) & (b > 0)
+            if ok.any():
+                ax.semilogy(t[ok], b[ok], s, lw=1.4, label=name)
+        if eta is not None:
+            ax.axhline(eta, color="tab:red", lw=0.8, alpha=0.7, label=f"η = {eta:g}")
+        if horizon is not None and np.isfinite(horizon) and horizon <= t[-1]:
+            ax.axvline(horizon, color="tab:green", lw=0.8, alpha=0.8,
+                       label=f"certified horizon {horizon:.3g}")
+        finite = ee[pos]
+        if finite.size:
+            ax.set_ylim(max(finite.min() / 10, 1e-16), max(finite.max() * 1e3, 10 * (eta or 0)))
+        ax.set_xlabel("t")
+        ax.set_ylabel("max_i |x_i − x̃_i|")
+        ax.set_title(sub)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
