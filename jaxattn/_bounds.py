@@ -121,7 +121,6 @@ def _constants(field, field_p, ts, R, Dm):
             delta = (ebp * ndV + max(eb, ebp) * beta * ndA * nV) * np.ones_like(R)
         elif dyn == "rescaled":
             h = np.diff(ts)
-            v = max(nV, nVp)
             a, ap, da = _rescaled_logit_norms(V, A, Vp, Ap, ts)
             grow_a = np.exp(2.0 * nV * h)
             grow_ap = np.exp(2.0 * nVp * h)
@@ -129,7 +128,6 @@ def _constants(field, field_p, ts, R, Dm):
             ap_sup = ap[:-1] * grow_ap
             # ‖A_s − Ã_s‖ on the interval: Grönwall on f' = Vᵀf + fV + (V−Ṽ)ᵀÃ_s + Ã_s(V−Ṽ).
             da_sup = grow_a * (da[:-1] + 2.0 * h * ndV * ap_sup)
-            del v
             L = 2.0 * nV + 2.0 * beta * nV * a_sup * R * Dm
             delta = Dm * (ndV + beta * nV * da_sup * R**2)
         else:  # pragma: no cover - fields are validated at construction
@@ -163,6 +161,31 @@ def _interval_growth(field, field_p, ts):
     return np.ones_like(h)  # sphere: R = 1
 
 
+def _interval_sup(r, g):
+    """Sup over `[t_k, t_{k+1}]` of a quantity that grows or shrinks at most by the factor
+    `g_k = e^{c h_k}` over the interval: it lies below both `r_k e^{c(t − t_k)}` and
+    `r_{k+1} e^{c(t_{k+1} − t)}`, whose minimum peaks at `sqrt(r_k r_{k+1} g_k)`."""
+    return np.sqrt(r[..., :-1] * r[..., 1:] * g)
+
+
+def _prior_radius(field, field_p, ts, x0, x0_p):
+    """A-priori sup-radius on each interval (monotone envelope, so its right end)."""
+    V, _, _ = _weights(field)
+    Vp, _, _ = _weights(field_p)
+    v = max(_opnorm(V), _opnorm(Vp))
+    R0 = np.maximum(_radius(x0), _radius(x0_p))
+    if field.dynamics in ("sphere", "usa"):
+        return np.ones_like(R0)[..., None] * np.ones(ts.shape[0] - 1)
+    rate = v if field.dynamics == "plain" else 2.0 * v
+    with np.errstate(over="ignore"):
+        return R0[..., None] * np.exp(rate * ts[1:])
+
+
+def _first_growth(field, field_p, ts):
+    """Growth factor of the a-priori envelope over the first interval (R[0] is its sup)."""
+    return _interval_growth(field, field_p, ts)[0]
+
+
 def _as_grid(ts):
     ts = np.asarray(ts, np.float64).ravel()
     if ts.size < 2 or np.any(np.diff(ts) <= 0):
@@ -183,10 +206,11 @@ def bound_a_posteriori(field: AbstractField, field_p: AbstractField, ts, xs, xs_
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(xs_p))):
         raise ValueError("trajectories contain NaN or inf; no bound can be read off them")
     g = _interval_growth(field, field_p, ts)
-    R = np.maximum(_radius(xs), _radius(xs_p))
-    R = np.maximum(R[..., :-1], R[..., 1:]) * g
-    Dm = np.maximum(_diameter(xs), _diameter(xs_p))
-    Dm = np.minimum(np.maximum(Dm[..., :-1], Dm[..., 1:]) * g, 2.0 * R)
+    R = _interval_sup(np.maximum(_radius(xs), _radius(xs_p)), g)
+    Dm = _interval_sup(np.maximum(_diameter(xs), _diameter(xs_p)), g)
+    # The a-priori envelope is valid too: never use a larger radius than it gives.
+    R = np.minimum(R, _prior_radius(field, field_p, ts, xs[..., 0, :, :], xs_p[..., 0, :, :]))
+    Dm = np.minimum(Dm, 2.0 * R)
     e0 = np.max(np.linalg.norm(xs[..., 0, :, :] - xs_p[..., 0, :, :], axis=-1), axis=-1)
     L, delta = _constants(field, field_p, ts, R, Dm)
     return Bound(ts, _gronwall(ts, e0, L, delta), L, delta)
@@ -201,16 +225,13 @@ def bound_a_priori(field: AbstractField, field_p: AbstractField, ts, x0, x0_p=No
     x0_p = x0 if x0_p is None else np.asarray(x0_p, np.float64)
     if x0.shape != x0_p.shape:
         raise ValueError(f"x0 {x0.shape} and x0_p {x0_p.shape} differ in shape")
-    V, _, _ = _weights(field)
-    Vp, _, _ = _weights(field_p)
-    v = max(_opnorm(V), _opnorm(Vp))
-    R0 = np.maximum(_radius(x0), _radius(x0_p))
-    rate = {"plain": v, "rescaled": 2.0 * v}.get(field.dynamics, 0.0)
-    if field.dynamics in ("sphere", "usa"):
-        R0 = np.ones_like(R0)
-    with np.errstate(over="ignore"):
-        R = R0[..., None] * np.exp(rate * ts[1:])  # sup over [t_k, t_{k+1}] (monotone)
-    Dm = 2.0 * R
+    R = _prior_radius(field, field_p, ts, x0, x0_p)
+    # The diameter grows at the same rate as the radius (docs/bounds.md).
+    growth = R / np.maximum(R[..., :1], 1e-300)
+    Dm0 = np.maximum(_diameter(x0), _diameter(x0_p))[..., None]
+    Dm = np.minimum(2.0 * R, Dm0 * np.maximum(growth, 1.0) * _first_growth(field, field_p, ts))
+    if field.dynamics in ("sphere", "usa"):  # no growth law for the diameter; unused there
+        Dm = 2.0 * R
     e0 = np.max(np.linalg.norm(x0 - x0_p, axis=-1), axis=-1)
     L, delta = _constants(field, field_p, ts, R, Dm)
     return Bound(ts, _gronwall(ts, e0, L, delta), L, delta)

@@ -19,11 +19,20 @@ def check_output_file(path: str | os.PathLike) -> str:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder {parent} is not writable")
+    _probe(parent)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output file {path} is not writable")
     return path
+
+
+def _probe(folder: str) -> None:
+    """Create and remove a file in `folder` (permission bits lie for root)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"output folder {folder} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.remove(tmp)
 
 
 def check_output_dir(path: str | os.PathLike, *, create: bool = True) -> str:
@@ -44,8 +53,8 @@ def check_output_dir(path: str | os.PathLike, *, create: bool = True) -> str:
                 os.makedirs(path, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create output folder {path}: {e.strerror}") from None
-    elif not os.access(path, os.W_OK):
-        raise ValueError(f"output folder {path} is not writable")
+    if os.path.isdir(path):
+        _probe(path)
     return path
 
 

@@ -147,11 +147,10 @@ DOPRI8_TOL = 1e-8
 # research code's "RK4" (= Euler, error O(dt) = 1e-2).
 RK4_TOL = 1e-6
 
-# dopri8: every dynamics without LoRA and with all three targets perturbed; the
-# single-target cases on the rescaled dynamics, where ΔV also enters e^{tV}.
-DOPRI8_CASES = [(dyn, c) for dyn in DYNAMICS for c in ("none", "QKV")] + [
-    ("rescaled", "Q"), ("rescaled", "K"), ("rescaled", "V"), ("plain", "V"),
-]
+# dopri8: every dynamics without LoRA and with all three targets perturbed (in the
+# rescaled case ΔV also enters e^{tV}). Single-target LoRAs on every dynamics are
+# checked on the field value above (cheap: no compilation per case).
+DOPRI8_CASES = [(dyn, c) for dyn in DYNAMICS for c in ("none", "QKV")]
 
 
 @pytest.mark.parametrize(("dynamics", "case"), DOPRI8_CASES)
@@ -170,7 +169,7 @@ def test_dopri8_matches_reference(dynamics, case):
         assert float(sol.norm_drift) < 1e-8
 
 
-@pytest.mark.parametrize("case", ["none", "QKV"])
+@pytest.mark.parametrize("case", ["QKV"])
 @pytest.mark.parametrize("dynamics", DYNAMICS)
 def test_rk4_matches_reference(dynamics, case):
     field, rhs, _ = _problem(dynamics, case)
@@ -192,11 +191,18 @@ def test_rk4_matches_reference(dynamics, case):
 # Batching: one vmapped solve equals a Python loop of single solves.
 
 
-@pytest.mark.parametrize(("dynamics", "solver", "kw"), [
-    ("plain", "rk4", {"dt": 0.1}),
-    ("sphere", "dopri8", {"rtol": 1e-9, "atol": 1e-12, "ts": [0.5, 1.0, 2.0]}),
+@pytest.mark.parametrize(("dynamics", "solver", "kw", "tol"), [
+    # Fixed steps: the batch performs the same arithmetic as each single solve, up to
+    # reassociation in batched matmuls: equal to ~1e-12.
+    ("plain", "rk4", {"dt": 0.1}, 1e-12),
+    ("sphere", "rk4", {"dt": 0.1}, 1e-12),
+    # Adaptive steps: the controller's first steps are decided by error estimates near
+    # roundoff (~1e-15), so batched and single solves take slightly different step
+    # sequences (a property of diffrax under vmap, not of jaxattn). Both are within
+    # the tolerance of the true solution, so they agree to ~rtol·growth, not 1e-12.
+    ("usa", "dopri8", {"rtol": 1e-10, "atol": 1e-12, "ts": [0.5, 1.0, 2.0]}, 1e-8),
 ])
-def test_batched_solve_equals_loop(dynamics, solver, kw):
+def test_batched_solve_equals_loop(dynamics, solver, kw, tol):
     Q, K, V = (jnp.asarray(w) for w in _weights(4))
     norms = jnp.array([0.05, 0.2, 0.5])
     lo = ja.LoRA.random(D, rank=2, norm=norms, target="V", key=jax.random.key(4), alpha=ALPHA)
@@ -216,15 +222,23 @@ def test_batched_solve_equals_loop(dynamics, solver, kw):
     assert sol.status.shape == (3, 2)
     assert sol.ok
     xs = np.asarray(sol.xs)
+    worst = 0.0
     for p in range(3):
         single = ja.LoRA(lo.A[p], lo.B[p], alpha=ALPHA, target="V")
         f1 = field.with_lora(single)
-        np.testing.assert_allclose(np.asarray(f1.weight("V")), np.asarray(V) + deltas[p],
-                                   rtol=1e-13, atol=1e-14)
+        Veff = np.asarray(V) + deltas[p]
+        np.testing.assert_allclose(np.asarray(f1.weight("V")), Veff, rtol=1e-13, atol=1e-14)
         for b in range(2):
             one = ja.simulate(f1, jnp.asarray(x0[b]), t1, solver=solver, **kw)
             assert one.xs.shape == (T, 6, D)
-            np.testing.assert_allclose(xs[p, b], np.asarray(one.xs), rtol=0, atol=1e-12)
+            worst = max(worst, float(np.max(np.abs(xs[p, b] - np.asarray(one.xs)))))
+            np.testing.assert_allclose(xs[p, b], np.asarray(one.xs), rtol=0, atol=tol)
+        if solver == "dopri8":  # and each member is the right solution
+            want = ref.solve_reference(ref.make_rhs(dynamics, Q, K, Veff, BETA),
+                                       x0[0] / np.linalg.norm(x0[0], axis=1, keepdims=True),
+                                       np.asarray(sol.ts))
+            assert _rel_err(xs[p, 0], want) <= DOPRI8_TOL
+    print(f"\n batched {dynamics} {solver}: max |batch - loop| {worst:.2e}")
     # ...and the batch is not trivially constant across the perturbation size.
     assert np.max(np.abs(xs[2] - xs[0])) > 1e-3
 
@@ -233,12 +247,12 @@ def test_batched_solve_equals_loop(dynamics, solver, kw):
 # LoRA: factored application equals the materialised weight.
 
 
-def _has_square_intermediate(fn, d_out, d_in, *args) -> bool:
-    """Does the jaxpr of fn(*args) compute any (d_out, d_in) array?"""
+def _forms_square_product(fn, d_out, d_in, *args) -> bool:
+    """Does fn(*args) compute a (d_out, d_in) matrix product (i.e. ΔW = B A)?"""
     jaxpr = jax.make_jaxpr(fn)(*args)
     return any(
-        getattr(v.aval, "shape", None) == (d_out, d_in)
-        for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars
+        eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == (d_out, d_in)
+        for eqn in jaxpr.jaxpr.eqns
     )
 
 
@@ -265,7 +279,7 @@ def test_lora_apply_equals_merged(n, d, r, factored):
     np.testing.assert_allclose(got_apply, got_merged, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got_apply, want, rtol=1e-12, atol=1e-12)
     # SPEC §2: never form W + ΔW when the factored product is cheaper.
-    assert _has_square_intermediate(lo.apply, d, d, Wj, xj) == (not factored)
+    assert _forms_square_product(lo.apply, d, d, Wj, xj) == (not factored)
 
 
 # ---------------------------------------------------------------------------------
@@ -309,11 +323,16 @@ def test_rk4_is_not_euler():
     eye = np.eye(d)
     want = ref.solve_reference(ref.rescaled_rhs(eye, eye, eye, 1.0), x0, [0.5])[0]
     field = ja.RescaledField(d=d)
-    errs = {}
-    for solver in ("rk4", "euler"):
-        sol = ja.simulate(field, jnp.asarray(x0), 0.5, solver=solver, dt=0.1)
-        assert sol.xs.shape == (6, n, d)  # 5 steps
-        errs[solver] = float(np.max(np.abs(np.asarray(sol.final) - want)))
-    print(f"\n 5 steps dt=0.1: rk4 err {errs['rk4']:.2e}, euler err {errs['euler']:.2e}")
-    assert errs["rk4"] < 1e-5
-    assert errs["euler"] > 1e-3  # the check discriminates
+    sol = ja.simulate(field, jnp.asarray(x0), 0.5, solver="rk4", dt=0.1)
+    assert sol.xs.shape == (6, n, d)  # 5 steps
+    err_rk4 = float(np.max(np.abs(np.asarray(sol.final) - want)))
+    # Forward Euler (what the research code's "RK4" reduces to), on the reference field,
+    # to show that the threshold discriminates.
+    rhs = ref.rescaled_rhs(eye, eye, eye, 1.0)
+    z = x0.copy()
+    for k in range(5):
+        z = z + 0.1 * rhs(0.1 * k, z)
+    err_euler = float(np.max(np.abs(z - want)))
+    print(f"\n 5 steps dt=0.1: rk4 err {err_rk4:.2e}, euler err {err_euler:.2e}")
+    assert err_euler > 1e-3
+    assert err_rk4 < 1e-5

@@ -72,13 +72,13 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
 
     above = e > cfg["separation"]
     first = np.nonzero(above)[0]
-    t_first = float(ts[first[0]]) if first.size else None
+    t_first = round(float(ts[first[0]]), 9) if first.size else None
     # Separation = start of the final stretch during which the runs stay apart.
     close = np.nonzero(~above)[0]
     if not above[-1]:
         t_sep = None
     else:
-        t_sep = float(ts[close[-1] + 1]) if close.size else float(ts[0])
+        t_sep = round(float(ts[close[-1] + 1] if close.size else ts[0]), 9)
     k0 = int(cluster_count(jnp.asarray(xs[-1]), cfg["cluster_threshold"]))
     k1 = int(cluster_count(jnp.asarray(xs_p[-1]), cfg["cluster_threshold"]))
 
