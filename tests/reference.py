@@ -117,11 +117,16 @@ def usa_rhs(Q, K, V, beta=1.0):
     return rhs
 
 
-RHS = {"plain": plain_rhs, "rescaled": rescaled_rhs, "sphere": sphere_rhs, "usa": usa_rhs}
+RHS = {
+    "plain": plain_rhs,
+    "rescaled": rescaled_rhs,
+    "sphere": sphere_rhs,
+    "usa": usa_rhs,
+}
 
 
 def make_rhs(dynamics: str, Q, K, V, beta=1.0):
-    """The reference right-hand side for `dynamics` in plain | rescaled | sphere | usa."""
+    """Reference right-hand side for `dynamics` (plain | rescaled | sphere | usa)."""
     return RHS[dynamics](Q, K, V, beta)
 
 

@@ -1,0 +1,159 @@
+"""`simulate`: long-time finiteness, batching and per-member status, dtypes, outputs,
+sphere renormalisation, and the one-line errors of the Python API."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn as ja
+
+
+def _x0(n=8, d=2, seed=0, low=-1.0, high=1.0):
+    return jax.random.uniform(jax.random.key(seed), (n, d), jnp.float64, low, high)
+
+
+def test_rescaled_stays_finite_to_t_1000():
+    # Logits grow like e^{2t}: at t = 1000 they are e^{2000}, far beyond float64.
+    f = ja.RescaledField(V=jnp.diag(jnp.asarray([1.0, 0.999])))
+    sol = ja.simulate(f, _x0(10, low=-5.0, high=5.0), 1000.0, dt=0.5)
+    assert sol.ok and bool(jnp.all(jnp.isfinite(sol.xs)))
+    assert float(sol.ts[-1]) == 1000.0
+    # The plain dynamics overflow, and that is reported as a status, not a crash.
+    plain = ja.simulate(ja.PlainField(d=2), _x0(10, low=-5.0, high=5.0), 1000.0, dt=0.5)
+    assert int(plain.status) == 3 and "NaN or inf" in plain.messages()[0]
+
+
+def test_rescaled_finite_in_float32_too():
+    f = ja.RescaledField(V=jnp.diag(jnp.asarray([1.0, 0.999])), dtype=jnp.float32)
+    sol = ja.simulate(f, _x0(10, low=-5.0, high=5.0).astype(jnp.float32), 300.0, dt=0.5)
+    assert sol.xs.dtype == jnp.float32 and sol.ok
+
+
+def test_float32_agrees_with_float64():
+    f = ja.SphereField(d=3, beta=2.0)
+    x0 = _x0(6, 3)
+    s64 = ja.simulate(f, x0, 2.0, dt=0.05)
+    s32 = ja.simulate(f, x0, 2.0, dt=0.05, dtype="float32")
+    assert s32.xs.dtype == jnp.float32 and s64.xs.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(s32.xs), np.asarray(s64.xs), atol=2e-5)
+
+
+def test_one_failing_member_does_not_crash_the_batch():
+    # A stacked LoRA on V: the last member has a huge V, so its plain run overflows.
+    big = ja.LoRA(jnp.asarray([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]]),
+                  jnp.asarray([[[0.0], [0.0]], [[0.1], [0.0]], [[2000.0], [0.0]]]), 1.0, "V")
+    f = ja.PlainField(d=2).with_lora(big)
+    sol = ja.simulate(f, _x0(), 1.0, dt=0.01)
+    np.testing.assert_array_equal(sol.status, [0, 0, 3])
+    assert bool(jnp.all(jnp.isfinite(sol.xs[:2])))
+    # Adaptive solve: the blow-up member runs out of steps instead.
+    sol = ja.simulate(f, _x0(), 1.0, solver="tsit5", rtol=1e-8, atol=1e-8, max_steps=200)
+    assert list(np.asarray(sol.status[:2])) == [0, 0] and int(sol.status[2]) in (1, 3)
+    assert not sol.ok and sol.messages()
+
+
+def test_outer_product_batch_shapes():
+    los = ja.LoRA.random(2, rank=1, norm=jnp.asarray([0.0, 0.1, 0.2]), key=jax.random.key(0))
+    x0 = jnp.stack([_x0(5, seed=s) for s in range(4)])
+    sol = ja.simulate(ja.RescaledField(d=2).with_lora(los), x0, 1.0, dt=0.1)
+    assert sol.xs.shape == (3, 4, 11, 5, 2) and sol.status.shape == (3, 4)
+    # Member (p, b) is the single solve with LoRA p from x0[b].
+    single = ja.LoRA(los.A[2], los.B[2], los.alpha, "V")
+    ref = ja.simulate(ja.RescaledField(d=2).with_lora(single), x0[1], 1.0, dt=0.1)
+    np.testing.assert_allclose(sol.xs[2, 1], ref.xs, rtol=1e-12, atol=1e-12)
+
+
+def test_fixed_step_grid_and_output_times():
+    sol = ja.simulate(ja.PlainField(d=2), _x0(), 1.05, dt=0.1)
+    np.testing.assert_allclose(sol.ts[-2:], [1.0, 1.05])  # last short step
+    assert int(sol.num_steps) == 11
+    # Outputs at requested times interpolate the same solution (cubic Hermite, O(dt^4)).
+    ts = [0.0, 0.5, 1.0]
+    sol2 = ja.simulate(ja.PlainField(d=2), _x0(), 1.05, dt=0.1, ts=ts)
+    np.testing.assert_allclose(sol2.xs[jnp.asarray([0, 2])], sol.xs[jnp.asarray([0, 10])], atol=1e-12)
+    np.testing.assert_allclose(sol2.xs[1], sol.xs[5], atol=1e-12)
+    # t1 = t0: nothing to integrate.
+    sol3 = ja.simulate(ja.PlainField(d=2), _x0(), 0.0)
+    np.testing.assert_array_equal(sol3.xs[0], _x0())
+
+
+def test_adaptive_default_output_and_tolerance():
+    sol = ja.simulate(ja.SphereField(d=3, beta=1.0), _x0(5, 3), 2.0, solver="dopri5")
+    assert sol.ts.shape == (101,) and sol.ok
+    tight = ja.simulate(ja.SphereField(d=3, beta=1.0), _x0(5, 3), 2.0, solver="dopri8",
+                        rtol=1e-12, atol=1e-12)
+    assert float(jnp.max(jnp.abs(sol.xs - tight.xs))) < 1e-5
+
+
+def test_sphere_norm_drift_and_renormalisation():
+    x0 = _x0(6, 3)
+    free = ja.simulate(ja.SphereField(d=3, beta=4.0), x0, 5.0, solver="euler", dt=0.1)
+    proj = ja.simulate(ja.SphereField(d=3, beta=4.0), x0, 5.0, solver="euler", dt=0.1,
+                       renormalise=True)
+    assert float(free.norm_drift) > 1e-3  # Euler leaves the sphere
+    assert float(proj.norm_drift) < 1e-12
+    assert ja.simulate(ja.PlainField(d=3), x0, 1.0).norm_drift is None
+
+
+def test_rk4_really_is_fourth_order_not_euler():
+    # SPEC §6: the research code's "RK4" froze attention and was forward Euler.
+    f = ja.PlainField(d=2, beta=1.0)
+    x0 = _x0(6, seed=3)
+    ref = ja.simulate(f, x0, 0.5, solver="dopri8", rtol=1e-13, atol=1e-13, ts=[0.5]).xs[-1]
+    err_rk4 = float(jnp.max(jnp.abs(ja.simulate(f, x0, 0.5, dt=0.1).final - ref)))
+    err_eul = float(jnp.max(jnp.abs(ja.simulate(f, x0, 0.5, dt=0.1, solver="euler").final - ref)))
+    assert err_rk4 < 1e-5 < err_eul
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ja.PlainField(Q=jnp.ones((2, 3))), "square"),
+        (lambda: ja.PlainField(Q=jnp.eye(2), V=jnp.eye(3)), "disagree on the dimension"),
+        (lambda: ja.PlainField(V=jnp.asarray([[jnp.nan, 0.0], [0.0, 1.0]])), "NaN or inf"),
+        (lambda: ja.PlainField(), "at least one of Q, K, V"),
+        (lambda: ja.PlainField(d=2, beta=-1.0), "beta"),
+        (lambda: ja.make_field("nope", d=2), "unknown dynamics 'nope'"),
+        (lambda: ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 2))), "rank mismatch"),
+        (lambda: ja.LoRA.random(2, rank=3, norm=0.1, key=jax.random.key(0)), "exceeds"),
+        (lambda: ja.PlainField(d=2, lora=ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 1)), 1.0, "O")),
+         "unknown lora target 'O'"),
+        (lambda: ja.PlainField(d=3, lora=ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 1)))), "d = 3"),
+    ],
+)
+def test_constructor_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "kwargs,x0,match",
+    [
+        ({"dt": 0.0}, None, "dt must be finite and > 0"),
+        ({"dt": -0.1}, None, "dt must be finite and > 0"),
+        ({"t1": -1.0}, None, "t1"),
+        ({"solver": "rk5"}, None, "unknown solver 'rk5'"),
+        ({"solver": "rk4", "rtol": 1e-6}, None, "no error estimate"),
+        ({"dt": 0.1, "rtol": 1e-6}, None, "either dt"),
+        ({}, np.zeros((0, 2)), "no tokens"),
+        ({}, [[0.1, 0.2], [0.3]], "ragged"),
+        ({}, [[0.1, np.nan]], "NaN or inf"),
+        ({}, np.zeros((3, 3)), "d = 3"),
+        ({}, np.zeros(3), "shape"),
+        ({"ts": [0.5, 0.2]}, None, "non-decreasing"),
+        ({"ts": [0.0, 2.0]}, None, r"\[t0, t1\]"),
+        ({"renormalise": True}, None, "sphere dynamics"),
+        ({"adjoint": "magic"}, None, "unknown adjoint"),
+    ],
+)
+def test_simulate_errors(kwargs, x0, match):
+    kwargs = {"t1": 1.0, **kwargs}
+    t1 = kwargs.pop("t1")
+    with pytest.raises(ValueError, match=match):
+        ja.simulate(ja.PlainField(d=2), _x0() if x0 is None else x0, t1, **kwargs)
+
+
+def test_simulate_rejects_non_field():
+    with pytest.raises(TypeError, match="field"):
+        ja.simulate(lambda t, y, a: y, _x0(), 1.0)
