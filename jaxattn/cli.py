@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _setup_jax(dtype: str = "float64") -> None:
+def setup_jax(dtype: str = "float64") -> None:
     import jax
 
     if dtype == "float64":
@@ -33,7 +33,7 @@ def cmd_simulate(args) -> int:
 
     out = check_output_file(args.out)
     raw = load_spec_file(args.spec)
-    _setup_jax(raw.get("dtype", "float64") if isinstance(raw.get("dtype"), str) else "float64")
+    setup_jax(raw.get("dtype", "float64") if isinstance(raw.get("dtype"), str) else "float64")
     sim = parse_spec(raw)
     from ._simulate import simulate
 
@@ -58,7 +58,7 @@ def cmd_demo(args) -> int:
     from ._io import check_output_dir
 
     out = check_output_dir(args.out)
-    _setup_jax("float64")
+    setup_jax("float64")
     from .experiments import lora_divergence
 
     summary = lora_divergence.run(out, quick=args.quick)
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     d.add_argument("--quick", action="store_true", help="smaller, faster version")
     d.set_defaults(func=cmd_demo)
+    import importlib
+
+    from .commands import MODULES
+
+    for name in MODULES:
+        importlib.import_module(f"jaxattn.commands.{name}").register(sub)
     return p
 
 
