@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     import importlib
 
-    from .commands import MODULES
+    from .commands import module_names
 
-    for name in MODULES:
+    for name in module_names():
         importlib.import_module(f"jaxattn.commands.{name}").register(sub)
     return p
 
