@@ -21,6 +21,10 @@ from .._lora import LoRA
 from .._metrics import cluster_count, divergence
 from .._simulate import simulate
 
+NAME = "lora-divergence"
+DESCRIPTION = "SPEC §3.1: original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"
+CLI_OPTIONS = ()
+
 DEFAULTS = dict(n=50, d=2, low=-5.0, high=5.0, eps=0.1, t1=40.0, dt=0.1, seed=0,
                 solver="rk4", cluster_threshold=0.1, separation=0.1, eta=0.1,
                 short_t1=0.5, short_dt=1e-3)

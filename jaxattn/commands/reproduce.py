@@ -1,0 +1,84 @@
+"""`jaxattn reproduce NAME [--quick] --out DIR`: the paper's experiments (SPEC §3)."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(sub) -> None:
+    p = sub.add_parser("reproduce", help="run one of the paper's experiments (--list names them)")
+    p.add_argument("name", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--out", help="output folder (figures, data, summary.json)")
+    p.add_argument("--quick", action="store_true", help="small, fast version (used in tests)")
+    p.add_argument("--eps", help="comma-separated perturbation sizes, e.g. 0.01,0.002")
+    p.add_argument("--x0", help="initial tokens from a .npy file, shape (n, d)")
+    p.add_argument("--metric", help="departure-time metric: hausdorff (default) | paper")
+    p.set_defaults(func=handle)
+
+
+def parse_eps(text: str) -> list[float]:
+    import math
+
+    parts = [s.strip() for s in text.split(",")]
+    if not parts or any(not s for s in parts):
+        raise ValueError(f"--eps must be comma-separated numbers, got {text!r}")
+    try:
+        vals = [float(s) for s in parts]
+    except ValueError:
+        raise ValueError(f"--eps must be comma-separated numbers, got {text!r}") from None
+    if any(not math.isfinite(v) or v <= 0 for v in vals):
+        raise ValueError(f"--eps values must be finite and > 0, got {text!r}")
+    return vals
+
+
+def load_x0(path: str):
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--x0 file not found: {path}")
+    try:
+        x0 = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--x0 {path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+    if x0.ndim != 2 or x0.shape[0] < 1 or x0.shape[1] < 1:
+        raise ValueError(f"--x0 must hold an (n, d) array of tokens, got shape {x0.shape}")
+    if x0.dtype.kind not in "fi" or not np.all(np.isfinite(x0)):
+        raise ValueError("--x0 must hold finite real numbers")
+    return x0.astype(np.float64)
+
+
+def handle(args) -> int:
+    from .. import experiments
+
+    if args.list or not args.name:
+        if not args.list:
+            raise ValueError("give an experiment name, or --list")
+        for name, desc in experiments.available().items():
+            print(f"{name:18s} {desc}")
+        return 0
+    mod = experiments.get(args.name)
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    overrides = {}
+    allowed = set(getattr(mod, "CLI_OPTIONS", ()))
+    given = {k: getattr(args, k) for k in ("eps", "x0", "metric") if getattr(args, k) is not None}
+    bad = sorted(set(given) - allowed)
+    if bad:
+        raise ValueError(f"experiment {args.name} does not take --{', --'.join(bad)}")
+    if "eps" in given:
+        overrides["eps"] = parse_eps(given["eps"])
+    if "x0" in given:
+        overrides["x0"] = load_x0(given["x0"])
+    if "metric" in given:
+        if given["metric"] not in ("hausdorff", "paper"):
+            raise ValueError(f"unknown metric {given['metric']!r}; choose hausdorff or paper")
+        overrides["metric"] = given["metric"]
+    from .._io import check_output_dir
+    from ..cli import setup_jax
+
+    check_output_dir(args.out, create=False)  # fail before any work; run() creates it
+    setup_jax("float64")
+    mod.run(args.out, quick=args.quick, **overrides)
+    print(f"figures, data and summary.json in {args.out}")
+    return 0
