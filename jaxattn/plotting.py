@@ -87,3 +87,75 @@ def divergence_with_bounds(ts, e, bounds: dict[str, np.ndarray], path, *, eta=No
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
+
+
+def target_comparison(ts, e_by_target, short_ts, short_by_target, path, *, eta=None,
+                      title=None):
+    """Left: e(t) over the whole run for each perturbed weight. Right: short times, with
+    each target's a-posteriori bound (dashed, same colour)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
+    for name, e in e_by_target.items():
+        e = np.asarray(e)
+        pos = e > 0
+        a1.semilogy(np.asarray(ts)[pos], e[pos], color=colors.get(name), label=f"LoRA on {name}")
+    for name, (e, b) in short_by_target.items():
+        e, b = np.asarray(e), np.asarray(b)
+        st = np.asarray(short_ts)
+        pos = e > 0
+        a2.semilogy(st[pos], e[pos], color=colors.get(name), label=f"{name}: measured")
+        top = max(e[pos].max() * 1e3 if pos.any() else 1.0, 10 * (eta or 0))
+        ok = np.isfinite(b) & (b > 0) & (b <= 10 * top)
+        a2.semilogy(st[ok], b[ok], "--", color=colors.get(name), label=f"{name}: bound")
+        a2.set_ylim(top=top)
+    for ax, sub in ((a1, "whole run"), (a2, "short times, with the a-posteriori bound")):
+        if eta is not None:
+            ax.axhline(eta, color="tab:red", lw=0.8, alpha=0.7)
+        ax.set_xlabel("t")
+        ax.set_ylabel("max_i |x_i − x̃_i|")
+        ax.set_title(sub)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def animate_side_by_side(ts, runs: dict[str, np.ndarray], path, *, frames: int = 80,
+                         fps: int = 12):
+    """Animated GIF of 2-D token runs side by side (Pillow writer, written atomically)."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    from ._io import atomic_path
+
+    ts = np.asarray(ts)
+    names = list(runs)
+    idx = np.unique(np.linspace(0, ts.shape[0] - 1, frames).round().astype(int))
+    allpts = np.concatenate([np.asarray(r).reshape(-1, 2) for r in runs.values()])
+    lo, hi = allpts.min(0), allpts.max(0)
+    pad = 0.05 * (hi - lo).max()
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    n = np.asarray(runs[names[0]]).shape[1]
+    colors = plt.cm.viridis(np.linspace(0, 1, n))
+    scats = []
+    for ax, name in zip(axes[0], names):
+        ax.set_xlim(lo[0] - pad, hi[0] + pad)
+        ax.set_ylim(lo[1] - pad, hi[1] + pad)
+        ax.set_aspect("equal")
+        ax.set_title(name)
+        scats.append(ax.scatter(np.asarray(runs[name])[0, :, 0], np.asarray(runs[name])[0, :, 1],
+                                s=12, c=colors, edgecolors="k", linewidths=0.3))
+    label = fig.suptitle("")
+
+    def update(k):
+        for sc, name in zip(scats, names):
+            sc.set_offsets(np.asarray(runs[name])[k])
+        label.set_text(f"t = {ts[k]:.1f}")
+        return scats
+
+    anim = FuncAnimation(fig, update, frames=idx, blit=False)
+    with atomic_path(path) as tmp:
+        anim.save(tmp, writer=PillowWriter(fps=fps))
+    plt.close(fig)

@@ -27,8 +27,9 @@ CLI_OPTIONS = ()
 
 DEFAULTS = dict(n=50, d=2, low=-5.0, high=5.0, eps=0.1, t1=40.0, dt=0.1, seed=0,
                 solver="rk4", cluster_threshold=0.1, separation=0.1, eta=0.1,
-                short_t1=0.5, short_dt=1e-3)
-QUICK = dict(n=20, t1=10.0)
+                short_t1=0.5, short_dt=1e-3, gif_frames=80, compare_seed=1,
+                compare_targets=True, gif=True)
+QUICK = dict(n=20, t1=10.0, gif_frames=12)
 
 
 def paper_lora(eps: float, dtype) -> LoRA:
@@ -46,7 +47,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
                             cfg["low"], cfg["high"])
     base = RescaledField(d=cfg["d"], beta=1.0, dtype=dtype)
     pair = LoRA.stack([paper_lora(0.0, dtype), paper_lora(cfg["eps"], dtype)])
-    log(f"[1/3] solving original and LoRA runs together (n={cfg['n']}, T={cfg['t1']}, "
+    log(f"[1/4] solving original and LoRA runs together (n={cfg['n']}, T={cfg['t1']}, "
         f"dt={cfg['dt']}, {cfg['solver']}, {jnp.dtype(dtype).name}) ...")
     t0 = time.perf_counter()
     sol = simulate(base.with_lora(pair), x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
@@ -58,7 +59,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     ts = np.asarray(sol.ts)
     e = np.asarray(divergence(sol.xs[0], sol.xs[1]))
 
-    log("[2/3] bounds (a priori, a posteriori) and a fine short-time solve ...")
+    log("[2/4] bounds (a priori, a posteriori) and a fine short-time solve ...")
     f0, f1 = base.with_lora(paper_lora(0.0, dtype)), base.with_lora(paper_lora(cfg["eps"], dtype))
     post = bound_a_posteriori(f0, f1, ts, xs, xs_p)
     prior = bound_a_priori(f0, f1, ts, xs[0])
@@ -77,16 +78,31 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     above = e > cfg["separation"]
     first = np.nonzero(above)[0]
     t_first = round(float(ts[first[0]]), 9) if first.size else None
-    # Separation = start of the final stretch during which the runs stay apart.
-    close = np.nonzero(~above)[0]
-    if not above[-1]:
-        t_sep = None
-    else:
-        t_sep = round(float(ts[close[-1] + 1] if close.size else ts[0]), 9)
+    t_sep = _stays_apart_from(ts, above)
     k0 = int(cluster_count(jnp.asarray(xs[-1]), cfg["cluster_threshold"]))
     k1 = int(cluster_count(jnp.asarray(xs_p[-1]), cfg["cluster_threshold"]))
 
-    log("[3/3] figures and summary ...")
+    log("[3/4] random rank-1 LoRA of Q, of K and of V with the same operator norm ...")
+    compare = {}
+    for target in ("Q", "K", "V") if cfg["compare_targets"] else ():
+        lo = LoRA.random(cfg["d"], rank=1, norm=cfg["eps"], target=target,
+                         key=jax.random.key(cfg["compare_seed"]), dtype=dtype)
+        ft = base.with_lora(lo)
+        st = simulate(ft, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+        et = np.asarray(divergence(sol.xs[0], st.xs))
+        sh = simulate(ft, x0, cfg["short_t1"], solver=cfg["solver"], dt=cfg["short_dt"])
+        bt = bound_a_posteriori(f0, ft, sts, np.asarray(short.xs[0]), np.asarray(sh.xs))
+        above_t = et > cfg["separation"]
+        compare[target] = {
+            "e": et, "short_e": np.asarray(divergence(short.xs[0], sh.xs)), "bound": bt.bound,
+            "final_divergence": float(et[-1]),
+            "clusters": int(cluster_count(st.final, cfg["cluster_threshold"])),
+            "certified_horizon": float(certified_horizon(sts, bt.bound, cfg["eta"])),
+            "max_divergence": float(et.max()),
+            "stays_apart_from": _stays_apart_from(ts, above_t),
+        }
+
+    log("[4/4] figures, animation and summary ...")
     from .. import plotting
 
     times = [0.0, 2.0, 5.0, 10.0, 20.0, cfg["t1"]] if cfg["t1"] >= 20 else list(
@@ -100,6 +116,16 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         os.path.join(out_dir, "divergence.png"), eta=cfg["eta"],
         zoom=(sts, se, {"a-posteriori bound": spost.bound, "a-priori bound": sprior.bound}),
         horizon=h_post, title=f"Divergence e(t) and the Grönwall bound (ε = {cfg['eps']:g})")
+    if compare:
+        plotting.target_comparison(
+            ts, {k: v["e"] for k, v in compare.items()}, sts,
+            {k: (v["short_e"], v["bound"]) for k, v in compare.items()},
+            os.path.join(out_dir, "targets.png"), eta=cfg["eta"],
+            title=f"Random rank-1 LoRA with ‖ΔW‖₂ = {cfg['eps']:g} on Q, K or V")
+    if cfg["gif"]:
+        plotting.animate_side_by_side(
+            ts, {"original": xs, "LoRA": xs_p}, os.path.join(out_dir, "trajectories.gif"),
+            frames=cfg["gif_frames"])
     write_npz(os.path.join(out_dir, "trajectories.npz"), ts=ts, xs=xs, xs_lora=xs_p, e=e,
               bound_post=post.bound, bound_prior=prior.bound)
     summary = {
@@ -115,6 +141,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "certified_horizon_a_posteriori": h_post,
         "certified_horizon_a_priori": h_prior,
         "max_measured_over_bound": float(ratio.max()) if ratio.size else None,
+        "targets": {k: {kk: vv for kk, vv in v.items() if kk not in ("e", "short_e", "bound")}
+                    for k, v in compare.items()},
         "solve_seconds_incl_compile": round(solve_s, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "notes": "times in units of depth; null = never happened. separation_time: start "
@@ -126,3 +154,11 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     log(f"done in {summary['wall_seconds']:.1f} s: clusters {k0} (original) vs {k1} (LoRA), "
         f"separation > {cfg['separation']} at t = {t_sep}, certified horizon {h_post:.3g}")
     return summary
+
+
+def _stays_apart_from(ts, above) -> float | None:
+    """Start of the final stretch during which the runs stay apart (None if they end close)."""
+    if not above[-1]:
+        return None
+    close = np.nonzero(~above)[0]
+    return round(float(ts[close[-1] + 1] if close.size else ts[0]), 9)
