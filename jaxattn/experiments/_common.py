@@ -17,6 +17,16 @@ def uniform_tokens(seed: int, batch: int, n: int, d: int, low: float, high: floa
     return jax.vmap(lambda k: jax.random.uniform(k, (n, d), dtype, low, high))(keys)
 
 
+def nanmedian(a, axis=None):
+    """Median over finite entries (inf and NaN ignored); NaN where none, no warning."""
+    import warnings
+
+    a = np.asarray(a, np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(np.where(np.isfinite(a), a, np.nan), axis=axis)
+
+
 def loglog_fit(x, y, *, groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
     """Fit `y = c·x^s` by least squares in log-log. With `groups` (array (G, len(x)) of
     per-group y values, e.g. per initial condition), the 95 % interval comes from a
@@ -36,8 +46,7 @@ def loglog_fit(x, y, *, groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
         ss, bs = [], []
         for _ in range(n_boot):
             pick = groups[rng.integers(0, groups.shape[0], groups.shape[0])]
-            with np.errstate(all="ignore"):
-                med = np.nanmedian(np.where(np.isfinite(pick), pick, np.nan), axis=0)
+            med = nanmedian(pick, axis=0)
             good = np.isfinite(med) & (med > 0) & (x > 0)
             if good.sum() >= 2:
                 s_b, b_b = np.polyfit(np.log(x[good]), np.log(med[good]), 1)

@@ -1,0 +1,267 @@
+"""SPEC §3.3: when does the LoRA-perturbed run leave the original clusters?
+
+n = 20 tokens in d = 2, `x0 ~ U[−1, 1]²`, rescaled dynamics, Q = K = I. Reference: V = I,
+its tokens at `T_ref = 20` are the reference clusters. Perturbed: `Ṽ = diag(1, 1 − ε)`.
+`D(t)` = distance of the perturbed tokens to the reference set — two-sided Hausdorff by
+default (sees merging), or the paper's one-sided `max_i min_c |z_i − c|` (`metric="paper"`).
+Approach time: first `D ≤ δ`; departure time: first later `D > δ`. NaN is never read as
+"far": a non-finite D before a decision gives NaN times (and is counted in the summary).
+
+All (ε, initial condition) pairs of a chunk are one vmapped solve; finished chunks are
+saved under `out_dir/chunks/` and skipped when the same configuration is run again, so a
+killed full run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._fields import RescaledField
+from .._io import check_output_dir, write_json, write_npz
+from .._lora import LoRA
+from .._metrics import approach_departure, hausdorff, one_sided_distance
+from .._simulate import fixed_step_grid, simulate
+from ._common import default_dtype, loglog_fit, nanmedian, uniform_tokens
+
+NAME = "departure-time"
+DESCRIPTION = "SPEC §3.3: approach/departure times vs ε to t = 1000, log-log fit, three phases"
+CLI_OPTIONS = ("eps", "x0", "metric")
+
+DEFAULTS = dict(n=20, d=2, low=-1.0, high=1.0, n_ic=16, eps=list(np.logspace(-3, -1, 30)),
+                t1=1000.0, t_ref=20.0, dt=0.1, solver="rk4", delta=0.1, metric="hausdorff",
+                seed=0, x0=None, chunk=6, dense_until=60.0, coarse_every=5,
+                paper_eps=[0.01, 0.002], fit_max_eps=0.02)
+QUICK = dict(n=8, n_ic=3, eps=[0.02, 0.05, 0.1], t1=120.0, chunk=3, paper_eps=[0.05],
+             fit_max_eps=0.1)
+
+PAPER_PREFACTOR = 0.54  # SPEC §3.3: T_dep ≈ 0.54/ε for ε ≤ 0.015 (paper's first-order scheme)
+
+
+def perturbation(eps, dtype) -> LoRA:
+    """Stacked exact LoRAs `ΔV = diag(0, −ε)` (A = e₂ᵀ, B = −ε e₂, α = r = 1)."""
+    eps = jnp.asarray(eps, dtype)
+    A = jnp.broadcast_to(jnp.asarray([[0.0, 1.0]], dtype), (eps.shape[0], 1, 2))
+    B = jnp.stack([jnp.zeros_like(eps), -eps], axis=-1)[:, :, None]
+    return LoRA(A, B, 1.0, "V")
+
+
+def _output_grid(t1, dt, dense_until, coarse_every):
+    grid = fixed_step_grid(0.0, t1, dt)
+    keep = (grid <= dense_until) | (np.arange(grid.size) % coarse_every == 0)
+    keep[-1] = True
+    return grid[keep]
+
+
+@jax.jit
+def _distances_hausdorff(xs, ref):
+    # xs: (E, B, T, n, d), ref: (B, n, d)
+    f = jax.vmap(jax.vmap(hausdorff, in_axes=(0, None)), in_axes=(0, 0))
+    return jax.vmap(f, in_axes=(0, None))(xs, ref)
+
+
+@jax.jit
+def _distances_paper(xs, ref):
+    f = jax.vmap(jax.vmap(one_sided_distance, in_axes=(0, None)), in_axes=(0, 0))
+    return jax.vmap(f, in_axes=(0, None))(xs, ref)
+
+
+def _times(ts, D, delta):
+    fn = jax.vmap(jax.vmap(lambda d: approach_departure(ts, d, delta)))
+    return fn(D)
+
+
+def departure_times(x0, eps, cfg, *, solver=None, dt=None, dtype=None):
+    """Approach/departure times `(E, B)` and distances `(E, B, T)` for tokens `x0 (B, n, 2)`."""
+    dtype = dtype or x0.dtype
+    solver = solver or cfg["solver"]
+    dt = dt or cfg["dt"]
+    base = RescaledField(d=2, dtype=dtype)
+    ref = simulate(base, x0, cfg["t_ref"], solver=solver, dt=dt, ts=[cfg["t_ref"]])
+    ref_tokens = ref.xs[:, -1]
+    ts = _output_grid(cfg["t1"], dt, cfg["dense_until"], cfg["coarse_every"])
+    sol = simulate(base.with_lora(perturbation(eps, dtype)), x0, cfg["t1"], solver=solver,
+                   dt=dt, ts=ts)
+    dist = _distances_paper if cfg["metric"] == "paper" else _distances_hausdorff
+    D = dist(sol.xs, ref_tokens)
+    t_app, t_dep = _times(jnp.asarray(ts, dtype), D, cfg["delta"])
+    return (np.asarray(t_app), np.asarray(t_dep), np.asarray(D), ts, np.asarray(sol.status),
+            np.asarray(ref.status))
+
+
+def _cfg_hash(cfg, x0) -> str:
+    keys = ("n", "d", "low", "high", "t1", "t_ref", "dt", "solver", "delta", "metric",
+            "dense_until", "coarse_every")
+    h = hashlib.sha256(json.dumps({k: cfg[k] for k in keys}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(np.asarray(x0, np.float64)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    out_dir = check_output_dir(out_dir)
+    dtype = default_dtype()
+    t_start = time.perf_counter()
+    if cfg["x0"] is not None:
+        x0 = jnp.asarray(np.asarray(cfg["x0"], np.float64)[None], dtype)
+        if x0.shape[-1] != 2:
+            raise ValueError(f"--x0 must hold 2-D tokens (n, 2) for this experiment, got "
+                             f"shape {x0.shape[1:]}")
+        cfg["n"], cfg["n_ic"] = int(x0.shape[1]), 1
+    else:
+        x0 = uniform_tokens(cfg["seed"], cfg["n_ic"], cfg["n"], 2, cfg["low"], cfg["high"], dtype)
+    cfg_print = {k: v for k, v in cfg.items() if k != "x0"}
+    eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
+    tag = _cfg_hash(cfg, x0)
+    chunk_dir = os.path.join(out_dir, "chunks")
+    os.makedirs(chunk_dir, exist_ok=True)
+
+    E, B = eps.size, int(x0.shape[0])
+    t_app = np.full((E, B), np.nan)
+    t_dep = np.full((E, B), np.nan)
+    D0 = None
+    n_chunks = (E + cfg["chunk"] - 1) // cfg["chunk"]
+    for c in range(n_chunks):
+        sl = slice(c * cfg["chunk"], min(E, (c + 1) * cfg["chunk"]))
+        path = os.path.join(chunk_dir, f"{tag}-{c:03d}.npz")
+        if os.path.exists(path):
+            z = np.load(path)
+            if np.allclose(z["eps"], eps[sl]):
+                t_app[sl], t_dep[sl] = z["t_app"], z["t_dep"]
+                D0 = z["D0"] if c == 0 else D0
+                log(f"[chunk {c + 1}/{n_chunks}] ε = {eps[sl][0]:.3g}…{eps[sl][-1]:.3g}: done "
+                    "earlier, skipped")
+                continue
+        t0 = time.perf_counter()
+        a, dp, D, ts, status, _ = departure_times(x0, eps[sl], cfg, dtype=dtype)
+        t_app[sl], t_dep[sl] = a, dp
+        if c == 0:
+            D0 = D[:, 0]
+        write_npz(path, eps=eps[sl], t_app=a, t_dep=dp, D0=D[:, 0], ts=ts, status=status)
+        log(f"[chunk {c + 1}/{n_chunks}] ε = {eps[sl][0]:.3g}…{eps[sl][-1]:.3g}: "
+            f"{sl.stop - sl.start} × {B} runs to t = {cfg['t1']:g} in "
+            f"{time.perf_counter() - t0:.1f} s")
+    ts = _output_grid(cfg["t1"], cfg["dt"], cfg["dense_until"], cfg["coarse_every"])
+
+    med_app, med_dep = nanmedian(t_app, axis=1), nanmedian(t_dep, axis=1)
+    fit_mask = eps <= cfg["fit_max_eps"]
+    fit = loglog_fit(eps[fit_mask], med_dep[fit_mask],
+                     groups=t_dep[fit_mask].T if B > 1 else None)
+
+    log("paper comparison: first-order scheme (Euler, dt = 0.1) against converged RK4 ...")
+    paper = _paper_comparison(x0[:1], cfg, dtype)
+
+    log("figures and summary ...")
+    _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg)
+    write_npz(os.path.join(out_dir, "departure_time.npz"), eps=eps, t_approach=t_app,
+              t_departure=t_dep, ts=ts, D_first_ic=D0)
+    _write_csv(os.path.join(out_dir, "departure_time.csv"), eps, med_app, med_dep, t_dep)
+    never = int(np.sum(np.isinf(t_dep)))
+    nan = int(np.sum(np.isnan(t_dep)))
+    summary = {
+        "experiment": NAME, "quick": quick, "config": cfg_print,
+        "x0_source": "file" if cfg["x0"] is not None else f"uniform seed {cfg['seed']}",
+        "eps": eps, "t_approach": med_app, "t_departure": med_dep,
+        "slope": fit["slope"], "prefactor": fit["prefactor"], "fit": fit,
+        "fit_range": [float(eps[fit_mask].min()), float(eps[fit_mask].max())]
+        if fit_mask.any() else None,
+        "paper_prefactor": PAPER_PREFACTOR,
+        "paper_prediction": {f"{e:g}": PAPER_PREFACTOR / e for e in cfg["paper_eps"]},
+        "paper_scheme_comparison": paper,
+        "runs_never_departed": never, "runs_nonfinite": nan,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "notes": "times are medians over initial conditions (null: none departed before t1); "
+                 "metric " + cfg["metric"] + "; fit T_dep = prefactor · eps^slope over "
+                 "fit_range with a bootstrap 95 % interval.",
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    log(f"done in {summary['wall_seconds']} s: slope {fit['slope']}, prefactor {fit['prefactor']}")
+    return summary
+
+
+def _paper_comparison(x0, cfg, dtype) -> dict:
+    """Departure times on one set of tokens: the paper's scheme (forward Euler, dt = 0.1,
+    which is what its 'RK4' computes, SPEC §6) against RK4 at dt and dt/2."""
+    eps = np.asarray(cfg["paper_eps"], np.float64)
+    out = {"eps": eps}
+    for label, solver, dt in (("paper_euler_dt0.1", "euler", 0.1),
+                              ("rk4_dt", "rk4", cfg["dt"]),
+                              ("rk4_dt_half", "rk4", cfg["dt"] / 2)):
+        a, dp, *_ = departure_times(x0, eps, cfg, solver=solver, dt=dt, dtype=dtype)
+        out[label] = {"t_approach": a[:, 0], "t_departure": dp[:, 0]}
+    conv, paper = out["rk4_dt_half"]["t_departure"], out["paper_euler_dt0.1"]["t_departure"]
+    with np.errstate(all="ignore"):
+        out["relative_difference_paper_vs_converged"] = (paper - conv) / conv
+        out["rk4_dt_vs_half_relative"] = (out["rk4_dt"]["t_departure"] - conv) / conv
+    return out
+
+
+def _write_csv(path, eps, med_app, med_dep, t_dep):
+    from .._io import write_atomic
+
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("eps,t_approach_median,t_departure_median,"
+                     + ",".join(f"t_departure_ic{i}" for i in range(t_dep.shape[1])) + "\n")
+            for k in range(eps.size):
+                row = [eps[k], med_app[k], med_dep[k], *t_dep[k]]
+                fh.write(",".join(f"{v:.6g}" for v in row) + "\n")
+
+    write_atomic(path, w)
+
+
+def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg):
+    import matplotlib.pyplot as plt
+
+    from .. import plotting  # noqa: F401
+    from .._io import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for b in range(t_dep.shape[1]):
+        ax.loglog(eps, np.where(np.isfinite(t_dep[:, b]), t_dep[:, b], np.nan), ".",
+                  color="0.7", ms=3)
+    ax.loglog(eps, med_dep, "o-", color="tab:blue", ms=4, label="departure (median)")
+    ax.loglog(eps, nanmedian(t_app, axis=1), "s-", color="tab:green", ms=3,
+              label="approach (median)")
+    if fit["slope"] is not None:
+        ax.loglog(eps, fit["prefactor"] * eps ** fit["slope"], "k--", lw=1,
+                  label=f"fit {fit['prefactor']:.3g}·ε^{fit['slope']:.3f}")
+    ax.loglog(eps, PAPER_PREFACTOR / eps, ":", color="tab:red", label="paper: 0.54/ε")
+    ax.set_xlabel("ε")
+    ax.set_ylabel("time")
+    ax.set_title(f"Departure from the original clusters (δ = {cfg['delta']}, {cfg['metric']})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "departure_vs_eps.png"), dpi=120)
+    plt.close(fig)
+
+    # Three phases for the first initial condition at a few ε.
+    pick = np.unique(np.linspace(0, eps.size - 1, min(3, eps.size)).round().astype(int))
+    fig, axes = plt.subplots(1, pick.size, figsize=(4.8 * pick.size, 3.8), squeeze=False)
+    for ax, k in zip(axes[0], pick):
+        D = D0[k]
+        ax.semilogy(ts, D, color="k", lw=1)
+        ax.axhline(cfg["delta"], color="tab:red", lw=0.8)
+        a, dp = t_app[k, 0], t_dep[k, 0]
+        if np.isfinite(a):
+            ax.axvspan(0, a, color="tab:gray", alpha=0.2, label="before clustering")
+            end = dp if np.isfinite(dp) else ts[-1]
+            ax.axvspan(a, end, color="tab:green", alpha=0.2, label="near original clusters")
+            if np.isfinite(dp):
+                ax.axvspan(dp, ts[-1], color="tab:orange", alpha=0.2, label="after departure")
+        ax.set_xlim(0, min(ts[-1], 3 * dp if np.isfinite(dp) else ts[-1]))
+        ax.set_title(f"ε = {eps[k]:.3g}")
+        ax.set_xlabel("t")
+        ax.set_ylabel("D(t)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Three phases (first initial condition)")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "phases.png"), dpi=120)
+    plt.close(fig)
