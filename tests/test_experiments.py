@@ -1,0 +1,105 @@
+"""Quick forms of the paper experiments (issue 3): they run, write their files, and the
+checks in their summary.json hold."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxattn.cli import main
+
+
+def _summary(path):
+    return json.loads((path / "summary.json").read_text())
+
+
+def _no_temp_files(path):
+    return not any(n.startswith(".tmp-") for n in os.listdir(path))
+
+
+def test_reproduce_list(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lora-divergence", "stability-bound", "departure-time"):
+        assert name in out
+
+
+def test_lora_divergence_quick(tmp_path):
+    out = tmp_path / "ld"
+    assert main(["reproduce", "lora-divergence", "--quick", "--out", str(out)]) == 0
+    assert {"trajectories.png", "trajectories.gif", "divergence.png", "targets.png",
+            "summary.json"} <= set(os.listdir(out))
+    s = _summary(out)
+    assert s["max_measured_over_bound"] <= 1.0
+    assert set(s["targets"]) == {"Q", "K", "V"}
+    for t in s["targets"].values():
+        assert t["certified_horizon"] is not None and t["certified_horizon"] > 0
+    assert _no_temp_files(out)
+
+
+def test_stability_bound_quick(tmp_path):
+    out = tmp_path / "sb"
+    assert main(["reproduce", "stability-bound", "--quick", "--out", str(out)]) == 0
+    s = _summary(out)
+    assert s["bound_holds"] and 0 < s["worst_measured_over_bound"] <= 1.0
+    assert 0 < s["median_measured_over_bound"] <= s["worst_measured_over_bound"]
+    # Smaller perturbations are certified for longer.
+    for t in s["targets"].values():
+        h = np.asarray(t["median_certified_horizon"], float)
+        assert np.all(np.diff(h) <= 1e-12)  # eps ascending -> horizon non-increasing
+    assert {"bound_vs_eps.png", "horizon_vs_eps.png"} <= set(os.listdir(out))
+
+
+def test_departure_time_quick_and_resume(tmp_path, capsys):
+    out = tmp_path / "dt"
+    assert main(["reproduce", "departure-time", "--quick", "--out", str(out)]) == 0
+    s = _summary(out)
+    assert -1.2 <= s["slope"] <= -0.8
+    assert all(3.0 <= t <= 6.0 for t in s["t_approach"])  # SPEC: t ≈ 4–5, ε-independent
+    dep = np.asarray(s["t_departure"], float)
+    assert np.all(np.diff(dep) > 0)  # eps descending -> later departure
+    rel = s["paper_scheme_comparison"]["relative_difference_paper_vs_converged"]
+    assert all(abs(r) < 0.1 for r in rel)  # "a few percent"
+    assert {"departure_vs_eps.png", "phases.png", "departure_time.csv"} <= set(os.listdir(out))
+    capsys.readouterr()
+    # A second run of the same configuration reuses the saved chunks and gives the same data.
+    assert main(["reproduce", "departure-time", "--quick", "--out", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert _summary(out)["t_departure"] == s["t_departure"]
+
+
+def test_departure_time_from_x0_file_and_eps(tmp_path):
+    x0 = np.random.default_rng(3).uniform(-1, 1, size=(6, 2))
+    np.save(tmp_path / "x0.npy", x0)
+    out = tmp_path / "dt"
+    assert main(["reproduce", "departure-time", "--quick", "--out", str(out), "--x0",
+                 str(tmp_path / "x0.npy"), "--eps", "0.1,0.05", "--metric", "paper"]) == 0
+    s = _summary(out)
+    assert s["eps"] == [0.1, 0.05] and s["config"]["n"] == 6 and s["config"]["metric"] == "paper"
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["reproduce", "nope", "--out", "X"], "unknown experiment 'nope'; available:"),
+        (["reproduce", "departure-time", "--out", "X", "--eps", "0.1,,2"], "--eps must be"),
+        (["reproduce", "departure-time", "--out", "X", "--eps", "0.1,-1"], "> 0"),
+        (["reproduce", "departure-time", "--out", "X", "--metric", "l2"], "unknown metric"),
+        (["reproduce", "stability-bound", "--out", "X", "--x0", "x0.npy"], "does not take --x0"),
+        (["reproduce", "departure-time", "--out", "X", "--x0", "missing.npy"], "not found"),
+        (["reproduce", "departure-time", "--out", "X", "--x0", "bad.npy"], "shape"),
+        (["reproduce", "departure-time", "--out", "/proc/x/y", "--quick"], "cannot create|writable"),
+        (["reproduce"], "experiment name"),
+    ],
+)
+def test_reproduce_errors(tmp_path, capsys, monkeypatch, args, match):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4)))
+    np.save(tmp_path / "x0.npy", np.zeros((3, 2)))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(match, err), err
+    assert not (tmp_path / "X").exists()
