@@ -125,7 +125,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     E, B = eps.size, int(x0.shape[0])
     t_app = np.full((E, B), np.nan)
     t_dep = np.full((E, B), np.nan)
-    D0 = None
+    ts = _output_grid(cfg["t1"], cfg["dt"], cfg["dense_until"], cfg["coarse_every"])
+    D0 = np.full((E, ts.size), np.nan)  # D(t) of the first initial condition, every ε
     n_chunks = (E + cfg["chunk"] - 1) // cfg["chunk"]
     for c in range(n_chunks):
         sl = slice(c * cfg["chunk"], min(E, (c + 1) * cfg["chunk"]))
@@ -133,21 +134,17 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         if os.path.exists(path):
             z = np.load(path)
             if np.allclose(z["eps"], eps[sl]):
-                t_app[sl], t_dep[sl] = z["t_app"], z["t_dep"]
-                D0 = z["D0"] if c == 0 else D0
+                t_app[sl], t_dep[sl], D0[sl] = z["t_app"], z["t_dep"], z["D0"]
                 log(f"[chunk {c + 1}/{n_chunks}] ε = {eps[sl][0]:.3g}…{eps[sl][-1]:.3g}: done "
                     "earlier, skipped")
                 continue
         t0 = time.perf_counter()
         a, dp, D, ts, status, _ = departure_times(x0, eps[sl], cfg, dtype=dtype)
-        t_app[sl], t_dep[sl] = a, dp
-        if c == 0:
-            D0 = D[:, 0]
+        t_app[sl], t_dep[sl], D0[sl] = a, dp, D[:, 0]
         write_npz(path, eps=eps[sl], t_app=a, t_dep=dp, D0=D[:, 0], ts=ts, status=status)
         log(f"[chunk {c + 1}/{n_chunks}] ε = {eps[sl][0]:.3g}…{eps[sl][-1]:.3g}: "
             f"{sl.stop - sl.start} × {B} runs to t = {cfg['t1']:g} in "
             f"{time.perf_counter() - t0:.1f} s")
-    ts = _output_grid(cfg["t1"], cfg["dt"], cfg["dense_until"], cfg["coarse_every"])
 
     med_app, med_dep = nanmedian(t_app, axis=1), nanmedian(t_dep, axis=1)
     fit_mask = eps <= cfg["fit_max_eps"]
@@ -260,7 +257,8 @@ def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg):
         ax.set_title(f"ε = {eps[k]:.3g}")
         ax.set_xlabel("t")
         ax.set_ylabel("D(t)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("Three phases (first initial condition)")
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "phases.png"), dpi=120)
