@@ -159,7 +159,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     write_npz(os.path.join(out_dir, "departure_time.npz"), eps=eps, t_approach=t_app,
               t_departure=t_dep, ts=ts, D_first_ic=D0)
     _write_csv(os.path.join(out_dir, "departure_time.csv"), eps, med_app, med_dep, t_dep)
-    never = int(np.sum(np.isinf(t_dep)))
+    never_app = int(np.sum(np.isinf(t_app)))
+    never = int(np.sum(np.isinf(t_dep) & np.isfinite(t_app)))
     nan = int(np.sum(np.isnan(t_dep)))
     summary = {
         "experiment": NAME, "quick": quick, "config": cfg_print,
@@ -171,6 +172,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "paper_prefactor": PAPER_PREFACTOR,
         "paper_prediction": {f"{e:g}": PAPER_PREFACTOR / e for e in cfg["paper_eps"]},
         "paper_scheme_comparison": paper,
+        "runs_total": int(t_dep.size), "runs_never_approached": never_app,
         "runs_never_departed": never, "runs_nonfinite": nan,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "notes": "times are medians over initial conditions (null: none departed before t1); "
