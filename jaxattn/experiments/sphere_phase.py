@@ -1,0 +1,205 @@
+"""SPEC §3.6: clustering on the sphere — the (t, β) phase diagram and metastable plateaus.
+
+SA dynamics (post-LayerNorm), Q = K = V = I, n = 32 tokens uniform on `S^{d−1}`.
+Phase diagram: the probability that two tokens are within `1 − δ` (δ = 1e-3) of each
+other, `P(⟨x_i(t), x_j(t)⟩ ≥ 1 − δ)`, estimated over all pairs of ≥ 256 realisations per β
+(pairs are exchangeable, so this is the paper's `P(⟨x₁, x₂⟩ ≥ 1 − δ)` with less noise),
+for d ∈ {2, 8, 32, 128}; overlaid: the time at which the equiangular model of SPEC §5.10
+(`ρ(0) = 0`) reaches `1 − δ`. Plateaus: cluster counts against t in d = 2 for several β.
+
+Each (d, β) cell is one vmapped solve over the realisations; finished cells are saved
+under `out_dir/chunks/` and skipped on a rerun, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._fields import SphereField
+from .._io import check_output_dir, write_json, write_npz
+from .._metrics import cluster_count, gram
+from .._simulate import simulate
+from ._common import default_dtype
+
+NAME = "sphere-phase"
+DESCRIPTION = "SPEC §3.6: sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
+CLI_OPTIONS = ()
+
+DEFAULTS = dict(n=32, dims=[2, 8, 32, 128], betas=list(np.round(np.linspace(0.5, 10.0, 20), 3)),
+                realisations=256, t1=20.0, dt=0.1, n_out=81, delta=1e-3, seed=0,
+                plateau_betas=[1.0, 4.0, 9.0], plateau_t1=30.0, plateau_realisations=64,
+                plateau_threshold=1e-3)
+QUICK = dict(n=8, dims=[2, 8], betas=[1.0, 4.0, 9.0], realisations=16, t1=5.0, n_out=21,
+             plateau_betas=[4.0], plateau_t1=5.0, plateau_realisations=8)
+
+
+def sphere_tokens(key, batch, n, d, dtype):
+    x = jax.random.normal(key, (batch, n, d), dtype)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@jax.jit
+def _close_fraction(xs, delta):
+    """Fraction of pairs i < j with ⟨x_i, x_j⟩ ≥ 1 − δ, per time: xs (B, T, n, d) → (T,)."""
+    n = xs.shape[-2]
+    G = jax.vmap(jax.vmap(gram))(xs)
+    iu = jnp.triu_indices(n, 1)
+    close = (G[..., iu[0], iu[1]] >= 1.0 - delta).astype(xs.dtype)
+    return jnp.mean(close, axis=(0, 2))
+
+
+def equiangular_time(beta: float, n: int, delta: float, t_max: float, dt: float = 1e-3) -> float:
+    """First t with ρ(t) ≥ 1 − δ for SA's equiangular ODE (SPEC §5.10) from ρ(0) = 0
+    (classical RK4 on the scalar ODE; inf if not reached by t_max)."""
+    def f(r):
+        return 2 * np.exp(beta * r) * (1 - r) * ((n - 1) * r + 1) / (
+            np.exp(beta) + (n - 1) * np.exp(beta * r))
+
+    r, t = 0.0, 0.0
+    while t < t_max:
+        k1 = f(r)
+        k2 = f(r + 0.5 * dt * k1)
+        k3 = f(r + 0.5 * dt * k2)
+        k4 = f(r + dt * k3)
+        r_new = r + dt * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+        if r_new >= 1 - delta:  # linear interpolation inside the step
+            return t + dt * (1 - delta - r) / (r_new - r)
+        r, t = r_new, t + dt
+    return float("inf")
+
+
+def _key(cfg, *parts) -> str:
+    keys = ("n", "t1", "dt", "n_out", "delta", "seed")
+    h = hashlib.sha256(json.dumps([{k: cfg[k] for k in keys}, parts], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    out_dir = check_output_dir(out_dir)
+    dtype = default_dtype()
+    t_start = time.perf_counter()
+    chunk_dir = os.path.join(out_dir, "chunks")
+    os.makedirs(chunk_dir, exist_ok=True)
+    ts = np.linspace(0.0, cfg["t1"], cfg["n_out"])
+    betas = np.asarray(cfg["betas"], np.float64)
+    dims = list(cfg["dims"])
+    prob = np.full((len(dims), betas.size, ts.size), np.nan)
+    cells = len(dims) * betas.size
+    done = 0
+    for i, d in enumerate(dims):
+        for j, beta in enumerate(betas):
+            done += 1
+            path = os.path.join(chunk_dir, f"phase-{_key(cfg, d, float(beta), cfg['realisations'])}.npz")
+            if os.path.exists(path):
+                prob[i, j] = np.load(path)["p"]
+                continue
+            t0 = time.perf_counter()
+            key = jax.random.fold_in(jax.random.key(cfg["seed"]), d)
+            x0 = sphere_tokens(key, cfg["realisations"], cfg["n"], d, dtype)
+            sol = simulate(SphereField(d=d, beta=float(beta), dtype=dtype), x0, cfg["t1"],
+                           dt=cfg["dt"], ts=ts, renormalise=True)
+            if not sol.ok:
+                raise RuntimeError(f"sphere solve failed at d={d}, β={beta}: {sol.messages()}")
+            p = np.asarray(_close_fraction(sol.xs, cfg["delta"]))
+            write_npz(path, p=p, ts=ts)
+            prob[i, j] = p
+            log(f"[phase {done}/{cells}] d = {d}, β = {beta:g}: {cfg['realisations']} runs in "
+                f"{time.perf_counter() - t0:.1f} s")
+    curve = np.asarray([equiangular_time(float(b), cfg["n"], cfg["delta"], 10 * cfg["t1"])
+                        for b in betas])
+
+    log("metastable plateaus (d = 2): cluster counts against t ...")
+    pts = np.linspace(0.0, cfg["plateau_t1"], 61)
+    plateaus = {}
+    for beta in cfg["plateau_betas"]:
+        path = os.path.join(chunk_dir, f"plateau-{_key(cfg, float(beta), cfg['plateau_t1'], cfg['plateau_realisations'])}.npz")
+        if os.path.exists(path):
+            counts = np.load(path)["counts"]
+        else:
+            x0 = sphere_tokens(jax.random.key(cfg["seed"] + 1), cfg["plateau_realisations"],
+                               cfg["n"], 2, dtype)
+            sol = simulate(SphereField(d=2, beta=float(beta), dtype=dtype), x0,
+                           cfg["plateau_t1"], dt=cfg["dt"], ts=pts, renormalise=True)
+            count = jax.vmap(jax.vmap(lambda x: cluster_count(x, cfg["plateau_threshold"],
+                                                              sphere=True)))
+            counts = np.asarray(count(sol.xs))
+            write_npz(path, counts=counts, ts=pts)
+        plateaus[float(beta)] = counts
+
+    log("figures and summary ...")
+    _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg)
+    write_npz(os.path.join(out_dir, "sphere_phase.npz"), dims=np.asarray(dims), betas=betas,
+              ts=ts, probability=prob, equiangular_time=curve, plateau_ts=pts,
+              **{f"plateau_counts_beta{b:g}": c for b, c in plateaus.items()})
+    half = {}
+    for i, d in enumerate(dims):  # time at which half the pairs are within 1 − δ, per β
+        row = []
+        for j in range(betas.size):
+            k = np.nonzero(prob[i, j] >= 0.5)[0]
+            row.append(float(ts[k[0]]) if k.size else None)
+        half[str(d)] = row
+    summary = {
+        "experiment": NAME, "quick": quick, "config": cfg,
+        "betas": betas, "dims": dims,
+        "time_half_pairs_close": half,
+        "final_probability": {str(d): prob[i, :, -1] for i, d in enumerate(dims)},
+        "equiangular_time": curve,
+        "plateau_mean_clusters": {f"{b:g}": {
+            "t": pts[:: max(1, pts.size // 6)],
+            "mean": c.mean(axis=0)[:: max(1, pts.size // 6)],
+            "at_end": float(c[:, -1].mean())} for b, c in plateaus.items()},
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "notes": "probability = fraction of token pairs with <x_i, x_j> >= 1 - delta over all "
+                 "realisations; equiangular_time = time the SA equiangular ODE from rho = 0 "
+                 "reaches 1 - delta (null = beyond 10·t1). Times in units of depth.",
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    log(f"done in {summary['wall_seconds']} s")
+    return summary
+
+
+def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg):
+    import matplotlib.pyplot as plt
+
+    from .. import plotting  # noqa: F401
+    from .._io import save_figure
+
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, d, P in zip(axes[0], dims, prob):
+        im = ax.pcolormesh(ts, betas, P, vmin=0, vmax=1, cmap="magma", shading="auto")
+        ok = np.isfinite(curve) & (curve <= ts[-1])
+        ax.plot(curve[ok], betas[ok], "c--", lw=1.5, label="equiangular model")
+        ax.set_title(f"d = {d}")
+        ax.set_xlabel("t")
+        ax.set_xlim(ts[0], ts[-1])
+    axes[0][0].set_ylabel("β")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"P(⟨x_i, x_j⟩ ≥ 1 − {cfg['delta']:g})")
+    fig.suptitle(f"SA on the sphere, n = {cfg['n']}, {cfg['realisations']} realisations per β")
+    save_figure(fig, os.path.join(out_dir, "phase_diagram.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b, c in plateaus.items():
+        m = c.mean(axis=0)
+        ax.plot(pts, m, label=f"β = {b:g}")
+        ax.fill_between(pts, np.percentile(c, 25, axis=0), np.percentile(c, 75, axis=0),
+                        alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel(f"clusters (⟨x_i, x_j⟩ ≥ 1 − {cfg['plateau_threshold']:g})")
+    ax.set_title(f"Metastable plateaus, d = 2, n = {cfg['n']} (mean, band 25–75 %)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "plateaus.png"), dpi=120)
+    plt.close(fig)
