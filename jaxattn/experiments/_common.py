@@ -17,6 +17,19 @@ def uniform_tokens(seed: int, batch: int, n: int, d: int, low: float, high: floa
     return jax.vmap(lambda k: jax.random.uniform(k, (n, d), dtype, low, high))(keys)
 
 
+def config_key(cfg: dict, keys, parts=(), arrays=()) -> str:
+    """Short hash naming a resumable chunk: the config entries that change its result, any
+    extra `parts` (JSON-able) and the bytes of `arrays` (e.g. the initial tokens)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([{k: cfg[k] for k in keys}, list(parts)],
+                                  sort_keys=True).encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a, np.float64)).tobytes())
+    return h.hexdigest()[:16]
+
+
 def nanmedian(a, axis=None):
     """Median over finite entries (inf and NaN ignored); NaN where none, no warning."""
     import warnings

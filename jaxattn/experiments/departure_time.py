@@ -14,8 +14,6 @@ killed full run resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 
@@ -28,7 +26,7 @@ from .._io import check_output_dir, write_json, write_npz
 from .._lora import LoRA
 from .._metrics import approach_departure, hausdorff, one_sided_distance
 from .._simulate import fixed_step_grid, simulate
-from ._common import default_dtype, loglog_fit, nanmedian, uniform_tokens
+from ._common import config_key, default_dtype, loglog_fit, nanmedian, uniform_tokens
 
 NAME = "departure-time"
 DESCRIPTION = "SPEC §3.3: approach/departure times vs ε to t = 1000, log-log fit, three phases"
@@ -98,9 +96,7 @@ def departure_times(x0, eps, cfg, *, solver=None, dt=None, dtype=None):
 def _cfg_hash(cfg, x0) -> str:
     keys = ("n", "d", "low", "high", "t1", "t_ref", "dt", "solver", "delta", "metric",
             "dense_until", "coarse_every")
-    h = hashlib.sha256(json.dumps({k: cfg[k] for k in keys}, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(np.asarray(x0, np.float64)).tobytes())
-    return h.hexdigest()[:16]
+    return config_key(cfg, keys, arrays=(x0,))
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:

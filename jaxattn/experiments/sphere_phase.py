@@ -13,8 +13,6 @@ under `out_dir/chunks/` and skipped on a rerun, so a killed run resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 
@@ -26,7 +24,7 @@ from .._fields import SphereField
 from .._io import check_output_dir, write_json, write_npz
 from .._metrics import cluster_count, gram
 from .._simulate import simulate
-from ._common import default_dtype
+from ._common import config_key, default_dtype
 
 NAME = "sphere-phase"
 DESCRIPTION = "SPEC §3.6: sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
@@ -76,9 +74,7 @@ def equiangular_time(beta: float, n: int, delta: float, t_max: float, dt: float 
 
 
 def _key(cfg, *parts) -> str:
-    keys = ("n", "t1", "dt", "n_out", "delta", "seed")
-    h = hashlib.sha256(json.dumps([{k: cfg[k] for k in keys}, parts], sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    return config_key(cfg, ("n", "t1", "dt", "n_out", "delta", "seed"), parts)
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:

@@ -21,7 +21,7 @@ from .._io import check_output_dir, write_json, write_npz
 from .._lora import LoRA
 from .._metrics import divergence
 from .._simulate import simulate
-from ._common import default_dtype, loglog_fit, uniform_tokens
+from ._common import default_dtype, uniform_tokens
 
 NAME = "stability-bound"
 DESCRIPTION = "SPEC §3.2: divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"
