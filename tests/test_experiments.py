@@ -103,3 +103,22 @@ def test_reproduce_errors(tmp_path, capsys, monkeypatch, args, match):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(match, err), err
     assert not (tmp_path / "X").exists()
+
+
+def test_sphere_phase_quick_and_equiangular_curve(tmp_path):
+    from jaxattn.experiments.sphere_phase import equiangular_time
+
+    out = tmp_path / "sp"
+    assert main(["reproduce", "sphere-phase", "--quick", "--out", str(out)]) == 0
+    z = np.load(out / "sphere_phase.npz")
+    P = z["probability"]
+    assert np.all((P >= 0) & (P <= 1))
+    assert np.all(P[..., 0] < 0.05)  # random tokens are rarely within 1 − 1e-3 at t = 0
+    assert np.all(P[..., -1] >= P[..., 0])
+    counts = z["plateau_counts_beta4"]
+    assert np.all(counts[:, -1] <= counts[:, 0])  # clusters only merge
+    # Equiangular curve: closed-form check at β = 0, where ρ' = 2(1−ρ)((n−1)ρ+1)/n solves
+    # to (1−ρ)/(1+(n−1)ρ) = e^{−2t}  =>  t* = ½ log((1+(n−1)(1−δ))/δ).
+    n, delta = 32, 1e-3
+    exact = 0.5 * np.log((1 + (n - 1) * (1 - delta)) / delta)
+    assert equiangular_time(0.0, n, delta, 100.0, dt=1e-3) == pytest.approx(exact, rel=1e-6)
