@@ -130,8 +130,9 @@ class LoRA(eqx.Module):
         return self.scale * (self.B @ self.A)
 
     def merged(self, W: Float[Array, "d_out d_in"]) -> Float[Array, "d_out d_in"]:
-        """`W + ΔW`."""
-        return W + self.delta()
+        """`W + ΔW` (for a stacked LoRA, one merged weight per batch member)."""
+        delta = self.delta()
+        return jnp.broadcast_to(W, delta.shape) + delta
 
     def apply(self, W: Float[Array, "d_out d_in"], x: Float[Array, "n d_in"]
               ) -> Float[Array, "n d_out"]:

@@ -1,0 +1,638 @@
+"""SPEC §3.5: the limit geometry of the tokens is set by the spectrum of V.
+
+Five cases of Geshkovski–Letrouit–Polyanskiy–Rigollet (arXiv 2305.05465), each with an
+automatic check of the predicted geometry (booleans in `summary.json`, next to the
+measured numbers):
+
+1. `polytope` — rescaled dynamics, `V = I`, `QᵀK ≻ 0` (Q = I, K a random SPD matrix),
+   d = 2 and d = 3: the cluster centres are vertices of the convex hull of the final tokens.
+2. `hyperplanes` — rescaled, Q = K = I, V = the paper's 2-D and 3-D matrices (top
+   eigenvalue simple and positive): the left-eigenvector coordinate `⟨φ₁*, z_i⟩` takes at
+   most 3 limit values.
+3. `polygon_line` — rescaled, Q = K = I, `V = diag(1, 1, −0.5)`: `(z₁, z₂)` clusters at
+   the vertices of a polygon while the third coordinate stays free (in the original
+   variable `x₃ = e^{−t/2} z₃` every token keeps its own limit; `z₃` itself spreads like
+   `e^{t/2}`).
+4. `collapse` — plain dynamics, `V = −I`, Q = K = I: tokens collapse to 0, slowly: the
+   radius decays like `t^{−1/2}` (small-x expansion: the covariance obeys `Σ' = −2βΣ²`).
+5. `leaders_1d` — rescaled, d = 1, V = Q = K = 1: the attention matrix becomes Boolean
+   (Booleanness → 0) of rank 1 or 2, and its leaders are the extreme tokens.
+
+Each case is one batched `simulate` call over all initial conditions (seeds); cases with
+the same field type and shapes share one compilation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._fields import PlainField, RescaledField
+from .._io import check_output_dir, save_figure, write_atomic, write_json, write_npz
+from .._metrics import (
+    booleanness,
+    cluster_centres_masked,
+    cluster_labels,
+    leaders,
+    support,
+)
+from .._simulate import simulate
+
+NAME = "geometries"
+DESCRIPTION = ("SPEC §3.5: limit geometries by the spectrum of V (polytope, hyperplanes, "
+               "polygon × line, collapse, 1-D leaders) with automatic checks")
+CLI_OPTIONS = ()
+
+# The paper's example value matrices (SPEC §3.5).
+V_HYPER_2D = ((0.64709742, 0.81911926), (0.61210449, 0.63263484))
+V_HYPER_3D = ((0.2362413, 0.0599536, 0.40506019), (0.81321448, 0.49948705, 0.33754772),
+              (0.2160645, 0.38505272, 0.14588075))
+V_POLYGON_LINE = (1.0, 1.0, -0.5)
+
+DEFAULTS = {
+    "n": 32, "seeds": 6, "seed": 0, "beta": 1.0, "low": -1.0, "high": 1.0,
+    # rescaled cases: RK4 with fixed steps
+    "t1": 20.0, "dt": 0.1, "solver": "rk4",
+    "cluster_threshold": 1e-3, "level_rtol": 1e-3, "n_dirs": 20000, "spd_seed": 1,
+    # plain V = -I case: tsit5, adaptive, outputs on a log grid
+    "collapse_t1": 1000.0, "collapse_rtol": 1e-8, "collapse_atol": 1e-12,
+    "collapse_points": 80, "collapse_slope_range": (-0.65, -0.35),
+    "d1_n": 20, "booleanness_tol": 1e-6,
+}
+QUICK = {"n": 16, "seeds": 2, "t1": 15.0, "collapse_t1": 200.0, "collapse_points": 40,
+         "n_dirs": 4000, "d1_n": 12}
+
+
+# -- geometry helpers ----------------------------------------------------------------
+def directions(d: int, m: int, *, seed: int = 0) -> np.ndarray:
+    """`m` unit directions in R^d: evenly spaced angles for d = 2 (offset by a random
+    phase), Gaussian directions otherwise, plus ±e_k."""
+    rng = np.random.default_rng(seed)
+    if d == 1:
+        return np.array([[1.0], [-1.0]])
+    if d == 2:
+        a = rng.uniform(0, 2 * np.pi / m) + 2 * np.pi * np.arange(m) / m
+        w = np.stack([np.cos(a), np.sin(a)], axis=1)
+    else:
+        w = rng.standard_normal((m, d))
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+    return np.concatenate([w, np.eye(d), -np.eye(d)])
+
+
+def hull_vertex_mask(points, dirs, *, margin: float = 1e-9) -> np.ndarray:
+    """Which points are vertices of their convex hull, tested by exposing directions.
+
+    Point k is a vertex iff some direction w has `⟨w, p_k⟩ > max_{j≠k} ⟨w, p_j⟩`; we
+    test the given directions with a relative `margin` (× the diameter). A point inside
+    the hull (or in the middle of an edge) is never the strict maximiser, so the test has
+    no false positives; a vertex whose normal cone misses every direction would be a
+    false negative (densely sampled directions make that unlikely). Duplicated points
+    are not vertices (no strict maximum); pass distinct cluster centres.
+    """
+    p = np.asarray(points, dtype=np.float64)
+    k = p.shape[0]
+    if k == 1:
+        return np.ones(1, bool)
+    diam = float(np.max(np.linalg.norm(p[:, None] - p[None], axis=-1)))
+    s = np.asarray(dirs, np.float64) @ p.T                      # (m, k)
+    top = np.argmax(s, axis=1)
+    srt = np.sort(s, axis=1)
+    gap = srt[:, -1] - srt[:, -2]
+    exposed = gap > margin * max(diam, 1e-300)
+    mask = np.zeros(k, bool)
+    mask[np.unique(top[exposed])] = True
+    return mask
+
+
+def count_levels(values, rtol: float) -> tuple[int, np.ndarray]:
+    """Distinct values of a 1-D array: sort, split at gaps > `rtol · max(1, range)`.
+    Returns the count and the mean of each level."""
+    v = np.sort(np.asarray(values, np.float64).ravel())
+    tol = rtol * max(1.0, float(v[-1] - v[0]))
+    cuts = np.nonzero(np.diff(v) > tol)[0] + 1
+    groups = np.split(v, cuts)
+    return len(groups), np.array([g.mean() for g in groups])
+
+
+def left_top_eigenvector(V) -> tuple[float, np.ndarray, np.ndarray]:
+    """Top eigenvalue λ₁ of V (real, simple), its right eigenvector φ₁ and left
+    eigenvector φ₁* (`φ₁*ᵀ V = λ₁ φ₁*ᵀ`), both of unit norm with `⟨φ₁*, φ₁⟩ > 0`."""
+    V = np.asarray(V, np.float64)
+    w, R = np.linalg.eig(V)
+    k = int(np.argmax(w.real))
+    wl, L = np.linalg.eig(V.T)
+    kl = int(np.argmin(np.abs(wl - w[k])))
+    phi = np.real(R[:, k])
+    phi_star = np.real(L[:, kl])
+    phi /= np.linalg.norm(phi)
+    phi_star /= np.linalg.norm(phi_star)
+    if phi @ phi_star < 0:
+        phi_star = -phi_star
+    return float(w[k].real), phi, phi_star
+
+
+def random_spd(d: int, seed: int) -> np.ndarray:
+    """`M Mᵀ/d + ½ I`: a random symmetric positive definite matrix (for `QᵀK ≻ 0`)."""
+    M = np.random.default_rng(seed).standard_normal((d, d))
+    return M @ M.T / d + 0.5 * np.eye(d)
+
+
+@jax.jit
+def cluster_batch(x, threshold):
+    """Clusters of a batch of token sets `x (B, n, d)` in one compiled call: labels
+    `(B, n)`, centres `(B, n, d)` and their validity mask `(B, n)` (see
+    `cluster_centres_masked`); the count is `mask.sum(-1)`."""
+    def one(z):
+        centres, mask = cluster_centres_masked(z, threshold)
+        return cluster_labels(z, threshold), centres, mask
+
+    return jax.vmap(one)(x)
+
+
+def clusters_np(x, threshold) -> list[dict]:
+    """`cluster_batch` as NumPy: per token set, its labels and compact centres `(k, d)`."""
+    x = np.asarray(x)
+    labels, centres, mask = (np.asarray(a) for a in cluster_batch(jnp.asarray(x), threshold))
+    return [{"labels": labels[b], "centres": centres[b][mask[b]], "count": int(mask[b].sum())}
+            for b in range(x.shape[0])]
+
+
+def _motion(xs, ts, span=1.0):
+    """max |z(t1) − z(t1 − span)| over tokens and seeds: how far from converged."""
+    k = int(np.argmin(np.abs(ts - (ts[-1] - span))))
+    return float(np.max(np.abs(xs[..., -1, :, :] - xs[..., k, :, :])))
+
+
+def _tokens(key, shape, low, high, dtype):
+    return jax.random.uniform(key, shape, dtype, low, high)
+
+
+# -- the cases -----------------------------------------------------------------------
+def _polytope(cfg, x0s, dtype, log):
+    out, arrays = {}, {}
+    for d in (2, 3):
+        K = random_spd(d, cfg["spd_seed"] + d)
+        field = RescaledField(None, K, None, beta=cfg["beta"], dtype=dtype)
+        sol = _solve(field, x0s[d], cfg)
+        ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
+        dirs = directions(d, cfg["n_dirs"], seed=cfg["seed"] + d)
+        per_seed = []
+        cl = clusters_np(xs[:, -1], cfg["cluster_threshold"])
+        w = jnp.asarray(dirs, dtype)
+        h_tokens = np.asarray(jax.vmap(support, in_axes=(0, None))(jnp.asarray(xs[:, -1]), w))
+        for s in range(xs.shape[0]):
+            fin, centres = xs[s, -1], cl[s]["centres"]
+            mask = hull_vertex_mask(centres, dirs)
+            h_centres = np.max(dirs @ centres.T, axis=1)
+            per_seed.append({
+                "clusters": int(centres.shape[0]),
+                "centres_are_hull_vertices": int(mask.sum()),
+                "max_token_to_centre": float(np.max(np.min(np.linalg.norm(
+                    fin[:, None] - centres[None], axis=-1), axis=1))),
+                "support_gap_tokens_vs_centres": float(np.max(np.abs(h_tokens[s] - h_centres))),
+            })
+        ok = all(p["centres_are_hull_vertices"] == p["clusters"] for p in per_seed)
+        out[f"d{d}"] = {
+            "dynamics": "rescaled", "V": "I", "Q": "I", "K": K, "min_eig_QtK":
+                float(np.linalg.eigvalsh(K)[0]),
+            "per_seed": per_seed,
+            "clusters": [p["clusters"] for p in per_seed],
+            "final_motion_last_unit": _motion(xs, ts),
+            "check_centres_are_hull_vertices": bool(ok),
+        }
+        arrays[f"polytope_d{d}_xs"] = xs[:, :: _every(ts), :, :]
+        arrays[f"polytope_d{d}_final"] = xs[:, -1]
+        log(f"      polytope d={d}: clusters {out[f'd{d}']['clusters']}, all centres hull "
+            f"vertices: {ok}")
+    arrays["polytope_ts"] = ts[:: _every(ts)]
+    return out, arrays
+
+
+def _hyperplanes(cfg, x0s, dtype, log):
+    out, arrays = {}, {}
+    for d, V in ((2, V_HYPER_2D), (3, V_HYPER_3D)):
+        V = np.asarray(V)
+        lam, phi, phi_star = left_top_eigenvector(V)
+        field = RescaledField(None, None, V, beta=cfg["beta"], dtype=dtype)
+        sol = _solve(field, x0s[d], cfg)
+        ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
+        coord = xs @ phi_star                                     # (S, T, n)
+        levels, values = [], []
+        for s in range(xs.shape[0]):
+            k, v = count_levels(coord[s, -1], cfg["level_rtol"])
+            levels.append(k)
+            values.append(v)
+        k_ = int(np.argmin(np.abs(ts - (ts[-1] - 1.0))))
+        ok = max(levels) <= 3
+        out[f"d{d}"] = {
+            "dynamics": "rescaled", "V": V, "Q": "I", "K": "I",
+            "eigenvalues_V_real": np.linalg.eigvals(V).real,
+            "eigenvalues_V_imag": np.linalg.eigvals(V).imag,
+            "lambda_1": lam, "phi_1": phi, "phi_1_star": phi_star,
+            "Qphi1_dot_Kphi1": float(phi @ phi),
+            "levels": levels, "level_values": values,
+            "coordinate_motion_last_unit": float(np.max(np.abs(coord[:, -1] - coord[:, k_]))),
+            "check_at_most_3_levels": bool(ok),
+        }
+        arrays[f"hyperplanes_d{d}_xs"] = xs[:, :: _every(ts), :, :]
+        arrays[f"hyperplanes_d{d}_final"] = xs[:, -1]
+        arrays[f"hyperplanes_d{d}_coord"] = coord
+        log(f"      hyperplanes d={d}: levels of <phi1*, z> per seed {levels} (≤ 3: {ok})")
+    arrays["hyperplanes_ts"] = ts
+    return out, arrays
+
+
+def _polygon_line(cfg, x0s, dtype, log):
+    V = np.diag(V_POLYGON_LINE)
+    field = RescaledField(None, None, V, beta=cfg["beta"], dtype=dtype)
+    sol = _solve(field, x0s[3], cfg)
+    ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
+    lam3 = V_POLYGON_LINE[2]
+    x3 = zs[..., 2] * np.exp(lam3 * ts)[None, :, None]           # original variable x₃
+    dirs = directions(2, cfg["n_dirs"], seed=cfg["seed"] + 7)
+    thr = cfg["cluster_threshold"]
+    per_seed, growth = [], []
+    half = ts >= ts[-1] / 2
+    cl = clusters_np(zs[:, -1, :, :2], thr)
+    for s in range(zs.shape[0]):
+        labels, centres = cl[s]["labels"], cl[s]["centres"]
+        mask = hull_vertex_mask(centres, dirs)
+        spreads = [float(np.ptp(x3[s, -1, labels == lab])) for lab in np.unique(labels)
+                   if np.sum(labels == lab) >= 2]
+        k3, _ = count_levels(x3[s, -1], 1e-6)
+        per_seed.append({
+            "clusters_in_plane": int(centres.shape[0]),
+            "centres_are_hull_vertices": int(mask.sum()),
+            "distinct_x3_limits": int(k3),
+            "max_x3_spread_within_a_cluster": max(spreads) if spreads else 0.0,
+        })
+        spread = np.ptp(zs[s, :, :, 2], axis=-1)
+        growth.append(float(np.polyfit(ts[half], np.log(spread[half]), 1)[0]))
+    k_ = int(np.argmin(np.abs(ts - (ts[-1] - 1.0))))
+    hull_ok = all(p["centres_are_hull_vertices"] == p["clusters_in_plane"] for p in per_seed)
+    free_ok = all(p["distinct_x3_limits"] > p["clusters_in_plane"]
+                  and p["max_x3_spread_within_a_cluster"] > 100 * thr for p in per_seed)
+    out = {
+        "dynamics": "rescaled", "V": V, "Q": "I", "K": "I",
+        "per_seed": per_seed,
+        "clusters_in_plane": [p["clusters_in_plane"] for p in per_seed],
+        "plane_motion_last_unit": float(np.max(np.abs(zs[:, -1, :, :2] - zs[:, k_, :, :2]))),
+        "x3_motion_last_unit": float(np.max(np.abs(x3[:, -1] - x3[:, k_]))),
+        "z3_spread_growth_rate": growth,
+        "z3_spread_growth_rate_predicted": -lam3,
+        "check_plane_centres_are_polygon_vertices": bool(hull_ok),
+        "check_third_coordinate_free": bool(free_ok),
+    }
+    log(f"      polygon × line: clusters in the (z1, z2) plane {out['clusters_in_plane']}, "
+        f"polygon vertices: {hull_ok}; third coordinate free: {free_ok}, "
+        f"z3 spread grows at rate {np.round(growth, 3).tolist()} (predicted {-lam3})")
+    arrays = {"polygon_line_ts": ts[:: _every(ts)], "polygon_line_zs": zs[:, :: _every(ts)],
+              "polygon_line_final": zs[:, -1],
+              "polygon_line_x3": x3[:, :: _every(ts)]}
+    return out, arrays
+
+
+def _collapse(cfg, x0s, dtype, log):
+    d = 2
+    field = PlainField(None, None, -np.eye(d), beta=cfg["beta"], dtype=dtype)
+    ts_out = np.concatenate([[0.0], np.geomspace(0.1, cfg["collapse_t1"],
+                                                 cfg["collapse_points"])])
+    sol = simulate(field, x0s[d], cfg["collapse_t1"], solver="tsit5",
+                   rtol=cfg["collapse_rtol"], atol=cfg["collapse_atol"], ts=ts_out)
+    _require_ok(sol, "collapse (V = −I)")
+    ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
+    R = np.max(np.linalg.norm(xs, axis=-1), axis=-1)             # (S, T)
+    mean_norm = np.linalg.norm(xs.mean(axis=-2), axis=-1)
+    late = ts >= ts[-1] ** (2 / 3)                                 # last third of log t
+    slopes = [float(np.polyfit(np.log(ts[late]), np.log(R[s, late]), 1)[0])
+              for s in range(R.shape[0])]
+    lo, hi = cfg["collapse_slope_range"]
+    monotone = bool(np.all(np.diff(R, axis=1) <= 1e-12 * R[:, :1]))
+    ratio = (R[:, -1] / R[:, 0]).tolist()
+    out = {
+        "dynamics": "plain", "V": "-I", "Q": "I", "K": "I",
+        "solver": f"tsit5 rtol={cfg['collapse_rtol']} atol={cfg['collapse_atol']}",
+        "t1": cfg["collapse_t1"],
+        "radius_initial": R[:, 0].tolist(), "radius_final": R[:, -1].tolist(),
+        "radius_ratio": ratio,
+        "mean_norm_final": mean_norm[:, -1].tolist(),
+        "late_loglog_slope": slopes, "predicted_slope": -0.5,
+        "check_radius_non_increasing": monotone,
+        "check_slow_power_law_collapse": bool(all(lo <= s <= hi for s in slopes)
+                                              and max(ratio) < 0.5),
+    }
+    log(f"      collapse: radius {np.round(R[:, 0], 3).tolist()} → "
+        f"{np.round(R[:, -1], 4).tolist()} at t = {ts[-1]:g}, log-log slope "
+        f"{np.round(slopes, 3).tolist()} (predicted −0.5)")
+    return out, {"collapse_ts": ts, "collapse_radius": R, "collapse_mean_norm": mean_norm}
+
+
+def _leaders_1d(cfg, x0s, dtype, log):
+    field = RescaledField(None, None, None, beta=cfg["beta"], d=1, dtype=dtype)
+    x0 = x0s[1]
+    sol = _solve(field, x0, cfg)
+    ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
+    att = jax.vmap(jax.vmap(field.attention), in_axes=(None, 0))  # over seeds, then times
+    P = np.asarray(att(jnp.asarray(ts), jnp.asarray(zs)))         # (S, T, n, n)
+    boo = np.max(np.minimum(P, 1.0 - P), axis=(-1, -2))           # = booleanness, batched
+    per_seed = []
+    x0n = np.asarray(x0)[..., 0]
+    cl = clusters_np(zs[:, -1], cfg["cluster_threshold"])
+    bl = jax.vmap(lambda p: (booleanness(p), leaders(p)))(jnp.asarray(P[:, -1]))
+    bool_f, lead_f = np.asarray(bl[0]), np.asarray(bl[1])
+    for s in range(zs.shape[0]):
+        lead = np.nonzero(lead_f[s])[0].tolist()
+        ext = sorted({int(np.argmin(x0n[s])), int(np.argmax(x0n[s]))})
+        per_seed.append({
+            "booleanness_final": float(bool_f[s]),
+            "leaders": lead,
+            "extreme_tokens": ext,
+            "rank_P_final": int(np.linalg.matrix_rank(P[s, -1])),
+            "clusters": cl[s]["count"],
+        })
+    ok_bool = all(p["booleanness_final"] <= cfg["booleanness_tol"] for p in per_seed)
+    ok_lead = all(p["leaders"] and set(p["leaders"]) <= set(p["extreme_tokens"])
+                  and len(p["leaders"]) == p["clusters"] for p in per_seed)
+    ok_rank = all(p["rank_P_final"] in (1, 2) for p in per_seed)
+    out = {
+        "dynamics": "rescaled", "d": 1, "V": 1.0, "Q": 1.0, "K": 1.0, "n": cfg["d1_n"],
+        "per_seed": per_seed,
+        "booleanness_at": {f"t={ts[k]:g}": boo[:, k].tolist()
+                           for k in np.unique(np.linspace(0, ts.size - 1, 5).astype(int))},
+        "check_booleanness_to_zero": bool(ok_bool),
+        "check_leaders_are_extreme_tokens": bool(ok_lead),
+        "check_rank_1_or_2": bool(ok_rank),
+    }
+    boo_txt = ", ".join(f"{p['booleanness_final']:.1e}" for p in per_seed)
+    log(f"      d = 1: final Booleanness [{boo_txt}], "
+        f"leaders {[p['leaders'] for p in per_seed]} ⊆ extremes "
+        f"{[p['extreme_tokens'] for p in per_seed]}: {ok_lead}")
+    return out, {"leaders_1d_ts": ts, "leaders_1d_zs": zs[..., 0], "leaders_1d_booleanness": boo,
+                 "leaders_1d_P_final": P[:, -1]}
+
+
+# -- plumbing ------------------------------------------------------------------------
+def _every(ts, per_unit: int = 2) -> int:
+    """Stride that keeps about `per_unit` saved frames per unit of time."""
+    dt = float(ts[1] - ts[0]) if ts.size > 1 else 1.0
+    return max(1, round(1.0 / (per_unit * dt)))
+
+
+def _require_ok(sol, what):
+    if not sol.ok:
+        raise RuntimeError(f"{what}: solve failed: {'; '.join(sol.messages())}")
+
+
+def _solve(field, x0, cfg):
+    sol = simulate(field, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+    _require_ok(sol, f"{field.dynamics} d={field.d}")
+    return sol
+
+
+def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the five cases, write figures, `geometries.npz`, `checks.csv` and
+    `summary.json` into `out_dir`, and return the summary."""
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown option(s) for {NAME}: {', '.join(sorted(unknown))}")
+    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    out_dir = check_output_dir(out_dir)
+    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    t_start = time.perf_counter()
+    keys = jax.random.split(jax.random.key(cfg["seed"]), 4)
+    x0s = {d: _tokens(keys[d], (cfg["seeds"], cfg["n"], d), cfg["low"], cfg["high"], dtype)
+           for d in (2, 3)}
+    x0s[1] = _tokens(keys[1], (cfg["seeds"], cfg["d1_n"], 1), cfg["low"], cfg["high"], dtype)
+
+    cases, arrays, timing = {}, {}, {}
+    steps = [("polytope", _polytope), ("hyperplanes", _hyperplanes),
+             ("polygon_line", _polygon_line), ("collapse", _collapse),
+             ("leaders_1d", _leaders_1d)]
+    for i, (name, fn) in enumerate(steps, 1):
+        log(f"[{i}/{len(steps) + 1}] {name} ...")
+        t0 = time.perf_counter()
+        cases[name], arr = fn(cfg, x0s, dtype, log)
+        arrays.update(arr)
+        timing[name] = round(time.perf_counter() - t0, 3)
+
+    log(f"[{len(steps) + 1}/{len(steps) + 1}] figures, data and summary ...")
+    _figures(out_dir, cfg, arrays, cases)
+    checks = {}
+    for case, res in cases.items():
+        for k, v in res.items():
+            if k.startswith("check_"):
+                checks[f"{case}.{k[len('check_'):]}"] = bool(v)
+            elif isinstance(v, dict):  # sub-cases (d2, d3)
+                for kk, vv in v.items():
+                    if kk.startswith("check_"):
+                        checks[f"{case}.{k}.{kk[len('check_'):]}"] = bool(vv)
+    arrays["x0_d2"], arrays["x0_d3"], arrays["x0_d1"] = (np.asarray(x0s[2]),
+                                                         np.asarray(x0s[3]), np.asarray(x0s[1]))
+    write_npz(os.path.join(out_dir, "geometries.npz"), **arrays)
+    _write_checks_csv(os.path.join(out_dir, "checks.csv"), checks)
+    summary = {
+        "experiment": NAME,
+        "quick": quick,
+        "config": cfg,
+        "dtype": jnp.dtype(dtype).name,
+        "checks": checks,
+        "all_checks_pass": bool(all(checks.values())),
+        "cases": cases,
+        "case_seconds_incl_compile": timing,
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "notes": (
+            "Rescaled dynamics z = e^{-tV} x unless a case says plain; tokens "
+            "x0 ~ U[low, high]^d, one batch of `seeds` initial conditions per case, RK4 "
+            "with fixed dt (the collapse case: tsit5, adaptive). Cluster = connected "
+            "component at distance <= cluster_threshold. Hull vertices: a centre is a "
+            "vertex iff some of n_dirs directions exposes it strictly. Levels: distinct "
+            "values of <phi1*, z_i(t1)> at relative tolerance level_rtol (phi1* = left "
+            "eigenvector of V for its top eigenvalue). *_motion_last_unit: max change over "
+            "[t1 - 1, t1], i.e. how converged t1 is."),
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    failed = [k for k, v in checks.items() if not v]
+    log(f"done in {summary['wall_seconds']:.1f} s: {len(checks) - len(failed)}/{len(checks)} "
+        f"geometry checks pass" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return summary
+
+
+def _write_checks_csv(path, checks: dict) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["check", "holds"])
+    for k, v in checks.items():
+        w.writerow([k, bool(v)])
+
+    def _w(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+
+    write_atomic(path, _w)
+
+
+# -- figures (matplotlib's object API: no pyplot, no global backend switch) ----------
+def _figures(out_dir, cfg, a, cases) -> None:
+    from matplotlib.figure import Figure
+
+    def save(fig, name):
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out_dir, name), dpi=110)
+
+    # 1. polytope, d = 2 (all seeds) and d = 3 (seed 0)
+    xs2, xs3 = a["polytope_d2_xs"], a["polytope_d3_xs"]
+    S = xs2.shape[0]
+    ncol = min(S, 3)
+    cl2 = clusters_np(xs2[:, -1], cfg["cluster_threshold"])  # same shapes as in the case: cached
+    fig = Figure(figsize=(3.3 * (ncol + 1), 3.4))
+    for s in range(ncol):
+        ax = fig.add_subplot(1, ncol + 1, s + 1)
+        _trails_2d(ax, xs2[s])
+        c = cl2[s]["centres"]
+        _hull_outline(ax, c)
+        ax.set_title(f"d = 2, seed {s}: {c.shape[0]} clusters", fontsize=9)
+    ax = fig.add_subplot(1, ncol + 1, ncol + 1, projection="3d")
+    _trails_3d(ax, xs3[0])
+    ax.set_title(f"d = 3, seed 0: {cases['polytope']['d3']['clusters'][0]} clusters",
+                 fontsize=9)
+    fig.suptitle("V = I, QᵀK ≻ 0 (rescaled): clusters at the vertices of a convex polytope "
+                 f"— check: {cases['polytope']['d2']['check_centres_are_hull_vertices']}"
+                 f" (d=2), {cases['polytope']['d3']['check_centres_are_hull_vertices']} (d=3)",
+                 fontsize=10)
+    save(fig, "polytope.png")
+
+    # 2. hyperplanes
+    fig = Figure(figsize=(13, 3.6))
+    h2, h3 = cases["hyperplanes"]["d2"], cases["hyperplanes"]["d3"]
+    ax = fig.add_subplot(1, 4, 1)
+    _trails_2d(ax, a["hyperplanes_d2_xs"][0])
+    ps = np.asarray(h2["phi_1_star"])
+    lim = np.abs(a["hyperplanes_d2_xs"][0]).max() * 1.05
+    tt = np.linspace(-lim, lim, 2)
+    perp = np.array([-ps[1], ps[0]])
+    for v in h2["level_values"][0]:
+        line = v * ps[None, :] + tt[:, None] * perp[None, :]
+        ax.plot(line[:, 0], line[:, 1], "--", color="tab:blue", lw=0.8)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_title("2-D paper V, seed 0: lines ⟨φ₁*, z⟩ = c", fontsize=9)
+    ts = a["hyperplanes_ts"]
+    for j, (d, h) in enumerate(((2, h2), (3, h3))):
+        ax = fig.add_subplot(1, 4, 2 + j)
+        coord = a[f"hyperplanes_d{d}_coord"][0]
+        ax.plot(ts, coord, lw=0.6, color="k", alpha=0.6)
+        ax.set_xlabel("t")
+        ax.set_ylabel("⟨φ₁*, z_i(t)⟩")
+        ax.set_title(f"{d}-D paper V, seed 0: {h['levels'][0]} limit levels", fontsize=9)
+    ax = fig.add_subplot(1, 4, 4, projection="3d")
+    _trails_3d(ax, a["hyperplanes_d3_xs"][0])
+    ax.set_title("3-D paper V, seed 0 (z)", fontsize=9)
+    fig.suptitle("Top eigenvalue of V simple and positive: at most 3 parallel hyperplanes "
+                 f"— levels per seed d=2 {h2['levels']}, d=3 {h3['levels']}", fontsize=10)
+    save(fig, "hyperplanes.png")
+
+    # 3. polygon × line
+    pl = cases["polygon_line"]
+    zs, x3 = a["polygon_line_zs"], a["polygon_line_x3"]
+    fig = Figure(figsize=(11, 3.8))
+    ax = fig.add_subplot(1, 3, 1, projection="3d")
+    pts = np.concatenate([zs[0, :, :, :2], x3[0][..., None]], axis=-1)
+    _trails_3d(ax, pts)
+    ax.set_zlabel("x₃ = exp(−t/2)·z₃")
+    ax.set_title("seed 0: (z₁, z₂, x₃)", fontsize=9)
+    ax = fig.add_subplot(1, 3, 2)
+    _trails_2d(ax, zs[0, :, :, :2])
+    _hull_outline(ax, clusters_np(zs[:, -1, :, :2], cfg["cluster_threshold"])[0]["centres"])
+    ax.set_title(f"(z₁, z₂): {pl['clusters_in_plane'][0]} polygon vertices", fontsize=9)
+    ax = fig.add_subplot(1, 3, 3)
+    tsp = a["polygon_line_ts"]
+    ax.semilogy(tsp, np.ptp(zs[:, :, :, 2], axis=-1).T, lw=1)
+    ax.semilogy(tsp, np.ptp(zs[0, :, :, 2], axis=-1)[-1] * np.exp(0.5 * (tsp - tsp[-1])), "k--",
+                lw=0.8, label="∝ exp(t/2)")
+    ax.set_xlabel("t")
+    ax.set_ylabel("spread of z₃")
+    ax.legend(fontsize=8)
+    ax.set_title("third coordinate: no clustering", fontsize=9)
+    fig.suptitle("V = diag(1, 1, −0.5): polygon vertices × free third coordinate — checks: "
+                 f"{pl['check_plane_centres_are_polygon_vertices']}, "
+                 f"{pl['check_third_coordinate_free']}", fontsize=10)
+    save(fig, "polygon_line.png")
+
+    # 4. collapse
+    co = cases["collapse"]
+    ts, R = a["collapse_ts"], a["collapse_radius"]
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    pos = ts > 0
+    ax.loglog(ts[pos], R[:, pos].T, lw=1)
+    ax.loglog(ts[pos], a["collapse_mean_norm"][0, pos], ":", color="gray", lw=1,
+              label="|mean| (seed 0)")
+    ref = R[0, -1] * (ts[pos] / ts[-1]) ** -0.5
+    ax.loglog(ts[pos], ref, "k--", lw=0.8, label="∝ t^(−1/2)")
+    ax.set_xlabel("t")
+    ax.set_ylabel("max_i |x_i(t)|")
+    ax.set_ylim(max(R[:, pos].min() / 5, a["collapse_mean_norm"][0, pos].min()), R.max() * 2)
+    ax.legend(fontsize=8)
+    ax.set_title(f"V = −I, QᵀK = I (plain): slow collapse, slope "
+                 f"{np.mean(co['late_loglog_slope']):.3f}", fontsize=10)
+    save(fig, "collapse.png")
+
+    # 5. d = 1 leaders
+    l1 = cases["leaders_1d"]
+    ts, z, boo = a["leaders_1d_ts"], a["leaders_1d_zs"], a["leaders_1d_booleanness"]
+    fig = Figure(figsize=(12, 3.6))
+    ax = fig.add_subplot(1, 3, 1)
+    ax.plot(ts, z[0], lw=0.8, color="k", alpha=0.6)
+    for j in l1["per_seed"][0]["leaders"]:
+        ax.plot(ts, z[0, :, j], lw=2, color="tab:red")
+    ax.set_xlabel("t")
+    ax.set_ylabel("z_i(t)")
+    ax.set_title("seed 0: tokens (leaders in red)", fontsize=9)
+    ax = fig.add_subplot(1, 3, 2)
+    floor = 1e-18
+    ax.semilogy(ts, np.maximum(boo.T, floor), lw=1)
+    ax.set_xlabel("t")
+    ax.set_ylabel("Booleanness max min(P, 1−P)")
+    ax.set_title(f"→ 0 (floored at {floor:g})", fontsize=9)
+    ax = fig.add_subplot(1, 3, 3)
+    order = np.argsort(z[0, 0])
+    ax.imshow(a["leaders_1d_P_final"][0][np.ix_(order, order)], cmap="gray_r", vmin=0, vmax=1)
+    ax.set_title(f"final P (tokens sorted), rank {l1['per_seed'][0]['rank_P_final']}",
+                 fontsize=9)
+    fig.suptitle("d = 1, V > 0: Boolean attention, leaders = extreme tokens — checks: "
+                 f"{l1['check_booleanness_to_zero']}, {l1['check_leaders_are_extreme_tokens']}",
+                 fontsize=10)
+    save(fig, "leaders_1d.png")
+
+
+def _trails_2d(ax, xs):
+    for i in range(xs.shape[1]):
+        ax.plot(xs[:, i, 0], xs[:, i, 1], lw=0.5, color="tab:gray", alpha=0.5)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=8, color="tab:gray", label="t = 0")
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=18, color="tab:red", zorder=3, label="t = t1")
+    ax.set_aspect("equal", adjustable="box")
+
+
+def _trails_3d(ax, xs):
+    for i in range(xs.shape[1]):
+        ax.plot(xs[:, i, 0], xs[:, i, 1], xs[:, i, 2], lw=0.5, color="tab:gray", alpha=0.5)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], xs[0, :, 2], s=6, color="tab:gray")
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], xs[-1, :, 2], s=16, color="tab:red")
+
+
+def _hull_outline(ax, centres):
+    """Polygon through 2-D centres ordered by angle around their mean (they are hull
+    vertices when the check holds)."""
+    c = np.asarray(centres)
+    if c.shape[0] < 2:
+        return
+    m = c.mean(axis=0)
+    order = np.argsort(np.arctan2(c[:, 1] - m[1], c[:, 0] - m[0]))
+    loop = c[np.append(order, order[0])]
+    ax.plot(loop[:, 0], loop[:, 1], "-", color="tab:blue", lw=0.8)
