@@ -9,6 +9,7 @@ maximum is subtracted *before* scaling: `softmax(s·u) = softmax(s·(u − max u
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from ._custom_types import Array, Float
@@ -59,3 +60,81 @@ def attend(
 ) -> Float[Array, "n f"]:
     """`Σ_j P_ij v_j` with `P = softmax_weights(q kᵀ, beta, log_scale)`."""
     return softmax_weights(attention_scores(q, k), beta, log_scale) @ v
+
+
+KERNELS = ("auto", "dense", "blockwise")
+# "auto": dense up to this many scores n·m, blockwise above. Measured on the 2-core CPU
+# (rescaled field, RK4 step, float32): equal speed near n = 1000 (d = 2), blockwise 1.6×
+# faster at n = 1000, d = 64 and 4× faster with 4× less memory at n = 16384 (d = 3).
+AUTO_DENSE_MAX_SCORES = 2048 * 2048
+
+
+def use_blockwise(kernel: str, n: int, m: int) -> bool:
+    """Static choice of the attention path for `n` queries and `m` keys."""
+    return kernel == "blockwise" or (kernel == "auto" and n * m > AUTO_DENSE_MAX_SCORES)
+
+
+def _pad_rows(x, multiple: int):
+    pad = (-x.shape[0]) % multiple
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+    return x
+
+
+def attend_blockwise(
+    q: Float[Array, "n e"],
+    k: Float[Array, "m e"],
+    v: Float[Array, "m f"],
+    beta,
+    log_scale=0.0,
+    *,
+    block: int = 1024,
+    normalise: bool = True,
+) -> Float[Array, "n f"]:
+    """`Σ_j P_ij v_j` without materialising the `n × m` attention matrix.
+
+    Queries are processed in blocks of `block` (`lax.map`), keys in blocks of `block`
+    (`lax.scan`) with an online softmax: a running row maximum `m_i` of the raw scores, a
+    running denominator and accumulator rescaled by `exp(s (m_old − m_new)) ≤ 1`, exactly
+    the stabilisation of `softmax_weights` (centre first, then scale). Peak memory is
+    O(block²) per query block; each key block is `jax.checkpoint`-ed, so reverse-mode
+    gradients stay memory-bounded too. `normalise=False` gives the USA weights
+    `exp(β u_ij)/m` (no shift, like `unnormalised_weights`).
+    """
+    n, m = q.shape[0], k.shape[0]
+    dtype = q.dtype
+    s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
+    kb = min(block, m)
+    qb = min(block, n)
+    kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
+    valid = jnp.arange(kp.shape[0]) < m
+    kblocks = kp.reshape(-1, kb, k.shape[1])
+    vblocks = vp.reshape(-1, kb, v.shape[1])
+    vmask = valid.reshape(-1, kb)
+    qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
+
+    def query_block(qq):
+        @jax.checkpoint
+        def key_step(carry, blk):
+            mx, den, acc = carry
+            kk, vv, ok = blk
+            u = qq @ kk.T  # (qb, kb)
+            if normalise:
+                new_mx = jnp.maximum(mx, jnp.max(jnp.where(ok[None, :], u, -jnp.inf), axis=-1))
+                # Rows that have seen no valid key yet hold -inf: their factor is 0.
+                fix = jnp.where(jnp.isfinite(mx), jnp.exp(s * (mx - new_mx)), 0.0)
+                w = jnp.where(ok[None, :], jnp.exp(s * (u - new_mx[:, None])), 0.0)
+                return (new_mx, den * fix + jnp.sum(w, axis=-1),
+                        acc * fix[:, None] + w @ vv), None
+            w = jnp.where(ok[None, :], jnp.exp(s * u), 0.0)
+            return (mx, den, acc + w @ vv), None
+
+        init = (jnp.full((qq.shape[0],), -jnp.inf, dtype), jnp.zeros((qq.shape[0],), dtype),
+                jnp.zeros((qq.shape[0], v.shape[1]), dtype))
+        (_, den, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
+        if normalise:
+            return acc / den[:, None]
+        return acc / m
+
+    out = jax.lax.map(query_block, qp)
+    return out.reshape(-1, v.shape[1])[:n]

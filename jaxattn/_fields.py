@@ -14,7 +14,14 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from ._attention import attention_scores, softmax_weights, unnormalised_weights
+from ._attention import (
+    KERNELS,
+    attend_blockwise,
+    use_blockwise,
+    attention_scores,
+    softmax_weights,
+    unnormalised_weights,
+)
 from ._custom_types import Array, Float
 from ._lora import LoRA
 from ._validate import (
@@ -40,6 +47,9 @@ class AbstractField(eqx.Module):
       which `simulate` vmaps over.
     - `d`: token dimension, needed only when `Q`, `K` and `V` are all `None`.
     - `dtype`: cast every weight to this dtype (default: the default float dtype).
+    - `kernel`: `"dense"` (materialised n×n softmax), `"blockwise"` (online softmax over
+      key blocks of size `block`: memory O(block²), for large n), or `"auto"` (default:
+      dense up to n·n = 2048², blockwise above; see `_attention.AUTO_DENSE_MAX_SCORES`).
     """
 
     Q: Float[Array, "d d"]
@@ -47,11 +57,13 @@ class AbstractField(eqx.Module):
     V: Float[Array, "d d"]
     beta: Float[Array, ""]
     loras: tuple[LoRA, ...]
+    kernel: str = eqx.field(static=True)
+    block: int = eqx.field(static=True)
 
     dynamics: eqx.AbstractClassVar[str]
 
     def __init__(self, Q=None, K=None, V=None, *, beta=1.0, lora=None, d=None,
-                 dtype=None):
+                 dtype=None, kernel: str = "auto", block: int = 1024):
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
         mats = {"Q": Q, "K": K, "V": V}
         given = {k: as_float_array(v, k, dtype) for k, v in mats.items() if v is not None}
@@ -97,6 +109,10 @@ class AbstractField(eqx.Module):
             fixed.append(LoRA(lo.A.astype(dtype), lo.B.astype(dtype), lo.alpha.astype(dtype),
                               lo.target.upper()))
         self.loras = tuple(fixed)
+        self.kernel = check_choice(kernel, "attention kernel", KERNELS)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"attention block must be a positive integer, got {block!r}")
+        self.block = int(block)
 
     # -- weights ------------------------------------------------------------------
     @property
@@ -135,7 +151,7 @@ class AbstractField(eqx.Module):
     def with_lora(self, lora) -> "AbstractField":
         """The same field with `lora` (LoRA, sequence or None) replacing its LoRAs."""
         return type(self)(self.Q, self.K, self.V, beta=self.beta, lora=lora,
-                          dtype=self.V.dtype)
+                          dtype=self.V.dtype, kernel=self.kernel, block=self.block)
 
     def without_lora(self) -> "AbstractField":
         return self.with_lora(None)
@@ -148,6 +164,13 @@ class AbstractField(eqx.Module):
 
     def _queries_keys(self, t, x):
         return self.project("Q", x), self.project("K", x), 0.0
+
+    def attend(self, t, y, values):
+        """`Σ_j P_ij values_j` with the field's kernel (dense or blockwise)."""
+        q, k, log_scale = self._queries_keys(t, y)
+        if use_blockwise(self.kernel, q.shape[0], k.shape[0]):
+            return attend_blockwise(q, k, values, self.beta, log_scale, block=self.block)
+        return softmax_weights(attention_scores(q, k), self.beta, log_scale) @ values
 
     @abc.abstractmethod
     def __call__(self, t, y: Float[Array, "n d"], args=None) -> Float[Array, "n d"]:
@@ -165,7 +188,7 @@ class PlainField(AbstractField):
     dynamics = "plain"
 
     def __call__(self, t, y, args=None):
-        return self.attention(t, y) @ self.project("V", y)
+        return self.attend(t, y, self.project("V", y))
 
 
 class RescaledField(AbstractField):
@@ -191,7 +214,7 @@ class RescaledField(AbstractField):
 
     def __call__(self, t, y, args=None):
         vz = self.project("V", y)
-        return self.attention(t, y) @ vz - vz
+        return self.attend(t, y, vz) - vz
 
 
 class SphereField(AbstractField):
@@ -200,7 +223,7 @@ class SphereField(AbstractField):
     dynamics = "sphere"
 
     def __call__(self, t, y, args=None):
-        return _tangent(y, self.attention(t, y) @ self.project("V", y))
+        return _tangent(y, self.attend(t, y, self.project("V", y)))
 
 
 class USAField(AbstractField):
@@ -212,8 +235,14 @@ class USAField(AbstractField):
         q, k, _ = self._queries_keys(t, y)
         return unnormalised_weights(attention_scores(q, k), self.beta)
 
+    def attend(self, t, y, values):
+        q, k, _ = self._queries_keys(t, y)
+        if use_blockwise(self.kernel, q.shape[0], k.shape[0]):
+            return attend_blockwise(q, k, values, self.beta, block=self.block, normalise=False)
+        return unnormalised_weights(attention_scores(q, k), self.beta) @ values
+
     def __call__(self, t, y, args=None):
-        return _tangent(y, self.attention(t, y) @ self.project("V", y))
+        return _tangent(y, self.attend(t, y, self.project("V", y)))
 
 
 FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField,
@@ -221,7 +250,8 @@ FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField,
 
 
 def make_field(dynamics: str, Q=None, K=None, V=None, *, beta=1.0, lora=None, d=None,
-               dtype=None) -> AbstractField:
+               dtype=None, kernel: str = "auto", block: int = 1024) -> AbstractField:
     """Build the field named `dynamics` (plain | rescaled | sphere | usa)."""
     name = check_choice(dynamics, "dynamics", DYNAMICS)
-    return FIELDS[name](Q, K, V, beta=beta, lora=lora, d=d, dtype=dtype)
+    return FIELDS[name](Q, K, V, beta=beta, lora=lora, d=d, dtype=dtype, kernel=kernel,
+                        block=block)

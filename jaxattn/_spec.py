@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._attention import KERNELS
 from ._fields import AbstractField, make_field
 from ._lora import LoRA
 from ._validate import (
@@ -34,7 +35,8 @@ class SpecError(ValueError):
     """A spec file that cannot be used; the message is one line."""
 
 
-TOP_KEYS = {"dynamics", "beta", "dtype", "Q", "K", "V", "init", "lora", "solve"}
+TOP_KEYS = {"dynamics", "beta", "dtype", "Q", "K", "V", "attention", "block", "init", "lora",
+            "solve"}
 INIT_KEYS = {"x0", "kind", "n", "d", "low", "high", "scale", "seed"}
 INIT_KINDS = ("uniform", "normal", "sphere")
 LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed"}
@@ -269,8 +271,13 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
     if "lora" in spec:
         lora = lora_from_table(_table(spec, "lora"), d, dtype)
     try:
+        kernel = check_choice(spec.get("attention", "auto"), "attention", KERNELS)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    block = _int(spec.get("block", 1024), "block", 1)
+    try:
         field = make_field(dynamics, mats.get("Q"), mats.get("K"), mats.get("V"),
-                           beta=beta, lora=lora, d=d, dtype=dtype)
+                           beta=beta, lora=lora, d=d, dtype=dtype, kernel=kernel, block=block)
     except (ValueError, TypeError) as e:
         raise SpecError(str(e)) from None
 
@@ -327,6 +334,8 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         "dynamics": dynamics,
         "beta": beta,
         "dtype": dtype_name,
+        "attention": kernel,
+        "block": block,
         "Q": np.asarray(field.Q).tolist(),
         "K": np.asarray(field.K).tolist(),
         "V": np.asarray(field.V).tolist(),

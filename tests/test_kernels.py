@@ -1,0 +1,109 @@
+"""Attention kernels: blockwise (online softmax, no n×n array) agrees with dense for
+every dynamics, in float64 and float32, for values and gradients; large n fits in memory."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn as ja
+from jaxattn._attention import AUTO_DENSE_MAX_SCORES, attend_blockwise, use_blockwise
+from jaxattn._spec import SpecError, parse_spec
+
+DYN = ["plain", "rescaled", "sphere", "usa"]
+
+
+def _case(dyn, n, d, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, K, V = (jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), dtype) for _ in range(3))
+    x = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    if dyn in ("sphere", "usa"):
+        x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    return Q, K, V, x
+
+
+@pytest.mark.parametrize("dyn", DYN)
+@pytest.mark.parametrize("n,block", [(37, 8), (37, 64), (64, 16)])
+@pytest.mark.parametrize("t", [0.0, 2.5, 500.0])
+def test_blockwise_equals_dense_float64(dyn, n, block, t):
+    Q, K, V, x = _case(dyn, n, 3, jnp.float64)
+    lora = ja.LoRA.random(3, rank=1, norm=0.3, target="Q", key=jax.random.key(1))
+    dense = ja.make_field(dyn, Q, K, V, beta=2.0, lora=lora, kernel="dense")
+    block_f = ja.make_field(dyn, Q, K, V, beta=2.0, lora=lora, kernel="blockwise", block=block)
+    a, b = dense(t, x), block_f(t, x)
+    # Same arithmetic up to the order of summation: relative 1e-12 (issue 4's target).
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-12 * float(jnp.max(jnp.abs(a)))
+
+
+@pytest.mark.parametrize("dyn", DYN)
+def test_blockwise_equals_dense_float32(dyn):
+    Q, K, V, x = _case(dyn, 300, 3, jnp.float32, seed=2)
+    dense = ja.make_field(dyn, Q, K, V, beta=1.0, kernel="dense", dtype=jnp.float32)
+    blk = ja.make_field(dyn, Q, K, V, beta=1.0, kernel="blockwise", block=64, dtype=jnp.float32)
+    a, b = dense(0.7, x), blk(0.7, x)
+    assert a.dtype == b.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(a)))
+
+
+def test_blockwise_uniform_attention_at_beta_zero():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 2)))
+    v = x * 2.0
+    out = attend_blockwise(x, x, v, 0.0, block=3)
+    np.testing.assert_allclose(out, jnp.broadcast_to(jnp.mean(v, axis=0), (10, 2)), rtol=1e-14)
+
+
+def test_blockwise_gradients_equal_dense():
+    Q, K, V, x = _case("rescaled", 20, 3, jnp.float64, seed=3)
+
+    def loss(Qm, kernel):
+        f = ja.RescaledField(Qm, K, V, beta=1.5, kernel=kernel, block=6)
+        return jnp.sum(f(1.0, x) ** 2)
+
+    g_dense = jax.grad(loss)(Q, "dense")
+    g_block = jax.grad(loss)(Q, "blockwise")
+    np.testing.assert_allclose(g_block, g_dense, rtol=1e-11, atol=1e-13)
+
+
+def test_trajectories_agree_and_auto_choice():
+    Q, K, V, x = _case("sphere", 24, 3, jnp.float64, seed=4)
+    s1 = ja.simulate(ja.SphereField(Q, K, V, kernel="dense"), x, 1.0, dt=0.05)
+    s2 = ja.simulate(ja.SphereField(Q, K, V, kernel="blockwise", block=5), x, 1.0, dt=0.05)
+    np.testing.assert_allclose(s1.xs, s2.xs, rtol=0, atol=1e-12)
+    side = int(np.sqrt(AUTO_DENSE_MAX_SCORES))
+    assert not use_blockwise("auto", side, side) and use_blockwise("auto", side + 1, side + 1)
+    assert use_blockwise("blockwise", 2, 2) and not use_blockwise("dense", 10**6, 10**6)
+
+
+def test_kernel_in_spec_and_errors():
+    sim = parse_spec({"attention": "blockwise", "block": 4, "init": {"x0": [[0.0, 1.0]] * 3},
+                      "solve": {"t1": 1.0}})
+    assert sim.field.kernel == "blockwise" and sim.field.block == 4
+    assert sim.field.with_lora(None).kernel == "blockwise"
+    with pytest.raises(SpecError, match="unknown attention 'flash'"):
+        parse_spec({"attention": "flash", "init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}})
+    with pytest.raises(SpecError, match="block must be ≥ 1"):
+        parse_spec({"block": 0, "init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}})
+    with pytest.raises(ValueError, match="block must be a positive integer"):
+        ja.PlainField(d=2, block=0)
+
+
+@pytest.mark.slow
+def test_65536_tokens_take_an_rk4_step_in_4_gb(tmp_path):
+    # Dense attention would need 65536² floats = 17 GB per score matrix; blockwise keeps a
+    # 1024×1024 block. Peak RSS of a fresh process (JAX runtime included) must stay ≤ 4 GB.
+    code = textwrap.dedent("""
+        import resource, jax, jax.numpy as jnp, jaxattn as ja
+        x0 = jax.random.uniform(jax.random.key(0), (65536, 3), jnp.float32, -1.0, 1.0)
+        sol = ja.simulate(ja.RescaledField(d=3, dtype=jnp.float32), x0, 0.01, dt=0.01)
+        assert bool(sol.ok) and sol.xs.shape == (2, 65536, 3)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak_kb = int(r.stdout.strip().splitlines()[-1])
+    assert peak_kb <= 4 * 1024 * 1024, f"peak RSS {peak_kb / 1e6:.2f} GB"
