@@ -54,3 +54,14 @@ from ._metrics import (
     pairwise_distances as pairwise_distances,
     support as support,
 )
+from ._sensitivity import (
+    ResponseOperator as ResponseOperator,
+    field_params as field_params,
+    linear_response as linear_response,
+    perturbed as perturbed,
+    random_directions as random_directions,
+    smallest_cluster_change as smallest_cluster_change,
+    value_and_grad as objective_value_and_grad,
+    worst_case as worst_case,
+    worst_case_direction as worst_case_direction,
+)

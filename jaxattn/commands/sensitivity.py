@@ -1,0 +1,128 @@
+"""`jaxattn sensitivity SPEC --out OUT.npz`: an objective of a simulation and its gradient.
+
+SPEC is a `simulate` spec with an `[objective]` table:
+
+    [objective]
+    kind = "mean_sq"        # ½·mean_i |x_i(t1)|²   | "divergence": ½·Σ_i |x_i(t1) − x̃_i(t1)|²
+    adjoint = "checkpoint"  # | "forward" | "backsolve"
+    checkpoints = 16        # optional, checkpoint adjoint only
+    wrt = ["Q", "V", "x0"]  # optional: subset of Q, K, V, beta, x0, lora (default: all)
+
+OUT.npz holds `value`, `grad_Q`, `grad_K`, `grad_V`, `grad_beta`, `grad_x0` (and
+`grad_lora_A`, `grad_lora_B` when the spec has a LoRA), for the names in `wrt`.
+
+`jaxattn sensitivity-experiment --out DIR [--quick]` runs the worst-case LoRA experiment
+(`jaxattn.experiments.worst_case_lora`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+OBJECTIVE_KEYS = {"kind", "adjoint", "checkpoints", "wrt"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sensitivity",
+                       help="value and gradient of an [objective] of a simulate spec")
+    p.add_argument("spec", help="simulate spec (.toml or .json) with an [objective] table")
+    p.add_argument("--out", required=True, help="output .npz (value, grad_Q, grad_K, ...)")
+    p.set_defaults(func=handle)
+    e = sub.add_parser("sensitivity-experiment",
+                       help="worst-case LoRA direction vs random ones, smallest cluster change")
+    e.add_argument("--out", required=True, help="output folder (figures, data, summary.json)")
+    e.add_argument("--quick", action="store_true", help="small, fast version (used in tests)")
+    e.set_defaults(func=handle_experiment)
+
+
+def parse_objective(raw: dict) -> tuple[dict, dict]:
+    """Split the `[objective]` table off a raw spec; validate it (one-line errors)."""
+    from .._sensitivity import OBJECTIVES, WRT
+    from .._simulate import ADJOINTS
+
+    if "objective" not in raw:
+        raise ValueError("the spec needs an [objective] table (kind = mean_sq | divergence)")
+    obj = raw["objective"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"[objective] must be a table/object, got {type(obj).__name__}")
+    extra = sorted(set(obj) - OBJECTIVE_KEYS)
+    if extra:
+        raise ValueError(f"unknown key{'s' if len(extra) > 1 else ''} in [objective]: "
+                         f"{', '.join(extra)} (allowed: {', '.join(sorted(OBJECTIVE_KEYS))})")
+    if "kind" not in obj:
+        raise ValueError("[objective] needs kind = mean_sq | divergence")
+    kind = obj["kind"]
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective kind {kind!r}; choose {' | '.join(OBJECTIVES)}")
+    adjoint = obj.get("adjoint", "checkpoint")
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"unknown adjoint {adjoint!r}; choose checkpoint | forward | backsolve")
+    checkpoints = obj.get("checkpoints")
+    if checkpoints is not None:
+        if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
+            raise ValueError(f"objective checkpoints must be a positive integer, got {checkpoints!r}")
+        if adjoint != "checkpoint":
+            raise ValueError("objective checkpoints applies to adjoint checkpoint only")
+    wrt = obj.get("wrt")
+    if wrt is not None:
+        if isinstance(wrt, str):
+            wrt = [wrt]
+        if not isinstance(wrt, list) or not wrt or not all(isinstance(w, str) for w in wrt):
+            raise ValueError(f"objective wrt must be a non-empty list of names ({', '.join(WRT)})")
+        bad = sorted(set(wrt) - set(WRT))
+        if bad:
+            raise ValueError(f"unknown objective wrt {', '.join(bad)}; choose from {', '.join(WRT)}")
+    rest = {k: v for k, v in raw.items() if k != "objective"}
+    return rest, {"kind": kind, "adjoint": adjoint, "checkpoints": checkpoints, "wrt": wrt}
+
+
+def handle(args) -> int:
+    from .._io import check_output_file, write_npz
+    from .._spec import load_spec_file, parse_spec
+    from ..cli import setup_jax
+
+    out = check_output_file(args.out)
+    raw = load_spec_file(args.spec)
+    rest, obj = parse_objective(raw)
+    setup_jax("float64")
+    sim = parse_spec(rest)
+    field = sim.field
+    if obj["wrt"] is not None and "lora" in obj["wrt"] and not field.loras:
+        raise ValueError("objective wrt asks for a LoRA gradient but the spec has no [lora]")
+    if obj["kind"] == "divergence" and not field.loras:
+        raise ValueError("objective divergence compares the runs with and without the LoRA; "
+                         "the spec has no [lora]")
+    import numpy as np
+
+    from .._sensitivity import value_and_grad
+
+    t0 = time.perf_counter()
+    try:
+        res = value_and_grad(field, sim.x0, sim.t1, obj["kind"], adjoint=obj["adjoint"],
+                             wrt=obj["wrt"], checkpoints=obj["checkpoints"], **sim.solve)
+    except RuntimeError as e:  # the solve itself failed (status), not a usage error
+        print(f"jaxattn: {e}", file=sys.stderr)
+        return 1
+    wall = time.perf_counter() - t0
+    arrays = {f"grad_{k}": np.asarray(v) for k, v in res.grads.items()}
+    write_npz(out, value=np.asarray(res.value), objective=obj["kind"], adjoint=obj["adjoint"],
+              spec=json.dumps(sim.resolved), **arrays)
+    names = ", ".join(sorted(arrays))
+    print(f"wrote {out}: {obj['kind']} = {res.value:.10g} and {names} "
+          f"({obj['adjoint']} adjoint, {wall:.2f} s)")
+    return 0
+
+
+def handle_experiment(args) -> int:
+    from .._io import check_output_dir
+    from ..cli import setup_jax
+
+    check_output_dir(args.out, create=False)  # fail before any work; run() creates it
+    setup_jax("float64")
+    from ..experiments import worst_case_lora
+
+    worst_case_lora.run(args.out, quick=args.quick)
+    print(f"figures, data and summary.json in {args.out}")
+    return 0
