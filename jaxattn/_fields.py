@@ -162,12 +162,16 @@ class AbstractField(eqx.Module):
         q, k, log_scale = self._queries_keys(t, y)
         return softmax_weights(attention_scores(q, k), self.beta, log_scale)
 
-    def _queries_keys(self, t, x):
+    def _queries_keys(self, t, x, args=None):
         return self.project("Q", x), self.project("K", x), 0.0
 
-    def attend(self, t, y, values):
+    def solve_args(self):
+        """Per-solve constants computed once outside the time loop (passed as `args`)."""
+        return None
+
+    def attend(self, t, y, values, args=None):
         """`Σ_j P_ij values_j` with the field's kernel (dense or blockwise)."""
-        q, k, log_scale = self._queries_keys(t, y)
+        q, k, log_scale = self._queries_keys(t, y, args)
         if use_blockwise(self.kernel, q.shape[0], k.shape[0]):
             return attend_blockwise(q, k, values, self.beta, log_scale, block=self.block)
         return softmax_weights(attention_scores(q, k), self.beta, log_scale) @ values
@@ -188,7 +192,7 @@ class PlainField(AbstractField):
     dynamics = "plain"
 
     def __call__(self, t, y, args=None):
-        return self.attend(t, y, self.project("V", y))
+        return self.attend(t, y, self.project("V", y), args)
 
 
 class RescaledField(AbstractField):
@@ -203,10 +207,16 @@ class RescaledField(AbstractField):
 
     dynamics = "rescaled"
 
-    def _queries_keys(self, t, z):
+    def solve_args(self):
+        """The shift `c = λ_max((V + Vᵀ)/2)`, computed once per solve (an eigvalsh per
+        stage costs more than the attention itself for small n)."""
+        V = self.weight("V")
+        return jax.lax.stop_gradient(jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1])
+
+    def _queries_keys(self, t, z, args=None):
         V = self.weight("V")
         d = V.shape[-1]
-        c = jax.lax.stop_gradient(jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1])
+        c = self.solve_args() if args is None else args
         t = jnp.asarray(t, V.dtype)
         S = jsl.expm(t * (V - c * jnp.eye(d, dtype=V.dtype)))
         x = z @ S.T
@@ -214,7 +224,7 @@ class RescaledField(AbstractField):
 
     def __call__(self, t, y, args=None):
         vz = self.project("V", y)
-        return self.attend(t, y, vz) - vz
+        return self.attend(t, y, vz, args) - vz
 
 
 class SphereField(AbstractField):
@@ -223,7 +233,7 @@ class SphereField(AbstractField):
     dynamics = "sphere"
 
     def __call__(self, t, y, args=None):
-        return _tangent(y, self.attend(t, y, self.project("V", y)))
+        return _tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
 class USAField(AbstractField):
@@ -235,14 +245,14 @@ class USAField(AbstractField):
         q, k, _ = self._queries_keys(t, y)
         return unnormalised_weights(attention_scores(q, k), self.beta)
 
-    def attend(self, t, y, values):
-        q, k, _ = self._queries_keys(t, y)
+    def attend(self, t, y, values, args=None):
+        q, k, _ = self._queries_keys(t, y, args)
         if use_blockwise(self.kernel, q.shape[0], k.shape[0]):
             return attend_blockwise(q, k, values, self.beta, block=self.block, normalise=False)
         return unnormalised_weights(attention_scores(q, k), self.beta) @ values
 
     def __call__(self, t, y, args=None):
-        return _tangent(y, self.attend(t, y, self.project("V", y)))
+        return _tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
 FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField,

@@ -151,7 +151,7 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
         saveat = diffrax.SaveAt(ts=ts)
     meter = diffrax.TqdmProgressMeter() if cfg.progress else diffrax.NoProgressMeter()
     sol = diffrax.diffeqsolve(
-        term, cfg.solver, t0, t1, dt0, y0,
+        term, cfg.solver, t0, t1, dt0, y0, args=field.solve_args(),
         saveat=saveat,
         stepsize_controller=cfg.controller,
         max_steps=cfg.max_steps,
