@@ -71,7 +71,7 @@ class LoRA(eqx.Module):
         d_out = d_in if d_out is None else d_out
         _check_rank(rank, min(d_in, d_out))
         dtype = dtype or jnp.result_type(float)
-        A = jax.random.uniform(key, (rank, d_in), dtype, -1.0, 1.0) / np.sqrt(d_in)
+        A = jax.random.uniform(key, (rank, d_in), dtype, -1.0, 1.0) / float(np.sqrt(d_in))
         B = jnp.zeros((d_out, rank), dtype)
         return cls(A, B, float(rank) if alpha is None else alpha, target)
 

@@ -1,0 +1,215 @@
+"""Configuration of the modular-arithmetic experiments (SPEC §4) and its validation.
+
+One frozen dataclass holds every hyper-parameter; `load_config` reads TOML/JSON, refuses
+unknown keys and bad values with a one-line `ValueError`, and `quick=True` swaps in the
+small size used by tests and the notebook. Defaults are the paper's size (p = 113,
+d_model = 128, 60 % split, AdamW lr 1e-3, betas (0.9, 0.98), weight decay 1.0; LoRA on V,
+r = 16, α = 8, lr 1e-4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+TARGETS = ("Q", "K", "V", "O")
+
+# Fields whose change makes a pre-training checkpoint incompatible.
+MODEL_KEYS = ("p", "d_model", "depth", "heads", "layernorm", "tied", "fused", "dtype")
+PRETRAIN_KEYS = MODEL_KEYS + ("train_frac", "seed", "lr", "beta1", "beta2", "weight_decay",
+                              "warmup", "log_every", "checkpoint_every")
+FINETUNE_KEYS = ("rank", "alpha", "targets", "ft_lr", "ft_weight_decay", "ft_log_every",
+                 "ft_checkpoint_every", "seed", "train_frac")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModularConfig:
+    # data
+    p: int = 113
+    train_frac: float = 0.6
+    seed: int = 0
+    # model
+    d_model: int = 128
+    depth: int = 1
+    heads: int = 1
+    layernorm: bool = False
+    tied: bool = True
+    fused: bool = True  # one head: layer from A = QᵀK and W_OV = O·V (2 matmuls, not 4)
+    dtype: str = "float32"
+    # pre-training (full-batch AdamW)
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.98
+    weight_decay: float = 1.0
+    warmup: int = 10
+    max_steps: int = 30_000
+    target_acc: float = 0.95
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    # LoRA fine-tuning on subtraction
+    rank: int = 16
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("V",)
+    ft_lr: float = 1e-4
+    ft_weight_decay: float = 0.01
+    ft_steps: int = 2000
+    ft_log_every: int = 10
+    ft_checkpoint_every: int = 500
+    # study
+    depths: tuple[int, ...] = (1, 2, 4, 6, 8)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ranks: tuple[int, ...] = (1, 4, 16)
+    rank_depth: int = 4
+    particle_prompts: int = 64
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **kw) -> ModularConfig:
+        return dataclasses.replace(self, **kw)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("targets", "depths", "seeds", "ranks"):
+            d[k] = list(d[k])
+        return d
+
+    def subset(self, keys) -> dict[str, Any]:
+        d = self.as_dict()
+        return {k: d[k] for k in keys}
+
+
+QUICK = {"p": 11, "d_model": 32, "max_steps": 600, "log_every": 50, "checkpoint_every": 200,
+             "ft_steps": 200, "ft_log_every": 20, "ft_checkpoint_every": 100, "depths": (1, 2),
+             "seeds": (0, 1), "ranks": (1, 4), "rank_depth": 2, "rank": 4, "alpha": 2.0,
+             "particle_prompts": 16, "lr": 3e-3, "ft_lr": 1e-3, "train_frac": 0.8}
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    k = 2
+    while k * k <= n:
+        if n % k == 0:
+            return False
+        k += 1
+    return True
+
+
+# Config values come from a file: a wrong type is a wrong value there, so ValueError
+# (one line, exit 2) like every other config mistake.
+def _int(v, name, lo=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {v!r}")  # noqa: TRY004
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be ≥ {lo}, got {v}")
+    return v
+
+
+def _num(v, name, *, pos=True, allow_zero=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number, got {v!r}")  # noqa: TRY004
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    if pos and (v < 0 or (v == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be {'≥' if allow_zero else '>'} 0, got {v!r}")
+    return v
+
+
+def validate(c: ModularConfig) -> None:
+    _int(c.p, "p")
+    if c.p < 5 or not is_prime(c.p):
+        raise ValueError(f"p must be a prime ≥ 5, got {c.p}")
+    _num(c.train_frac, "train_frac")
+    if not 0 < c.train_frac < 1:
+        raise ValueError(f"train_frac must be in (0, 1), got {c.train_frac}")
+    if round(c.train_frac * c.p * c.p) < 1 or round(c.train_frac * c.p * c.p) >= c.p * c.p:
+        raise ValueError(f"train_frac {c.train_frac} leaves an empty train or test set")
+    _int(c.seed, "seed", 0)
+    _int(c.d_model, "d_model", 1)
+    _int(c.depth, "depth", 1)
+    _int(c.heads, "heads", 1)
+    if c.d_model % c.heads:
+        raise ValueError(f"heads ({c.heads}) must divide d_model ({c.d_model})")
+    for name in ("layernorm", "tied", "fused"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")  # noqa: TRY004
+    if c.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {c.dtype!r}")
+    for name in ("lr", "ft_lr", "alpha"):
+        _num(getattr(c, name), name)
+    for name in ("weight_decay", "ft_weight_decay"):
+        _num(getattr(c, name), name, allow_zero=True)
+    for name in ("beta1", "beta2"):
+        v = _num(getattr(c, name), name, allow_zero=True)
+        if v >= 1:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    _int(c.warmup, "warmup", 0)
+    for name in ("max_steps", "ft_steps", "log_every", "checkpoint_every", "ft_log_every",
+                 "ft_checkpoint_every", "particle_prompts"):
+        _int(getattr(c, name), name, 1)
+    for every, log in (("checkpoint_every", "log_every"),
+                       ("ft_checkpoint_every", "ft_log_every")):
+        if getattr(c, every) % getattr(c, log):
+            raise ValueError(f"{every} ({getattr(c, every)}) must be a multiple of {log} "
+                             f"({getattr(c, log)})")
+    _num(c.target_acc, "target_acc")
+    if c.target_acc > 1:
+        raise ValueError(f"target_acc must be in (0, 1], got {c.target_acc}")
+    _int(c.rank, "rank", 1)
+    if not c.targets:
+        raise ValueError("targets must name at least one of Q, K, V, O")
+    for t in c.targets:
+        if t not in TARGETS:
+            raise ValueError(f"unknown LoRA target {t!r}; choose among Q, K, V, O")
+    if len(set(c.targets)) != len(c.targets):
+        raise ValueError(f"LoRA targets repeat: {list(c.targets)}")
+    for r in (c.rank,) + tuple(c.ranks):
+        _int(r, "rank", 1)
+        if r > c.d_model:
+            raise ValueError(f"LoRA rank {r} exceeds d_model = {c.d_model}")
+    for d in tuple(c.depths) + (c.rank_depth,):
+        _int(d, "depth", 1)
+    for s in c.seeds:
+        _int(s, "seed", 0)
+    if not c.depths or not c.seeds or not c.ranks:
+        raise ValueError("depths, seeds and ranks must be non-empty lists")
+
+
+_TUPLES = ("targets", "depths", "seeds", "ranks")
+
+
+def make_config(raw: dict[str, Any] | None = None, *, quick: bool = False,
+                **overrides) -> ModularConfig:
+    """Defaults, then the `--quick` size, then `raw` (from a file), then `overrides`."""
+    fields = {f.name for f in dataclasses.fields(ModularConfig)}
+    merged: dict[str, Any] = dict(QUICK) if quick else {}
+    for src in (raw or {}, overrides):
+        for k, v in src.items():
+            if k not in fields:
+                raise ValueError(f"unknown config key {k!r}")
+            if k in _TUPLES:
+                if isinstance(v, str):
+                    v = [v]
+                if not isinstance(v, (list, tuple)):
+                    raise ValueError(f"{k} must be a list, got {v!r}")
+                v = tuple(v)
+            merged[k] = v
+    if "targets" in merged:
+        merged["targets"] = tuple(t.upper() if isinstance(t, str) else t
+                                  for t in merged["targets"])
+    return ModularConfig(**merged)
+
+
+def load_config(path: str | os.PathLike | None, *, quick: bool = False) -> ModularConfig:
+    """Read a TOML/JSON config (flat keys of `ModularConfig`); `None` gives the defaults."""
+    if path is None:
+        return make_config(quick=quick)
+    from .._spec import load_spec_file
+
+    raw = load_spec_file(path)
+    if "modular" in raw and isinstance(raw["modular"], dict) and len(raw) == 1:
+        raw = raw["modular"]
+    return make_config(raw, quick=quick)

@@ -1,0 +1,80 @@
+"""LoRA fine-tuning on `(x − y) mod p` with the base weights frozen (SPEC §2, §3.7, §4).
+
+The pre-trained model gets fresh adapters (`B = 0`: the outputs are unchanged at step 0)
+on the configured targets; `eqx.partition` with `trainable_filter(lora_only=True)` makes
+the LoRA factors the only trainable leaves, so optax keeps no state for the base weights.
+Every `ft_log_every` steps it records the subtraction train/test accuracy and the
+forgetting metric, the accuracy on all p² addition pairs (`add_all_acc`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from .._io import check_output_dir, write_json
+from ._config import FINETUNE_KEYS, ModularConfig
+from ._data import make_split
+from ._model import trainable_filter
+from ._train import (
+    adamw,
+    as_device_sets,
+    file_digest,
+    load_pretrained,
+    save_tree,
+    train,
+)
+
+
+def half_life(steps, add_acc, *, frac: float = 0.5):
+    """First step at which the addition accuracy is ≤ `frac` × its value at step 0
+    (linear interpolation between logged steps); None if it never gets there."""
+    steps = np.asarray(steps, float)
+    acc = np.asarray(add_acc, float)
+    level = frac * acc[0]
+    below = np.nonzero(acc <= level)[0]
+    if below.size == 0:
+        return None
+    i = int(below[0])
+    if i == 0:
+        return 0.0
+    a0, a1 = acc[i - 1], acc[i]
+    return float(steps[i - 1] + (a0 - level) / (a0 - a1) * (steps[i] - steps[i - 1]))
+
+
+def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: bool = False,
+             on_log=None):
+    """Fine-tune the model in `base_path` with LoRA; outputs in `out_dir` (resumable).
+
+    **Returns:** `(model_with_lora, rows, summary)`; `summary` has the forgetting
+    half-life (steps), the final subtraction accuracies and the final addition accuracy.
+    """
+    base = load_pretrained(config, base_path)
+    check_output_dir(out_dir)
+    model = base.with_loras(config.targets, rank=config.rank, alpha=config.alpha,
+                            key=jax.random.fold_in(jax.random.key(config.seed), 1))
+    sub = make_split(config.p, "-", config.train_frac, config.seed)
+    add = make_split(config.p, "+", config.train_frac, config.seed)
+    sets = as_device_sets(sub, ("train", "test"))
+    sets["add_all"] = as_device_sets(add, ("all",))["all"]
+    opt = adamw(config.ft_lr, config.beta1, config.beta2, config.ft_weight_decay, 0,
+                config.dtype)
+    fp = dict(config.subset(FINETUNE_KEYS), base=file_digest(base_path))
+    model, rows, info = train(
+        model, trainable_filter(model, lora_only=True), opt, train_set=sets["train"],
+        eval_sets=sets, steps=config.ft_steps, log_every=config.ft_log_every,
+        checkpoint_every=config.ft_checkpoint_every, out_dir=out_dir, kind="finetune",
+        fingerprint=fp, on_log=on_log, progress=progress)
+    steps = [r["step"] for r in rows]
+    acc = [r["add_all_acc"] for r in rows]
+    summary = {"config": config.as_dict(), "steps": info["step"],
+               "add_acc_start": acc[0], "add_acc_end": acc[-1],
+               "half_life": half_life(steps, acc),
+               "sub_train_acc": rows[-1]["train_acc"], "sub_test_acc": rows[-1]["test_acc"],
+               "resumed_from": info["resumed_from"]}
+    save_tree(os.path.join(out_dir, "model.eqx"),
+              {"kind": "lora-model", "fingerprint": fp, "step": info["step"]}, model)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return model, rows, summary

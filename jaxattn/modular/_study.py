@@ -1,0 +1,318 @@
+"""The forgetting study (SPEC §3.7, §4): depths × seeds, LoRA ranks, spectra, particles.
+
+Every model uses the same hyper-parameters; only `depth` (and the seed) change. Each run
+lives in `out/runs/d{depth}_s{seed}/{pretrain, finetune_r{rank}}` and is resumable, so an
+interrupted study restarted with the same command continues where it stopped (finished
+runs are re-read, not re-trained). Figures are drawn at the end from the runs' metrics.
+
+Particle-model connection (SPEC §1.5): with one head and no LayerNorm, one layer of the
+model is one Euler step (h = 1) of `x_i' = Σ_j P_ij V_eff x_j`, `V_eff = O V`,
+`β = 1/√d`. We embed addition prompts, run the particle dynamics to `T = depth` with the
+pre-trained and with the LoRA-perturbed weights (`V → V + (α/r) B A`), and compare the
+divergence `e(T) = max_i |x_i(T) − x̃_i(T)|` (mean over prompts) with the forgetting
+measured for that model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .._io import check_output_dir, save_figure, write_json
+from ._config import ModularConfig
+from ._data import all_pairs
+from ._finetune import finetune
+from ._train import pretrain
+
+
+def run_dir(out_dir: str, depth: int, seed: int) -> str:
+    return os.path.join(out_dir, "runs", f"d{depth}_s{seed}")
+
+
+def particle_divergence(base, tuned, tokens, *, dtype=jnp.float32) -> dict[str, float]:
+    """Divergence at `T = depth` between the particle dynamics with the base and the
+    LoRA-perturbed weights, from the embedded `tokens (m, 4)`; Euler with h = 1 (the
+    model itself) and RK4 with h = 0.05 (the continuous-depth limit)."""
+    from .._fields import PlainField
+    from .._metrics import divergence
+    from .._simulate import simulate
+
+    x0 = (base.embed[tokens] + base.pos).astype(dtype)
+    T = float(base.depth)
+    out = {}
+    for name, solver, dt in (("euler", "euler", 1.0), ("rk4", "rk4", 0.05)):
+        finals = []
+        for m in (base, tuned):
+            Q, K, V, beta = m.particle_weights()
+            f = PlainField(Q, K, V, beta=beta, dtype=dtype)
+            sol = simulate(f, x0, T, solver=solver, dt=dt, ts=[T], dtype=dtype)
+            finals.append(sol.xs[..., -1, :, :])
+        e = divergence(finals[0], finals[1])
+        scale = jnp.max(jnp.linalg.norm(finals[0], axis=-1), axis=-1)
+        out[f"div_{name}"] = float(jnp.mean(e))
+        out[f"rel_div_{name}"] = float(jnp.mean(e / scale))
+    return out
+
+
+def _stats(values) -> dict[str, Any]:
+    v = [x for x in values if x is not None]
+    n_none = len(values) - len(v)
+    if not v:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0,
+                "censored": n_none, "values": list(values)}
+    a = np.asarray(v, float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size),
+            "censored": n_none, "values": list(values)}
+
+
+def run_study(config: ModularConfig, out_dir: str, *, progress: bool = False,
+              log=print) -> dict[str, Any]:
+    """Run (or resume) the whole study; write figures and `summary.json` in `out_dir`."""
+    check_output_dir(out_dir)
+    t_start = time.perf_counter()
+    runs: dict[tuple[int, int, int], dict[str, Any]] = {}
+    models = {}
+    jobs = [(d, s, config.rank) for d in config.depths for s in config.seeds]
+    jobs += [(config.rank_depth, s, r) for r in config.ranks for s in config.seeds
+             if (config.rank_depth, s, r) not in jobs]
+    prompts = _prompt_tokens(config)
+    for depth, seed, rank in jobs:
+        c = config.replace(depth=depth, seed=seed, rank=rank)
+        rd = run_dir(out_dir, depth, seed)
+        t0 = time.perf_counter()
+        base, pre_rows, pre = pretrain(c, os.path.join(rd, "pretrain"), progress=progress)
+        tuned, ft_rows, ft = finetune(c, os.path.join(rd, f"finetune_r{rank}"),
+                                      os.path.join(rd, "pretrain", "model.eqx"),
+                                      progress=progress)
+        rec = {"depth": depth, "seed": seed, "rank": rank,
+               "pretrain_steps": pre["steps"], "steps_to_target": pre["steps_to_target"],
+               "reached_target": pre["reached_target"],
+               "pre_test_acc": pre["final"]["test_acc"],
+               "add_acc_start": ft["add_acc_start"], "add_acc_end": ft["add_acc_end"],
+               "half_life": ft["half_life"], "sub_test_acc": ft["sub_test_acc"],
+               "sub_train_acc": ft["sub_train_acc"],
+               "ft_steps": [r["step"] for r in ft_rows],
+               "ft_add_acc": [r["add_all_acc"] for r in ft_rows],
+               "ft_sub_test_acc": [r["test_acc"] for r in ft_rows],
+               "pre_steps": [r["step"] for r in pre_rows],
+               "pre_test_acc_curve": [r["test_acc"] for r in pre_rows]}
+        if c.heads == 1 and not c.layernorm:
+            rec.update(particle_divergence(base, tuned, prompts, dtype=jnp.dtype(c.dtype)))
+        runs[(depth, seed, rank)] = rec
+        models[(depth, seed, rank)] = tuned
+        hl = "never" if rec["half_life"] is None else f"{rec['half_life']:.0f}"
+        log(f"depth {depth} seed {seed} rank {rank}: pre-trained {pre['steps']} steps "
+            f"(test acc {pre['final']['test_acc']:.3f}), add acc {rec['add_acc_start']:.3f}"
+            f" → {rec['add_acc_end']:.3f}, half-life {hl}, sub test acc "
+            f"{rec['sub_test_acc']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    spectra = _spectra(config, models)
+    summary = _summarise(config, runs, spectra)
+    summary["wall_s"] = time.perf_counter() - t_start
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    _figures(config, summary, out_dir)
+    return summary
+
+
+def _prompt_tokens(config: ModularConfig):
+    tok, _ = all_pairs(config.p, "+")
+    idx = np.linspace(0, tok.shape[0] - 1, min(config.particle_prompts, tok.shape[0]))
+    return jnp.asarray(tok[idx.astype(int)])
+
+
+def _spectra(config, models) -> dict[str, Any]:
+    """Eigenvalues of V and of `V + (α/r) B A` (first block, first seed) per depth."""
+    out = {}
+    s0 = config.seeds[0]
+    for d in config.depths:
+        m = models.get((d, s0, config.rank))
+        if m is None:
+            continue
+        V = np.asarray(m.block.V[0], np.float64)
+        Vt = np.asarray(m.weight("V", 0), np.float64)
+        ev, evt = np.linalg.eigvals(V), np.linalg.eigvals(Vt)
+        out[str(d)] = {"V_real": ev.real.tolist(), "V_imag": ev.imag.tolist(),
+                       "Vlora_real": evt.real.tolist(), "Vlora_imag": evt.imag.tolist(),
+                       "delta_norm": float(np.linalg.norm(Vt - V, 2)),
+                       "rho_V": float(np.max(np.abs(ev))),
+                       "rho_Vlora": float(np.max(np.abs(evt)))}
+    return out
+
+
+def _summarise(config, runs, spectra) -> dict[str, Any]:
+    per_depth = {}
+    for d in config.depths:
+        rs = [runs[(d, s, config.rank)] for s in config.seeds]
+        per_depth[str(d)] = {
+            "half_life": _stats([r["half_life"] for r in rs]),
+            "pretrain_steps": _stats([r["steps_to_target"] for r in rs]),
+            "never_reached_target": [r["seed"] for r in rs if not r["reached_target"]],
+            "sub_test_acc": _stats([r["sub_test_acc"] for r in rs]),
+            "add_acc_end": _stats([r["add_acc_end"] for r in rs]),
+        }
+    per_rank = {}
+    for r_ in config.ranks:
+        rs = [runs[(config.rank_depth, s, r_)] for s in config.seeds]
+        per_rank[str(r_)] = {"half_life": _stats([r["half_life"] for r in rs]),
+                             "sub_test_acc": _stats([r["sub_test_acc"] for r in rs]),
+                             "add_acc_end": _stats([r["add_acc_end"] for r in rs])}
+    return {"config": config.as_dict(), "per_depth": per_depth, "per_rank": per_rank,
+            "spectra": spectra,
+            "runs": [dict(v, key=f"d{k[0]}_s{k[1]}_r{k[2]}") for k, v in runs.items()]}
+
+
+def redraw(out_dir: str) -> None:
+    """Draw the figures again from `out_dir/summary.json` (no training)."""
+    import json
+
+    from ._config import make_config
+
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    _figures(make_config(summary["config"]), summary, out_dir)
+
+
+def _band(ax, steps, curves, label, color):
+    a = np.asarray(curves, float)
+    mean = a.mean(axis=0)
+    ax.plot(steps, mean, color=color, label=label)
+    ax.fill_between(steps, a.min(axis=0), a.max(axis=0), color=color, alpha=0.2)
+
+
+def _figures(config, summary, out_dir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    runs = {r["key"]: r for r in summary["runs"]}
+    cmap = plt.get_cmap("viridis")
+    depths, seeds, ranks = config.depths, config.seeds, config.ranks
+    colors = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+
+    def curves(d, r, key):
+        rs = [runs[f"d{d}_s{s}_r{r}"] for s in seeds]
+        return rs[0]["ft_steps"], [x[key] for x in rs]
+
+    # 1. forgetting curves per depth + subtraction accuracy
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+    for d in depths:
+        st, cu = curves(d, config.rank, "ft_add_acc")
+        _band(axs[0], st, cu, f"depth {d}", colors[d])
+        st, cu = curves(d, config.rank, "ft_sub_test_acc")
+        _band(axs[1], st, cu, f"depth {d}", colors[d])
+    axs[0].set(xlabel="fine-tuning step", ylabel="addition accuracy (all pairs)",
+               title=f"forgetting (LoRA r={config.rank} on {'+'.join(config.targets)})")
+    axs[1].set(xlabel="fine-tuning step", ylabel="subtraction test accuracy",
+               title="new task")
+    for ax in axs:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "forgetting.png"), dpi=110)
+    plt.close(fig)
+
+    # 2. half-life, pre-training steps, subtraction accuracy against depth. Censored
+    # values (never halved / never reached the target) are drawn at the cap as red ▲.
+    fig, axs = plt.subplots(1, 3, figsize=(13, 3.8))
+    pdp = summary["per_depth"]
+    caps = {"half_life": config.ft_steps, "pretrain_steps": config.max_steps,
+            "sub_test_acc": None}
+    labels = {"half_life": "forgetting half-life (fine-tuning steps)",
+              "pretrain_steps": f"pre-training steps to test acc ≥ {config.target_acc}",
+              "sub_test_acc": "subtraction test acc. reached"}
+    for ax, key in zip(axs, caps):
+        for d in depths:
+            st = pdp[str(d)][key]
+            vals = st["values"]
+            ok = [v for v in vals if v is not None]
+            ax.scatter([d] * len(ok), ok, color=colors[d], alpha=0.7, s=18)
+            n_cens = len(vals) - len(ok)
+            if n_cens:
+                ax.scatter([d], [caps[key]], marker="^", color="red", s=30)
+                ax.annotate(f"{n_cens}/{len(vals)} > cap", (d, caps[key]),
+                            textcoords="offset points", xytext=(0, 6), ha="center",
+                            fontsize=7, color="red")
+            if st["mean"] is not None:
+                ax.errorbar([d], [st["mean"]], yerr=[st["std"]], fmt="k_", capsize=4, ms=14)
+        ax.set(xlabel="depth", ylabel=labels[key], xticks=list(depths))
+        ax.grid(alpha=0.3)
+    axs[0].set_title("step at which addition acc. halves")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "depth_summary.png"), dpi=110)
+    plt.close(fig)
+
+    # 3. ranks at one depth
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+    rc = {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
+    for r in ranks:
+        st, cu = curves(config.rank_depth, r, "ft_add_acc")
+        _band(axs[0], st, cu, f"r = {r}", rc[r])
+        st, cu = curves(config.rank_depth, r, "ft_sub_test_acc")
+        _band(axs[1], st, cu, f"r = {r}", rc[r])
+    axs[0].set(xlabel="fine-tuning step", ylabel="addition accuracy",
+               title=f"ranks at depth {config.rank_depth} (α = {config.alpha})")
+    axs[1].set(xlabel="fine-tuning step", ylabel="subtraction test accuracy")
+    for ax in axs:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "ranks.png"), dpi=110)
+    plt.close(fig)
+
+    # 4. spectra
+    sp = summary["spectra"]
+    if sp:
+        n = len(sp)
+        fig, axs = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
+        for ax, (d, e) in zip(axs[0], sp.items()):
+            ax.scatter(e["V_real"], e["V_imag"], s=10, label="V", color="tab:blue")
+            ax.scatter(e["Vlora_real"], e["Vlora_imag"], s=10, marker="x",
+                       label="V + (α/r)BA", color="tab:red")
+            ax.set(title=f"depth {d}", xlabel="Re λ")
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.grid(alpha=0.3)
+        axs[0][0].set_ylabel("Im λ")
+        axs[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out_dir, "spectra.png"), dpi=110)
+        plt.close(fig)
+
+    # 5. particle divergence against forgetting
+    pts = [r for r in summary["runs"] if "div_euler" in r and r["rank"] == config.rank]
+    if pts:
+        fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, title in ((axs[0], "rel_div_euler", "Euler h = 1 (the model)"),
+                               (axs[1], "rel_div_rk4", "RK4 h = 0.05 (ODE limit)")):
+            for d in depths:
+                sel = [r for r in pts if r["depth"] == d]
+                ax.scatter([r[key] for r in sel],
+                           [r["add_acc_start"] - r["add_acc_end"] for r in sel],
+                           color=colors[d], label=f"depth {d}")
+            ax.set(xlabel="relative particle divergence e(T)/max|x(T)|, T = depth",
+                   ylabel="forgetting (drop of addition acc.)", title=title)
+            ax.grid(alpha=0.3)
+        axs[0].legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out_dir, "particle.png"), dpi=110)
+        plt.close(fig)
+
+    # 6. pre-training curves
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in depths:
+        for s in seeds:
+            r = runs[f"d{d}_s{s}_r{config.rank}"]
+            ax.plot(r["pre_steps"], r["pre_test_acc_curve"], color=colors[d], alpha=0.7,
+                    label=f"depth {d}" if s == seeds[0] else None)
+    ax.axhline(config.target_acc, color="k", ls=":", lw=1)
+    ax.set(xlabel="pre-training step", ylabel="addition test accuracy",
+           title=f"pre-training (p = {config.p}, d = {config.d_model})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "pretrain.png"), dpi=110)
+    plt.close(fig)

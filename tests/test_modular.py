@@ -1,0 +1,225 @@
+"""Modular-arithmetic transformer (issue 5): data, model, LoRA, training, resume, CLI."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.cli import main
+from jaxattn.modular import (
+    ModularTransformer,
+    all_pairs,
+    finetune,
+    half_life,
+    make_config,
+    pretrain,
+    split_indices,
+    trainable_filter,
+)
+from jaxattn.modular._train import adamw
+
+TINY = {"p": 7, "d_model": 16, "depth": 2, "max_steps": 120, "log_every": 20, "checkpoint_every": 40,
+            "ft_steps": 60, "ft_log_every": 10, "ft_checkpoint_every": 20, "rank": 4, "alpha": 2.0,
+            "lr": 3e-3, "ft_lr": 1e-3, "train_frac": 0.6, "target_acc": 1.0}
+
+
+def tiny(**kw):
+    return make_config(**(TINY | kw))
+
+
+# -- data ---------------------------------------------------------------------------
+def test_data_layout():
+    tok, lab = all_pairs(7, "+")
+    assert tok.shape == (49, 4) and tok.dtype == np.int32
+    assert list(tok[3 * 7 + 5]) == [3, 8, 5, 7]  # x, '+', y, '='
+    assert lab[3 * 7 + 5] == 1
+    tok, lab = all_pairs(7, "-")
+    assert list(tok[2 * 7 + 5]) == [2, 9, 5, 7] and lab[2 * 7 + 5] == (2 - 5) % 7
+
+
+def test_split_is_deterministic():
+    a = split_indices(11, 0.6, 3)
+    b = split_indices(11, 0.6, 3)
+    c = split_indices(11, 0.6, 4)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+    assert len(a[0]) == round(0.6 * 121)
+    assert sorted(np.concatenate(a).tolist()) == list(range(121))
+
+
+# -- model ----------------------------------------------------------------------------
+def _random_loras(model, key):
+    """Give the model's LoRAs non-zero B (fresh ones have B = 0)."""
+    los = []
+    for lo, k in zip(model.loras, jax.random.split(key, len(model.loras))):
+        B = jax.random.normal(k, lo.B.shape, lo.B.dtype)
+        los.append(eqx.tree_at(lambda m: m.B, lo, B))
+    return eqx.tree_at(lambda m: m.loras, model, tuple(los))
+
+
+def test_lora_scaling_alpha_over_r():
+    c = tiny(dtype="float64")
+    m = ModularTransformer(c, key=jax.random.key(0)).with_loras(
+        ("V", "O"), rank=4, alpha=2.0, key=jax.random.key(1))
+    tok = jnp.asarray(all_pairs(7, "+")[0][:5])
+    assert jnp.array_equal(jax.vmap(m)(tok), jax.vmap(m.without_loras())(tok))  # B = 0
+    m = _random_loras(m, jax.random.key(2))
+    lo = m.loras[0]
+    V = m.block.V[0]
+    want = V + (2.0 / 4) * (lo.B[0] @ lo.A[0])
+    np.testing.assert_allclose(m.weight("V"), want, rtol=1e-12)
+    # the output equals a model whose base weights are the merged ones
+    merged = eqx.tree_at(lambda mm: (mm.block.V, mm.block.O), m.without_loras(),
+                         (m.weight("V")[None], m.weight("O")[None]))
+    np.testing.assert_allclose(jax.vmap(m)(tok), jax.vmap(merged)(tok), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_residual_stream_is_euler_of_particle_dynamics():
+    from jaxattn import PlainField, simulate
+
+    c = tiny(dtype="float64", depth=3)
+    m = ModularTransformer(c, key=jax.random.key(0)).with_loras(
+        ("V",), rank=2, alpha=1.0, key=jax.random.key(1))
+    m = _random_loras(m, jax.random.key(3))
+    tok = jnp.asarray(all_pairs(7, "+")[0][:3])
+    xs = jax.vmap(m.residual_stream)(tok)  # (3, depth+1, 4, d)
+    Q, K, V, beta = m.particle_weights()
+    sol = simulate(PlainField(Q, K, V, beta=beta, dtype=jnp.float64), xs[:, 0], 3.0,
+                   solver="euler", dt=1.0)
+    np.testing.assert_allclose(sol.xs, xs, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_layer_is_the_same_function():
+    tok = jnp.asarray(all_pairs(7, "+")[0])
+    for kw in ({}, {"layernorm": True, "tied": False}):
+        outs = []
+        for fused in (True, False):
+            m = ModularTransformer(tiny(dtype="float64", fused=fused, **kw),
+                                   key=jax.random.key(0))
+            m = _random_loras(m.with_loras(("Q", "V", "O"), rank=2, alpha=1.0,
+                                           key=jax.random.key(1)), jax.random.key(2))
+            outs.append(jax.vmap(m)(tok))
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+
+
+def test_options_untied_layernorm_heads_run():
+    c = tiny(tied=False, layernorm=True, heads=2, depth=3)
+    m = ModularTransformer(c, key=jax.random.key(0)).with_loras(
+        ("Q", "K"), rank=2, alpha=1.0, key=jax.random.key(1))
+    assert m.block.Q.shape == (3, 16, 16) and m.loras[0].A.shape == (3, 2, 16)
+    out = jax.vmap(m)(jnp.asarray(all_pairs(7, "+")[0][:4]))
+    assert out.shape == (4, 7) and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_half_life():
+    assert half_life([0, 10, 20], [1.0, 0.8, 0.4]) == pytest.approx(17.5)
+    assert half_life([0, 10], [1.0, 0.9]) is None
+
+
+# -- training, resume, fine-tuning -------------------------------------------------------
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step):
+    def on_log(s, row):
+        if s == step:
+            raise Killed
+
+    return on_log
+
+
+def test_pretrain_resume_after_kill_is_identical(tmp_path):
+    c = tiny()
+    m_ref, rows_ref, _ = pretrain(c, str(tmp_path / "ref"))
+    with pytest.raises(Killed):  # killed at step 100, last checkpoint at 80
+        pretrain(c, str(tmp_path / "run"), on_log=_kill_at(100))
+    m, rows, s = pretrain(c, str(tmp_path / "run"))
+    assert s["resumed_from"] == 80
+    assert rows == rows_ref
+    assert bool(eqx.tree_equal(m, m_ref))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert saved == rows_ref and [r["step"] for r in saved] == list(range(0, 121, 20))
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == len(rows) + 1
+
+
+def test_finetune_freezes_base_and_resumes(tmp_path):
+    c = tiny()
+    base, _, _ = pretrain(c, str(tmp_path / "pre"))
+    bp = str(tmp_path / "pre" / "model.eqx")
+    tuned, rows_ref, s = finetune(c, str(tmp_path / "ft_ref"), bp)
+    # base weights unchanged, only the LoRA factors moved
+    assert bool(eqx.tree_equal(tuned.without_loras(), base))
+    assert float(jnp.max(jnp.abs(tuned.loras[0].B))) > 0
+    assert s["add_acc_start"] == rows_ref[0]["add_all_acc"]
+    # no optimiser state for frozen leaves
+    model = base.with_loras(("V",), rank=4, alpha=2.0, key=jax.random.key(0))
+    params, _ = eqx.partition(model, trainable_filter(model, lora_only=True))
+    assert len(jax.tree.leaves(params)) == 2
+    with jax.numpy_dtype_promotion("standard"):
+        state = adamw(1e-3, 0.9, 0.98, 0.0, 0, "float32").init(params)
+    n_float = sum(x.size for x in jax.tree.leaves(state)
+                  if jnp.issubdtype(x.dtype, jnp.floating))
+    lora_size = sum(x.size for x in jax.tree.leaves(params))
+    assert n_float == 2 * lora_size  # Adam's mu and nu for A and B only
+    # resume after a kill
+    with pytest.raises(Killed):
+        finetune(c, str(tmp_path / "ft"), bp, on_log=_kill_at(50))
+    tuned2, rows, s2 = finetune(c, str(tmp_path / "ft"), bp)
+    assert s2["resumed_from"] == 40 and rows == rows_ref
+    assert bool(eqx.tree_equal(tuned2, tuned))
+
+
+# -- command line --------------------------------------------------------------------------
+def _cfg(tmp_path, name="c.json", **kw):
+    path = tmp_path / name
+    path.write_text(json.dumps(TINY | kw))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"p": 9}, "prime"), ({"p": 3}, "prime"), ({"depth": 0}, "depth"),
+    ({"rank": 17}, "rank 17 exceeds d_model"), ({"targets": ["W"]}, "unknown LoRA target"),
+    ({"nonsense": 1}, "unknown config key"),
+])
+def test_cli_bad_config(tmp_path, capsys, bad, msg):
+    out = tmp_path / "out"
+    assert main(["modular", "pretrain", "--config", _cfg(tmp_path, **bad),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_unreadable_config(tmp_path, capsys):
+    for path in (tmp_path / "missing.toml", tmp_path / "garbage.toml"):
+        if "garbage" in path.name:
+            path.write_bytes(b"p = = \xff")
+        assert main(["modular", "study", "--config", str(path), "--out",
+                     str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxattn: error:") and err.count("\n") == 1
+
+
+def test_cli_pretrain_finetune_and_foreign_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = _cfg(tmp_path, max_steps=40)
+    assert main(["modular", "pretrain", "--config", cfg, "--out", str(out)]) == 0
+    assert main(["modular", "finetune", "--config", cfg, "--out", str(out)]) == 0
+    assert (out / "finetune" / "summary.json").exists()
+    capsys.readouterr()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = _cfg(tmp_path, "other.json", max_steps=40, d_model=8, rank=2, ranks=[1, 2])
+    for action in ("pretrain", "finetune"):
+        assert main(["modular", action, "--config", other, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "another configuration" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # fine-tuning without a pre-trained model
+    assert main(["modular", "finetune", "--config", cfg, "--out", str(tmp_path / "e")]) == 2
+    assert "no pre-trained model" in capsys.readouterr().err
