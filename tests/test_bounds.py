@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import jaxattn as ja
@@ -16,7 +16,7 @@ N, D, T1, DT = 5, 3, 1.0, 0.01
 NUM_SLACK = 1e-8
 
 
-def _case(dyn, target, seed, eps, beta, scale):
+def _case(dyn, target, seed, eps, beta, scale, *, require_ok=True):
     rng = np.random.default_rng(seed)
     Q, K, V = (jnp.asarray(scale * rng.normal(size=(D, D)) / np.sqrt(D)) for _ in range(3))
     x0 = jnp.asarray(rng.uniform(-1.0, 1.0, size=(N, D)))
@@ -24,7 +24,8 @@ def _case(dyn, target, seed, eps, beta, scale):
     lora = ja.LoRA.random(D, rank=1, norm=eps, target=target, key=jax.random.key(seed))
     fp = f.with_lora(lora)
     s, sp = ja.simulate(f, x0, T1, dt=DT), ja.simulate(fp, x0, T1, dt=DT)
-    assert s.ok and sp.ok
+    if require_ok:
+        assert s.ok and sp.ok
     e = np.asarray(ja.divergence(s.xs, sp.xs))
     return f, fp, s, sp, e
 
@@ -35,7 +36,11 @@ def _case(dyn, target, seed, eps, beta, scale):
 @given(seed=st.integers(0, 10_000), log_eps=st.floats(-3.0, -0.3),
        beta=st.floats(0.1, 2.0), scale=st.floats(0.3, 1.5))
 def test_bound_dominates_measured_divergence(dyn, target, seed, log_eps, beta, scale):
-    f, fp, s, sp, e = _case(dyn, target, seed, 10.0**log_eps, beta, scale)
+    f, fp, s, sp, e = _case(dyn, target, seed, 10.0**log_eps, beta, scale, require_ok=False)
+    # USA's unnormalised weights e^{β u} can make the field so large (β = 2, scale 1.5:
+    # |F| ~ e^{β‖A‖}) that RK4 with dt = 0.01 blows up; a failed solve says nothing about
+    # the bound, so such draws are discarded (status is checked, never silently used).
+    assume(bool(s.ok and sp.ok))
     post = ja.bound_a_posteriori(f, fp, s.ts, s.xs, sp.xs)
     prior = ja.bound_a_priori(f, fp, s.ts, s.xs[0])
     assert not np.any(np.isnan(post.bound)) and not np.any(np.isnan(prior.bound))
