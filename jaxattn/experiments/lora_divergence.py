@@ -102,7 +102,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             "stays_apart_from": _stays_apart_from(ts, above_t),
         }
 
-    log("[4/4] figures, animation and summary ...")
+    log("[4/4] figures and summary ...")
     from .. import plotting
 
     times = [0.0, 2.0, 5.0, 10.0, 20.0, cfg["t1"]] if cfg["t1"] >= 20 else list(
