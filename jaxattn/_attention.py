@@ -51,17 +51,6 @@ def unnormalised_weights(u: Float[Array, "n m"], beta) -> Float[Array, "n m"]:
     return jnp.exp(beta * u) / u.shape[-1]
 
 
-def attend(
-    q: Float[Array, "n e"],
-    k: Float[Array, "m e"],
-    v: Float[Array, "m f"],
-    beta,
-    log_scale=0.0,
-) -> Float[Array, "n f"]:
-    """`Σ_j P_ij v_j` with `P = softmax_weights(q kᵀ, beta, log_scale)`."""
-    return softmax_weights(attention_scores(q, k), beta, log_scale) @ v
-
-
 KERNELS = ("auto", "dense", "blockwise")
 # "auto": dense up to this many scores n·m, blockwise above. Measured on the 2-core CPU
 # (rescaled field, RK4 step, float32): equal speed near n = 1000 (d = 2), blockwise 1.6×
@@ -72,6 +61,27 @@ AUTO_DENSE_MAX_SCORES = 2048 * 2048
 def use_blockwise(kernel: str, n: int, m: int) -> bool:
     """Static choice of the attention path for `n` queries and `m` keys."""
     return kernel == "blockwise" or (kernel == "auto" and n * m > AUTO_DENSE_MAX_SCORES)
+
+
+def attend(
+    q: Float[Array, "n e"],
+    k: Float[Array, "m e"],
+    v: Float[Array, "m f"],
+    beta,
+    log_scale=0.0,
+    *,
+    kernel: str = "dense",
+    block: int = 1024,
+    normalise: bool = True,
+) -> Float[Array, "n f"]:
+    """`Σ_j P_ij v_j`, the one place that picks the attention path: `kernel` is
+    `"dense"` (materialised P), `"blockwise"` (`attend_blockwise`) or `"auto"`
+    (`use_blockwise`). `normalise=False` gives USA's `exp(β u_ij)/m` weights."""
+    if use_blockwise(kernel, q.shape[0], k.shape[0]):
+        return attend_blockwise(q, k, v, beta, log_scale, block=block, normalise=normalise)
+    u = attention_scores(q, k)
+    P = softmax_weights(u, beta, log_scale) if normalise else unnormalised_weights(u, beta)
+    return P @ v
 
 
 def _pad_rows(x, multiple: int):

@@ -16,8 +16,7 @@ import jax.scipy.linalg as jsl
 
 from ._attention import (
     KERNELS,
-    attend_blockwise,
-    use_blockwise,
+    attend,
     attention_scores,
     softmax_weights,
     unnormalised_weights,
@@ -172,9 +171,7 @@ class AbstractField(eqx.Module):
     def attend(self, t, y, values, args=None):
         """`Σ_j P_ij values_j` with the field's kernel (dense or blockwise)."""
         q, k, log_scale = self._queries_keys(t, y, args)
-        if use_blockwise(self.kernel, q.shape[0], k.shape[0]):
-            return attend_blockwise(q, k, values, self.beta, log_scale, block=self.block)
-        return softmax_weights(attention_scores(q, k), self.beta, log_scale) @ values
+        return attend(q, k, values, self.beta, log_scale, kernel=self.kernel, block=self.block)
 
     @abc.abstractmethod
     def __call__(self, t, y: Float[Array, "n d"], args=None) -> Float[Array, "n d"]:
@@ -247,9 +244,8 @@ class USAField(AbstractField):
 
     def attend(self, t, y, values, args=None):
         q, k, _ = self._queries_keys(t, y, args)
-        if use_blockwise(self.kernel, q.shape[0], k.shape[0]):
-            return attend_blockwise(q, k, values, self.beta, block=self.block, normalise=False)
-        return unnormalised_weights(attention_scores(q, k), self.beta) @ values
+        return attend(q, k, values, self.beta, kernel=self.kernel, block=self.block,
+                      normalise=False)
 
     def __call__(self, t, y, args=None):
         return _tangent(y, self.attend(t, y, self.project("V", y), args))
