@@ -51,7 +51,7 @@ def unnormalised_weights(u: Float[Array, "n m"], beta) -> Float[Array, "n m"]:
     return jnp.exp(beta * u) / u.shape[-1]
 
 
-KERNELS = ("auto", "dense", "blockwise")
+KERNELS = ("auto", "dense", "blockwise", "dot_product", "dot_product_bf16")
 # "auto": dense up to this many scores n·m, blockwise above. Measured on the 2-core CPU
 # (rescaled field, RK4 step, float32): equal speed near n = 1000 (d = 2), blockwise 1.6×
 # faster at n = 1000, d = 64 and 4× faster with 4× less memory at n = 16384 (d = 3).
@@ -77,11 +77,59 @@ def attend(
     """`Σ_j P_ij v_j`, the one place that picks the attention path: `kernel` is
     `"dense"` (materialised P), `"blockwise"` (`attend_blockwise`) or `"auto"`
     (`use_blockwise`). `normalise=False` gives USA's `exp(β u_ij)/m` weights."""
+    if kernel.startswith("dot_product"):
+        if not normalise:
+            raise ValueError(f"attention kernel {kernel!r} computes a softmax; USA's "
+                             "unnormalised weights need dense or blockwise")
+        return attend_dot_product(q, k, v, beta, log_scale,
+                                  low_precision=kernel == "dot_product_bf16")
     if use_blockwise(kernel, q.shape[0], k.shape[0]):
         return attend_blockwise(q, k, v, beta, log_scale, block=block, normalise=normalise)
     u = attention_scores(q, k)
     P = softmax_weights(u, beta, log_scale) if normalise else unnormalised_weights(u, beta)
     return P @ v
+
+
+def attend_dot_product(
+    q: Float[Array, "n e"],
+    k: Float[Array, "m e"],
+    v: Float[Array, "m f"],
+    beta,
+    log_scale=0.0,
+    *,
+    low_precision: bool = False,
+) -> Float[Array, "n f"]:
+    """`Σ_j P_ij v_j` through `jax.nn.dot_product_attention` (one head), the scale `β e^{log_scale}`
+    passed explicitly (never its default `1/√e`).
+
+    On the CPU this is XLA's fused attention. With `low_precision`, q, k, v are cast to
+    bfloat16 (the output back to the state's dtype) and, on a GPU, cuDNN's flash
+    attention is used; the ODE state and the solver keep their own dtype. cuDNN takes the
+    scale as a static number, so there the (traced) scale is folded into q first: `s·q`
+    must stay finite, which fails for the rescaled dynamics at long times (e^{2ct} in the
+    scale); use `dense`/`blockwise` there. The value dimension must equal the key's.
+    """
+    if v.shape[-1] != k.shape[-1]:
+        raise ValueError(f"dot_product attention needs values of the key's width "
+                         f"{k.shape[-1]}, got {v.shape[-1]}")
+    out_dtype = v.dtype
+    s = beta * _scale_from_log(log_scale, q.dtype)
+    # JAX's implementation promotes float64 against float32 internally; allow that here
+    # even when the caller runs with strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        out = _dot_product(q, k, v, s, low_precision)
+    return out[:, 0, :].astype(out_dtype)
+
+
+def _dot_product(q, k, v, s, low_precision):
+    if low_precision:
+        cudnn = jax.default_backend() == "gpu"
+        q, k, v = (a.astype(jnp.bfloat16) for a in ((q * s) if cudnn else q, k, v))
+        return jax.nn.dot_product_attention(
+            q[:, None, :], k[:, None, :], v[:, None, :],
+            scale=1.0 if cudnn else s.astype(jnp.float32),
+            implementation="cudnn" if cudnn else None)
+    return jax.nn.dot_product_attention(q[:, None, :], k[:, None, :], v[:, None, :], scale=s)
 
 
 def _pad_rows(x, multiple: int):

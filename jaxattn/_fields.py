@@ -48,7 +48,12 @@ class AbstractField(eqx.Module):
     - `dtype`: cast every weight to this dtype (default: the default float dtype).
     - `kernel`: `"dense"` (materialised n×n softmax), `"blockwise"` (online softmax over
       key blocks of size `block`: memory O(block²), for large n), or `"auto"` (default:
-      dense up to n·n = 2048², blockwise above; see `_attention.AUTO_DENSE_MAX_SCORES`).
+      dense up to n·n = 2048², blockwise above; see `_attention.AUTO_DENSE_MAX_SCORES`),
+      `"dot_product"` (`jax.nn.dot_product_attention` with β as its explicit scale) or
+      `"dot_product_bf16"` (the same with q, k, v in bfloat16: cuDNN flash attention on a
+      GPU; the state stays in `dtype`). The dot-product kernels are float32 paths (JAX
+      computes their softmax in float32) and do not apply to USA, whose weights are not
+      a softmax.
     """
 
     Q: Float[Array, "d d"]
@@ -109,6 +114,13 @@ class AbstractField(eqx.Module):
                               lo.target.upper()))
         self.loras = tuple(fixed)
         self.kernel = check_choice(kernel, "attention kernel", KERNELS)
+        if self.kernel.startswith("dot_product") and type(self).dynamics == "usa":
+            raise ValueError(f"attention kernel {kernel!r} computes a softmax; USA's "
+                             "unnormalised weights need dense, blockwise or auto")
+        if self.kernel.startswith("dot_product") and self.V.dtype == jnp.float64:
+            raise ValueError(f"attention kernel {kernel!r} computes its softmax in float32 "
+                             "(jax.nn.dot_product_attention): use it with dtype float32, "
+                             "or dense/blockwise for float64")
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"attention block must be a positive integer, got {block!r}")
         self.block = int(block)

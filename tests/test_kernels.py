@@ -49,6 +49,48 @@ def test_blockwise_equals_dense_float32(dyn):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(a)))
 
 
+SOFTMAX_DYN = ["plain", "rescaled", "sphere"]
+
+
+@pytest.mark.parametrize("dyn", SOFTMAX_DYN)
+def test_dot_product_equals_dense_float32_and_bf16(dyn):
+    Q, K, V, x = _case(dyn, 300, 3, jnp.float32, seed=5)
+    dense = ja.make_field(dyn, Q, K, V, beta=1.0, kernel="dense", dtype=jnp.float32)
+    dpa = ja.make_field(dyn, Q, K, V, beta=1.0, kernel="dot_product", dtype=jnp.float32)
+    low = ja.make_field(dyn, Q, K, V, beta=1.0, kernel="dot_product_bf16", dtype=jnp.float32)
+    a, b, c = dense(0.7, x), dpa(0.7, x), low(0.7, x)
+    assert a.dtype == b.dtype == c.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(a)))
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * scale
+    # bfloat16 inputs carry 8 significant bits (relative rounding 2^-9 ≈ 2e-3 per entry);
+    # the logits, weights and weighted sum each add a few of those: 3e-2 is a loose cap
+    # that still catches a wrong scale (β = 1 vs the default 1/√3 differs by 40 %).
+    err = float(jnp.max(jnp.abs(a - c)))
+    assert 0 < err <= 3e-2 * scale
+    # Through a jitted, vmapped solve as well (two initial conditions, 5 RK4 steps).
+    xb = jnp.stack([x[:50], x[50:100]])
+    s1 = ja.simulate(dense, xb, 0.5, dt=0.1)
+    s2 = ja.simulate(dpa, xb, 0.5, dt=0.1)
+    assert s2.ok and float(jnp.max(jnp.abs(s1.xs - s2.xs))) <= 1e-5 * float(jnp.max(jnp.abs(s1.xs)))
+
+
+def test_dot_product_gradient_and_bad_uses_rejected():
+    Q, K, V, x = _case("rescaled", 20, 3, jnp.float32, seed=6)
+
+    def loss(Qm, kernel):
+        f = ja.RescaledField(Qm, K, V, beta=1.5, kernel=kernel, dtype=jnp.float32)
+        return jnp.sum(f(jnp.float32(1.2), x) ** 2)
+
+    g1 = jax.grad(loss)(Q, "dense")
+    g2 = jax.grad(loss)(Q, "dot_product")
+    # float32 arithmetic in a different order: a few ulps of the largest entry.
+    np.testing.assert_allclose(g2, g1, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(g1))))
+    with pytest.raises(ValueError, match="USA's unnormalised weights"):
+        ja.USAField(d=3, kernel="dot_product", dtype=jnp.float32)
+    with pytest.raises(ValueError, match="softmax in float32"):
+        ja.PlainField(d=3, kernel="dot_product", dtype=jnp.float64)
+
+
 def test_blockwise_uniform_attention_at_beta_zero():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 2)))
     v = x * 2.0
