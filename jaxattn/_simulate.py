@@ -141,14 +141,26 @@ class _Config(eqx.Module):
     renormalise: bool
     n_field_batch: int
     n_x_batch: int
+    # Optional `fn(t, y, args) -> pytree` saved instead of the state (diffrax
+    # `SaveAt(fn=...)`): summaries keep memory flat in long sweeps. With `renormalise`
+    # it sees the renormalised state.
+    save_fn: object = None
 
 
 def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
     term = diffrax.ODETerm(field)
+    fn_kw = {}
+    if cfg.save_fn is not None:
+        user_fn = cfg.save_fn
+        if cfg.renormalise:
+            fn_kw["fn"] = lambda t, y, args: user_fn(
+                t, y / jnp.linalg.norm(y, axis=-1, keepdims=True), args)
+        else:
+            fn_kw["fn"] = user_fn
     if cfg.saveat_steps:
-        saveat = diffrax.SaveAt(t0=True, steps=True)
+        saveat = diffrax.SaveAt(t0=True, steps=True, **fn_kw)
     else:
-        saveat = diffrax.SaveAt(ts=ts)
+        saveat = diffrax.SaveAt(ts=ts, **fn_kw)
     meter = diffrax.TqdmProgressMeter() if cfg.progress else diffrax.NoProgressMeter()
     sol = diffrax.diffeqsolve(
         term, cfg.solver, t0, t1, dt0, y0, args=field.solve_args(),
@@ -160,7 +172,7 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
         progress_meter=meter,
     )
     ys = sol.ys
-    if cfg.renormalise:
+    if cfg.renormalise and cfg.save_fn is None:
         # Steps are projected by `_Projected`; dense-output points between steps too.
         ys = ys / jnp.linalg.norm(ys, axis=-1, keepdims=True)
     res = sol.result
@@ -170,13 +182,12 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
         jnp.where(res == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS,
                   STATUS_SOLVER_FAILED),
     )
-    status = jnp.where(
-        (status == STATUS_OK) & ~jnp.all(jnp.isfinite(ys)), STATUS_NONFINITE, status
-    )
-    if cfg.sphere:
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(ys)]))
+    status = jnp.where((status == STATUS_OK) & ~finite, STATUS_NONFINITE, status)
+    if cfg.sphere and cfg.save_fn is None:
         drift = jnp.max(jnp.abs(jnp.linalg.norm(ys, axis=-1) - 1.0))
     else:
-        drift = jnp.zeros((), ys.dtype)
+        drift = jnp.zeros((), y0.dtype)
     return ys, status, sol.stats["num_accepted_steps"], drift
 
 
@@ -236,6 +247,7 @@ def simulate(
     adjoint=None,
     checkpoints: int | None = None,
     progress: bool = False,
+    summary=None,
 ) -> Solution:
     """Integrate `x' = field(t, x)` from `t0` to `t1` for one or many initial conditions.
 
@@ -259,6 +271,10 @@ def simulate(
     - `adjoint`: `"checkpoint"` (default, reverse mode with `checkpoints`), `"backsolve"`
       or `"forward"` (forward-mode AD), or any `diffrax.AbstractAdjoint`.
     - `progress`: show a tqdm progress bar.
+    - `summary`: `fn(t, x) -> array or pytree`, saved at the output times instead of the
+      tokens (diffrax `SaveAt(fn=...)`): `Solution.xs` then holds its values with the
+      leading axes `(*batch, T)`, and memory stays O(T × summary size) however many
+      tokens there are. `norm_drift` is not computed then.
 
     **Returns:** a `Solution`. Members whose solve fails get a non-zero `status`; the
     batch still returns.
@@ -354,7 +370,13 @@ def simulate(
         xs = jnp.broadcast_to(x0, field.batch_shape + x0.shape)
         xs = jnp.broadcast_to(xs[..., None, :, :], batch + (out_ts.shape[0],) + x0.shape[-2:])
         zeros = jnp.zeros(batch, jnp.int32)
-        return Solution(out_ts, xs, zeros, zeros, jnp.zeros(batch, dtype) if sphere else None,
+        if summary is not None:
+            T = out_ts.shape[0]
+            flat = xs.reshape((-1,) + x0.shape[-2:])
+            vals = jax.vmap(summary)(jnp.tile(out_ts, flat.shape[0] // T), flat)
+            xs = jax.tree.map(lambda a: a.reshape(batch + (T,) + a.shape[1:]), vals)
+        return Solution(out_ts, xs, zeros, zeros,
+                        jnp.zeros(batch, dtype) if sphere and summary is None else None,
                         field.dynamics)
 
     cfg = _Config(
@@ -368,10 +390,23 @@ def simulate(
         renormalise=bool(renormalise and sphere),
         n_field_batch=len(field.batch_shape),
         n_x_batch=x0.ndim - 2,
+        save_fn=None if summary is None else _SummaryFn(summary),
     )
     ts_arr = None if ts is None else jnp.asarray(ts, dtype)
+    if summary is not None and not callable(summary):
+        raise TypeError(f"summary must be a function fn(t, x), got {type(summary).__name__}")
     ys, status, steps, drift = _solve_batch(
         field, x0, jnp.asarray(t0, dtype), jnp.asarray(t1, dtype), dt0, ts_arr, cfg
     )
     out_ts = jnp.asarray(grid if saveat_steps else ts, dtype)
-    return Solution(out_ts, ys, status, steps, drift if sphere else None, field.dynamics)
+    keep_drift = sphere and summary is None
+    return Solution(out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics)
+
+
+class _SummaryFn(eqx.Module):
+    """`fn(t, x)` as diffrax's `fn(t, y, args)`; static (hashable by identity) for jit."""
+
+    fn: object = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        return self.fn(t, y)

@@ -157,3 +157,29 @@ def test_simulate_errors(kwargs, x0, match):
 def test_simulate_rejects_non_field():
     with pytest.raises(TypeError, match="field"):
         ja.simulate(lambda t, y, a: y, _x0(), 1.0)
+
+
+def test_summary_saves_fn_of_state_instead_of_tokens():
+    # SaveAt(fn=...): the summary at every output time equals the summary of the saved
+    # tokens of an ordinary solve (same arithmetic, so equal to rounding), with a batch.
+    f = ja.RescaledField(d=2, beta=1.0)
+    x = jax.random.uniform(jax.random.key(0), (3, 10, 2), jnp.float64, -1, 1)
+    full = ja.simulate(f, x, 2.0, dt=0.1)
+
+    def fn(t, y):
+        return {"mean": jnp.mean(y, axis=0), "spread": jnp.max(jnp.abs(y - y[:1]))}
+
+    s = ja.simulate(f, x, 2.0, dt=0.1, summary=fn)
+    assert s.xs["mean"].shape == (3, 21, 2) and s.xs["spread"].shape == (3, 21)
+    np.testing.assert_allclose(s.xs["mean"], full.xs.mean(axis=-2), rtol=0, atol=1e-14)
+    spread = jnp.max(jnp.abs(full.xs - full.xs[..., :1, :]), axis=(-2, -1))
+    np.testing.assert_allclose(s.xs["spread"], spread, rtol=0, atol=1e-14)
+    assert s.ok and s.norm_drift is None
+    # t1 == t0: the summary of x0 itself; sphere + renormalise: the fn sees unit tokens.
+    s0 = ja.simulate(f, x, 0.0, dt=0.1, summary=fn)
+    np.testing.assert_allclose(s0.xs["mean"][:, 0], x.mean(axis=-2))
+    sp = ja.simulate(ja.SphereField(d=2), x, 1.0, dt=0.1, renormalise=True,
+                     summary=lambda t, y: jnp.linalg.norm(y, axis=-1))
+    assert float(jnp.max(jnp.abs(sp.xs - 1.0))) < 1e-14
+    with pytest.raises(TypeError, match="summary must be a function"):
+        ja.simulate(f, x, 1.0, dt=0.1, summary=3)
