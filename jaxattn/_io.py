@@ -95,11 +95,19 @@ def write_json(path, data) -> None:
 
 
 def write_npz(path, **arrays) -> None:
+    """`np.savez`-compatible archive, written atomically and byte-for-byte reproducible:
+    the same arrays give the same file (fixed member timestamps, no pickles)."""
+    import zipfile
+
     import numpy as np
 
     def _w(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
     write_atomic(path, _w)
 

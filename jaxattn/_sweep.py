@@ -1,0 +1,719 @@
+"""Sweeps: a grid of simulations run as resumable chunks of vmapped, sharded solves.
+
+Two layers:
+
+- `run_chunks` — the engine: points `0 … P−1` in chunks of a fixed size; each finished
+  chunk is one `.npz` written atomically under `chunk_dir`, next to a `manifest.json`
+  naming the sweep. A rerun skips finished chunks, so a killed sweep resumes, and the
+  assembled arrays are identical to those of an uninterrupted run (every chunk is the
+  same computation on the same inputs, whoever ran it). Several processes
+  (`jax.distributed`) share the chunks round-robin. The experiments use this directly.
+- `sweep` — a simulation spec (`_spec.py`) plus a `[grid]` section: the Cartesian
+  product of the grid values, each point one solve whose summaries (diffrax
+  `SaveAt(fn=...)`, not whole trajectories) are saved at fixed times. A chunk is one
+  `shard_map` over the local devices of a `vmap` over its points.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._fields import AbstractField
+from ._io import check_output_dir, write_json, write_npz
+from ._lora import LoRA
+from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances
+from ._simulate import (
+    STATUS_MESSAGES,
+    STATUS_OK,
+    _Config,
+    _get_adjoint,
+    _Projected,
+    _ProjectedAdaptive,
+    _solve_one,
+    fixed_step_grid,
+)
+from ._solvers import ADAPTIVE, get_solver
+from ._spec import SpecError, initial_tokens, lora_from_table, parse_spec
+from ._validate import TARGETS
+
+MANIFEST = "manifest.json"
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as asked; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- engine
+def sweep_id(identity: dict) -> str:
+    """Stable short hash of everything that determines a sweep's chunk contents."""
+    text = json.dumps(identity, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _chunk_path(chunk_dir: str, c: int) -> str:
+    return os.path.join(chunk_dir, f"chunk-{c:06d}.npz")
+
+
+def _existing_chunks(chunk_dir: str) -> list[str]:
+    if not os.path.isdir(chunk_dir):
+        return []
+    return sorted(f for f in os.listdir(chunk_dir) if f.startswith("chunk-") and f.endswith(".npz"))
+
+
+def prepare_chunk_dir(chunk_dir: str, identity: dict, n_points: int, chunk: int) -> dict:
+    """Check (or create) `chunk_dir` for this sweep; never touches another sweep's files.
+
+    Raises `SweepError` when the folder holds chunks of a different sweep (other
+    identity or chunk size) or chunk files without a manifest.
+    """
+    if n_points < 1:
+        raise SweepError("the sweep has no points")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise SweepError(f"chunk size must be a positive integer, got {chunk!r}")
+    manifest = {"sweep_id": sweep_id({**identity, "chunk": int(chunk)}),
+                "n_points": int(n_points), "chunk": int(chunk),
+                "n_chunks": math.ceil(n_points / chunk)}
+    path = os.path.join(chunk_dir, MANIFEST)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            raise SweepError(f"{path} is not a readable sweep manifest; use another output "
+                             "folder") from None
+        if old.get("sweep_id") != manifest["sweep_id"]:
+            why = (f"chunk size {old.get('chunk')} there, {chunk} here"
+                   if old.get("chunk") != chunk and old.get("n_points") == n_points
+                   else "different spec or grid")
+            raise SweepError(f"{chunk_dir} holds chunks of a different sweep ({why}); choose "
+                             "another output folder or remove it")
+        return manifest
+    if _existing_chunks(chunk_dir):
+        raise SweepError(f"{chunk_dir} holds chunk files but no {MANIFEST}; choose another "
+                         "output folder or remove them")
+    os.makedirs(chunk_dir, exist_ok=True)
+    write_json(path, {**manifest, "identity": identity})
+    return manifest
+
+
+def run_chunks(
+    chunk_dir: str,
+    identity: dict,
+    n_points: int,
+    chunk: int,
+    compute: Callable[[np.ndarray], dict[str, np.ndarray]],
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    desc: str = "chunks",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """Run `compute(indices) -> {name: array with leading axis len(indices)}` over the
+    points `0 … n_points−1` in chunks of `chunk`, resumably.
+
+    - `identity`: JSON-able description of everything that changes the results; chunks
+      of another identity in `chunk_dir` are an error (`SweepError`), never overwritten.
+    - Finished chunks (`chunk-NNNNNN.npz`, written atomically) are loaded, not recomputed.
+    - `process_index`/`process_count` (default: `jax.process_index()`/`process_count()`):
+      process `i` computes chunks `c ≡ i (mod count)`; all share `chunk_dir`.
+    - `progress`: a tqdm bar over the chunks (stderr); `log` gets one line per chunk
+      when the bar is off, and a final line either way (None: silent).
+    - `on_chunk(c)` is called after chunk `c` is written (tests use it to interrupt).
+
+    **Returns** the concatenated arrays (leading axis `n_points`) once every chunk exists,
+    or None when chunks of other processes are still missing.
+    """
+    manifest = prepare_chunk_dir(chunk_dir, identity, n_points, chunk)
+    n_chunks = manifest["n_chunks"]
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= pi < pc:
+        raise SweepError(f"process index {pi} is not in 0 … {pc - 1}")
+    mine = [c for c in range(n_chunks) if c % pc == pi]
+    todo = [c for c in mine if not os.path.exists(_chunk_path(chunk_dir, c))]
+    done_before = len(mine) - len(todo)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), initial=done_before, desc=desc, unit="chunk",
+                   dynamic_ncols=True)
+    elif log and done_before:
+        log(f"{desc}: {done_before} of {len(mine)} chunks done earlier, skipped")
+    t_start = time.perf_counter()
+    try:
+        for k, c in enumerate(todo):
+            idx = np.arange(c * chunk, min(n_points, (c + 1) * chunk))
+            t0 = time.perf_counter()
+            out = compute(idx)
+            arrays = {name: np.asarray(a) for name, a in out.items()}
+            for name, a in arrays.items():
+                if a.shape[:1] != (idx.size,):
+                    raise ValueError(f"chunk output {name!r} has shape {a.shape}; expected a "
+                                     f"leading axis of {idx.size} points")
+            write_npz(_chunk_path(chunk_dir, c), index=idx, **arrays)
+            dt = time.perf_counter() - t0
+            if bar is not None:
+                bar.set_postfix_str(f"{idx.size / dt:.3g} points/s", refresh=False)
+                bar.update(1)
+            elif log:
+                log(f"{desc}: chunk {done_before + k + 1}/{len(mine)} ({idx.size} points) "
+                    f"in {dt:.2f} s")
+            if on_chunk is not None:
+                on_chunk(c)
+    finally:
+        if bar is not None:
+            bar.close()
+    if log and todo:
+        log(f"{desc}: {len(todo)} chunks computed in {time.perf_counter() - t_start:.1f} s")
+    return load_chunks(chunk_dir, n_points, chunk)
+
+
+def load_chunks(chunk_dir: str, n_points: int, chunk: int) -> dict[str, np.ndarray] | None:
+    """Concatenate all chunks in order, or None if any is missing."""
+    n_chunks = math.ceil(n_points / chunk)
+    paths = [_chunk_path(chunk_dir, c) for c in range(n_chunks)]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    parts: dict[str, list] = {}
+    for c, p in enumerate(paths):
+        with np.load(p, allow_pickle=False) as z:
+            idx = z["index"]
+            expect = np.arange(c * chunk, min(n_points, (c + 1) * chunk))
+            if not np.array_equal(idx, expect):
+                raise SweepError(f"{p} holds points {idx[:1]}… but should hold {expect[:1]}…; "
+                                 "the folder is damaged, remove it and rerun")
+            for name in z.files:
+                if name != "index":
+                    parts.setdefault(name, []).append(z[name])
+    return {name: np.concatenate(v, axis=0) for name, v in parts.items()}
+
+
+# ------------------------------------------------------------------- sharded solving
+def _shard_map():
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map, "check_vma"
+    from jax.experimental.shard_map import shard_map  # pragma: no cover - older JAX
+
+    return shard_map, "check_rep"  # pragma: no cover
+
+
+def map_sharded(fn: Callable, devices=None) -> Callable:
+    """`fn` applied point by point (`vmap`) to arguments with a leading points axis,
+    split across `devices` (default: all local devices) with `shard_map`; the number of
+    points is padded up to a multiple of the device count (the padding is dropped).
+    Each device runs the same vmapped program on its share, so results do not depend
+    on how many devices there are."""
+    from jax.sharding import PartitionSpec as P
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    nd = len(devices)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("points",))
+    shard_map, check_kw = _shard_map()
+    batched = jax.vmap(fn)
+    sharded = jax.jit(shard_map(batched, mesh=mesh, in_specs=P("points"),
+                                out_specs=P("points"), **{check_kw: False}))
+
+    def run(*args):
+        n = jax.tree.leaves(args)[0].shape[0]
+        pad = (-n) % nd
+        if pad:
+            args = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]), args)
+        out = sharded(*args)
+        return jax.tree.map(lambda a: np.asarray(a)[:n], out)
+
+    run.devices = devices
+    return run
+
+
+# -------------------------------------------------------------------- spec + [grid]
+GRID_KEYS = ("beta", "init.seed", "lora.norm", "lora.seed", "lora.target", "lora.alpha")
+SWEEP_KEYS = {"chunk", "summaries", "save_points", "cluster_threshold"}
+SUMMARIES = ("divergence", "hausdorff", "clusters", "diameter", "mean", "tokens")
+_NEEDS_REFERENCE = ("divergence", "hausdorff")
+
+
+def _expand(key: str, value) -> list:
+    """A grid entry: a list, or `{range = N | [start, stop]}`, `{linspace|geomspace =
+    [a, b, num]}`."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, arg), = value.items()
+        if kind == "range":
+            if isinstance(arg, int) and not isinstance(arg, bool):
+                return list(range(arg))
+            if (isinstance(arg, list) and len(arg) == 2
+                    and all(isinstance(a, int) and not isinstance(a, bool) for a in arg)):
+                return list(range(arg[0], arg[1]))
+        elif kind in ("linspace", "geomspace"):
+            ok = (isinstance(arg, list) and len(arg) == 3
+                  and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
+                  and isinstance(arg[2], int) and arg[2] >= 0)
+            if ok:
+                a, b, num = arg
+                if kind == "geomspace" and (a <= 0 or b <= 0):
+                    raise SweepError(f"grid {key}: geomspace needs positive end points")
+                f = np.linspace if kind == "linspace" else np.geomspace
+                return [float(v) for v in f(a, b, num)]
+        raise SweepError(f"grid {key}: {kind} = {arg!r} is not valid (range = N or "
+                         "[start, stop]; linspace/geomspace = [a, b, num])")
+    raise SweepError(f"grid {key} must be a list of values or a table like {{range = 8}}, "
+                     f"got {value!r}")
+
+
+def _check_values(key: str, values: list) -> list:
+    if not values:
+        raise SweepError(f"the grid has no points: grid {key} is empty")
+    if key in ("init.seed", "lora.seed"):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+                   for v in values):
+            raise SweepError(f"grid {key} values must be integers ≥ 0")
+        return [int(v) for v in values]
+    if key == "lora.target":
+        bad = [v for v in values if v not in TARGETS]
+        if bad:
+            raise SweepError(f"grid lora.target values must be Q, K or V, got {bad[0]!r}")
+        return list(values)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in values):
+        raise SweepError(f"grid {key} values must be finite numbers")
+    lo = {"beta": 0.0, "lora.norm": 0.0, "lora.alpha": None}[key]
+    if key == "lora.alpha" and any(v <= 0 for v in values):
+        raise SweepError("grid lora.alpha values must be > 0")
+    if lo is not None and any(v < lo for v in values):
+        raise SweepError(f"grid {key} values must be ≥ 0")
+    return [float(v) for v in values]
+
+
+def _substitute(spec: dict, assignment: dict) -> dict:
+    out = copy.deepcopy(spec)
+    for key, value in assignment.items():
+        if "." in key:
+            sec, sub = key.split(".", 1)
+            out[sec][sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+class SweepPlan(eqx.Module):
+    """A parsed sweep spec: grid axes, options, and the pieces to build any point."""
+
+    spec: dict = eqx.field(static=True)
+    axes: dict = eqx.field(static=True)
+    options: dict = eqx.field(static=True)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(v) for v in self.axes.values())
+
+    @property
+    def n_points(self) -> int:
+        return int(np.prod(self.shape))
+
+    def assignment(self, p: int) -> dict:
+        """The grid values of point `p` (C order over the axes as written)."""
+        idx = np.unravel_index(p, self.shape)
+        return {k: v[i] for (k, v), i in zip(self.axes.items(), idx)}
+
+    def point_spec(self, p: int) -> dict:
+        """The plain simulation spec of point `p` (what `jaxattn simulate` would run)."""
+        return _substitute(self.spec, self.assignment(p))
+
+    def identity(self) -> dict:
+        return {"kind": "jaxattn-sweep", "spec": self.spec, "grid": self.axes,
+                "options": self.options}
+
+
+def parse_sweep(raw: dict) -> SweepPlan:
+    """Validate a sweep spec: a simulation spec plus `[grid]` (and optional `[sweep]`)."""
+    if not isinstance(raw, dict):
+        raise SweepError("a sweep spec must be a table/object")
+    spec = {k: v for k, v in raw.items() if k not in ("grid", "sweep")}
+    grid = raw.get("grid")
+    if grid is None:
+        raise SweepError("the spec has no [grid] section: nothing to sweep (use "
+                         "`jaxattn simulate` for a single run)")
+    if not isinstance(grid, dict):
+        raise SweepError(f"[grid] must be a table/object, got {type(grid).__name__}")
+    if not grid:
+        raise SweepError("the grid has no points: [grid] is empty")
+    unknown = sorted(set(grid) - set(GRID_KEYS))
+    if unknown:
+        raise SweepError(f"unknown grid key {unknown[0]!r} (allowed: {', '.join(GRID_KEYS)})")
+    axes = {k: _check_values(k, _expand(k, v)) for k, v in grid.items()}
+
+    # Compatibility of grid and spec.
+    init = spec.get("init") if isinstance(spec.get("init"), dict) else {}
+    if "init.seed" in axes and "x0" in init:
+        raise SweepError("grid init.seed needs a random [init] (kind, n, d), but the spec "
+                         "gives explicit x0")
+    lora_keys = [k for k in axes if k.startswith("lora.")]
+    if lora_keys:
+        lo = spec.get("lora")
+        if not isinstance(lo, dict):
+            raise SweepError(f"grid {lora_keys[0]} needs a [lora] section in the spec")
+        if "A" in lo or "B" in lo:
+            bad = [k for k in lora_keys if k in ("lora.norm", "lora.seed")]
+            if bad:
+                raise SweepError(f"grid {bad[0]} needs a random [lora] (rank, norm, seed), "
+                                 "but the spec gives explicit A and B")
+    for key in axes:
+        sec, _, sub = key.partition(".")
+        if sub and sub in (spec.get(sec) or {}):
+            raise SweepError(f"{key} is given both in [{sec}] and in [grid]; keep one")
+        if not sub and key in spec:
+            raise SweepError(f"{key} is given both at the top level and in [grid]; keep one")
+    if "init.seed" in axes:
+        spec.setdefault("init", {})
+
+    opts_raw = raw.get("sweep", {})
+    if not isinstance(opts_raw, dict):
+        raise SweepError("[sweep] must be a table/object")
+    extra = sorted(set(opts_raw) - SWEEP_KEYS)
+    if extra:
+        raise SweepError(f"unknown key in [sweep]: {extra[0]} (allowed: "
+                         f"{', '.join(sorted(SWEEP_KEYS))})")
+    has_lora = "lora" in spec
+    default_summaries = ["divergence", "clusters"] if has_lora else ["clusters", "diameter"]
+    summaries = opts_raw.get("summaries", default_summaries)
+    if (not isinstance(summaries, list) or not summaries
+            or not all(isinstance(s, str) for s in summaries)):
+        raise SweepError(f"sweep summaries must be a non-empty list of names from "
+                         f"{', '.join(SUMMARIES)}")
+    for s in summaries:
+        if s not in SUMMARIES:
+            raise SweepError(f"unknown summary {s!r} (choose from {', '.join(SUMMARIES)})")
+    if any(s in _NEEDS_REFERENCE for s in summaries) and not has_lora:
+        raise SweepError("summaries divergence/hausdorff compare with the unperturbed run "
+                         "and need a [lora] section")
+    options = {
+        "chunk": _pos_int(opts_raw.get("chunk", 64), "sweep chunk"),
+        "summaries": list(dict.fromkeys(summaries)),
+        "save_points": _pos_int(opts_raw.get("save_points", 101), "sweep save_points", 2),
+        "cluster_threshold": _pos_float(opts_raw.get("cluster_threshold", 0.1),
+                                        "sweep cluster_threshold"),
+    }
+    plan = SweepPlan(spec=spec, axes=axes, options=options)
+    # Every point must be a valid simulation spec: check the first one fully (the grid
+    # values were checked above, so the others differ only in valid values).
+    try:
+        parse_spec(plan.point_spec(0))
+    except SpecError as e:
+        raise SweepError(f"the spec with the grid's first point is invalid: {e}") from None
+    return plan
+
+
+def _pos_int(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise SweepError(f"{name} must be an integer ≥ {minimum}, got {v!r}")
+    return v
+
+
+def _pos_float(v, name):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+        raise SweepError(f"{name} must be a number > 0, got {v!r}")
+    return float(v)
+
+
+class _PairField(eqx.Module):
+    """The unperturbed and the perturbed field on a stacked state `(2, n, d)`: both runs
+    in one solve, so divergence summaries see them at the same times."""
+
+    ref: AbstractField
+    pert: AbstractField
+
+    @property
+    def dynamics(self):
+        return self.pert.dynamics
+
+    def solve_args(self):
+        return (self.ref.solve_args(), self.pert.solve_args())
+
+    def __call__(self, t, y, args=None):
+        a0, a1 = (None, None) if args is None else args
+        return jnp.stack([self.ref(t, y[0], a0), self.pert(t, y[1], a1)])
+
+
+def _summary_fn(names, threshold, sphere, pair):
+    def fn(t, y, args):
+        x = y[1] if pair else y
+        out = {}
+        for name in names:
+            if name == "divergence":
+                out[name] = divergence(y[0], y[1])
+            elif name == "hausdorff":
+                out[name] = hausdorff(y[1], y[0])
+            elif name == "clusters":
+                # float: diffrax pre-fills outputs with inf, which an int cannot hold
+                out[name] = cluster_count(x, threshold, sphere=sphere).astype(x.dtype)
+            elif name == "diameter":
+                out[name] = jnp.max(pairwise_distances(x))
+            elif name == "mean":
+                out[name] = jnp.mean(x, axis=0)
+            elif name == "tokens":
+                out[name] = x
+        return out
+
+    return fn
+
+
+def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_fn, dtype):
+    """diffrax configuration of one point's solve, as `simulate` resolves it."""
+    solver_name = solve.get("solver", "rk4")
+    solver = get_solver(solver_name)
+    adaptive = solver_name in ADAPTIVE
+    dt = solve.get("dt")
+    if dt is None and "rtol" not in solve and "atol" not in solve and not adaptive:
+        dt = 0.1
+    if solve.get("renormalise") and sphere:
+        solver = (_ProjectedAdaptive if adaptive else _Projected)(solver)
+    if dt is not None:
+        grid = fixed_step_grid(0.0, t1, dt)
+        controller = diffrax.StepTo(ts=jnp.asarray(grid, dtype))
+        max_steps = grid.size - 1
+        if "ts" in solve:
+            ts = np.asarray(solve["ts"], np.float64)
+        else:  # every k-th step: save times lie exactly on the grid
+            keep = np.unique(np.round(np.linspace(0, grid.size - 1, save_points)).astype(int))
+            ts = grid[keep]
+    else:
+        controller = diffrax.PIDController(rtol=solve.get("rtol", 1e-6),
+                                           atol=solve.get("atol", 1e-9))
+        max_steps = solve.get("max_steps", 100_000)
+        ts = (np.asarray(solve["ts"], np.float64) if "ts" in solve
+              else np.linspace(0.0, t1, save_points))
+    cfg = _Config(solver=solver, controller=controller, saveat_steps=False,
+                  max_steps=int(max_steps), adjoint=_get_adjoint(None, None), progress=False,
+                  sphere=sphere, renormalise=bool(solve.get("renormalise") and sphere),
+                  n_field_batch=0, n_x_batch=0, save_fn=save_fn)
+    return cfg, ts
+
+
+def _lora_slot_targets(plan: SweepPlan) -> tuple[str, ...]:
+    if "lora" not in plan.spec:
+        return ()
+    if "lora.target" in plan.axes:
+        return tuple(t for t in TARGETS if t in plan.axes["lora.target"])
+    return (str(plan.spec["lora"].get("target", "V")).upper(),)
+
+
+class _PointBuilder:
+    """Per-point inputs, built with the spec parser's own functions (so point `p` is
+    exactly the simulation of `plan.point_spec(p)`), cached per distinct value."""
+
+    def __init__(self, plan: SweepPlan):
+        self.plan = plan
+        self.sim0 = parse_spec(plan.point_spec(0))
+        self.dtype = self.sim0.x0.dtype
+        self.d = int(self.sim0.x0.shape[1])
+        self.targets = _lora_slot_targets(plan)
+        self._x0: dict = {}
+        self._lora: dict = {}
+
+    def x0(self, assignment):
+        seed = assignment.get("init.seed")
+        if seed not in self._x0:
+            init = dict(self.plan.spec["init"])
+            if seed is not None:
+                init["seed"] = seed
+            self._x0[seed] = np.asarray(initial_tokens(init, self.dtype, self.d))
+        return self._x0[seed]
+
+    def lora(self, assignment) -> LoRA:
+        key = tuple(assignment.get(k) for k in ("lora.norm", "lora.seed", "lora.target",
+                                                 "lora.alpha"))
+        if key not in self._lora:
+            table = dict(self.plan.spec["lora"])
+            for k in ("lora.norm", "lora.seed", "lora.target", "lora.alpha"):
+                if k in assignment:
+                    table[k.split(".")[1]] = assignment[k]
+            self._lora[key] = lora_from_table(table, self.d, self.dtype)
+        return self._lora[key]
+
+    def inputs(self, indices) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {"x0": [], "beta": []}
+        for t in self.targets:
+            cols[f"A_{t}"], cols[f"B_{t}"] = [], []
+        cols["alpha"] = []
+        for p in indices:
+            a = self.plan.assignment(int(p))
+            cols["x0"].append(self.x0(a))
+            cols["beta"].append(a.get("beta", self.plan.spec.get("beta", 1.0)))
+            if self.targets:
+                lo = self.lora(a)
+                for t in self.targets:  # the point's target gets its LoRA, others zero
+                    cols[f"A_{t}"].append(np.asarray(lo.A))
+                    cols[f"B_{t}"].append(np.asarray(lo.B) if lo.target == t
+                                          else np.zeros_like(np.asarray(lo.B)))
+                cols["alpha"].append(float(lo.alpha))
+            else:
+                cols["alpha"].append(1.0)
+        return {k: np.asarray(v, self.dtype) for k, v in cols.items()}
+
+
+def sweep(
+    spec: dict | SweepPlan,
+    out_dir,
+    *,
+    devices=None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, Any] | None:
+    """Run the grid of a sweep spec; write `out_dir/result.npz` and `summary.json`.
+
+    **Arguments:**
+
+    - `spec`: a sweep spec dictionary (simulation spec + `[grid]`, optional `[sweep]`)
+      or a `SweepPlan` from `parse_sweep`.
+    - `out_dir`: output folder; chunks go to `out_dir/chunks/`. A rerun with the same
+      spec resumes; a different sweep's chunks there are an error (`SweepError`).
+    - `devices`: devices to shard each chunk across (default: all local devices).
+    - `progress`, `log`, `process_index`, `process_count`, `on_chunk`: see `run_chunks`.
+
+    **Returns** the result arrays (also in `result.npz`): `ts`, one array per summary of
+    shape `(*grid_shape, T, …)`, `status` and `num_steps` of shape `grid_shape`, and
+    `grid_<key>` with each axis's values; None when other processes still have chunks
+    to finish (the last process to finish writes the result).
+    """
+    plan = spec if isinstance(spec, SweepPlan) else parse_sweep(spec)
+    out_dir = check_output_dir(out_dir)
+    builder = _PointBuilder(plan)
+    sim0 = builder.sim0
+    dynamics = sim0.field.dynamics
+    sphere = dynamics in ("sphere", "usa")
+    names = plan.options["summaries"]
+    pair = any(s in _NEEDS_REFERENCE for s in names)
+    save_fn = _summary_fn(names, plan.options["cluster_threshold"], sphere, pair)
+    cfg, ts = _solve_config(sim0.solve, sphere, sim0.t1, plan.options["save_points"],
+                            save_fn, builder.dtype)
+    t1 = sim0.t1
+    base = sim0.field.without_lora()
+    targets = builder.targets
+    r = sim0.field.loras[0].rank if sim0.field.loras else 0
+    template_loras = tuple(
+        LoRA(np.zeros((r, builder.d)), np.zeros((builder.d, r)), 1.0, t) for t in targets)
+    template = base.with_lora(template_loras or None)
+    dtype = builder.dtype
+    ts_arr = jnp.asarray(ts, dtype)
+
+    def point(inp):
+        leaves = [inp["beta"]]
+        for _ in targets:
+            leaves.append(inp["alpha"])
+        for t in targets:
+            leaves += [inp[f"A_{t}"], inp[f"B_{t}"]]
+
+        def where(f):  # index by the static slot count: an empty tuple is no node
+            los = [f.loras[i] for i in range(len(targets))]
+            return [f.beta] + [lo.alpha for lo in los] + [a for lo in los for a in (lo.A, lo.B)]
+
+        field = eqx.tree_at(where, template, leaves)
+        y0 = inp["x0"]
+        if sphere:
+            y0 = y0 / jnp.linalg.norm(y0, axis=-1, keepdims=True)
+        if pair:
+            field = _PairField(eqx.tree_at(lambda f: f.loras, field, ()), field)
+            y0 = jnp.stack([y0, y0])
+        ys, status, steps, _ = _solve_one(field, y0, jnp.asarray(0.0, dtype),
+                                          jnp.asarray(t1, dtype), None, ts_arr, cfg)
+        return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status,
+                "num_steps": steps}
+
+    solve = map_sharded(point, devices)
+
+    def compute(indices):
+        return solve(builder.inputs(indices))
+
+    identity = {**plan.identity(), "ts": ts}
+    _check_previous_result(out_dir, sweep_id(identity))
+    if log:
+        log(f"sweep: {plan.n_points} points ({' × '.join(f'{k} {len(v)}' for k, v in plan.axes.items())}), "
+            f"chunks of {plan.options['chunk']}, {len(solve.devices)} device(s), "
+            f"summaries {', '.join(names)} at {ts.size} times")
+    t_start = time.perf_counter()
+    flat = run_chunks(os.path.join(out_dir, "chunks"), identity, plan.n_points,
+                      plan.options["chunk"], compute, progress=progress, log=log,
+                      desc="sweep", process_index=process_index,
+                      process_count=process_count, on_chunk=on_chunk)
+    if flat is None:
+        if log:
+            log("sweep: this process is done; other processes still have chunks to finish")
+        return None
+    shape = plan.shape
+    result: dict[str, Any] = {"ts": np.asarray(ts, np.float64)}
+    for k in names:
+        a = flat[f"summary_{k}"]
+        result[k] = a.reshape(shape + a.shape[1:])
+    result["status"] = flat["status"].reshape(shape)
+    result["num_steps"] = flat["num_steps"].reshape(shape)
+    for k, v in plan.axes.items():
+        result[f"grid_{k}"] = np.asarray(v)
+    meta = json.dumps({"spec": plan.spec, "grid": plan.axes, "options": plan.options,
+                       "axes": list(plan.axes), "sweep_id": sweep_id(identity)},
+                      sort_keys=True, default=_json_default)
+    write_npz(os.path.join(out_dir, "result.npz"), **result, sweep=meta)
+    status = result["status"]
+    failed = {STATUS_MESSAGES[int(c)]: int(np.sum(status == c))
+              for c in np.unique(status) if c != STATUS_OK}
+    summary = {
+        "points": plan.n_points, "grid_shape": list(shape), "axes": plan.axes,
+        "summaries": names, "save_times": int(ts.size), "failed": failed,
+        "devices": len(solve.devices), "wall_seconds_this_run":
+            round(time.perf_counter() - t_start, 3),
+        "final": {k: _final_stats(result[k]) for k in names if k not in ("tokens", "mean")},
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    if log:
+        log(f"sweep: wrote {os.path.join(out_dir, 'result.npz')} "
+            f"({plan.n_points - sum(failed.values())} ok, {sum(failed.values())} failed)")
+    return result
+
+
+def _check_previous_result(out_dir: str, sid: str) -> None:
+    path = os.path.join(out_dir, "result.npz")
+    if not os.path.exists(path):
+        return
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            old = json.loads(str(z["sweep"])).get("sweep_id")
+    except (OSError, ValueError, KeyError):
+        old = None
+    if old != sid:
+        raise SweepError(f"{out_dir} already holds result.npz of a different sweep; choose "
+                         "another output folder or remove it")
+
+
+def _final_stats(a: np.ndarray) -> dict:
+    last = np.asarray(a[..., -1], np.float64)
+    fin = last[np.isfinite(last)]
+    if not fin.size:
+        return {"min": None, "median": None, "max": None}
+    return {"min": float(fin.min()), "median": float(np.median(fin)), "max": float(fin.max())}

@@ -1,0 +1,247 @@
+"""The sweep engine (issue 4): grid specs, chunks, sharding, resume, bad input."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxattn as ja
+from jaxattn import cli
+from jaxattn._spec import parse_spec
+from jaxattn._sweep import SweepError, load_chunks, parse_sweep, run_chunks, sweep
+
+SPEC = {
+    "dynamics": "rescaled",
+    "init": {"kind": "uniform", "n": 10, "d": 2},
+    "lora": {"rank": 1, "seed": 3},
+    "solve": {"t1": 3.0, "dt": 0.1},
+    "grid": {"lora.norm": [0.02, 0.3], "lora.target": ["Q", "V"], "init.seed": {"range": 3}},
+    "sweep": {"chunk": 5, "summaries": ["divergence", "clusters", "diameter", "mean"],
+              "save_points": 7},
+}
+
+
+def _sha(path):
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _run(spec, out, **kw):
+    return sweep(spec, str(out), progress=False, log=None, **kw)
+
+
+def test_each_point_equals_its_own_simulation(tmp_path):
+    # Point p of the sweep is the simulation of the spec with p's grid values filled in:
+    # compare with two independent `simulate` calls (perturbed and unperturbed).
+    res = _run(SPEC, tmp_path)
+    plan = parse_sweep(SPEC)
+    assert res["divergence"].shape == (2, 2, 3, 7) and res["mean"].shape == (2, 2, 3, 7, 2)
+    assert np.all(res["status"] == 0)
+    for p in range(plan.n_points):
+        sim = parse_spec(plan.point_spec(p))
+        a = ja.simulate(sim.field, sim.x0, sim.t1, **sim.solve)
+        b = ja.simulate(sim.field.without_lora(), sim.x0, sim.t1, **sim.solve)
+        idx = np.searchsorted(np.asarray(a.ts), res["ts"])
+        assert np.allclose(np.asarray(a.ts)[idx], res["ts"], rtol=0, atol=1e-12)
+        i = np.unravel_index(p, plan.shape)
+        e = np.asarray(ja.divergence(a.xs, b.xs))[idx]
+        # Same RK4 arithmetic on the same grid: agreement to rounding.
+        np.testing.assert_allclose(res["divergence"][i], e, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(res["mean"][i], np.asarray(a.xs[idx].mean(axis=1)),
+                                   rtol=0, atol=1e-13)
+        cl = [int(ja.cluster_count(a.xs[k], 0.1)) for k in idx]
+        np.testing.assert_array_equal(res["clusters"][i], cl)
+    # Larger perturbations move further (same seed, same target, norm 0.3 vs 0.02).
+    assert np.all(res["divergence"][1, ..., -1] > res["divergence"][0, ..., -1])
+    with np.load(tmp_path / "result.npz") as z:
+        assert json.loads(str(z["sweep"]))["axes"] == ["lora.norm", "lora.target", "init.seed"]
+        np.testing.assert_array_equal(z["grid_lora.target"], ["Q", "V"])
+
+
+def test_four_devices_give_identical_results(tmp_path):
+    assert len(jax.local_devices()) == 4  # conftest: 4 simulated CPU devices
+    r1 = _run(SPEC, tmp_path / "one", devices=jax.local_devices()[:1])
+    r4 = _run(SPEC, tmp_path / "four", devices=jax.local_devices())
+    for k in ("divergence", "clusters", "diameter", "mean", "status", "num_steps"):
+        np.testing.assert_array_equal(r1[k], r4[k])
+    assert _sha(tmp_path / "one" / "result.npz") == _sha(tmp_path / "four" / "result.npz")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_to_the_same_file(tmp_path):
+    full = tmp_path / "full"
+    _run(SPEC, full)
+
+    part = tmp_path / "part"
+
+    def stop_after_two(c):
+        if c == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(SPEC, part, on_chunk=stop_after_two)
+    chunks = sorted(os.listdir(part / "chunks"))
+    assert chunks == ["chunk-000000.npz", "chunk-000001.npz", "manifest.json"]
+    assert not (part / "result.npz").exists()
+    before = {c: os.stat(part / "chunks" / c).st_mtime_ns for c in chunks[:2]}
+    computed = []
+    _run(SPEC, part, on_chunk=computed.append)
+    assert computed == [2]  # 12 points in chunks of 5: only the last chunk was missing
+    assert {c: os.stat(part / "chunks" / c).st_mtime_ns for c in chunks[:2]} == before
+    assert _sha(part / "result.npz") == _sha(full / "result.npz")
+
+
+def test_processes_share_chunks_round_robin(tmp_path):
+    single = _run(SPEC, tmp_path / "single")
+    shared = tmp_path / "shared"
+    assert _run(SPEC, shared, process_index=0, process_count=2) is None  # chunks 0, 2
+    assert sorted(os.listdir(shared / "chunks"))[:2] == ["chunk-000000.npz", "chunk-000002.npz"]
+    res = _run(SPEC, shared, process_index=1, process_count=2)  # chunk 1, then assembles
+    np.testing.assert_array_equal(res["divergence"], single["divergence"])
+    assert _sha(shared / "result.npz") == _sha(tmp_path / "single" / "result.npz")
+
+
+def test_killed_cli_sweep_resumes_to_the_same_file(tmp_path):
+    spec = dict(SPEC, grid={"lora.norm": {"geomspace": [0.01, 0.3, 8]},
+                            "init.seed": {"range": 6}}, sweep={"chunk": 4})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(spec))
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "full"), "--quiet"]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jaxattn", "sweep", str(path), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [f for f in os.listdir(out / "chunks")] if (out / "chunks").is_dir() else []
+        if any(f.startswith("chunk-") for f in done):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before it could be killed")
+    left = os.listdir(out / "chunks")
+    assert not any(f.startswith(".tmp") for f in left if f.endswith(".npz") and
+                   os.path.getsize(out / "chunks" / f) == 0)
+    n_before = sum(f.startswith("chunk-") for f in left)
+    assert 1 <= n_before < 12 and not (out / "result.npz").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _sha(out / "result.npz") == _sha(tmp_path / "full" / "result.npz")
+
+
+def test_run_chunks_engine_resumes_and_rejects_other_sweeps(tmp_path):
+    calls = []
+
+    def compute(idx):
+        calls.append(idx.tolist())
+        return {"sq": idx.astype(float) ** 2}
+
+    out = run_chunks(str(tmp_path), {"a": 1}, 7, 3, compute, progress=False, log=None)
+    np.testing.assert_array_equal(out["sq"], np.arange(7.0) ** 2)
+    assert calls == [[0, 1, 2], [3, 4, 5], [6]]
+    run_chunks(str(tmp_path), {"a": 1}, 7, 3, compute, progress=False, log=None)
+    assert len(calls) == 3  # nothing recomputed
+    with pytest.raises(SweepError, match="different sweep"):
+        run_chunks(str(tmp_path), {"a": 2}, 7, 3, compute, progress=False, log=None)
+    with pytest.raises(SweepError, match="chunk size 3 there, 2 here"):
+        run_chunks(str(tmp_path), {"a": 1}, 7, 2, compute, progress=False, log=None)
+    assert load_chunks(str(tmp_path), 7, 3)["sq"].shape == (7,)
+
+
+@pytest.mark.parametrize("grid,sweep_opts,message", [
+    ({"beta": []}, {}, "the grid has no points: grid beta is empty"),
+    ({}, {}, r"the grid has no points: \[grid\] is empty"),
+    (None, {}, r"no \[grid\] section"),
+    ({"init.seed": {"range": 0}}, {}, "grid init.seed is empty"),
+    ({"lora.rank": [1, 2]}, {}, "unknown grid key 'lora.rank'"),
+    ({"beta": [1.0, -2.0]}, {}, "grid beta values must be ≥ 0"),
+    ({"lora.target": ["Q", "W"]}, {}, "must be Q, K or V"),
+    ({"beta": [1.0]}, {"summaries": ["entropy"]}, "unknown summary 'entropy'"),
+    ({"beta": [1.0]}, {"chunk": 0}, "sweep chunk must be an integer ≥ 1"),
+])
+def test_bad_grids_are_one_line_errors(grid, sweep_opts, message):
+    spec = {k: v for k, v in SPEC.items() if k not in ("grid", "sweep")}
+    spec["lora"] = dict(spec["lora"], norm=0.1)
+    if grid is not None:
+        spec["grid"] = grid
+    spec["sweep"] = sweep_opts
+    with pytest.raises(SweepError, match=message):
+        parse_sweep(spec)
+
+
+def test_incompatible_spec_and_grid():
+    explicit = dict(SPEC, init={"x0": [[0.0, 1.0], [1.0, 0.0]]})
+    with pytest.raises(SweepError, match="init.seed needs a random"):
+        parse_sweep(explicit)
+    no_lora = {k: v for k, v in SPEC.items() if k != "lora"}
+    with pytest.raises(SweepError, match=r"grid lora.norm needs a \[lora\] section"):
+        parse_sweep(no_lora)
+    ab = dict(SPEC, lora={"A": [[1.0, 0.0]], "B": [[0.0], [1.0]]})
+    with pytest.raises(SweepError, match="lora.norm needs a random"):
+        parse_sweep(ab)
+    twice = dict(SPEC, lora={"rank": 1, "norm": 0.1})
+    with pytest.raises(SweepError, match=r"lora.norm is given both in \[lora\] and in \[grid\]"):
+        parse_sweep(twice)
+    wrong_d = dict(SPEC, V=np.eye(3).tolist())
+    with pytest.raises(SweepError, match="first point is invalid"):
+        parse_sweep(wrong_d)
+    no_lora_div = {k: v for k, v in SPEC.items() if k != "lora"}
+    no_lora_div["grid"] = {"beta": [1.0, 2.0]}
+    with pytest.raises(SweepError, match="need a \\[lora\\] section"):
+        parse_sweep(no_lora_div)
+
+
+def test_cli_bad_input_exits_2_and_overwrites_nothing(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(SPEC))
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(good), "--out", str(out), "--quiet"]) == 0
+    files = {p: _sha(p) for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    other = dict(SPEC, solve={"t1": 2.0, "dt": 0.1})
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps(other))
+    assert cli.main(["sweep", str(bad), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "of a different sweep" in err and len(err.strip().splitlines()) == 1
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(dict(SPEC, grid={"beta": []})))
+    assert cli.main(["sweep", str(empty), "--out", str(out), "--quiet"]) == 2
+    assert "grid beta is empty" in capsys.readouterr().err
+    # Only result.npz, no chunks: still recognised as another sweep's output.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "result.npz").write_bytes((out / "result.npz").read_bytes())
+    assert cli.main(["sweep", str(bad), "--out", str(lone), "--quiet"]) == 2
+    assert "result.npz of a different sweep" in capsys.readouterr().err
+    assert {p: _sha(p) for p in out.rglob("*") if p.is_file()} == files
+    # The same spec again: everything is done, nothing recomputed, same bytes.
+    assert cli.main(["sweep", str(good), "--out", str(out), "--quiet"]) == 0
+    assert {p: _sha(p) for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} \
+        == {p: h for p, h in files.items() if p.name != "summary.json"}
+
+
+def test_sphere_sweep_over_beta_with_tokens_summary(tmp_path):
+    spec = {"dynamics": "sphere", "init": {"kind": "sphere", "n": 8, "d": 3},
+            "solve": {"t1": 2.0, "dt": 0.1, "renormalise": True},
+            "grid": {"beta": [0.5, 4.0], "init.seed": [0, 1]},
+            "sweep": {"summaries": ["tokens", "clusters"], "save_points": 3, "chunk": 3}}
+    res = _run(spec, tmp_path)
+    assert res["tokens"].shape == (2, 2, 3, 8, 3)
+    np.testing.assert_allclose(np.linalg.norm(res["tokens"], axis=-1), 1.0, atol=1e-13)
+    plan = parse_sweep(spec)
+    sim = parse_spec(plan.point_spec(3))  # beta 4, seed 1
+    a = ja.simulate(sim.field, sim.x0, sim.t1, ts=res["ts"], **sim.solve)
+    np.testing.assert_allclose(res["tokens"][1, 1], np.asarray(a.xs), rtol=0, atol=1e-12)
