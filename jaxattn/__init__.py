@@ -65,3 +65,10 @@ from ._sensitivity import (
     worst_case as worst_case,
     worst_case_direction as worst_case_direction,
 )
+from ._sweep import (
+    SweepError as SweepError,
+    map_sharded as map_sharded,
+    parse_sweep as parse_sweep,
+    run_chunks as run_chunks,
+    sweep as sweep,
+)

@@ -587,7 +587,8 @@ def sweep(
     process_count: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> dict[str, Any] | None:
-    """Run the grid of a sweep spec; write `out_dir/result.npz` and `summary.json`.
+    """Run the grid of a sweep spec; write `out_dir/result.npz`, `summary.json` and the
+    figure `sweep.png` (each scalar summary against t, per value of the first axis).
 
     **Arguments:**
 
@@ -690,6 +691,11 @@ def sweep(
             round(time.perf_counter() - t_start, 3),
         "final": {k: _final_stats(result[k]) for k in names if k not in ("tokens", "mean")},
     }
+    from . import plotting
+
+    if plotting.sweep_overview(result, list(plan.axes), names,
+                               os.path.join(out_dir, "sweep.png")):
+        summary["figure"] = "sweep.png"
     write_json(os.path.join(out_dir, "summary.json"), summary)
     if log:
         log(f"sweep: wrote {os.path.join(out_dir, 'result.npz')} "

@@ -60,6 +60,9 @@ def test_each_point_equals_its_own_simulation(tmp_path):
         np.testing.assert_array_equal(res["clusters"][i], cl)
     # Larger perturbations move further (same seed, same target, norm 0.3 vs 0.02).
     assert np.all(res["divergence"][1, ..., -1] > res["divergence"][0, ..., -1])
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["points"] == 12 and summary["failed"] == {} and summary["figure"] == "sweep.png"
     with np.load(tmp_path / "result.npz") as z:
         assert json.loads(str(z["sweep"]))["axes"] == ["lora.norm", "lora.target", "init.seed"]
         np.testing.assert_array_equal(z["grid_lora.target"], ["Q", "V"])

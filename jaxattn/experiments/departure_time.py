@@ -7,14 +7,16 @@ default (sees merging), or the paper's one-sided `max_i min_c |z_i − c|` (`met
 Approach time: first `D ≤ δ`; departure time: first later `D > δ`. NaN is never read as
 "far": a non-finite D before a decision gives NaN times (and is counted in the summary).
 
-All (ε, initial condition) pairs of a chunk are one vmapped solve; finished chunks are
-saved under `out_dir/chunks/` and skipped when the same configuration is run again, so a
-killed full run resumes where it stopped.
+All (ε, initial condition) pairs of a chunk are one vmapped solve; the chunks run on the
+package's sweep engine (`_sweep.run_chunks`): finished chunks are saved under
+`out_dir/chunks/` and skipped when the same configuration is run again, so a killed full
+run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -26,6 +28,7 @@ from .._io import check_output_dir, write_json, write_npz
 from .._lora import LoRA
 from .._metrics import approach_departure, hausdorff, one_sided_distance
 from .._simulate import fixed_step_grid, simulate
+from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype, loglog_fit, nanmedian, uniform_tokens
 
 NAME = "departure-time"
@@ -114,33 +117,20 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         x0 = uniform_tokens(cfg["seed"], cfg["n_ic"], cfg["n"], 2, cfg["low"], cfg["high"], dtype)
     cfg_print = {k: v for k, v in cfg.items() if k != "x0"}
     eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
-    tag = _cfg_hash(cfg, x0)
-    chunk_dir = os.path.join(out_dir, "chunks")
-    os.makedirs(chunk_dir, exist_ok=True)
-
     E, B = eps.size, int(x0.shape[0])
-    t_app = np.full((E, B), np.nan)
-    t_dep = np.full((E, B), np.nan)
     ts = _output_grid(cfg["t1"], cfg["dt"], cfg["dense_until"], cfg["coarse_every"])
-    D0 = np.full((E, ts.size), np.nan)  # D(t) of the first initial condition, every ε
-    n_chunks = (E + cfg["chunk"] - 1) // cfg["chunk"]
-    for c in range(n_chunks):
-        sl = slice(c * cfg["chunk"], min(E, (c + 1) * cfg["chunk"]))
-        path = os.path.join(chunk_dir, f"{tag}-{c:03d}.npz")
-        if os.path.exists(path):
-            z = np.load(path)
-            if np.allclose(z["eps"], eps[sl]):
-                t_app[sl], t_dep[sl], D0[sl] = z["t_app"], z["t_dep"], z["D0"]
-                log(f"[chunk {c + 1}/{n_chunks}] ε = {eps[sl][0]:.3g}…{eps[sl][-1]:.3g}: done "
-                    "earlier, skipped")
-                continue
-        t0 = time.perf_counter()
-        a, dp, D, ts, status, _ = departure_times(x0, eps[sl], cfg, dtype=dtype)
-        t_app[sl], t_dep[sl], D0[sl] = a, dp, D[:, 0]
-        write_npz(path, eps=eps[sl], t_app=a, t_dep=dp, D0=D[:, 0], ts=ts, status=status)
-        log(f"[chunk {c + 1}/{n_chunks}] ε = {eps[sl][0]:.3g}…{eps[sl][-1]:.3g}: "
-            f"{sl.stop - sl.start} × {B} runs to t = {cfg['t1']:g} in "
-            f"{time.perf_counter() - t0:.1f} s")
+    log(f"{E} values of ε × {B} initial conditions to t = {cfg['t1']:g}, chunks of "
+        f"{cfg['chunk']} ε (resumable) ...")
+
+    def compute(idx):
+        a, dp, D, _, status, _ = departure_times(x0, eps[idx], cfg, dtype=dtype)
+        return {"t_app": a, "t_dep": dp, "D0": D[:, 0], "status": status}
+
+    identity = {"experiment": NAME, "config": _cfg_hash(cfg, x0), "eps": eps}
+    res = run_chunks(os.path.join(out_dir, "chunks", f"departure-{sweep_id(identity)}"),
+                     identity, E, cfg["chunk"], compute, progress=sys.stderr.isatty(),
+                     log=log, desc="departure-time")
+    t_app, t_dep, D0 = res["t_app"], res["t_dep"], res["D0"]
 
     med_app, med_dep = nanmedian(t_app, axis=1), nanmedian(t_dep, axis=1)
     fit_mask = eps <= cfg["fit_max_eps"]

@@ -7,13 +7,15 @@ other, `P(⟨x_i(t), x_j(t)⟩ ≥ 1 − δ)`, estimated over all pairs of ≥ 2
 for d ∈ {2, 8, 32, 128}; overlaid: the time at which the equiangular model of SPEC §5.10
 (`ρ(0) = 0`) reaches `1 − δ`. Plateaus: cluster counts against t in d = 2 for several β.
 
-Each (d, β) cell is one vmapped solve over the realisations; finished cells are saved
-under `out_dir/chunks/` and skipped on a rerun, so a killed run resumes.
+Each (d, β) cell is one vmapped solve over the realisations and one chunk of the sweep
+engine (`_sweep.run_chunks`): finished cells are saved under `out_dir/chunks/` and
+skipped on a rerun, so a killed run resumes.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -24,6 +26,7 @@ from .._fields import SphereField
 from .._io import check_output_dir, write_json, write_npz
 from .._metrics import cluster_count, gram
 from .._simulate import simulate
+from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype
 
 NAME = "sphere-phase"
@@ -82,53 +85,54 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    chunk_dir = os.path.join(out_dir, "chunks")
-    os.makedirs(chunk_dir, exist_ok=True)
     ts = np.linspace(0.0, cfg["t1"], cfg["n_out"])
     betas = np.asarray(cfg["betas"], np.float64)
     dims = list(cfg["dims"])
-    prob = np.full((len(dims), betas.size, ts.size), np.nan)
-    cells = len(dims) * betas.size
-    done = 0
-    for i, d in enumerate(dims):
-        for j, beta in enumerate(betas):
-            done += 1
-            path = os.path.join(chunk_dir, f"phase-{_key(cfg, d, float(beta), cfg['realisations'])}.npz")
-            if os.path.exists(path):
-                prob[i, j] = np.load(path)["p"]
-                continue
-            t0 = time.perf_counter()
-            key = jax.random.fold_in(jax.random.key(cfg["seed"]), d)
-            x0 = sphere_tokens(key, cfg["realisations"], cfg["n"], d, dtype)
-            sol = simulate(SphereField(d=d, beta=float(beta), dtype=dtype), x0, cfg["t1"],
-                           dt=cfg["dt"], ts=ts, renormalise=True)
-            if not sol.ok:
-                raise RuntimeError(f"sphere solve failed at d={d}, β={beta}: {sol.messages()}")
-            p = np.asarray(_close_fraction(sol.xs, cfg["delta"]))
-            write_npz(path, p=p, ts=ts)
-            prob[i, j] = p
-            log(f"[phase {done}/{cells}] d = {d}, β = {beta:g}: {cfg['realisations']} runs in "
-                f"{time.perf_counter() - t0:.1f} s")
+    cells = [(d, float(beta)) for d in dims for beta in betas]  # one chunk per (d, β)
+    progress = sys.stderr.isatty()
+
+    def phase_cell(idx):
+        (c,) = idx
+        d, beta = cells[c]
+        key = jax.random.fold_in(jax.random.key(cfg["seed"]), d)
+        x0 = sphere_tokens(key, cfg["realisations"], cfg["n"], d, dtype)
+        sol = simulate(SphereField(d=d, beta=beta, dtype=dtype), x0, cfg["t1"],
+                       dt=cfg["dt"], ts=ts, renormalise=True)
+        if not sol.ok:
+            raise RuntimeError(f"sphere solve failed at d={d}, β={beta}: {sol.messages()}")
+        return {"p": np.asarray(_close_fraction(sol.xs, cfg["delta"]))[None]}
+
+    log(f"phase diagram: {len(cells)} cells (d × β) of {cfg['realisations']} runs each "
+        "(resumable) ...")
+    ident = {"experiment": NAME, "part": "phase", "cfg": _key(cfg, cfg["realisations"]),
+             "cells": cells}
+    res = run_chunks(os.path.join(out_dir, "chunks", f"phase-{sweep_id(ident)}"), ident,
+                     len(cells), 1, phase_cell, progress=progress, log=log, desc="phase")
+    prob = res["p"].reshape(len(dims), betas.size, ts.size)
     curve = np.asarray([equiangular_time(float(b), cfg["n"], cfg["delta"], 10 * cfg["t1"])
                         for b in betas])
 
     log("metastable plateaus (d = 2): cluster counts against t ...")
     pts = np.linspace(0.0, cfg["plateau_t1"], 61)
-    plateaus = {}
-    for beta in cfg["plateau_betas"]:
-        path = os.path.join(chunk_dir, f"plateau-{_key(cfg, float(beta), cfg['plateau_t1'], cfg['plateau_realisations'])}.npz")
-        if os.path.exists(path):
-            counts = np.load(path)["counts"]
-        else:
-            x0 = sphere_tokens(jax.random.key(cfg["seed"] + 1), cfg["plateau_realisations"],
-                               cfg["n"], 2, dtype)
-            sol = simulate(SphereField(d=2, beta=float(beta), dtype=dtype), x0,
-                           cfg["plateau_t1"], dt=cfg["dt"], ts=pts, renormalise=True)
-            count = jax.vmap(jax.vmap(lambda x: cluster_count(x, cfg["plateau_threshold"],
-                                                              sphere=True)))
-            counts = np.asarray(count(sol.xs))
-            write_npz(path, counts=counts, ts=pts)
-        plateaus[float(beta)] = counts
+    plateau_betas = [float(b) for b in cfg["plateau_betas"]]
+
+    def plateau_cell(idx):
+        (c,) = idx
+        x0 = sphere_tokens(jax.random.key(cfg["seed"] + 1), cfg["plateau_realisations"],
+                           cfg["n"], 2, dtype)
+        sol = simulate(SphereField(d=2, beta=plateau_betas[c], dtype=dtype), x0,
+                       cfg["plateau_t1"], dt=cfg["dt"], ts=pts, renormalise=True)
+        count = jax.vmap(jax.vmap(lambda x: cluster_count(x, cfg["plateau_threshold"],
+                                                          sphere=True)))
+        return {"counts": np.asarray(count(sol.xs))[None]}
+
+    ident = {"experiment": NAME, "part": "plateau", "betas": plateau_betas,
+             "cfg": _key(cfg, cfg["plateau_t1"], cfg["plateau_realisations"],
+                         cfg["plateau_threshold"])}
+    res = run_chunks(os.path.join(out_dir, "chunks", f"plateau-{sweep_id(ident)}"), ident,
+                     len(plateau_betas), 1, plateau_cell, progress=progress, log=log,
+                     desc="plateaus")
+    plateaus = {b: res["counts"][c] for c, b in enumerate(plateau_betas)}
 
     log("figures and summary ...")
     _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg)
