@@ -651,7 +651,11 @@ def sweep(
     solve = map_sharded(point, devices)
 
     def compute(indices):
-        return solve(builder.inputs(indices))
+        # The last chunk is padded to the full size (repeating its last point): every
+        # chunk then has one shape and the solve compiles once.
+        n, full = indices.size, plan.options["chunk"]
+        idx = np.concatenate([indices, np.repeat(indices[-1:], full - n)]) if n < full else indices
+        return {k: v[:n] for k, v in solve(builder.inputs(idx)).items()}
 
     identity = {**plan.identity(), "ts": ts}
     _check_previous_result(out_dir, sweep_id(identity))
