@@ -422,9 +422,11 @@ def parse_sweep(raw: dict) -> SweepPlan:
     # Every point must be a valid simulation spec: check the first one fully (the grid
     # values were checked above, so the others differ only in valid values).
     try:
-        parse_spec(plan.point_spec(0))
+        sim = parse_spec(plan.point_spec(0))
     except SpecError as e:
         raise SweepError(f"the spec with the grid's first point is invalid: {e}") from None
+    if not sim.t1 > 0:
+        raise SweepError("solve t1 must be > 0 in a sweep (nothing to integrate)")
     return plan
 
 

@@ -199,6 +199,8 @@ def test_incompatible_spec_and_grid():
     wrong_d = dict(SPEC, V=np.eye(3).tolist())
     with pytest.raises(SweepError, match="first point is invalid"):
         parse_sweep(wrong_d)
+    with pytest.raises(SweepError, match="t1 must be > 0"):
+        parse_sweep(dict(SPEC, solve={"t1": 0.0, "dt": 0.1}))
     no_lora_div = {k: v for k, v in SPEC.items() if k != "lora"}
     no_lora_div["grid"] = {"beta": [1.0, 2.0]}
     with pytest.raises(SweepError, match="need a \\[lora\\] section"):
