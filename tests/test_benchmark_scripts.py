@@ -1,0 +1,76 @@
+"""Smoke tests of benchmarks/exp_floor.py and benchmarks/gpu.py (subprocess, CPU, tiny n).
+
+Fast by design (about 30 s together on the 2-core machine; each subprocess is capped so a
+hang fails the test rather than the suite). They check that the scripts run, print their
+table rows and reject bad flag values with a one-line error — not the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+ROW = r"\s+\d+\.\d+"  # a number in a table row
+
+
+def _run(script, *args, timeout=90):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no fake devices
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_exp_floor_quick():
+    r = _run("exp_floor.py", "--quick", "--n", "512", "--blocks", "256")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    for form in ("xla exp(x) -> new array", "xla sum(exp(iota*c)) in-register",
+                 "xla sum(exp(a*x+b))", "numpy exp(x, out=) 1 thread"):
+        assert re.search(re.escape(form) + ROW + ROW, out), form  # all cores and 1 core
+    assert re.search(r"float32 matmul peak \(512², jax\):" + ROW + " GFLOP/s", out)
+    for kernel in ("blockwise 256", "dense", "dot_product"):
+        assert re.search(rf"^{kernel}{ROW}{ROW}{ROW}{ROW}\s+\d+\.\d%", out, re.M), kernel
+    assert re.search(r"\(d\) floor at n = 512, d = 3: .* = \d+\.\d ms/step", out)
+    assert "machine load during this run" in out
+    assert out.rstrip().splitlines()[-1].startswith("Conclusion: ")
+
+
+@pytest.mark.parametrize("extra,isolate", [((), True), (("--dtype", "bf16"), False)])
+def test_gpu_script_cpu_smoke(extra, isolate):
+    args = ["--n", "64,128", "--steps", "2", "--repeat", "1", *extra]
+    r = _run("gpu.py", *args, *(() if isolate else ("--no-isolate",)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "devices: [CpuDevice" in out
+    assert "no GPU found" in out
+    kernel = "dot_product_bf16" if extra else "auto"
+    dtype = "bf16" if extra else "float32"
+    for n in (64, 128):
+        assert re.search(rf"^\s+{n}\s+{dtype}\s+{kernel}{ROW}{ROW}{ROW}{ROW}\s+RSS$", out,
+                         re.M), (n, out)
+    assert "failed" not in out
+
+
+def test_gpu_script_sphere_blockwise():
+    r = _run("gpu.py", "--n", "100", "--steps", "1", "--repeat", "1", "--dynamics", "sphere",
+             "--kernel", "blockwise", "--block", "32", "--no-isolate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(rf"^\s+100\s+float32\s+blockwise{ROW}", r.stdout, re.M), r.stdout
+
+
+@pytest.mark.parametrize("args", [("--n", "0"), ("--n", "200000"), ("--n", "ten"),
+                                  ("--dtype", "fp16"), ("--kernel", "flash"),
+                                  ("--dtype", "bf16", "--kernel", "dense"),
+                                  ("--steps", "0")])
+def test_gpu_script_bad_flag_one_line_error(args):
+    r = _run("gpu.py", *args, timeout=30)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
