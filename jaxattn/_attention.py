@@ -124,11 +124,18 @@ def attend_dot_product(
 def _dot_product(q, k, v, s, low_precision):
     if low_precision:
         cudnn = jax.default_backend() == "gpu"
+        width = v.shape[-1]
         q, k, v = (a.astype(jnp.bfloat16) for a in ((q * s) if cudnn else q, k, v))
-        return jax.nn.dot_product_attention(
+        if cudnn and width % 8:
+            # cuDNN wants head widths that are multiples of 8: zero columns change no
+            # score (q·k) and only add zero output columns, dropped below.
+            pad = [(0, 0), (0, (-width) % 8)]
+            q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+        out = jax.nn.dot_product_attention(
             q[:, None, :], k[:, None, :], v[:, None, :],
             scale=1.0 if cudnn else s.astype(jnp.float32),
             implementation="cudnn" if cudnn else None)
+        return out[..., :width]
     return jax.nn.dot_product_attention(q[:, None, :], k[:, None, :], v[:, None, :], scale=s)
 
 
