@@ -130,6 +130,42 @@ def fixed_step_grid(t0: float, t1: float, dt: float) -> np.ndarray:
     return grid
 
 
+# Per-call constants of `simulate` (step grids, output times, t0/t1) as device arrays,
+# cached by value: building them with `jnp.asarray` costs a dispatch each (~40 µs), which
+# for short solves of small systems was a large part of a call. Arrays are immutable, so
+# sharing them is safe; values computed under a trace are never cached.
+_CONST_CACHE: dict = {}
+_CONST_CACHE_MAX = 256
+
+
+def _const(values, dtype) -> Array:
+    """`jnp.asarray(values, dtype)` (same rounding: numpy's round-to-nearest cast), cached."""
+    a = np.asarray(values, dtype=np.dtype(dtype))
+    key = ("a", a.dtype.str, a.shape, a.tobytes())
+    hit = _CONST_CACHE.get(key)
+    if hit is not None:
+        return hit
+    arr = jnp.asarray(a)
+    if not isinstance(arr, jax.core.Tracer):
+        if len(_CONST_CACHE) >= _CONST_CACHE_MAX:
+            _CONST_CACHE.clear()
+        _CONST_CACHE[key] = arr
+    return arr
+
+
+def _step_to(grid: np.ndarray, dtype) -> diffrax.StepTo:
+    """`diffrax.StepTo` on `grid` cast to `dtype` (cached like `_const`)."""
+    arr = _const(grid, dtype)
+    key = ("StepTo", id(arr))
+    hit = _CONST_CACHE.get(key)
+    if hit is not None and hit.ts is arr:
+        return hit
+    ctrl = diffrax.StepTo(ts=arr)
+    if not isinstance(arr, jax.core.Tracer) and ctrl.ts is arr:
+        _CONST_CACHE[key] = ctrl
+    return ctrl
+
+
 class _Config(eqx.Module):
     solver: diffrax.AbstractSolver
     controller: diffrax.AbstractStepSizeController
@@ -219,9 +255,17 @@ def _cast_field(field: AbstractField, dtype) -> AbstractField:
     return jax.tree.map(cast, field)
 
 
+_DEFAULT_ADJOINTS: dict = {}
+
+
 def _get_adjoint(adjoint, checkpoints):
     if adjoint is None or adjoint == "checkpoint":
-        return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
+        if not (checkpoints is None or type(checkpoints) is int):
+            return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
+        if checkpoints not in _DEFAULT_ADJOINTS:  # immutable modules: one per value
+            _DEFAULT_ADJOINTS[checkpoints] = diffrax.RecursiveCheckpointAdjoint(
+                checkpoints=checkpoints)
+        return _DEFAULT_ADJOINTS[checkpoints]
     if isinstance(adjoint, diffrax.AbstractAdjoint):
         return adjoint
     name = check_choice(adjoint, "adjoint", ADJOINTS)
@@ -331,7 +375,7 @@ def simulate(
     if fixed:
         dt = check_positive(dt, "dt")
         grid = fixed_step_grid(t0, t1, dt)
-        controller = diffrax.StepTo(ts=jnp.asarray(grid, dtype))
+        controller = _step_to(grid, dtype)
         n_steps = grid.size - 1
         max_steps = n_steps
         dt0 = None
@@ -392,13 +436,14 @@ def simulate(
         n_x_batch=x0.ndim - 2,
         save_fn=None if summary is None else _SummaryFn(summary),
     )
-    ts_arr = None if ts is None else jnp.asarray(ts, dtype)
+    ts_arr = None if ts is None else _const(ts, dtype)
     if summary is not None and not callable(summary):
         raise TypeError(f"summary must be a function fn(t, x), got {type(summary).__name__}")
     ys, status, steps, drift = _solve_batch(
-        field, x0, jnp.asarray(t0, dtype), jnp.asarray(t1, dtype), dt0, ts_arr, cfg
+        field, x0, jnp.asarray(t0, dtype) if isinstance(t0, jax.core.Tracer) else _const(t0, dtype),
+        _const(t1, dtype), dt0, ts_arr, cfg
     )
-    out_ts = jnp.asarray(grid if saveat_steps else ts, dtype)
+    out_ts = _const(grid, dtype) if saveat_steps else ts_arr
     keep_drift = sphere and summary is None
     return Solution(out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics)
 
