@@ -86,8 +86,13 @@ def attend(
     if use_blockwise(kernel, q.shape[0], k.shape[0]):
         return attend_blockwise(q, k, v, beta, log_scale, block=block, normalise=normalise)
     u = attention_scores(q, k)
-    P = softmax_weights(u, beta, log_scale) if normalise else unnormalised_weights(u, beta)
-    return P @ v
+    # The weights are normalised after the product with v: n·f divisions instead of n·m
+    # (same result up to rounding as `softmax_weights(u) @ v`).
+    if normalise:
+        s = beta * _scale_from_log(log_scale, u.dtype)
+        w = jnp.exp(s * (u - jnp.max(u, axis=-1, keepdims=True)))
+        return (w @ v) / jnp.sum(w, axis=-1, keepdims=True)
+    return (jnp.exp(beta * u) @ v) / u.shape[-1]
 
 
 def attend_dot_product(
