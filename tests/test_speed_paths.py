@@ -1,0 +1,235 @@
+"""The fast paths of issue 4 compute the same thing as the straightforward formulas.
+
+- `_fields.expm` (float32: Taylor + scaling and squaring, no LU) against scipy in float64
+  and against `jax.scipy.linalg.expm`, over norms that need 0 … many squarings;
+- the folded logits `(x A) xᵀ` / `z (Sᵀ A S) zᵀ` and the dense kernel normalised after
+  `P·v`, against the textbook field (`jsl.expm`, separate Q/K/V projections, `P @ v`),
+  with and without LoRAs on every target;
+- fixed steps land exactly on the float grid `t0 + k·dt` (the saved step times are
+  compared for equality), the cached grid/time constants never go stale;
+- float32 rescaled dynamics stay finite at t = 1000; gradients through every adjoint;
+  batching over stacked LoRAs and x0 equals member-by-member solves.
+"""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+import pytest
+import scipy.linalg
+
+import jaxattn as ja
+from jaxattn import _attention, _fields, _simulate
+
+
+def _rand(shape, seed, scale=1.0, dtype=jnp.float64):
+    return scale * jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+# ------------------------------------------------------------------ expm
+@pytest.mark.parametrize("d", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.1, 0.5, 2.0, 30.0, 400.0])
+def test_float32_expm_matches_scipy(d, scale):
+    M64 = np.asarray(_rand((d, d), d, scale / np.sqrt(d)))
+    # Negative-definite symmetric part (as t(V − cI) in the rescaled field): e^M stays
+    # bounded however large t; the raw random matrix may grow like e^{‖M‖}.
+    for M in (M64, M64 - (np.linalg.eigvalsh(0.5 * (M64 + M64.T))[-1]) * np.eye(d)):
+        ref = scipy.linalg.expm(M)
+        if not np.abs(ref).max() < 1e30:  # beyond float32 for any algorithm
+            continue
+        got = np.asarray(_fields.expm(jnp.asarray(M, jnp.float32)), np.float64)
+        old = np.asarray(jsl.expm(jnp.asarray(M, jnp.float32)), np.float64)
+        scale_ref = max(np.abs(ref).max(), 1e-30)
+        err_new = np.abs(got - ref).max() / scale_ref
+        err_old = np.abs(old - ref).max() / scale_ref
+        # Rounding-level: as accurate as jax.scipy's Padé (within a small factor), and
+        # absolutely small where few squarings are needed.
+        assert err_new <= 4 * err_old + 2e-6 * max(1.0, np.abs(M).sum(0).max()), (
+            err_new, err_old)
+
+
+def test_float32_expm_exact_cases_and_limits():
+    for d in (1, 2, 5):
+        z = jnp.zeros((d, d), jnp.float32)
+        np.testing.assert_array_equal(_fields.expm(z), np.eye(d))  # V = I: S = I exactly
+    D = jnp.diag(jnp.asarray([0.0, -1.0, -80.0], jnp.float32))  # 8 squarings
+    ref = np.diag(np.exp([0.0, -1.0, -80.0]))
+    err = np.abs(np.asarray(_fields.expm(D), np.float64) - ref) / np.maximum(ref, 1e-300)
+    err_jsl = np.abs(np.asarray(jsl.expm(D), np.float64) - ref) / np.maximum(ref, 1e-300)
+    assert np.all(err[ref > 0] <= 2 * err_jsl[ref > 0] + 2e-5), (err, err_jsl)
+    # Beyond the squaring budget: NaN, like jax.scipy.linalg.expm.
+    big = jnp.asarray([[0.0, 1e6], [0.0, 0.0]], jnp.float32)
+    assert bool(jnp.all(jnp.isnan(_fields.expm(big))))
+    assert bool(jnp.all(jnp.isnan(jsl.expm(big))))
+    # float64 keeps jax.scipy's algorithm bit for bit.
+    M = _rand((4, 4), 3)
+    np.testing.assert_array_equal(_fields.expm(M), jsl.expm(M))
+
+
+def test_float32_expm_gradient_matches_jsl():
+    M = _rand((3, 3), 7, 0.7, jnp.float32)
+    W = _rand((3, 3), 8, 1.0, jnp.float32)
+    g_new = jax.grad(lambda M: jnp.sum(W * _fields.expm(M)))(M)
+    g_old = jax.grad(lambda M: jnp.sum(W * jsl.expm(M)))(M)
+    np.testing.assert_allclose(g_new, g_old, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fields
+def _textbook(field, t, z):
+    """The field as SPEC §1 writes it: separate projections, jsl.expm, P @ v."""
+    Q, K, V = (field.weight(w) for w in "QKV")
+    if field.dynamics == "rescaled":
+        c = jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1]
+        S = jsl.expm(t * (V - c * jnp.eye(V.shape[0], dtype=V.dtype)))
+        x, log_scale = z @ S.T, 2.0 * c * t
+    else:
+        x, log_scale = z, 0.0
+    P = _attention.softmax_weights((x @ Q.T) @ (x @ K.T).T, field.beta, log_scale)
+    if field.dynamics == "usa":
+        P = _attention.unnormalised_weights((x @ Q.T) @ (x @ K.T).T, field.beta)
+    vz = z @ V.T
+    out = P @ vz
+    if field.dynamics == "rescaled":
+        return out - vz
+    if field.dynamics in ("sphere", "usa"):
+        return out - jnp.sum(z * out, -1, keepdims=True) * z
+    return out
+
+
+def _lora(d, target, seed):
+    return ja.LoRA(_rand((1, d), seed, 0.3), _rand((d, 1), seed + 1, 0.3), 1.0, target)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dynamics", ["rescaled", "plain", "sphere", "usa"])
+@pytest.mark.parametrize("n,d", [(3, 4), (9, 4), (40, 3)])  # n ≤ 2d and n > 2d paths
+def test_folded_logits_match_textbook(dynamics, n, d, dtype):
+    Q, K = _rand((d, d), 1, 0.5), _rand((d, d), 2, 0.5)
+    V = jnp.eye(d) + _rand((d, d), 3, 0.2)
+    z = _rand((n, d), 4, 0.7)
+    if dynamics in ("sphere", "usa"):
+        z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    tol = 2e-5 if dtype == jnp.float32 else 1e-12
+    for lora in (None, _lora(d, "Q", 5), _lora(d, "K", 6), _lora(d, "V", 7),
+                 [_lora(d, "Q", 8), _lora(d, "K", 9), _lora(d, "V", 10)]):
+        f = ja.make_field(dynamics, Q, K, V, beta=1.3, lora=lora, dtype=dtype)
+        zz = z.astype(dtype)
+        for t in (0.0, 0.37, 3.0):
+            t = jnp.asarray(t, dtype)
+            ref = _textbook(f, t, zz)
+            for got in (f(t, zz), f(t, zz, f.solve_args())):
+                np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
+def test_dense_kernel_normalised_after_the_product(kernel):
+    q, k, v = _rand((7, 3), 1), _rand((5, 3), 2), _rand((5, 4), 3)
+    for log_scale in (0.0, 2.5, 1e4):
+        P = _attention.softmax_weights(q @ k.T, 0.8, log_scale)
+        got = _attention.attend(q, k, v, 0.8, log_scale, kernel=kernel, block=2)
+        np.testing.assert_allclose(got, P @ v, rtol=1e-12, atol=1e-13)
+    U = _attention.unnormalised_weights(q @ k.T, 0.8)
+    got = _attention.attend(q, k, v, 0.8, kernel=kernel, block=2, normalise=False)
+    np.testing.assert_allclose(got, U @ v, rtol=1e-12, atol=1e-13)
+
+
+# ------------------------------------------------------------------ simulate
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("t0,t1,dt", [(0.0, 1.0, 0.1), (0.3, 2.05, 0.25), (0.0, 0.5, 0.01)])
+def test_fixed_steps_land_exactly_on_the_grid(t0, t1, dt, dtype):
+    f = ja.RescaledField(d=2, dtype=dtype)
+    x0 = _rand((4, 2), 0).astype(dtype)
+    sol = ja.simulate(f, x0, t1, t0=t0, dt=dt, summary=lambda t, x: t)
+    grid = np.asarray(_simulate.fixed_step_grid(t0, t1, dt), dtype)
+    np.testing.assert_array_equal(np.asarray(sol.xs), grid)  # diffrax's own step times
+    np.testing.assert_array_equal(np.asarray(sol.ts), grid)
+    assert int(sol.num_steps) == grid.size - 1
+    # The cached constants equal a fresh jnp.asarray, and a different grid is not stale.
+    np.testing.assert_array_equal(_simulate._const(grid, dtype), jnp.asarray(grid, dtype))
+    other = ja.simulate(f, x0, t1, t0=t0, dt=dt / 2, summary=lambda t, x: t)
+    np.testing.assert_array_equal(
+        np.asarray(other.xs), np.asarray(_simulate.fixed_step_grid(t0, t1, dt / 2), dtype))
+
+
+def test_const_cache_never_holds_tracers():
+    @jax.jit
+    def g(x):
+        return _simulate._const(np.asarray([1.25, 2.5]), jnp.float32) * x
+
+    np.testing.assert_array_equal(g(jnp.float32(2.0)), [2.5, 5.0])
+    assert not any(isinstance(v, jax.core.Tracer) for v in _simulate._CONST_CACHE.values())
+
+
+def test_rescaled_float32_finite_at_t_1000():
+    f = ja.RescaledField(V=jnp.diag(jnp.asarray([1.0, 0.999])), dtype=jnp.float32)
+    x0 = jax.random.uniform(jax.random.key(0), (10, 2), jnp.float32, -5.0, 5.0)
+    sol = ja.simulate(f, x0, 1000.0, dt=0.5, ts=[0.0, 500.0, 1000.0])
+    assert sol.ok and bool(jnp.all(jnp.isfinite(sol.xs)))
+    F = f(jnp.float32(1000.0), sol.final)
+    assert bool(jnp.all(jnp.isfinite(F)))
+
+
+def test_float32_simulate_matches_textbook_rk4():
+    """The whole float32 solve against RK4 of the textbook field, step by step."""
+    d, n, dt, steps = 3, 12, 0.05, 20
+    V = jnp.eye(d) + _rand((d, d), 3, 0.3)
+    f = ja.RescaledField(_rand((d, d), 1, 0.6), _rand((d, d), 2, 0.6), V, beta=1.5,
+                         lora=_lora(d, "V", 4), dtype=jnp.float32)
+    x0 = _rand((n, d), 5).astype(jnp.float32)
+    got = ja.simulate(f, x0, dt * steps, dt=dt).final
+    g = lambda t, z: _textbook(f, jnp.asarray(t, jnp.float32), z)  # noqa: E731
+    z, t = x0, 0.0
+    for _ in range(steps):
+        k1 = g(t, z)
+        k2 = g(t + dt / 2, z + dt / 2 * k1)
+        k3 = g(t + dt / 2, z + dt / 2 * k2)
+        k4 = g(t + dt, z + dt * k3)
+        z, t = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), t + dt
+    np.testing.assert_allclose(got, z, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_gradients_agree_across_adjoints(dtype):
+    d = 3
+    x0 = _rand((6, d), 0, 0.8).astype(dtype)
+
+    def loss(A, adjoint):
+        lo = ja.LoRA(A, jnp.ones((d, 1), dtype) * 0.2, 1.0, "V")
+        f = ja.RescaledField(d=d, lora=[lo, ja.LoRA(A, jnp.ones((d, 1), dtype) * 0.1,
+                                                    1.0, "Q")], dtype=dtype)
+        return jnp.sum(ja.simulate(f, x0, 0.5, dt=0.05, ts=[0.5], adjoint=adjoint).final ** 2)
+
+    A = jnp.asarray([[0.3, -0.2, 0.1]], dtype)
+    # Fixed-step backsolve walks back with constant steps (as `_sensitivity` sets it up).
+    back = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(), dt0=-0.05)
+    grads = {"checkpoint": jax.grad(loss)(A, "checkpoint"),
+             "backsolve": jax.grad(loss)(A, back),
+             "forward": jax.jacfwd(loss)(A, "forward")}
+    eps = 1e-3 if dtype == jnp.float32 else 1e-6
+    fd = (loss(A.at[0, 0].add(eps), "checkpoint") - loss(A.at[0, 0].add(-eps), "checkpoint"))
+    fd = fd / (2 * eps)
+    tol = 2e-3 if dtype == jnp.float32 else 1e-6
+    for g in grads.values():
+        assert bool(jnp.all(jnp.isfinite(g)))
+        np.testing.assert_allclose(g, grads["checkpoint"], rtol=tol, atol=tol)
+    np.testing.assert_allclose(grads["checkpoint"][0, 0], fd, rtol=20 * tol, atol=20 * tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_batches_equal_member_by_member(dtype):
+    d = 2
+    norms = jnp.asarray([0.0, 0.1, 0.3])
+    los = [ja.LoRA.random(d, rank=1, norm=norms, key=jax.random.key(1), target=t)
+           for t in ("V", "Q")]
+    x0 = jnp.stack([_rand((5, d), s, 0.8) for s in range(2)]).astype(dtype)
+    f = ja.RescaledField(d=d, dtype=dtype).with_lora(los)
+    sol = ja.simulate(f, x0, 0.6, dt=0.1)
+    assert sol.xs.shape == (3, 2, 7, 5, d)
+    for i in range(3):
+        member = [ja.LoRA(lo.A[i], lo.B[i], lo.alpha, lo.target) for lo in los]
+        fi = ja.RescaledField(d=d, dtype=dtype).with_lora(member)
+        for j in range(2):
+            one = ja.simulate(fi, x0[j], 0.6, dt=0.1)
+            tol = 1e-5 if dtype == jnp.float32 else 1e-12
+            np.testing.assert_allclose(sol.xs[i, j], one.xs, rtol=tol, atol=tol)
