@@ -53,8 +53,10 @@ def unnormalised_weights(u: Float[Array, "n m"], beta) -> Float[Array, "n m"]:
 
 KERNELS = ("auto", "dense", "blockwise", "dot_product", "dot_product_bf16")
 # "auto": dense up to this many scores n·m, blockwise above. Measured on the 2-core CPU
-# (rescaled field, RK4 step, float32): equal speed near n = 1000 (d = 2), blockwise 1.6×
-# faster at n = 1000, d = 64 and 4× faster with 4× less memory at n = 16384 (d = 3).
+# (rescaled field, RK4 step, float32, dense normalised after P·v): at n = 1000 dense is
+# 1.1× (d = 64) to 1.3× (d = 2) faster than one 1024 block; at n = 4096, d = 64
+# blockwise (block 1024) is 1.9× faster than dense (and than blocks of 512 or 2048);
+# at n = 16384 (d = 3) blockwise was 4× faster with 4× less memory.
 AUTO_DENSE_MAX_SCORES = 2048 * 2048
 
 
