@@ -274,6 +274,39 @@ def _get_adjoint(adjoint, checkpoints):
     return diffrax.ForwardMode()
 
 
+def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
+    """Solver, step controller, step budget and fixed grid (None when adaptive), as
+    `simulate` documents its options; the sweep engine resolves its solves here too."""
+    solver_obj = get_solver(solver) if isinstance(solver, str) else solver
+    solver_name = solver.lower() if isinstance(solver, str) else type(solver).__name__
+    adaptive_ok = isinstance(solver_obj, diffrax.AbstractAdaptiveSolver) and (
+        solver_name in ADAPTIVE if isinstance(solver, str) else not isinstance(solver, RK4)
+    )
+    if dt is not None and (rtol is not None or atol is not None):
+        raise ValueError("give either dt (fixed step) or rtol/atol (adaptive), not both")
+    if dt is None and rtol is None and atol is None:
+        if adaptive_ok:
+            rtol, atol = 1e-6, 1e-9
+        else:
+            dt = 0.1
+    if project:
+        wrap = _ProjectedAdaptive if adaptive_ok else _Projected
+        solver_obj = wrap(solver_obj)
+    if dt is not None:
+        dt = check_positive(dt, "dt")
+        grid = fixed_step_grid(t0, t1, dt)
+        return solver_obj, _step_to(grid, dtype), grid.size - 1, grid
+    if not adaptive_ok:
+        raise ValueError(f"solver {solver_name!r} has no error estimate: give dt for "
+                         "fixed steps, or use heun, tsit5, dopri5 or dopri8")
+    rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
+    atol = check_positive(1e-9 if atol is None else atol, "atol")
+    max_steps = 100_000 if max_steps is None else int(max_steps)
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
+    return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None
+
+
 def simulate(
     field: AbstractField,
     x0,
@@ -355,42 +388,10 @@ def simulate(
     if t1 < t0:
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
-    solver_obj = get_solver(solver) if isinstance(solver, str) else solver
-    solver_name = solver.lower() if isinstance(solver, str) else type(solver).__name__
-    adaptive_ok = isinstance(solver_obj, diffrax.AbstractAdaptiveSolver) and (
-        solver_name in ADAPTIVE if isinstance(solver, str) else not isinstance(solver, RK4)
-    )
-    if dt is not None and (rtol is not None or atol is not None):
-        raise ValueError("give either dt (fixed step) or rtol/atol (adaptive), not both")
-    if dt is None and rtol is None and atol is None:
-        if adaptive_ok:
-            rtol, atol = 1e-6, 1e-9
-        else:
-            dt = 0.1
-    if renormalise and sphere:
-        wrap = _ProjectedAdaptive if adaptive_ok else _Projected
-        solver_obj = wrap(solver_obj)
-
-    fixed = dt is not None
-    if fixed:
-        dt = check_positive(dt, "dt")
-        grid = fixed_step_grid(t0, t1, dt)
-        controller = _step_to(grid, dtype)
-        n_steps = grid.size - 1
-        max_steps = n_steps
-        dt0 = None
-    else:
-        if not adaptive_ok:
-            raise ValueError(f"solver {solver_name!r} has no error estimate: give dt for "
-                             "fixed steps, or use heun, tsit5, dopri5 or dopri8")
-        rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
-        atol = check_positive(1e-9 if atol is None else atol, "atol")
-        controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        max_steps = 100_000 if max_steps is None else int(max_steps)
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
-        dt0 = None
-        grid = None
+    solver_obj, controller, max_steps, grid = _stepping(
+        solver, dt, rtol, atol, max_steps, bool(renormalise and sphere), t0, t1, dtype)
+    fixed = grid is not None
+    dt0 = None
 
     if ts is not None:
         ts = np.asarray(as_float_array(ts, "ts"), dtype=np.float64).ravel()

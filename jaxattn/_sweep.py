@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -35,17 +34,7 @@ from ._fields import AbstractField
 from ._io import check_output_dir, write_json, write_npz
 from ._lora import LoRA
 from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances
-from ._simulate import (
-    STATUS_MESSAGES,
-    STATUS_OK,
-    _Config,
-    _get_adjoint,
-    _Projected,
-    _ProjectedAdaptive,
-    _solve_one,
-    fixed_step_grid,
-)
-from ._solvers import ADAPTIVE, get_solver
+from ._simulate import STATUS_MESSAGES, STATUS_OK, _Config, _get_adjoint, _solve_one, _stepping
 from ._spec import SpecError, initial_tokens, lora_from_table, parse_spec
 from ._validate import TARGETS
 
@@ -485,34 +474,22 @@ def _summary_fn(names, threshold, sphere, pair):
 
 
 def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_fn, dtype):
-    """diffrax configuration of one point's solve, as `simulate` resolves it."""
-    solver_name = solve.get("solver", "rk4")
-    solver = get_solver(solver_name)
-    adaptive = solver_name in ADAPTIVE
-    dt = solve.get("dt")
-    if dt is None and "rtol" not in solve and "atol" not in solve and not adaptive:
-        dt = 0.1
-    if solve.get("renormalise") and sphere:
-        solver = (_ProjectedAdaptive if adaptive else _Projected)(solver)
-    if dt is not None:
-        grid = fixed_step_grid(0.0, t1, dt)
-        controller = diffrax.StepTo(ts=jnp.asarray(grid, dtype))
-        max_steps = grid.size - 1
-        if "ts" in solve:
-            ts = np.asarray(solve["ts"], np.float64)
-        else:  # every k-th step: save times lie exactly on the grid
-            keep = np.unique(np.round(np.linspace(0, grid.size - 1, save_points)).astype(int))
-            ts = grid[keep]
+    """diffrax configuration of one point's solve, resolved by `simulate`'s own rules."""
+    project = bool(solve.get("renormalise") and sphere)
+    solver, controller, max_steps, grid = _stepping(
+        solve.get("solver", "rk4"), solve.get("dt"), solve.get("rtol"), solve.get("atol"),
+        solve.get("max_steps"), project, 0.0, t1, dtype)
+    if "ts" in solve:
+        ts = np.asarray(solve["ts"], np.float64)
+    elif grid is not None:  # every k-th step: save times lie exactly on the grid
+        keep = np.unique(np.round(np.linspace(0, grid.size - 1, save_points)).astype(int))
+        ts = grid[keep]
     else:
-        controller = diffrax.PIDController(rtol=solve.get("rtol", 1e-6),
-                                           atol=solve.get("atol", 1e-9))
-        max_steps = solve.get("max_steps", 100_000)
-        ts = (np.asarray(solve["ts"], np.float64) if "ts" in solve
-              else np.linspace(0.0, t1, save_points))
+        ts = np.linspace(0.0, t1, save_points)
     cfg = _Config(solver=solver, controller=controller, saveat_steps=False,
                   max_steps=int(max_steps), adjoint=_get_adjoint(None, None), progress=False,
-                  sphere=sphere, renormalise=bool(solve.get("renormalise") and sphere),
-                  n_field_batch=0, n_x_batch=0, save_fn=save_fn)
+                  sphere=sphere, renormalise=project, n_field_batch=0, n_x_batch=0,
+                  save_fn=save_fn)
     return cfg, ts
 
 
