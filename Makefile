@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/jaxattn demo --out $(OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow"
