@@ -156,9 +156,10 @@ class AbstractField(eqx.Module):
         return x @ self.weight(name).T
 
     @property
-    def A(self) -> Float[Array, "d d"]:
-        """`A = Qᵀ K`: only this enters the logits `β x_iᵀ A x_j`."""
-        return self.weight("Q").T @ self.weight("K")
+    def A(self) -> Float[Array, "*batch d d"]:
+        """`A = Qᵀ K`: only this enters the logits `β x_iᵀ A x_j` (one per member of a
+        stacked LoRA)."""
+        return jnp.swapaxes(self.weight("Q"), -1, -2) @ self.weight("K")
 
     def with_lora(self, lora) -> "AbstractField":
         """The same field with `lora` (LoRA, sequence or None) replacing its LoRAs."""

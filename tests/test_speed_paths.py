@@ -233,3 +233,25 @@ def test_batches_equal_member_by_member(dtype):
             one = ja.simulate(fi, x0[j], 0.6, dt=0.1)
             tol = 1e-5 if dtype == jnp.float32 else 1e-12
             np.testing.assert_allclose(sol.xs[i, j], one.xs, rtol=tol, atol=tol)
+
+
+def test_logit_matrix_of_a_stacked_field_is_per_member():
+    # `A = Qᵀ K` of a field with a stacked LoRA on Q: one matrix per member, each equal to
+    # the A of the field with that member's LoRA alone (a plain `.T` would transpose the
+    # batch axis too).
+    import jax as _jax
+    import jax.numpy as _jnp
+    import numpy as _np
+
+    import jaxattn as _ja
+
+    rng = _np.random.default_rng(11)
+    Q, K = (_jnp.asarray(rng.normal(size=(3, 3))) for _ in range(2))
+    lora = _ja.LoRA.random(3, rank=1, norm=_jnp.asarray([0.1, 0.5, 0.9]), target="Q",
+                           key=_jax.random.key(0))
+    f = _ja.PlainField(Q, K, None, lora=lora)
+    assert f.A.shape == (3, 3, 3)
+    for b in range(3):
+        one = _ja.LoRA(lora.A[b], lora.B[b], lora.alpha, "Q")
+        _np.testing.assert_allclose(f.A[b], _ja.PlainField(Q, K, None, lora=one).A,
+                                    rtol=1e-14, atol=1e-14)
