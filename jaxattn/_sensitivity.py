@@ -26,7 +26,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -88,7 +87,7 @@ def _solve_kwargs(solve: dict[str, Any] | None, adjoint, checkpoints) -> dict[st
     kw = dict(solve or {})
     kw.pop("ts", None)  # objectives read x(t1) only
     kw.pop("progress", None)
-    kw["adjoint"] = _adjoint_object(adjoint, kw)
+    kw["adjoint"] = adjoint
     if checkpoints is not None:
         if adjoint != "checkpoint":
             raise ValueError("checkpoints applies to adjoint checkpoint only")
@@ -98,50 +97,13 @@ def _solve_kwargs(solve: dict[str, Any] | None, adjoint, checkpoints) -> dict[st
     return kw
 
 
-def _fixed_dt(kw: dict[str, Any]) -> float | None:
-    """The fixed step `simulate` will use for these options (None when adaptive)."""
-    from ._solvers import ADAPTIVE
-
-    if kw.get("dt") is not None:
-        return float(kw["dt"])
-    if kw.get("rtol") is not None or kw.get("atol") is not None:
-        return None
-    solver = kw.get("solver", "rk4")
-    return None if isinstance(solver, str) and solver.lower() in ADAPTIVE else 0.1
-
-
-def _adjoint_object(adjoint, kw: dict[str, Any]):
-    """The adjoint for `simulate`. Fixed-step backsolve needs its own backward controller:
-    the forward `StepTo` grid cannot be walked backwards, so the adjoint ODE is solved
-    with constant steps `−dt` from `t1` (the same step size, not the same grid when
-    `(t1 − t0)/dt` is fractional)."""
-    if adjoint == "backsolve":
-        dt = _fixed_dt(kw)
-        if dt is not None:
-            return diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(),
-                                            dt0=-dt)
-    return adjoint
-
-
-def _backsolve_safe(field: AbstractField) -> AbstractField:
-    """diffrax's `BacksolveAdjoint` fails on a field whose `loras` is the empty tuple (an
-    empty pytree node among the differentiated leaves). Give such a field an exactly-zero
-    rank-1 LoRA on V: the same vector field (`ΔV = 0·0ᵀ`), the same gradients for Q, K, V."""
-    if field.loras:
-        return field
-    z = jnp.zeros((1, field.d), field.V.dtype)
-    return eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
-
-
 def final_state(field: AbstractField, x0, t1: float, **solve_kw):
     """`(x(t1), status)` of one run, saving only the final time.
 
     Saving only `t1` (`SaveAt(ts=[t1])`) keeps reverse-mode memory at the checkpoints
-    (not every step), and is what `BacksolveAdjoint` needs (it rejects `SaveAt(steps=True)`).
+    (not every step). `simulate` itself makes every adjoint, backsolve included, work
+    with any field and step option.
     """
-    adj = solve_kw.get("adjoint")
-    if adj == "backsolve" or isinstance(adj, diffrax.BacksolveAdjoint):
-        field = _backsolve_safe(field)
     sol = simulate(field, x0, t1, ts=[float(t1)], **solve_kw)
     return sol.xs[..., -1, :, :], sol.status
 

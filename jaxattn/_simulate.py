@@ -12,6 +12,7 @@ import numpy as np
 
 from ._custom_types import Array, Float, Int
 from ._fields import AbstractField
+from ._lora import LoRA
 from ._solvers import ADAPTIVE, RK4, get_solver
 from ._validate import (
     as_float_array,
@@ -408,6 +409,24 @@ def simulate(
     else:
         ts = np.linspace(t0, t1, 101)
         saveat_steps = False
+
+    backsolve = adjoint == "backsolve" or isinstance(adjoint, diffrax.BacksolveAdjoint)
+    if backsolve:
+        # diffrax's BacksolveAdjoint rejects SaveAt(steps=True): save at the grid times
+        # instead (the same outputs), and it fails on an empty tuple of LoRAs among the
+        # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V (the
+        # same vector field, the same gradients).
+        if saveat_steps:
+            ts, saveat_steps = grid, False
+        if not field.loras:
+            z = jnp.zeros((1, field.d), field.V.dtype)
+            field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
+        if adjoint == "backsolve" and fixed:
+            # The forward StepTo grid cannot be walked backwards: the adjoint ODE takes
+            # constant steps −dt from t1 (the same step size; the same grid unless
+            # (t1 − t0)/dt is fractional).
+            adjoint = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(),
+                                               dt0=-(0.1 if dt is None else float(dt)))
     if t1 == t0:
         # Nothing to integrate: diffrax rejects a zero-length interval.
         out_ts = jnp.asarray(ts if ts is not None else [t0], dtype)

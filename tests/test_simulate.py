@@ -183,3 +183,26 @@ def test_summary_saves_fn_of_state_instead_of_tokens():
     assert float(jnp.max(jnp.abs(sp.xs - 1.0))) < 1e-14
     with pytest.raises(TypeError, match="summary must be a function"):
         ja.simulate(f, x, 1.0, dt=0.1, summary=3)
+
+
+@pytest.mark.parametrize("save_every_step", [True, False])
+def test_backsolve_works_on_any_field_and_saveat(save_every_step):
+    # BacksolveAdjoint needs three things diffrax does not do by itself, which `simulate`
+    # supplies: no SaveAt(steps=True), a backward controller for a fixed grid, and no
+    # empty LoRA tuple among the leaves. A field without LoRA, default (every-step)
+    # output: the gradient must match reverse mode through the solver to ~1e-6.
+    x0 = jax.random.uniform(jax.random.key(5), (6, 2), jnp.float64, -1, 1)
+    V = jnp.asarray([[1.0, 0.2], [0.0, 0.9]])
+
+    def loss(Vm, adjoint):
+        f = ja.RescaledField(V=Vm, beta=1.0)
+        kw = {} if save_every_step else {"ts": [0.5, 1.0]}
+        sol = ja.simulate(f, x0, 1.0, dt=0.05, adjoint=adjoint, **kw)
+        return jnp.sum(sol.xs[-1] ** 2)
+
+    g_ref = jax.grad(loss)(V, "checkpoint")
+    g_back = jax.grad(loss)(V, "backsolve")
+    # The adjoint ODE is solved by RK4 with the same dt: O(dt⁴) from the discrete
+    # gradient, ≈ 1e-7 relative at dt = 0.05 (measured); 1e-5 leaves margin.
+    np.testing.assert_allclose(g_back, g_ref, rtol=1e-5, atol=1e-8)
+    assert float(loss(V, "backsolve")) == pytest.approx(float(loss(V, "checkpoint")), rel=1e-14)
