@@ -40,10 +40,15 @@ def softmax_weights(
     `beta ≥ 0` multiplies the scale directly (β = 0 gives uniform attention);
     `log_scale` is the logarithm of an extra positive factor that may be huge.
     """
-    s = beta * _scale_from_log(log_scale, u.dtype)
-    centred = u - jnp.max(u, axis=-1, keepdims=True)
-    w = jnp.exp(s * centred)
+    w = _shifted_exp(u, beta, log_scale)
     return w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def _shifted_exp(u: Float[Array, "n m"], beta, log_scale) -> Float[Array, "n m"]:
+    """`exp(s (u_ij − max_j u_ij))` with `s = β e^{log_scale}`: centre first, then scale
+    (the unnormalised softmax; rows are normalised by the caller)."""
+    s = beta * _scale_from_log(log_scale, u.dtype)
+    return jnp.exp(s * (u - jnp.max(u, axis=-1, keepdims=True)))
 
 
 def unnormalised_weights(u: Float[Array, "n m"], beta) -> Float[Array, "n m"]:
@@ -91,8 +96,7 @@ def attend(
     # The weights are normalised after the product with v: n·f divisions instead of n·m
     # (same result up to rounding as `softmax_weights(u) @ v`).
     if normalise:
-        s = beta * _scale_from_log(log_scale, u.dtype)
-        w = jnp.exp(s * (u - jnp.max(u, axis=-1, keepdims=True)))
+        w = _shifted_exp(u, beta, log_scale)
         return (w @ v) / jnp.sum(w, axis=-1, keepdims=True)
     return (jnp.exp(beta * u) @ v) / u.shape[-1]
 

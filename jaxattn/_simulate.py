@@ -276,8 +276,9 @@ def _get_adjoint(adjoint, checkpoints):
 
 
 def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
-    """Solver, step controller, step budget and fixed grid (None when adaptive), as
-    `simulate` documents its options; the sweep engine resolves its solves here too."""
+    """Solver, step controller, step budget, fixed grid and fixed step (both None when
+    adaptive), as `simulate` documents its options; the sweep engine resolves its solves
+    here too."""
     solver_obj = get_solver(solver) if isinstance(solver, str) else solver
     solver_name = solver.lower() if isinstance(solver, str) else type(solver).__name__
     adaptive_ok = isinstance(solver_obj, diffrax.AbstractAdaptiveSolver) and (
@@ -296,7 +297,7 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
     if dt is not None:
         dt = check_positive(dt, "dt")
         grid = fixed_step_grid(t0, t1, dt)
-        return solver_obj, _step_to(grid, dtype), grid.size - 1, grid
+        return solver_obj, _step_to(grid, dtype), grid.size - 1, grid, dt
     if not adaptive_ok:
         raise ValueError(f"solver {solver_name!r} has no error estimate: give dt for "
                          "fixed steps, or use heun, tsit5, dopri5 or dopri8")
@@ -305,7 +306,7 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
     max_steps = 100_000 if max_steps is None else int(max_steps)
     if max_steps < 1:
         raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
-    return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None
+    return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None, None
 
 
 def simulate(
@@ -389,7 +390,7 @@ def simulate(
     if t1 < t0:
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
-    solver_obj, controller, max_steps, grid = _stepping(
+    solver_obj, controller, max_steps, grid, dt = _stepping(
         solver, dt, rtol, atol, max_steps, bool(renormalise and sphere), t0, t1, dtype)
     fixed = grid is not None
     dt0 = None
@@ -426,7 +427,7 @@ def simulate(
             # constant steps −dt from t1 (the same step size; the same grid unless
             # (t1 − t0)/dt is fractional).
             adjoint = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(),
-                                               dt0=-(0.1 if dt is None else float(dt)))
+                                               dt0=-dt)
     if t1 == t0:
         # Nothing to integrate: diffrax rejects a zero-length interval.
         out_ts = jnp.asarray(ts if ts is not None else [t0], dtype)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._fields import AbstractField
-from ._io import check_output_dir, write_json, write_npz
+from ._io import _json_default, check_output_dir, write_json, write_npz
 from ._lora import LoRA
 from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances
 from ._simulate import STATUS_MESSAGES, STATUS_OK, _Config, _get_adjoint, _solve_one, _stepping
@@ -50,14 +50,6 @@ def sweep_id(identity: dict) -> str:
     """Stable short hash of everything that determines a sweep's chunk contents."""
     text = json.dumps(identity, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _chunk_path(chunk_dir: str, c: int) -> str:
@@ -476,7 +468,7 @@ def _summary_fn(names, threshold, sphere, pair):
 def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_fn, dtype):
     """diffrax configuration of one point's solve, resolved by `simulate`'s own rules."""
     project = bool(solve.get("renormalise") and sphere)
-    solver, controller, max_steps, grid = _stepping(
+    solver, controller, max_steps, grid, _ = _stepping(
         solve.get("solver", "rk4"), solve.get("dt"), solve.get("rtol"), solve.get("atol"),
         solve.get("max_steps"), project, 0.0, t1, dtype)
     if "ts" in solve:
