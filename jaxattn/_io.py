@@ -5,12 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 
-def check_output_file(path: str | os.PathLike) -> str:
-    """Fail early (one line) if `path` cannot be written: missing or unwritable folder."""
+def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] = (),
+                      force: bool = False) -> str:
+    """Fail early (one line) if `path` cannot or must not be written.
+
+    The overwrite rule of every command that writes one file:
+
+    - a missing or unwritable folder, or a folder at `path`, is an error;
+    - `path` is never one of the command's `inputs` (the spec file, say);
+    - a FIFO, device, socket or other non-regular file at `path` is never replaced;
+    - an existing regular file is replaced only if it is an earlier output of the same
+      kind (an `.npz` holding all the members named in `own`), or with `force`;
+    - the replacement is atomic and happens only when the run succeeds (the caller
+      decides what success is; see `cli.cmd_simulate`).
+    """
     path = os.fspath(path)
     if not path:
         raise ValueError("the output path is empty")
@@ -19,10 +32,189 @@ def check_output_file(path: str | os.PathLike) -> str:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"output folder {parent} does not exist")
+    if os.path.lexists(path):
+        for inp in inputs:
+            if inp is not None and os.path.exists(inp) and os.path.exists(path) and \
+                    os.path.samefile(path, inp):
+                raise ValueError(f"output {path} is the input file {inp}; refusing to "
+                                 "overwrite it (choose another --out)")
+        if os.path.exists(path):
+            kind = _file_kind(os.stat(path).st_mode)
+            if kind != "regular file":
+                raise ValueError(f"output {path} is a {kind}, not a regular file; refusing "
+                                 "to replace it")
+            if not force and not _holds_members(path, own):
+                raise ValueError(f"output {path} exists and is not an earlier output of this "
+                                 "command; pass --force to replace it")
     _probe(parent)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output file {path} is not writable")
     return path
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"  # pragma: no cover
+
+
+def _holds_members(path: str, members: Sequence[str]) -> bool:
+    """True if `path` is an `.npz` archive with all of `members` (an earlier output)."""
+    import zipfile
+
+    if not members:
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return all(f"{m}.npy" in names for m in members)
+
+
+# Sizes above this are not spec files (a spec with explicit tokens for 10⁵ tokens in
+# d = 64 is about 150 MB of text).
+MAX_INPUT_BYTES = 256 * 2**20
+
+
+def read_regular_file(path: str | os.PathLike, what: str,
+                      max_bytes: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; FIFOs, devices and larger files
+    are refused with one line (a FIFO would block forever, `/dev/zero` never ends)."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    kind = _file_kind(st.st_mode)
+    if kind != "regular file":
+        raise ValueError(f"{what} {path} is a {kind}, not a regular file")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{what} {path} is {st.st_size} bytes, over the limit of "
+                         f"{max_bytes} bytes")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > max_bytes:  # grew while we read it
+        raise ValueError(f"{what} {path} is over the limit of {max_bytes} bytes")
+    return data
+
+
+# ----------------------------------------------------------------- output locks
+_HELD: dict[str, list] = {}
+
+
+class OutputBusyError(ValueError):
+    """Another process holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, name: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the duration of the block.
+
+    The lock is `fcntl.flock` on `folder/.jaxattn-lock{name}`: the kernel drops it when
+    the holder exits, even by SIGKILL, so a killed run never leaves a stale lock. A
+    second writer gets `OutputBusyError` naming the holder (pid, host, start time,
+    command). Re-entrant within one process.
+    """
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    path = os.path.join(os.fspath(folder), f".jaxattn-lock{name}")
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "holder unknown"
+        os.close(fd)
+        raise OutputBusyError(f"{folder} is in use by another jaxattn run ({holder}); wait "
+                              "for it to finish or choose another output folder") from None
+    info = (f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _HELD.pop(key, None)
+        os.close(fd)  # releases the lock
+
+
+def create_exclusive_json(path, data) -> bool:
+    """Write `data` to `path` only if no file is there, atomically: the content is
+    complete before the name appears (a temporary file hard-linked into place). Returns
+    False, writing nothing, when `path` already exists (another writer won)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(_clean(data), fh, indent=2, default=_json_default, allow_nan=False)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _tmp_prefix() -> str:
+    """Temporaries are named `.tmp-HOST-PID-…`, so a later run can tell a dead writer's
+    leftovers from a live one's."""
+    import socket
+
+    return f".tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Remove the `.tmp-*` files that a killed writer on this host left in `folder`
+    (a SIGKILL between creating a temporary and renaming it into place). Files of live
+    processes, and of other hosts sharing the folder, are left alone."""
+    import socket
+
+    host = socket.gethostname()
+    n = 0
+    for f in os.listdir(folder) if os.path.isdir(folder) else ():
+        if not f.startswith(f".tmp-{host}-"):
+            continue
+        pid_text = f[len(f".tmp-{host}-"):].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, f))
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's live process
+        return True
+    return True
 
 
 def _probe(folder: str) -> None:
@@ -64,7 +256,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     atomically, on failure it is removed (no partial output is ever left)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".tmp",
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=os.path.splitext(path)[1] or ".tmp",
                                dir=folder)
     os.close(fd)
     try:

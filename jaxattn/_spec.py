@@ -60,16 +60,15 @@ class Simulation:
 
 def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a `.toml` or `.json` spec (by extension; otherwise try TOML then JSON)."""
+    from ._io import read_regular_file
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise SpecError(f"spec file not found: {path}")
     if os.path.isdir(path):
         raise SpecError(f"spec path is a directory: {path}")
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as e:
-        raise SpecError(f"cannot read spec file {path}: {e.strerror}") from None
+        raw = read_regular_file(path, "spec file")
+    except ValueError as e:
+        raise SpecError(str(e)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -85,6 +84,8 @@ def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
         except ValueError as e:
             errors.append(f"{name}: {e}")
             continue
+        except RecursionError:
+            raise SpecError(f"spec file {path} is nested too deeply") from None
         if not isinstance(data, dict):
             raise SpecError(f"spec file {path} must hold a table/object at the top level")
         return data

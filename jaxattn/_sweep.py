@@ -31,7 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._fields import AbstractField
-from ._io import _json_default, check_output_dir, write_json, write_npz
+from ._io import (
+    _json_default,
+    check_output_dir,
+    create_exclusive_json,
+    output_lock,
+    remove_stale_temporaries,
+    write_json,
+    write_npz,
+)
 from ._lora import LoRA
 from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances
 from ._simulate import STATUS_MESSAGES, STATUS_OK, _Config, _get_adjoint, _solve_one, _stepping
@@ -76,26 +84,66 @@ def prepare_chunk_dir(chunk_dir: str, identity: dict, n_points: int, chunk: int)
                 "n_points": int(n_points), "chunk": int(chunk),
                 "n_chunks": math.ceil(n_points / chunk)}
     path = os.path.join(chunk_dir, MANIFEST)
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                old = json.load(fh)
-        except (OSError, ValueError):
-            raise SweepError(f"{path} is not a readable sweep manifest; use another output "
-                             "folder") from None
-        if old.get("sweep_id") != manifest["sweep_id"]:
-            why = (f"chunk size {old.get('chunk')} there, {chunk} here"
-                   if old.get("chunk") != chunk and old.get("n_points") == n_points
-                   else "different spec or grid")
-            raise SweepError(f"{chunk_dir} holds chunks of a different sweep ({why}); choose "
-                             "another output folder or remove it")
-        return manifest
-    if _existing_chunks(chunk_dir):
-        raise SweepError(f"{chunk_dir} holds chunk files but no {MANIFEST}; choose another "
-                         "output folder or remove them")
-    os.makedirs(chunk_dir, exist_ok=True)
-    write_json(path, {**manifest, "identity": identity})
-    return manifest
+    for _ in range(2):
+        if os.path.exists(path):
+            _check_manifest(path, chunk_dir, manifest, chunk, n_points)
+            return manifest
+        if _existing_chunks(chunk_dir):
+            raise SweepError(f"{chunk_dir} holds chunk files but no {MANIFEST}; choose "
+                             "another output folder or remove them")
+        os.makedirs(chunk_dir, exist_ok=True)
+        # Created only if absent, complete before it appears: of two sweeps started
+        # together into one folder, one creates it and the other then finds it and
+        # compares (never both checking an empty folder, then both writing).
+        if create_exclusive_json(path, {**manifest, "identity": identity}):
+            return manifest
+    raise SweepError(f"{path} appeared and vanished while starting; retry")  # pragma: no cover
+
+
+def _check_manifest(path, chunk_dir, manifest, chunk, n_points) -> None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        if not isinstance(old, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise SweepError(f"{path} is not a readable sweep manifest; use another output "
+                         "folder") from None
+    if old.get("sweep_id") != manifest["sweep_id"]:
+        why = (f"chunk size {old.get('chunk')} there, {chunk} here"
+               if old.get("chunk") != chunk and old.get("n_points") == n_points
+               else "different spec or grid")
+        raise SweepError(f"{chunk_dir} holds chunks of a different sweep ({why}); choose "
+                         "another output folder or remove it")
+
+
+def _resolve_process(process_index, process_count) -> tuple[int, int]:
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    for v, name in ((pi, "process index"), (pc, "process count")):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise SweepError(f"{name} must be an integer, got {v!r}")
+    if pc < 1:
+        raise SweepError(f"process count must be ≥ 1, got {pc}")
+    if not 0 <= pi < pc:
+        raise SweepError(f"process index {pi} is not in 0 … {pc - 1}")
+    return int(pi), int(pc)
+
+
+def _chunk_ok(path: str, expect: np.ndarray) -> str | None:
+    """None if the chunk file at `path` is readable and holds the points `expect`,
+    else why not."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "index" not in z.files:
+                return "no index"
+            if not np.array_equal(z["index"], expect):
+                return "other points"
+            for name in z.files:  # read every member: a truncated file fails here
+                z[name]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is damaged
+        return (str(e).splitlines() or [type(e).__name__])[0][:80] or type(e).__name__
+    return None
 
 
 def run_chunks(
@@ -127,14 +175,34 @@ def run_chunks(
     **Returns** the concatenated arrays (leading axis `n_points`) once every chunk exists,
     or None when chunks of other processes are still missing.
     """
+    pi, pc = _resolve_process(process_index, process_count)  # before anything is written
+    if n_points < 1:
+        raise SweepError("the sweep has no points")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise SweepError(f"chunk size must be a positive integer, got {chunk!r}")
+    os.makedirs(chunk_dir, exist_ok=True)
+    with output_lock(chunk_dir, f"-p{pi}"):
+        return _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress,
+                                  log, desc, pi, pc, on_chunk)
+
+
+def _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress, log, desc,
+                       pi, pc, on_chunk):
     manifest = prepare_chunk_dir(chunk_dir, identity, n_points, chunk)
     n_chunks = manifest["n_chunks"]
-    pi = jax.process_index() if process_index is None else int(process_index)
-    pc = jax.process_count() if process_count is None else int(process_count)
-    if not 0 <= pi < pc:
-        raise SweepError(f"process index {pi} is not in 0 … {pc - 1}")
+    remove_stale_temporaries(chunk_dir)
     mine = [c for c in range(n_chunks) if c % pc == pi]
-    todo = [c for c in mine if not os.path.exists(_chunk_path(chunk_dir, c))]
+    todo = []
+    for c in mine:
+        path = _chunk_path(chunk_dir, c)
+        if not os.path.exists(path):
+            todo.append(c)
+            continue
+        why = _chunk_ok(path, _chunk_indices(c, chunk, n_points))
+        if why is not None:  # truncated or foreign file: recompute it, and say so
+            if log:
+                log(f"{desc}: {os.path.basename(path)} is damaged ({why}); recomputing it")
+            todo.append(c)
     done_before = len(mine) - len(todo)
     bar = None
     if progress and todo:
@@ -147,7 +215,7 @@ def run_chunks(
     t_start = time.perf_counter()
     try:
         for k, c in enumerate(todo):
-            idx = np.arange(c * chunk, min(n_points, (c + 1) * chunk))
+            idx = _chunk_indices(c, chunk, n_points)
             t0 = time.perf_counter()
             out = compute(idx)
             arrays = {name: np.asarray(a) for name, a in out.items()}
@@ -173,6 +241,10 @@ def run_chunks(
     return load_chunks(chunk_dir, n_points, chunk)
 
 
+def _chunk_indices(c: int, chunk: int, n_points: int) -> np.ndarray:
+    return np.arange(c * chunk, min(n_points, (c + 1) * chunk))
+
+
 def load_chunks(chunk_dir: str, n_points: int, chunk: int) -> dict[str, np.ndarray] | None:
     """Concatenate all chunks in order, or None if any is missing."""
     n_chunks = math.ceil(n_points / chunk)
@@ -181,12 +253,10 @@ def load_chunks(chunk_dir: str, n_points: int, chunk: int) -> dict[str, np.ndarr
         return None
     parts: dict[str, list] = {}
     for c, p in enumerate(paths):
+        why = _chunk_ok(p, _chunk_indices(c, chunk, n_points))
+        if why is not None:
+            raise SweepError(f"{p} is damaged ({why}); rerun the sweep to recompute it")
         with np.load(p, allow_pickle=False) as z:
-            idx = z["index"]
-            expect = np.arange(c * chunk, min(n_points, (c + 1) * chunk))
-            if not np.array_equal(idx, expect):
-                raise SweepError(f"{p} holds points {idx[:1]}… but should hold {expect[:1]}…; "
-                                 "the folder is damaged, remove it and rerun")
             for name in z.files:
                 if name != "index":
                     parts.setdefault(name, []).append(z[name])
@@ -557,6 +627,7 @@ def sweep(
     process_index: int | None = None,
     process_count: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any] | None:
     """Run the grid of a sweep spec; write `out_dir/result.npz`, `summary.json` and the
     figure `sweep.png` (each scalar summary against t, per value of the first axis).
@@ -569,6 +640,12 @@ def sweep(
       spec resumes; a different sweep's chunks there are an error (`SweepError`).
     - `devices`: devices to shard each chunk across (default: all local devices).
     - `progress`, `log`, `process_index`, `process_count`, `on_chunk`: see `run_chunks`.
+    - `force`: allow a folder that holds a `summary.json`, `sweep.png` or `result.npz`
+      this sweep did not write (they are replaced at the end); without it such a folder
+      is refused, so no file of the user's is lost.
+
+    While it runs, the sweep holds a lock on `out_dir` (one per process index): a second
+    sweep into the same folder fails at once with a message naming the holder.
 
     **Returns** the result arrays (also in `result.npz`): `ts`, one array per summary of
     shape `(*grid_shape, T, …)`, `status` and `num_steps` of shape `grid_shape`, and
@@ -576,7 +653,26 @@ def sweep(
     to finish (the last process to finish writes the result).
     """
     plan = spec if isinstance(spec, SweepPlan) else parse_sweep(spec)
+    pi, pc = _resolve_process(process_index, process_count)
     out_dir = check_output_dir(out_dir)
+    with output_lock(out_dir, f"-p{pi}"):
+        return _sweep_locked(plan, out_dir, devices, progress, log, pi, pc, on_chunk, force)
+
+
+def _check_foreign_files(out_dir: str, force: bool) -> None:
+    """A folder without this engine's manifest must not hold files the sweep writes."""
+    if force or os.path.exists(os.path.join(out_dir, "chunks", MANIFEST)):
+        return
+    for name in ("summary.json", "sweep.png"):  # result.npz: `_check_previous_result`
+        if os.path.exists(os.path.join(out_dir, name)):
+            raise SweepError(f"{out_dir} already holds {name}, not written by a sweep; choose "
+                             "another output folder or pass --force to replace it")
+
+
+def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_count,
+                  on_chunk, force):
+    _check_foreign_files(out_dir, force)
+    remove_stale_temporaries(out_dir)
     builder = _PointBuilder(plan)
     sim0 = builder.sim0
     dynamics = sim0.field.dynamics
@@ -629,7 +725,8 @@ def sweep(
         return {k: v[:n] for k, v in solve(builder.inputs(idx)).items()}
 
     identity = {**plan.identity(), "ts": ts}
-    _check_previous_result(out_dir, sweep_id(identity))
+    if not force:
+        _check_previous_result(out_dir, sweep_id(identity))
     if log:
         log(f"sweep: {plan.n_points} points ({' × '.join(f'{k} {len(v)}' for k, v in plan.axes.items())}), "
             f"chunks of {plan.options['chunk']}, {len(solve.devices)} device(s), "

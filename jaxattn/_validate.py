@@ -8,6 +8,7 @@ on concrete arrays: inside `jit`/`vmap` they are skipped (shapes are still check
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -29,7 +30,9 @@ def as_float_array(value, name: str, dtype=None):
     if isinstance(value, jax.Array):
         arr = value
         if not jnp.issubdtype(arr.dtype, jnp.floating):
-            if jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == bool:
+            if arr.dtype == bool:
+                raise TypeError(f"{name} must be numbers, got booleans")
+            if jnp.issubdtype(arr.dtype, jnp.integer):
                 arr = arr.astype(dtype or jnp.result_type(float))
             else:
                 raise TypeError(f"{name} must be a real floating-point array, got {arr.dtype}")
@@ -40,7 +43,9 @@ def as_float_array(value, name: str, dtype=None):
             raise ValueError(f"{name} is ragged or not numeric: {_short(e)}") from None
         if arr.dtype == object:
             raise ValueError(f"{name} is ragged or not numeric")
-        if arr.dtype.kind not in "fiub":
+        if arr.dtype.kind == "b":
+            raise TypeError(f"{name} must be numbers, got booleans")
+        if arr.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
         arr = arr.astype(np.float64)
     if dtype is not None:
@@ -86,14 +91,87 @@ def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
 
 
 def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    if not is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         rel = "≥ 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {rel}, got {value!r}")
     return v
+
+
+def is_number(value) -> bool:
+    """A real number: a Python/NumPy int or float, or a 0-d real array; not a bool or a
+    string (`float("10")` would accept one)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return False
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    return shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.number) and not (
+        jnp.issubdtype(dtype, jnp.complexfloating))
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """An integer (not a bool, not a float like 2.5 or 2.0) ≥ `minimum`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return int(value)
+
+
+# ----------------------------------------------------------------- memory limits
+MEMORY_ENV = "JAXATTN_MAX_MEMORY"
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 16 * 2**30
+
+
+def parse_bytes(text: str) -> int:
+    """`"16G"`, `"512MiB"`, `"2e9"` → bytes."""
+    t = str(text).strip().upper().replace("IB", "").rstrip("B").strip()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    if scale > 1:
+        t = t[:-1]
+    try:
+        v = float(t) * scale
+    except ValueError:
+        raise ValueError(f"{MEMORY_ENV} must be a size like 16G or 2e9, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{MEMORY_ENV} must be a positive size, got {text!r}")
+    return int(v)
+
+
+def max_memory() -> int:
+    """The memory one allocation of the package may ask for: `$JAXATTN_MAX_MEMORY` if
+    set (e.g. `64G`), else half of the machine's physical memory."""
+    env = os.environ.get(MEMORY_ENV)
+    return parse_bytes(env) if env else _physical_memory() // 2
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def check_memory(nbytes: float, what: str) -> None:
+    """Refuse, before allocating, work whose estimated memory exceeds `max_memory()`."""
+    limit = max_memory()
+    if not math.isfinite(nbytes) or nbytes > limit:
+        size = "an unbounded amount" if not math.isfinite(nbytes) else format_bytes(nbytes)
+        raise ValueError(f"{what} needs {size} of memory, over the limit of "
+                         f"{format_bytes(limit)} (set {MEMORY_ENV} to raise it)")
 
 
 def check_dtype(dtype) -> jnp.dtype:

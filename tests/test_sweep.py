@@ -93,7 +93,7 @@ def test_interrupted_sweep_resumes_to_the_same_file(tmp_path):
 
     with pytest.raises(_Stop):
         _run(SPEC, part, on_chunk=stop_after_two)
-    chunks = sorted(os.listdir(part / "chunks"))
+    chunks = sorted(f for f in os.listdir(part / "chunks") if not f.startswith("."))
     assert chunks == ["chunk-000000.npz", "chunk-000001.npz", "manifest.json"]
     assert not (part / "result.npz").exists()
     before = {c: os.stat(part / "chunks" / c).st_mtime_ns for c in chunks[:2]}
@@ -108,7 +108,7 @@ def test_processes_share_chunks_round_robin(tmp_path):
     single = _run(SPEC, tmp_path / "single")
     shared = tmp_path / "shared"
     assert _run(SPEC, shared, process_index=0, process_count=2) is None  # chunks 0, 2
-    assert sorted(os.listdir(shared / "chunks"))[:2] == ["chunk-000000.npz", "chunk-000002.npz"]
+    assert sorted(f for f in os.listdir(shared / "chunks") if not f.startswith("."))[:2] == ["chunk-000000.npz", "chunk-000002.npz"]
     res = _run(SPEC, shared, process_index=1, process_count=2)  # chunk 1, then assembles
     np.testing.assert_array_equal(res["divergence"], single["divergence"])
     assert _sha(shared / "result.npz") == _sha(tmp_path / "single" / "result.npz")
@@ -212,7 +212,7 @@ def test_cli_bad_input_exits_2_and_overwrites_nothing(tmp_path, capsys):
     good.write_text(json.dumps(SPEC))
     out = tmp_path / "out"
     assert cli.main(["sweep", str(good), "--out", str(out), "--quiet"]) == 0
-    files = {p: _sha(p) for p in out.rglob("*") if p.is_file()}
+    files = {p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")}
     capsys.readouterr()
 
     other = dict(SPEC, solve={"t1": 2.0, "dt": 0.1})
@@ -231,10 +231,10 @@ def test_cli_bad_input_exits_2_and_overwrites_nothing(tmp_path, capsys):
     (lone / "result.npz").write_bytes((out / "result.npz").read_bytes())
     assert cli.main(["sweep", str(bad), "--out", str(lone), "--quiet"]) == 2
     assert "result.npz of a different sweep" in capsys.readouterr().err
-    assert {p: _sha(p) for p in out.rglob("*") if p.is_file()} == files
+    assert {p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")} == files
     # The same spec again: everything is done, nothing recomputed, same bytes.
     assert cli.main(["sweep", str(good), "--out", str(out), "--quiet"]) == 0
-    assert {p: _sha(p) for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} \
+    assert {p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock") and p.name != "summary.json"} \
         == {p: h for p, h in files.items() if p.name != "summary.json"}
 
 

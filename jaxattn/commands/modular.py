@@ -27,14 +27,20 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    import os
-
-    from .._io import check_output_dir
-    from ..cli import setup_jax
+    from .._io import check_output_dir, output_lock
     from ..modular._config import load_config
 
     config = load_config(args.config, quick=args.quick)  # validates: fail before any work
     check_output_dir(args.out)
+    with output_lock(args.out):  # one writer per folder for the whole run
+        return _run(args, config)
+
+
+def _run(args, config) -> int:
+    import os
+
+    from ..cli import setup_jax
+
     setup_jax(config.dtype)
     from .. import modular
 

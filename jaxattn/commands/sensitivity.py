@@ -29,6 +29,8 @@ def register(sub) -> None:
                        help="value and gradient of an [objective] of a simulate spec")
     p.add_argument("spec", help="simulate spec (.toml or .json) with an [objective] table")
     p.add_argument("--out", required=True, help="output .npz (value, grad_Q, grad_K, ...)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file "
+                   "that is not an earlier sensitivity output")
     p.set_defaults(func=handle)
     e = sub.add_parser("sensitivity-experiment",
                        help="worst-case LoRA direction vs random ones, smallest cluster change")
@@ -83,7 +85,8 @@ def handle(args) -> int:
     from .._spec import load_spec_file, parse_spec
     from ..cli import setup_jax
 
-    out = check_output_file(args.out)
+    out = check_output_file(args.out, inputs=[args.spec], own=("value", "objective"),
+                            force=args.force)
     raw = load_spec_file(args.spec)
     rest, obj = parse_objective(raw)
     setup_jax("float64")

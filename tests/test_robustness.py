@@ -1,0 +1,244 @@
+"""Regression tests for failures found by adversarial use: output files that must not
+be destroyed, two writers in one folder, spec files that are not files, damaged chunks,
+and misleading exit codes. Each test failed before its fix."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxattn import cli
+from jaxattn._io import (
+    OutputBusyError,
+    check_output_file,
+    output_lock,
+    remove_stale_temporaries,
+)
+from jaxattn._sweep import SweepError, load_chunks, sweep
+
+SIM = {
+    "dynamics": "rescaled",
+    "init": {"x0": [[0.1, 0.2], [0.3, -0.4], [-0.5, 0.6]]},
+    "solve": {"t1": 1.0, "dt": 0.1},
+}
+SWEEP = {
+    "dynamics": "rescaled",
+    "init": {"kind": "uniform", "n": 6, "d": 2},
+    "solve": {"t1": 1.0, "dt": 0.1},
+    "grid": {"init.seed": {"range": 4}},
+    "sweep": {"chunk": 2, "summaries": ["diameter"], "save_points": 3},
+}
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("jaxattn: error:") and err.count("\n") == 1, err
+    return err
+
+
+# --------------------------------------------------------------- --out never destroys
+def test_out_equal_to_the_spec_is_refused(tmp_path, capsys):
+    spec = _write(tmp_path / "spec.json", SIM)
+    before = open(spec).read()
+    assert cli.main(["simulate", spec, "--out", spec]) == 2
+    assert "is the input file" in _err(capsys)
+    assert open(spec).read() == before
+    obj = dict(SIM, objective={"kind": "energy"})
+    spec2 = _write(tmp_path / "obj.json", obj)
+    assert cli.main(["sensitivity", spec2, "--out", spec2]) == 2
+    assert "is the input file" in _err(capsys)
+    assert json.loads(open(spec2).read()) == obj
+
+
+def test_foreign_file_needs_force_and_own_output_is_replaced(tmp_path, capsys):
+    spec = _write(tmp_path / "spec.json", SIM)
+    out = tmp_path / "notes.npz"
+    out.write_text("my notes")
+    assert cli.main(["simulate", spec, "--out", str(out)]) == 2
+    assert "--force" in _err(capsys)
+    assert out.read_text() == "my notes"
+    assert cli.main(["simulate", spec, "--out", str(out), "--force"]) == 0
+    first = np.load(out)["xs"]
+    # An earlier simulate output is replaced without --force.
+    assert cli.main(["simulate", spec, "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out)["xs"], first)
+
+
+def test_non_regular_outputs_are_never_replaced(tmp_path, capsys):
+    spec = _write(tmp_path / "spec.json", SIM)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert cli.main(["simulate", spec, "--out", str(fifo)]) == 2
+    assert "FIFO" in _err(capsys)
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)
+    # Only the check runs here (a regression must not get a chance to replace it).
+    with pytest.raises(ValueError, match="character device"):
+        check_output_file("/dev/null", force=True)
+
+
+def test_failed_solve_leaves_an_existing_output_unchanged(tmp_path, capsys):
+    spec = _write(tmp_path / "spec.json", SIM)
+    out = tmp_path / "out.npz"
+    assert cli.main(["simulate", spec, "--out", str(out)]) == 0
+    before = out.read_bytes()
+    failing = dict(SIM, solve={"t1": 50.0, "solver": "tsit5", "rtol": 1e-12, "atol": 1e-12,
+                               "max_steps": 2})
+    spec_f = _write(tmp_path / "fail.json", failing)
+    capsys.readouterr()
+    assert cli.main(["simulate", spec_f, "--out", str(out)]) == 1
+    assert "left unchanged" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    # Into a new path the failed run's data is written, with its status.
+    new = tmp_path / "new.npz"
+    assert cli.main(["simulate", spec_f, "--out", str(new)]) == 1
+    assert int(np.load(new)["status"]) == 1
+
+
+# ------------------------------------------------------------------- spec files
+def test_spec_must_be_a_small_regular_file(tmp_path, capsys):
+    fifo = tmp_path / "spec.toml"
+    os.mkfifo(fifo)
+    # In a subprocess with a timeout: before the fix, reading a FIFO blocked forever.
+    proc = subprocess.run([sys.executable, "-m", "jaxattn", "simulate", str(fifo), "--out",
+                           str(tmp_path / "o.npz")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "FIFO" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli.main(["simulate", "/dev/zero", "--out", str(tmp_path / "o.npz")]) == 2
+    assert "character device" in _err(capsys)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as fh:  # sparse: no disk used
+        fh.truncate(300 * 2**20)
+    assert cli.main(["simulate", str(big), "--out", str(tmp_path / "o.npz")]) == 2
+    assert "over the limit" in _err(capsys)
+    for name, text in (("deep.json", "[" * 100_000 + "]" * 100_000),
+                       ("deep.toml", "a = " + "[" * 100_000 + "]" * 100_000)):
+        (tmp_path / name).write_text(text)
+        assert cli.main(["simulate", str(tmp_path / name), "--out",
+                         str(tmp_path / "o.npz")]) == 2
+        assert "nested too deeply" in _err(capsys)
+    assert not (tmp_path / "o.npz").exists()
+
+
+# ------------------------------------------------------------------------ locks
+class _Holder:
+    """Another process holding `output_lock(folder, name)` until killed."""
+
+    def __init__(self, folder, name=""):
+        code = ("import time; from jaxattn._io import output_lock\n"
+                f"with output_lock({str(folder)!r}, {name!r}):\n"
+                "    print('held', flush=True); time.sleep(120)\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def __enter__(self):
+        return self.proc
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_a_held_sweep_folder_refuses_a_second_writer(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with _Holder(out, "-p0") as holder:
+        with pytest.raises(OutputBusyError, match=f"pid {holder.pid}"):
+            sweep(SWEEP, str(out), progress=False, log=None)
+    assert not (out / "chunks").exists()
+    with output_lock(out, "-p0"), output_lock(out, "-p0"):  # re-entrant in one process
+        pass
+    # Released (also when the holder was killed): the sweep now runs.
+    assert sweep(SWEEP, str(out), progress=False, log=None)["diameter"].shape == (4, 3)
+
+
+def test_a_held_modular_folder_refuses_a_second_writer(tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    cfg = _write(tmp_path / "cfg.json", {"p": 5, "d_model": 16, "max_steps": 2})
+    with _Holder(out) as holder:
+        assert cli.main(["modular", "pretrain", "--config", cfg, "--out", str(out)]) == 2
+        assert f"pid {holder.pid}" in _err(capsys)
+    assert not (out / "pretrain").exists()
+
+
+def test_two_sweeps_racing_into_one_folder_never_both_succeed(tmp_path):
+    # Before the fix, both could pass the manifest check and mix their chunks.
+    a = _write(tmp_path / "a.json", SWEEP)
+    b = _write(tmp_path / "b.json", dict(SWEEP, beta=2.0))
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxattn", "sweep", s, "--out", str(out),
+                               "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for s in (a, b)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert sorted(codes) == [0, 2], codes
+    winner = (a, b)[codes.index(0)]
+    with np.load(out / "result.npz") as z:
+        spec = json.loads(str(z["sweep"]))["spec"]
+    assert spec.get("beta", 1.0) == json.loads(open(winner).read()).get("beta", 1.0)
+
+
+# ------------------------------------------------------------------ sweep folders
+def test_sweep_refuses_a_users_summary_json_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("mine")
+    spec = _write(tmp_path / "s.json", SWEEP)
+    assert cli.main(["sweep", spec, "--out", str(out), "--quiet"]) == 2
+    assert "summary.json" in _err(capsys)
+    assert (out / "summary.json").read_text() == "mine" and not (out / "chunks").exists()
+    assert cli.main(["sweep", spec, "--out", str(out), "--quiet", "--force"]) == 0
+
+
+def test_bad_process_index_writes_nothing(tmp_path, capsys):
+    spec = _write(tmp_path / "s.json", SWEEP)
+    out = tmp_path / "out"
+    assert cli.main(["sweep", spec, "--out", str(out), "--process-index", "3",
+                     "--process-count", "2"]) == 2
+    assert "process index 3" in _err(capsys)
+    assert not out.exists()
+
+
+def test_quiet_sweep_with_failed_points_says_so(tmp_path, capsys):
+    failing = dict(SWEEP, solve={"t1": 50.0, "solver": "tsit5", "rtol": 1e-12,
+                                 "atol": 1e-12, "max_steps": 2})
+    spec = _write(tmp_path / "s.json", failing)
+    assert cli.main(["sweep", spec, "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and "4 of 4 points failed" in cap.err
+
+
+def test_damaged_chunks_are_recomputed_or_named(tmp_path):
+    out = tmp_path / "out"
+    first = sweep(SWEEP, str(out), progress=False, log=None)
+    result = (out / "result.npz").read_bytes()
+    chunk = out / "chunks" / "chunk-000000.npz"
+    chunk.write_bytes(chunk.read_bytes()[:40])  # truncated by a crash or a full disk
+    with pytest.raises(SweepError, match="chunk-000000.npz is damaged"):
+        load_chunks(str(out / "chunks"), 4, 2)
+    logs = []
+    again = sweep(SWEEP, str(out), progress=False, log=logs.append)
+    assert any("chunk-000000.npz is damaged" in m for m in logs)
+    np.testing.assert_array_equal(again["diameter"], first["diameter"])
+    assert (out / "result.npz").read_bytes() == result
+
+
+def test_orphan_temporaries_of_dead_writers_are_removed(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".tmp-{host}-{dead.pid}-abc.npz"
+    live = tmp_path / f".tmp-{host}-{os.getpid()}-abc.npz"
+    other = tmp_path / f".tmp-otherhost-{dead.pid}-abc.npz"
+    for p in (orphan, live, other):
+        p.write_bytes(b"x")
+    assert remove_stale_temporaries(str(tmp_path)) == 1
+    assert not orphan.exists() and live.exists() and other.exists()
