@@ -29,6 +29,8 @@ from ._validate import (
     TARGETS,
     as_float_array,
     check_choice,
+    check_int,
+    check_memory,
     check_positive,
     check_square,
 )
@@ -76,7 +78,7 @@ class AbstractField(eqx.Module):
             check_square(W, name)
         dims = {W.shape[0] for W in given.values()}
         if d is not None:
-            dims.add(int(d))
+            dims.add(check_int(d, "dimension d", 1))
         if len(dims) > 1:
             shapes = ", ".join(f"{k} {tuple(W.shape)}" for k, W in given.items())
             raise ValueError(f"Q, K, V and d disagree on the dimension: {shapes}, d={d}")
@@ -85,6 +87,7 @@ class AbstractField(eqx.Module):
         (dim,) = dims
         if dim < 1:
             raise ValueError(f"dimension d must be ≥ 1, got {dim}")
+        check_memory(3.0 * dim * dim * dtype.itemsize, f"weights of dimension d = {dim}")
         eye = jnp.eye(dim, dtype=dtype)
         self.Q = given.get("Q", eye)
         self.K = given.get("K", eye)

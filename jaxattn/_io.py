@@ -23,6 +23,8 @@ def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] 
       kind (an `.npz` holding all the members named in `own`), or with `force`;
     - the replacement is atomic and happens only when the run succeeds (the caller
       decides what success is; see `cli.cmd_simulate`).
+
+    Temporaries that a killed earlier writer left in the folder are removed.
     """
     path = os.fspath(path)
     if not path:
@@ -49,6 +51,7 @@ def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] 
     _probe(parent)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output file {path} is not writable")
+    remove_stale_temporaries(parent)  # left by a writer killed mid-write
     return path
 
 

@@ -29,9 +29,19 @@ def pairwise_distances(x: Float[Array, "n d"], y: Float[Array, "m d"] | None = N
     return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
 
 
+def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
+    """`x_i / |x_i|` without overflow or underflow: each row is first divided by its
+    largest absolute entry, so `|x_i|` is computed from numbers in [−1, 1] (a token of
+    norm 1e200 in float64, or 3e19 in float32, would otherwise square to inf and become
+    0). A zero row gives NaN; callers reject zero tokens first."""
+    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    y = x / m
+    return y / jnp.linalg.norm(y, axis=-1, keepdims=True)
+
+
 def gram(x: Float[Array, "n d"]) -> Float[Array, "n n"]:
     """Gram matrix of the normalised tokens, `G_ij = <x_i/|x_i|, x_j/|x_j|>`."""
-    u = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    u = unit_rows(x)
     return u @ u.T
 
 

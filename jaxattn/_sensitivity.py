@@ -122,9 +122,8 @@ class Gradient:
 def _check_wrt(wrt, field: AbstractField) -> tuple[str, ...]:
     if isinstance(wrt, str):
         wrt = (wrt,)
-    wrt = tuple(wrt)
-    for w in wrt:
-        check_choice(w, "wrt", WRT)
+    # The canonical spelling of each name: "q" means Q, "BETA" beta.
+    wrt = tuple(dict.fromkeys(check_choice(w, "wrt", WRT) for w in wrt))
     if "lora" in wrt:
         if not field.loras:
             raise ValueError("a LoRA gradient was asked for but the field has no LoRA")

@@ -10,16 +10,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._attention import use_blockwise
 from ._custom_types import Array, Float, Int
 from ._fields import AbstractField
 from ._lora import LoRA
+from ._metrics import unit_rows
 from ._solvers import ADAPTIVE, RK4, get_solver
 from ._validate import (
     as_float_array,
     check_choice,
     check_dtype,
+    check_finite,
+    check_int,
+    check_memory,
     check_positive,
     check_tokens,
+    is_number,
 )
 
 STATUS_OK = 0
@@ -296,6 +302,13 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
         solver_obj = wrap(solver_obj)
     if dt is not None:
         dt = check_positive(dt, "dt")
+        if max_steps is not None:
+            raise ValueError("max_steps applies to adaptive steps (rtol/atol); with a fixed "
+                             "dt the number of steps is (t1 − t0)/dt")
+        n_steps = (t1 - t0) / dt
+        if not math.isfinite(n_steps) or n_steps > 2**62:
+            raise ValueError(f"t1 − t0 = {t1 - t0:g} with dt = {dt:g} is too many steps")
+        check_memory(8.0 * (n_steps + 2), f"a grid of {n_steps:.3g} fixed steps")
         grid = fixed_step_grid(t0, t1, dt)
         return solver_obj, _step_to(grid, dtype), grid.size - 1, grid, dt
     if not adaptive_ok:
@@ -303,10 +316,42 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
                          "fixed steps, or use heun, tsit5, dopri5 or dopri8")
     rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
     atol = check_positive(1e-9 if atol is None else atol, "atol")
-    max_steps = 100_000 if max_steps is None else int(max_steps)
+    max_steps = 100_000 if max_steps is None else check_int(max_steps, "max_steps", 1)
     if max_steps < 1:
         raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
     return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None, None
+
+
+def _check_usa_overflow(field, x0, dtype) -> None:
+    """USA's weights `exp(β⟨Qx_i, Kx_j⟩)` are not normalised: above `log(max float)`
+    (709.8 in float64, 88.7 in float32) they are inf, and the solve fails at its first
+    step. Say so before solving, with the numbers (concrete inputs of moderate size)."""
+    if isinstance(x0, jax.core.Tracer) or isinstance(field.beta, jax.core.Tracer):
+        return
+    members = math.prod(field.batch_shape) * math.prod(x0.shape[:-2])
+    if members * x0.shape[-2] ** 2 > 10**8:
+        return
+    A = field.A.reshape(field.batch_shape + (1,) * (x0.ndim - 2) + field.A.shape[-2:])
+    top = float(jnp.max(field.beta * jnp.einsum("...id,...de,...je->...ij", x0, A, x0)))
+    limit = float(np.log(np.finfo(np.dtype(dtype)).max))
+    if top > limit:
+        f64 = ", use float64" if np.dtype(dtype) == np.float32 else ""
+        raise ValueError(f"USA weights exp(β⟨Qx_i, Kx_j⟩) overflow {np.dtype(dtype).name} at "
+                         f"t = 0 (largest β·logit {top:.4g} > {limit:.4g}): lower beta{f64} "
+                         "or use sphere (softmax) dynamics")
+
+
+def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None:
+    """Refuse, before compiling, a solve whose saved trajectory or dense attention
+    matrices would not fit (`JAXATTN_MAX_MEMORY`)."""
+    members = math.prod(field.batch_shape) * math.prod(x0.shape[:-2])
+    n, d = int(x0.shape[-2]), int(x0.shape[-1])
+    item = jnp.dtype(dtype).itemsize
+    traj = float(members) * n_out * n * d * item if save_tokens else 0.0
+    # Dense attention: logits and weights of every member and stage live at once.
+    attn = 4.0 * members * n * n * item if not use_blockwise(field.kernel, n, n) else 0.0
+    check_memory(traj + attn, f"a solve of {members} member(s) × {n} tokens in d = {d} "
+                 f"saved at {n_out} times")
 
 
 def simulate(
@@ -374,19 +419,21 @@ def simulate(
     field = _cast_field(field, dtype)
     sphere = field.dynamics in ("sphere", "usa")
     if sphere:
-        norms = jnp.linalg.norm(x0, axis=-1, keepdims=True)
-        if not isinstance(x0, jax.core.Tracer) and bool(jnp.any(norms == 0)):
+        if not isinstance(x0, jax.core.Tracer) and bool(jnp.any(jnp.all(x0 == 0, axis=-1))):
             raise ValueError("x0 has a zero token, which cannot be put on the sphere")
-        x0 = x0 / norms
+        x0 = unit_rows(x0)
     elif renormalise:
         raise ValueError("renormalise applies to sphere dynamics (sphere, usa) only")
 
-    t0 = float(t0) if not isinstance(t0, jax.core.Tracer) else t0
+    if not isinstance(t0, jax.core.Tracer):
+        if not is_number(t0) or not math.isfinite(float(t0)):
+            raise ValueError(f"t0 must be a finite number, got {t0!r}")
+        t0 = float(t0)
     if isinstance(t1, jax.core.Tracer):
         raise TypeError("t1 must be a concrete number (it fixes the number of steps)")
-    t1 = check_positive(t1, "t1", allow_zero=True) if float(t1) >= 0 else None
-    if t1 is None:
-        raise ValueError("t1 must be finite and ≥ 0")
+    if not is_number(t1) or not math.isfinite(float(t1)) or float(t1) < 0:
+        raise ValueError(f"t1 must be a finite number ≥ 0, got {t1!r}")
+    t1 = float(t1)
     if t1 < t0:
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
@@ -399,6 +446,7 @@ def simulate(
         ts = np.asarray(as_float_array(ts, "ts"), dtype=np.float64).ravel()
         if ts.size == 0:
             raise ValueError("ts is empty")
+        check_finite(ts, "ts")
         if np.any(np.diff(ts) < 0):
             raise ValueError("ts must be non-decreasing")
         if ts[0] < t0 - 1e-12 or ts[-1] > t1 + 1e-12:
@@ -412,6 +460,12 @@ def simulate(
         saveat_steps = False
 
     backsolve = adjoint == "backsolve" or isinstance(adjoint, diffrax.BacksolveAdjoint)
+    if backsolve and renormalise and sphere:
+        raise ValueError("renormalise is not available with the backsolve adjoint (the "
+                         "projection acts on forward steps, which backsolve does not "
+                         "retrace); use adjoint checkpoint or forward")
+    if field.dynamics == "usa":
+        _check_usa_overflow(field, x0, dtype)
     if backsolve:
         # diffrax's BacksolveAdjoint rejects SaveAt(steps=True): save at the grid times
         # instead (the same outputs), and it fails on an empty tuple of LoRAs among the
@@ -428,6 +482,8 @@ def simulate(
             # (t1 − t0)/dt is fractional).
             adjoint = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(),
                                                dt0=-dt)
+    _check_solve_memory(field, x0, grid.size if saveat_steps else len(ts), summary is None,
+                        dtype)
     if t1 == t0:
         # Nothing to integrate: diffrax rejects a zero-length interval.
         out_ts = jnp.asarray(ts if ts is not None else [t0], dtype)

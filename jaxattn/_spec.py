@@ -19,14 +19,17 @@ import numpy as np
 from ._attention import KERNELS
 from ._fields import AbstractField, make_field
 from ._lora import LoRA
+from ._metrics import unit_rows
 from ._validate import (
     DTYPES,
     DYNAMICS,
     SOLVERS,
     TARGETS,
     as_float_array,
+    SEED_MAX,
     check_choice,
     check_dtype,
+    check_memory,
     check_tokens,
 )
 
@@ -128,6 +131,22 @@ def _int(value, name: str, minimum: int = 0) -> int:
     return int(value)
 
 
+def _seed(value, name: str) -> int:
+    v = _int(value, name)
+    if v > SEED_MAX:
+        raise SpecError(f"{name} must be ≤ 2**63 − 1, got {v}")
+    return v
+
+
+def _check_sizes(n: int, d: int, dtype, where: str) -> None:
+    """Tokens (n×d) and the three weights (d×d) must fit before they are allocated."""
+    try:
+        check_memory(jnp.dtype(dtype).itemsize * (n * d + 3.0 * d * d),
+                     f"{where} with n = {n} tokens in d = {d}")
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
 def _num(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{name} must be a number, got {value!r}")
@@ -171,7 +190,8 @@ def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
     d = _int(init["d"], "init d", 1) if "d" in init else d_hint
     if d is None:
         raise SpecError("[init] needs d (token dimension), or give Q, K or V")
-    seed = _int(init.get("seed", 0), "init seed")
+    seed = _seed(init.get("seed", 0), "init seed")
+    _check_sizes(n, d, dtype, "[init]")
     key = jax.random.key(seed)
     if kind == "uniform":
         low = _num(init.get("low", -1.0), "init low")
@@ -190,7 +210,7 @@ def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
         raise SpecError(f"init scale must be > 0, got {scale}")
     x = jax.random.normal(key, (n, d), dtype)
     if kind == "sphere":
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return unit_rows(x)
     return scale * x
 
 
@@ -233,7 +253,7 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
     norm = _num(lo["norm"], "lora norm")
     if norm < 0:
         raise SpecError(f"lora norm must be ≥ 0, got {norm}")
-    seed = _int(lo.get("seed", 0), "lora seed")
+    seed = _seed(lo.get("seed", 0), "lora seed")
     return LoRA.random(d, rank=rank, norm=norm, target=target, alpha=alpha,
                        key=jax.random.key(seed), dtype=dtype)
 
@@ -317,6 +337,8 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         ):
             raise SpecError("solve ts must be a non-empty list of numbers")
         ts_arr = np.asarray(ts, np.float64)
+        if not np.all(np.isfinite(ts_arr)):
+            raise SpecError("solve ts must be finite numbers")
         if np.any(np.diff(ts_arr) < 0):
             raise SpecError("solve ts must be non-decreasing")
         if ts_arr[0] < 0 or ts_arr[-1] > t1:
@@ -324,6 +346,9 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         kw["ts"] = ts_arr
     if "max_steps" in solve:
         kw["max_steps"] = _int(solve["max_steps"], "solve max_steps", 1)
+        if "dt" in kw or ("rtol" not in kw and "atol" not in kw and solver in ("euler", "rk4")):
+            raise SpecError("solve max_steps applies to adaptive steps (rtol/atol); with a "
+                            "fixed dt the number of steps is t1/dt")
     if "renormalise" in solve:
         if not isinstance(solve["renormalise"], bool):
             raise SpecError("solve renormalise must be true or false")

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._attention import use_blockwise
 from ._fields import AbstractField
 from ._io import (
     _json_default,
@@ -41,10 +42,10 @@ from ._io import (
     write_npz,
 )
 from ._lora import LoRA
-from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances
+from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances, unit_rows
 from ._simulate import STATUS_MESSAGES, STATUS_OK, _Config, _get_adjoint, _solve_one, _stepping
 from ._spec import SpecError, initial_tokens, lora_from_table, parse_spec
-from ._validate import TARGETS
+from ._validate import SEED_MAX, TARGETS, check_memory
 
 MANIFEST = "manifest.json"
 
@@ -316,9 +317,10 @@ def _expand(key: str, value) -> list:
         (kind, arg), = value.items()
         if kind == "range":
             if isinstance(arg, int) and not isinstance(arg, bool):
-                return list(range(arg))
+                return list(range(_axis_len(key, arg)))
             if (isinstance(arg, list) and len(arg) == 2
                     and all(isinstance(a, int) and not isinstance(a, bool) for a in arg)):
+                _axis_len(key, arg[1] - arg[0])
                 return list(range(arg[0], arg[1]))
         elif kind in ("linspace", "geomspace"):
             ok = (isinstance(arg, list) and len(arg) == 3
@@ -326,6 +328,7 @@ def _expand(key: str, value) -> list:
                   and isinstance(arg[2], int) and arg[2] >= 0)
             if ok:
                 a, b, num = arg
+                _axis_len(key, num)
                 if kind == "geomspace" and (a <= 0 or b <= 0):
                     raise SweepError(f"grid {key}: geomspace needs positive end points")
                 f = np.linspace if kind == "linspace" else np.geomspace
@@ -336,6 +339,18 @@ def _expand(key: str, value) -> list:
                      f"got {value!r}")
 
 
+# One grid axis holds at most this many values (each becomes a Python object, and the
+# sweep's arrays grow with the product of the axes; the memory check then applies).
+MAX_AXIS_VALUES = 10**7
+
+
+def _axis_len(key: str, count: int) -> int:
+    if count > MAX_AXIS_VALUES:
+        raise SweepError(f"grid {key} asks for {count} values, over the limit of "
+                         f"{MAX_AXIS_VALUES} per axis")
+    return count
+
+
 def _check_values(key: str, values: list) -> list:
     if not values:
         raise SweepError(f"the grid has no points: grid {key} is empty")
@@ -343,6 +358,8 @@ def _check_values(key: str, values: list) -> list:
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
                    for v in values):
             raise SweepError(f"grid {key} values must be integers ≥ 0")
+        if any(v > SEED_MAX for v in values):
+            raise SweepError(f"grid {key} values must be ≤ 2**63 − 1")
         return [int(v) for v in values]
     if key == "lora.target":
         bad = [v for v in values if v not in TARGETS]
@@ -470,6 +487,7 @@ def parse_sweep(raw: dict) -> SweepPlan:
                                         "sweep cluster_threshold"),
     }
     plan = SweepPlan(spec=spec, axes=axes, options=options)
+    _check_sweep_memory(plan)
     # Every point must be a valid simulation spec: check the first one fully (the grid
     # values were checked above, so the others differ only in valid values).
     try:
@@ -479,6 +497,37 @@ def parse_sweep(raw: dict) -> SweepPlan:
     if not sim.t1 > 0:
         raise SweepError("solve t1 must be > 0 in a sweep (nothing to integrate)")
     return plan
+
+
+def _check_sweep_memory(plan: SweepPlan) -> None:
+    """The assembled result (every point × save time × summary), and one chunk's saved
+    values, must fit before anything runs."""
+    spec = plan.spec
+    init = spec.get("init") if isinstance(spec.get("init"), dict) else {}
+    if "x0" in init and isinstance(init["x0"], list):
+        n = len(init["x0"])
+        d = len(init["x0"][0]) if n and isinstance(init["x0"][0], list) else 1
+    else:
+        n, d = init.get("n", 1), init.get("d", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, d)):
+            return  # the spec parser names the bad value
+        if d == 1 and isinstance(spec.get("V"), list):
+            d = len(spec["V"])
+    per = {"divergence": 1, "hausdorff": 1, "clusters": 1, "diameter": 1, "mean": d,
+           "tokens": n * d}
+    values = sum(per[s] for s in plan.options["summaries"])
+    T = plan.options["save_points"]
+    try:
+        check_memory(8.0 * plan.n_points * T * values * 2,
+                     f"the sweep's results ({plan.n_points} points × {T} save points)")
+        kernel = spec.get("attention", "auto")
+        attn = 0 if use_blockwise(kernel if isinstance(kernel, str) else "auto", n, n) \
+            else 4 * n * n
+        check_memory(8.0 * min(plan.n_points, plan.options["chunk"])
+                     * (T * (values + n * d) + attn),
+                     f"one chunk of {plan.options['chunk']} points with n = {n} tokens")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
 
 def _pos_int(v, name, minimum=1):
@@ -706,7 +755,7 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
         field = eqx.tree_at(where, template, leaves)
         y0 = inp["x0"]
         if sphere:
-            y0 = y0 / jnp.linalg.norm(y0, axis=-1, keepdims=True)
+            y0 = unit_rows(y0)
         if pair:
             field = _PairField(eqx.tree_at(lambda f: f.loras, field, ()), field)
             y0 = jnp.stack([y0, y0])

@@ -116,6 +116,16 @@ def is_number(value) -> bool:
         jnp.issubdtype(dtype, jnp.complexfloating))
 
 
+SEED_MAX = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
+
+
+def check_seed(value, name: str) -> int:
+    v = check_int(value, name, 0)
+    if v > SEED_MAX:
+        raise ValueError(f"{name} must be ≤ 2**63 − 1, got {v}")
+    return v
+
+
 def check_int(value, name: str, minimum: int = 0) -> int:
     """An integer (not a bool, not a float like 2.5 or 2.0) ≥ `minimum`."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

@@ -107,6 +107,14 @@ def main(argv=None) -> int:
             msg = f"{e.strerror or msg}: {e.filename}"
         print(f"jaxattn: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError:
+        print("jaxattn: error: out of memory (lower the sizes, or see JAXATTN_MAX_MEMORY)",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a computation that failed (not a usage error): no traceback
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"jaxattn: error: {msg[:300]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("jaxattn: interrupted", file=sys.stderr)
         return 130

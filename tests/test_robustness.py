@@ -242,3 +242,158 @@ def test_orphan_temporaries_of_dead_writers_are_removed(tmp_path):
         p.write_bytes(b"x")
     assert remove_stale_temporaries(str(tmp_path)) == 1
     assert not orphan.exists() and live.exists() and other.exists()
+
+
+# --------------------------------------------------------------- sizes before work
+@pytest.mark.parametrize("spec,match", [
+    (dict(SIM, solve={"t1": 1.0, "dt": 1e-12}), "fixed steps needs"),
+    (dict(SIM, solve={"t1": 1e308, "dt": 0.1}), "too many steps"),
+    (dict(SIM, solve={"t1": 1e12, "dt": 0.1}), "fixed steps needs"),
+    ({"init": {"kind": "uniform", "n": 10**9, "d": 2}, "solve": {"t1": 1.0}}, "n = 1000000000"),
+    ({"init": {"kind": "uniform", "n": 3, "d": 200_000}, "solve": {"t1": 1.0}}, "d = 200000"),
+    ({"init": {"kind": "uniform", "n": 3, "d": 2, "seed": 2**64}, "solve": {"t1": 1.0}},
+     "seed must be ≤ 2\\*\\*63"),
+    ({"init": {"kind": "uniform", "n": 50_000, "d": 2}, "attention": "dense",
+      "solve": {"t1": 1.0, "dt": 0.5}}, "needs .* of memory"),
+])
+def test_oversized_simulations_are_refused_before_allocating(tmp_path, capsys, spec, match):
+    path = _write(tmp_path / "s.json", spec)
+    out = tmp_path / "o.npz"
+    assert cli.main(["simulate", path, "--out", str(out)]) == 2
+    err = _err(capsys)
+    assert __import__("re").search(match, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("upd,match", [
+    ({"grid": {"init.seed": {"range": 10**12}}}, "over the limit of 10000000"),
+    ({"grid": {"init.seed": [2**64]}}, "≤ 2\\*\\*63"),
+    ({"sweep": {"save_points": 10**9}}, "save points\\) needs"),
+])
+def test_oversized_sweeps_are_refused_before_any_output(tmp_path, capsys, upd, match):
+    path = _write(tmp_path / "s.json", {**SWEEP, **upd})
+    out = tmp_path / "o"
+    assert cli.main(["sweep", path, "--out", str(out)]) == 2
+    assert __import__("re").search(match, _err(capsys))
+    assert not out.exists()
+
+
+def test_memory_limit_is_overridable(monkeypatch):
+    import jax.numpy as jnp
+
+    import jaxattn as ja
+
+    field = ja.RescaledField(d=2)
+    x0 = jnp.ones((4, 2)) * jnp.arange(4.0)[:, None]
+    monkeypatch.setenv("JAXATTN_MAX_MEMORY", "1K")
+    with pytest.raises(ValueError, match="over the limit of 1 KiB"):
+        ja.simulate(field, x0, 10.0, dt=0.1)
+    monkeypatch.setenv("JAXATTN_MAX_MEMORY", "1G")
+    assert ja.simulate(field, x0, 10.0, dt=0.1).xs.shape == (101, 4, 2)
+
+
+def test_other_commands_check_sizes_first(tmp_path, capsys):
+    cfg = _write(tmp_path / "cfg.json", {"p": 1000003})
+    assert cli.main(["modular", "pretrain", "--config", cfg, "--out", str(tmp_path / "m")]) == 2
+    assert "p = 1000003" in _err(capsys)
+    assert not (tmp_path / "m").exists()
+    assert cli.main(["reproduce", "stability-bound", "--quick", "--eps", "1e308", "--out",
+                     str(tmp_path / "r")]) == 2
+    assert "(0, 1)" in _err(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_real_model_repeat_is_checked_before_running(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "rm"
+    assert cli.main(["real-model", "analyze", "--quick", "--repeat", "100000000", "--out",
+                     str(out)]) == 2
+    assert "hidden states of 100000000×" in _err(capsys)
+    assert not out.exists()
+
+
+# -------------------------------------------------------------- values, not strings
+@pytest.mark.parametrize("kw,match", [
+    (dict(t1="10"), "t1 must be a finite number"),
+    (dict(dt="0.1"), "dt must be a number"),
+    (dict(ts=[float("nan")]), "ts contains NaN"),
+    (dict(dt=0.1, max_steps=5), "max_steps applies to adaptive"),
+    (dict(x0=np.ones((3, 2), bool)), "booleans"),
+])
+def test_simulate_rejects_values_that_used_to_pass(kw, match):
+    import jaxattn as ja
+
+    args = {"x0": np.arange(6.0).reshape(3, 2), "t1": 1.0, **kw}
+    with pytest.raises((ValueError, TypeError), match=match):
+        ja.simulate(ja.RescaledField(d=2), args.pop("x0"), args.pop("t1"), **args)
+
+
+def test_fields_reject_non_integer_dimension_and_string_beta():
+    import jaxattn as ja
+
+    with pytest.raises(ValueError, match="d must be an integer"):
+        ja.RescaledField(d=2.5)
+    with pytest.raises(ValueError, match="beta must be a number"):
+        ja.RescaledField(d=2, beta="1.0")
+
+
+def test_spec_rejects_nan_ts_and_max_steps_with_fixed_steps(tmp_path, capsys):
+    for solve, match in (({"t1": 1.0, "ts": [float("nan")]}, "finite"),
+                         ({"t1": 1.0, "dt": 0.1, "max_steps": 3}, "max_steps applies")):
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps(dict(SIM, solve=solve)))  # NaN as JSON's NaN literal
+        assert cli.main(["simulate", str(path), "--out", str(tmp_path / "o.npz")]) == 2
+        assert match in _err(capsys)
+
+
+# ------------------------------------------------------------------------ sphere
+@pytest.mark.parametrize("dtype,big", [("float64", 1e200), ("float32", 3e19)])
+def test_huge_sphere_tokens_normalise_without_overflow(dtype, big):
+    import jax.numpy as jnp
+
+    import jaxattn as ja
+
+    x0 = jnp.asarray([[big, 0.0, 0.0], [0.0, big, big], [1.0, 2.0, 2.0]], dtype)
+    for field in (ja.SphereField(d=3, dtype=dtype), ja.USAField(d=3, dtype=dtype)):
+        sol = ja.simulate(field, x0, 0.5, dt=0.1)
+        first = np.asarray(sol.xs[0], np.float64)
+        want = np.array([[1, 0, 0], [0, 2**-0.5, 2**-0.5], [1 / 3, 2 / 3, 2 / 3]])
+        np.testing.assert_allclose(first, want, rtol=0, atol=1e-6)
+        assert sol.ok
+
+
+def test_usa_overflow_is_named_not_blamed_on_max_steps():
+    import jax
+    import jax.numpy as jnp
+
+    import jaxattn as ja
+
+    x0 = jax.random.normal(jax.random.key(0), (8, 3))
+    with pytest.raises(ValueError, match="overflow float64 at t = 0"):
+        ja.simulate(ja.USAField(d=3, beta=720.0), x0, 1.0, solver="tsit5")
+    with pytest.raises(ValueError, match="overflow float32"):
+        ja.simulate(ja.USAField(d=3, beta=89.0, dtype="float32"), x0.astype(jnp.float32), 1.0)
+
+
+def test_renormalise_with_backsolve_is_a_clear_error():
+    import jax
+
+    import jaxattn as ja
+
+    x0 = jax.random.normal(jax.random.key(0), (5, 3))
+    with pytest.raises(ValueError, match="renormalise is not available with the backsolve"):
+        ja.simulate(ja.SphereField(d=3), x0, 1.0, dt=0.1, renormalise=True,
+                    adjoint="backsolve")
+
+
+def test_wrt_in_any_case_gives_the_canonical_gradient():
+    import jax
+
+    import jaxattn as ja
+
+    x0 = jax.random.normal(jax.random.key(1), (4, 2))
+    field = ja.RescaledField(d=2)
+    low = ja.objective_value_and_grad(field, x0, 1.0, wrt=["q", "BETA"], dt=0.1)
+    canon = ja.objective_value_and_grad(field, x0, 1.0, wrt=["Q", "beta"], dt=0.1)
+    assert set(low.grads) == {"Q", "beta"}
+    np.testing.assert_array_equal(np.asarray(low.grads["Q"]), np.asarray(canon.grads["Q"]))

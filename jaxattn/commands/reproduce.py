@@ -27,8 +27,9 @@ def parse_eps(text: str) -> list[float]:
         vals = [float(s) for s in parts]
     except ValueError:
         raise ValueError(f"--eps must be comma-separated numbers, got {text!r}") from None
-    if any(not math.isfinite(v) or v <= 0 for v in vals):
-        raise ValueError(f"--eps values must be finite and > 0, got {text!r}")
+    if any(not math.isfinite(v) or not 0 < v < 1 for v in vals):
+        raise ValueError(f"--eps values must lie in (0, 1) (ε is the size of a perturbation "
+                         f"of V = I), got {text!r}")
     return vals
 
 

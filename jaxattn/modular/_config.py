@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from .._validate import SEED_MAX, check_memory
 import os
 from typing import Any
 
@@ -128,6 +130,8 @@ def validate(c: ModularConfig) -> None:
     if round(c.train_frac * c.p * c.p) < 1 or round(c.train_frac * c.p * c.p) >= c.p * c.p:
         raise ValueError(f"train_frac {c.train_frac} leaves an empty train or test set")
     _int(c.seed, "seed", 0)
+    if c.seed > SEED_MAX:
+        raise ValueError(f"seed must be ≤ 2**63 − 1, got {c.seed}")
     _int(c.d_model, "d_model", 1)
     _int(c.depth, "depth", 1)
     _int(c.heads, "heads", 1)
@@ -176,6 +180,14 @@ def validate(c: ModularConfig) -> None:
         _int(s, "seed", 0)
     if not c.depths or not c.seeds or not c.ranks:
         raise ValueError("depths, seeds and ranks must be non-empty lists")
+    if any(s > SEED_MAX for s in c.seeds):
+        raise ValueError(f"seeds must be ≤ 2**63 − 1, got {max(c.seeds)}")
+    # Full-batch training holds the logits of all p² pairs over the p + 3 tokens, with
+    # their gradients (about three copies), and the activations of every layer.
+    itemsize = 8 if c.dtype == "float64" else 4
+    pairs = c.p * c.p
+    check_memory(itemsize * pairs * (3.0 * (c.p + 3) + 4 * c.d_model * (c.depth + 2)),
+                 f"full-batch training at p = {c.p}, d_model = {c.d_model}")
 
 
 _TUPLES = ("targets", "depths", "seeds", "ranks")

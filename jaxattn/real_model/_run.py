@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._io import check_output_dir, write_json, write_npz
+from .._validate import check_memory
 from . import _analysis as an
 from ._bert import load
 from ._load import encode, read_text
@@ -75,6 +76,10 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
         truncation = cfg["truncate"] or ck.truncation or ck.config.max_positions
         seqs = an.tokenize(ck, corpus, truncate_to=truncation)
         names = [name for name, _ in corpus]
+    n_max = max(max(len(s) for s in seqs), 1)
+    check_memory(4.0 * (repeat * L + 1) * n_max * ck.config.hidden_size
+                 * max(len(seqs), cfg["random_count"], 1),
+                 f"hidden states of {repeat}× the {L}-layer stack")
     out_dir = check_output_dir(out_dir)  # create it only once the inputs are known good
     rand_len = max(len(s) for s in seqs)
     rand = an.random_sequences(ck, cfg["random_count"], rand_len, seed=cfg["seed"])
