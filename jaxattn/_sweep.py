@@ -273,37 +273,58 @@ def _shard_map():
     return shard_map, "check_rep"  # pragma: no cover
 
 
-def map_sharded(fn: Callable, devices=None) -> Callable:
-    """`fn` applied point by point (`vmap`) to arguments with a leading points axis,
-    split across `devices` (default: all local devices) with `shard_map`; the number of
-    points is padded up to a multiple of the device count (the padding is dropped).
-    Each device runs the same vmapped program on its share, so results do not depend
-    on how many devices there are."""
+DEFAULT_BATCH = 64
+
+
+def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH) -> Callable:
+    """`fn` applied point by point to arguments with a leading points axis, split across
+    `devices` (default: all local devices) with `shard_map`.
+
+    Each device walks through its share in groups of exactly `batch` points (a
+    `lax.map` over groups, each group one `vmap` of width `batch`); the points are
+    padded up to a multiple of `batch × devices` (the padding is dropped). Every point
+    is therefore computed by the same compiled group program whatever the number of
+    devices: XLA's arithmetic depends on the vmapped width (a width of 256 and one of 64
+    round differently, and a chaotic solve amplifies that), so a fixed width is what makes
+    the results independent of how a chunk is split across devices. The results depend
+    on `batch` (at the level of rounding) and on the device kind, not on the count.
+    """
     from jax.sharding import PartitionSpec as P
 
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    batch = int(batch)
     devices = list(jax.local_devices() if devices is None else devices)
     nd = len(devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("points",))
     shard_map, check_kw = _shard_map()
-    batched = jax.vmap(fn)
-    sharded = jax.jit(shard_map(batched, mesh=mesh, in_specs=P("points"),
+    group = jax.vmap(fn)
+
+    def per_device(*args):
+        k = jax.tree.leaves(args)[0].shape[0] // batch
+        grouped = jax.tree.map(lambda a: a.reshape((k, batch) + a.shape[1:]), args)
+        out = jax.lax.map(lambda g: group(*g), grouped)
+        return jax.tree.map(lambda a: a.reshape((k * batch,) + a.shape[2:]), out)
+
+    sharded = jax.jit(shard_map(per_device, mesh=mesh, in_specs=P("points"),
                                 out_specs=P("points"), **{check_kw: False}))
 
     def run(*args):
         n = jax.tree.leaves(args)[0].shape[0]
-        pad = (-n) % nd
+        pad = (-n) % (nd * batch)
         if pad:
             args = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]), args)
         out = sharded(*args)
         return jax.tree.map(lambda a: np.asarray(a)[:n], out)
 
     run.devices = devices
+    run.batch = batch
     return run
 
 
 # -------------------------------------------------------------------- spec + [grid]
 GRID_KEYS = ("beta", "init.seed", "lora.norm", "lora.seed", "lora.target", "lora.alpha")
-SWEEP_KEYS = {"chunk", "summaries", "save_points", "cluster_threshold"}
+SWEEP_KEYS = {"chunk", "batch", "summaries", "save_points", "cluster_threshold"}
 SUMMARIES = ("divergence", "hausdorff", "clusters", "diameter", "mean", "tokens")
 _NEEDS_REFERENCE = ("divergence", "hausdorff")
 
@@ -481,6 +502,7 @@ def parse_sweep(raw: dict) -> SweepPlan:
                          "and need a [lora] section")
     options = {
         "chunk": _pos_int(opts_raw.get("chunk", 64), "sweep chunk"),
+        "batch": _pos_int(opts_raw.get("batch", DEFAULT_BATCH), "sweep batch"),
         "summaries": list(dict.fromkeys(summaries)),
         "save_points": _pos_int(opts_raw.get("save_points", 101), "sweep save_points", 2),
         "cluster_threshold": _pos_float(opts_raw.get("cluster_threshold", 0.1),
@@ -764,7 +786,7 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
         return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status,
                 "num_steps": steps}
 
-    solve = map_sharded(point, devices)
+    solve = map_sharded(point, devices, batch=plan.options["batch"])
 
     def compute(indices):
         # The last chunk is padded to the full size (repeating its last point): every
