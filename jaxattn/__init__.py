@@ -21,6 +21,7 @@ from ._fields import (
 from ._lora import LoRA as LoRA
 from ._simulate import (
     STATUS_MESSAGES as STATUS_MESSAGES,
+    Float32PrecisionWarning as Float32PrecisionWarning,
     Solution as Solution,
     fixed_step_grid as fixed_step_grid,
     simulate as simulate,

@@ -13,6 +13,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import jax.scipy.linalg as jsl
 
 from ._attention import (
@@ -242,6 +243,30 @@ def expm(M: Float[Array, "d d"]) -> Float[Array, "d d"]:
     return jnp.where(s > _EXPM_MAX_SQUARINGS, jnp.nan, R)
 
 
+def _exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
+    """The shift `c` of `e^{tV} = e^{ct} e^{t(V − cI)}`: the spectral abscissa
+    `max Re λ(V)`.
+
+    For symmetric V it is `λ_max(V)` (`eigvalsh`, on any device). For a non-normal V the
+    numerical abscissa `λ_max((V + Vᵀ)/2)` would bound `‖e^{t(V − cI)}‖` by 1 but exceeds
+    the spectral abscissa, so `e^{t(V − cI)}` decays like `e^{−(c − max Re λ)t}`: its
+    entries become tiny, and the rounding of the squarings in `expm`, which is relative to
+    entries of size one, is then a large relative error (float32: 4e-4 in the tokens at
+    t = 100 for V = [[1, .5], [0, .5]], enough to change the final clustering). The
+    eigenvalues of a non-symmetric V come from NumPy on the host (`pure_callback`, once
+    per solve), since `jnp.linalg.eig` runs on the CPU only.
+    """
+    sym = jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1]
+
+    def host(v):
+        v = np.asarray(v, np.float64)
+        return np.asarray(np.max(np.linalg.eigvals(v).real), v.dtype).astype(V.dtype)
+
+    spec = jax.pure_callback(host, jax.ShapeDtypeStruct((), V.dtype), V,
+                             vmap_method="sequential")
+    return jnp.where(jnp.all(V == V.T), sym, jnp.minimum(spec, sym))
+
+
 def _tangent(x, y):
     """Π_x y = y − <x, y> x, row by row (x assumed on the unit sphere)."""
     return y - jnp.sum(x * y, axis=-1, keepdims=True) * x
@@ -259,11 +284,11 @@ class PlainField(AbstractField):
 class RescaledField(AbstractField):
     """SPEC §1.2: `z_i' = Σ_j P_ij V (z_j − z_i)` with P computed from `x = e^{tV} z`.
 
-    `e^{tV}` is carried as `e^{ct} · e^{t(V − cI)}` with `c = λ_max((V + Vᵀ)/2)`, so
-    `‖e^{t(V − cI)}‖₂ ≤ 1` never overflows and the factor `e^{2ct}` multiplies the
-    logits in log space (`_attention.softmax_weights`). Tokens stay finite for any t.
-    (The shifted exponential can only underflow when `(c − max Re λ(V))·t ≳ 700`, i.e.
-    for strongly non-normal V at very long times; it never does for normal V.)
+    `e^{tV}` is carried as `e^{ct} · e^{t(V − cI)}` with `c` the spectral abscissa
+    `max Re λ(V)` (`_exponential_shift`), and the factor `e^{2ct}` multiplies the logits
+    in log space (`_attention.softmax_weights`). Then `e^{t(V − cI)}` neither grows
+    exponentially nor decays to nothing: its norm stays within the eigenvector condition
+    number of V (polynomial growth for a defective V). Tokens stay finite for any t.
     """
 
     dynamics = "rescaled"
@@ -273,7 +298,7 @@ class RescaledField(AbstractField):
         eigvalsh per stage costs more than the attention itself for small n), the
         shifted matrix and the logit matrix `A = Qᵀ K` (LoRAs merged)."""
         V = self.weight("V")
-        c = jax.lax.stop_gradient(jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1])
+        c = jax.lax.stop_gradient(_exponential_shift(V))
         return c, V - c * jnp.eye(V.shape[-1], dtype=V.dtype), self.A
 
     def _queries_keys(self, t, z, args=None):

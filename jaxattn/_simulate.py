@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import diffrax
 import equinox as eqx
@@ -322,6 +323,41 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
     return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None, None
 
 
+class Float32PrecisionWarning(UserWarning):
+    """A float32 solve whose attention logits cannot resolve what the dynamics need."""
+
+
+# ln(1/ε) for float32: terms of the logits smaller than e^{−16.6} times the largest are
+# rounded away.
+_F32_LOG_RESOLUTION = float(-np.log(np.finfo(np.float32).eps))
+
+
+def _warn_float32_resolution(field, t0, t1) -> None:
+    """Warn when float32 cannot carry the attention logits to `t1`.
+
+    With `x = e^{tV} z`, the logits `⟨Q x_i, K x_j⟩` mix modes of V that grow at the rates
+    `Re λ_k`: the slowest mode's part is `e^{−2(Re λ_max − Re λ_min)t}` times the fastest
+    one's. Once that ratio is below float32's unit roundoff (`t·2·spread > 16.6`), the
+    logits no longer see the slow directions, and a non-normal V then drifts from the
+    float64 solution far beyond rounding (measured: V = [[1, .5], [0, .5]], 32 tokens:
+    3e-4 at t = 20, where float64 with half the step moves 1e-6). A warning, not an error:
+    a normal V often stays close (diag(1, .5): 8e-7 at t = 100).
+    """
+    V = field.weight("V")
+    if isinstance(V, jax.core.Tracer) or isinstance(t1, jax.core.Tracer):
+        return
+    Vs = np.asarray(V, np.float64).reshape((-1,) + V.shape[-2:])
+    re = np.linalg.eigvals(Vs).real
+    spread = float(np.max(re.max(axis=-1) - re.min(axis=-1)))
+    t_res = _F32_LOG_RESOLUTION / (2 * spread) if spread > 0 else math.inf
+    if float(t1) - float(t0) > t_res:
+        warnings.warn(
+            f"float32 cannot resolve the attention logits beyond t ≈ {t_res:.3g} for this V "
+            f"(eigenvalue real parts spread {spread:.3g}); results up to t1 = {float(t1):g} "
+            "may differ from float64 beyond rounding: check with dtype float64",
+            Float32PrecisionWarning, stacklevel=3)
+
+
 def _check_usa_overflow(field, x0, dtype) -> None:
     """USA's weights `exp(β⟨Qx_i, Kx_j⟩)` are not normalised: above `log(max float)`
     (709.8 in float64, 88.7 in float32) they are inf, and the solve fails at its first
@@ -466,6 +502,8 @@ def simulate(
                          "retrace); use adjoint checkpoint or forward")
     if field.dynamics == "usa":
         _check_usa_overflow(field, x0, dtype)
+    if jnp.dtype(dtype) == jnp.float32 and field.dynamics in ("plain", "rescaled"):
+        _warn_float32_resolution(field, t0, t1)
     if backsolve:
         # diffrax's BacksolveAdjoint rejects SaveAt(steps=True): save at the grid times
         # instead (the same outputs), and it fails on an empty tuple of LoRAs among the

@@ -397,3 +397,46 @@ def test_wrt_in_any_case_gives_the_canonical_gradient():
     canon = ja.objective_value_and_grad(field, x0, 1.0, wrt=["Q", "beta"], dt=0.1)
     assert set(low.grads) == {"Q", "beta"}
     np.testing.assert_array_equal(np.asarray(low.grads["Q"]), np.asarray(canon.grads["Q"]))
+
+
+# ------------------------------------------------------------------------ float32
+NON_NORMAL_V = [[1.0, 0.5], [0.0, 0.5]]
+
+
+def test_exponential_shift_is_the_spectral_abscissa():
+    import jax.numpy as jnp
+
+    from jaxattn._fields import _exponential_shift
+
+    rng = np.random.default_rng(0)
+    for V in (np.asarray(NON_NORMAL_V), rng.normal(size=(4, 4)), rng.normal(size=(3, 3))):
+        want = np.max(np.linalg.eigvals(V).real)
+        assert abs(float(_exponential_shift(jnp.asarray(V))) - want) < 1e-12
+    S = rng.normal(size=(4, 4))
+    S = S + S.T
+    assert float(_exponential_shift(jnp.asarray(S))) == float(jnp.linalg.eigvalsh(S)[-1])
+
+
+def test_float32_non_normal_v_keeps_the_float64_clustering_and_warns():
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+
+    import jaxattn as ja
+
+    # Before: e^{t(V − cI)} with c the numerical abscissa decayed like e^{−0.1t}, and
+    # float32 ended this run in 1 cluster where float64 has 2.
+    x0 = jax.random.uniform(jax.random.key(0), (32, 2), minval=-1.0, maxval=1.0)
+    f64 = ja.simulate(ja.RescaledField(V=NON_NORMAL_V), x0, 1000.0, dt=0.1, ts=[1000.0])
+    with pytest.warns(ja.Float32PrecisionWarning, match="beyond t ≈ 15.9"):
+        f32 = ja.simulate(ja.RescaledField(V=NON_NORMAL_V, dtype="float32"),
+                          x0.astype(jnp.float32), 1000.0, dt=0.1, ts=[1000.0])
+    assert f64.ok and f32.ok
+    c64 = int(ja.cluster_count(f64.xs[-1], 0.1))
+    c32 = int(ja.cluster_count(f32.xs[-1].astype(jnp.float64), 0.1))
+    assert c64 == c32 == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # V = I: no warning
+        ja.simulate(ja.RescaledField(d=2, dtype="float32"), x0.astype(jnp.float32), 100.0,
+                    dt=0.1)
