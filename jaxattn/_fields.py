@@ -262,8 +262,10 @@ def _exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
         v = np.asarray(v, np.float64)
         return np.asarray(np.max(np.linalg.eigvals(v).real), v.dtype).astype(V.dtype)
 
-    spec = jax.pure_callback(host, jax.ShapeDtypeStruct((), V.dtype), V,
-                             vmap_method="sequential")
+    # No derivative flows through the shift (the caller stops it too): the callback must
+    # see a constant, since callbacks have no JVP rule.
+    spec = jax.pure_callback(host, jax.ShapeDtypeStruct((), V.dtype),
+                             jax.lax.stop_gradient(V), vmap_method="sequential")
     return jnp.where(jnp.all(V == V.T), sym, jnp.minimum(spec, sym))
 
 

@@ -367,7 +367,8 @@ def _check_usa_overflow(field, x0, dtype) -> None:
     members = math.prod(field.batch_shape) * math.prod(x0.shape[:-2])
     if members * x0.shape[-2] ** 2 > 10**8:
         return
-    A = field.A.reshape(field.batch_shape + (1,) * (x0.ndim - 2) + field.A.shape[-2:])
+    A = jnp.broadcast_to(field.A, field.batch_shape + field.A.shape[-2:])
+    A = A.reshape(field.batch_shape + (1,) * (x0.ndim - 2) + A.shape[-2:])
     top = float(jnp.max(field.beta * jnp.einsum("...id,...de,...je->...ij", x0, A, x0)))
     limit = float(np.log(np.finfo(np.dtype(dtype)).max))
     if top > limit:

@@ -84,7 +84,7 @@ def test_departure_time_from_x0_file_and_eps(tmp_path):
     [
         (["reproduce", "nope", "--out", "X"], "unknown experiment 'nope'; available:"),
         (["reproduce", "departure-time", "--out", "X", "--eps", "0.1,,2"], "--eps must be"),
-        (["reproduce", "departure-time", "--out", "X", "--eps", "0.1,-1"], "> 0"),
+        (["reproduce", "departure-time", "--out", "X", "--eps", "0.1,-1"], "must lie in"),
         (["reproduce", "departure-time", "--out", "X", "--metric", "l2"], "unknown metric"),
         (["reproduce", "stability-bound", "--out", "X", "--x0", "x0.npy"], "does not take --x0"),
         (["reproduce", "departure-time", "--out", "X", "--x0", "missing.npy"], "not found"),
