@@ -148,6 +148,14 @@ def cost_matrix(x: Float[Array, "n d"], y: Float[Array, "m d"], cost: str = "euc
 
 def _ott():
     """OTT-JAX modules (imported on first use: `import jaxattn` stays light)."""
+    from jax.interpreters import batching
+
+    if not hasattr(batching, "is_vmappable"):
+        # OTT-JAX 0.6.0's row-blocked ("online") point clouds flatten their arguments with
+        # `is_leaf=jax.interpreters.batching.is_vmappable`, which JAX 0.10 removed. For
+        # arrays it always answered False (it recognised only JAX's internal ragged
+        # type), so this restores its answer for every input OTT passes.
+        batching.is_vmappable = lambda x: False
     from ott.geometry import costs, pointcloud
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn
