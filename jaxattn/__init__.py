@@ -73,3 +73,23 @@ from ._sweep import (
     run_chunks as run_chunks,
     sweep as sweep,
 )
+from ._wasserstein import (
+    cost_matrix as cost_matrix,
+    entropic_ot as entropic_ot,
+    geodesic_distance as geodesic_distance,
+    optimal_assignment as optimal_assignment,
+    sinkhorn_divergence as sinkhorn_divergence,
+    sliced_wasserstein2 as sliced_wasserstein2,
+    wasserstein2 as wasserstein2,
+    wasserstein2_line as wasserstein2_line,
+)
+from ._meanfield import (
+    InitialMeasure as InitialMeasure,
+    ladder_distances as ladder_distances,
+    measure_divergence as measure_divergence,
+    simulate_ladder as simulate_ladder,
+)
+from ._wbounds import (
+    WassersteinBound as WassersteinBound,
+    wasserstein_bound as wasserstein_bound,
+)

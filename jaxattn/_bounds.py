@@ -120,14 +120,7 @@ def _constants(field, field_p, ts, R, Dm):
             L = eb * nV * (2.0 + 2.0 * beta * nA) * np.ones_like(R)
             delta = (ebp * ndV + max(eb, ebp) * beta * ndA * nV) * np.ones_like(R)
         elif dyn == "rescaled":
-            h = np.diff(ts)
-            a, ap, da = _rescaled_logit_norms(V, A, Vp, Ap, ts)
-            grow_a = np.exp(2.0 * nV * h)
-            grow_ap = np.exp(2.0 * nVp * h)
-            a_sup = a[:-1] * grow_a
-            ap_sup = ap[:-1] * grow_ap
-            # ‖A_s − Ã_s‖ on the interval: Grönwall on f' = Vᵀf + fV + (V−Ṽ)ᵀÃ_s + Ã_s(V−Ṽ).
-            da_sup = grow_a * (da[:-1] + 2.0 * h * ndV * ap_sup)
+            a_sup, _, da_sup = _rescaled_interval_norms(V, A, Vp, Ap, ts)
             L = 2.0 * nV + 2.0 * beta * nV * a_sup * R * Dm
             delta = Dm * (ndV + beta * nV * da_sup * R**2)
         else:  # pragma: no cover - fields are validated at construction
@@ -146,6 +139,20 @@ def _rescaled_logit_norms(V, A, Vp, Ap, ts):
             At, Apt = E.T @ A @ E, Ep.T @ Ap @ Ep
             a[k], ap[k], da[k] = _opnorm(At), _opnorm(Apt), _opnorm(At - Apt)
     return a, ap, da
+
+
+def _rescaled_interval_norms(V, A, Vp, Ap, ts):
+    """Sups of ‖A_s‖, ‖Ã_s‖ and ‖A_s − Ã_s‖ over each interval `[t_k, t_{k+1}]`."""
+    nV, nVp, ndV = _opnorm(V), _opnorm(Vp), _opnorm(V - Vp)
+    h = np.diff(ts)
+    a, ap, da = _rescaled_logit_norms(V, A, Vp, Ap, ts)
+    with np.errstate(over="ignore", invalid="ignore"):
+        grow_a = np.exp(2.0 * nV * h)
+        a_sup = a[:-1] * grow_a
+        ap_sup = ap[:-1] * np.exp(2.0 * nVp * h)
+        # ‖A_s − Ã_s‖ on the interval: Grönwall on f' = Vᵀf + fV + (V−Ṽ)ᵀÃ_s + Ã_s(V−Ṽ).
+        da_sup = grow_a * (da[:-1] + 2.0 * h * ndV * ap_sup)
+    return a_sup, ap_sup, da_sup
 
 
 def _interval_growth(field, field_p, ts):

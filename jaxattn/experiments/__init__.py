@@ -20,6 +20,7 @@ _MODULES = {
     "geometries": "geometries",
     "sphere-phase": "sphere_phase",
     "worst-case-lora": "worst_case_lora",
+    "mean-field": "mean_field",
 }
 
 
