@@ -197,9 +197,14 @@ def attend_blockwise(
             u = qq @ kk.T  # (qb, kb)
             if normalise:
                 new_mx = jnp.maximum(mx, jnp.max(jnp.where(ok[None, :], u, -jnp.inf), axis=-1))
-                # Rows that have seen no valid key yet hold -inf: their factor is 0.
-                fix = jnp.where(jnp.isfinite(mx), jnp.exp(s * (mx - new_mx)), 0.0)
-                w = jnp.where(ok[None, :], jnp.exp(s * (u - new_mx[:, None])), 0.0)
+                # Rows that have seen no valid key yet hold -inf: their factor is 0. Both
+                # `where`s are "double": the unselected branch gets a finite argument
+                # (exp(s·(−inf − m)) or the overflow of a padded key's exp would give
+                # the gradient 0·inf = NaN, e.g. in β).
+                seen = jnp.isfinite(mx)
+                fix = jnp.where(seen, jnp.exp(s * (jnp.where(seen, mx, new_mx) - new_mx)), 0.0)
+                uk = jnp.where(ok[None, :], u, new_mx[:, None])
+                w = jnp.where(ok[None, :], jnp.exp(s * (uk - new_mx[:, None])), 0.0)
                 return (new_mx, den * fix + jnp.sum(w, axis=-1),
                         acc * fix[:, None] + w @ vv), None
             w = jnp.where(ok[None, :], jnp.exp(s * u), 0.0)
