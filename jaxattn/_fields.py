@@ -13,8 +13,8 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import jax.scipy.linalg as jsl
+import numpy as np
 
 from ._attention import (
     KERNELS,
@@ -254,19 +254,23 @@ def _exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
     entries of size one, is then a large relative error (float32: 4e-4 in the tokens at
     t = 100 for V = [[1, .5], [0, .5]], enough to change the final clustering). The
     eigenvalues of a non-symmetric V come from NumPy on the host (`pure_callback`, once
-    per solve), since `jnp.linalg.eig` runs on the CPU only.
+    per solve; only when V is not symmetric, except under `vmap`, where `cond` runs both
+    branches), since `jnp.linalg.eig` runs on the CPU only.
     """
+    V = jax.lax.stop_gradient(V)  # callbacks have no JVP rule; the caller stops it too
     sym = jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1]
 
     def host(v):
         v = np.asarray(v, np.float64)
         return np.asarray(np.max(np.linalg.eigvals(v).real), v.dtype).astype(V.dtype)
 
-    # No derivative flows through the shift (the caller stops it too): the callback must
-    # see a constant, since callbacks have no JVP rule.
-    spec = jax.pure_callback(host, jax.ShapeDtypeStruct((), V.dtype),
-                             jax.lax.stop_gradient(V), vmap_method="sequential")
-    return jnp.where(jnp.all(V == V.T), sym, jnp.minimum(spec, sym))
+    def spectral(V):
+        spec = jax.pure_callback(host, jax.ShapeDtypeStruct((), V.dtype), V,
+                                 vmap_method="sequential")
+        return jnp.minimum(spec, sym)
+
+    # A symmetric V (the common case) never leaves the device.
+    return jax.lax.cond(jnp.all(V == V.T), lambda V: sym, spectral, V)
 
 
 def _tangent(x, y):

@@ -34,20 +34,18 @@ def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] 
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"output folder {parent} does not exist")
-    if os.path.lexists(path):
+    if os.path.exists(path):
         for inp in inputs:
-            if inp is not None and os.path.exists(inp) and os.path.exists(path) and \
-                    os.path.samefile(path, inp):
+            if os.path.exists(inp) and os.path.samefile(path, inp):
                 raise ValueError(f"output {path} is the input file {inp}; refusing to "
                                  "overwrite it (choose another --out)")
-        if os.path.exists(path):
-            kind = _file_kind(os.stat(path).st_mode)
-            if kind != "regular file":
-                raise ValueError(f"output {path} is a {kind}, not a regular file; refusing "
-                                 "to replace it")
-            if not force and not _holds_members(path, own):
-                raise ValueError(f"output {path} exists and is not an earlier output of this "
-                                 "command; pass --force to replace it")
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind != "regular file":
+            raise ValueError(f"output {path} is a {kind}, not a regular file; refusing "
+                             "to replace it")
+        if not force and not _holds_members(path, own):
+            raise ValueError(f"output {path} exists and is not an earlier output of this "
+                             "command; pass --force to replace it")
     _probe(parent)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output file {path} is not writable")

@@ -318,8 +318,6 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
     rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
     atol = check_positive(1e-9 if atol is None else atol, "atol")
     max_steps = 100_000 if max_steps is None else check_int(max_steps, "max_steps", 1)
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be ≥ 1, got {max_steps}")
     return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None, None
 
 

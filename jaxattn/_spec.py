@@ -26,10 +26,10 @@ from ._validate import (
     SOLVERS,
     TARGETS,
     as_float_array,
-    SEED_MAX,
     check_choice,
     check_dtype,
     check_memory,
+    check_seed,
     check_tokens,
 )
 
@@ -132,16 +132,17 @@ def _int(value, name: str, minimum: int = 0) -> int:
 
 
 def _seed(value, name: str) -> int:
-    v = _int(value, name)
-    if v > SEED_MAX:
-        raise SpecError(f"{name} must be ≤ 2**63 − 1, got {v}")
-    return v
+    try:
+        return check_seed(value, name)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
 
 def _check_sizes(n: int, d: int, dtype, where: str) -> None:
-    """Tokens (n×d) and the three weights (d×d) must fit before they are allocated."""
+    """The tokens (n×d) must fit before they are allocated (the field's constructor
+    checks its d×d weights)."""
     try:
-        check_memory(jnp.dtype(dtype).itemsize * (n * d + 3.0 * d * d),
+        check_memory(jnp.dtype(dtype).itemsize * float(n * d),
                      f"{where} with n = {n} tokens in d = {d}")
     except ValueError as e:
         raise SpecError(str(e)) from None

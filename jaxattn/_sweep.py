@@ -77,10 +77,7 @@ def prepare_chunk_dir(chunk_dir: str, identity: dict, n_points: int, chunk: int)
     Raises `SweepError` when the folder holds chunks of a different sweep (other
     identity or chunk size) or chunk files without a manifest.
     """
-    if n_points < 1:
-        raise SweepError("the sweep has no points")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise SweepError(f"chunk size must be a positive integer, got {chunk!r}")
+    _check_chunking(n_points, chunk)
     manifest = {"sweep_id": sweep_id({**identity, "chunk": int(chunk)}),
                 "n_points": int(n_points), "chunk": int(chunk),
                 "n_chunks": math.ceil(n_points / chunk)}
@@ -99,6 +96,13 @@ def prepare_chunk_dir(chunk_dir: str, identity: dict, n_points: int, chunk: int)
         if create_exclusive_json(path, {**manifest, "identity": identity}):
             return manifest
     raise SweepError(f"{path} appeared and vanished while starting; retry")  # pragma: no cover
+
+
+def _check_chunking(n_points: int, chunk) -> None:
+    if n_points < 1:
+        raise SweepError("the sweep has no points")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise SweepError(f"chunk size must be a positive integer, got {chunk!r}")
 
 
 def _check_manifest(path, chunk_dir, manifest, chunk, n_points) -> None:
@@ -131,20 +135,20 @@ def _resolve_process(process_index, process_count) -> tuple[int, int]:
     return int(pi), int(pc)
 
 
-def _chunk_ok(path: str, expect: np.ndarray) -> str | None:
-    """None if the chunk file at `path` is readable and holds the points `expect`,
-    else why not."""
+def _read_chunk(path: str, expect: np.ndarray) -> dict[str, np.ndarray] | str:
+    """The arrays of the chunk file at `path` (without `index`) if it is readable and
+    holds the points `expect`, else why not (a string)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "index" not in z.files:
-                return "no index"
-            if not np.array_equal(z["index"], expect):
-                return "other points"
-            for name in z.files:  # read every member: a truncated file fails here
-                z[name]
+            arrays = {name: z[name] for name in z.files}  # a truncated file fails here
     except Exception as e:  # noqa: BLE001 - any unreadable file is damaged
         return (str(e).splitlines() or [type(e).__name__])[0][:80] or type(e).__name__
-    return None
+    index = arrays.pop("index", None)
+    if index is None:
+        return "no index"
+    if not np.array_equal(index, expect):
+        return "other points"
+    return arrays
 
 
 def run_chunks(
@@ -177,10 +181,7 @@ def run_chunks(
     or None when chunks of other processes are still missing.
     """
     pi, pc = _resolve_process(process_index, process_count)  # before anything is written
-    if n_points < 1:
-        raise SweepError("the sweep has no points")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise SweepError(f"chunk size must be a positive integer, got {chunk!r}")
+    _check_chunking(n_points, chunk)
     os.makedirs(chunk_dir, exist_ok=True)
     with output_lock(chunk_dir, f"-p{pi}"):
         return _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress,
@@ -199,10 +200,10 @@ def _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress, 
         if not os.path.exists(path):
             todo.append(c)
             continue
-        why = _chunk_ok(path, _chunk_indices(c, chunk, n_points))
-        if why is not None:  # truncated or foreign file: recompute it, and say so
+        got = _read_chunk(path, _chunk_indices(c, chunk, n_points))
+        if isinstance(got, str):  # truncated or foreign file: recompute it, and say so
             if log:
-                log(f"{desc}: {os.path.basename(path)} is damaged ({why}); recomputing it")
+                log(f"{desc}: {os.path.basename(path)} is damaged ({got}); recomputing it")
             todo.append(c)
     done_before = len(mine) - len(todo)
     bar = None
@@ -254,13 +255,11 @@ def load_chunks(chunk_dir: str, n_points: int, chunk: int) -> dict[str, np.ndarr
         return None
     parts: dict[str, list] = {}
     for c, p in enumerate(paths):
-        why = _chunk_ok(p, _chunk_indices(c, chunk, n_points))
-        if why is not None:
-            raise SweepError(f"{p} is damaged ({why}); rerun the sweep to recompute it")
-        with np.load(p, allow_pickle=False) as z:
-            for name in z.files:
-                if name != "index":
-                    parts.setdefault(name, []).append(z[name])
+        got = _read_chunk(p, _chunk_indices(c, chunk, n_points))
+        if isinstance(got, str):
+            raise SweepError(f"{p} is damaged ({got}); rerun the sweep to recompute it")
+        for name, a in got.items():
+            parts.setdefault(name, []).append(a)
     return {name: np.concatenate(v, axis=0) for name, v in parts.items()}
 
 
@@ -509,7 +508,6 @@ def parse_sweep(raw: dict) -> SweepPlan:
                                         "sweep cluster_threshold"),
     }
     plan = SweepPlan(spec=spec, axes=axes, options=options)
-    _check_sweep_memory(plan)
     # Every point must be a valid simulation spec: check the first one fully (the grid
     # values were checked above, so the others differ only in valid values).
     try:
@@ -518,23 +516,14 @@ def parse_sweep(raw: dict) -> SweepPlan:
         raise SweepError(f"the spec with the grid's first point is invalid: {e}") from None
     if not sim.t1 > 0:
         raise SweepError("solve t1 must be > 0 in a sweep (nothing to integrate)")
+    _check_sweep_memory(plan, sim)
     return plan
 
 
-def _check_sweep_memory(plan: SweepPlan) -> None:
+def _check_sweep_memory(plan: SweepPlan, sim) -> None:
     """The assembled result (every point × save time × summary), and one chunk's saved
-    values, must fit before anything runs."""
-    spec = plan.spec
-    init = spec.get("init") if isinstance(spec.get("init"), dict) else {}
-    if "x0" in init and isinstance(init["x0"], list):
-        n = len(init["x0"])
-        d = len(init["x0"][0]) if n and isinstance(init["x0"][0], list) else 1
-    else:
-        n, d = init.get("n", 1), init.get("d", 1)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, d)):
-            return  # the spec parser names the bad value
-        if d == 1 and isinstance(spec.get("V"), list):
-            d = len(spec["V"])
+    values, must fit before anything runs (`sim`: the first point, parsed)."""
+    n, d = (int(s) for s in sim.x0.shape)
     per = {"divergence": 1, "hausdorff": 1, "clusters": 1, "diameter": 1, "mean": d,
            "tokens": n * d}
     values = sum(per[s] for s in plan.options["summaries"])
@@ -542,9 +531,7 @@ def _check_sweep_memory(plan: SweepPlan) -> None:
     try:
         check_memory(8.0 * plan.n_points * T * values * 2,
                      f"the sweep's results ({plan.n_points} points × {T} save points)")
-        kernel = spec.get("attention", "auto")
-        attn = 0 if use_blockwise(kernel if isinstance(kernel, str) else "auto", n, n) \
-            else 4 * n * n
+        attn = 0 if use_blockwise(sim.field.kernel, n, n) else 4 * n * n
         check_memory(8.0 * min(plan.n_points, plan.options["chunk"])
                      * (T * (values + n * d) + attn),
                      f"one chunk of {plan.options['chunk']} points with n = {n} tokens")

@@ -27,20 +27,17 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .._io import check_output_dir
     from .._spec import load_spec_file
     from ..cli import setup_jax
 
     raw = load_spec_file(args.spec)
     dtype = raw.get("dtype", "float64")
     setup_jax(dtype if isinstance(dtype, str) else "float64")
-    from .._sweep import _resolve_process, parse_sweep, sweep
+    from .._sweep import parse_sweep, sweep
 
     plan = parse_sweep(raw)  # every spec/grid error surfaces here, before any output
     if (args.process_index is None) != (args.process_count is None):
         raise ValueError("give both --process-index and --process-count, or neither")
-    _resolve_process(args.process_index, args.process_count)  # before the folder exists
-    check_output_dir(args.out)
     log = None if args.quiet else print
     result = sweep(plan, args.out, progress=not args.quiet, log=log,
                    process_index=args.process_index, process_count=args.process_count,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
-from .._validate import SEED_MAX, check_memory
 import os
 from typing import Any
+
+from .._validate import check_memory, check_seed
 
 TARGETS = ("Q", "K", "V", "O")
 
@@ -129,9 +129,7 @@ def validate(c: ModularConfig) -> None:
         raise ValueError(f"train_frac must be in (0, 1), got {c.train_frac}")
     if round(c.train_frac * c.p * c.p) < 1 or round(c.train_frac * c.p * c.p) >= c.p * c.p:
         raise ValueError(f"train_frac {c.train_frac} leaves an empty train or test set")
-    _int(c.seed, "seed", 0)
-    if c.seed > SEED_MAX:
-        raise ValueError(f"seed must be ≤ 2**63 − 1, got {c.seed}")
+    check_seed(c.seed, "seed")
     _int(c.d_model, "d_model", 1)
     _int(c.depth, "depth", 1)
     _int(c.heads, "heads", 1)
@@ -177,11 +175,9 @@ def validate(c: ModularConfig) -> None:
     for d in tuple(c.depths) + (c.rank_depth,):
         _int(d, "depth", 1)
     for s in c.seeds:
-        _int(s, "seed", 0)
+        check_seed(s, "seed")
     if not c.depths or not c.seeds or not c.ranks:
         raise ValueError("depths, seeds and ranks must be non-empty lists")
-    if any(s > SEED_MAX for s in c.seeds):
-        raise ValueError(f"seeds must be ≤ 2**63 − 1, got {max(c.seeds)}")
     # Full-batch training holds the logits of all p² pairs over the p + 3 tokens, with
     # their gradients (about three copies), and the activations of every layer.
     itemsize = 8 if c.dtype == "float64" else 4

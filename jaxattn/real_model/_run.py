@@ -76,12 +76,11 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
         truncation = cfg["truncate"] or ck.truncation or ck.config.max_positions
         seqs = an.tokenize(ck, corpus, truncate_to=truncation)
         names = [name for name, _ in corpus]
-    n_max = max(max(len(s) for s in seqs), 1)
-    check_memory(4.0 * (repeat * L + 1) * n_max * ck.config.hidden_size
-                 * max(len(seqs), cfg["random_count"], 1),
+    rand_len = max(len(s) for s in seqs)
+    check_memory(4.0 * (repeat * L + 1) * rand_len * ck.config.hidden_size
+                 * max(len(seqs), cfg["random_count"]),
                  f"hidden states of {repeat}× the {L}-layer stack")
     out_dir = check_output_dir(out_dir)  # create it only once the inputs are known good
-    rand_len = max(len(s) for s in seqs)
     rand = an.random_sequences(ck, cfg["random_count"], rand_len, seed=cfg["seed"])
     log(f"[1/4] clustering: {len(seqs)} sequence(s) of {min(map(len, seqs))}–{rand_len} "
         f"tokens and {len(rand)} random ones, stack run {repeat}× ...")
