@@ -46,3 +46,38 @@ def test_mean_field_listed_and_rejects_bad_options(capsys, tmp_path):
                  "--metric", "paper"]) == 2
     err = capsys.readouterr().err
     assert "does not take --metric" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_mean_field_large_quick_resumes(tmp_path):
+    from jaxattn.experiments import mean_field_large as large
+
+    out = tmp_path / "mfl"
+    logs = []
+    s = large.run(str(out), quick=True, log=logs.append)
+    assert {"large_n.png", "summary.json", "ladder.npz", "departures.npz"} <= set(
+        os.listdir(out))
+    lad = np.load(out / "ladder.npz")
+    ns = lad["ns"]
+    # Nested samples of one μ0: at t = 0 the sliced W2 to the largest run shrinks with n.
+    assert lad["sliced"].shape == (ns.size - 1, lad["ts"].size)
+    assert lad["sliced"][-1, 0] < lad["sliced"][0, 0]
+    assert np.all(lad["sliced"] > 0)
+    dep = np.load(out / "departures.npz")
+    assert dep["t_departure_w2"].shape == (2, 2, 2)  # (n, seed, ε)
+    t = dep["t_departure_w2"]
+    assert np.all(t[np.isfinite(t)] > 0)
+    # A second run finds every checkpoint: same numbers, no solve.
+    ckpts = sorted(os.listdir(out / "checkpoints"))
+    assert len(ckpts) == ns.size + 2 * 2
+    s2 = large.run(str(out), quick=True, log=lambda m: None)
+    np.testing.assert_array_equal(np.asarray(s2["ladder"]["sliced_w2_vs_largest"]),
+                                  np.asarray(s["ladder"]["sliced_w2_vs_largest"]))
+    assert sorted(os.listdir(out / "checkpoints")) == ckpts
+
+
+def test_mean_field_large_rejects_unknown_option(tmp_path):
+    from jaxattn.experiments import mean_field_large as large
+
+    with pytest.raises(ValueError, match="unknown option.*ladder_n\\b"):
+        large.run(str(tmp_path / "x"), quick=True, ladder_n=[1])

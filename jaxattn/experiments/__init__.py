@@ -21,6 +21,7 @@ _MODULES = {
     "sphere-phase": "sphere_phase",
     "worst-case-lora": "worst_case_lora",
     "mean-field": "mean_field",
+    "mean-field-large": "mean_field_large",
 }
 
 

@@ -124,3 +124,41 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
     ax.set_ylim(bottom=max(1e-8, np.nanmin(bound["measured"][:, 1:]) / 10), top=1e3)
     _label(ax, "t", "W2", f"W2 stability bound vs measured (n = {cfg['bound_n']})")
     _save(fig, out_dir, "bound.png")
+
+
+def plot_large(out_dir, cfg, lad, dep):
+    """Figures of `mean-field-large`: the ladder to large n, the departure prefactor."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting  # noqa: F401  (house style)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    ax = axes[0]
+    ns = np.asarray(lad["ns"][:-1], np.float64)
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(lad["ts"])))
+    for k, t in enumerate(lad["ts"]):
+        fit = lad["fits"][f"{t:g}"]
+        slope = f", slope {fit['slope']:.2f}" if fit["slope"] is not None else ""
+        ax.loglog(ns, lad["sliced"][:, k], "o-", color=colors[k], ms=3,
+                  label=f"t = {t:g}{slope}")
+    y0 = lad["sliced"][0, 0]
+    ax.loglog(ns, y0 * (ns / ns[0]) ** -0.5, ":", color="0.3", lw=1, label="n^-1/2")
+    ax.axvline(cfg["fit_max_frac"] * lad["N"], color="0.6", lw=0.8)
+    _label(ax, "n", f"sliced W2 to n = {lad['N']}",
+           f"d = {cfg['d']}, one nested sample, {cfg['ladder_dtype']}", legend_size=7)
+    ax = axes[1]
+    for i, n in enumerate(dep["ns"]):
+        c = dep["prefactor"][i]  # (seeds, ε)
+        for e, eps in enumerate(dep["eps"]):
+            ok = np.isfinite(c[:, e])
+            ax.plot(np.full(ok.sum(), n) * (1 + 0.06 * (e - 1)), c[ok, e], "o", ms=4,
+                    alpha=0.6, color=plt.cm.plasma(0.85 * e / max(1, dep["eps"].size - 1)),
+                    label=f"ε = {eps:g}" if i == 0 else None)
+        st = dep["stats"][i]
+        if st["prefactor_mean"] is not None:
+            ax.errorbar([n], [st["prefactor_mean"]], yerr=[st["prefactor_sd"] or 0.0],
+                        fmt="ks", ms=6, capsize=4, label="mean ± sd" if i == 0 else None)
+    ax.set_xscale("log")
+    _label(ax, "n", "T_dep · ε (departure in W2)",
+           f"Departure prefactor, {cfg['dep_seeds']} samples per n (δ = {cfg['delta']})")
+    _save(fig, out_dir, "large_n.png")

@@ -137,7 +137,7 @@ def _lora_part(cfg, dtype, log):
                          f"= {cfg['lora_every']} within lora_t1 = {cfg['lora_t1']}")
     res = {"eps": eps, "ts": ts, "ns": list(cfg["lora_ns"]), "W": [], "D_W": [],
            "t_app_W": [], "t_dep_W": [], "t_app_tok": [], "t_dep_tok": []}
-    x_all = measure.sample(jax.random.key(0), max(cfg["lora_ns"]), dtype)
+    x_all = measure.sample(jax.random.key(cfg.get("lora_seed", 0)), max(cfg["lora_ns"]), dtype)
     for n in cfg["lora_ns"]:
         t0 = time.perf_counter()
         x0 = x_all[:n]
