@@ -333,6 +333,9 @@ def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *,
     return run
 
 
+_SOLVES: dict = {}
+
+
 def padded_size(n: int, chunk: int) -> int:
     """Points a chunk of `n ≤ chunk` points is solved as: `chunk`, or the next power of
     two when that is smaller (compiled shapes: the chunk size and at most log₂ of it)."""
@@ -799,11 +802,21 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
         return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status,
                 "num_steps": steps}
 
-    if cfg.stacked:  # fixed steps: each group of `batch` points is one stacked solve
-        solve = map_sharded(lambda inp: point(inp, stacked=True), devices,
-                            batch=plan.options["batch"], batched=True)
-    else:  # adaptive steps: one solve per point, each with its own step control
-        solve = map_sharded(point, devices, batch=plan.options["batch"])
+    # The compiled chunk solve is kept for the process, keyed by everything it closes
+    # over (the sweep's identity) and the devices: a second sweep of the same spec in one
+    # process (a notebook, a benchmark) does not compile again.
+    devices = list(jax.local_devices() if devices is None else devices)
+    key = (sweep_id({**plan.identity(), "ts": ts}), tuple(str(dv) for dv in devices))
+    solve = _SOLVES.get(key)
+    if solve is None:
+        if cfg.stacked:
+            solve = map_sharded(lambda inp: point(inp, stacked=True), devices,
+                                batch=plan.options["batch"], batched=True)
+        else:  # adaptive steps: one solve per point, each with its own step control
+            solve = map_sharded(point, devices, batch=plan.options["batch"])
+        if len(_SOLVES) >= 8:
+            _SOLVES.clear()
+        _SOLVES[key] = solve
 
     def compute(indices):
         # A short last chunk is padded (repeating its last point) only up to the next
