@@ -182,39 +182,52 @@ def attend_blockwise(
     s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
     kb = min(block, m)
     qb = min(block, n)
+    # The masks of padded keys are static: without padding (m a multiple of the block)
+    # the key loop does no selects at all (three passes over each block fewer).
+    padded = m % kb != 0
     kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
     valid = jnp.arange(kp.shape[0]) < m
     kblocks = kp.reshape(-1, kb, k.shape[1])
-    vblocks = vp.reshape(-1, kb, v.shape[1])
+    if normalise:
+        vp = jnp.concatenate([vp, jnp.ones((vp.shape[0], 1), dtype)], axis=1)
+    vblocks = vp.reshape(-1, kb, vp.shape[1])
     vmask = valid.reshape(-1, kb)
     qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
 
     def query_block(qq):
         @jax.checkpoint
         def key_step(carry, blk):
-            mx, den, acc = carry
+            mx, acc = carry
             kk, vv, ok = blk
             u = qq @ kk.T  # (qb, kb)
             if normalise:
-                new_mx = jnp.maximum(mx, jnp.max(jnp.where(ok[None, :], u, -jnp.inf), axis=-1))
+                if padded:
+                    u = jnp.where(ok[None, :], u, -jnp.inf)  # padded keys: weight 0
+                new_mx = jnp.maximum(mx, jnp.max(u, axis=-1))
                 # Rows that have seen no valid key yet hold -inf: their factor is 0. Both
                 # `where`s are "double": the unselected branch gets a finite argument
                 # (exp(s·(−inf − m)) or the overflow of a padded key's exp would give
                 # the gradient 0·inf = NaN, e.g. in β).
                 seen = jnp.isfinite(mx)
                 fix = jnp.where(seen, jnp.exp(s * (jnp.where(seen, mx, new_mx) - new_mx)), 0.0)
-                uk = jnp.where(ok[None, :], u, new_mx[:, None])
-                w = jnp.where(ok[None, :], jnp.exp(s * (uk - new_mx[:, None])), 0.0)
-                return (new_mx, den * fix + jnp.sum(w, axis=-1),
-                        acc * fix[:, None] + w @ vv), None
-            w = jnp.where(ok[None, :], jnp.exp(s * u), 0.0)
-            return (mx, den, acc + w @ vv), None
+                if padded:  # exp(s·(−inf − m)) = 0, but its gradient would be NaN
+                    u = jnp.where(ok[None, :], u, new_mx[:, None])
+                w = jnp.exp(s * (u - new_mx[:, None]))
+                if padded:
+                    w = jnp.where(ok[None, :], w, 0.0)
+                # `vv` carries a last column of ones: the row sums of w come out of the
+                # same product as P·v (one pass over w fewer).
+                return (new_mx, acc * fix[:, None] + w @ vv), None
+            w = jnp.exp(s * u)
+            if padded:
+                w = jnp.where(ok[None, :], w, 0.0)
+            return (mx, acc + w @ vv), None
 
-        init = (jnp.full((qq.shape[0],), -jnp.inf, dtype), jnp.zeros((qq.shape[0],), dtype),
-                jnp.zeros((qq.shape[0], v.shape[1]), dtype))
-        (_, den, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
+        init = (jnp.full((qq.shape[0],), -jnp.inf, dtype),
+                jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype))
+        (_, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
         if normalise:
-            return acc / den[:, None]
+            return acc[:, :-1] / acc[:, -1:]
         return acc / m
 
     out = jax.lax.map(query_block, qp)
