@@ -60,15 +60,21 @@ def best_of(fn, repeat):
 
 def interleaved(fns, repeat):
     """Best time of each function in `fns` (name → callable), after one warm-up call
-    each, timing one call of each in turn for `repeat` rounds."""
+    each, timing one call of each in turn for `repeat` rounds — more rounds (up to 15)
+    when a round takes under a second, so short calls are not at the mercy of one busy
+    moment of a shared machine."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
+    rounds, done = repeat, 0
+    while done < rounds:
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
+        done += 1
+        if done == 1:
+            rounds = max(repeat, min(15, int(1.0 / max(sum(best.values()), 1e-3))))
     return best
 
 

@@ -59,6 +59,14 @@ def test_gpu_script_cpu_smoke(extra, isolate):
     assert "failed" not in out
 
 
+def test_gpu_script_small_batch():
+    r = _run("gpu.py", "--n", "64", "--steps", "1", "--repeat", "1", "--no-isolate",
+             "--batch", "3", "--batch-n", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^batch of 3 × \(n = 8, d = 8\), 200 RK4 steps.*:\s+\d+\.\d+ ms/step",
+                     r.stdout, re.M), r.stdout
+
+
 def test_gpu_script_sphere_blockwise():
     r = _run("gpu.py", "--n", "100", "--steps", "1", "--repeat", "1", "--dynamics", "sphere",
              "--kernel", "blockwise", "--block", "32", "--no-isolate")
@@ -69,7 +77,7 @@ def test_gpu_script_sphere_blockwise():
 @pytest.mark.parametrize("args", [("--n", "0"), ("--n", "200000"), ("--n", "ten"),
                                   ("--dtype", "fp16"), ("--kernel", "flash"),
                                   ("--dtype", "bf16", "--kernel", "dense"),
-                                  ("--steps", "0")])
+                                  ("--steps", "0"), ("--batch", "-1")])
 def test_gpu_script_bad_flag_one_line_error(args):
     r = _run("gpu.py", *args, timeout=30)
     assert r.returncode != 0
