@@ -381,6 +381,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small sizes only")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-big", action="store_true", help="skip the n = 65536 step")
+    p.add_argument("--sizes", default=None,
+                   help="single-solve rows as n×d list, e.g. 50x2,1000x2 ('none': no rows)")
     p.add_argument("--batch", type=int, default=256, help="members of the batch case")
     p.add_argument("--sweep-seeds", type=int, default=32,
                    help="initial conditions per (norm, target) in the docs sweep (128 there)")
@@ -395,6 +397,12 @@ def main():
     print(f"measured float32 matmul peak (2048², jax): {peak:.1f} GFLOP/s\n")
     sizes = [(50, 2), (1000, 2)] if a.quick else [
         (50, 2), (1000, 2), (4096, 2), (50, 64), (1000, 64), (4096, 64)]
+    if a.sizes is not None:
+        try:
+            sizes = [] if a.sizes == "none" else [
+                tuple(int(v) for v in sz.split("x")) for sz in a.sizes.split(",")]
+        except ValueError:
+            p.error(f"--sizes must look like 50x2,1000x2 or none, got {a.sizes!r}")
     dt = 0.1
     hdr = (f"{'n':>5} {'d':>3} {'steps':>5} | {'jaxattn ms/step':>15} {'compile s':>9} "
            f"{'GFLOP/s':>8} {'%peak':>6} | {'scan':>6} {'torchdiffeq':>11} {'numpy':>7} "
