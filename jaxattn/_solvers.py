@@ -27,10 +27,11 @@ class RK4(diffrax.AbstractSolver):
     Written as a plain `diffrax.AbstractSolver` rather than through diffrax's
     `AbstractERK` + `ButcherTableau`: the generic ERK stacks its stages into one buffer,
     combines them through the tableau (with an error row that RK4 does not have) and
-    builds its dense output from the stacked stages on every step; for a fixed-step
-    solve of a small system that bookkeeping cost about 1.4× the four stages themselves
-    (measured on a batch of 256 × (64, 8)). Here each step is the four stages, one
-    weighted sum and the two stages the interpolation needs. Adjoints, `SaveAt` and
+    builds its dense output from the stacked stages on every step (reported at about
+    1.4× the four stages for a fixed-step batch of 256 × (64, 8); on the busy 2-core
+    machine of `benchmarks/README.md` the difference stayed within the timing noise).
+    Here each step is the four stages, one weighted sum and the two stages the
+    interpolation needs. Adjoints, `SaveAt` and
     `StepTo` work as with any diffrax solver.
     """
 
