@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._attention import use_blockwise
+from ._attention import exact_row_max, use_blockwise
 from ._custom_types import Array, Float, Int
 from ._fields import AbstractField
 from ._lora import LoRA
@@ -300,7 +300,17 @@ def _map_leading(fn, n: int):
 @eqx.filter_jit
 def _solve_batch(field, x0, t0, t1, dt0, ts, cfg: _Config):
     nf, nx = cfg.n_field_batch, cfg.n_x_batch
-    if cfg.stacked and nf + nx:
+    if nf + nx:
+        # A vmapped blockwise kernel runs both sides of its per-block `cond`: trace the
+        # batch with the running row maximum only.
+        with exact_row_max():
+            return _solve_members(field, x0, t0, t1, dt0, ts, cfg)
+    return _solve_one(field, x0, t0, t1, dt0, ts, cfg)
+
+
+def _solve_members(field, x0, t0, t1, dt0, ts, cfg: _Config):
+    nf, nx = cfg.n_field_batch, cfg.n_x_batch
+    if cfg.stacked:
         # Fixed steps: one solve of the stacked state; adaptive steps: one solve per
         # member (a vmap of solves), so each member keeps its own step control.
         y0 = jnp.broadcast_to(x0, field.batch_shape + x0.shape)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._attention import use_blockwise
+from ._attention import exact_row_max, use_blockwise
 from ._fields import AbstractField
 from ._io import (
     _json_default,
@@ -314,7 +314,8 @@ def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *,
     def per_device(*args):
         k = jax.tree.leaves(args)[0].shape[0] // batch
         grouped = jax.tree.map(lambda a: a.reshape((k, batch) + a.shape[1:]), args)
-        out = jax.lax.map(lambda g: group(*g), grouped)
+        with exact_row_max():  # a vmapped blockwise kernel: no per-block `cond`
+            out = jax.lax.map(lambda g: group(*g), grouped)
         return jax.tree.map(lambda a: a.reshape((k * batch,) + a.shape[2:]), out)
 
     sharded = jax.jit(shard_map(per_device, mesh=mesh, in_specs=P("points"),
