@@ -41,6 +41,11 @@ import time
 
 import numpy as np
 
+# The torch and NumPy peers' thread pools must not keep spinning on the cores after their
+# calls return: the peers of a row are timed in turn in one process, so a spinning pool
+# would slow whichever peer runs next (set before the libraries start their pools).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:  # optional peers
     import torch
     import torchdiffeq

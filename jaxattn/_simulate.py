@@ -409,6 +409,24 @@ class Float32PrecisionWarning(UserWarning):
 _F32_LOG_RESOLUTION = float(-np.log(np.finfo(np.float32).eps))
 
 
+_SPREADS: dict = {}
+
+
+def _eigen_spread(Vs) -> float:
+    """Largest spread of the eigenvalues' real parts over the stacked matrices `Vs`;
+    remembered for the last few V (a small solve in a loop pays no eigvals per call)."""
+    key = (Vs.shape, Vs.tobytes()) if Vs.size <= 4096 else None
+    if key is not None and key in _SPREADS:
+        return _SPREADS[key]
+    re = np.linalg.eigvals(Vs).real
+    spread = float(np.max(re.max(axis=-1) - re.min(axis=-1)))
+    if key is not None:
+        if len(_SPREADS) >= 32:
+            _SPREADS.clear()
+        _SPREADS[key] = spread
+    return spread
+
+
 def _warn_float32_resolution(field, t0, t1) -> None:
     """Warn when float32 cannot carry the attention logits to `t1`.
 
@@ -423,9 +441,7 @@ def _warn_float32_resolution(field, t0, t1) -> None:
     V = field.weight("V")
     if isinstance(V, jax.core.Tracer) or isinstance(t1, jax.core.Tracer):
         return
-    Vs = np.asarray(V, np.float64).reshape((-1,) + V.shape[-2:])
-    re = np.linalg.eigvals(Vs).real
-    spread = float(np.max(re.max(axis=-1) - re.min(axis=-1)))
+    spread = _eigen_spread(np.asarray(V, np.float64).reshape((-1,) + V.shape[-2:]))
     t_res = _F32_LOG_RESOLUTION / (2 * spread) if spread > 0 else math.inf
     if float(t1) - float(t0) > t_res:
         warnings.warn(
