@@ -67,13 +67,15 @@ def interleaved(fns, repeat):
     """Best time of each function in `fns` (name → callable), after one warm-up call
     each, timing one call of each in turn for `repeat` rounds — more rounds (up to 15)
     when a round takes under a second, so short calls are not at the mercy of one busy
-    moment of a shared machine."""
+    moment of a shared machine. A 0.1 s pause (not timed) precedes every call, so no
+    peer starts while another's worker threads are still spinning."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     rounds, done = repeat, 0
     while done < rounds:
         for name, fn in fns.items():
+            time.sleep(0.1)  # let the previous peer's thread pools go idle (not timed)
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
