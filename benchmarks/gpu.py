@@ -15,7 +15,7 @@ becomes a row of the table, not the end of the run.
 
 Usage: python benchmarks/gpu.py [--dtype float32|bf16] [--kernel auto] [--n 1000,10000,100000]
                                 [--d 3] [--steps 10] [--dynamics rescaled] [--block 1024]
-                                [--repeat 3]
+                                [--repeat 3] [--batch 4096] [--batch-n 64]
 Without a GPU it runs on the CPU and says so (use small n there: n = 100,000 would take
 about a minute per step on two cores).
 """
@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--dynamics", default="rescaled", choices=DYNAMICS)
     p.add_argument("--block", type=int, default=1024, help="blockwise block size")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch", type=int, default=0,
+                   help="also time a batch of this many small simulations (e.g. 4096) in one "
+                        "simulate call: n = --batch-n, d = 8, 200 steps of dt 0.1")
+    p.add_argument("--batch-n", type=int, default=64, help="tokens per batch member")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every n in this process (peak memory is then cumulative)")
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
@@ -71,6 +75,8 @@ def parse_args(argv=None):
         a.kernel = "dot_product_bf16"
     else:
         a.kernel = a.kernel or "auto"
+    if a.batch < 0 or a.batch_n < 2:
+        p.error(f"--batch must be ≥ 0 and --batch-n ≥ 2, got {a.batch}, {a.batch_n}")
     for name in ("d", "steps", "block", "repeat"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be ≥ 1, got {getattr(a, name)}")
@@ -192,7 +198,34 @@ def main(argv=None):
               f"{r['mem_bytes'] / 1e9:>11.3f} {r['mem_src']:>8}{note}", flush=True)
     if failed:
         print(f"({failed} of {len(a.sizes)} sizes failed; see the rows above)")
+    if a.batch:
+        run_batch(a)
     return 0
+
+
+def run_batch(a, d=8, steps=200, dt=0.1):
+    """A batch of `a.batch` rescaled simulations (n = `a.batch_n`, d = 8) in one call."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxattn as ja
+
+    x0 = jax.random.uniform(jax.random.key(1), (a.batch, a.batch_n, d), jnp.float32,
+                            -1.0, 1.0)
+    field = ja.RescaledField(d=d, dtype=jnp.float32)
+    t1 = steps * dt
+    run = lambda: ja.simulate(field, x0, t1, dt=dt, ts=[t1]).xs.block_until_ready()  # noqa: E731
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(a.repeat):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    print(f"\nbatch of {a.batch} × (n = {a.batch_n}, d = {d}), {steps} RK4 steps, float32, "
+          f"one call: {1e3 * best / steps:.3f} ms/step, {1e6 * best / steps / a.batch:.3f} "
+          f"µs per member-step, first call {first:.2f} s")
 
 
 if __name__ == "__main__":

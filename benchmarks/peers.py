@@ -1,19 +1,30 @@
-"""jaxattn against its peers on the same work (issue 4), side by side in one run.
+"""jaxattn against its peers on the same work, side by side in one run.
 
 Work: rescaled dynamics (SPEC §1.2), Q = K = V = I, β = 1, classical RK4 with the same
-number of fixed steps, float32, tokens U[−1, 1]^d. Compile / warm-up is excluded and
-reported separately; every timing is the best of `--repeat` calls after a first call.
+number of fixed steps (dt = 0.1), float32, tokens U[−1, 1]^d. Compile / warm-up is
+excluded and reported separately; every timing is the best of `--repeat` calls, and the
+peers of one row are timed interleaved (one call of each in turn, `--repeat` rounds), so
+a busy machine slows all of them alike.
 
 Peers:
+  scan       a hand-written JAX RK4: `jit` + `lax.scan` over the same field in 4 lines
+             (`e^{tV}` by `jax.scipy.linalg.expm`, stable softmax, `P·Vz − Vz`); for a
+             batch, the same code on the stacked `(B, n, d)` array
+  torchdiffeq  PyTorch + torchdiffeq `odeint(method="rk4")` on the CPU, one call on the
+             (batched) tensor; the Python loop over members is an extra column
   numpy      vectorised NumPy RK4 (matrix exponential by scipy.linalg.expm per stage)
-  torchdiffeq  PyTorch + torchdiffeq `odeint(method="rk4")` on the CPU (optional)
   diffrax    a hand-written diffrax solve of the same field (plain function, RK4 tableau)
   paper      the research code's per-step algorithm as SPEC §6 describes it (one
              expm(tV) per token pair and stage, Python loops, attention frozen within a
              step): re-implemented here from that description — not the original code —
              timed for a few steps at n = 50 and extrapolated.
 
-Usage: python benchmarks/peers.py [--quick] [--repeat 3]
+Also: `jaxattn.sweep` on `docs/sweep/example.toml` with fewer initial conditions
+(`--sweep-seeds`) against the hand-written scan computing the same points and the same
+summaries at the same save times.
+
+Usage: python benchmarks/peers.py [--quick] [--repeat 3] [--skip-big] [--batch 256]
+       [--sweep-seeds 32]   (from a checkout: PYTHONPATH=. so that its jaxattn is timed)
 Prints ms/step, ratios (peer time / jaxattn time: > 1 means jaxattn is faster), achieved
 GFLOP/s against a measured float32 matmul peak, and peak RSS.
 """
@@ -21,6 +32,7 @@ GFLOP/s against a measured float32 matmul peak, and peak RSS.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import subprocess
@@ -28,6 +40,11 @@ import sys
 import time
 
 import numpy as np
+
+# The torch and NumPy peers' thread pools must not keep spinning on the cores after their
+# calls return: the peers of a row are timed in turn in one process, so a spinning pool
+# would slow whichever peer runs next (set before the libraries start their pools).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:  # optional peers
     import torch
@@ -44,6 +61,28 @@ def best_of(fn, repeat):
         fn()
         t.append(time.perf_counter() - t0)
     return min(t)
+
+
+def interleaved(fns, repeat):
+    """Best time of each function in `fns` (name → callable), after one warm-up call
+    each, timing one call of each in turn for `repeat` rounds — more rounds (up to 15)
+    when a round takes under a second, so short calls are not at the mercy of one busy
+    moment of a shared machine. A 0.1 s pause (not timed) precedes every call, so no
+    peer starts while another's worker threads are still spinning."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    rounds, done = repeat, 0
+    while done < rounds:
+        for name, fn in fns.items():
+            time.sleep(0.1)  # let the previous peer's thread pools go idle (not timed)
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        done += 1
+        if done == 1:
+            rounds = max(repeat, min(15, int(1.0 / max(sum(best.values()), 1e-3))))
+    return best
 
 
 def first_call(fn):
@@ -81,12 +120,12 @@ def numpy_rk4(x0, dt, steps):
 
 # ---------------------------------------------------------------- torchdiffeq
 def torch_solver(x0, dt, steps):
-    d = x0.shape[1]
+    d = x0.shape[-1]
     V = torch.eye(d)
 
     def f(t, z):
         x = z @ torch.linalg.matrix_exp(t * V).T
-        w = torch.softmax(x @ x.T, dim=1)
+        w = torch.softmax(x @ x.transpose(-1, -2), dim=-1)
         vz = z @ V.T
         return w @ vz - vz
 
@@ -98,6 +137,44 @@ def torch_solver(x0, dt, steps):
             return torchdiffeq.odeint(f, z0, ts, method="rk4", options={"step_size": dt})
 
     return run
+
+
+# ---------------------------------------------------------------- hand-written JAX RK4
+def scan_field(t, z, V):
+    """The rescaled field in 4 lines, for `z` of shape (n, d) or (B, n, d)."""
+    import jax.numpy as jnp
+    import jax.scipy.linalg as jsl
+
+    x = z @ jsl.expm(t * V).T
+    u = x @ jnp.swapaxes(x, -1, -2)
+    w = jnp.exp(u - jnp.max(u, axis=-1, keepdims=True))
+    return (w @ (z @ V.T)) / jnp.sum(w, axis=-1, keepdims=True) - z @ V.T
+
+
+def rk4_scan(f, z, t0, dt, steps):
+    """`steps` classical RK4 steps of `z' = f(t, z)` in a `lax.scan`."""
+    import jax
+
+    def body(carry, _):
+        z, t = carry
+        k1 = f(t, z)
+        k2 = f(t + dt / 2, z + dt / 2 * k1)
+        k3 = f(t + dt / 2, z + dt / 2 * k2)
+        k4 = f(t + dt, z + dt * k3)
+        return (z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4), t + dt), None
+
+    return jax.lax.scan(body, (z, t0), None, length=steps)[0][0]
+
+
+def scan_solver(x0, dt, steps):
+    import jax
+    import jax.numpy as jnp
+
+    z0 = jnp.asarray(x0)
+    V = jnp.eye(x0.shape[-1], dtype=z0.dtype)
+    run = jax.jit(lambda z: rk4_scan(lambda t, y: scan_field(t, y, V), z,
+                                     jnp.zeros((), z.dtype), dt, steps))
+    return lambda: run(z0).block_until_ready()
 
 
 # ---------------------------------------------------------------- hand-written diffrax
@@ -211,76 +288,216 @@ print(first, step, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     return first, step, rss
 
 
+# ---------------------------------------------------------------- the docs sweep
+def sweep_spec(seeds, quick=False):
+    """`docs/sweep/example.toml` with `seeds` initial conditions per (norm, target)."""
+    import copy
+    import os
+    import tomllib
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "sweep",
+                        "example.toml")
+    with open(path, "rb") as fh:
+        spec = copy.deepcopy(tomllib.load(fh))
+    spec["grid"]["init.seed"] = {"range": seeds}
+    if quick:
+        spec["solve"]["t1"] = 1.0
+        spec["grid"]["lora.norm"] = {"geomspace": [0.001, 0.3, 2]}
+        spec["sweep"]["save_points"] = 11
+    return spec
+
+
+def jaxattn_sweep(spec):
+    import shutil
+    import tempfile
+
+    import jaxattn as ja
+
+    def run():
+        out = tempfile.mkdtemp(prefix="peers-sweep-")
+        try:
+            return ja.sweep(spec, out, progress=False, log=None)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    return run
+
+
+def scan_sweep(spec):
+    """The same points, LoRAs and summaries as `jaxattn.sweep(spec)`, hand-written: one
+    jitted `lax.scan` RK4 over all points (perturbed and unperturbed run stacked), the
+    summaries (jaxattn's metric functions) after every `k`-th step."""
+    import jax
+    import jax.numpy as jnp
+    import jax.scipy.linalg as jsl
+
+    from jaxattn import cluster_count, divergence, pairwise_distances
+    from jaxattn._sweep import _PointBuilder, parse_sweep
+
+    plan = parse_sweep(spec)
+    b = _PointBuilder(plan)
+    opts, solve = plan.options, spec["solve"]
+    steps = int(round(solve["t1"] / solve["dt"]))
+    k = steps // (opts["save_points"] - 1)
+    assert k * (opts["save_points"] - 1) == steps, "save times must fall every k steps"
+    eye = np.eye(b.d)
+    x0, W = [], []
+    for p in range(plan.n_points):
+        a = plan.assignment(p)
+        lo = b.lora(a)
+        pert = {t: np.asarray(lo.merged(jnp.asarray(eye, b.dtype))) if lo.target == t
+                else eye for t in "QKV"}
+        x0.append(b.x0(a))
+        W.append([[eye, eye, eye], [pert["Q"], pert["K"], pert["V"]]])
+    y0 = jnp.asarray(np.stack([np.stack([x, x]) for x in x0]), b.dtype)  # (P, 2, n, d)
+    W = jnp.asarray(np.asarray(W), b.dtype)  # (P, 2, 3, d, d)
+    dt = float(solve["dt"])
+    thr = opts["cluster_threshold"]
+
+    def field(t, z, w):  # one run: z (n, d), w (3, d, d) = Q, K, V
+        Q, K, V = w
+        x = z @ jsl.expm(t * V).T
+        u = (x @ Q.T) @ (x @ K.T).T
+        e = jnp.exp(u - jnp.max(u, axis=-1, keepdims=True))
+        return (e @ (z @ V.T)) / jnp.sum(e, axis=-1, keepdims=True) - z @ V.T
+
+    f = jax.vmap(jax.vmap(field, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))
+
+    def summaries(y):  # y (P, 2, n, d)
+        return {"divergence": jax.vmap(divergence)(y[:, 0], y[:, 1]),
+                "clusters": jax.vmap(lambda x: cluster_count(x, thr))(y[:, 1]),
+                "diameter": jax.vmap(lambda x: jnp.max(pairwise_distances(x)))(y[:, 1])}
+
+    @jax.jit
+    def run(y0, W):
+        def save(carry, _):
+            y, t = carry
+            y = rk4_scan(lambda t, z: f(t, z, W), y, t, dt, k)
+            return (y, t + k * dt), summaries(y)
+
+        t0 = jnp.zeros((), y0.dtype)
+        _, later = jax.lax.scan(save, (y0, t0), None, length=steps // k)
+        first = summaries(y0)
+        return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, later)
+
+    return lambda: jax.block_until_ready(run(y0, W))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="small sizes only")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-big", action="store_true", help="skip the n = 65536 step")
+    p.add_argument("--sizes", default=None,
+                   help="single-solve rows as n×d list, e.g. 50x2,1000x2 ('none': no rows)")
+    p.add_argument("--batch", type=int, default=256, help="members of the batch case")
+    p.add_argument("--sweep-seeds", type=int, default=32,
+                   help="initial conditions per (norm, target) in the docs sweep (128 there)")
     a = p.parse_args()
+    if a.repeat < 1 or a.batch < 1 or a.sweep_seeds < 1:
+        p.error("--repeat, --batch and --sweep-seeds must be ≥ 1")
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
           f"python {platform.python_version()}; torch: "
-          f"{torch.__version__ if torch else 'not installed'}")
+          f"{torch.__version__ if torch else 'not installed'}; load average "
+          f"{os.getloadavg()[0]:.2f}")
     peak = matmul_peak()
     print(f"measured float32 matmul peak (2048², jax): {peak:.1f} GFLOP/s\n")
-    sizes = [(50, 2), (1000, 2), (50, 64), (1000, 64)] if a.quick else [
+    sizes = [(50, 2), (1000, 2)] if a.quick else [
         (50, 2), (1000, 2), (4096, 2), (50, 64), (1000, 64), (4096, 64)]
-    dt = 0.01
+    if a.sizes is not None:
+        try:
+            sizes = [] if a.sizes == "none" else [
+                tuple(int(v) for v in sz.split("x")) for sz in a.sizes.split(",")]
+        except ValueError:
+            p.error(f"--sizes must look like 50x2,1000x2 or none, got {a.sizes!r}")
+    dt = 0.1
     hdr = (f"{'n':>5} {'d':>3} {'steps':>5} | {'jaxattn ms/step':>15} {'compile s':>9} "
-           f"{'GFLOP/s':>8} {'%peak':>6} | {'numpy':>7} {'torchdiffeq':>11} {'diffrax':>8}")
+           f"{'GFLOP/s':>8} {'%peak':>6} | {'scan':>6} {'torchdiffeq':>11} {'numpy':>7} "
+           f"{'diffrax':>8}")
     print(hdr)
     print("-" * len(hdr))
-    rows = []
     for n, d in sizes:
-        steps = 50 if n <= 1000 else 10
+        steps = 200 if n <= 64 else 50 if n <= 1000 else 10
+        if a.quick:
+            steps = 20
         x0 = np.random.default_rng(0).uniform(-1, 1, size=(n, d)).astype(np.float32)
         ja_fn = jaxattn_solver(x0, dt, steps)
         comp = first_call(ja_fn)
-        t_ja = best_of(ja_fn, a.repeat) / steps
-        comp -= t_ja * steps
-        t_np = best_of(lambda: numpy_rk4(x0, dt, steps), 1) / steps
-        t_th = best_of(torch_solver(x0, dt, steps), a.repeat) / steps if torch else np.nan
-        t_dx = best_of(diffrax_solver(x0, dt, steps), a.repeat) / steps
-        gf = flops_per_step(n, d) / t_ja / 1e9
-        rows.append((n, d, t_ja, t_np, t_th, t_dx))
-        print(f"{n:>5} {d:>3} {steps:>5} | {1e3 * t_ja:>15.3f} {comp:>9.2f} {gf:>8.2f} "
-              f"{100 * gf / peak:>5.1f}% | {t_np / t_ja:>6.2f}x {t_th / t_ja:>10.2f}x "
-              f"{t_dx / t_ja:>7.2f}x")
+        fns = {"jaxattn": ja_fn, "scan": scan_solver(x0, dt, steps),
+               "diffrax": diffrax_solver(x0, dt, steps)}
+        if torch:
+            fns["torchdiffeq"] = torch_solver(x0, dt, steps)
+        if n * d <= 4096 * 2 or not a.quick:
+            fns["numpy"] = lambda: numpy_rk4(x0, dt, steps)
+        t = {k: v / steps for k, v in interleaved(fns, a.repeat).items()}
+        comp -= t["jaxattn"] * steps
+        r = {k: t.get(k, np.nan) / t["jaxattn"] for k in ("scan", "torchdiffeq", "numpy",
+                                                          "diffrax")}
+        gf = flops_per_step(n, d) / t["jaxattn"] / 1e9
+        print(f"{n:>5} {d:>3} {steps:>5} | {1e3 * t['jaxattn']:>15.3f} {comp:>9.2f} "
+              f"{gf:>8.2f} {100 * gf / peak:>5.1f}% | {r['scan']:>5.2f}x "
+              f"{r['torchdiffeq']:>10.2f}x {r['numpy']:>6.2f}x {r['diffrax']:>7.2f}x",
+              flush=True)
     print("(ratios = peer time / jaxattn time; > 1 means jaxattn is faster)\n")
 
-    # Batch sweep: 256 simulations, n = 64, d = 8, 200 steps.
-    import jax
+    # Batch: B simulations, n = 64, d = 8, 200 steps, one call each.
     import jax.numpy as jnp
 
     import jaxattn as ja
 
-    B, n, d, steps = 256, 64, 8, 200
+    B, n, d, steps = a.batch, 64, 8, 200
+    if a.quick:
+        n, steps = 16, 20
     xb = np.random.default_rng(1).uniform(-1, 1, size=(B, n, d)).astype(np.float32)
     field = ja.RescaledField(d=d, dtype=jnp.float32)
-    batch_fn = lambda: ja.simulate(field, jnp.asarray(xb), steps * dt, dt=dt,  # noqa: E731
-                                   ts=[steps * dt]).xs.block_until_ready()
-    t_batch = best_of(batch_fn, max(1, a.repeat - 1))
-    line = f"batch sweep {B}×(n={n}, d={d}, {steps} RK4 steps): jaxattn {t_batch:.2f} s"
+    zb = jnp.asarray(xb)
+    fns = {"jaxattn": lambda: ja.simulate(field, zb, steps * dt, dt=dt,
+                                          ts=[steps * dt]).xs.block_until_ready(),
+           "scan": scan_solver(xb, dt, steps)}
     if torch:
-        k = 16
+        fns["torchdiffeq"] = torch_solver(xb, dt, steps)
+    t = interleaved(fns, a.repeat)
+    line = (f"batch {B}×(n={n}, d={d}, {steps} RK4 steps), one call each: jaxattn "
+            f"{1e3 * t['jaxattn'] / steps:.3f} ms/step; hand-written scan "
+            f"{t['scan'] / t['jaxattn']:.2f}x")
+    if torch:
+        line += f"; torchdiffeq batched {t['torchdiffeq'] / t['jaxattn']:.2f}x"
+        k = min(16, B)
         t_loop = best_of(lambda: [torch_solver(xb[i], dt, steps)() for i in range(k)], 1)
         t_loop *= B / k
-        line += (f"; torchdiffeq Python loop {t_loop:.1f} s (16 runs timed, ×16) → "
-                 f"{t_loop / t_batch:.1f}x")
-    print(line)
+        line += f"; torchdiffeq Python loop ({k} runs timed, ×{B / k:g}) {t_loop / t['jaxattn']:.1f}x"
+    print(line, flush=True)
 
-    t_paper = paper_step_time()
-    x0 = np.random.default_rng(0).uniform(-1, 1, size=(50, 2)).astype(np.float32)
-    t_ja50 = best_of(jaxattn_solver(x0, 0.1, 400), a.repeat) / 400
-    print(f"paper's algorithm (SPEC §6, re-implemented), n = 50: {t_paper:.2f} s/step "
-          f"(2 steps timed) → a 400-step run ≈ {400 * t_paper / 60:.1f} min; jaxattn "
-          f"{1e3 * t_ja50:.3f} ms/step → {t_paper / t_ja50:,.0f}x")
+    # The docs sweep, shrunk: jaxattn.sweep (chunks, files, figure) against the
+    # hand-written scan computing the same summaries.
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # the docs sweep is float64 (as the CLI does)
+    spec = sweep_spec(a.sweep_seeds, a.quick)
+    t = interleaved({"jaxattn sweep": jaxattn_sweep(spec), "scan": scan_sweep(spec)},
+                    a.repeat)
+    from jaxattn._sweep import parse_sweep
+
+    pts = parse_sweep(spec).n_points
+    print(f"docs sweep ({pts} points, n = 32, d = 2, float64, t1 = {spec['solve']['t1']}, "
+          f"summaries at {spec['sweep']['save_points']} times): jaxattn sweep {t['jaxattn sweep']:.2f} s "
+          f"(chunks, result files and figure included); hand-written scan {t['scan']:.2f} s "
+          f"→ {t['scan'] / t['jaxattn sweep']:.2f}x", flush=True)
+
+    if not a.quick:
+        t_paper = paper_step_time()
+        x0 = np.random.default_rng(0).uniform(-1, 1, size=(50, 2)).astype(np.float32)
+        t_ja50 = best_of(jaxattn_solver(x0, 0.1, 400), a.repeat) / 400
+        print(f"paper's algorithm (SPEC §6, re-implemented), n = 50: {t_paper:.2f} s/step "
+              f"(2 steps timed) → a 400-step run ≈ {400 * t_paper / 60:.1f} min; jaxattn "
+              f"{1e3 * t_ja50:.3f} ms/step → {t_paper / t_ja50:,.0f}x")
 
     if not a.skip_big:
         big = big_step_subprocess()
         if big:
             print(f"n = 65536, d = 3, one RK4 step (blockwise, float32): first call "
                   f"{big[0]:.1f} s, step {big[1]:.1f} s, peak RSS {big[2]:.2f} GB")
-    print(f"peak RSS of this process: "
+    print(f"load average after: {os.getloadavg()[0]:.2f}; peak RSS of this process: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 

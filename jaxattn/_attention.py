@@ -9,6 +9,9 @@ maximum is subtracted *before* scaling: `softmax(s·u) = softmax(s·(u − max u
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
@@ -157,6 +160,45 @@ def _pad_rows(x, multiple: int):
     return x
 
 
+# Blockwise kernel, fast path: every row is shifted by an upper bound of its logits known
+# before the key loop, so the loop needs no running maximum (one pass over each score
+# block fewer, no rescaling). It is taken for a query block when the bound is within this
+# many units of exponent (after scaling) of a certified lower bound of the row maximum:
+# the largest weight of a row is then ≥ e^{-gap}, far above the dtype's smallest normal
+# number (float32: e^{-87}; float64: e^{-708}), so nothing underflows that matters.
+_BOUND_GAP = {jnp.dtype("float32"): 60.0, jnp.dtype("float64"): 600.0}
+# Value widths (+1 for the row sums) up to this are summed with a fused multiply-reduce
+# (no second pass over the weights); wider ones with a matmul.
+_REDUCE_MAX_WIDTH = 9
+# Keys sampled (strided) for the lower bound of each row maximum.
+_LOWER_BOUND_KEYS = 32
+
+_EXACT_MAX_ONLY = contextvars.ContextVar("jaxattn_exact_max_only", default=False)
+
+
+@contextlib.contextmanager
+def exact_row_max():
+    """Trace the blockwise kernel with the running row maximum only (no `lax.cond`
+    between it and the bound-shift fast path).
+
+    For code that vmaps a field: under `vmap` a `cond` whose predicate is batched runs
+    both of its branches, so a vmapped blockwise kernel is faster without the choice.
+    `simulate` and the sweep use it around their batched solves.
+    """
+    token = _EXACT_MAX_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _EXACT_MAX_ONLY.reset(token)
+
+
+def _weighted_sum(w, vv):
+    """`w @ vv`; for narrow `vv` as one fused multiply-reduce over the keys."""
+    if vv.shape[1] <= _REDUCE_MAX_WIDTH:
+        return jnp.sum(w[:, :, None] * vv[None, :, :], axis=1)
+    return w @ vv
+
+
 def attend_blockwise(
     q: Float[Array, "n e"],
     k: Float[Array, "m e"],
@@ -170,52 +212,124 @@ def attend_blockwise(
     """`Σ_j P_ij v_j` without materialising the `n × m` attention matrix.
 
     Queries are processed in blocks of `block` (`lax.map`), keys in blocks of `block`
-    (`lax.scan`) with an online softmax: a running row maximum `m_i` of the raw scores, a
-    running denominator and accumulator rescaled by `exp(s (m_old − m_new)) ≤ 1`, exactly
-    the stabilisation of `softmax_weights` (centre first, then scale). Peak memory is
-    O(block²) per query block; each key block is `jax.checkpoint`-ed, so reverse-mode
-    gradients stay memory-bounded too. `normalise=False` gives the USA weights
-    `exp(β u_ij)/m` (no shift, like `unnormalised_weights`).
+    (`lax.scan`). Each row is stabilised like `softmax_weights` (centre first, then
+    scale) by one of two shifts, chosen per query block (`lax.cond`):
+
+    - **a bound known in advance** (fast path): `b_i = Σ_c max(q_ic·max_j k_jc,
+      q_ic·min_j k_jc) ≥ max_j q_i·k_j` (the support function of the keys' bounding box),
+      taken when `s·(b_i − ℓ_i)` stays below 60 (float32; 600 in float64) for every row
+      of the block, where `ℓ_i ≤ max_j q_i·k_j` is the row maximum over a strided sample
+      of keys. One pass over each score block: `exp(s(u − b))` and its products with
+      `[v, 1]` in one fused loop;
+    - **the running maximum** (online softmax) otherwise, e.g. for a hard-max scale or
+      well separated clusters: the accumulator is rescaled by `exp(s (m_old − m_new)) ≤ 1`.
+
+    Both give the softmax up to rounding; the shift does not enter the result, so it
+    carries no gradient. Peak memory is O(block²) per query block; each key block is
+    `jax.checkpoint`-ed, so reverse-mode gradients stay memory-bounded too.
+    `normalise=False` gives the USA weights `exp(β u_ij)/m` (no shift, like
+    `unnormalised_weights`). Inside `exact_row_max()` only the running maximum is traced.
     """
     n, m = q.shape[0], k.shape[0]
     dtype = q.dtype
     s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
     kb = min(block, m)
     qb = min(block, n)
+    # The masks of padded keys are static: without padding (m a multiple of the block)
+    # the key loop does no selects at all (three passes over each block fewer).
+    padded = m % kb != 0
     kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
     valid = jnp.arange(kp.shape[0]) < m
     kblocks = kp.reshape(-1, kb, k.shape[1])
-    vblocks = vp.reshape(-1, kb, v.shape[1])
+    if normalise:
+        vp = jnp.concatenate([vp, jnp.ones((vp.shape[0], 1), dtype)], axis=1)
+    vblocks = vp.reshape(-1, kb, vp.shape[1])
     vmask = valid.reshape(-1, kb)
     qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
 
-    def query_block(qq):
+    def online(qq):
         @jax.checkpoint
         def key_step(carry, blk):
-            mx, den, acc = carry
+            mx, acc = carry
             kk, vv, ok = blk
             u = qq @ kk.T  # (qb, kb)
-            if normalise:
-                new_mx = jnp.maximum(mx, jnp.max(jnp.where(ok[None, :], u, -jnp.inf), axis=-1))
-                # Rows that have seen no valid key yet hold -inf: their factor is 0. Both
-                # `where`s are "double": the unselected branch gets a finite argument
-                # (exp(s·(−inf − m)) or the overflow of a padded key's exp would give
-                # the gradient 0·inf = NaN, e.g. in β).
-                seen = jnp.isfinite(mx)
-                fix = jnp.where(seen, jnp.exp(s * (jnp.where(seen, mx, new_mx) - new_mx)), 0.0)
-                uk = jnp.where(ok[None, :], u, new_mx[:, None])
-                w = jnp.where(ok[None, :], jnp.exp(s * (uk - new_mx[:, None])), 0.0)
-                return (new_mx, den * fix + jnp.sum(w, axis=-1),
-                        acc * fix[:, None] + w @ vv), None
-            w = jnp.where(ok[None, :], jnp.exp(s * u), 0.0)
-            return (mx, den, acc + w @ vv), None
+            if padded:
+                u = jnp.where(ok[None, :], u, -jnp.inf)  # padded keys: weight 0
+            new_mx = jnp.maximum(mx, jnp.max(u, axis=-1))
+            # Rows that have seen no valid key yet hold -inf: their factor is 0. Both
+            # `where`s are "double": the unselected branch gets a finite argument
+            # (exp(s·(−inf − m)) or the overflow of a padded key's exp would give
+            # the gradient 0·inf = NaN, e.g. in β).
+            seen = jnp.isfinite(mx)
+            fix = jnp.where(seen, jnp.exp(s * (jnp.where(seen, mx, new_mx) - new_mx)), 0.0)
+            if padded:  # exp(s·(−inf − m)) = 0, but its gradient would be NaN
+                u = jnp.where(ok[None, :], u, new_mx[:, None])
+            w = jnp.exp(s * (u - new_mx[:, None]))
+            if padded:
+                w = jnp.where(ok[None, :], w, 0.0)
+            # `vv` carries a last column of ones: the row sums of w come out of the
+            # same product as P·v (one pass over w fewer).
+            return (new_mx, acc * fix[:, None] + _weighted_sum(w, vv)), None
 
-        init = (jnp.full((qq.shape[0],), -jnp.inf, dtype), jnp.zeros((qq.shape[0],), dtype),
-                jnp.zeros((qq.shape[0], v.shape[1]), dtype))
-        (_, den, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
-        if normalise:
-            return acc / den[:, None]
+        init = (jnp.full((qq.shape[0],), -jnp.inf, dtype),
+                jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype))
+        (_, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
+        return acc
+
+    def bounded(qq, shift):
+        @jax.checkpoint
+        def key_step(acc, blk):
+            kk, vv, ok = blk
+            u = qq @ kk.T
+            if padded:  # finite argument for padded keys (double where, see above)
+                u = jnp.where(ok[None, :], u, shift[:, None])
+            w = jnp.exp(s * (u - shift[:, None]))
+            if padded:
+                w = jnp.where(ok[None, :], w, 0.0)
+            return acc + _weighted_sum(w, vv), None
+
+        init = jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype)
+        acc, _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
+        return acc
+
+    def unnormalised(qq):
+        @jax.checkpoint
+        def key_step(acc, blk):
+            kk, vv, ok = blk
+            w = jnp.exp(s * (qq @ kk.T))
+            if padded:
+                w = jnp.where(ok[None, :], w, 0.0)
+            return acc + _weighted_sum(w, vv), None
+
+        acc, _ = jax.lax.scan(key_step, jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype),
+                              (kblocks, vblocks, vmask))
         return acc / m
 
-    out = jax.lax.map(query_block, qp)
+    if not normalise:
+        out = jax.lax.map(unnormalised, qp)
+        return out.reshape(-1, v.shape[1])[:n]
+
+    def finish(acc):
+        return acc[:, :-1] / acc[:, -1:]
+
+    if _EXACT_MAX_ONLY.get():
+        out = jax.lax.map(lambda qq: finish(online(qq)), qp)
+        return out.reshape(-1, v.shape[1])[:n]
+
+    # The shift's bounds (in units of u, before scaling), O((n + m)·e).
+    ks = jax.lax.stop_gradient(k)
+    kmax, kmin = jnp.max(ks, axis=0), jnp.min(ks, axis=0)
+    sample = ks[:: max(1, m // _LOWER_BOUND_KEYS)]
+    qs = jax.lax.stop_gradient(qp)
+    upper = jnp.sum(jnp.maximum(qs * kmax[None, None], qs * kmin[None, None]), axis=-1)
+    lower = jnp.max(qs @ sample.T, axis=-1)  # (blocks, qb) both
+    gap = _BOUND_GAP.get(jnp.dtype(dtype), 60.0)
+    scale = jax.lax.stop_gradient(s)
+
+    def query_block(args):
+        qq, up, lo = args
+        fast = jnp.all(scale * (up - lo) <= gap)  # False for NaN
+        return finish(jax.lax.cond(fast, bounded, lambda qq, _: online(qq), qq, up))
+
+    out = jax.lax.map(query_block, (qp, upper, lower))
     return out.reshape(-1, v.shape[1])[:n]

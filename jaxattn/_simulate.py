@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._attention import use_blockwise
+from ._attention import exact_row_max, use_blockwise
 from ._custom_types import Array, Float, Int
 from ._fields import AbstractField
 from ._lora import LoRA
@@ -189,13 +189,59 @@ class _Config(eqx.Module):
     # `SaveAt(fn=...)`): summaries keep memory flat in long sweeps. With `renormalise`
     # it sees the renormalised state.
     save_fn: object = None
+    # Fixed steps: the whole batch is one solve of the stacked state (`_Members`), not a
+    # vmap of solves (see `_solve_batch`).
+    stacked: bool = False
 
 
-def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
+def _vmap_members(fn, axes, n_field_batch: int, n_x_batch: int):
+    """`fn(field, args, y)` of one member, mapped over `n_x_batch` axes of `y` (inner)
+    and `n_field_batch` stacked-LoRA axes of `field` (`axes`: its in_axes), `args` and
+    `y` (outer): the layout `(*field_batch, *x_batch, …)` of `Solution.xs`."""
+    for _ in range(n_x_batch):
+        fn = jax.vmap(fn, in_axes=(None, None, 0))
+    for _ in range(n_field_batch):
+        fn = eqx.filter_vmap(fn, in_axes=(axes, 0, 0))
+    return fn
+
+
+class _Members(eqx.Module):
+    """A batch of solves with fixed steps as one vector field on the stacked state
+    `(*field_batch, *x_batch, n, d)`: the field is vmapped inside each evaluation.
+
+    Members share the step grid, so nothing is lost against a vmap of solves, and what
+    depends on the time alone (the rescaled field's `e^{t(V − cI)}` and `SᵀAS`) is
+    computed once per stage for all initial conditions instead of once per member; the
+    per-solve constants (`solve_args`) once per field member. Each member's arithmetic is
+    that of its own solve (`tests/test_speed_paths.py` compares with single solves).
+    """
+
+    field: eqx.Module
+    axes: object = eqx.field(static=True)
+    n_field_batch: int = eqx.field(static=True)
+    n_x_batch: int = eqx.field(static=True)
+
+    def solve_args(self):
+        fn = lambda f, a, y: f.solve_args()  # noqa: E731
+        return _vmap_members(fn, self.axes, self.n_field_batch, 0)(self.field, None, None)
+
+    def __call__(self, t, y, args=None):
+        fn = lambda f, a, yy: f(t, yy, a)  # noqa: E731
+        return _vmap_members(fn, self.axes, self.n_field_batch, self.n_x_batch)(
+            self.field, args, y)
+
+
+def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
+    """One diffeqsolve; `members` leading axes of `y0` are a batch of independent
+    members (`_Members`): outputs then carry them in front, statuses per member."""
     term = diffrax.ODETerm(field)
     fn_kw = {}
     if cfg.save_fn is not None:
         user_fn = cfg.save_fn
+        if members:
+            one_fn = user_fn
+            user_fn = lambda t, y, args: _map_leading(  # noqa: E731
+                lambda yy: one_fn(t, yy, None), members)(y)
         if cfg.renormalise:
             fn_kw["fn"] = lambda t, y, args: user_fn(
                 t, y / jnp.linalg.norm(y, axis=-1, keepdims=True), args)
@@ -216,9 +262,12 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
         progress_meter=meter,
     )
     ys = sol.ys
+    if members:  # (T, *batch, …) → (*batch, T, …)
+        ys = jax.tree.map(lambda a: jnp.moveaxis(a, 0, members), ys)
     if cfg.renormalise and cfg.save_fn is None:
         # Steps are projected by `_Projected`; dense-output points between steps too.
         ys = ys / jnp.linalg.norm(ys, axis=-1, keepdims=True)
+    batch = y0.shape[:members]
     res = sol.result
     status = jnp.where(
         res == diffrax.RESULTS.successful,
@@ -226,17 +275,47 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config):
         jnp.where(res == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS,
                   STATUS_SOLVER_FAILED),
     )
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(ys)]))
+    finite = jnp.all(jnp.stack([_all_but(jnp.isfinite(leaf), members)
+                                for leaf in jax.tree.leaves(ys)]), axis=0)
     status = jnp.where((status == STATUS_OK) & ~finite, STATUS_NONFINITE, status)
     if cfg.sphere and cfg.save_fn is None:
-        drift = jnp.max(jnp.abs(jnp.linalg.norm(ys, axis=-1) - 1.0))
+        drift = _all_but(jnp.abs(jnp.linalg.norm(ys, axis=-1) - 1.0), members, jnp.max)
     else:
-        drift = jnp.zeros((), y0.dtype)
-    return ys, status, sol.stats["num_accepted_steps"], drift
+        drift = jnp.zeros(batch, y0.dtype)
+    steps = jnp.broadcast_to(sol.stats["num_accepted_steps"], batch)
+    return ys, status, steps, drift
+
+
+def _all_but(a, lead: int, reduce=jnp.all):
+    """`reduce` over every axis of `a` but the `lead` leading ones."""
+    return reduce(a, axis=tuple(range(lead, a.ndim)))
+
+
+def _map_leading(fn, n: int):
+    for _ in range(n):
+        fn = jax.vmap(fn)
+    return fn
 
 
 @eqx.filter_jit
 def _solve_batch(field, x0, t0, t1, dt0, ts, cfg: _Config):
+    nf, nx = cfg.n_field_batch, cfg.n_x_batch
+    if nf + nx:
+        # A vmapped blockwise kernel runs both sides of its per-block `cond`: trace the
+        # batch with the running row maximum only.
+        with exact_row_max():
+            return _solve_members(field, x0, t0, t1, dt0, ts, cfg)
+    return _solve_one(field, x0, t0, t1, dt0, ts, cfg)
+
+
+def _solve_members(field, x0, t0, t1, dt0, ts, cfg: _Config):
+    nf, nx = cfg.n_field_batch, cfg.n_x_batch
+    if cfg.stacked:
+        # Fixed steps: one solve of the stacked state; adaptive steps: one solve per
+        # member (a vmap of solves), so each member keeps its own step control.
+        y0 = jnp.broadcast_to(x0, field.batch_shape + x0.shape)
+        members = _Members(field, _lora_axes(field) if nf else None, nf, nx)
+        return _solve_one(members, y0, t0, t1, dt0, ts, cfg, members=nf + nx)
     fn = lambda f, y: _solve_one(f, y, t0, t1, dt0, ts, cfg)  # noqa: E731
     for _ in range(cfg.n_x_batch):
         fn = jax.vmap(fn, in_axes=(None, 0))
@@ -330,6 +409,24 @@ class Float32PrecisionWarning(UserWarning):
 _F32_LOG_RESOLUTION = float(-np.log(np.finfo(np.float32).eps))
 
 
+_SPREADS: dict = {}
+
+
+def _eigen_spread(Vs) -> float:
+    """Largest spread of the eigenvalues' real parts over the stacked matrices `Vs`;
+    remembered for the last few V (a small solve in a loop pays no eigvals per call)."""
+    key = (Vs.shape, Vs.tobytes()) if Vs.size <= 4096 else None
+    if key is not None and key in _SPREADS:
+        return _SPREADS[key]
+    re = np.linalg.eigvals(Vs).real
+    spread = float(np.max(re.max(axis=-1) - re.min(axis=-1)))
+    if key is not None:
+        if len(_SPREADS) >= 32:
+            _SPREADS.clear()
+        _SPREADS[key] = spread
+    return spread
+
+
 def _warn_float32_resolution(field, t0, t1) -> None:
     """Warn when float32 cannot carry the attention logits to `t1`.
 
@@ -344,9 +441,7 @@ def _warn_float32_resolution(field, t0, t1) -> None:
     V = field.weight("V")
     if isinstance(V, jax.core.Tracer) or isinstance(t1, jax.core.Tracer):
         return
-    Vs = np.asarray(V, np.float64).reshape((-1,) + V.shape[-2:])
-    re = np.linalg.eigvals(Vs).real
-    spread = float(np.max(re.max(axis=-1) - re.min(axis=-1)))
+    spread = _eigen_spread(np.asarray(V, np.float64).reshape((-1,) + V.shape[-2:]))
     t_res = _F32_LOG_RESOLUTION / (2 * spread) if spread > 0 else math.inf
     if float(t1) - float(t0) > t_res:
         warnings.warn(
@@ -549,6 +644,7 @@ def simulate(
         n_field_batch=len(field.batch_shape),
         n_x_batch=x0.ndim - 2,
         save_fn=None if summary is None else _SummaryFn(summary),
+        stacked=fixed,
     )
     ts_arr = None if ts is None else _const(ts, dtype)
     if summary is not None and not callable(summary):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._attention import use_blockwise
+from ._attention import exact_row_max, use_blockwise
 from ._fields import AbstractField
 from ._io import (
     _json_default,
@@ -43,7 +43,15 @@ from ._io import (
 )
 from ._lora import LoRA
 from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances, unit_rows
-from ._simulate import STATUS_MESSAGES, STATUS_OK, _Config, _get_adjoint, _solve_one, _stepping
+from ._simulate import (
+    STATUS_MESSAGES,
+    STATUS_OK,
+    _Config,
+    _get_adjoint,
+    _Members,
+    _solve_one,
+    _stepping,
+)
 from ._spec import SpecError, initial_tokens, lora_from_table, parse_spec
 from ._validate import SEED_MAX, TARGETS, check_memory
 
@@ -275,7 +283,8 @@ def _shard_map():
 DEFAULT_BATCH = 64
 
 
-def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH) -> Callable:
+def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *,
+                batched: bool = False) -> Callable:
     """`fn` applied point by point to arguments with a leading points axis, split across
     `devices` (default: all local devices) with `shard_map`.
 
@@ -287,6 +296,9 @@ def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH) -> Calla
     round differently, and a chaotic solve amplifies that), so a fixed width is what makes
     the results independent of how a chunk is split across devices. The results depend
     on `batch` (at the level of rounding) and on the device kind, not on the count.
+
+    `batched=True`: `fn` itself takes a leading axis of `batch` points (no `vmap` is
+    added), e.g. one solve of the stacked state of a whole group.
     """
     from jax.sharding import PartitionSpec as P
 
@@ -297,12 +309,13 @@ def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH) -> Calla
     nd = len(devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("points",))
     shard_map, check_kw = _shard_map()
-    group = jax.vmap(fn)
+    group = fn if batched else jax.vmap(fn)
 
     def per_device(*args):
         k = jax.tree.leaves(args)[0].shape[0] // batch
         grouped = jax.tree.map(lambda a: a.reshape((k, batch) + a.shape[1:]), args)
-        out = jax.lax.map(lambda g: group(*g), grouped)
+        with exact_row_max():  # a vmapped blockwise kernel: no per-block `cond`
+            out = jax.lax.map(lambda g: group(*g), grouped)
         return jax.tree.map(lambda a: a.reshape((k * batch,) + a.shape[2:]), out)
 
     sharded = jax.jit(shard_map(per_device, mesh=mesh, in_specs=P("points"),
@@ -319,6 +332,15 @@ def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH) -> Calla
     run.devices = devices
     run.batch = batch
     return run
+
+
+_SOLVES: dict = {}
+
+
+def padded_size(n: int, chunk: int) -> int:
+    """Points a chunk of `n ≤ chunk` points is solved as: `chunk`, or the next power of
+    two when that is smaller (compiled shapes: the chunk size and at most log₂ of it)."""
+    return min(chunk, 1 << max(0, n - 1).bit_length())
 
 
 # -------------------------------------------------------------------- spec + [grid]
@@ -609,7 +631,7 @@ def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_f
     cfg = _Config(solver=solver, controller=controller, saveat_steps=False,
                   max_steps=int(max_steps), adjoint=_get_adjoint(None, None), progress=False,
                   sphere=sphere, renormalise=project, n_field_batch=0, n_x_batch=0,
-                  save_fn=save_fn)
+                  save_fn=save_fn, stacked=grid is not None)
     return cfg, ts
 
 
@@ -750,36 +772,60 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
     dtype = builder.dtype
     ts_arr = jnp.asarray(ts, dtype)
 
-    def point(inp):
+    def where(f):  # index by the static slot count: an empty tuple is no node
+        los = [f.loras[i] for i in range(len(targets))]
+        return [f.beta] + [lo.alpha for lo in los] + [a for lo in los for a in (lo.A, lo.B)]
+
+    def point(inp, stacked: bool = False):
+        """One point's solve; `stacked`: a chunk of points (leading axis) as one solve of
+        the stacked state (fixed steps, `_simulate._Members`)."""
         leaves = [inp["beta"]]
         for _ in targets:
             leaves.append(inp["alpha"])
         for t in targets:
             leaves += [inp[f"A_{t}"], inp[f"B_{t}"]]
-
-        def where(f):  # index by the static slot count: an empty tuple is no node
-            los = [f.loras[i] for i in range(len(targets))]
-            return [f.beta] + [lo.alpha for lo in los] + [a for lo in los for a in (lo.A, lo.B)]
-
         field = eqx.tree_at(where, template, leaves)
+        axes = eqx.tree_at(where, jax.tree.map(lambda _: None, template), [0] * len(leaves),
+                           is_leaf=lambda x: x is None)
         y0 = inp["x0"]
         if sphere:
             y0 = unit_rows(y0)
         if pair:
-            field = _PairField(eqx.tree_at(lambda f: f.loras, field, ()), field)
-            y0 = jnp.stack([y0, y0])
+            no_lora = lambda f: eqx.tree_at(lambda f: f.loras, f, ())  # noqa: E731
+            field = _PairField(no_lora(field), field)
+            axes = _PairField(no_lora(axes), axes)
+            y0 = jnp.stack([y0, y0], axis=-3)
+        if stacked:
+            field = _Members(field, axes, 1, 0)
         ys, status, steps, _ = _solve_one(field, y0, jnp.asarray(0.0, dtype),
-                                          jnp.asarray(t1, dtype), None, ts_arr, cfg)
+                                          jnp.asarray(t1, dtype), None, ts_arr, cfg,
+                                          members=int(stacked))
         return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status,
                 "num_steps": steps}
 
-    solve = map_sharded(point, devices, batch=plan.options["batch"])
+    # The compiled chunk solve is kept for the process, keyed by everything it closes
+    # over (the sweep's identity) and the devices: a second sweep of the same spec in one
+    # process (a notebook, a benchmark) does not compile again.
+    devices = list(jax.local_devices() if devices is None else devices)
+    key = (sweep_id({**plan.identity(), "ts": ts}), tuple(str(dv) for dv in devices))
+    solve = _SOLVES.get(key)
+    if solve is None:
+        if cfg.stacked:
+            solve = map_sharded(lambda inp: point(inp, stacked=True), devices,
+                                batch=plan.options["batch"], batched=True)
+        else:  # adaptive steps: one solve per point, each with its own step control
+            solve = map_sharded(point, devices, batch=plan.options["batch"])
+        if len(_SOLVES) >= 8:
+            _SOLVES.clear()
+        _SOLVES[key] = solve
 
     def compute(indices):
-        # The last chunk is padded to the full size (repeating its last point): every
-        # chunk then has one shape and the solve compiles once.
-        n, full = indices.size, plan.options["chunk"]
-        idx = np.concatenate([indices, np.repeat(indices[-1:], full - n)]) if n < full else indices
+        # A short last chunk is padded (repeating its last point) only up to the next
+        # power of two below the chunk size: a few shapes to compile, and a 1-point
+        # sweep does not cost a full chunk. Chunks are always cut the same way, so a
+        # resumed sweep computes every chunk exactly as an uninterrupted one.
+        n, size = indices.size, padded_size(indices.size, plan.options["chunk"])
+        idx = np.concatenate([indices, np.repeat(indices[-1:], size - n)]) if n < size else indices
         return {k: v[:n] for k, v in solve(builder.inputs(idx)).items()}
 
     identity = {**plan.identity(), "ts": ts}

@@ -19,9 +19,11 @@ BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 ROW = r"\s+\d+\.\d+"  # a number in a table row
 
 
-def _run(script, *args, timeout=90):
+def _run(script, *args, timeout=90, pythonpath=None):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no fake devices
     env["JAX_PLATFORMS"] = "cpu"
+    if pythonpath:  # time this checkout's jaxattn, not an installed one
+        env["PYTHONPATH"] = pythonpath
     return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
@@ -57,6 +59,14 @@ def test_gpu_script_cpu_smoke(extra, isolate):
     assert "failed" not in out
 
 
+def test_gpu_script_small_batch():
+    r = _run("gpu.py", "--n", "64", "--steps", "1", "--repeat", "1", "--no-isolate",
+             "--batch", "3", "--batch-n", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^batch of 3 × \(n = 8, d = 8\), 200 RK4 steps.*:\s+\d+\.\d+ ms/step",
+                     r.stdout, re.M), r.stdout
+
+
 def test_gpu_script_sphere_blockwise():
     r = _run("gpu.py", "--n", "100", "--steps", "1", "--repeat", "1", "--dynamics", "sphere",
              "--kernel", "blockwise", "--block", "32", "--no-isolate")
@@ -67,10 +77,30 @@ def test_gpu_script_sphere_blockwise():
 @pytest.mark.parametrize("args", [("--n", "0"), ("--n", "200000"), ("--n", "ten"),
                                   ("--dtype", "fp16"), ("--kernel", "flash"),
                                   ("--dtype", "bf16", "--kernel", "dense"),
-                                  ("--steps", "0")])
+                                  ("--steps", "0"), ("--batch", "-1")])
 def test_gpu_script_bad_flag_one_line_error(args):
     r = _run("gpu.py", *args, timeout=30)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_peers_quick_smoke():
+    # The side-by-side peers at tiny sizes: rows for every size, the batch line with the
+    # hand-written scan, and the docs sweep against its hand-written scan.
+    env_path = str(BENCH.parent)
+    r = _run("peers.py", "--quick", "--skip-big", "--repeat", "1", "--batch", "2",
+             "--sweep-seeds", "1", timeout=300, pythonpath=env_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    for n in (50, 1000):
+        assert re.search(rf"^\s+{n}\s+2\s+20 \|{ROW}", out, re.M), out
+    assert re.search(r"^batch 2×\(n=16, d=8, 20 RK4 steps\).*hand-written scan \d+\.\d+x",
+                     out, re.M), out
+    assert re.search(r"^docs sweep \(6 points.*→ \d+\.\d+x", out, re.M), out
+
+
+def test_peers_bad_flag():
+    r = _run("peers.py", "--batch", "0", timeout=60)
+    assert r.returncode != 0 and "error" in r.stderr.strip().splitlines()[-1]

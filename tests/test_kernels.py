@@ -213,3 +213,78 @@ def test_beta_gradient_through_a_blockwise_solve_is_finite(adjoint):
     g_dense = jax.grad(loss)(jnp.asarray(0.7), "dense")
     assert bool(jnp.isfinite(g_block))
     np.testing.assert_allclose(g_block, g_dense, rtol=1e-9)
+
+
+def _dense_reference(q, k, v, s):
+    """Softmax attention in float64 NumPy (max-shifted), the independent reference."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    u = s * (q @ k.T)
+    w = np.exp(u - u.max(axis=1, keepdims=True))
+    return (w @ v) / w.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("width", [3, 16])  # fused multiply-reduce and matmul for P·v
+@pytest.mark.parametrize("beta", [1.0, 20.0, 400.0])
+def test_blockwise_both_shifts_equal_the_softmax(beta, width):
+    """The bound shift (fast path) and the running maximum agree with a float64 NumPy
+    softmax, in a regime where the fast path is taken (β = 1), one near its limit
+    (β = 20: s·(bound − row max) up to ≈ 60) and one where the bound would underflow
+    every weight (β = 400: the running maximum must be taken, or the rows would be 0/0)."""
+    from jaxattn._attention import exact_row_max
+
+    rng = np.random.default_rng(3)
+    n, m = 70, 45  # padded queries and keys with block 16
+    q = jnp.asarray(rng.uniform(-1, 1, (n, 3)), jnp.float64)
+    k = jnp.asarray(rng.uniform(-1, 1, (m, 3)), jnp.float64)
+    v = jnp.asarray(rng.normal(size=(m, width)), jnp.float64)
+    ref = _dense_reference(q, k, v, beta)
+    got = attend_blockwise(q, k, v, beta, block=16)
+    with exact_row_max():
+        online = attend_blockwise(q, k, v, beta, block=16)
+    # Both are the softmax up to the order of summation (rows are convex combinations of
+    # v, |v| ≤ ~4): 1e-12 absolute in float64.
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(online), ref, rtol=0, atol=1e-12)
+    # float32: each weight is exp of a rounded logit (s·|u| ≲ 3β·eps32 relative error).
+    got32 = attend_blockwise(q.astype(jnp.float32), k.astype(jnp.float32),
+                             v.astype(jnp.float32), beta, block=16)
+    assert np.all(np.isfinite(np.asarray(got32)))
+    np.testing.assert_allclose(np.asarray(got32), ref, rtol=0,
+                               atol=4 * 3 * beta * 1.2e-7 * np.abs(ref).max() + 1e-5)
+
+
+def test_blockwise_falls_back_where_the_bound_shift_would_underflow(monkeypatch):
+    """The fast path is a `cond` against the running maximum (none inside
+    `exact_row_max`). It is needed: at β = 400 in float32, forcing the bound shift for
+    every block (gap limit = ∞) underflows whole rows to 0/0, while the default choice
+    falls back to the running maximum and matches the float64 softmax."""
+    from jaxattn import _attention
+    from jaxattn._attention import exact_row_max
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (64, 2)), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x: attend_blockwise(x, x, x, 1.0, block=16))(x))
+    assert "cond" in jaxpr
+    with exact_row_max():
+        jaxpr_exact = str(jax.make_jaxpr(lambda x: attend_blockwise(x, x, x, 1.0, block=16))(x))
+    assert "cond" not in jaxpr_exact
+    ref = _dense_reference(x, x, x, 400.0)
+    good = np.asarray(attend_blockwise(x, x, x, 400.0, block=16))
+    np.testing.assert_allclose(good, ref, rtol=0, atol=1e-3)
+    monkeypatch.setitem(_attention._BOUND_GAP, jnp.dtype("float32"), float("inf"))
+    forced = np.asarray(attend_blockwise(x, x, x, 400.0, block=16))
+    assert not np.all(np.isfinite(forced))
+
+
+def test_batched_simulate_traces_no_cond_in_the_blockwise_kernel():
+    """A batched solve (vmapped field) uses the running maximum only: under `vmap` a
+    `cond` would run both branches. The single solve keeps the choice."""
+    f = ja.RescaledField(d=2, kernel="blockwise", block=8)
+    x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (3, 16, 2)), jnp.float32)
+    single = jax.make_jaxpr(lambda x: ja.simulate(f, x, 0.2, dt=0.1).xs)(x[0])
+    batched = jax.make_jaxpr(lambda x: ja.simulate(f, x, 0.2, dt=0.1).xs)(x)
+    assert "cond[" in str(single) or "cond " in str(single)
+    assert str(batched).count("cond") < str(single).count("cond")
+    a = ja.simulate(f, x, 0.2, dt=0.1).xs
+    b = jnp.stack([ja.simulate(f, xi, 0.2, dt=0.1).xs for xi in x])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)

@@ -291,3 +291,23 @@ def test_float32_adaptive_sweep_over_beta_seed_alpha(tmp_path):
     # alpha 4 vs 1 (same seed, same norm): LoRA.random fixes ‖ΔW‖ = norm for any alpha,
     # so the runs coincide.
     np.testing.assert_allclose(res["tokens"][:, :, 0], res["tokens"][:, :, 1], rtol=0, atol=1e-5)
+
+
+def test_short_chunks_are_padded_to_a_few_sizes_only(tmp_path):
+    from jaxattn._sweep import padded_size
+
+    assert [padded_size(n, 4096) for n in (1, 2, 3, 5, 100, 4095, 4096)] == [
+        1, 2, 4, 8, 128, 4096, 4096]
+    assert [padded_size(n, 12) for n in (1, 5, 9, 12)] == [1, 8, 12, 12]
+    assert len({padded_size(n, 4096) for n in range(1, 4097)}) == 13  # 2⁰ … 2¹²
+    # A one-point sweep with a huge chunk solves one point (padded for the 4 devices),
+    # and that point is its own simulation.
+    spec = {**SPEC, "grid": {"beta": [1.5]}, "sweep": {"chunk": 4096,
+                                                       "summaries": ["mean"]}}
+    spec = {k: v for k, v in spec.items() if k != "lora"}
+    res = _run(spec, tmp_path)
+    sim = parse_spec(parse_sweep(spec).point_spec(0))
+    a = ja.simulate(sim.field, sim.x0, sim.t1, **sim.solve)
+    idx = np.searchsorted(np.asarray(a.ts), res["ts"])
+    np.testing.assert_allclose(res["mean"][0], np.asarray(a.xs[idx].mean(axis=1)),
+                               rtol=0, atol=1e-13)
