@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
+    # The CLI only writes figure files: a headless matplotlib backend unless the user
+    # chose one (read by matplotlib when it is first imported; the library never sets it).
+    os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

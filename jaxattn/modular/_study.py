@@ -184,9 +184,6 @@ def _band(ax, steps, curves, label, color):
 
 
 def _figures(config, summary, out_dir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     runs = {r["key"]: r for r in summary["runs"]}
