@@ -43,7 +43,10 @@ COSTS = ("euclidean", "geodesic")
 # Above this many cost entries n·m, the Sinkhorn geometry is evaluated in row blocks
 # (memory O(block·m) instead of n·m), like the attention kernel's "auto" switch.
 SINKHORN_DENSE_MAX = 2048 * 2048
-SINKHORN_BLOCK = 1024
+# Rows per block of OTT's online cost evaluation. Measured for one entropic OT, n = m = 8192,
+# d = 2, float32, on the 2-core CPU (second call, another job running): 32 rows 12.9 s,
+# 64 rows 12.2 s, 128 rows 12.7 s, 256 rows 21.8 s, 512 rows 31.8 s, 2048 rows 88 s.
+SINKHORN_BLOCK = 128
 
 
 # -- validation -----------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_mean_field_large_quick_resumes(tmp_path):
     assert np.all(t[np.isfinite(t)] > 0)
     # A second run finds every checkpoint: same numbers, no solve.
     ckpts = sorted(os.listdir(out / "checkpoints"))
-    assert len(ckpts) == ns.size + 2 * 2
+    assert len(ckpts) == ns.size + 1 + 2 * 2  # rungs, their distances, (n, seed) pairs
     s2 = large.run(str(out), quick=True, log=lambda m: None)
     np.testing.assert_array_equal(np.asarray(s2["ladder"]["sliced_w2_vs_largest"]),
                                   np.asarray(s["ladder"]["sliced_w2_vs_largest"]))

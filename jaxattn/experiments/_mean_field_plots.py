@@ -159,6 +159,8 @@ def plot_large(out_dir, cfg, lad, dep):
             ax.errorbar([n], [st["prefactor_mean"]], yerr=[st["prefactor_sd"] or 0.0],
                         fmt="ks", ms=6, capsize=4, label="mean ± sd" if i == 0 else None)
     ax.set_xscale("log")
+    ax.set_xticks(dep["ns"], [str(n) for n in dep["ns"]])
+    ax.minorticks_off()
     _label(ax, "n", "T_dep · ε (departure in W2)",
            f"Departure prefactor, {cfg['dep_seeds']} samples per n (δ = {cfg['delta']})")
     _save(fig, out_dir, "large_n.png")

@@ -43,7 +43,7 @@ DEFAULTS = dict(
     d=2, low=-1.0, high=1.0, beta=1.0, dt=0.2, ladder_seed=0,
     ladder_ns=[2**k for k in range(6, 17)], ladder_ts=[0.0, 2.0, 4.0, 8.0],
     ladder_dtype="float32", block=1024, n_projections=256, fit_max_frac=0.125,
-    dep_ns=[128, 256, 512], dep_seeds=5, eps=[0.1, 0.05, 0.025], lora_t1=100.0,
+    dep_ns=[128, 256, 512, 1024], dep_seeds=5, eps=[0.1, 0.05, 0.025], lora_t1=100.0,
     lora_dt=0.1, lora_every=1.0, t_ref=20.0, delta=0.1,
 )
 QUICK = dict(
@@ -88,9 +88,16 @@ def _ladder(cfg, ckpt, log):
         log(f"  ladder n = {n}: solved in {seconds[n]:.1f} s")
     N = ns[-1]
     key = jax.random.key(12345)
-    sliced = np.stack([measure_divergence(runs[n], runs[N], distance="sliced", key=key,
-                                          n_projections=cfg["n_projections"])
-                       for n in ns[:-1]])  # (len(ns) − 1, T)
+
+    def distances():  # minutes at N = 2¹⁶ (sorting N-point projections): checkpointed too
+        return {"sliced": np.stack([
+            measure_divergence(runs[n], runs[N], distance="sliced", key=key,
+                               n_projections=cfg["n_projections"])
+            for n in ns[:-1]])}  # (len(ns) − 1, T)
+
+    sliced = _cached(os.path.join(
+        ckpt, f"sliced-{tag}-N{N}-from{ns[0]}-{len(ns)}-p{cfg['n_projections']}.npz"),
+        distances)["sliced"]
     fits = {f"{t:g}": loglog_fit(np.asarray(ns[:-1], np.float64)[
         np.asarray(ns[:-1]) <= cfg["fit_max_frac"] * N],
         sliced[np.asarray(ns[:-1]) <= cfg["fit_max_frac"] * N, k])
