@@ -43,7 +43,7 @@ DEFAULTS = dict(
     d=2, low=-1.0, high=1.0, beta=1.0, dt=0.2, ladder_seed=0,
     ladder_ns=[2**k for k in range(6, 17)], ladder_ts=[0.0, 2.0, 4.0, 8.0],
     ladder_dtype="float32", block=1024, n_projections=256, fit_max_frac=0.125,
-    dep_ns=[128, 256, 512, 1024], dep_seeds=5, eps=[0.1, 0.05, 0.025], lora_t1=100.0,
+    dep_ns=[128, 256, 512], dep_seeds=5, eps=[0.1, 0.05, 0.025], lora_t1=100.0,
     lora_dt=0.1, lora_every=1.0, t_ref=20.0, delta=0.1,
 )
 QUICK = dict(
