@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -22,3 +23,33 @@ import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+
+# Every compiled XLA CPU executable keeps its code in memory mappings of its own, and a
+# pytest-xdist worker compiles thousands of programs in one process: past the kernel's
+# `vm.max_map_count` (65,530 here) the next compile fails inside LLVM (measured: ~20,000
+# mappings after two test files; a worker crashed with a segfault in compile ~25 minutes
+# into the suite). When a process holds many mappings, drop JAX's caches of compiled
+# programs (and the sweep's) so their code is unmapped; later tests recompile what they use.
+_MAX_MAPPINGS = 20_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code():
+    yield
+    if _mappings() > _MAX_MAPPINGS:
+        import gc
+
+        from jaxattn import _sweep
+
+        _sweep._SOLVES.clear()
+        jax.clear_caches()
+        gc.collect()
