@@ -292,21 +292,8 @@ def attend_blockwise(
         acc, _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
         return acc
 
-    def unnormalised(qq):
-        @jax.checkpoint
-        def key_step(acc, blk):
-            kk, vv, ok = blk
-            w = jnp.exp(s * (qq @ kk.T))
-            if padded:
-                w = jnp.where(ok[None, :], w, 0.0)
-            return acc + _weighted_sum(w, vv), None
-
-        acc, _ = jax.lax.scan(key_step, jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype),
-                              (kblocks, vblocks, vmask))
-        return acc / m
-
-    if not normalise:
-        out = jax.lax.map(unnormalised, qp)
+    if not normalise:  # USA: the bounded loop with shift 0, divided by m
+        out = jax.lax.map(lambda qq: bounded(qq, jnp.zeros((qb,), dtype)) / m, qp)
         return out.reshape(-1, v.shape[1])[:n]
 
     def finish(acc):
