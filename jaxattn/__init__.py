@@ -1,7 +1,7 @@
 """jaxattn: transformers as interacting particle systems, in JAX.
 
 Tokens are particles, weight-tied attention layers an ODE in depth, LoRA a low-rank
-perturbation of Q, K, V. See SPEC §1–§3 of the project documentation.
+perturbation of Q, K, V. The mathematics and the papers behind it: docs/theory.md.
 """
 
 from ._attention import (

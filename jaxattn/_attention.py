@@ -55,7 +55,7 @@ def _shifted_exp(u: Float[Array, "n m"], beta, log_scale) -> Float[Array, "n m"]
 
 
 def unnormalised_weights(u: Float[Array, "n m"], beta) -> Float[Array, "n m"]:
-    """USA weights `exp(β u_ij) / m` (SPEC §1.4): no normalisation, no max-shift."""
+    """USA weights `exp(β u_ij) / m`: no normalisation, no max-shift."""
     return jnp.exp(beta * u) / u.shape[-1]
 
 

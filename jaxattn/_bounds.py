@@ -1,5 +1,5 @@
-"""Grönwall stability bounds for a LoRA-perturbed run (SPEC §3.2; derivation in
-`docs/bounds.md`).
+"""Grönwall stability bounds for a LoRA-perturbed run (see docs/theory.md, 'Stability
+bound'; derivation in `docs/bounds.md`).
 
 Given the unperturbed field (Q, K, V, β) and the perturbed one (Q̃, K̃, Ṽ, β), the bound
 `b(t) ≥ e(t) = max_i |x_i(t) − x̃_i(t)|` is built on the output grid `t_0 < … < t_K` from

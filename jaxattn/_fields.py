@@ -1,4 +1,5 @@
-"""Self-attention vector fields (SPEC §1.1–1.4) as Equinox modules.
+"""Self-attention vector fields (see docs/theory.md, 'Particle dynamics' to
+'Sphere dynamics') as Equinox modules.
 
 All four share the attention kernel of `_attention.py` and the LoRA of `_lora.py`. Each
 field is a diffrax-compatible callable `field(t, y, args)`; its weights are pytree
@@ -175,7 +176,7 @@ class AbstractField(eqx.Module):
 
     # -- dynamics -----------------------------------------------------------------
     def attention(self, t, y: Float[Array, "n d"]) -> Float[Array, "n n"]:
-        """The attention matrix P at state y and time t (SPEC §1)."""
+        """The attention matrix P at state y and time t."""
         q, k, log_scale = self._queries_keys(t, y)
         return softmax_weights(attention_scores(q, k), self.beta, log_scale)
 
@@ -279,7 +280,8 @@ def _tangent(x, y):
 
 
 class PlainField(AbstractField):
-    """SPEC §1.1: `x_i' = Σ_j P_ij V x_j`, `P_ij ∝ exp(β<Q x_i, K x_j>)`."""
+    """Plain dynamics: `x_i' = Σ_j P_ij V x_j`, `P_ij ∝ exp(β<Q x_i, K x_j>)` (see
+    docs/theory.md, 'Particle dynamics')."""
 
     dynamics = "plain"
 
@@ -288,7 +290,8 @@ class PlainField(AbstractField):
 
 
 class RescaledField(AbstractField):
-    """SPEC §1.2: `z_i' = Σ_j P_ij V (z_j − z_i)` with P computed from `x = e^{tV} z`.
+    """Rescaled dynamics: `z_i' = Σ_j P_ij V (z_j − z_i)` with P computed from
+    `x = e^{tV} z` (see docs/theory.md, 'Rescaled dynamics').
 
     `e^{tV}` is carried as `e^{ct} · e^{t(V − cI)}` with `c` the spectral abscissa
     `max Re λ(V)` (`_exponential_shift`), and the factor `e^{2ct}` multiplies the logits
@@ -325,7 +328,8 @@ class RescaledField(AbstractField):
 
 
 class SphereField(AbstractField):
-    """SPEC §1.3 (SA, post-LayerNorm): `x_i' = Π_{x_i}(Σ_j P_ij V x_j)` on `S^{d-1}`."""
+    """SA (post-LayerNorm): `x_i' = Π_{x_i}(Σ_j P_ij V x_j)` on `S^{d-1}` (see
+    docs/theory.md, 'Sphere dynamics')."""
 
     dynamics = "sphere"
 
@@ -334,7 +338,8 @@ class SphereField(AbstractField):
 
 
 class USAField(AbstractField):
-    """SPEC §1.4 (USA): like `SphereField` with `P_ij = exp(β<Q x_i, K x_j>) / n`."""
+    """USA: like `SphereField` with `P_ij = exp(β<Q x_i, K x_j>) / n` (see docs/theory.md,
+    'Sphere dynamics')."""
 
     dynamics = "usa"
 

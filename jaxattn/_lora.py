@@ -1,4 +1,5 @@
-"""LoRA: a low-rank change `ΔW = (α/r)·B A` of a frozen weight (SPEC §2).
+"""LoRA: a low-rank change `ΔW = (α/r)·B A` of a frozen weight (see docs/theory.md,
+'LoRA as a perturbation').
 
 One implementation for the whole package: simulations perturb Q, K or V with it, and the
 modular transformer trains it. A stacked LoRA (factors with a leading batch axis) is how a

@@ -1,4 +1,5 @@
-"""Cluster and divergence statistics (SPEC §3.3, §5 last paragraph).
+"""Cluster and divergence statistics (see docs/theory.md, 'Clustering' and
+'Departure time').
 
 Every function acts on one token set `(n, d)` (or a pair of them) and is jittable and
 vmappable; `jax.vmap` batches them over time or over a sweep. Non-finite tokens are
@@ -173,7 +174,8 @@ def leaders(P: Float[Array, "n n"]) -> Bool[Array, " n"]:
 
 
 def energy(x: Float[Array, "n d"], beta) -> Float[Array, ""]:
-    """`E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>)` (SPEC §5.5, Q = K = V = I)."""
+    """`E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>)` (Q = K = V = I; see docs/theory.md,
+    'Sphere dynamics')."""
     n = x.shape[0]
     return jnp.sum(jnp.exp(beta * (x @ x.T))) / (2.0 * beta * n * n)
 

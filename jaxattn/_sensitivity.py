@@ -1,4 +1,4 @@
-"""Differentiable sensitivity (issue 7): gradients through `simulate`, the linear response
+"""Differentiable sensitivity: gradients through `simulate`, the linear response
 to a perturbation of Q, K or V, the worst-case (LoRA) direction, and the smallest LoRA
 that changes the cluster structure.
 
@@ -626,7 +626,8 @@ def smallest_cluster_change(field: AbstractField, x0, t1: float, target: str = "
     steps shrink it. The result is an upper estimate of the true minimum (a local search).
 
     `bound_norm` is the norm along the found direction below which the a-priori Grönwall
-    bound of SPEC §3.2 (`bound_a_priori`) certifies `e(t1)` smaller than
+    bound (`bound_a_priori`; docs/theory.md, 'Stability bound') certifies `e(t1)`
+    smaller than
     `needed_displacement` — the smallest movement that can change the partition (a pair
     distance must cross `threshold`, and each moves by at most `2e`). The bound being
     rigorous, `bound_norm ≤ norm` must hold.
@@ -749,7 +750,7 @@ def smallest_cluster_change(field: AbstractField, x0, t1: float, target: str = "
 def bound_needed_norm(field: AbstractField, target: str, direction, x0, t1: float,
                       needed: float, s_max: float, *, solve: dict[str, Any] | None = None
                       ) -> tuple[float, float]:
-    """What the SPEC §3.2 bound says about `W_target ← W_target + s·direction`.
+    """What the Grönwall stability bound says about `W_target ← W_target + s·direction`.
 
     **Returns:** `(s_bound, horizon)`. `s_bound`: the smallest `s ≤ s_max` at which the
     a-posteriori Grönwall bound at `t1` reaches `needed` (geometric bisection; below it

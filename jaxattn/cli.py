@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing --out file "
                    "that is not an earlier simulate output")
     s.set_defaults(func=cmd_simulate)
-    d = sub.add_parser("demo", help="SPEC §3.1: original vs LoRA run, divergence and bound")
+    d = sub.add_parser("demo", help="original vs LoRA run, divergence and bound")
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     d.add_argument("--quick", action="store_true", help="smaller, faster version")
     d.set_defaults(func=cmd_demo)

@@ -1,4 +1,4 @@
-"""`jaxattn modular pretrain|finetune|study --config FILE --out DIR [--quick]` (issue 5).
+"""`jaxattn modular pretrain|finetune|study --config FILE --out DIR [--quick]`.
 
 `pretrain` writes `DIR/pretrain/`, `finetune` reads `DIR/pretrain/model.eqx` and writes
 `DIR/finetune/`, `study` writes runs, figures and `summary.json` in `DIR`. All three
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("modular", help="modular-arithmetic transformer: pre-training, LoRA "
-                       "fine-tuning, forgetting against depth (SPEC §3.7, §4)")
+                       "fine-tuning, forgetting against depth")
     actions = p.add_subparsers(dest="action", required=True, parser_class=type(p))
     helps = {"pretrain": "full-batch AdamW on (x + y) mod p until the test accuracy target",
              "finetune": "LoRA fine-tuning on (x − y) mod p, base frozen, forgetting tracked",

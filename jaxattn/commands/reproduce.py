@@ -1,4 +1,5 @@
-"""`jaxattn reproduce NAME [--quick] --out DIR`: the paper's experiments (SPEC §3)."""
+"""`jaxattn reproduce NAME [--quick] --out DIR`: the paper's experiments
+(background: docs/theory.md)."""
 
 from __future__ import annotations
 

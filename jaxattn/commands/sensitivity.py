@@ -1,6 +1,7 @@
-"""`jaxattn sensitivity SPEC --out OUT.npz`: an objective of a simulation and its gradient.
+"""`jaxattn sensitivity spec.toml --out OUT.npz`: an objective of a simulation and its
+gradient.
 
-SPEC is a `simulate` spec with an `[objective]` table:
+The spec file is a `simulate` spec with an `[objective]` table:
 
     [objective]
     kind = "mean_sq"        # ½·mean_i |x_i(t1)|²   | "divergence": ½·Σ_i |x_i(t1) − x̃_i(t1)|²

@@ -1,4 +1,5 @@
-"""`jaxattn sweep SPEC --out DIR`: a grid of simulations as resumable, sharded chunks."""
+"""`jaxattn sweep spec.toml --out DIR`: a grid of simulations as resumable, sharded
+chunks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Experiments: one module per paper figure (SPEC §3), each a thin
+"""Experiments: one module per paper figure (see docs/theory.md), each a thin
 `run(out_dir, quick=False, log=print, **overrides) -> dict` that calls `simulate`, the
 metrics and the plotting helpers, writes figures, data and `summary.json` into `out_dir`,
 and returns the summary. `jaxattn reproduce NAME` calls the same function.

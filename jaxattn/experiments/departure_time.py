@@ -1,4 +1,4 @@
-"""SPEC §3.3: when does the LoRA-perturbed run leave the original clusters?
+"""Departure time: when does the LoRA-perturbed run leave the original clusters?
 
 n = 20 tokens in d = 2, `x0 ~ U[−1, 1]²`, rescaled dynamics, Q = K = I. Reference: V = I,
 its tokens at `T_ref = 20` are the reference clusters. Perturbed: `Ṽ = diag(1, 1 − ε)`.
@@ -32,7 +32,7 @@ from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype, loglog_fit, nanmedian, uniform_tokens
 
 NAME = "departure-time"
-DESCRIPTION = "SPEC §3.3: approach/departure times vs ε to t = 1000, log-log fit, three phases"
+DESCRIPTION = "approach/departure times vs ε to t = 1000, log-log fit, three phases"
 CLI_OPTIONS = ("eps", "x0", "metric")
 
 DEFAULTS = dict(n=20, d=2, low=-1.0, high=1.0, n_ic=16, eps=list(np.logspace(-3, -1, 30)),
@@ -42,7 +42,7 @@ DEFAULTS = dict(n=20, d=2, low=-1.0, high=1.0, n_ic=16, eps=list(np.logspace(-3,
 QUICK = dict(n=8, n_ic=3, eps=[0.02, 0.05, 0.1], t1=120.0, chunk=3, paper_eps=[0.05],
              fit_max_eps=0.1)
 
-PAPER_PREFACTOR = 0.54  # SPEC §3.3: T_dep ≈ 0.54/ε for ε ≤ 0.015 (paper's first-order scheme)
+PAPER_PREFACTOR = 0.54  # paper: T_dep ≈ 0.54/ε for ε ≤ 0.015 (its first-order scheme)
 
 
 def perturbation(eps, dtype) -> LoRA:
@@ -177,7 +177,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
 
 def _paper_comparison(x0, cfg, dtype) -> dict:
     """Departure times on one set of tokens: the paper's scheme (forward Euler, dt = 0.1,
-    which is what its 'RK4' computes, SPEC §6) against RK4 at dt and dt/2."""
+    which is what its 'RK4' computes; docs/theory.md, 'Numerical schemes') against RK4 at
+    dt and dt/2."""
     eps = np.asarray(cfg["paper_eps"], np.float64)
     out = {"eps": eps}
     for label, solver, dt in (("paper_euler_dt0.1", "euler", 0.1),

@@ -1,4 +1,4 @@
-"""SPEC §3.5: the limit geometry of the tokens is set by the spectrum of V.
+"""Geometries: the limit geometry of the tokens is set by the spectrum of V.
 
 Five cases of Geshkovski–Letrouit–Polyanskiy–Rigollet (arXiv 2305.05465), each with an
 automatic check of the predicted geometry (booleans in `summary.json`, next to the
@@ -45,11 +45,11 @@ from .._metrics import (
 from .._simulate import simulate
 
 NAME = "geometries"
-DESCRIPTION = ("SPEC §3.5: limit geometries by the spectrum of V (polytope, hyperplanes, "
+DESCRIPTION = ("limit geometries by the spectrum of V (polytope, hyperplanes, "
                "polygon × line, collapse, 1-D leaders) with automatic checks")
 CLI_OPTIONS = ()
 
-# The paper's example value matrices (SPEC §3.5).
+# The paper's example value matrices (docs/theory.md, 'Geometries by the spectrum of V').
 V_HYPER_2D = ((0.64709742, 0.81911926), (0.61210449, 0.63263484))
 V_HYPER_3D = ((0.2362413, 0.0599536, 0.40506019), (0.81321448, 0.49948705, 0.33754772),
               (0.2160645, 0.38505272, 0.14588075))

@@ -1,4 +1,4 @@
-"""SPEC §3.1: short term close, long term apart — the paper's LoRA-on-V figure.
+"""Short term close, long term apart — the paper's LoRA-on-V figure.
 
 n = 50 tokens in d = 2, `x0 ~ U[-5, 5]²`, rescaled dynamics, Q = K = V = I against
 `Ṽ = diag(1, 1 − ε)` (the exact rank-1 LoRA `ΔV = −ε e₂e₂ᵀ`), RK4 with dt = 0.1 to T = 40.
@@ -22,7 +22,7 @@ from .._metrics import cluster_count, divergence
 from .._simulate import simulate
 
 NAME = "lora-divergence"
-DESCRIPTION = "SPEC §3.1: original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"
+DESCRIPTION = "original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"
 CLI_OPTIONS = ()
 
 DEFAULTS = dict(n=50, d=2, low=-5.0, high=5.0, eps=0.1, t1=40.0, dt=0.1, seed=0,

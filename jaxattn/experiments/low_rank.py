@@ -1,6 +1,7 @@
-"""SPEC §3.4: clusters when `A = QᵀK` has low rank, and a LoRA that changes the rank.
+"""Low-rank attention: clusters when `A = QᵀK` has low rank, and a LoRA that changes the
+rank.
 
-Rescaled dynamics (SPEC §1.2), V = I, β = 1, d = 3, tokens `x0 ~ N(0, I)`, RK4 with a
+Rescaled dynamics, V = I, β = 1, d = 3, tokens `x0 ~ N(0, I)`, RK4 with a
 fixed step. Weights (all in one batched solve):
 
 - `A = e₁e₁ᵀ` (Q = K = e₁e₁ᵀ): the paper's rank-1 example;
@@ -46,7 +47,7 @@ from .._simulate import simulate
 from .geometries import cluster_batch, directions, hull_vertex_mask
 
 NAME = "low-rank"
-DESCRIPTION = ("SPEC §3.4: rank-1, zero and random rank-r A = QᵀK — cluster counts, "
+DESCRIPTION = ("rank-1, zero and random rank-r A = QᵀK — cluster counts, "
                "Booleanness, leaders; a LoRA of K that raises the rank of A")
 CLI_OPTIONS = ()
 
@@ -340,7 +341,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "quick": quick,
         "config": cfg,
         "dtype": jnp.dtype(dtype).name,
-        "dynamics": "rescaled (SPEC §1.2), V = I",
+        "dynamics": "rescaled, V = I",
         "checks": checks,
         "all_checks_pass": bool(all(checks.values())),
         "e1e1": _member_summary(members[rank1_ref]),

@@ -1,11 +1,12 @@
-"""SPEC §3.6: clustering on the sphere — the (t, β) phase diagram and metastable plateaus.
+"""Clustering on the sphere — the (t, β) phase diagram and metastable plateaus.
 
 SA dynamics (post-LayerNorm), Q = K = V = I, n = 32 tokens uniform on `S^{d−1}`.
 Phase diagram: the probability that two tokens are within `1 − δ` (δ = 1e-3) of each
 other, `P(⟨x_i(t), x_j(t)⟩ ≥ 1 − δ)`, estimated over all pairs of ≥ 256 realisations per β
 (pairs are exchangeable, so this is the paper's `P(⟨x₁, x₂⟩ ≥ 1 − δ)` with less noise),
-for d ∈ {2, 8, 32, 128}; overlaid: the time at which the equiangular model of SPEC §5.10
-(`ρ(0) = 0`) reaches `1 − δ`. Plateaus: cluster counts against t in d = 2 for several β.
+for d ∈ {2, 8, 32, 128}; overlaid: the time at which the equiangular model (docs/theory.md,
+'Clustering on the sphere'; `ρ(0) = 0`) reaches `1 − δ`. Plateaus: cluster counts
+against t in d = 2 for several β.
 
 Each (d, β) cell is one vmapped solve over the realisations and one chunk of the sweep
 engine (`_sweep.run_chunks`): finished cells are saved under `out_dir/chunks/` and
@@ -30,7 +31,7 @@ from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype
 
 NAME = "sphere-phase"
-DESCRIPTION = "SPEC §3.6: sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
+DESCRIPTION = "sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
 CLI_OPTIONS = ()
 
 DEFAULTS = dict(n=32, dims=[2, 8, 32, 128], betas=list(np.round(np.linspace(0.5, 10.0, 20), 3)),
@@ -57,7 +58,7 @@ def _close_fraction(xs, delta):
 
 
 def equiangular_time(beta: float, n: int, delta: float, t_max: float, dt: float = 1e-3) -> float:
-    """First t with ρ(t) ≥ 1 − δ for SA's equiangular ODE (SPEC §5.10) from ρ(0) = 0
+    """First t with ρ(t) ≥ 1 − δ for SA's equiangular ODE from ρ(0) = 0
     (classical RK4 on the scalar ODE; inf if not reached by t_max)."""
     def f(r):
         return 2 * np.exp(beta * r) * (1 - r) * ((n - 1) * r + 1) / (

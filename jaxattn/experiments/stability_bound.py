@@ -1,4 +1,4 @@
-"""SPEC §3.2: measured divergence against the Grönwall bound, over ε, for Q, K, V.
+"""Stability bound: measured divergence against the Grönwall bound, over ε, for Q, K, V.
 
 Rescaled dynamics, Q = K = V = I, β = 1, tokens `U[−1, 1]^d`. For each target weight, a
 random rank-1 direction is scaled to operator norms `ε` (a stacked LoRA), and one vmapped
@@ -24,7 +24,7 @@ from .._simulate import simulate
 from ._common import default_dtype, uniform_tokens
 
 NAME = "stability-bound"
-DESCRIPTION = "SPEC §3.2: divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"
+DESCRIPTION = "divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"
 CLI_OPTIONS = ("eps",)
 
 DEFAULTS = dict(n=16, d=2, low=-1.0, high=1.0, n_ic=16, eps=list(np.logspace(-5, -0.5, 10)),

@@ -1,4 +1,4 @@
-"""Issue 7: the worst-case LoRA direction, the linear response, the smallest cluster change.
+"""The worst-case LoRA direction, the linear response, the smallest cluster change.
 
 For each setting (the paper's rescaled dynamics with Q = K = V = I in d = 2, and a d = 6
 case with random Q, K) and each target Q, K, V:
@@ -10,7 +10,7 @@ case with random Q, K) and each target Q, K, V:
    the best rank-1 direction too (truncated power iteration);
 2. a brute-force check on the first case (full Jacobian by `jax.jacfwd`, SVD);
 3. the linear response `δx(t)` against the measured divergence at ε = 1e-1 … 1e-3 and the
-   Grönwall bound (SPEC §3.2);
+   Grönwall bound (docs/theory.md, 'Stability bound');
 4. the smallest rank-1 LoRA of V that changes the cluster partition at the last T
    (optax on a smooth surrogate, bisection on the norm) against the norm the bound needs.
 """
@@ -39,7 +39,7 @@ from .._sensitivity import (
 from .._simulate import simulate
 
 NAME = "worst-case-lora"
-DESCRIPTION = "issue 7: worst-case vs random LoRA directions, linear response, smallest cluster change"
+DESCRIPTION = "worst-case vs random LoRA directions, linear response, smallest cluster change"
 CLI_OPTIONS = ()
 
 SETTINGS = {

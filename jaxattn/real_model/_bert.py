@@ -11,7 +11,7 @@ For one sequence of token ids `t_1..t_n` (positions `0..n−1`, token types `s_i
 
 Weights keep Hugging Face's `out × in` layout. The layers are stored stacked (leading
 axis = layer) and run with `lax.scan`, so running the stack `repeat` times (the paper's
-trick of applying the layers again, SPEC §3.8) costs one compiled loop, not `repeat`
+trick of applying the layers again) costs one compiled loop, not `repeat`
 copies. A perturbation of every layer's value weight (`W_V + ΔV_l`, LoRA drift) is an
 argument of the forward pass, not a new model.
 """

@@ -53,7 +53,8 @@ def clustering(res: dict, path, *, title: str) -> None:
 
 def spectra(sp: dict, path) -> None:
     """Eigenvalues of each head's value-output map and of each layer's; symmetric part of
-    `QᵀK/√d_h`; effective β per head, with the heads meeting SPEC §3.5 marked."""
+    `QᵀK/√d_h`; effective β per head, with the heads meeting the
+    top-eigenvalue hypotheses marked."""
     L, H = sp["num_layers"], sp["num_heads"]
     colors = plt.cm.viridis(np.linspace(0, 1, L))
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
@@ -126,7 +127,7 @@ def particle(pr: dict, path) -> None:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("token")
     fig.colorbar(im, ax=axes[3])
-    fig.suptitle(f"SPEC §1.3 sphere dynamics with one head's (Q, K, W_O W_V) from layer "
+    fig.suptitle(f"Sphere dynamics (SA) with one head's (Q, K, W_O W_V) from layer "
                  f"{layer}, {pr['tokens']} tokens")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
