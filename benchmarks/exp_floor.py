@@ -1,4 +1,4 @@
-"""The exp floor of the rescaled RK4 step at n = 16,384, d = 3 (issue 4), in one run.
+"""The exp floor of the rescaled RK4 step at n = 16,384, d = 3, in one run.
 
 With d = 3 a score costs ~2d = 6 flops but one `exp`, so the attention is exp-bound,
 not matmul-bound. This script measures, on the machine it runs on:

@@ -3,8 +3,9 @@ the forward solve alone; PyTorch + torchdiffeq (autograd and `odeint_adjoint`) a
 
 Usage: python benchmarks/gradient.py [--n 1000] [--d 16] [--steps 400] [--repeat 2]
 
-Problem: plain dynamics (SPEC §1.1), random Q, K, V (Gaussian/√d · 0.5), β = 1, tokens
-N(0, I), classical RK4 with dt = 0.01 for `--steps` steps, float64, objective
+Problem: plain dynamics (docs/theory.md, 'Particle dynamics'), random Q, K, V
+(Gaussian/√d · 0.5), β = 1, tokens N(0, I), classical RK4 with dt = 0.01 for `--steps`
+steps, float64, objective
 `½ mean_i |x_i(T)|²`, gradient with respect to Q, K, V (3d² entries). Forward mode
 (one JVP per entry) is timed for a single direction (wrt β) and the full-gradient cost is
 extrapolated ×3d² — `jaxattn sensitivity` refuses it at this size.

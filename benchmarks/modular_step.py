@@ -1,4 +1,4 @@
-"""Time one full-batch AdamW training step of the modular transformer (issue 5):
+"""Time one full-batch AdamW training step of the modular transformer:
 jaxattn (Equinox + optax, jitted `lax.scan`) against the same model in PyTorch eager.
 
 Usage: python benchmarks/modular_step.py [--p 113] [--d 128] [--depth 6] [--steps 10]

@@ -1,10 +1,10 @@
 """jaxattn against its peers on the same work, side by side in one run.
 
-Work: rescaled dynamics (SPEC §1.2), Q = K = V = I, β = 1, classical RK4 with the same
-number of fixed steps (dt = 0.1), float32, tokens U[−1, 1]^d. Compile / warm-up is
-excluded and reported separately; every timing is the best of `--repeat` calls, and the
-peers of one row are timed interleaved (one call of each in turn, `--repeat` rounds), so
-a busy machine slows all of them alike.
+Work: rescaled dynamics (docs/theory.md, 'Rescaled dynamics'), Q = K = V = I, β = 1,
+classical RK4 with the same number of fixed steps (dt = 0.1), float32, tokens
+U[−1, 1]^d. Compile / warm-up is excluded and reported separately; every timing is the
+best of `--repeat` calls, and the peers of one row are timed interleaved (one call of each
+in turn, `--repeat` rounds), so a busy machine slows all of them alike.
 
 Peers:
   scan       a hand-written JAX RK4: `jit` + `lax.scan` over the same field in 4 lines
@@ -14,10 +14,11 @@ Peers:
              (batched) tensor; the Python loop over members is an extra column
   numpy      vectorised NumPy RK4 (matrix exponential by scipy.linalg.expm per stage)
   diffrax    a hand-written diffrax solve of the same field (plain function, RK4 tableau)
-  paper      the research code's per-step algorithm as SPEC §6 describes it (one
-             expm(tV) per token pair and stage, Python loops, attention frozen within a
-             step): re-implemented here from that description — not the original code —
-             timed for a few steps at n = 50 and extrapolated.
+  paper      the research code's per-step algorithm as docs/theory.md ('Numerical
+             schemes') describes it (one expm(tV) per token pair and stage, Python
+             loops, attention frozen within a step): re-implemented here from that
+             description — not the original code — timed for a few steps at n = 50
+             and extrapolated.
 
 Also: `jaxattn.sweep` on `docs/sweep/example.toml` with fewer initial conditions
 (`--sweep-seeds`) against the hand-written scan computing the same points and the same
@@ -231,8 +232,8 @@ def jaxattn_solver(x0, dt, steps, **field_kw):
 
 # ---------------------------------------------------------------- paper's algorithm
 def paper_step_time(n=50, d=2, dt=0.1, steps=2):
-    """One step of the SPEC §6 algorithm: for each stage and token i, for each pair
-    (j, k), a fresh expm(tV) (2n³ per step over the 4 identical stages)."""
+    """One step of the research code's algorithm: for each stage and token i, for each
+    pair (j, k), a fresh expm(tV) (2n³ per step over the 4 identical stages)."""
     from scipy.linalg import expm
 
     rng = np.random.default_rng(0)
@@ -488,7 +489,7 @@ def main():
         t_paper = paper_step_time()
         x0 = np.random.default_rng(0).uniform(-1, 1, size=(50, 2)).astype(np.float32)
         t_ja50 = best_of(jaxattn_solver(x0, 0.1, 400), a.repeat) / 400
-        print(f"paper's algorithm (SPEC §6, re-implemented), n = 50: {t_paper:.2f} s/step "
+        print(f"paper's algorithm (re-implemented), n = 50: {t_paper:.2f} s/step "
               f"(2 steps timed) → a 400-step run ≈ {400 * t_paper / 60:.1f} min; jaxattn "
               f"{1e3 * t_ja50:.3f} ms/step → {t_paper / t_ja50:,.0f}x")
 
