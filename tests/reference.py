@@ -1,16 +1,17 @@
 """Independent NumPy/SciPy float64 reference for the four attention dynamics.
 
-Written from the SPEC equations (§1.1–1.4) only; it deliberately does not import
+Written from the equations of docs/theory.md ('Particle dynamics' to 'Sphere
+dynamics') only; it deliberately does not import
 `jaxattn`. Everything is float64 NumPy; the weights are plain `d×d` matrices (a LoRA is
 handled by the caller, who passes the materialised `W + (alpha/r) B @ A`).
 
 Notation: tokens `x` have shape `(n, d)`, row `i` is token `x_i`. Logits
 `ℓ_ij = β <Q x_i, K x_j>`.
 
-- plain (§1.1):    `x_i' = Σ_j P_ij V x_j`, `P = row-softmax(ℓ)`;
-- rescaled (§1.2): `z_i' = Σ_j P_ij V (z_j − z_i)`, `P` computed from `x = e^{tV} z`;
-- sphere (§1.3):   `x_i' = Π_{x_i}(Σ_j P_ij V x_j)`, `Π_x y = y − <x, y> x`;
-- usa (§1.4):      as sphere with `P_ij = exp(ℓ_ij) / n`.
+- plain:    `x_i' = Σ_j P_ij V x_j`, `P = row-softmax(ℓ)`;
+- rescaled: `z_i' = Σ_j P_ij V (z_j − z_i)`, `P` computed from `x = e^{tV} z`;
+- sphere:   `x_i' = Π_{x_i}(Σ_j P_ij V x_j)`, `Π_x y = y − <x, y> x`;
+- usa:      as sphere with `P_ij = exp(ℓ_ij) / n`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def tangent_projection(x, y) -> np.ndarray:
 
 
 def plain_rhs(Q, K, V, beta=1.0):
-    """SPEC §1.1."""
+    """Plain dynamics."""
     Q, K, V = _as64(Q), _as64(K), _as64(V)
 
     def rhs(t, x):
@@ -69,14 +70,16 @@ def plain_rhs(Q, K, V, beta=1.0):
 
 
 def rescaled_attention(t, z, Q, K, V, beta=1.0) -> np.ndarray:
-    """P of §1.2: the softmax of the logits of `x = e^{tV} z` (for moderate t only)."""
+    """P of the rescaled dynamics: the softmax of the logits of `x = e^{tV} z` (for
+    moderate t only)."""
     S = scipy.linalg.expm(float(t) * _as64(V))
     x = _as64(z) @ S.T  # row i: e^{tV} z_i
     return softmax_rows(logits(x, Q, K, beta))
 
 
 def rescaled_rhs(Q, K, V, beta=1.0):
-    """SPEC §1.2: `z_i' = Σ_j P_ij V (z_j − z_i)` (straightforward expm; moderate t)."""
+    """Rescaled dynamics: `z_i' = Σ_j P_ij V (z_j − z_i)` (straightforward expm;
+    moderate t)."""
     Q, K, V = _as64(Q), _as64(K), _as64(V)
 
     def rhs(t, z):
@@ -93,7 +96,7 @@ def rescaled_rhs(Q, K, V, beta=1.0):
 
 
 def sphere_rhs(Q, K, V, beta=1.0):
-    """SPEC §1.3 (SA): `x_i' = Π_{x_i}(Σ_j P_ij V x_j)`, P row-softmax."""
+    """Sphere dynamics (SA): `x_i' = Π_{x_i}(Σ_j P_ij V x_j)`, P row-softmax."""
     Q, K, V = _as64(Q), _as64(K), _as64(V)
 
     def rhs(t, x):
@@ -105,7 +108,7 @@ def sphere_rhs(Q, K, V, beta=1.0):
 
 
 def usa_rhs(Q, K, V, beta=1.0):
-    """SPEC §1.4 (USA): as SA with `P_ij = exp(ℓ_ij) / n` (no normalisation)."""
+    """Sphere dynamics (USA): as SA with `P_ij = exp(ℓ_ij) / n` (no normalisation)."""
     Q, K, V = _as64(Q), _as64(K), _as64(V)
 
     def rhs(t, x):

@@ -1,4 +1,4 @@
-"""The Grönwall stability bound (SPEC §3.2, docs/bounds.md): it must sit above the
+"""The Grönwall stability bound (docs/theory.md, docs/bounds.md): it must sit above the
 measured divergence on every input, and be informative at short times."""
 
 import jax

@@ -1,4 +1,4 @@
-"""SPEC §3.4 (`low-rank`) and §3.5 (`geometries`): quick forms, their checks, the CLI.
+"""The `low-rank` and `geometries` experiments: quick forms, their checks, the CLI.
 
 The quick runs happen once per module (fixtures); the tests then re-check the written
 files against independent references (scipy's convex hull, the exact A = 0 solution,

@@ -1,4 +1,4 @@
-"""Quick forms of the paper experiments (issue 3): they run, write their files, and the
+"""Quick forms of the paper experiments: they run, write their files, and the
 checks in their summary.json hold."""
 
 import json
@@ -56,7 +56,7 @@ def test_departure_time_quick_and_resume(tmp_path, capsys):
     assert main(["reproduce", "departure-time", "--quick", "--out", str(out)]) == 0
     s = _summary(out)
     assert -1.2 <= s["slope"] <= -0.8
-    assert all(3.0 <= t <= 6.0 for t in s["t_approach"])  # SPEC: t ≈ 4–5, ε-independent
+    assert all(3.0 <= t <= 6.0 for t in s["t_approach"])  # paper: t ≈ 4–5, ε-independent
     dep = np.asarray(s["t_departure"], float)
     assert np.all(np.diff(dep) > 0)  # eps descending -> later departure
     rel = s["paper_scheme_comparison"]["relative_difference_paper_vs_converged"]

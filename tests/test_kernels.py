@@ -36,7 +36,7 @@ def test_blockwise_equals_dense_float64(dyn, n, block, t):
     dense = ja.make_field(dyn, Q, K, V, beta=2.0, lora=lora, kernel="dense")
     block_f = ja.make_field(dyn, Q, K, V, beta=2.0, lora=lora, kernel="blockwise", block=block)
     a, b = dense(t, x), block_f(t, x)
-    # Same arithmetic up to the order of summation: relative 1e-12 (issue 4's target).
+    # Same arithmetic up to the order of summation: relative 1e-12.
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-12 * float(jnp.max(jnp.abs(a)))
 
 

@@ -1,4 +1,4 @@
-"""Modular-arithmetic transformer (issue 5): data, model, LoRA, training, resume, CLI."""
+"""Modular-arithmetic transformer: data, model, LoRA, training, resume, CLI."""
 
 import json
 

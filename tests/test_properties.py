@@ -1,4 +1,5 @@
-"""SPEC §5: the properties every field and trajectory must satisfy (test oracles 1–12).
+"""The properties every field and trajectory must satisfy (test oracles 1–12 of
+docs/theory.md, 'Properties used as test oracles').
 
 Every reference quantity here is computed independently of `jaxattn` (numpy / scipy /
 `jax.grad` of an energy written out below), and every tolerance is justified next to
@@ -49,7 +50,7 @@ def _random_orthogonal(rng, d):
 
 
 def _ref_logits(Q, K, V, beta, t, y, dynamics):
-    """ℓ_ij = β<Q x_i, K x_j>, x = e^{tV} z for the rescaled dynamics (SPEC §1.2)."""
+    """ℓ_ij = β<Q x_i, K x_j>, x = e^{tV} z for the rescaled dynamics."""
     x = y @ scipy.linalg.expm(t * V).T if dynamics == "rescaled" else y
     return beta * (x @ Q.T) @ (x @ K.T).T
 
@@ -74,7 +75,7 @@ def _attn(field, t, y):
 
 
 def _energy_np(x, beta):
-    """E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>) (SPEC §5.5); x: (..., n, d)."""
+    """E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>) (oracle 5); x: (..., n, d)."""
     n = x.shape[-2]
     G = x @ np.swapaxes(x, -1, -2)
     return np.exp(beta * G).sum(axis=(-1, -2)) / (2 * beta * n**2)
@@ -121,7 +122,7 @@ def test_attention_rows_stochastic_and_positive(dynamics, n, d, seed, beta, t):
 @pytest.mark.parametrize("t", [350.0, 500.0, 1e4])
 def test_rescaled_attention_finite_at_huge_logits(t):
     # V = I: x = e^{t} z, so the logits are β e^{2t}<Q z_i, K z_j>: e^{1000} at t = 500
-    # overflows float64 in any naive implementation (SPEC §1.2).
+    # overflows float64 in any naive implementation.
     rng = _rng(7)
     n, d = 5, 3
     Q, K, _ = _weights(rng, d)
@@ -271,7 +272,7 @@ def test_consensus_is_stationary(n, d, seed, beta, t):
         np.testing.assert_allclose(F, 0.0, rtol=0, atol=1e-14 * (1 + scale))
     # Plain: x_i' = Σ_j P_ij V x_j = V p for every i: the tokens move together, so the
     # consensus persists (it is stationary in the rescaled frame z = e^{-tV}x; in x it
-    # moves like e^{tV}p, see SPEC §1.1). All rows equal V p up to rounding.
+    # moves like e^{tV}p). All rows equal V p up to rounding.
     F = _eval(_field("plain", Q, K, V, beta=beta), t, x)
     np.testing.assert_allclose(F, np.tile((V @ p)[None, :], (n, 1)), rtol=1e-13,
                                atol=1e-15)
@@ -330,7 +331,7 @@ def test_rescaled_hull_never_grows_for_identity_value(seed):
 
 
 def test_rescaled_hull_can_grow_for_general_value():
-    # SPEC §5.7: the hull property is false for general V. With a rotation-like V the
+    # Oracle 7: the hull property is false for general V. With a rotation-like V the
     # tokens swirl and leave the initial hull; this seeded case shows it clearly, so the
     # monotonicity check above is not vacuous.
     rng = _rng(3)
@@ -490,7 +491,7 @@ def test_usa_circle_trajectory_matches_angle_ode():
 @pytest.mark.parametrize("rho", [0.3, 0.5])
 @pytest.mark.parametrize("regime", ["below", "at", "above"])
 def test_one_layer_equiangular_phase_transition(rho, regime):
-    """Output cosine of y_i = Σ_j P_ij x_j for β = γ log n as n → ∞ (SPEC §5.12).
+    """Output cosine of y_i = Σ_j P_ij x_j for β = γ log n as n → ∞ (oracle 12).
 
     The statement is asymptotic; with γ* = 1/(1−ρ) the self-weight ratio is
     P_ii/Σ_{j≠i}P_ij = n^{γ(1−ρ)}/(n−1), so the finite-n error decays like a power of n

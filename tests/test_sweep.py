@@ -1,4 +1,4 @@
-"""The sweep engine (issue 4): grid specs, chunks, sharding, resume, bad input."""
+"""The sweep engine: grid specs, chunks, sharding, resume, bad input."""
 
 import hashlib
 import json
