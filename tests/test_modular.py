@@ -223,3 +223,128 @@ def test_cli_pretrain_finetune_and_foreign_checkpoint(tmp_path, capsys):
     # fine-tuning without a pre-trained model
     assert main(["modular", "finetune", "--config", cfg, "--out", str(tmp_path / "e")]) == 2
     assert "no pre-trained model" in capsys.readouterr().err
+
+
+# -- the study protocol: schedule, clipping, the bar, reading forgetting, the trend test ----
+def test_cosine_schedule_and_constant_schedule_unchanged():
+    import optax
+
+    # constant: the historical rule lr · min(1, (count + 1) / warmup), bit for bit
+    p = {"w": jnp.ones((3,), jnp.float32)}
+    g = {"w": jnp.asarray([0.3, -2.0, 1e-3], jnp.float32)}
+    ref = optax.adamw(lambda c: (1e-3 * jnp.minimum(1, (c + 1).astype(jnp.float32) / 10)
+                                 ).astype(jnp.float32), b1=0.9, b2=0.98, weight_decay=0.5)
+    new = adamw(1e-3, 0.9, 0.98, 0.5, 10, "float32")
+    sa, sb = ref.init(p), new.init(p)
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(12):
+            ua, sa = ref.update(g, sa, p)
+            ub, sb = new.update(g, sb, p)
+            np.testing.assert_array_equal(ua["w"], ub["w"])
+    # cosine: warm-up to lr, then the cosine to min_lr_frac · lr at total_steps. With
+    # weight decay only (zero gradient, Adam's update is 0), the update is −lr_t · wd · p,
+    # which reads the schedule off exactly.
+    opt = adamw(1e-2, 0.9, 0.98, 1.0, 4, "float64", schedule="cosine", total_steps=20,
+                min_lr_frac=0.1)
+    p = jnp.ones((), jnp.float64)
+    s = opt.init(p)
+    got = []
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(22):
+            u, s = opt.update(jnp.zeros((), jnp.float64), s, p)
+            got.append(-float(u))
+    want = [1e-2 * k / 4 for k in range(4)]
+    want += [1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + np.cos(np.pi * (k - 4) / 16))
+             for k in range(4, 22)]
+    want = [w if k <= 20 else 1e-3 for k, w in enumerate(want)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)  # optax evaluates the cosine in float32
+    with pytest.raises(ValueError, match="total_steps"):
+        adamw(1e-3, 0.9, 0.98, 0.0, 10, "float32", schedule="cosine", total_steps=5)
+
+
+def test_clipping_scales_the_gradient_before_adam():
+    import optax
+
+    p = {"a": jnp.zeros((2,), jnp.float64), "b": jnp.zeros((), jnp.float64)}
+    g = {"a": jnp.asarray([30.0, -40.0], jnp.float64), "b": jnp.asarray(120.0, jnp.float64)}
+    norm = float(np.sqrt(30.0 ** 2 + 40.0 ** 2 + 120.0 ** 2))  # 130
+    clipped = jax.tree.map(lambda x: x * (2.0 / norm), g)
+    opt = adamw(1e-3, 0.9, 0.98, 0.0, 0, "float64", clip=2.0)
+    plain = optax.adamw(1e-3, b1=0.9, b2=0.98, weight_decay=0.0)
+    with jax.numpy_dtype_promotion("standard"):
+        s, s_ref = opt.init(p), plain.init(p)
+        for _ in range(3):
+            u, s = opt.update(g, s, p)
+            u_ref, s_ref = plain.update(clipped, s_ref, p)
+            for k in p:
+                np.testing.assert_allclose(u[k], u_ref[k], rtol=1e-12)
+    # the second moment saw the clipped gradient, not the raw one
+    nu = [x for x in jax.tree.leaves(s) if getattr(x, "shape", None) == (2,)]
+    assert max(float(jnp.max(jnp.abs(x))) for x in nu) < 1.0
+
+
+def test_the_bar_and_reading_forgetting_against_learning():
+    from jaxattn.modular import at_learning, bar_text, meets_bar
+
+    c = tiny(target_acc=0.0, target_train_acc=0.99, target_all_acc=0.9)
+    assert meets_bar({"test_acc": 0.1, "train_acc": 0.995, "all_acc": 0.92}, c)
+    assert not meets_bar({"test_acc": 1.0, "train_acc": 0.98, "all_acc": 0.99}, c)
+    assert not meets_bar({"test_acc": 1.0, "train_acc": 1.0, "all_acc": 0.85}, c)
+    assert bar_text(c) == "train acc ≥ 0.99, all-pairs acc ≥ 0.9"
+    r = at_learning([0, 5, 10, 15], [0.0, 0.4, 0.6, 0.95], [1.0, 0.5, 0.3, 0.1])
+    assert r == {"0.5": {"step": 10, "add_acc": 0.3}, "0.9": {"step": 15, "add_acc": 0.1}}
+    r = at_learning([0, 5], [0.0, 0.2], [1.0, 0.5])
+    assert r["0.5"] == {"step": None, "add_acc": None}
+    for bad, msg in (({"schedule": "linear"}, "schedule"), ({"target_all_acc": 1.5}, "target_all_acc"),
+                     ({"clip": -1.0}, "clip"), ({"capacity_widths": [0]}, "capacity_widths")):
+        with pytest.raises(ValueError, match=msg):
+            tiny(**bad)
+
+
+def test_trend_test_against_numpy_and_scipy_definitions():
+    from scipy import stats
+
+    from jaxattn.modular import trend_test
+
+    rng = np.random.default_rng(0)
+    d = np.repeat([2, 4, 6, 8], 5)
+    v = 300 - 20 * d + rng.normal(0, 15, d.size)
+    t = trend_test(d.tolist(), v.tolist() + [None])  # a None is dropped, not counted
+    assert t["n"] == 20
+    # slope: ordinary least squares, as numpy's polyfit computes it
+    slope, _ = np.polyfit(d, v, 1)
+    assert t["slope"] == pytest.approx(slope, rel=1e-10)
+    lo, hi = t["slope_ci95"]
+    assert lo < -20 < hi and lo < slope < hi
+    # Spearman's rho is Pearson's correlation of the ranks (ties: average ranks)
+    rd, rv = stats.rankdata(d), stats.rankdata(v)
+    assert t["spearman_rho"] == pytest.approx(np.corrcoef(rd, rv)[0, 1], rel=1e-12)
+    assert t["spearman_rho"] < -0.8 and t["p_value"] < 1e-4
+    # no trend: a shuffled response is not significant
+    flat = trend_test(d.tolist(), rng.permutation(np.tile([1.0, 2.0, 3.0, 4.0, 5.0], 4)).tolist())
+    assert flat["p_value"] > 0.05
+    assert trend_test([2, 2, 2], [1.0, 2.0, 3.0])["p_value"] is None
+    assert trend_test([2, 4, 6], [5.0, 5.0, 5.0])["p_value"] is None
+
+
+def test_study_summary_trend_and_capacity(tmp_path):
+    from jaxattn.modular import run_study
+
+    c = tiny(depths=(1, 2), seeds=(0, 1, 2), ranks=(4,), rank_depth=2, max_steps=60,
+             ft_steps=30, schedule="cosine", warmup=5, clip=1.0, stop_at_target=False,
+             target_acc=0.0, target_train_acc=0.05, target_all_acc=0.05,
+             capacity_lrs=(1e-3,), capacity_widths=(8,), particle_prompts=4)
+    s = run_study(c, str(tmp_path), log=lambda *_: None)
+    runs = {r["key"]: r for r in s["runs"]}
+    assert set(runs) == {f"d{d}_s{k}_r4" for d in (1, 2) for k in (0, 1, 2)}
+    # only models that meet the bar enter the per-depth statistics and the trend
+    for d in (1, 2):
+        ok = [runs[f"d{d}_s{k}_r4"] for k in (0, 1, 2) if runs[f"d{d}_s{k}_r4"]["reached_target"]]
+        assert s["per_depth"][str(d)]["in_trend"] == len(ok)
+        assert s["per_depth"][str(d)]["add_acc_start"]["values"] == [r["add_acc_start"] for r in ok]
+    assert s["trend"]["half_life"]["n"] == sum(v["in_trend"] for v in s["per_depth"].values())
+    assert isinstance(s["trend"]["verdict"], str)
+    assert len(s["capacity"]) == 1 and s["capacity"][0]["d_model"] == 8
+    assert s["capacity"][0]["steps"][-1] == 60  # no early stop for the evidence runs
+    for name in ("forgetting", "tradeoff", "depth_summary", "pretrain", "capacity", "ranks"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000

@@ -47,8 +47,11 @@ def _run(args, config) -> int:
     if args.action == "pretrain":
         _, _, s = modular.pretrain(config, os.path.join(args.out, "pretrain"),
                                    progress=args.progress)
-        state = (f"reached test acc ≥ {config.target_acc} at step {s['steps_to_target']}"
-                 if s["reached_target"] else f"did not reach test acc {config.target_acc}")
+        bar = modular.bar_text(config)
+        first = s["steps_to_target"]
+        state = (f"meets the bar ({bar}); first met at step {first}" if s["reached_target"]
+                 else f"does not meet the bar ({bar})"
+                 + ("" if first is None else f"; met it at step {first}"))
         print(f"pre-trained {s['steps']} steps, {state} (test acc "
               f"{s['final']['test_acc']:.3f}); outputs in {args.out}/pretrain")
     elif args.action == "finetune":
@@ -64,6 +67,8 @@ def _run(args, config) -> int:
         for d, v in s["per_depth"].items():
             hl = v["half_life"]
             txt = "never" if hl["mean"] is None else f"{hl['mean']:.0f} ± {hl['std']:.0f}"
-            print(f"depth {d}: half-life {txt} steps ({hl['censored']} never halved)")
+            print(f"depth {d}: {v['in_trend']} models met the bar; half-life {txt} steps "
+                  f"({hl['censored']} never halved)")
+        print(f"trend: {s['trend']['verdict']}")
         print(f"figures and summary.json in {args.out}")
     return 0

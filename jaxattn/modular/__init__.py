@@ -1,4 +1,5 @@
-"""The paper's modular-arithmetic transformer (SPEC §3.7, §4) in Equinox + optax.
+"""The paper's modular-arithmetic transformer in Equinox + optax (docs/theory.md,
+"Modular-arithmetic forgetting").
 
 Pre-training on `(x + y) mod p`, LoRA fine-tuning on `(x − y) mod p` with the base frozen,
 and the study of forgetting against depth. `jaxattn modular …` is the command line.
@@ -26,6 +27,7 @@ from ._data import (
     vocab_size as vocab_size,
 )
 from ._finetune import finetune as finetune
+from ._finetune import at_learning as at_learning
 from ._finetune import half_life as half_life
 from ._model import (
     ModularTransformer as ModularTransformer,
@@ -35,12 +37,15 @@ from ._model import (
 )
 from ._study import particle_divergence as particle_divergence
 from ._study import run_study as run_study
+from ._study import trend_test as trend_test
 from ._train import (
     adamw as adamw,
 )
+from ._train import bar_text as bar_text
 from ._train import (
     load_pretrained as load_pretrained,
 )
+from ._train import meets_bar as meets_bar
 from ._train import (
     pretrain as pretrain,
 )

@@ -21,9 +21,11 @@ TARGETS = ("Q", "K", "V", "O")
 # Fields whose change makes a pre-training checkpoint incompatible.
 MODEL_KEYS = ("p", "d_model", "depth", "heads", "layernorm", "tied", "fused", "dtype")
 PRETRAIN_KEYS = MODEL_KEYS + ("train_frac", "seed", "lr", "beta1", "beta2", "weight_decay",
-                              "warmup", "log_every", "checkpoint_every")
-FINETUNE_KEYS = ("rank", "alpha", "targets", "ft_lr", "ft_weight_decay", "ft_log_every",
-                 "ft_checkpoint_every", "seed", "train_frac")
+                              "warmup", "schedule", "min_lr_frac", "clip", "log_every",
+                              "checkpoint_every")
+FINETUNE_KEYS = ("rank", "alpha", "targets", "ft_lr", "ft_weight_decay", "ft_clip",
+                 "ft_log_every", "ft_checkpoint_every", "seed", "train_frac")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +48,16 @@ class ModularConfig:
     beta2: float = 0.98
     weight_decay: float = 1.0
     warmup: int = 10
+    schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to min_lr_frac·lr)
+    min_lr_frac: float = 0.05
+    clip: float = 0.0  # global-norm gradient clipping (0: off)
     max_steps: int = 30_000
+    # The pre-training bar: test accuracy ≥ target_acc, training accuracy ≥
+    # target_train_acc and accuracy on all p² pairs ≥ target_all_acc (0: not required).
     target_acc: float = 0.95
+    target_train_acc: float = 0.0
+    target_all_acc: float = 0.0
+    stop_at_target: bool = True  # end pre-training at the first log that meets the bar
     log_every: int = 100
     checkpoint_every: int = 1000
     # LoRA fine-tuning on subtraction
@@ -56,6 +66,7 @@ class ModularConfig:
     targets: tuple[str, ...] = ("V",)
     ft_lr: float = 1e-4
     ft_weight_decay: float = 0.01
+    ft_clip: float = 0.0
     ft_steps: int = 2000
     ft_log_every: int = 10
     ft_checkpoint_every: int = 500
@@ -65,6 +76,10 @@ class ModularConfig:
     ranks: tuple[int, ...] = (1, 4, 16)
     rank_depth: int = 4
     particle_prompts: int = 64
+    # evidence for a depth that cannot fit the task (empty: not run)
+    capacity_depth: int = 1
+    capacity_lrs: tuple[float, ...] = ()
+    capacity_widths: tuple[int, ...] = ()
 
     def __post_init__(self):
         validate(self)
@@ -74,7 +89,7 @@ class ModularConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("targets", "depths", "seeds", "ranks"):
+        for k in ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths"):
             d[k] = list(d[k])
         return d
 
@@ -135,7 +150,7 @@ def validate(c: ModularConfig) -> None:
     _int(c.heads, "heads", 1)
     if c.d_model % c.heads:
         raise ValueError(f"heads ({c.heads}) must divide d_model ({c.d_model})")
-    for name in ("layernorm", "tied", "fused"):
+    for name in ("layernorm", "tied", "fused", "stop_at_target"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")  # noqa: TRY004
     if c.dtype not in ("float32", "float64"):
@@ -149,6 +164,13 @@ def validate(c: ModularConfig) -> None:
         if v >= 1:
             raise ValueError(f"{name} must be in [0, 1), got {v}")
     _int(c.warmup, "warmup", 0)
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
+    _num(c.min_lr_frac, "min_lr_frac", allow_zero=True)
+    if c.min_lr_frac > 1:
+        raise ValueError(f"min_lr_frac must be in [0, 1], got {c.min_lr_frac}")
+    for name in ("clip", "ft_clip"):
+        _num(getattr(c, name), name, allow_zero=True)
     for name in ("max_steps", "ft_steps", "log_every", "checkpoint_every", "ft_log_every",
                  "ft_checkpoint_every", "particle_prompts"):
         _int(getattr(c, name), name, 1)
@@ -157,9 +179,10 @@ def validate(c: ModularConfig) -> None:
         if getattr(c, every) % getattr(c, log):
             raise ValueError(f"{every} ({getattr(c, every)}) must be a multiple of {log} "
                              f"({getattr(c, log)})")
-    _num(c.target_acc, "target_acc")
-    if c.target_acc > 1:
-        raise ValueError(f"target_acc must be in (0, 1], got {c.target_acc}")
+    for name in ("target_acc", "target_train_acc", "target_all_acc"):
+        v = _num(getattr(c, name), name, allow_zero=True)
+        if v > 1:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
     _int(c.rank, "rank", 1)
     if not c.targets:
         raise ValueError("targets must name at least one of Q, K, V, O")
@@ -176,6 +199,13 @@ def validate(c: ModularConfig) -> None:
         _int(d, "depth", 1)
     for s in c.seeds:
         check_seed(s, "seed")
+    _int(c.capacity_depth, "capacity_depth", 1)
+    for v in c.capacity_lrs:
+        _num(v, "capacity_lrs")
+    for v in c.capacity_widths:
+        _int(v, "capacity_widths", 1)
+        if v % c.heads:
+            raise ValueError(f"heads ({c.heads}) must divide capacity width {v}")
     if not c.depths or not c.seeds or not c.ranks:
         raise ValueError("depths, seeds and ranks must be non-empty lists")
     # Full-batch training holds the logits of all p² pairs over the p + 3 tokens, with
@@ -186,7 +216,7 @@ def validate(c: ModularConfig) -> None:
                  f"full-batch training at p = {c.p}, d_model = {c.d_model}")
 
 
-_TUPLES = ("targets", "depths", "seeds", "ranks")
+_TUPLES = ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths")
 
 
 def make_config(raw: dict[str, Any] | None = None, *, quick: bool = False,

@@ -44,12 +44,29 @@ def half_life(steps, add_acc, *, frac: float = 0.5):
     return float(steps[i - 1] + (a0 - level) / (a0 - a1) * (steps[i] - steps[i - 1]))
 
 
+SUB_LEVELS = (0.5, 0.9)
+
+
+def at_learning(steps, sub_acc, add_acc, levels=SUB_LEVELS) -> dict[str, dict]:
+    """Forgetting read against learning: for each level, the first logged step at which
+    the new task's accuracy `sub_acc` reaches it and the old task's accuracy `add_acc`
+    at that step (both None if the level is never reached)."""
+    out = {}
+    for lv in levels:
+        i = next((k for k, v in enumerate(sub_acc) if v >= lv), None)
+        out[str(lv)] = {"step": None if i is None else steps[i],
+                        "add_acc": None if i is None else add_acc[i]}
+    return out
+
+
 def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: bool = False,
              on_log=None):
     """Fine-tune the model in `base_path` with LoRA; outputs in `out_dir` (resumable).
 
     **Returns:** `(model_with_lora, rows, summary)`; `summary` has the forgetting
-    half-life (steps), the final subtraction accuracies and the final addition accuracy.
+    half-life (steps), the final subtraction accuracies, the final addition accuracy and
+    `at_sub_test_acc`: the step at which the subtraction test accuracy first reaches
+    0.5 and 0.9 and the addition accuracy there (`at_learning`).
     """
     base = load_pretrained(config, base_path)
     check_output_dir(out_dir)
@@ -60,7 +77,7 @@ def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: b
     sets = as_device_sets(sub, ("train", "test"))
     sets["add_all"] = as_device_sets(add, ("all",))["all"]
     opt = adamw(config.ft_lr, config.beta1, config.beta2, config.ft_weight_decay, 0,
-                config.dtype)
+                config.dtype, clip=config.ft_clip)
     fp = dict(config.subset(FINETUNE_KEYS), base=file_digest(base_path))
     model, rows, info = train(
         model, trainable_filter(model, lora_only=True), opt, train_set=sets["train"],
@@ -69,9 +86,12 @@ def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: b
         fingerprint=fp, on_log=on_log, progress=progress)
     steps = [r["step"] for r in rows]
     acc = [r["add_all_acc"] for r in rows]
+    sub = [r["test_acc"] for r in rows]
     summary = {"config": config.as_dict(), "steps": info["step"],
                "add_acc_start": acc[0], "add_acc_end": acc[-1],
                "half_life": half_life(steps, acc),
+               "at_sub_test_acc": at_learning(steps, sub, acc),
+               "sub_test_acc_max": max(sub),
                "sub_train_acc": rows[-1]["train_acc"], "sub_test_acc": rows[-1]["test_acc"],
                "resumed_from": info["resumed_from"]}
     save_tree(os.path.join(out_dir, "model.eqx"),

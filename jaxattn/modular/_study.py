@@ -41,7 +41,7 @@ def particle_divergence(base, tuned, tokens, *, dtype=jnp.float32) -> dict[str, 
     from .._metrics import divergence
     from .._simulate import simulate
 
-    x0 = (base.embed[tokens] + base.pos).astype(dtype)
+    x0 = (base.embed[tokens] + base.pos[None]).astype(dtype)
     T = float(base.depth)
     out = {}
     for name, solver, dt in (("euler", "euler", 1.0), ("rk4", "rk4", 0.05)):
@@ -93,6 +93,11 @@ def run_study(config: ModularConfig, out_dir: str, *, progress: bool = False,
                "pretrain_steps": pre["steps"], "steps_to_target": pre["steps_to_target"],
                "reached_target": pre["reached_target"],
                "pre_test_acc": pre["final"]["test_acc"],
+               "pre_train_acc": pre["final"]["train_acc"],
+               "pre_all_acc": pre["final"].get("all_acc"),
+               "at_sub_test_acc": ft["at_sub_test_acc"],
+               "sub_test_acc_max": ft["sub_test_acc_max"],
+               "ft_sub_train_acc": [r["train_acc"] for r in ft_rows],
                "add_acc_start": ft["add_acc_start"], "add_acc_end": ft["add_acc_end"],
                "half_life": ft["half_life"], "sub_test_acc": ft["sub_test_acc"],
                "sub_train_acc": ft["sub_train_acc"],
@@ -100,7 +105,9 @@ def run_study(config: ModularConfig, out_dir: str, *, progress: bool = False,
                "ft_add_acc": [r["add_all_acc"] for r in ft_rows],
                "ft_sub_test_acc": [r["test_acc"] for r in ft_rows],
                "pre_steps": [r["step"] for r in pre_rows],
-               "pre_test_acc_curve": [r["test_acc"] for r in pre_rows]}
+               "pre_test_acc_curve": [r["test_acc"] for r in pre_rows],
+               "pre_train_acc_curve": [r["train_acc"] for r in pre_rows],
+               "pre_all_acc_curve": [r.get("all_acc") for r in pre_rows]}
         if c.heads == 1 and not c.layernorm:
             rec.update(particle_divergence(base, tuned, prompts, dtype=jnp.dtype(c.dtype)))
         runs[(depth, seed, rank)] = rec
@@ -111,11 +118,58 @@ def run_study(config: ModularConfig, out_dir: str, *, progress: bool = False,
             f" → {rec['add_acc_end']:.3f}, half-life {hl}, sub test acc "
             f"{rec['sub_test_acc']:.3f} ({time.perf_counter() - t0:.0f} s)")
     spectra = _spectra(config, models)
+    capacity = _capacity(config, out_dir, progress=progress, log=log)
     summary = _summarise(config, runs, spectra)
+    summary["capacity"] = capacity
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(os.path.join(out_dir, "summary.json"), summary)
     _figures(config, summary, out_dir)
     return summary
+
+
+def _capacity(config: ModularConfig, out_dir: str, *, progress: bool, log) -> list[dict]:
+    """Evidence for a depth that cannot fit the task: pre-train `capacity_depth` with
+    seed 0 at every `capacity_lrs` × `capacity_widths` (same schedule and steps as the
+    study) and keep the training-accuracy curves."""
+    out = []
+    for width in config.capacity_widths:
+        for lr in config.capacity_lrs:
+            c = config.replace(depth=config.capacity_depth, seed=config.seeds[0], lr=lr,
+                               d_model=width, stop_at_target=False)
+            rd = os.path.join(out_dir, "capacity", f"d{c.depth}_w{width}_lr{lr:g}")
+            _, rows, pre = pretrain(c, rd, progress=progress)
+            out.append({"depth": c.depth, "d_model": width, "lr": lr,
+                        "steps": [r["step"] for r in rows],
+                        "train_acc": [r["train_acc"] for r in rows],
+                        "final_train_acc": rows[-1]["train_acc"],
+                        "max_train_acc": max(r["train_acc"] for r in rows)})
+            log(f"capacity: depth {c.depth}, d_model {width}, lr {lr:g}: train acc "
+                f"{out[-1]['final_train_acc']:.3f} after {pre['steps']} steps "
+                f"(best {out[-1]['max_train_acc']:.3f})")
+    return out
+
+
+def trend_test(depths, values) -> dict[str, Any]:
+    """Is a per-model quantity monotone in depth? Spearman's rank correlation (with
+    its two-sided p-value) and the least-squares slope per layer with a 95 % interval,
+    over the models whose value is known."""
+    from scipy import stats
+
+    pts = [(d, v) for d, v in zip(depths, values) if v is not None]
+    if len(pts) < 3 or len({d for d, _ in pts}) < 2:
+        return {"n": len(pts), "spearman_rho": None, "p_value": None, "slope": None,
+                "slope_ci95": None}
+    d, v = np.asarray(pts, float).T
+    if np.ptp(v) == 0:  # e.g. no model halved: ranks carry no information
+        return {"n": len(pts), "spearman_rho": None, "p_value": None, "slope": 0.0,
+                "slope_ci95": None}
+    rho, pval = stats.spearmanr(d, v)
+    fit = stats.linregress(d, v)
+    half = stats.t.ppf(0.975, len(d) - 2) * fit.stderr
+    return {"n": len(pts), "spearman_rho": float(rho), "p_value": float(pval),
+            "slope": float(fit.slope), "slope_ci95": [float(fit.slope - half),
+                                                      float(fit.slope + half)],
+            "r2": float(fit.rvalue ** 2)}
 
 
 def _prompt_tokens(config: ModularConfig):
@@ -144,24 +198,57 @@ def _spectra(config, models) -> dict[str, Any]:
 
 
 def _summarise(config, runs, spectra) -> dict[str, Any]:
+    """Per-depth statistics and the depth-trend tests. A model enters the trend only if
+    its final pre-trained state meets the bar (`meets_bar`); the others are listed."""
     per_depth = {}
+    trend_runs = []
     for d in config.depths:
         rs = [runs[(d, s, config.rank)] for s in config.seeds]
+        ok = [r for r in rs if r["reached_target"]]
+        trend_runs += ok
+        at = {lv: [r["at_sub_test_acc"][lv]["add_acc"] for r in ok]
+              for lv in ("0.5", "0.9")}
         per_depth[str(d)] = {
-            "half_life": _stats([r["half_life"] for r in rs]),
+            "half_life": _stats([r["half_life"] for r in ok]),
             "pretrain_steps": _stats([r["steps_to_target"] for r in rs]),
             "never_reached_target": [r["seed"] for r in rs if not r["reached_target"]],
-            "sub_test_acc": _stats([r["sub_test_acc"] for r in rs]),
-            "add_acc_end": _stats([r["add_acc_end"] for r in rs]),
+            "in_trend": len(ok),
+            "add_acc_start": _stats([r["add_acc_start"] for r in ok]),
+            "add_acc_at_sub_0.5": _stats(at["0.5"]),
+            "add_acc_at_sub_0.9": _stats(at["0.9"]),
+            "sub_test_acc": _stats([r["sub_test_acc"] for r in ok]),
+            "sub_test_acc_max": _stats([r["sub_test_acc_max"] for r in ok]),
+            "add_acc_end": _stats([r["add_acc_end"] for r in ok]),
         }
+    # A model that never halves forgets slower than any that did: rank it last.
+    big = 10.0 * config.ft_steps
+    dep = [r["depth"] for r in trend_runs]
+    trend = {
+        "half_life": trend_test(dep, [big if r["half_life"] is None else r["half_life"]
+                                      for r in trend_runs]),
+        "add_acc_at_sub_0.5": trend_test(
+            dep, [r["at_sub_test_acc"]["0.5"]["add_acc"] for r in trend_runs]),
+        "depths": sorted(set(dep)),
+    }
+    t = trend["half_life"]
+    if t["p_value"] is None:
+        verdict = "not testable (fewer than two depths or no variation in the trend)"
+    elif t["p_value"] < 0.05:
+        verdict = (f"deeper forgets {'faster' if t['spearman_rho'] < 0 else 'slower'}: "
+                   f"Spearman rho = {t['spearman_rho']:.2f}, p = {t['p_value']:.2g}")
+    else:
+        verdict = (f"no significant depth trend: Spearman rho = {t['spearman_rho']:.2f}, "
+                   f"p = {t['p_value']:.2g}")
+    trend["verdict"] = verdict
     per_rank = {}
     for r_ in config.ranks:
         rs = [runs[(config.rank_depth, s, r_)] for s in config.seeds]
         per_rank[str(r_)] = {"half_life": _stats([r["half_life"] for r in rs]),
                              "sub_test_acc": _stats([r["sub_test_acc"] for r in rs]),
+                             "sub_test_acc_max": _stats([r["sub_test_acc_max"] for r in rs]),
                              "add_acc_end": _stats([r["add_acc_end"] for r in rs])}
     return {"config": config.as_dict(), "per_depth": per_depth, "per_rank": per_rank,
-            "spectra": spectra,
+            "trend": trend, "spectra": spectra,
             "runs": [dict(v, key=f"d{k[0]}_s{k[1]}_r{k[2]}") for k, v in runs.items()]}
 
 
@@ -177,10 +264,12 @@ def redraw(out_dir: str) -> None:
 
 
 def _band(ax, steps, curves, label, color):
+    """Mean curve, min–max band and every seed as a faint line."""
     a = np.asarray(curves, float)
-    mean = a.mean(axis=0)
-    ax.plot(steps, mean, color=color, label=label)
-    ax.fill_between(steps, a.min(axis=0), a.max(axis=0), color=color, alpha=0.2)
+    for c in a:
+        ax.plot(steps, c, color=color, alpha=0.25, lw=0.7)
+    ax.plot(steps, a.mean(axis=0), color=color, label=label, lw=1.8)
+    ax.fill_between(steps, a.min(axis=0), a.max(axis=0), color=color, alpha=0.12)
 
 
 def _figures(config, summary, out_dir) -> None:
@@ -190,22 +279,31 @@ def _figures(config, summary, out_dir) -> None:
     cmap = plt.get_cmap("viridis")
     depths, seeds, ranks = config.depths, config.seeds, config.ranks
     colors = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+    pdp = summary["per_depth"]
+
+    def trend_runs(d, r=config.rank):
+        return [runs[f"d{d}_s{s}_r{r}"] for s in seeds
+                if runs[f"d{d}_s{s}_r{r}"]["reached_target"] or r != config.rank]
 
     def curves(d, r, key):
-        rs = [runs[f"d{d}_s{s}_r{r}"] for s in seeds]
-        return rs[0]["ft_steps"], [x[key] for x in rs]
+        rs = trend_runs(d, r)
+        return (rs[0]["ft_steps"], [x[key] for x in rs]) if rs else (None, [])
 
-    # 1. forgetting curves per depth + subtraction accuracy
+    shown = [d for d in depths if trend_runs(d)]
+    # 1. forgetting curves per depth + subtraction accuracy (models that met the bar)
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
-    for d in depths:
+    for d in shown:
+        n = len(trend_runs(d))
         st, cu = curves(d, config.rank, "ft_add_acc")
-        _band(axs[0], st, cu, f"depth {d}", colors[d])
+        _band(axs[0], st, cu, f"depth {d} ({n} seeds)", colors[d])
         st, cu = curves(d, config.rank, "ft_sub_test_acc")
         _band(axs[1], st, cu, f"depth {d}", colors[d])
+    axs[0].axhline(1 / config.p, color="gray", ls=":", lw=1)
+    axs[1].axhline(1 / config.p, color="gray", ls=":", lw=1)
     axs[0].set(xlabel="fine-tuning step", ylabel="addition accuracy (all pairs)",
                title=f"forgetting (LoRA r={config.rank} on {'+'.join(config.targets)})")
     axs[1].set(xlabel="fine-tuning step", ylabel="subtraction test accuracy",
-               title="new task")
+               title="learning the new task")
     for ax in axs:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -213,16 +311,31 @@ def _figures(config, summary, out_dir) -> None:
     save_figure(fig, os.path.join(out_dir, "forgetting.png"), dpi=110)
     plt.close(fig)
 
-    # 2. half-life, pre-training steps, subtraction accuracy against depth. Censored
-    # values (never halved / never reached the target) are drawn at the cap as red ▲.
-    fig, axs = plt.subplots(1, 3, figsize=(13, 3.8))
-    pdp = summary["per_depth"]
-    caps = {"half_life": config.ft_steps, "pretrain_steps": config.max_steps,
-            "sub_test_acc": None}
-    labels = {"half_life": "forgetting half-life (fine-tuning steps)",
-              "pretrain_steps": f"pre-training steps to test acc ≥ {config.target_acc}",
-              "sub_test_acc": "subtraction test acc. reached"}
-    for ax, key in zip(axs, caps):
+    # 2. trade-off: old task against new task during fine-tuning
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for d in shown:
+        for i, r in enumerate(trend_runs(d)):
+            ax.plot(r["ft_sub_test_acc"], r["ft_add_acc"], color=colors[d], alpha=0.6,
+                    lw=0.9, label=f"depth {d}" if i == 0 else None)
+            ax.plot(r["ft_sub_test_acc"][0], r["ft_add_acc"][0], "o", color=colors[d], ms=3)
+    ax.set(xlabel="subtraction test accuracy (new task)",
+           ylabel="addition accuracy, all pairs (old task)",
+           title="trade-off during fine-tuning (one line per seed)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "tradeoff.png"), dpi=110)
+    plt.close(fig)
+
+    # 3. half-life, addition accuracy when subtraction reaches 0.5 / 0.9, pre-training
+    # steps against depth. Censored values (never halved / never reached) are drawn at
+    # the cap as red ▲ with a count.
+    keys = {"half_life": ("forgetting half-life (fine-tuning steps)", config.ft_steps),
+            "add_acc_at_sub_0.5": ("addition acc. when sub. test acc. ≥ 0.5", None),
+            "add_acc_at_sub_0.9": ("addition acc. when sub. test acc. ≥ 0.9", None),
+            "pretrain_steps": ("pre-training steps to meet the bar", config.max_steps)}
+    fig, axs = plt.subplots(1, 4, figsize=(16, 3.9))
+    for ax, (key, (label, cap)) in zip(axs, keys.items()):
         for d in depths:
             st = pdp[str(d)][key]
             vals = st["values"]
@@ -230,15 +343,19 @@ def _figures(config, summary, out_dir) -> None:
             ax.scatter([d] * len(ok), ok, color=colors[d], alpha=0.7, s=18)
             n_cens = len(vals) - len(ok)
             if n_cens:
-                ax.scatter([d], [caps[key]], marker="^", color="red", s=30)
-                ax.annotate(f"{n_cens}/{len(vals)} > cap", (d, caps[key]),
+                y = cap if cap is not None else 0.0
+                ax.scatter([d], [y], marker="^", color="red", s=30)
+                ax.annotate(f"{n_cens}/{len(vals)} never", (d, y),
                             textcoords="offset points", xytext=(0, 6), ha="center",
                             fontsize=7, color="red")
             if st["mean"] is not None:
                 ax.errorbar([d], [st["mean"]], yerr=[st["std"]], fmt="k_", capsize=4, ms=14)
-        ax.set(xlabel="depth", ylabel=labels[key], xticks=list(depths))
+        ax.set(xlabel="depth", ylabel=label, xticks=list(depths))
         ax.grid(alpha=0.3)
-    axs[0].set_title("step at which addition acc. halves")
+    t = summary.get("trend", {}).get("half_life", {})
+    if t.get("spearman_rho") is not None:
+        axs[0].set_title(f"Spearman ρ = {t['spearman_rho']:.2f}, p = {t['p_value']:.2g}",
+                         fontsize=9)
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "depth_summary.png"), dpi=110)
     plt.close(fig)
@@ -298,18 +415,50 @@ def _figures(config, summary, out_dir) -> None:
         save_figure(fig, os.path.join(out_dir, "particle.png"), dpi=110)
         plt.close(fig)
 
-    # 6. pre-training curves
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # 6. pre-training curves: training accuracy and accuracy on all pairs
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
     for d in depths:
         for s in seeds:
             r = runs[f"d{d}_s{s}_r{config.rank}"]
-            ax.plot(r["pre_steps"], r["pre_test_acc_curve"], color=colors[d], alpha=0.7,
-                    label=f"depth {d}" if s == seeds[0] else None)
-    ax.axhline(config.target_acc, color="k", ls=":", lw=1)
-    ax.set(xlabel="pre-training step", ylabel="addition test accuracy",
-           title=f"pre-training (p = {config.p}, d = {config.d_model})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+            lab = f"depth {d}" if s == seeds[0] else None
+            axs[0].plot(r["pre_steps"], r["pre_train_acc_curve"], color=colors[d],
+                        alpha=0.7, lw=0.9, label=lab)
+            if r.get("pre_all_acc_curve") and r["pre_all_acc_curve"][0] is not None:
+                axs[1].plot(r["pre_steps"], r["pre_all_acc_curve"], color=colors[d],
+                            alpha=0.7, lw=0.9, label=lab)
+            else:
+                axs[1].plot(r["pre_steps"], r["pre_test_acc_curve"], color=colors[d],
+                            alpha=0.7, lw=0.9, label=lab)
+    for ax, thr, name in ((axs[0], config.target_train_acc, "training accuracy"),
+                          (axs[1], config.target_all_acc or config.target_acc,
+                           "accuracy, all pairs" if config.target_all_acc else "test accuracy")):
+        if thr > 0:
+            ax.axhline(thr, color="k", ls=":", lw=1)
+        ax.set(xlabel="pre-training step", ylabel=f"addition {name}")
+        ax.grid(alpha=0.3)
+    axs[0].set_title(f"pre-training (p = {config.p}, d = {config.d_model})")
+    axs[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "pretrain.png"), dpi=110)
     plt.close(fig)
+
+    # 7. capacity evidence for the depth left out
+    cap = summary.get("capacity") or []
+    if cap:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        widths = sorted({c["d_model"] for c in cap})
+        styles = dict(zip(widths, ("-", "--", ":", "-.")))
+        lrs = sorted({c["lr"] for c in cap})
+        lc = {lr: plt.get_cmap("plasma")(i / max(1, len(lrs))) for i, lr in enumerate(lrs)}
+        for c in cap:
+            ax.plot(c["steps"], c["train_acc"], ls=styles.get(c["d_model"], "-"),
+                    color=lc[c["lr"]], label=f"d_model {c['d_model']}, lr {c['lr']:g}")
+        if config.target_train_acc > 0:
+            ax.axhline(config.target_train_acc, color="k", ls=":", lw=1)
+        ax.set(xlabel="pre-training step", ylabel="addition training accuracy",
+               title=f"depth {cap[0]['depth']}: can it fit the training set?")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out_dir, "capacity.png"), dpi=110)
+        plt.close(fig)

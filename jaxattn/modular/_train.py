@@ -107,21 +107,53 @@ def _write_metrics(out_dir: str, rows: list[dict[str, Any]], extra: dict[str, An
 
 
 # -- optimiser and loss -------------------------------------------------------------
-def adamw(lr: float, b1: float, b2: float, weight_decay: float, warmup: int, dtype
-          ) -> optax.GradientTransformation:
-    """AdamW (optax) with a linear warm-up over `warmup` steps, then constant `lr`.
+def adamw(lr: float, b1: float, b2: float, weight_decay: float, warmup: int, dtype, *,
+          schedule: str = "constant", total_steps: int | None = None,
+          min_lr_frac: float = 0.05, clip: float = 0.0) -> optax.GradientTransformation:
+    """AdamW (optax) with a linear warm-up over `warmup` steps, then a constant `lr`
+    (`schedule="constant"`), or optax's warm-up + cosine decay to `min_lr_frac · lr` at
+    `total_steps` (`"cosine"`); `clip > 0` first clips the gradient to that global norm.
 
     The schedule returns the parameters' dtype so that float32 training works under
     strict dtype promotion with x64 enabled."""
     dt = jnp.dtype(dtype)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}; choose constant or cosine")
+    if schedule == "cosine" and (total_steps is None or total_steps <= warmup):
+        raise ValueError("a cosine schedule needs total_steps > warmup")
 
-    def schedule(count):
+    if schedule == "cosine":
+        cosine = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps,
+                                                    min_lr_frac * lr)
+        return _with_clip(optax.adamw(lambda c: cosine(c).astype(dt), b1=b1, b2=b2,
+                                      weight_decay=weight_decay), clip)
+
+    def sched(count):
         if warmup == 0:
             return jnp.asarray(lr, dt)
         frac = jnp.minimum(1, (count + 1).astype(dt) / warmup)
         return (lr * frac).astype(dt)
 
-    return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    return _with_clip(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay), clip)
+
+
+def _with_clip(opt: optax.GradientTransformation, clip: float) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+
+
+def meets_bar(row: dict, config: ModularConfig) -> bool:
+    """Whether a pre-training metrics row meets the configured bar (test, train and
+    all-pairs accuracy thresholds; a threshold of 0 is not required)."""
+    return (row["test_acc"] >= config.target_acc
+            and row["train_acc"] >= config.target_train_acc
+            and row.get("all_acc", 1.0) >= config.target_all_acc)
+
+
+def bar_text(config: ModularConfig) -> str:
+    parts = [f"{k} acc ≥ {v}" for k, v in (("test", config.target_acc),
+                                           ("train", config.target_train_acc),
+                                           ("all-pairs", config.target_all_acc)) if v > 0]
+    return ", ".join(parts) or "no bar"
 
 
 def _logits(model, x):
@@ -290,25 +322,30 @@ def steps_to(rows, key: str, threshold: float):
 
 
 def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_log=None):
-    """Pre-train on `(x + y) mod p` until the test accuracy reaches `config.target_acc`
-    (or `max_steps`). Writes `metrics.{csv,json}`, `checkpoint.eqx`, `model.eqx`,
-    `summary.json` in `out_dir`; resumes from `checkpoint.eqx` if present."""
+    """Pre-train on `(x + y) mod p` for `max_steps`, or until the metrics meet the bar
+    (`meets_bar`) when `stop_at_target`. Writes `metrics.{csv,json}`, `checkpoint.eqx`,
+    `model.eqx`, `summary.json` in `out_dir`; resumes from `checkpoint.eqx` if present.
+    `summary["steps_to_target"]` is the first logged step that met the bar (None if none
+    did) and `summary["reached_target"]` whether the final model meets it."""
     check_output_dir(out_dir)
     model = ModularTransformer(config, key=jax.random.key(config.seed))
     split = make_split(config.p, "+", config.train_frac, config.seed)
-    sets = as_device_sets(split, ("train", "test"))
+    names = ("train", "test", "all") if config.target_all_acc > 0 else ("train", "test")
+    sets = as_device_sets(split, names)
     opt = adamw(config.lr, config.beta1, config.beta2, config.weight_decay, config.warmup,
-                config.dtype)
+                config.dtype, schedule=config.schedule, total_steps=config.max_steps,
+                min_lr_frac=config.min_lr_frac, clip=config.clip)
     fp = config.subset(PRETRAIN_KEYS)
     model, rows, info = train(
         model, trainable_filter(model, lora_only=False), opt, train_set=sets["train"],
         eval_sets=sets, steps=config.max_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, out_dir=out_dir, kind="pretrain",
-        fingerprint=fp, stop=lambda r: r["test_acc"] >= config.target_acc,
+        fingerprint=fp, stop=(lambda r: meets_bar(r, config)) if config.stop_at_target else None,
         on_log=on_log, progress=progress)
+    first = next((r["step"] for r in rows if meets_bar(r, config)), None)
     summary = {"config": config.as_dict(), "steps": info["step"],
-               "steps_to_target": info["stopped_at"],
-               "reached_target": info["stopped_at"] is not None,
+               "steps_to_target": first,
+               "reached_target": meets_bar(rows[-1], config),
                "final": rows[-1], "resumed_from": info["resumed_from"]}
     save_tree(os.path.join(out_dir, "model.eqx"),
               {"kind": "model", "fingerprint": fp, "step": info["step"]}, model)
