@@ -104,3 +104,22 @@ def test_peers_quick_smoke():
 def test_peers_bad_flag():
     r = _run("peers.py", "--batch", "0", timeout=60)
     assert r.returncode != 0 and "error" in r.stderr.strip().splitlines()[-1]
+
+
+def test_modular_finetune_targets_smoke(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('p = 7\nd_model = 16\ntrain_frac = 0.6\nmax_steps = 40\nlog_every = 20\n'
+                   'checkpoint_every = 40\nrank = 4\nalpha = 2.0\nschedule = "cosine"\n'
+                   'warmup = 5\nclip = 1.0\n')
+    out = tmp_path / "r.json"
+    r = _run("modular_finetune_targets.py", "--config", str(cfg), "--depth", "2", "--seeds",
+             "2", "--ft-steps", "50", "--grid", "V:1e-3:4:0.01", "ALL:1e-3:0:0.01",
+             "--json", str(out), pythonpath=str(BENCH.parent))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"V:1e-3:4:0.01 \|\s+\d\.\d{3} \| \d\.\d{3} \(\d\.\d{3}\)", r.stdout)
+    assert "ALL:1e-3:0:0.01" in r.stdout
+    import json
+
+    res = json.loads(out.read_text())["results"]
+    assert [x["setting"] for x in res] == ["V:1e-3:4:0.01", "ALL:1e-3:0:0.01"]
+    assert all(len(x["sub_test_acc"]) == 2 and 0 <= min(x["sub_test_acc"]) for x in res)
