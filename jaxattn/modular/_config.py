@@ -99,9 +99,12 @@ class ModularConfig:
 
 
 QUICK = {"p": 11, "d_model": 32, "max_steps": 600, "log_every": 50, "checkpoint_every": 200,
-             "ft_steps": 200, "ft_log_every": 20, "ft_checkpoint_every": 100, "depths": (1, 2),
-             "seeds": (0, 1), "ranks": (1, 4), "rank_depth": 2, "rank": 4, "alpha": 2.0,
-             "particle_prompts": 16, "lr": 3e-3, "ft_lr": 1e-3, "train_frac": 0.8}
+         "ft_steps": 200, "ft_log_every": 10, "ft_checkpoint_every": 100, "depths": (1, 2),
+         "seeds": (0, 1), "ranks": (1, 4), "rank_depth": 2, "rank": 4, "alpha": 2.0,
+         "particle_prompts": 16, "lr": 3e-3, "ft_lr": 1e-3, "train_frac": 0.8,
+         "schedule": "cosine", "warmup": 50, "clip": 1.0, "stop_at_target": False,
+         "target_acc": 0.0, "target_train_acc": 0.9, "target_all_acc": 0.8,
+         "targets": ("Q", "K", "V", "O")}
 
 
 def is_prime(n: int) -> bool:
