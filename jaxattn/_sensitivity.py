@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +38,10 @@ from ._lora import LoRA
 from ._simulate import ADJOINTS, STATUS_MESSAGES, simulate
 from ._validate import TARGETS, check_choice
 
-OBJECTIVES = ("mean_sq", "divergence")
+OBJECTIVES = ("mean_sq", "squared_distance")
+#: old objective names still accepted (with a one-line FutureWarning) and what they mean
+#: now. "divergence" is `e(t) = max_i |x_i − x̃_i|` everywhere else (`jaxattn.divergence`).
+OBJECTIVE_ALIASES = {"divergence": "squared_distance"}
 WRT = ("Q", "K", "V", "beta", "x0", "lora")
 #: forward mode costs one JVP per input entry; above this many entries it is refused.
 MAX_FORWARD_ENTRIES = 2048
@@ -49,10 +53,23 @@ def mean_sq(x: Float[Array, "n d"]) -> Float[Array, ""]:
     return 0.5 * jnp.mean(jnp.sum(x * x, axis=-1))
 
 
-def divergence_sq(x: Float[Array, "n d"], x_ref: Float[Array, "n d"]) -> Float[Array, ""]:
-    """`½ · Σ_i |x_i − x̃_i|²`."""
+def squared_distance(x: Float[Array, "n d"], x_ref: Float[Array, "n d"]) -> Float[Array, ""]:
+    """`½ · Σ_i |x_i − x̃_i|²` (the sensitivity objective; not `e = max_i |x_i − x̃_i|`,
+    which is `jaxattn.divergence`)."""
     diff = x - x_ref
     return 0.5 * jnp.sum(diff * diff)
+
+
+def check_objective(objective: str) -> str:
+    """The canonical objective name; an old name (`OBJECTIVE_ALIASES`) is mapped to its new
+    one with a one-line `FutureWarning`."""
+    if isinstance(objective, str) and objective.lower() in OBJECTIVE_ALIASES:
+        new = OBJECTIVE_ALIASES[objective.lower()]
+        warnings.warn(f"objective {objective!r} is deprecated, use {new!r} (½·Σ_i |Δx_i|²; "
+                      f"'divergence' means e = max_i |Δx_i| elsewhere)", FutureWarning,
+                      stacklevel=3)
+        return new
+    return check_choice(objective, "objective", OBJECTIVES)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -141,15 +158,16 @@ def objective_fn(field: AbstractField, t1: float, objective: str | Callable = "m
                  solve: dict[str, Any] | None = None) -> Callable:
     """`f(params) -> (value, status)` for the params of `field_params`.
 
-    `objective`: `"mean_sq"` (`½ mean_i |x_i(t1)|²`), `"divergence"`
+    `objective`: `"mean_sq"` (`½ mean_i |x_i(t1)|²`), `"squared_distance"`
     (`½ Σ_i |x_i(t1) − x̃_i(t1)|²`, `x̃` the same run without the field's LoRA; both runs
-    depend on the parameters) or a callable `g(x_t1) -> scalar`.
+    depend on the parameters; the old name `"divergence"` is mapped to it with a warning)
+    or a callable `g(x_t1) -> scalar`.
     """
     if isinstance(objective, str):
-        objective = check_choice(objective, "objective", OBJECTIVES)
-        if objective == "divergence" and not field.loras:
-            raise ValueError("objective divergence compares runs with and without the LoRA, "
-                             "but the field has no LoRA")
+        objective = check_objective(objective)
+        if objective == "squared_distance" and not field.loras:
+            raise ValueError("objective squared_distance compares runs with and without the "
+                             "LoRA, but the field has no LoRA")
     kw = _solve_kwargs(solve, check_choice(adjoint, "adjoint", ADJOINTS), checkpoints)
 
     def f(p):
@@ -160,7 +178,7 @@ def objective_fn(field: AbstractField, t1: float, objective: str | Callable = "m
         if objective == "mean_sq":
             return mean_sq(x), status
         x_ref, status_ref = final_state(_strip_lora(fld), p["x0"], t1, **kw)
-        return divergence_sq(x, x_ref), jnp.maximum(status, status_ref)
+        return squared_distance(x, x_ref), jnp.maximum(status, status_ref)
 
     return f
 
@@ -175,8 +193,8 @@ def value_and_grad(field: AbstractField, x0, t1: float,
     **Arguments:**
 
     - `field`, `x0 (n, d)`, `t1`: as for `simulate` (single run, no batches).
-    - `objective`: `"mean_sq"`, `"divergence"` or a callable of `x(t1)` (see
-      `objective_fn`).
+    - `objective`: `"mean_sq"`, `"squared_distance"` (`½ Σ_i |x_i − x̃_i|²`; old name
+      `"divergence"`) or a callable of `x(t1)` (see `objective_fn`).
     - `adjoint`: `"checkpoint"` (reverse mode, diffrax recursive checkpointing with
       `checkpoints` checkpoints; default `log(steps)`), `"forward"` (`jax.jacfwd` with
       diffrax `ForwardMode`: one JVP per input entry; refused above
@@ -202,6 +220,8 @@ def value_and_grad(field: AbstractField, x0, t1: float,
         wrt = ("Q", "K", "V", "beta", "x0") + (("lora",) if len(field.loras) == 1 else ())
     wrt = _check_wrt(wrt, field)
     adjoint = check_choice(adjoint, "adjoint", ADJOINTS)
+    if isinstance(objective, str):
+        objective = check_objective(objective)
     params = field_params(field, x0)
     keys = [k for k in params if k in wrt or (k.startswith("lora_") and "lora" in wrt)]
     diff = {k: params[k] for k in keys}

@@ -90,18 +90,20 @@ def test_adaptive_gradients_match_finite_differences(dynamics):
         assert abs(ad - fd) <= 1e-5 * abs(fd), (adjoint, ad, fd)
 
 
-def test_checkpoint_count_and_divergence_objective():
-    """Fewer checkpoints recompute more but give the same gradient; the divergence
+def test_checkpoint_count_and_squared_distance_objective():
+    """Fewer checkpoints recompute more but give the same gradient; the squared_distance
     objective differentiates both runs (with and without the LoRA) and is zero-valued
     exactly when the LoRA vanishes."""
     field, x0 = _case("plain")
-    a = S.value_and_grad(field, x0, T1, "divergence", solver="rk4", dt=0.1)
-    b = S.value_and_grad(field, x0, T1, "divergence", checkpoints=2, solver="rk4", dt=0.1)
+    a = S.value_and_grad(field, x0, T1, "squared_distance", solver="rk4", dt=0.1)
+    b = S.value_and_grad(field, x0, T1, "squared_distance", checkpoints=2, solver="rk4",
+                         dt=0.1)
     assert a.value > 0
     for k in a.grads:
         np.testing.assert_allclose(a.grads[k], b.grads[k], rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="no LoRA"):
-        S.value_and_grad(field.without_lora(), x0, T1, "divergence", solver="rk4", dt=0.1)
+        S.value_and_grad(field.without_lora(), x0, T1, "squared_distance", solver="rk4",
+                         dt=0.1)
     with pytest.raises(ValueError, match="LoRA gradient"):
         S.value_and_grad(field.without_lora(), x0, T1, wrt=["lora"], solver="rk4", dt=0.1)
     with pytest.raises(ValueError, match="one JVP per input entry"):
@@ -243,7 +245,7 @@ def _spec(tmp_path, *, dyn="plain", kind="mean_sq", adjoint="checkpoint", lora=T
 @pytest.mark.parametrize("adjoint", ["checkpoint", "forward"])
 def test_cli_sensitivity_writes_value_and_gradients(tmp_path, adjoint):
     out = tmp_path / "g.npz"
-    assert main(["sensitivity", _spec(tmp_path, kind="divergence", adjoint=adjoint),
+    assert main(["sensitivity", _spec(tmp_path, kind="squared_distance", adjoint=adjoint),
                  "--out", str(out)]) == 0
     z = np.load(out)
     for k in ("value", "grad_Q", "grad_K", "grad_V", "grad_x0", "grad_lora_A", "grad_lora_B"):
@@ -252,17 +254,67 @@ def test_cli_sensitivity_writes_value_and_gradients(tmp_path, adjoint):
     spec = json.loads(str(z["spec"]))
     field = ja.make_field("plain", beta=1.0, d=2,
                           lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])))
-    ref = S.value_and_grad(field, np.asarray(spec["init"]["x0"]), 1.0, "divergence",
+    ref = S.value_and_grad(field, np.asarray(spec["init"]["x0"]), 1.0, "squared_distance",
                            solver="rk4", dt=0.1)
     np.testing.assert_allclose(float(z["value"]), ref.value, rtol=1e-12)
     np.testing.assert_allclose(z["grad_V"], ref.grads["V"], rtol=1e-9, atol=1e-14)
+
+
+def test_squared_distance_is_half_sum_of_squares_and_old_name_maps_to_it():
+    """The objective is ½Σ_i|x_i − x̃_i|² (not `jaxattn.divergence` = max_i|x_i − x̃_i|);
+    the old name "divergence" still works, with a FutureWarning, and gives the same."""
+    field, x0 = _case("plain")
+    solve = dict(solver="rk4", dt=0.1)
+    x = ja.simulate(field, x0, T1, **solve).xs[-1]
+    xr = ja.simulate(field.without_lora(), x0, T1, **solve).xs[-1]
+    g = S.value_and_grad(field, x0, T1, "squared_distance", wrt=["V"], **solve)
+    assert g.value == pytest.approx(0.5 * float(jnp.sum((x - xr) ** 2)), rel=1e-12)
+    assert g.objective == "squared_distance"
+    with pytest.warns(FutureWarning, match="deprecated.*squared_distance"):
+        old = S.value_and_grad(field, x0, T1, "divergence", wrt=["V"], **solve)
+    assert old.objective == "squared_distance" and old.value == g.value
+
+
+@pytest.mark.parametrize("kind", ["squared_distance", "divergence"])
+def test_cli_prints_the_objective_and_e_T_by_their_definitions(tmp_path, capsys, kind):
+    """The CLI prints the objective as ½Σ|Δx|² under its own name and e(T) = max_i|Δx_i|
+    (`jaxattn.divergence`), each matching its definition on a small case."""
+    import re
+
+    out = tmp_path / "g.npz"
+    with pytest.warns(FutureWarning) if kind == "divergence" else _nullcontext():
+        assert main(["sensitivity", _spec(tmp_path, kind=kind), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    z = np.load(out)
+    spec = json.loads(str(z["spec"]))
+    field = ja.make_field("plain", beta=1.0, d=2,
+                          lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])))
+    x0 = np.asarray(spec["init"]["x0"])
+    x = ja.simulate(field, x0, 1.0, solver="rk4", dt=0.1).xs[-1]
+    xr = ja.simulate(field.without_lora(), x0, 1.0, solver="rk4", dt=0.1).xs[-1]
+    half_sq = 0.5 * float(jnp.sum((x - xr) ** 2))
+    e_T = float(jnp.max(jnp.linalg.norm(x - xr, axis=-1)))
+    assert "divergence" not in text
+    m = re.search(r"squared_distance ½·Σ_i \|Δx_i\|² = ([0-9.eE+-]+)", text)
+    assert m and float(m.group(1)) == pytest.approx(half_sq, rel=1e-9), text
+    m = re.search(r"e\(T\) = max_i \|Δx_i\| = ([0-9.eE+-]+)", text)
+    assert m and float(m.group(1)) == pytest.approx(e_T, rel=1e-9), text
+    assert float(z["e_T"]) == pytest.approx(e_T, rel=1e-12)
+    assert str(z["objective"]) == "squared_distance"
+    assert e_T > 0 and half_sq != pytest.approx(e_T)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize("kw, message", [
     (dict(kind="variance"), "unknown objective kind"),
     (dict(adjoint="reverse"), "unknown adjoint"),
     (dict(lora=False, extra='wrt = ["lora"]'), "LoRA gradient"),
-    (dict(lora=False, kind="divergence"), "no [lora]"),
+    (dict(lora=False, kind="squared_distance"), "no [lora]"),
     (dict(extra='colour = "red"'), "unknown key in [objective]"),
     (dict(adjoint="forward", extra="checkpoints = 4"), "checkpoint only"),
 ])

@@ -4,13 +4,16 @@ gradient.
 The spec file is a `simulate` spec with an `[objective]` table:
 
     [objective]
-    kind = "mean_sq"        # ½·mean_i |x_i(t1)|²   | "divergence": ½·Σ_i |x_i(t1) − x̃_i(t1)|²
+    kind = "mean_sq"        # ½·mean_i |x_i(t1)|²   | "squared_distance": ½·Σ_i |x_i(t1) − x̃_i(t1)|²
+                            # (x̃: the run without the LoRA; old name "divergence", deprecated)
     adjoint = "checkpoint"  # | "forward" | "backsolve"
     checkpoints = 16        # optional, checkpoint adjoint only
     wrt = ["Q", "V", "x0"]  # optional: subset of Q, K, V, beta, x0, lora (default: all)
 
 OUT.npz holds `value`, `grad_Q`, `grad_K`, `grad_V`, `grad_beta`, `grad_x0` (and
-`grad_lora_A`, `grad_lora_B` when the spec has a LoRA), for the names in `wrt`.
+`grad_lora_A`, `grad_lora_B` when the spec has a LoRA), for the names in `wrt`; with a
+LoRA also `e_T` = `e(t1) = max_i |x_i(t1) − x̃_i(t1)|` (`jaxattn.divergence`), printed
+next to the objective.
 
 `jaxattn sensitivity-experiment --out DIR [--quick]` runs the worst-case LoRA experiment
 (`jaxattn.experiments.worst_case_lora`).
@@ -42,11 +45,12 @@ def register(sub) -> None:
 
 def parse_objective(raw: dict) -> tuple[dict, dict]:
     """Split the `[objective]` table off a raw spec; validate it (one-line errors)."""
-    from .._sensitivity import OBJECTIVES, WRT
+    from .._sensitivity import OBJECTIVE_ALIASES, OBJECTIVES, WRT
     from .._simulate import ADJOINTS
 
     if "objective" not in raw:
-        raise ValueError("the spec needs an [objective] table (kind = mean_sq | divergence)")
+        raise ValueError("the spec needs an [objective] table "
+                         "(kind = mean_sq | squared_distance)")
     obj = raw["objective"]
     if not isinstance(obj, dict):
         raise ValueError(f"[objective] must be a table/object, got {type(obj).__name__}")
@@ -55,8 +59,15 @@ def parse_objective(raw: dict) -> tuple[dict, dict]:
         raise ValueError(f"unknown key{'s' if len(extra) > 1 else ''} in [objective]: "
                          f"{', '.join(extra)} (allowed: {', '.join(sorted(OBJECTIVE_KEYS))})")
     if "kind" not in obj:
-        raise ValueError("[objective] needs kind = mean_sq | divergence")
+        raise ValueError("[objective] needs kind = mean_sq | squared_distance")
     kind = obj["kind"]
+    if kind in OBJECTIVE_ALIASES:
+        import warnings
+
+        warnings.warn(f"objective kind {kind!r} is deprecated, use "
+                      f"{OBJECTIVE_ALIASES[kind]!r} (½·Σ_i |Δx_i|²; e(T) = max_i |Δx_i| is "
+                      f"printed as well)", FutureWarning, stacklevel=2)
+        kind = OBJECTIVE_ALIASES[kind]
     if kind not in OBJECTIVES:
         raise ValueError(f"unknown objective kind {kind!r}; choose {' | '.join(OBJECTIVES)}")
     adjoint = obj.get("adjoint", "checkpoint")
@@ -95,9 +106,9 @@ def handle(args) -> int:
     field = sim.field
     if obj["wrt"] is not None and "lora" in obj["wrt"] and not field.loras:
         raise ValueError("objective wrt asks for a LoRA gradient but the spec has no [lora]")
-    if obj["kind"] == "divergence" and not field.loras:
-        raise ValueError("objective divergence compares the runs with and without the LoRA; "
-                         "the spec has no [lora]")
+    if obj["kind"] == "squared_distance" and not field.loras:
+        raise ValueError("objective squared_distance compares the runs with and without the "
+                         "LoRA; the spec has no [lora]")
     import numpy as np
 
     from .._sensitivity import value_and_grad
@@ -111,12 +122,35 @@ def handle(args) -> int:
         return 1
     wall = time.perf_counter() - t0
     arrays = {f"grad_{k}": np.asarray(v) for k, v in res.grads.items()}
+    extra, e_text = {}, ""
+    if field.loras:
+        e_T = lora_divergence(field, sim.x0, sim.t1, sim.solve)
+        extra["e_T"] = np.asarray(e_T)
+        e_text = f"; e(T) = max_i |Δx_i| = {e_T:.10g}"
     write_npz(out, value=np.asarray(res.value), objective=obj["kind"], adjoint=obj["adjoint"],
-              spec=json.dumps(sim.resolved), **arrays)
+              spec=json.dumps(sim.resolved), **extra, **arrays)
     names = ", ".join(sorted(arrays))
-    print(f"wrote {out}: {obj['kind']} = {res.value:.10g} and {names} "
-          f"({obj['adjoint']} adjoint, {wall:.2f} s)")
+    print(f"wrote {out}: {obj['kind']} {OBJECTIVE_FORMULAS[obj['kind']]} = {res.value:.10g}"
+          f"{e_text}; and {names} ({obj['adjoint']} adjoint, {wall:.2f} s)")
     return 0
+
+
+#: how the CLI writes each objective next to its name
+OBJECTIVE_FORMULAS = {"mean_sq": "½·mean_i |x_i|²", "squared_distance": "½·Σ_i |Δx_i|²"}
+
+
+def lora_divergence(field, x0, t1: float, solve: dict) -> float:
+    """`e(t1) = max_i |x_i(t1) − x̃_i(t1)|` (`jaxattn.divergence`) between the run of
+    `field` and the same run without its LoRA, `Δx = x − x̃`."""
+    from .._metrics import divergence
+    from .._sensitivity import _check_status, _solve_kwargs, final_state
+
+    kw = _solve_kwargs(solve, "checkpoint", None)
+    x, s1 = final_state(field, x0, t1, **kw)
+    x_ref, s2 = final_state(field.without_lora(), x0, t1, **kw)
+    _check_status(s1)
+    _check_status(s2)
+    return float(divergence(x, x_ref))
 
 
 def handle_experiment(args) -> int:
