@@ -2,6 +2,12 @@
 
 Tokens are particles, weight-tied attention layers an ODE in depth, LoRA a low-rank
 perturbation of Q, K, V. The mathematics and the papers behind it: docs/theory.md.
+
+A first run: `setup_jax("float64")`, a field (`make_field`, or `PlainField`,
+`RescaledField`, `SphereField`, `USAField`), then `simulate(field, x0, t1, ...)`, which
+returns a `Solution`. Spec files (TOML/JSON, as the command line reads them) go through
+`load_spec` then `parse_spec` (or `parse_sweep`). `__all__` lists every public name,
+grouped by topic; each has a docstring. Modules whose names start with `_` are private.
 """
 
 from ._attention import (
@@ -55,8 +61,13 @@ from ._metrics import (
     pairwise_distances as pairwise_distances,
     support as support,
 )
+from ._io import OutputBusyError as OutputBusyError
 from ._sensitivity import (
+    ClusterChange as ClusterChange,
+    Gradient as Gradient,
+    LinearResponse as LinearResponse,
     ResponseOperator as ResponseOperator,
+    WorstCase as WorstCase,
     field_params as field_params,
     linear_response as linear_response,
     perturbed as perturbed,
@@ -66,8 +77,16 @@ from ._sensitivity import (
     worst_case as worst_case,
     worst_case_direction as worst_case_direction,
 )
+from ._setup import setup_jax as setup_jax
+from ._spec import (
+    Simulation as Simulation,
+    SpecError as SpecError,
+    load_spec_file as load_spec,
+    parse_spec as parse_spec,
+)
 from ._sweep import (
     SweepError as SweepError,
+    SweepPlan as SweepPlan,
     map_sharded as map_sharded,
     parse_sweep as parse_sweep,
     run_chunks as run_chunks,
@@ -93,3 +112,96 @@ from ._wbounds import (
     WassersteinBound as WassersteinBound,
     wasserstein_bound as wasserstein_bound,
 )
+
+# The public API, grouped as `help(jaxattn)` should present it. Everything here has a
+# docstring; the modules with a leading underscore are private.
+__all__ = [
+    # fields, attention and LoRA
+    "AbstractField",
+    "PlainField",
+    "RescaledField",
+    "SphereField",
+    "USAField",
+    "make_field",
+    "LoRA",
+    "attend",
+    "attention_scores",
+    "softmax_weights",
+    "unnormalised_weights",
+    # solving
+    "setup_jax",
+    "simulate",
+    "Solution",
+    "STATUS_MESSAGES",
+    "Float32PrecisionWarning",
+    "fixed_step_grid",
+    "RK4",
+    "get_solver",
+    # spec files
+    "load_spec",
+    "parse_spec",
+    "Simulation",
+    "SpecError",
+    # metrics
+    "approach_departure",
+    "approach_departure_times",
+    "booleanness",
+    "cluster_centres",
+    "cluster_centres_masked",
+    "cluster_count",
+    "cluster_distance",
+    "cluster_labels",
+    "divergence",
+    "energy",
+    "fraction_close_pairs",
+    "gram",
+    "hausdorff",
+    "leaders",
+    "mean_cosine",
+    "one_sided_distance",
+    "pairwise_distances",
+    "support",
+    # stability bounds
+    "Bound",
+    "bound_a_posteriori",
+    "bound_a_priori",
+    "certified_horizon",
+    "WassersteinBound",
+    "wasserstein_bound",
+    # sensitivity
+    "objective_value_and_grad",
+    "Gradient",
+    "field_params",
+    "perturbed",
+    "linear_response",
+    "LinearResponse",
+    "ResponseOperator",
+    "worst_case",
+    "worst_case_direction",
+    "WorstCase",
+    "random_directions",
+    "smallest_cluster_change",
+    "ClusterChange",
+    # sweeps
+    "parse_sweep",
+    "SweepPlan",
+    "sweep",
+    "SweepError",
+    "OutputBusyError",
+    "run_chunks",
+    "map_sharded",
+    # optimal transport
+    "cost_matrix",
+    "entropic_ot",
+    "geodesic_distance",
+    "optimal_assignment",
+    "sinkhorn_divergence",
+    "sliced_wasserstein2",
+    "wasserstein2",
+    "wasserstein2_line",
+    # mean field
+    "InitialMeasure",
+    "simulate_ladder",
+    "ladder_distances",
+    "measure_divergence",
+]

@@ -35,7 +35,8 @@ from ._validate import (
 
 
 class SpecError(ValueError):
-    """A spec file that cannot be used; the message is one line."""
+    """A spec (file or dictionary) that cannot be used; the message is one line naming
+    the offending key. Raised by `load_spec` and `parse_spec`; a `ValueError`."""
 
 
 TOP_KEYS = {"dynamics", "beta", "dtype", "Q", "K", "V", "attention", "block", "init", "lora",
@@ -48,7 +49,16 @@ SOLVE_KEYS = {"t1", "solver", "dt", "rtol", "atol", "ts", "max_steps", "renormal
 
 @dataclasses.dataclass
 class Simulation:
-    """A resolved spec: what `simulate` needs, plus the resolved spec as plain data."""
+    """A parsed spec (what `parse_spec` returns): what `simulate` needs, plus the
+    resolved spec as plain data.
+
+    - `field`: the vector field (with the spec's LoRA, if any); `base_field` is the same
+      field without it.
+    - `x0 (n, d)`: the initial tokens; `t1`: the final time.
+    - `solve`: the remaining `simulate` options (`solver`, `dt`, `rtol`, `ts`, ...).
+    - `resolved`: the spec with defaults filled in and random draws written out
+      (JSON-ready; a random `[init]` also keeps the keys that drew it, for the record).
+    """
 
     field: AbstractField
     x0: jax.Array
@@ -58,11 +68,25 @@ class Simulation:
 
     @property
     def base_field(self) -> AbstractField:
+        """`field` without its LoRA (the unperturbed run)."""
         return self.field.without_lora()
 
 
 def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a `.toml` or `.json` spec (by extension; otherwise try TOML then JSON)."""
+    """Read a spec file into a plain dictionary (public name: `jaxattn.load_spec`).
+
+    Nothing is validated beyond the file format: pass the result to `parse_spec` (a
+    simulation spec) or `parse_sweep` (a sweep spec).
+
+    **Arguments:**
+
+    - `path`: a `.toml` or `.json` file (by extension; any other name is tried as TOML,
+      then as JSON).
+
+    **Returns:** the file's top-level table as a `dict`.
+
+    **Raises:** `SpecError` (one line) if the file cannot be read or parsed.
+    """
     from ._io import read_regular_file
 
     path = os.fspath(path)
@@ -260,7 +284,22 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
 
 
 def parse_spec(spec: dict[str, Any]) -> Simulation:
-    """Validate a spec dictionary and build a `Simulation`."""
+    """Validate a simulation spec and build what `simulate` needs.
+
+    **Arguments:**
+
+    - `spec`: a spec as plain data (what `load_spec` returns, or a `dict` written by
+      hand): top-level `dynamics`, `beta`, `dtype`, `Q`/`K`/`V`, `attention`, `block`,
+      and the tables `init` (explicit `x0`, or `kind`/`n`/`d`/`seed`), `lora` (optional)
+      and `solve` (`t1` and step options). Unknown keys are errors. `dtype` float64 (the
+      default) needs 64-bit JAX: call `setup_jax("float64")` first.
+
+    **Returns:** a `Simulation`: run it with
+    `simulate(sim.field, sim.x0, sim.t1, **sim.solve)`. `sim.resolved` is the spec with
+    every default filled in and the drawn tokens and LoRA written out (JSON-ready).
+
+    **Raises:** `SpecError`, whose message is one line naming the offending key.
+    """
     if not isinstance(spec, dict):
         raise SpecError("a spec must be a table/object")
     _unknown(spec, TOP_KEYS, "the spec")

@@ -12,19 +12,14 @@ import os
 import sys
 import time
 
+from ._setup import setup_jax as setup_jax  # also public as jaxattn.setup_jax
+
 EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own convention)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def setup_jax(dtype: str = "float64") -> None:
-    import jax
-
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
 
 
 def cmd_simulate(args) -> int:
