@@ -56,7 +56,7 @@ def run_jax(case, n, d, steps, repeat):
     import numpy as np
 
     import jaxattn as ja
-    from jaxattn import _sensitivity as S
+    from jaxattn._sensitivity import objective_fn  # the raw objective, to time jax.grad alone
 
     if case == "baseline":
         jnp.zeros(1).block_until_ready()
@@ -75,8 +75,8 @@ def run_jax(case, n, d, steps, repeat):
                              "checkpoint-all": ("checkpoint", ("Q", "K", "V"), steps),
                              "backsolve": ("backsolve", ("Q", "K", "V"), None),
                              "forward-1dir": ("forward", ("beta",), None)}[case]
-        f = S.objective_fn(field, t1, "mean_sq", adjoint=adjoint, checkpoints=cps, solve=solve)
-        p = S.field_params(field, x0)
+        f = objective_fn(field, t1, "mean_sq", adjoint=adjoint, checkpoints=cps, solve=solve)
+        p = ja.field_params(field, x0)
         diff = {k: p[k] for k in wrt}
         rest = {k: v for k, v in p.items() if k not in diff}
         if adjoint == "forward":

@@ -332,8 +332,8 @@ def scan_sweep(spec):
     import jax.numpy as jnp
     import jax.scipy.linalg as jsl
 
-    from jaxattn import cluster_count, divergence, pairwise_distances
-    from jaxattn._sweep import _PointBuilder, parse_sweep
+    from jaxattn import cluster_count, divergence, pairwise_distances, parse_sweep
+    from jaxattn._sweep import _PointBuilder  # the sweep's own LoRAs and tokens per point
 
     plan = parse_sweep(spec)
     b = _PointBuilder(plan)
@@ -477,7 +477,7 @@ def main():
     spec = sweep_spec(a.sweep_seeds, a.quick)
     t = interleaved({"jaxattn sweep": jaxattn_sweep(spec), "scan": scan_sweep(spec)},
                     a.repeat)
-    from jaxattn._sweep import parse_sweep
+    from jaxattn import parse_sweep
 
     pts = parse_sweep(spec).n_points
     print(f"docs sweep ({pts} points, n = 32, d = 2, float64, t1 = {spec['solve']['t1']}, "
