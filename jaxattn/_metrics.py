@@ -46,16 +46,30 @@ def gram(x: Float[Array, "n d"]) -> Float[Array, "n n"]:
     return u @ u.T
 
 
+def chord_from_cosine_gap(delta):
+    """The cluster threshold (a chord length) equivalent to `1 − cos(x_i, x_j) ≤ delta`:
+    `sqrt(2·delta)`, since `|u − v|² = 2 − 2<u, v>` for unit vectors."""
+    if isinstance(delta, jax.Array):
+        return jnp.sqrt(2.0 * delta)
+    return float(np.sqrt(2.0 * float(delta)))  # a Python float: weakly typed in comparisons
+
+
 def _adjacency(x, threshold, sphere: bool):
     if sphere:
-        return gram(x) >= 1.0 - threshold
+        x = unit_rows(x)
     return pairwise_distances(x) <= threshold
 
 
 def cluster_labels(x: Float[Array, "n d"], threshold, *, sphere: bool = False
                    ) -> Int[Array, " n"]:
-    """Connected components of the graph `{|x_i − x_j| ≤ threshold}` (on the sphere:
-    `G_ij ≥ 1 − threshold`). Label = smallest token index in the component."""
+    """Connected components of the graph `{|x_i − x_j| ≤ threshold}`. Label = smallest
+    token index in the component.
+
+    `threshold` is a Euclidean distance in both geometries: with `sphere=True` it is the
+    chord `|x_i/|x_i| − x_j/|x_j||` between the normalised tokens (angle θ ↔ chord
+    `2 sin(θ/2)`; `1 − cos ≤ δ` ↔ chord `≤ chord_from_cosine_gap(δ) = sqrt(2δ)`), so the
+    same number means nearly the same on R^d and on the unit sphere (threshold 0.1 ≈ 5.7°).
+    """
     n = x.shape[0]
     adj = _adjacency(x, threshold, sphere)
     big = jnp.asarray(n, jnp.int32)

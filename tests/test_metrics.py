@@ -42,13 +42,42 @@ def test_chain_is_one_cluster_and_centres():
     np.testing.assert_allclose(sorted(centres[:, 0]), [0.09, 5.0], atol=1e-15)
 
 
-def test_sphere_clusters_use_gram():
+def test_sphere_cluster_threshold_is_a_chord_between_normalised_tokens():
     a = np.array([1.0, 0.0, 0.0])
-    b = np.array([np.cos(0.01), np.sin(0.01), 0.0])
+    b = 3.0 * np.array([np.cos(0.01), np.sin(0.01), 0.0])  # chord 2 sin(0.005) ≈ 0.01
     c = np.array([0.0, 0.0, 1.0])
     x = jnp.asarray(np.stack([a, b, c]))
-    assert int(ja.cluster_count(x, 1e-3, sphere=True)) == 2  # 1 − cos 0.01 = 5e-5 ≤ 1e-3
-    assert int(ja.cluster_count(x, 1e-5, sphere=True)) == 3
+    assert int(ja.cluster_count(x, 0.011, sphere=True)) == 2
+    assert int(ja.cluster_count(x, 0.009, sphere=True)) == 3
+    # 1 − cos ≤ δ is the chord sqrt(2δ): 1 − cos(0.01) ≈ 5e-5
+    from jaxattn._metrics import chord_from_cosine_gap
+
+    assert int(ja.cluster_count(x, chord_from_cosine_gap(6e-5), sphere=True)) == 2
+    assert int(ja.cluster_count(x, chord_from_cosine_gap(4e-5), sphere=True)) == 3
+    assert chord_from_cosine_gap(0.1) == pytest.approx(np.sqrt(0.2), rel=1e-15)
+
+
+def _uniform_sphere(rng, n, d=3):
+    x = rng.normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_sphere_threshold_does_not_call_random_points_one_cluster():
+    """200 uniform points on S² are far from clustered: at the sweep's default
+    threshold 0.1 (chord, ≈ 5.7°) they form many components — the same count as the
+    Euclidean components of the normalised points; three tight caps give 3."""
+    rng = np.random.default_rng(0)
+    x = _uniform_sphere(rng, 200)
+    k = int(ja.cluster_count(jnp.asarray(x), 0.1, sphere=True))
+    assert k > 100
+    assert k == connected_components(cdist(x, x) <= 0.1, directed=False)[0]
+    # unnormalised input: the sphere metric normalises first
+    assert int(ja.cluster_count(jnp.asarray(x * rng.uniform(0.5, 2.0, (200, 1))), 0.1,
+                                sphere=True)) == k
+    centres = np.eye(3)
+    caps = np.concatenate([c + 0.01 * _uniform_sphere(rng, 60) for c in centres])
+    caps = caps / np.linalg.norm(caps, axis=1, keepdims=True)
+    assert int(ja.cluster_count(jnp.asarray(caps), 0.1, sphere=True)) == 3
 
 
 def test_cluster_metrics_vmap_over_time():

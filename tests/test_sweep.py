@@ -269,6 +269,13 @@ def test_sphere_sweep_over_beta_with_tokens_summary(tmp_path):
     sim = parse_spec(plan.point_spec(3))  # beta 4, seed 1
     a = ja.simulate(sim.field, sim.x0, sim.t1, ts=res["ts"], **sim.solve)
     np.testing.assert_allclose(res["tokens"][1, 1], np.asarray(a.xs), rtol=0, atol=1e-12)
+    # On the sphere the default cluster_threshold 0.1 is a chord, as on R^d (not 1 − cos).
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial.distance import cdist
+
+    tok = res["tokens"].reshape(-1, 8, 3)
+    ref = [connected_components(cdist(x, x) <= 0.1, directed=False)[0] for x in tok]
+    np.testing.assert_array_equal(res["clusters"].reshape(-1), ref)
 
 
 def test_float32_adaptive_sweep_over_beta_seed_alpha(tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._fields import SphereField
 from .._io import check_output_dir, write_json, write_npz
-from .._metrics import cluster_count, gram
+from .._metrics import chord_from_cosine_gap, cluster_count, gram
 from .._simulate import simulate
 from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype
@@ -123,8 +123,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
                            cfg["n"], 2, dtype)
         sol = simulate(SphereField(d=2, beta=plateau_betas[c], dtype=dtype), x0,
                        cfg["plateau_t1"], dt=cfg["dt"], ts=pts, renormalise=True)
-        count = jax.vmap(jax.vmap(lambda x: cluster_count(x, cfg["plateau_threshold"],
-                                                          sphere=True)))
+        # plateau_threshold is a cosine gap (1 − cos ≤ δ); cluster_count takes a chord.
+        chord = chord_from_cosine_gap(cfg["plateau_threshold"])
+        count = jax.vmap(jax.vmap(lambda x: cluster_count(x, chord, sphere=True)))
         return {"counts": np.asarray(count(sol.xs))[None]}
 
     ident = {"experiment": NAME, "part": "plateau", "betas": plateau_betas,

@@ -26,12 +26,14 @@ import numpy as np
 
 from .._fields import SphereField
 from .._lora import LoRA
-from .._metrics import cluster_count, divergence, gram, mean_cosine
+from .._metrics import (chord_from_cosine_gap, cluster_count, divergence, gram,
+                        mean_cosine)
 from .._simulate import simulate
 from ._bert import BertEncoder, Checkpoint, hidden_states
 from ._load import encode
 
 CLUSTER_DELTA = 0.1  # tokens i, j are linked when cos(x_i, x_j) ≥ 1 − δ
+CLUSTER_CHORD = chord_from_cosine_gap(CLUSTER_DELTA)  # the same as cluster_count's chord
 HIST_BINS = 50  # pairwise-cosine histogram on [−1, 1]
 RANK_RTOL = (1e-3, 1e-2)  # rank = #{σ_i > rtol · σ_max}, at both tolerances
 SIMPLE_RTOL = 1e-6  # λ₁ is simple when every other eigenvalue is ≥ this·ρ away
@@ -81,7 +83,7 @@ def _state_stats(model: BertEncoder, ids, repeat: int):
     def per_state(x):
         g = gram(x)[iu]
         counts, _ = jnp.histogram(jnp.clip(g, -1.0, 1.0), bins=edges)
-        return (mean_cosine(x), cluster_count(x, CLUSTER_DELTA, sphere=True),
+        return (mean_cosine(x), cluster_count(x, CLUSTER_CHORD, sphere=True),
                 jnp.mean(jnp.sum(x * x, axis=-1)), counts)
 
     return jax.vmap(jax.vmap(per_state))(hs)
@@ -270,7 +272,7 @@ def particle(ck: Checkpoint, ids: np.ndarray, *, layer: int, heads, repeat: int,
     steps = real.shape[0] - 1
     x0 = real[0]
     real_mc = np.asarray(jax.vmap(mean_cosine)(real))
-    real_cc = np.asarray(jax.vmap(lambda x: cluster_count(x, CLUSTER_DELTA, sphere=True))(real))
+    real_cc = np.asarray(jax.vmap(lambda x: cluster_count(x, CLUSTER_CHORD, sphere=True))(real))
     ts = np.arange(steps + 1, dtype=np.float64)
     runs = []
     for a in heads:
@@ -281,7 +283,7 @@ def particle(ck: Checkpoint, ids: np.ndarray, *, layer: int, heads, repeat: int,
         xs = sol.xs.block_until_ready()
         wall = time.perf_counter() - t
         mc = np.asarray(jax.vmap(mean_cosine)(xs))
-        cc = np.asarray(jax.vmap(lambda x: cluster_count(x, CLUSTER_DELTA, sphere=True))(xs))
+        cc = np.asarray(jax.vmap(lambda x: cluster_count(x, CLUSTER_CHORD, sphere=True))(xs))
         # Agreement of the cluster geometry: correlation of the off-diagonal Gram entries
         # of the particle state at time k and the real state k layers later.
         iu = np.triu_indices(x0.shape[0], 1)
