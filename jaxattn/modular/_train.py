@@ -7,8 +7,8 @@ both the parameters and the optax state).
 
 Every `log_every` steps one jitted call runs `log_every` AdamW steps inside `lax.scan`
 (one host round trip), then the metrics (loss and accuracy on every evaluation set) are
-appended to `metrics.csv` / `metrics.json`. Every `checkpoint_every` steps the trainable
-leaves, the optimiser state, the step and the metrics so far are written to
+recorded; they are written to `metrics.csv` / `metrics.json` with every checkpoint and at
+the end. Every `checkpoint_every` steps the trainable leaves, the optimiser state, the step and the metrics so far are written to
 `checkpoint.eqx` atomically (a JSON header line, then `eqx.tree_serialise_leaves`).
 Restarting the same command resumes from that checkpoint; because chunks always start on
 multiples of `log_every` and the compiled chunk is the same program, a resumed run ends
@@ -263,8 +263,10 @@ def train(model, filter_spec, optimizer, *, train_set, eval_sets, steps: int,
             row = record(params, step)
             if stop is not None and stop(row):
                 stopped_at = step
-            _write_metrics(out_dir, rows, extra)
             if step % checkpoint_every == 0 or step >= steps or stopped_at is not None:
+                # The metrics files are rewritten whole, so only as often as the
+                # checkpoint (writing them at every log made a run quadratic in logs).
+                _write_metrics(out_dir, rows, extra)
                 checkpoint()
             bar.update(n)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("acc")})
