@@ -1,0 +1,280 @@
+"""The public API is learnable from `help(jaxattn)`: every public name is in `__all__`
+with a docstring, every type a public function returns or raises is public, and the
+docs, README, benchmarks and notebooks use public names, not private modules."""
+
+import inspect
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+import jaxattn as ja
+from jaxattn import _io, _sensitivity, _spec, _sweep, cli
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+# ----------------------------------------------------------------------------- __all__
+def test_all_lists_exactly_the_public_names():
+    assert len(ja.__all__) == len(set(ja.__all__)), "a name appears twice in __all__"
+    public = {n for n in dir(ja) if not n.startswith("_")
+              and not inspect.ismodule(getattr(ja, n))}
+    assert set(ja.__all__) == public
+
+
+@pytest.mark.parametrize("name", ja.__all__)
+def test_public_name_resolves_and_has_a_docstring(name):
+    obj = getattr(ja, name)
+    if inspect.isclass(obj):
+        doc = obj.__dict__.get("__doc__")
+        # A dataclass without a docstring gets its signature as __doc__.
+        assert doc and not doc.startswith(f"{obj.__name__}("), f"{name} has no docstring"
+    elif callable(obj):
+        assert inspect.getdoc(obj), f"{name} has no docstring"
+    else:  # data: STATUS_MESSAGES
+        assert name.isupper(), f"{name} is neither a class, a function nor a constant"
+
+
+def test_help_shows_the_public_names():
+    import pydoc
+
+    text = pydoc.render_doc(ja, renderer=pydoc.plaintext)
+    # Each name heads an entry of its own ("class Name(...)", "name(...)", "NAME = ...").
+    missing = [n for n in ja.__all__ if not re.search(rf"^ *(class )?{n}\b", text, re.M)]
+    assert not missing, f"help(jaxattn) does not show {missing}"
+
+
+# ----------------------------------------------------------------------------- types
+EXPECTED = {
+    # sensitivity: what the public functions return
+    "Gradient": _sensitivity.Gradient,
+    "LinearResponse": _sensitivity.LinearResponse,
+    "WorstCase": _sensitivity.WorstCase,
+    "ClusterChange": _sensitivity.ClusterChange,
+    "ResponseOperator": _sensitivity.ResponseOperator,
+    # sweeps and specs: what they return and raise
+    "SweepPlan": _sweep.SweepPlan,
+    "SweepError": _sweep.SweepError,
+    "OutputBusyError": _io.OutputBusyError,
+    "Simulation": _spec.Simulation,
+    "SpecError": _spec.SpecError,
+    # functions under one public name each
+    "objective_value_and_grad": _sensitivity.value_and_grad,
+    "load_spec": _spec.load_spec_file,
+    "parse_spec": _spec.parse_spec,
+    "parse_sweep": _sweep.parse_sweep,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_returned_and_raised_types_are_public(name):
+    assert getattr(ja, name) is EXPECTED[name]
+    assert name in ja.__all__
+
+
+def test_setup_jax_has_one_public_home():
+    assert ja.setup_jax is cli.setup_jax  # the old import path keeps working
+
+
+def test_every_error_and_warning_of_the_core_is_public():
+    # What a public function raises or warns must be catchable by a public name.
+    import importlib
+    import pkgutil
+
+    missing = []
+    for info in pkgutil.iter_modules(ja.__path__):
+        if not info.name.startswith("_") or info.name.startswith("__"):
+            continue
+        mod = importlib.import_module(f"jaxattn.{info.name}")
+        for name, obj in vars(mod).items():
+            if (inspect.isclass(obj) and issubclass(obj, Exception)
+                    and obj.__module__ == mod.__name__ and not name.startswith("_")
+                    and getattr(ja, name, None) is not obj):
+                missing.append(f"{mod.__name__}.{name}")
+    assert not missing, f"errors/warnings without a public name: {missing}"
+
+
+def _annotated_jaxattn_classes(fn):
+    """The jaxattn classes named in `fn`'s return annotation."""
+    fn = inspect.unwrap(fn)
+    ann = getattr(fn, "__annotations__", {}).get("return")
+    if ann is None:
+        return set()
+    if not isinstance(ann, str):
+        ann = repr(ann)
+    found = set()
+    for ident in re.findall(r"[A-Za-z_]\w*", ann):
+        obj = fn.__globals__.get(ident)
+        if inspect.isclass(obj) and obj.__module__.startswith("jaxattn."):
+            found.add(obj)
+    return found
+
+
+def _public_callables():
+    for name in ja.__all__:
+        obj = getattr(ja, name)
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj) and obj.__module__.startswith("jaxattn."):
+            for m, f in vars(obj).items():
+                f = f.__func__ if isinstance(f, (staticmethod, classmethod)) else f
+                f = f.fget if isinstance(f, property) else f
+                if not m.startswith("_") and inspect.isfunction(f):
+                    yield f"{name}.{m}", f
+
+
+def test_every_annotated_return_type_is_public():
+    missing = {}
+    for where, fn in _public_callables():
+        for cls in _annotated_jaxattn_classes(fn):
+            if getattr(ja, cls.__name__, None) is not cls:
+                missing[where] = f"{cls.__module__}.{cls.__name__}"
+    assert not missing, f"returned types not reachable as jaxattn.<Name>: {missing}"
+
+
+# ------------------------------------------------------------- no private imports in docs
+def _user_facing_texts():
+    files = [ROOT / "README.md"]
+    files += [p for p in sorted((ROOT / "docs").rglob("*.md"))
+              if p.name != "modular.md" and "modular" not in p.relative_to(ROOT / "docs").parts]
+    files += sorted((ROOT / "benchmarks").glob("*.py"))
+    files += sorted((ROOT / "benchmarks").glob("*.md"))
+    for p in files:
+        yield str(p.relative_to(ROOT)), p.read_text(encoding="utf-8")
+    for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(p.read_text(encoding="utf-8"))
+        for i, cell in enumerate(nb["cells"]):
+            src = cell["source"]
+            yield f"notebooks/{p.name} cell {i}", src if isinstance(src, str) else "".join(src)
+
+
+_FROM_PRIVATE = re.compile(r"from\s+jaxattn\.(_\w+)\s+import\s+\(?([\w\s,]+)\)?")
+
+
+def _private_uses(text):
+    """(line, why) for each use of a private jaxattn module where a public name exists.
+
+    `from jaxattn._mod import a, b` is allowed only for names that `jaxattn` does not
+    export (internals a benchmark times on purpose, like the sweep's point builder);
+    `from jaxattn import _mod`, `import jaxattn._mod` and prose naming a private module
+    are not."""
+    bad = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if re.search(r"from\s+jaxattn\s+import\s+.*\b_(?!_)\w+", line):
+            bad.append((lineno, line.strip()))
+            continue
+        if not re.search(r"jaxattn\._(?!_)", line):  # jaxattn.__all__ is public
+            continue
+        m = _FROM_PRIVATE.search(line)
+        if m is None:
+            bad.append((lineno, line.strip()))
+            continue
+        names = [n.split(" as ")[0].strip() for n in m.group(2).split(",") if n.strip()]
+        public = [n for n in names if n in ja.__all__]
+        if public:
+            bad.append((lineno, f"{line.strip()}  (public: {', '.join(public)})"))
+    return bad
+
+
+def test_no_private_imports_in_docs_benchmarks_notebooks():
+    bad = {f"{where}:{lineno}": line for where, text in _user_facing_texts()
+           for lineno, line in _private_uses(text)}
+    assert not bad, "private jaxattn modules used where public names exist:\n" + "\n".join(
+        f"{k}: {v}" for k, v in bad.items())
+
+
+def test_setup_jax_comes_from_jaxattn_in_docs_and_notebooks():
+    old = [where for where, text in _user_facing_texts()
+           if re.search(r"from\s+jaxattn\.cli\s+import\s+setup_jax", text)]
+    assert not old, f"import setup_jax from jaxattn, not jaxattn.cli: {old}"
+
+
+def test_private_use_detector():
+    assert _private_uses("from jaxattn import _sensitivity as S")
+    assert _private_uses("import jaxattn._metrics")
+    assert _private_uses("`jaxattn._sensitivity` differentiates")
+    assert _private_uses("from jaxattn._sweep import _PointBuilder, parse_sweep")
+    assert not _private_uses("from jaxattn._sweep import _PointBuilder")
+    assert not _private_uses("from jaxattn import load_spec, parse_spec")
+    assert not _private_uses("`jaxattn.__all__` lists them; from jaxattn import __version__")
+
+
+# ----------------------------------------------------------------------------- specs
+SPEC_TOML = """\
+dynamics = "rescaled"
+beta = 2.0
+
+[init]
+x0 = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.5]]
+
+[lora]
+target = "V"
+A = [[0.1, 0.2]]
+B = [[0.3], [0.4]]
+
+[solve]
+t1 = 1.0
+dt = 0.1
+"""
+
+
+def test_load_and_parse_spec_round_trip(tmp_path):
+    import tomllib
+
+    path = tmp_path / "run.toml"
+    path.write_text(SPEC_TOML, encoding="utf-8")
+    raw = ja.load_spec(path)
+    assert raw == tomllib.loads(SPEC_TOML)
+    sim = ja.parse_spec(raw)
+    assert isinstance(sim, ja.Simulation)
+    assert isinstance(sim.field, ja.AbstractField) and sim.t1 == 1.0
+    np.testing.assert_array_equal(np.asarray(sim.x0), raw["init"]["x0"])
+    # The resolved spec, written as JSON and read back, is the same simulation.
+    again_path = tmp_path / "resolved.json"
+    again_path.write_text(json.dumps(sim.resolved), encoding="utf-8")
+    again = ja.parse_spec(ja.load_spec(again_path))
+    assert again.resolved == sim.resolved
+    assert again.solve == sim.solve and again.t1 == sim.t1
+    np.testing.assert_array_equal(np.asarray(again.x0), np.asarray(sim.x0))
+    a = ja.simulate(sim.field, sim.x0, sim.t1, **sim.solve)
+    b = ja.simulate(again.field, again.x0, again.t1, **again.solve)
+    np.testing.assert_array_equal(np.asarray(a.xs), np.asarray(b.xs))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}, "colour": 1}, "unknown key"),
+    ({"init": {"x0": [[0.0, 1.0]]}}, "needs t1"),
+    ({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}, "beta": -1.0}, "beta"),
+    ("not a table", "table/object"),
+])
+def test_bad_spec_raises_spec_error_in_one_line(spec, match):
+    with pytest.raises(ja.SpecError, match=match) as info:
+        ja.parse_spec(spec)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_spec_file_raises_spec_error_in_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("beta = = 1\n", encoding="utf-8")
+    with pytest.raises(ja.SpecError) as info:
+        ja.load_spec(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ja.SpecError, match="not found"):
+        ja.load_spec(tmp_path / "missing.toml")
+
+
+def test_sweep_spec_goes_through_load_spec(tmp_path):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({
+        "init": {"kind": "uniform", "n": 4, "d": 2},
+        "solve": {"t1": 1.0, "dt": 0.1},
+        "grid": {"beta": [0.5, 1.0, 2.0]},
+    }), encoding="utf-8")
+    plan = ja.parse_sweep(ja.load_spec(path))
+    assert isinstance(plan, ja.SweepPlan) and plan.n_points == 3
+    assert isinstance(ja.parse_spec(plan.point_spec(1)), ja.Simulation)
+    with pytest.raises(ja.SweepError):
+        ja.parse_sweep({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}})
