@@ -13,7 +13,7 @@ import numpy as np
 
 from ._attention import exact_row_max, use_blockwise
 from ._custom_types import Array, Float, Int
-from ._fields import AbstractField
+from ._fields import AbstractField, expm
 from ._lora import LoRA
 from ._metrics import unit_rows
 from ._solvers import ADAPTIVE, RK4, get_solver
@@ -52,6 +52,10 @@ class Solution(eqx.Module):
       3 non-finite values (`STATUS_MESSAGES`). A failed member never crashes the batch.
     - `num_steps`: accepted solver steps per member.
     - `norm_drift`: for sphere dynamics, `max_{t,i} | |x_i(t)| − 1 |` per member, else None.
+    - `frame` (property): the variable `xs` holds. `"z"` for rescaled dynamics: `xs` is
+      `z(t) = e^{−tV} x(t)` (the rescaled variable, in which clusters stay put; see
+      docs/theory.md, 'Rescaled dynamics'); `"x"` for the others (the tokens themselves).
+      `to_x(field)` returns `x(t)` in either case.
     """
 
     ts: Float[Array, " T"]
@@ -73,6 +77,47 @@ class Solution(eqx.Module):
     @property
     def final(self) -> Float[Array, "*batch n d"]:
         return self.xs[..., -1, :, :]
+
+    @property
+    def frame(self) -> str:
+        """`"z"` when `xs` is the rescaled variable `z = e^{−tV} x` (rescaled dynamics),
+        `"x"` when it holds the tokens themselves."""
+        return FRAMES[self.dynamics]
+
+    def to_x(self, field: AbstractField) -> Float[Array, "*batch T n d"]:
+        """The tokens `x(t)` at the output times: `xs` itself in frame `"x"`, and
+        `x(t) = e^{tV} z(t)` in frame `"z"` (`field`: the field that was solved, whose `V`,
+        LoRAs included, defines the frame; a stacked LoRA gives one `V` per member).
+        `x(t)` grows like `e^{t·max Re λ(V)}`; for large t it may overflow where `z`
+        does not."""
+        if field.dynamics != self.dynamics:
+            raise ValueError(f"this solution is of {self.dynamics} dynamics, the field is "
+                             f"{field.dynamics}")
+        if self.frame == "x":
+            return self.xs
+        return rescaled_to_x(field, self.ts, self.xs)
+
+
+#: the variable a solution of each dynamics holds (see `Solution.frame`)
+FRAMES = {"plain": "x", "rescaled": "z", "sphere": "x", "usa": "x"}
+
+
+def rescaled_to_x(field: AbstractField, ts: Float[Array, " T"],
+                  zs: Float[Array, "*batch T n d"]) -> Float[Array, "*batch T n d"]:
+    """`x(t) = e^{tV} z(t)` for a trajectory `zs` of the rescaled variable saved at `ts`
+    (`V = field.weight("V")`; with a stacked LoRA, `zs` has the LoRA batch axes first, as
+    `simulate` returns them)."""
+    V = field.weight("V")
+    zs = jnp.asarray(zs, V.dtype)
+    ts = jnp.asarray(ts, V.dtype)
+    lead = V.shape[:-2]
+    if zs.ndim < 3 + len(lead) or zs.shape[-3] != ts.shape[0] or zs.shape[-1] != field.d:
+        raise ValueError(f"tokens of shape {tuple(zs.shape)} do not match {ts.shape[0]} "
+                         f"times and d = {field.d} (a summary is not a trajectory)")
+    flat = V.reshape((-1,) + V.shape[-2:])
+    E = jax.vmap(lambda v: jax.vmap(lambda t: expm(t * v))(ts))(flat)  # (m, T, d, d)
+    E = E.reshape(lead + (1,) * (zs.ndim - 3 - len(lead)) + E.shape[1:])
+    return zs @ jnp.swapaxes(E, -1, -2)
 
 
 class _Projected(diffrax.AbstractWrappedSolver):
@@ -510,7 +555,8 @@ def simulate(
     - `field`: a `PlainField`, `RescaledField`, `SphereField` or `USAField`. Its LoRA may
       be stacked (batch of perturbations): the solve is vmapped over it.
     - `x0`: tokens `(n, d)` or a batch `(*batch, n, d)`; all are solved in one jitted
-      call. With a stacked LoRA too, the result is the outer product
+      call. For rescaled dynamics `x0` is `z(t0) = e^{−t0·V} x(t0)` (`= x(0)` when
+      `t0 = 0`) and the solution stays in that frame (`Solution.frame`, `Solution.to_x`). With a stacked LoRA too, the result is the outer product
       `(*lora_batch, *x0_batch, T, n, d)`.
     - `t1`: final time (≥ t0).
     - `solver`: `euler | heun | rk4 | tsit5 | dopri5 | dopri8` or a diffrax solver.
@@ -530,7 +576,8 @@ def simulate(
       leading axes `(*batch, T)`, and memory stays O(T × summary size) however many
       tokens there are. `norm_drift` is not computed then.
 
-    **Returns:** a `Solution`. Members whose solve fails get a non-zero `status`; the
+    **Returns:** a `Solution` (its `xs` in the frame `Solution.frame`: the rescaled
+    variable `z` for rescaled dynamics, `x` otherwise). Members whose solve fails get a non-zero `status`; the
     batch still returns.
     """
     if not isinstance(field, AbstractField):

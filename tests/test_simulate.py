@@ -206,3 +206,43 @@ def test_backsolve_works_on_any_field_and_saveat(save_every_step):
     # gradient, ≈ 1e-7 relative at dt = 0.05 (measured); 1e-5 leaves margin.
     np.testing.assert_allclose(g_back, g_ref, rtol=1e-5, atol=1e-8)
     assert float(loss(V, "backsolve")) == pytest.approx(float(loss(V, "checkpoint")), rel=1e-14)
+
+
+def test_solution_states_its_frame_and_to_x_undoes_the_rescaling():
+    """A rescaled solution holds z = e^{−tV} x (frame "z"); `to_x` gives x(t) = e^{tV} z(t)
+    (checked against scipy.linalg.expm in float64), which is the plain dynamics' x(t);
+    the other dynamics hold x already. Batches: a stacked LoRA on V (one V per member)
+    and a batch of initial conditions."""
+    from helpers import random_weights
+    from scipy.linalg import expm
+
+    Q, K, V = random_weights(jax.random.key(3), 3)
+    x0 = jnp.stack([_x0(5, 3, seed=s) for s in range(2)])  # (2, n, d)
+    f = ja.RescaledField(Q, K, V, beta=1.0)
+    sol = ja.simulate(f, x0, 2.0, dt=0.01, t0=0.5)
+    assert sol.frame == "z"
+    xs = np.asarray(sol.to_x(f))
+    ts = np.asarray(sol.ts)
+    ref = np.stack([np.asarray(sol.xs)[:, k] @ expm(t * np.asarray(V)).T
+                    for k, t in enumerate(ts)], axis=1)
+    np.testing.assert_allclose(xs, ref, rtol=1e-12, atol=1e-13)
+    # x0 is z(t0), so x(t0) = e^{t0 V} x0 starts the plain run.
+    plain = ja.simulate(ja.PlainField(Q, K, V, beta=1.0), x0 @ expm(0.5 * np.asarray(V)).T,
+                        2.0, dt=0.01, t0=0.5)
+    assert plain.frame == "x" and plain.to_x(ja.PlainField(Q, K, V)) is plain.xs
+    np.testing.assert_allclose(xs, np.asarray(plain.xs), rtol=1e-8, atol=1e-9)
+    assert ja.simulate(ja.SphereField(d=3), x0, 0.1).frame == "x"
+    # stacked LoRA on V: member m uses V + ΔV_m
+    A = jax.random.normal(jax.random.key(4), (2, 1, 3), jnp.float64)
+    B = jax.random.normal(jax.random.key(5), (2, 3, 1), jnp.float64)
+    fl = ja.RescaledField(Q, K, V, lora=ja.LoRA(A, B, 1.0, "V"))
+    sl = ja.simulate(fl, x0, 1.0, dt=0.05)
+    xl = np.asarray(sl.to_x(fl))
+    assert xl.shape == (2, 2, sl.ts.shape[0], 5, 3)
+    for m in range(2):
+        Vm = np.asarray(V) + np.asarray(B[m] @ A[m])
+        ref = np.stack([np.asarray(sl.xs)[m, :, k] @ expm(t * Vm).T
+                        for k, t in enumerate(np.asarray(sl.ts))], axis=1)
+        np.testing.assert_allclose(xl[m], ref, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="rescaled dynamics"):
+        sol.to_x(ja.PlainField(Q, K, V))
