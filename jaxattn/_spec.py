@@ -41,7 +41,7 @@ class SpecError(ValueError):
 
 TOP_KEYS = {"dynamics", "beta", "dtype", "Q", "K", "V", "attention", "block", "init", "lora",
             "solve"}
-INIT_KEYS = {"x0", "kind", "n", "d", "low", "high", "scale", "seed"}
+INIT_KEYS = {"x0", "kind", "n", "d", "low", "high", "scale", "seed", "drawn"}
 INIT_KINDS = ("uniform", "normal", "sphere")
 LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed"}
 SOLVE_KEYS = {"t1", "solver", "dt", "rtol", "atol", "ts", "max_steps", "renormalise"}
@@ -191,8 +191,13 @@ def _matrix(value, name: str, dtype) -> jax.Array:
 def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
     """Tokens from `[init]`: explicit `x0`, or a seeded random draw."""
     _unknown(init, INIT_KEYS, "[init]")
+    if "drawn" in init and ("x0" not in init or not isinstance(init["drawn"], dict)):
+        raise SpecError("[init] drawn records how an explicit x0 was drawn (a table); it "
+                        "goes with x0 only")
     if "x0" in init:
-        others = sorted(set(init) - {"x0"})
+        # `drawn` (kind, n, seed, ... of a random draw) is provenance only: a resolved spec
+        # saved with its draw written out as x0 keeps it and runs again as it is.
+        others = sorted(set(init) - {"x0", "drawn"})
         if others:
             raise SpecError(f"[init] x0 is explicit; remove {', '.join(others)}")
         x0 = _matrix(init["x0"], "init x0", dtype)
@@ -405,7 +410,9 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         "Q": np.asarray(field.Q).tolist(),
         "K": np.asarray(field.K).tolist(),
         "V": np.asarray(field.V).tolist(),
-        "init": {"x0": np.asarray(x0).tolist(), **{k: v for k, v in init.items() if k != "x0"}},
+        "init": {"x0": np.asarray(x0).tolist(),
+                 **({"drawn": {k: v for k, v in init.items() if k != "x0"}}
+                    if "x0" not in init else {k: v for k, v in init.items() if k != "x0"})},
         "solve": {"t1": t1, **{k: (v.tolist() if isinstance(v, np.ndarray) else v)
                                for k, v in kw.items()}},
     }

@@ -65,10 +65,19 @@ def test_simulate_json_random_init_and_lora(tmp_path):
     lora = json.loads(str(z["spec"]))["lora"]
     assert np.linalg.norm(np.asarray(lora["B"]) @ np.asarray(lora["A"]) / 2, 2) == \
         pytest.approx(0.2, rel=1e-10)
+    # The saved spec (random draws written out) runs again as it is, to the same numbers;
+    # the draw's parameters are kept as provenance under [init] drawn.
+    saved = json.loads(str(z["spec"]))
+    assert saved["init"]["drawn"] == {"kind": "sphere", "n": 7, "d": 3, "seed": 4}
+    again = str(tmp_path / "again.npz")
+    assert main(["simulate", _write(tmp_path, "saved.json", json.dumps(saved)), "--out", again]) == 0
+    np.testing.assert_array_equal(np.load(again)["xs"], z["xs"])
+    assert json.loads(str(np.load(again)["spec"])) == saved
 
 
 BAD = [
     ("", r"needs an \[init\] table"),
+    ('[init]\nkind="uniform"\nn=2\nd=2\n[init.drawn]\nseed=1\n[solve]\nt1=1.0', "drawn records"),
     ('dynamics = "foo"\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0', "unknown dynamics 'foo'"),
     ('colour = 1\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0', "unknown key in the spec: colour"),
     ('[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndtt=0.1', r"unknown key in \[solve\]: dtt"),
