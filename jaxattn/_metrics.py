@@ -1,13 +1,20 @@
 """Cluster and divergence statistics (see docs/theory.md, 'Clustering' and
 'Departure time').
 
-Every function acts on one token set `(n, d)` (or a pair of them) and is jittable and
-vmappable; `jax.vmap` batches them over time or over a sweep. Non-finite tokens are
-never read as distances: the functions that return a decision (times, counts) come with
-eager wrappers that raise on NaN/inf, and the jittable forms return NaN, never "far".
+Every function is defined on one token set `(n, d)` (or a pair of them) and accepts
+leading batch axes `(..., n, d)` (times, seeds, sweep points), which broadcast against
+each other like NumPy's and give outputs of shape `(...)` plus the function's own
+(`jnp.vectorize` with the signature in `_batched`); all are jittable and vmappable. The
+exception is `cluster_centres`, whose compact NumPy output has a data-dependent size.
+Non-finite tokens are never read as distances: the functions that return a decision
+(times, counts) come with eager wrappers that raise on NaN/inf, and the jittable forms
+return NaN, never "far".
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +23,49 @@ import numpy as np
 from ._custom_types import Array, Bool, Float, Int
 
 
+def _batched(signature: str):
+    """Let `fn(*arrays, **static)`, written for one configuration, take leading batch
+    axes: `jnp.vectorize(fn, signature=signature)`, with the arrays' batch axes first
+    padded to the same number (so one configuration against a batch, e.g. fixed centres
+    against a trajectory, is explicit broadcasting, never rank promotion). Keyword
+    arguments are static (not batched); without batch axes `fn` is called directly."""
+    inputs = signature.split("->")[0]
+    core = [len([c for c in g.split(",") if c.strip()])
+            for g in re.findall(r"\(([^)]*)\)", inputs)]
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            f = functools.partial(fn, **kwargs) if kwargs else fn
+            ranks = [max(jnp.ndim(a) - c, 0) if a is not None else 0
+                     for a, c in zip(args, core)]
+            batch = max(ranks, default=0)
+            if batch == 0:
+                return f(*args)
+            args = [a if a is None or jnp.ndim(a) == 0
+                    else jnp.reshape(jnp.asarray(a), (1,) * (batch - r) + jnp.shape(a))
+                    for a, r in zip(args, ranks)]
+            return jnp.vectorize(f, signature=signature)(*args)
+
+        return wrapper
+
+    return deco
+
+
 def _require_finite(x, name: str) -> None:
     if not isinstance(x, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
         raise ValueError(f"{name} contains NaN or inf; non-finite tokens have no distance "
                          "(check the solve's status)")
 
 
-def pairwise_distances(x: Float[Array, "n d"], y: Float[Array, "m d"] | None = None
-                       ) -> Float[Array, "n m"]:
+def pairwise_distances(x: Float[Array, "*batch n d"], y: Float[Array, "*batch m d"] | None = None
+                       ) -> Float[Array, "*batch n m"]:
     """Euclidean distances `|x_i − y_j|` (y defaults to x), computed from differences."""
-    y = x if y is None else y
+    return _pairwise_distances(x, x if y is None else y)
+
+
+@_batched("(n,d),(m,d)->(n,m)")
+def _pairwise_distances(x, y):
     diff = x[:, None, :] - y[None, :, :]
     return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
 
@@ -40,7 +80,8 @@ def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
     return y / jnp.linalg.norm(y, axis=-1, keepdims=True)
 
 
-def gram(x: Float[Array, "n d"]) -> Float[Array, "n n"]:
+@_batched("(n,d)->(n,n)")
+def gram(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n n"]:
     """Gram matrix of the normalised tokens, `G_ij = <x_i/|x_i|, x_j/|x_j|>`."""
     u = unit_rows(x)
     return u @ u.T
@@ -60,8 +101,9 @@ def _adjacency(x, threshold, sphere: bool):
     return pairwise_distances(x) <= threshold
 
 
-def cluster_labels(x: Float[Array, "n d"], threshold, *, sphere: bool = False
-                   ) -> Int[Array, " n"]:
+@_batched("(n,d),()->(n)")
+def cluster_labels(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+                   ) -> Int[Array, "*batch n"]:
     """Connected components of the graph `{|x_i − x_j| ≤ threshold}`. Label = smallest
     token index in the component.
 
@@ -91,15 +133,17 @@ def cluster_labels(x: Float[Array, "n d"], threshold, *, sphere: bool = False
     return labels
 
 
-def cluster_count(x: Float[Array, "n d"], threshold, *, sphere: bool = False
-                  ) -> Int[Array, ""]:
+@_batched("(n,d),()->()")
+def cluster_count(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+                  ) -> Int[Array, "*batch"]:
     """Number of clusters (connected components at `threshold`)."""
     labels = cluster_labels(x, threshold, sphere=sphere)
     return jnp.sum(labels == jnp.arange(x.shape[0], dtype=jnp.int32))
 
 
-def cluster_centres_masked(x: Float[Array, "n d"], threshold, *, sphere: bool = False
-                           ) -> tuple[Float[Array, "n d"], Bool[Array, " n"]]:
+@_batched("(n,d),()->(n,d),(n)")
+def cluster_centres_masked(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+                           ) -> tuple[Float[Array, "*batch n d"], Bool[Array, "*batch n"]]:
     """Jittable centres: row `k` is the mean of component `k`, valid where `mask[k]`."""
     n = x.shape[0]
     labels = cluster_labels(x, threshold, sphere=sphere)
@@ -110,19 +154,28 @@ def cluster_centres_masked(x: Float[Array, "n d"], threshold, *, sphere: bool = 
 
 
 def cluster_centres(x, threshold, *, sphere: bool = False) -> np.ndarray:
-    """Centres of the clusters as a compact NumPy array `(k, d)` (eager only)."""
+    """Centres of the clusters as a compact NumPy array `(k, d)` (eager only; one
+    configuration `(n, d)`: `k` depends on the data, use `cluster_centres_masked` for
+    batches)."""
+    if np.ndim(x) != 2:
+        raise ValueError(f"cluster_centres takes one configuration (n, d), got shape "
+                         f"{np.shape(x)}; use cluster_centres_masked for batches")
     _require_finite(x, "tokens")
     centres, mask = cluster_centres_masked(jnp.asarray(x), threshold, sphere=sphere)
     return np.asarray(centres)[np.asarray(mask)]
 
 
-def hausdorff(x: Float[Array, "n d"], y: Float[Array, "m d"]) -> Float[Array, ""]:
+@_batched("(n,d),(m,d)->()")
+def hausdorff(x: Float[Array, "*batch n d"], y: Float[Array, "*batch m d"]
+              ) -> Float[Array, "*batch"]:
     """Two-sided Hausdorff distance between the token sets (sees merges and splits)."""
     dist = pairwise_distances(x, y)
     return jnp.maximum(jnp.max(jnp.min(dist, axis=1)), jnp.max(jnp.min(dist, axis=0)))
 
 
-def one_sided_distance(x: Float[Array, "n d"], c: Float[Array, "m d"]) -> Float[Array, ""]:
+@_batched("(n,d),(m,d)->()")
+def one_sided_distance(x: Float[Array, "*batch n d"], c: Float[Array, "*batch m d"]
+                       ) -> Float[Array, "*batch"]:
     """The paper's metric `D = max_i min_c |x_i − c|` (one-sided: blind to merging)."""
     return jnp.max(jnp.min(pairwise_distances(x, c), axis=1))
 
@@ -134,8 +187,9 @@ def divergence(x: Float[Array, "*batch n d"], y: Float[Array, "*batch n d"]
     return jnp.max(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), axis=-1)
 
 
-def approach_departure(ts: Float[Array, " T"], dist: Float[Array, " T"], delta
-                       ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+@_batched("(T),(T),()->(),()")
+def approach_departure(ts: Float[Array, "*batch T"], dist: Float[Array, "*batch T"], delta
+                       ) -> tuple[Float[Array, "*batch"], Float[Array, "*batch"]]:
     """First time `dist ≤ delta` (approach) and first later time `dist > delta`
     (departure); `inf` when it never happens. A NaN in `dist` up to the decision gives NaN
     (jittable form; see `approach_departure_times` for the checked one)."""
@@ -156,14 +210,15 @@ def approach_departure(ts: Float[Array, " T"], dist: Float[Array, " T"], delta
     return t_app, t_dep
 
 
-def cluster_distance(xs: Float[Array, "T n d"], centres: Float[Array, "m d"], *,
-                     metric: str = "hausdorff") -> Float[Array, " T"]:
+def cluster_distance(xs: Float[Array, "*batch T n d"], centres: Float[Array, "*batch m d"], *,
+                     metric: str = "hausdorff") -> Float[Array, "*batch T"]:
     """Distance of the token set at each time to reference cluster centres:
-    `"hausdorff"` (two-sided, default) or `"paper"` (one-sided `max_i min_c`)."""
+    `"hausdorff"` (two-sided, default) or `"paper"` (one-sided `max_i min_c`).
+    Batched `centres` have one set per trajectory (no time axis)."""
     if metric not in ("hausdorff", "paper"):
         raise ValueError(f"unknown metric {metric!r}; choose hausdorff or paper")
     fn = hausdorff if metric == "hausdorff" else one_sided_distance
-    return jax.vmap(fn, in_axes=(0, None))(xs, centres)
+    return fn(xs, jnp.expand_dims(centres, -3))
 
 
 def approach_departure_times(ts, xs, centres, delta, *, metric: str = "hausdorff"
@@ -177,29 +232,35 @@ def approach_departure_times(ts, xs, centres, delta, *, metric: str = "hausdorff
     return float(t_app), float(t_dep)
 
 
-def booleanness(P: Float[Array, "n n"]) -> Float[Array, ""]:
+@_batched("(n,m)->()")
+def booleanness(P: Float[Array, "*batch n n"]) -> Float[Array, "*batch"]:
     """`max_ij min(P_ij, 1 − P_ij)`: 0 exactly when P is a 0/1 matrix."""
     return jnp.max(jnp.minimum(P, 1.0 - P))
 
 
-def leaders(P: Float[Array, "n n"]) -> Bool[Array, " n"]:
+@_batched("(n,m)->(m)")
+def leaders(P: Float[Array, "*batch n n"]) -> Bool[Array, "*batch n"]:
     """Leaders `{j : max_i P_ij > 1/2}` (columns that some token mostly attends to)."""
     return jnp.max(P, axis=0) > 0.5
 
 
-def energy(x: Float[Array, "n d"], beta) -> Float[Array, ""]:
+@_batched("(n,d),()->()")
+def energy(x: Float[Array, "*batch n d"], beta) -> Float[Array, "*batch"]:
     """`E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>)` (Q = K = V = I; see docs/theory.md,
     'Sphere dynamics')."""
     n = x.shape[0]
     return jnp.sum(jnp.exp(beta * (x @ x.T))) / (2.0 * beta * n * n)
 
 
-def support(x: Float[Array, "n d"], w: Float[Array, "m d"]) -> Float[Array, " m"]:
+@_batched("(n,d),(m,d)->(m)")
+def support(x: Float[Array, "*batch n d"], w: Float[Array, "*batch m d"]
+            ) -> Float[Array, "*batch m"]:
     """Support function of the convex hull, `max_i <w_k, x_i>` for each direction."""
     return jnp.max(w @ x.T, axis=-1)
 
 
-def fraction_close_pairs(x: Float[Array, "n d"], delta) -> Float[Array, ""]:
+@_batched("(n,d),()->()")
+def fraction_close_pairs(x: Float[Array, "*batch n d"], delta) -> Float[Array, "*batch"]:
     """Fraction of pairs `i < j` with `G_ij ≥ 1 − delta` (normalised tokens)."""
     n = x.shape[0]
     G = gram(x)
@@ -207,7 +268,8 @@ def fraction_close_pairs(x: Float[Array, "n d"], delta) -> Float[Array, ""]:
     return jnp.mean((G[iu] >= 1.0 - delta).astype(x.dtype))
 
 
-def mean_cosine(x: Float[Array, "n d"]) -> Float[Array, ""]:
+@_batched("(n,d)->()")
+def mean_cosine(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch"]:
     """Mean pairwise cosine similarity over pairs `i ≠ j`."""
     n = x.shape[0]
     G = gram(x)

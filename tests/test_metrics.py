@@ -155,3 +155,55 @@ def test_energy_support_cosine_pairs():
     iu = np.triu_indices(6, 1)
     assert float(ja.mean_cosine(xj)) == pytest.approx(G[iu].mean(), rel=1e-12)
     assert float(ja.fraction_close_pairs(xj, 0.5)) == pytest.approx((G[iu] >= 0.5).mean())
+
+
+def test_metrics_take_leading_batch_axes_like_a_loop_of_single_calls():
+    """`(..., n, d)` in, `(...)` (plus the metric's own axes) out: every metric equals a
+    Python loop of single calls, jitted too; one configuration broadcasts against a
+    batch (fixed centres against a trajectory)."""
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(3, 4, 7, 2)))  # (seeds, T, n, d)
+    y = jnp.asarray(rng.normal(size=(3, 4, 5, 2)))
+    c = jnp.asarray(rng.normal(size=(5, 2)))
+    P = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 4, 6, 6))), axis=-1)
+    cases = {
+        "cluster_count": (lambda x: ja.cluster_count(x, 0.6), (x,)),
+        "cluster_count sphere": (lambda x: ja.cluster_count(x, 0.3, sphere=True), (x,)),
+        "cluster_labels": (lambda x: ja.cluster_labels(x, 0.6), (x,)),
+        "centres": (lambda x: ja.cluster_centres_masked(x, 0.6)[0], (x,)),
+        "mask": (lambda x: ja.cluster_centres_masked(x, 0.6)[1], (x,)),
+        "pairwise": (ja.pairwise_distances, (x, y)),
+        "pairwise self": (ja.pairwise_distances, (x,)),
+        "gram": (ja.gram, (x,)),
+        "hausdorff": (ja.hausdorff, (x, y)),
+        "one_sided": (ja.one_sided_distance, (x, y)),
+        "energy": (lambda x: ja.energy(x, 1.3), (x,)),
+        "support": (ja.support, (x, y)),
+        "fraction_close_pairs": (lambda x: ja.fraction_close_pairs(x, 0.5), (x,)),
+        "mean_cosine": (ja.mean_cosine, (x,)),
+        "divergence": (ja.divergence, (x, x[::-1])),
+        "booleanness": (ja.booleanness, (P,)),
+        "leaders": (ja.leaders, (P,)),
+    }
+    for name, (fn, args) in cases.items():
+        batched = np.asarray(fn(*args))
+        loop = np.stack([np.stack([np.asarray(fn(*(a[i, j] for a in args)))
+                                   for j in range(4)]) for i in range(3)])
+        assert batched.shape == loop.shape, name
+        np.testing.assert_allclose(batched, loop, rtol=1e-13, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), loop, rtol=1e-13,
+                                   atol=1e-15, err_msg=name)
+    # a single configuration broadcasts against the batch
+    for fn in (ja.hausdorff, ja.one_sided_distance, ja.support):
+        loop = [[np.asarray(fn(x[i, j], c)) for j in range(4)] for i in range(3)]
+        np.testing.assert_allclose(fn(x, c), np.asarray(loop), rtol=1e-13)
+    # trajectories against their own reference centres, and approach/departure per run
+    d = ja.cluster_distance(x, y[:, 0])
+    ref = [np.asarray(ja.cluster_distance(x[i], y[i, 0])) for i in range(3)]
+    np.testing.assert_allclose(d, np.stack(ref), rtol=1e-13)
+    ts = jnp.linspace(0.0, 3.0, 4)
+    app, dep = ja.approach_departure(ts, d, 2.0)
+    ref = np.asarray([ja.approach_departure(ts, d[i], 2.0) for i in range(3)])
+    np.testing.assert_array_equal(np.stack([app, dep], -1), ref)
+    with pytest.raises(ValueError, match="one configuration"):
+        ja.cluster_centres(x, 0.6)
