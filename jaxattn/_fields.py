@@ -31,6 +31,7 @@ from ._validate import (
     TARGETS,
     as_float_array,
     check_choice,
+    check_dtype,
     check_int,
     check_memory,
     check_positive,
@@ -51,6 +52,8 @@ class AbstractField(eqx.Module):
       which `simulate` vmaps over.
     - `d`: token dimension, needed only when `Q`, `K` and `V` are all `None`.
     - `dtype`: cast every weight to this dtype (default: the default float dtype).
+      `float64` needs 64-bit JAX (`jax_enable_x64`, e.g. `jaxattn.setup_jax("float64")`);
+      without it the constructor raises, as `simulate` does for a float64 `x0`.
     - `kernel`: `"dense"` (materialised n×n softmax), `"blockwise"` (online softmax over
       key blocks of size `block`: memory O(block²), for large n), or `"auto"` (default:
       dense up to n·n = 2048², blockwise above; see `_attention.AUTO_DENSE_MAX_SCORES`),
@@ -74,6 +77,10 @@ class AbstractField(eqx.Module):
     def __init__(self, Q=None, K=None, V=None, *, beta=1.0, lora=None, d=None,
                  dtype=None, kernel: str = "auto", block: int = 1024):
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+        if dtype == jnp.float64:
+            # The same one-line error as a float64 x0: without x64, JAX would silently
+            # make every weight float32.
+            check_dtype(dtype)
         mats = {"Q": Q, "K": K, "V": V}
         given = {k: as_float_array(v, k, dtype) for k, v in mats.items() if v is not None}
         for name, W in given.items():

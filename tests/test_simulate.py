@@ -246,3 +246,27 @@ def test_solution_states_its_frame_and_to_x_undoes_the_rescaling():
         np.testing.assert_allclose(xl[m], ref, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="rescaled dynamics"):
         sol.to_x(ja.PlainField(Q, K, V))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ja.PlainField(d=2, dtype="float64"),
+    lambda: ja.RescaledField(V=np.eye(2), dtype=np.float64),
+    lambda: ja.make_field("sphere", d=3, dtype=jnp.float64),
+    lambda: ja.make_field("usa", d=3, dtype="float64"),
+])
+def test_float64_field_without_x64_is_the_same_error_as_a_float64_x0(make):
+    """One float64 rule: asking a field for float64 while 64-bit JAX is off raises the
+    same one-line error as a float64 x0 (instead of silently giving float32)."""
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(ValueError) as field_err:
+            make()
+        with pytest.raises(ValueError) as x0_err:
+            ja.simulate(ja.PlainField(d=2), np.ones((3, 2), np.float64), 0.1)
+        assert str(field_err.value) == str(x0_err.value)
+        assert "float64 needs 64-bit JAX" in str(field_err.value)
+        assert "\n" not in str(field_err.value)
+        assert ja.PlainField(d=2, dtype="float32").V.dtype == jnp.float32  # still fine
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert ja.PlainField(d=2, dtype="float64").V.dtype == jnp.float64
