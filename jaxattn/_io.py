@@ -287,6 +287,15 @@ def write_json(path, data) -> None:
     write_atomic(path, _w)
 
 
+def write_text(path, text: str) -> None:
+    """A UTF-8 text file, written atomically."""
+    def _w(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    write_atomic(path, _w)
+
+
 def write_npz(path, **arrays) -> None:
     """`np.savez`-compatible archive, written atomically and byte-for-byte reproducible:
     the same arrays give the same file (fixed member timestamps, no pickles)."""

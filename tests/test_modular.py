@@ -348,3 +348,12 @@ def test_study_summary_trend_and_capacity(tmp_path):
     assert s["capacity"][0]["steps"][-1] == 60  # no early stop for the evidence runs
     for name in ("forgetting", "tradeoff", "depth_summary", "pretrain", "capacity", "ranks"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    # the results table: one row per depth with the counts of the summary
+    from jaxattn.modular._study import results_table
+
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert table == results_table(s)
+    for d in (1, 2):
+        row = next(r for r in table.splitlines() if r.startswith(f"| {d} |"))
+        assert f"| {s['per_depth'][str(d)]['in_trend']}/3 |" in row
+    assert f"verdict: {s['trend']['verdict']}" in table

@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .._io import check_output_dir, save_figure, write_json
+from .._io import check_output_dir, save_figure, write_json, write_text
 from ._config import ModularConfig
 from ._data import all_pairs
 from ._finetune import finetune
@@ -123,6 +123,7 @@ def run_study(config: ModularConfig, out_dir: str, *, progress: bool = False,
     summary["capacity"] = capacity
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_text(os.path.join(out_dir, "results.md"), results_table(summary))
     _figures(config, summary, out_dir)
     return summary
 
@@ -252,6 +253,50 @@ def _summarise(config, runs, spectra) -> dict[str, Any]:
             "runs": [dict(v, key=f"d{k[0]}_s{k[1]}_r{k[2]}") for k, v in runs.items()]}
 
 
+def _fmt(st: dict[str, Any], digits: int = 0, *, spread: bool = False) -> str:
+    if st["mean"] is None:
+        return "—"
+    f = f"{{:.{digits}f}}"
+    txt = f"{f.format(st['mean'])} ± {f.format(st['std'])}"
+    if spread:
+        txt += f" [{f.format(st['min'])}–{f.format(st['max'])}]"
+    return txt
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """The per-depth results as a Markdown table (mean ± sd over the seeds whose model
+    met the pre-training bar; "a/b" counts seeds), then the trend test."""
+    c = summary["config"]
+    n_seeds = len(c["seeds"])
+    rows = ["| depth | met the bar | pre-training steps to the bar | addition acc. at start "
+            "| half-life (steps) | addition acc. when sub. test ≥ 0.5 | … ≥ 0.9 "
+            "| best sub. test acc. |",
+            "|---|---|---|---|---|---|---|---|"]
+    for d, v in summary["per_depth"].items():
+        a5, a9 = v["add_acc_at_sub_0.5"], v["add_acc_at_sub_0.9"]
+        reach = lambda st: f" ({st['n']}/{v['in_trend']} reached)" if v["in_trend"] else ""
+        rows.append(
+            f"| {d} | {v['in_trend']}/{n_seeds} | {_fmt(v['pretrain_steps'])} "
+            f"| {_fmt(v['add_acc_start'], 3)} | {_fmt(v['half_life'], 1, spread=True)} "
+            f"| {_fmt(a5, 3)}{reach(a5)} | {_fmt(a9, 3)}{reach(a9)} "
+            f"| {_fmt(v['sub_test_acc_max'], 3)} |")
+    t = summary["trend"]
+    lines = ["\n".join(rows), ""]
+    for key, label in (("half_life", "half-life"),
+                       ("add_acc_at_sub_0.5", "addition acc. when sub. test ≥ 0.5")):
+        tt = t[key]
+        if tt["p_value"] is None:
+            lines.append(f"- {label} against depth: not testable (n = {tt['n']})")
+        else:
+            lo, hi = tt["slope_ci95"]
+            lines.append(f"- {label} against depth (n = {tt['n']} models, depths "
+                         f"{t['depths']}): Spearman ρ = {tt['spearman_rho']:.2f} "
+                         f"(p = {tt['p_value']:.2g}); OLS slope {tt['slope']:.3g} per "
+                         f"layer, 95 % CI [{lo:.3g}, {hi:.3g}], R² = {tt['r2']:.2f}")
+    lines.append(f"- verdict: {t['verdict']}")
+    return "\n".join(lines) + "\n"
+
+
 def redraw(out_dir: str) -> None:
     """Draw the figures again from `out_dir/summary.json` (no training)."""
     import json
@@ -261,6 +306,7 @@ def redraw(out_dir: str) -> None:
     with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     _figures(make_config(summary["config"]), summary, out_dir)
+    write_text(os.path.join(out_dir, "results.md"), results_table(summary))
 
 
 def _band(ax, steps, curves, label, color):
