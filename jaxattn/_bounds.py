@@ -107,24 +107,22 @@ def _constants(field, field_p, ts, R, Dm):
     Vp, Ap, _ = _weights(field_p)
     nV, nVp, ndV = _opnorm(V), _opnorm(Vp), _opnorm(V - Vp)
     nA, nAp, ndA = _opnorm(A), _opnorm(Ap), _opnorm(A - Ap)
-    dyn = field.dynamics
+    # Dispatch on the field's traits (class attributes), not on its name.
     with np.errstate(over="ignore", invalid="ignore"):
-        if dyn == "plain":
-            L = nV * (1.0 + 2.0 * beta * nA * R**2)
-            delta = ndV * R + beta * ndA * nV * R**3
-        elif dyn == "sphere":
+        if field.on_sphere and field.normalised:  # SA
             L = nV * (2.0 + 2.0 * beta * nA) * np.ones_like(R)
             delta = (ndV + beta * ndA * nV) * np.ones_like(R)
-        elif dyn == "usa":
+        elif field.on_sphere:  # USA: unnormalised weights, at most e^{β‖A‖}
             eb, ebp = np.exp(beta * nA), np.exp(beta * nAp)
             L = eb * nV * (2.0 + 2.0 * beta * nA) * np.ones_like(R)
             delta = (ebp * ndV + max(eb, ebp) * beta * ndA * nV) * np.ones_like(R)
-        elif dyn == "rescaled":
+        elif field.frame == "z":  # rescaled: logits through A_t = e^{tVᵀ} A e^{tV}
             a_sup, _, da_sup = _rescaled_interval_norms(V, A, Vp, Ap, ts)
             L = 2.0 * nV + 2.0 * beta * nV * a_sup * R * Dm
             delta = Dm * (ndV + beta * nV * da_sup * R**2)
-        else:  # pragma: no cover - fields are validated at construction
-            raise ValueError(f"no bound for dynamics {dyn!r}")
+        else:  # plain
+            L = nV * (1.0 + 2.0 * beta * nA * R**2)
+            delta = ndV * R + beta * ndA * nV * R**3
     L = np.where(np.isnan(L), np.inf, L)
     delta = np.where(np.isnan(delta), np.inf, delta)
     return L, delta
@@ -161,11 +159,15 @@ def _interval_growth(field, field_p, ts):
     Vp, _, _ = _weights(field_p)
     v = max(_opnorm(V), _opnorm(Vp))
     h = np.diff(ts)
-    if field.dynamics == "plain":  # |x_i'| ≤ ‖V‖ max_j |x_j|
-        return np.exp(v * h)
-    if field.dynamics == "rescaled":  # |z_i'| ≤ ‖V‖ max_j |z_j − z_i|
-        return np.exp(2.0 * v * h)
-    return np.ones_like(h)  # sphere: R = 1
+    if field.on_sphere:  # R = 1
+        return np.ones_like(h)
+    return np.exp(_radius_rate(field) * v * h)
+
+
+def _radius_rate(field) -> float:
+    """`c` in the radius growth `R' ≤ c ‖V‖ R` off the sphere: 1 for `x' = Σ P V x`
+    (`|x_i'| ≤ ‖V‖ max_j |x_j|`), 2 in the rescaled frame (`|z_i'| ≤ ‖V‖ max_j |z_j − z_i|`)."""
+    return 2.0 if field.frame == "z" else 1.0
 
 
 def _interval_sup(r, g):
@@ -181,11 +183,10 @@ def _prior_radius(field, field_p, ts, x0, x0_p):
     Vp, _, _ = _weights(field_p)
     v = max(_opnorm(V), _opnorm(Vp))
     R0 = np.maximum(_radius(x0), _radius(x0_p))
-    if field.dynamics in ("sphere", "usa"):
+    if field.on_sphere:
         return np.ones_like(R0)[..., None] * np.ones(ts.shape[0] - 1)
-    rate = v if field.dynamics == "plain" else 2.0 * v
     with np.errstate(over="ignore"):
-        return R0[..., None] * np.exp(rate * ts[1:])
+        return R0[..., None] * np.exp(_radius_rate(field) * v * ts[1:])
 
 
 def _first_growth(field, field_p, ts):
@@ -237,7 +238,7 @@ def bound_a_priori(field: AbstractField, field_p: AbstractField, ts, x0, x0_p=No
     growth = R / np.maximum(R[..., :1], 1e-300)
     Dm0 = np.maximum(_diameter(x0), _diameter(x0_p))[..., None]
     Dm = np.minimum(2.0 * R, Dm0 * np.maximum(growth, 1.0) * _first_growth(field, field_p, ts))
-    if field.dynamics in ("sphere", "usa"):  # no growth law for the diameter; unused there
+    if field.on_sphere:  # no growth law for the diameter; unused there
         Dm = 2.0 * R
     e0 = np.max(np.linalg.norm(x0 - x0_p, axis=-1), axis=-1)
     L, delta = _constants(field, field_p, ts, R, Dm)

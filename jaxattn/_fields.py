@@ -72,7 +72,14 @@ class AbstractField(eqx.Module):
     kernel: str = eqx.field(static=True)
     block: int = eqx.field(static=True)
 
+    #: the name `make_field` and specs use
     dynamics: eqx.AbstractClassVar[str]
+    #: tokens live on the unit sphere (`simulate` normalises `x0`; `renormalise` applies)
+    on_sphere: eqx.AbstractClassVar[bool]
+    #: attention rows sum to one (a softmax); False for USA's unnormalised weights
+    normalised: eqx.AbstractClassVar[bool]
+    #: the variable the state holds: `"x"` (the tokens) or `"z" = e^{−tV} x` (rescaled)
+    frame: eqx.AbstractClassVar[str]
 
     def __init__(self, Q=None, K=None, V=None, *, beta=1.0, lora=None, d=None,
                  dtype=None, kernel: str = "auto", block: int = 1024):
@@ -127,7 +134,7 @@ class AbstractField(eqx.Module):
                               lo.target.upper()))
         self.loras = tuple(fixed)
         self.kernel = check_choice(kernel, "attention kernel", KERNELS)
-        if self.kernel.startswith("dot_product") and type(self).dynamics == "usa":
+        if self.kernel.startswith("dot_product") and not type(self).normalised:
             raise ValueError(f"attention kernel {kernel!r} computes a softmax; USA's "
                              "unnormalised weights need dense, blockwise or auto")
         if self.kernel.startswith("dot_product") and self.V.dtype == jnp.float64:
@@ -291,6 +298,9 @@ class PlainField(AbstractField):
     docs/theory.md, 'Particle dynamics')."""
 
     dynamics = "plain"
+    on_sphere = False
+    normalised = True
+    frame = "x"
 
     def __call__(self, t, y, args=None):
         return self.attend(t, y, self.project("V", y), args)
@@ -308,6 +318,9 @@ class RescaledField(AbstractField):
     """
 
     dynamics = "rescaled"
+    on_sphere = False
+    normalised = True
+    frame = "z"
 
     def solve_args(self):
         """Per-solve constants `(c, V − cI, A)`: the shift `c = λ_max((V + Vᵀ)/2)` (an
@@ -339,6 +352,9 @@ class SphereField(AbstractField):
     docs/theory.md, 'Sphere dynamics')."""
 
     dynamics = "sphere"
+    on_sphere = True
+    normalised = True
+    frame = "x"
 
     def __call__(self, t, y, args=None):
         return _tangent(y, self.attend(t, y, self.project("V", y), args))
@@ -349,6 +365,9 @@ class USAField(AbstractField):
     'Sphere dynamics')."""
 
     dynamics = "usa"
+    on_sphere = True
+    normalised = False
+    frame = "x"
 
     def attention(self, t, y):
         q, k, _ = self._queries_keys(t, y)

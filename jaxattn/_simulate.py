@@ -52,10 +52,10 @@ class Solution(eqx.Module):
       3 non-finite values (`STATUS_MESSAGES`). A failed member never crashes the batch.
     - `num_steps`: accepted solver steps per member.
     - `norm_drift`: for sphere dynamics, `max_{t,i} | |x_i(t)| − 1 |` per member, else None.
-    - `frame` (property): the variable `xs` holds. `"z"` for rescaled dynamics: `xs` is
-      `z(t) = e^{−tV} x(t)` (the rescaled variable, in which clusters stay put; see
-      docs/theory.md, 'Rescaled dynamics'); `"x"` for the others (the tokens themselves).
-      `to_x(field)` returns `x(t)` in either case.
+    - `frame`: the variable `xs` holds (the field's `frame` trait). `"z"` for rescaled
+      dynamics: `xs` is `z(t) = e^{−tV} x(t)` (the rescaled variable, in which clusters
+      stay put; see docs/theory.md, 'Rescaled dynamics'); `"x"` for the others (the
+      tokens themselves). `to_x(field)` returns `x(t)` in either case.
     """
 
     ts: Float[Array, " T"]
@@ -64,6 +64,7 @@ class Solution(eqx.Module):
     num_steps: Int[Array, "*batch"]
     norm_drift: Float[Array, "*batch"] | None
     dynamics: str = eqx.field(static=True)
+    frame: str = eqx.field(static=True, default="x")
 
     @property
     def ok(self) -> bool:
@@ -78,12 +79,6 @@ class Solution(eqx.Module):
     def final(self) -> Float[Array, "*batch n d"]:
         return self.xs[..., -1, :, :]
 
-    @property
-    def frame(self) -> str:
-        """`"z"` when `xs` is the rescaled variable `z = e^{−tV} x` (rescaled dynamics),
-        `"x"` when it holds the tokens themselves."""
-        return FRAMES[self.dynamics]
-
     def to_x(self, field: AbstractField) -> Float[Array, "*batch T n d"]:
         """The tokens `x(t)` at the output times: `xs` itself in frame `"x"`, and
         `x(t) = e^{tV} z(t)` in frame `"z"` (`field`: the field that was solved, whose `V`,
@@ -96,10 +91,6 @@ class Solution(eqx.Module):
         if self.frame == "x":
             return self.xs
         return rescaled_to_x(field, self.ts, self.xs)
-
-
-#: the variable a solution of each dynamics holds (see `Solution.frame`)
-FRAMES = {"plain": "x", "rescaled": "z", "sphere": "x", "usa": "x"}
 
 
 def rescaled_to_x(field: AbstractField, ts: Float[Array, " T"],
@@ -594,7 +585,7 @@ def simulate(
         raise ValueError(f"x0 has d = {x0.shape[-1]} but the field's weights are "
                          f"{field.d}×{field.d}")
     field = _cast_field(field, dtype)
-    sphere = field.dynamics in ("sphere", "usa")
+    sphere = field.on_sphere
     if sphere:
         if not isinstance(x0, jax.core.Tracer) and bool(jnp.any(jnp.all(x0 == 0, axis=-1))):
             raise ValueError("x0 has a zero token, which cannot be put on the sphere")
@@ -641,9 +632,9 @@ def simulate(
         raise ValueError("renormalise is not available with the backsolve adjoint (the "
                          "projection acts on forward steps, which backsolve does not "
                          "retrace); use adjoint checkpoint or forward")
-    if field.dynamics == "usa":
+    if not field.normalised:
         _check_usa_overflow(field, x0, dtype)
-    if jnp.dtype(dtype) == jnp.float32 and field.dynamics in ("plain", "rescaled"):
+    if jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
         _warn_float32_resolution(field, t0, t1)
     if backsolve:
         # diffrax's BacksolveAdjoint rejects SaveAt(steps=True): save at the grid times
@@ -677,7 +668,7 @@ def simulate(
             xs = jax.tree.map(lambda a: a.reshape(batch + (T,) + a.shape[1:]), vals)
         return Solution(out_ts, xs, zeros, zeros,
                         jnp.zeros(batch, dtype) if sphere and summary is None else None,
-                        field.dynamics)
+                        field.dynamics, field.frame)
 
     cfg = _Config(
         solver=solver_obj,
@@ -702,7 +693,8 @@ def simulate(
     )
     out_ts = _const(grid, dtype) if saveat_steps else ts_arr
     keep_drift = sphere and summary is None
-    return Solution(out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics)
+    return Solution(out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics,
+                    field.frame)
 
 
 class _SummaryFn(eqx.Module):

@@ -755,8 +755,7 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
     remove_stale_temporaries(out_dir)
     builder = _PointBuilder(plan)
     sim0 = builder.sim0
-    dynamics = sim0.field.dynamics
-    sphere = dynamics in ("sphere", "usa")
+    sphere = sim0.field.on_sphere
     names = plan.options["summaries"]
     pair = any(s in _NEEDS_REFERENCE for s in names)
     save_fn = _summary_fn(names, plan.options["cluster_threshold"], sphere, pair)

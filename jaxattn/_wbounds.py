@@ -83,10 +83,10 @@ def _interval_extent(field, field_p, ts, R, D):
     Vn = max(_opnorm(np.asarray(field.weight("V"))), _opnorm(np.asarray(field_p.weight("V"))))
     h = np.diff(ts)
     with np.errstate(over="ignore", invalid="ignore"):
-        if field.dynamics == "sphere":
+        if field.on_sphere:  # sphere (USA is refused before)
             R_sup = np.ones_like(h)
             D_sup = np.minimum(2.0, 0.5 * (D[:-1] + D[1:]) + Vn * h)
-        elif field.dynamics == "rescaled":  # every point moves at ≤ max‖V‖·Dm
+        elif field.frame == "z":  # rescaled: every point moves at ≤ max‖V‖·Dm
             g = _interval_growth(field, field_p, ts)
             R_sup = _interval_sup(R, g)
             D_sup = np.minimum(_interval_sup(D, g), 2.0 * R_sup)
@@ -101,19 +101,19 @@ def _w_constants(field, field_p, ts, R, Dm):
     V, A, beta = _weights(field)
     Vp, Ap, _ = _weights(field_p)
     nV, ndV = _opnorm(V), _opnorm(V - Vp)
-    dyn = field.dynamics
+    rescaled = field.frame == "z"
     with np.errstate(over="ignore", invalid="ignore"):
-        if dyn == "rescaled":
+        if rescaled:
             a, _, dA = _rescaled_interval_norms(V, A, Vp, Ap, ts)
         else:
             a, dA = _opnorm(A), _opnorm(A - Ap)
         kappa = beta * a * R * Dm
         L = nV * (beta * a * Dm**2 / 4.0 + (1.0 + kappa) * np.exp(kappa))
-        if dyn == "plain":
-            delta = ndV * R + nV * beta * dA * R * Dm**2 / 4.0
-        elif dyn == "rescaled":
+        if rescaled:
             L = L + nV
             delta = ndV * Dm + nV * beta * dA * R * Dm**2 / 4.0
+        elif not field.on_sphere:  # plain
+            delta = ndV * R + nV * beta * dA * R * Dm**2 / 4.0
         else:  # sphere
             L = L + 2.0 * nV
             delta = ndV + nV * beta * dA * Dm**2 / 4.0
@@ -141,7 +141,7 @@ def wasserstein_bound(field: AbstractField, field_p: AbstractField, ts, xs, xs_p
     from scipy.optimize import linear_sum_assignment
 
     _check_pair(field, field_p)
-    if field.dynamics == "usa":
+    if not field.normalised:
         raise ValueError("no Wasserstein bound for USA dynamics (its weights are not a "
                          "softmax); use plain, rescaled or sphere")
     ts = _as_grid(ts)

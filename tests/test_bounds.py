@@ -122,3 +122,32 @@ def test_bound_input_errors():
         ja.bound_a_posteriori(f, f, [1.0, 0.0], x, x)
     with pytest.raises(ValueError, match="NaN or inf"):
         ja.bound_a_posteriori(f, f, [0.0, 1.0], x, np.full_like(x, np.nan))
+
+
+TRAITS = {"plain": (False, True, "x"), "rescaled": (False, True, "z"),
+          "sphere": (True, True, "x"), "usa": (True, False, "x")}
+
+
+@pytest.mark.parametrize("dyn", sorted(TRAITS))
+def test_behaviour_follows_the_field_traits_not_the_name(dyn):
+    """Each field class declares `on_sphere`, `normalised` and `frame`; `simulate`, the
+    bounds and `Solution.frame` read those, so a subclass under another name behaves
+    (and is bounded) exactly like its parent."""
+    cls = type(ja.make_field(dyn, d=D))
+    assert (cls.on_sphere, cls.normalised, cls.frame) == TRAITS[dyn]
+    renamed = type(f"Renamed{cls.__name__}", (cls,), {"dynamics": f"my-{dyn}"})
+    rng = np.random.default_rng(3)
+    Q, K, V = (jnp.asarray(rng.normal(size=(D, D)) / np.sqrt(D)) for _ in range(3))
+    x0 = jnp.asarray(rng.uniform(-1.0, 1.0, size=(N, D)))
+    lora = ja.LoRA.random(D, rank=1, norm=0.1, target="V", key=jax.random.key(0))
+    f, g = cls(Q, K, V, beta=0.7), renamed(Q, K, V, beta=0.7)
+    s, r = ja.simulate(f, x0, 0.5, dt=0.05), ja.simulate(g, x0, 0.5, dt=0.05)
+    np.testing.assert_array_equal(np.asarray(s.xs), np.asarray(r.xs))
+    assert r.frame == TRAITS[dyn][2] and r.dynamics == f"my-{dyn}"
+    sp = ja.simulate(f.with_lora(lora), x0, 0.5, dt=0.05)
+    rp = ja.simulate(g.with_lora(lora), x0, 0.5, dt=0.05)
+    for a, b in [(ja.bound_a_priori(f, f.with_lora(lora), s.ts, x0),
+                  ja.bound_a_priori(g, g.with_lora(lora), r.ts, x0)),
+                 (ja.bound_a_posteriori(f, f.with_lora(lora), s.ts, s.xs, sp.xs),
+                  ja.bound_a_posteriori(g, g.with_lora(lora), r.ts, r.xs, rp.xs))]:
+        np.testing.assert_array_equal(a.bound, b.bound)
