@@ -70,6 +70,8 @@ class ModularConfig:
     ft_steps: int = 2000
     ft_log_every: int = 10
     ft_checkpoint_every: int = 500
+    # forgetting is read where the subtraction test accuracy first reaches these levels
+    sub_levels: tuple[float, ...] = (0.5, 0.9)
     # study
     depths: tuple[int, ...] = (1, 2, 4, 6, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -89,7 +91,7 @@ class ModularConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths"):
+        for k in _TUPLES:
             d[k] = list(d[k])
         return d
 
@@ -202,6 +204,10 @@ def validate(c: ModularConfig) -> None:
         _int(d, "depth", 1)
     for s in c.seeds:
         check_seed(s, "seed")
+    for v in c.sub_levels:
+        _num(v, "sub_levels")
+        if v > 1:
+            raise ValueError(f"sub_levels must be accuracies in (0, 1], got {v}")
     _int(c.capacity_depth, "capacity_depth", 1)
     for v in c.capacity_lrs:
         _num(v, "capacity_lrs")
@@ -219,7 +225,8 @@ def validate(c: ModularConfig) -> None:
                  f"full-batch training at p = {c.p}, d_model = {c.d_model}")
 
 
-_TUPLES = ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths")
+_TUPLES = ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths",
+           "sub_levels")
 
 
 def make_config(raw: dict[str, Any] | None = None, *, quick: bool = False,

@@ -54,7 +54,7 @@ def at_learning(steps, sub_acc, add_acc, levels=SUB_LEVELS) -> dict[str, dict]:
     out = {}
     for lv in levels:
         i = next((k for k, v in enumerate(sub_acc) if v >= lv), None)
-        out[str(lv)] = {"step": None if i is None else steps[i],
+        out[f"{lv:g}"] = {"step": None if i is None else steps[i],
                         "add_acc": None if i is None else add_acc[i]}
     return out
 
@@ -66,7 +66,7 @@ def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: b
     **Returns:** `(model_with_lora, rows, summary)`; `summary` has the forgetting
     half-life (steps), the final subtraction accuracies, the final addition accuracy and
     `at_sub_test_acc`: the step at which the subtraction test accuracy first reaches
-    0.5 and 0.9 and the addition accuracy there (`at_learning`).
+    each of `config.sub_levels` and the addition accuracy there (`at_learning`).
     """
     base = load_pretrained(config, base_path)
     check_output_dir(out_dir)
@@ -90,7 +90,7 @@ def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: b
     summary = {"config": config.as_dict(), "steps": info["step"],
                "add_acc_start": acc[0], "add_acc_end": acc[-1],
                "half_life": half_life(steps, acc),
-               "at_sub_test_acc": at_learning(steps, sub, acc),
+               "at_sub_test_acc": at_learning(steps, sub, acc, config.sub_levels),
                "sub_test_acc_max": max(sub),
                "sub_train_acc": rows[-1]["train_acc"], "sub_test_acc": rows[-1]["test_acc"],
                "resumed_from": info["resumed_from"]}

@@ -207,16 +207,17 @@ def _summarise(config, runs, spectra) -> dict[str, Any]:
         rs = [runs[(d, s, config.rank)] for s in config.seeds]
         ok = [r for r in rs if r["reached_target"]]
         trend_runs += ok
-        at = {lv: [r["at_sub_test_acc"][lv]["add_acc"] for r in ok]
-              for lv in ("0.5", "0.9")}
+        levels = [f"{lv:g}" for lv in config.sub_levels]
         per_depth[str(d)] = {
             "half_life": _stats([r["half_life"] for r in ok]),
             "pretrain_steps": _stats([r["steps_to_target"] for r in rs]),
             "never_reached_target": [r["seed"] for r in rs if not r["reached_target"]],
             "in_trend": len(ok),
             "add_acc_start": _stats([r["add_acc_start"] for r in ok]),
-            "add_acc_at_sub_0.5": _stats(at["0.5"]),
-            "add_acc_at_sub_0.9": _stats(at["0.9"]),
+            **{f"add_acc_at_sub_{lv}": _stats([r["at_sub_test_acc"][lv]["add_acc"]
+                                                for r in ok]) for lv in levels},
+            **{f"step_at_sub_{lv}": _stats([r["at_sub_test_acc"][lv]["step"] for r in ok])
+               for lv in levels},
             "sub_test_acc": _stats([r["sub_test_acc"] for r in ok]),
             "sub_test_acc_max": _stats([r["sub_test_acc_max"] for r in ok]),
             "add_acc_end": _stats([r["add_acc_end"] for r in ok]),
@@ -227,8 +228,9 @@ def _summarise(config, runs, spectra) -> dict[str, Any]:
     trend = {
         "half_life": trend_test(dep, [big if r["half_life"] is None else r["half_life"]
                                       for r in trend_runs]),
-        "add_acc_at_sub_0.5": trend_test(
-            dep, [r["at_sub_test_acc"]["0.5"]["add_acc"] for r in trend_runs]),
+        **{f"add_acc_at_sub_{lv:g}": trend_test(
+            dep, [r["at_sub_test_acc"][f"{lv:g}"]["add_acc"] for r in trend_runs])
+           for lv in config.sub_levels},
         "depths": sorted(set(dep)),
     }
     t = trend["half_life"]
@@ -268,22 +270,26 @@ def results_table(summary: dict[str, Any]) -> str:
     met the pre-training bar; "a/b" counts seeds), then the trend test."""
     c = summary["config"]
     n_seeds = len(c["seeds"])
-    rows = ["| depth | met the bar | pre-training steps to the bar | addition acc. at start "
-            "| half-life (steps) | addition acc. when sub. test ≥ 0.5 | … ≥ 0.9 "
-            "| best sub. test acc. |",
-            "|---|---|---|---|---|---|---|---|"]
+    levels = [f"{lv:g}" for lv in c["sub_levels"]]
+    head = ("| depth | met the bar | pre-training steps to the bar | addition acc. at start "
+            "| half-life (steps) | best sub. test acc. | "
+            + " | ".join(f"add. acc. / step when sub. test ≥ {lv}" for lv in levels) + " |")
+    rows = [head, "|" + "---|" * (6 + len(levels))]
     for d, v in summary["per_depth"].items():
-        a5, a9 = v["add_acc_at_sub_0.5"], v["add_acc_at_sub_0.9"]
-        reach = lambda st: f" ({st['n']}/{v['in_trend']} reached)" if v["in_trend"] else ""
+        cells = []
+        for lv in levels:
+            a, st = v[f"add_acc_at_sub_{lv}"], v[f"step_at_sub_{lv}"]
+            cells.append("never" if a["n"] == 0 else
+                         f"{_fmt(a, 3)} / {_fmt(st)} ({a['n']}/{v['in_trend']})")
         rows.append(
             f"| {d} | {v['in_trend']}/{n_seeds} | {_fmt(v['pretrain_steps'])} "
             f"| {_fmt(v['add_acc_start'], 3)} | {_fmt(v['half_life'], 1, spread=True)} "
-            f"| {_fmt(a5, 3)}{reach(a5)} | {_fmt(a9, 3)}{reach(a9)} "
-            f"| {_fmt(v['sub_test_acc_max'], 3)} |")
+            f"| {_fmt(v['sub_test_acc_max'], 3)} | " + " | ".join(cells) + " |")
     t = summary["trend"]
     lines = ["\n".join(rows), ""]
-    for key, label in (("half_life", "half-life"),
-                       ("add_acc_at_sub_0.5", "addition acc. when sub. test ≥ 0.5")):
+    keys = [("half_life", "half-life")] + [
+        (f"add_acc_at_sub_{lv}", f"addition acc. when sub. test ≥ {lv}") for lv in levels]
+    for key, label in keys:
         tt = t[key]
         if tt["p_value"] is None:
             lines.append(f"- {label} against depth: not testable (n = {tt['n']})")
@@ -376,26 +382,38 @@ def _figures(config, summary, out_dir) -> None:
     # 3. half-life, addition accuracy when subtraction reaches 0.5 / 0.9, pre-training
     # steps against depth. Censored values (never halved / never reached) are drawn at
     # the cap as red ▲ with a count.
-    keys = {"half_life": ("forgetting half-life (fine-tuning steps)", config.ft_steps),
-            "add_acc_at_sub_0.5": ("addition acc. when sub. test acc. ≥ 0.5", None),
-            "add_acc_at_sub_0.9": ("addition acc. when sub. test acc. ≥ 0.9", None),
-            "pretrain_steps": ("pre-training steps to meet the bar", config.max_steps)}
+    levels = [f"{lv:g}" for lv in config.sub_levels]
+    panels = [("half_life", "forgetting half-life (fine-tuning steps)", config.ft_steps),
+              ("add_acc_at_sub", "addition acc. when sub. test acc. first ≥ level", None),
+              ("step_at_sub", "fine-tuning steps until sub. test acc. ≥ level",
+               config.ft_steps),
+              ("pretrain_steps", "pre-training steps to meet the bar", config.max_steps)]
+    markers = dict(zip(levels, "os^Dv<>"))
     fig, axs = plt.subplots(1, 4, figsize=(16, 3.9))
-    for ax, (key, (label, cap)) in zip(axs, keys.items()):
-        for d in depths:
-            st = pdp[str(d)][key]
-            vals = st["values"]
-            ok = [v for v in vals if v is not None]
-            ax.scatter([d] * len(ok), ok, color=colors[d], alpha=0.7, s=18)
-            n_cens = len(vals) - len(ok)
-            if n_cens:
-                y = cap if cap is not None else 0.0
-                ax.scatter([d], [y], marker="^", color="red", s=30)
-                ax.annotate(f"{n_cens}/{len(vals)} never", (d, y),
-                            textcoords="offset points", xytext=(0, 6), ha="center",
-                            fontsize=7, color="red")
-            if st["mean"] is not None:
-                ax.errorbar([d], [st["mean"]], yerr=[st["std"]], fmt="k_", capsize=4, ms=14)
+    for ax, (key, label, cap) in zip(axs, panels):
+        per_level = key in ("add_acc_at_sub", "step_at_sub")
+        for k, lv in enumerate(levels if per_level else [None]):
+            name = f"{key}_{lv}" if per_level else key
+            dx = 0.12 * (k - (len(levels) - 1) / 2) if per_level else 0.0
+            for d in depths:
+                st = pdp[str(d)][name]
+                vals = st["values"]
+                ok = [v for v in vals if v is not None]
+                ax.scatter([d + dx] * len(ok), ok, color=colors[d], alpha=0.7, s=18,
+                           marker=markers[lv] if per_level else "o",
+                           label=f"level {lv}" if per_level and d == depths[-1] else None)
+                n_cens = len(vals) - len(ok)
+                if n_cens and (cap is not None or not per_level):
+                    y = cap if cap is not None else 0.0
+                    ax.scatter([d + dx], [y], marker="^", color="red", s=30)
+                    ax.annotate(f"{n_cens}/{len(vals)} never", (d + dx, y),
+                                textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=7, color="red")
+                if st["mean"] is not None:
+                    ax.errorbar([d + dx], [st["mean"]], yerr=[st["std"]], fmt="k_",
+                                capsize=4, ms=14)
+        if per_level:
+            ax.legend(fontsize=7)
         ax.set(xlabel="depth", ylabel=label, xticks=list(depths))
         ax.grid(alpha=0.3)
     t = summary.get("trend", {}).get("half_life", {})
