@@ -30,6 +30,7 @@ from ._simulate import (
     Float32PrecisionWarning as Float32PrecisionWarning,
     Solution as Solution,
     fixed_step_grid as fixed_step_grid,
+    rescaled_to_x as rescaled_to_x,
     simulate as simulate,
 )
 from ._solvers import RK4 as RK4, get_solver as get_solver
@@ -50,6 +51,7 @@ from ._metrics import (
     cluster_count as cluster_count,
     cluster_distance as cluster_distance,
     cluster_labels as cluster_labels,
+    chord_from_cosine_gap as chord_from_cosine_gap,
     divergence as divergence,
     energy as energy,
     fraction_close_pairs as fraction_close_pairs,
@@ -76,6 +78,7 @@ from ._sensitivity import (
     value_and_grad as objective_value_and_grad,
     worst_case as worst_case,
     worst_case_direction as worst_case_direction,
+    squared_distance as squared_distance,
 )
 from ._setup import setup_jax as setup_jax
 from ._spec import (
@@ -135,6 +138,7 @@ __all__ = [
     "STATUS_MESSAGES",
     "Float32PrecisionWarning",
     "fixed_step_grid",
+    "rescaled_to_x",
     "RK4",
     "get_solver",
     # spec files
@@ -151,6 +155,7 @@ __all__ = [
     "cluster_count",
     "cluster_distance",
     "cluster_labels",
+    "chord_from_cosine_gap",
     "divergence",
     "energy",
     "fraction_close_pairs",
@@ -178,6 +183,7 @@ __all__ = [
     "ResponseOperator",
     "worst_case",
     "worst_case_direction",
+    "squared_distance",
     "WorstCase",
     "random_directions",
     "smallest_cluster_change",

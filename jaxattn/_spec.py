@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._attention import KERNELS
-from ._fields import AbstractField, make_field
+from ._fields import FIELDS, AbstractField, make_field
 from ._lora import LoRA
 from ._metrics import unit_rows
 from ._validate import (
@@ -397,7 +397,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
     if "renormalise" in solve:
         if not isinstance(solve["renormalise"], bool):
             raise SpecError("solve renormalise must be true or false")
-        if solve["renormalise"] and dynamics not in ("sphere", "usa"):
+        if solve["renormalise"] and not FIELDS[dynamics].on_sphere:
             raise SpecError("solve renormalise applies to sphere dynamics (sphere, usa) only")
         kw["renormalise"] = solve["renormalise"]
 
