@@ -103,7 +103,9 @@ def exp_rates(size, repeat, threads_numpy):
         "xla exp(x) -> new array": (jax.jit(jnp.exp), x),
         "xla sum(exp(x))": (jax.jit(lambda x: jnp.sum(jnp.exp(x))), x),
         "xla sum(exp(iota*c)) in-register": (
-            jax.jit(lambda c: jnp.sum(jnp.exp(jax.lax.iota(jnp.float32, size) * c))), c),
+            jax.jit(lambda c: jnp.sum(jnp.exp(jax.lax.iota(jnp.float32, size) * c))),
+            c,
+        ),
         "xla exp(a*x+b) -> new array": (jax.jit(lambda x: jnp.exp(1.5 * x - 0.5)), x),
         "xla sum(exp(a*x+b))": (jax.jit(lambda x: jnp.sum(jnp.exp(1.5 * x - 0.5))), x),
     }
@@ -112,25 +114,31 @@ def exp_rates(size, repeat, threads_numpy):
         out[name] = size / best_of(lambda: fn(arg).block_until_ready(), repeat) / 1e9
     xn = np.asarray(x)
     buf = np.empty_like(xn)
-    out["numpy exp(x, out=) 1 thread"] = size / best_of(
-        lambda: np.exp(xn, out=buf), repeat) / 1e9
+    out["numpy exp(x, out=) 1 thread"] = size / best_of(lambda: np.exp(xn, out=buf), repeat) / 1e9
     if threads_numpy > 1:  # NumPy releases the GIL inside ufunc loops
         from concurrent.futures import ThreadPoolExecutor
 
         parts = np.array_split(np.arange(size), threads_numpy)
         sl = [slice(p[0], p[-1] + 1) for p in parts]
         with ThreadPoolExecutor(threads_numpy) as ex:
+
             def run():
                 list(ex.map(lambda s: np.exp(xn[s], out=buf[s]), sl))
-            out[f"numpy exp(x, out=) {threads_numpy} threads"] = size / best_of(
-                run, repeat) / 1e9
+
+            out[f"numpy exp(x, out=) {threads_numpy} threads"] = size / best_of(run, repeat) / 1e9
     return out
 
 
 def one_core_exp_rates(size, repeat):
     """`exp_rates` in a child process pinned to CPU 0 (XLA then runs on one core)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child-exp", str(size),
-           "--repeat", str(repeat)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child-exp",
+        str(size),
+        "--repeat",
+        str(repeat),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         print(f"(one-core exp child failed: {r.stderr.strip().splitlines()[-1:]})")
@@ -180,7 +188,7 @@ def time_kernel(n, d, kernel, block, repeat):
 
     x0 = jax.random.uniform(jax.random.key(0), (n, d), jnp.float32, -1.0, 1.0)
     field = ja.RescaledField(d=d, dtype=jnp.float32, kernel=kernel, block=block)
-    step = lambda: ja.simulate(field, x0, DT, dt=DT, ts=[DT]).xs.block_until_ready()  # noqa: E731
+    step = lambda: ja.simulate(field, x0, DT, dt=DT, ts=[DT]).xs.block_until_ready()
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
@@ -195,8 +203,20 @@ def time_kernel(n, d, kernel, block, repeat):
 
 
 def time_kernel_isolated(n, d, kernel, block, repeat):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child-kernel", kernel,
-           "--block", str(block), "--n", str(n), "--d", str(d), "--repeat", str(repeat)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child-kernel",
+        kernel,
+        "--block",
+        str(block),
+        "--n",
+        str(n),
+        "--d",
+        str(d),
+        "--repeat",
+        str(repeat),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
@@ -211,8 +231,11 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=3)
     p.add_argument("--repeat", type=int, default=2, help="timed calls after the first (best of)")
     p.add_argument("--quick", action="store_true", help="small n and arrays: a smoke run")
-    p.add_argument("--blocks", default=None,
-                   help="comma list of blockwise block sizes (default 256,512,1024,2048,4096)")
+    p.add_argument(
+        "--blocks",
+        default=None,
+        help="comma list of blockwise block sizes (default 256,512,1024,2048,4096)",
+    )
     p.add_argument("--block", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--_child-exp", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_child-kernel", default=None, help=argparse.SUPPRESS)
@@ -231,8 +254,13 @@ def main(argv=None):
     if n < 2 or a.d < 1 or a.repeat < 1:
         p.error("--n must be ≥ 2, --d and --repeat ≥ 1")
     try:
-        blocks = ([int(b) for b in a.blocks.split(",")] if a.blocks else
-                  [256, 1024] if a.quick else [256, 512, 1024, 2048, 4096])
+        blocks = (
+            [int(b) for b in a.blocks.split(",")]
+            if a.blocks
+            else [256, 1024]
+            if a.quick
+            else [256, 512, 1024, 2048, 4096]
+        )
     except ValueError:
         p.error(f"--blocks must be a comma list of integers, got {a.blocks!r}")
     if any(b < 1 for b in blocks):
@@ -244,23 +272,29 @@ def main(argv=None):
     import jax
 
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {platform.machine()}, {ncpu} CPU cores, python "
-          f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}); "
-          f"load average before: {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {platform.machine()}, {ncpu} CPU cores, python "
+        f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}); "
+        f"load average before: {os.getloadavg()[0]:.2f}"
+    )
 
     # (a) exp throughput
     all_cores = exp_rates(exp_size, max(5, a.repeat), threads_numpy=ncpu)
     one_core = one_core_exp_rates(exp_size, max(5, a.repeat))
     attn_block = min(1024, n)
     attn_rate = attention_shaped_exp_rate(n, a.d, attn_block, max(2, a.repeat))
-    print(f"\n(a) exp throughput, float32, {exp_size:,} elements (G exp/s; best of "
-          f"{max(5, a.repeat)})")
+    print(
+        f"\n(a) exp throughput, float32, {exp_size:,} elements (G exp/s; best of "
+        f"{max(5, a.repeat)})"
+    )
     print(f"{'form':<44} {'all cores':>10} {'1 core':>8}")
     for name, r in all_cores.items():
         one = one_core.get(name)
         print(f"{name:<44} {r:>10.2f} {'-' if one is None else format(one, '.2f'):>8}")
-    print(f"{'attention-shaped sum_j exp(q_i.k_j - c)':<44} {attn_rate:>10.2f} {'-':>8}"
-          f"   (n = {n - n % attn_block}, d = {a.d}, key blocks of {attn_block})")
+    print(
+        f"{'attention-shaped sum_j exp(q_i.k_j - c)':<44} {attn_rate:>10.2f} {'-':>8}"
+        f"   (n = {n - n % attn_block}, d = {a.d}, key blocks of {attn_block})"
+    )
     xla_forms = [k for k in all_cores if k.startswith("xla")]
     exp_rate = max(all_cores[k] for k in xla_forms)
     exp_form = max(xla_forms, key=all_cores.get)
@@ -277,67 +311,93 @@ def main(argv=None):
     flops = 4 * 4 * a.d * n * n  # scores 2dn² + P·v 2dn² per stage
     floor = exps / (exp_rate * 1e9)
     floor_fma = floor + flops / (peak * 1e9)
-    print(f"\n(c) rescaled RK4 step, n = {n}, d = {a.d}, float32, 4·n² = {exps / 1e9:.3f} G "
-          f"exps/step; best of {a.repeat} after a first call"
-          f"{'' if a.quick else '; each kernel in its own process'}")
-    hdr = (f"{'kernel':<16} {'ms/step':>9} {'first s':>8} {'G exp/s':>8} {'4 evals ms':>11} "
-           f"{'% of floor':>10} {'peak RSS GB':>11}")
+    print(
+        f"\n(c) rescaled RK4 step, n = {n}, d = {a.d}, float32, 4·n² = {exps / 1e9:.3f} G "
+        f"exps/step; best of {a.repeat} after a first call"
+        f"{'' if a.quick else '; each kernel in its own process'}"
+    )
+    hdr = (
+        f"{'kernel':<16} {'ms/step':>9} {'first s':>8} {'G exp/s':>8} {'4 evals ms':>11} "
+        f"{'% of floor':>10} {'peak RSS GB':>11}"
+    )
     print(hdr)
     print("-" * len(hdr))
     rows = []
     for kernel, block in kernels:
         label = f"{kernel} {block}" if kernel == "blockwise" else kernel
         try:
-            r = (time_kernel(n, a.d, kernel, block or 1024, a.repeat) if a.quick else
-                 time_kernel_isolated(n, a.d, kernel, block or 1024, a.repeat))
-        except Exception as e:  # noqa: BLE001 - report and go on
+            r = (
+                time_kernel(n, a.d, kernel, block or 1024, a.repeat)
+                if a.quick
+                else time_kernel_isolated(n, a.d, kernel, block or 1024, a.repeat)
+            )
+        except Exception as e:
             r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"}
         if "error" in r:
             print(f"{label:<16} failed: {r['error']}")
             continue
         rows.append((label, r))
-        print(f"{label:<16} {1e3 * r['step_s']:>9.1f} {r['first_s']:>8.2f} "
-              f"{exps / r['step_s'] / 1e9:>8.3f} {1e3 * r['eval4_s']:>11.1f} "
-              f"{100 * floor / r['step_s']:>9.1f}% {r['rss_gb']:>11.2f}", flush=True)
+        print(
+            f"{label:<16} {1e3 * r['step_s']:>9.1f} {r['first_s']:>8.2f} "
+            f"{exps / r['step_s'] / 1e9:>8.3f} {1e3 * r['eval4_s']:>11.1f} "
+            f"{100 * floor / r['step_s']:>9.1f}% {r['rss_gb']:>11.2f}",
+            flush=True,
+        )
 
     # (d) floor
-    print(f"\n(d) floor at n = {n}, d = {a.d}: 4·n² exps at {exp_rate:.2f} G exp/s "
-          f"({exp_form}, all cores) = {1e3 * floor:.1f} ms/step; at the fused multiply-add "
-          f"+ exp rate {fma_rate:.2f} G exp/s: {1e3 * exps / (fma_rate * 1e9):.1f} ms/step; "
-          f"exp floor + {flops / 1e9:.1f} GFLOP of scores and P·v at matmul peak (no "
-          f"overlap): {1e3 * floor_fma:.1f} ms/step; {ncpu} × the best one-core rate "
-          f"({ncpu} × {one_rate:.2f} G exp/s, perfect scaling): "
-          f"{1e3 * exps / (ncpu * one_rate * 1e9):.1f} ms/step")
+    print(
+        f"\n(d) floor at n = {n}, d = {a.d}: 4·n² exps at {exp_rate:.2f} G exp/s "
+        f"({exp_form}, all cores) = {1e3 * floor:.1f} ms/step; at the fused multiply-add "
+        f"+ exp rate {fma_rate:.2f} G exp/s: {1e3 * exps / (fma_rate * 1e9):.1f} ms/step; "
+        f"exp floor + {flops / 1e9:.1f} GFLOP of scores and P·v at matmul peak (no "
+        f"overlap): {1e3 * floor_fma:.1f} ms/step; {ncpu} × the best one-core rate "
+        f"({ncpu} × {one_rate:.2f} G exp/s, perfect scaling): "
+        f"{1e3 * exps / (ncpu * one_rate * 1e9):.1f} ms/step"
+    )
     others = meter.others()
-    busy = ("unknown" if others is None else
-            f"other processes kept {others:.2f} of {ncpu} cores busy on average "
-            f"({'busy' if others > 0.25 else 'otherwise idle'})")
-    print(f"machine load during this run: {busy}; load average after: "
-          f"{os.getloadavg()[0]:.2f}")
+    busy = (
+        "unknown"
+        if others is None
+        else f"other processes kept {others:.2f} of {ncpu} cores busy on average "
+        f"({'busy' if others > 0.25 else 'otherwise idle'})"
+    )
+    print(f"machine load during this run: {busy}; load average after: {os.getloadavg()[0]:.2f}")
 
     if rows:
         bl, br = min(rows, key=lambda r: r[1]["step_s"])
         dn = dict(rows).get("dense")
         solver = br["step_s"] / br["eval4_s"]
         map_rate = all_cores["xla exp(x) -> new array"]
-        print("\nConclusion: " + (
-            f"the cores' XLA exp rate is {exp_rate:.2f} G exp/s ({exp_form}; "
-            f"{one_core.get(exp_form, float('nan')):.2f} on one core), so one RK4 step at "
-            f"n = {n}, d = {a.d} cannot take less than {1e3 * floor:.1f} ms "
-            f"({1e3 * floor_fma:.1f} ms with its matmul work at peak). The fastest kernel, "
-            f"{bl}, takes {1e3 * br['step_s']:.1f} ms/step = "
-            f"{exps / br['step_s'] / 1e9:.2f} G exp/s, {100 * floor / br['step_s']:.0f} % "
-            f"of the exp floor" +
-            (f" (dense: {exps / dn['step_s'] / 1e9:.2f} G exp/s, "
-             f"{100 * floor / dn['step_s']:.0f} %)" if dn else "") +
-            f". The same four attention evaluations outside the solver take "
-            f"{1e3 * br['eval4_s']:.1f} ms ({100 * floor / br['eval4_s']:.0f} % of the floor; "
-            f"step / 4 evaluations = ×{solver:.2f}). An attention-shaped fused "
-            f"exp pass (scores in registers, no P·v) reaches {attn_rate:.2f} G exp/s, "
-            f"{100 * attn_rate / exp_rate:.0f} % of the exp rate." +
-            (f" A materialised exp (`jnp.exp(x)` into a new array) runs at only "
-             f"{map_rate:.2f} G exp/s (memory traffic and fresh output pages), the price "
-             f"the dense kernel pays on its n×n arrays." if map_rate < 0.5 * exp_rate else "")))
+        print(
+            "\nConclusion: "
+            + (
+                f"the cores' XLA exp rate is {exp_rate:.2f} G exp/s ({exp_form}; "
+                f"{one_core.get(exp_form, float('nan')):.2f} on one core), so one RK4 step at "
+                f"n = {n}, d = {a.d} cannot take less than {1e3 * floor:.1f} ms "
+                f"({1e3 * floor_fma:.1f} ms with its matmul work at peak). The fastest kernel, "
+                f"{bl}, takes {1e3 * br['step_s']:.1f} ms/step = "
+                f"{exps / br['step_s'] / 1e9:.2f} G exp/s, {100 * floor / br['step_s']:.0f} % "
+                f"of the exp floor"
+                + (
+                    f" (dense: {exps / dn['step_s'] / 1e9:.2f} G exp/s, "
+                    f"{100 * floor / dn['step_s']:.0f} %)"
+                    if dn
+                    else ""
+                )
+                + f". The same four attention evaluations outside the solver take "
+                f"{1e3 * br['eval4_s']:.1f} ms ({100 * floor / br['eval4_s']:.0f} % of the floor; "
+                f"step / 4 evaluations = ×{solver:.2f}). An attention-shaped fused "
+                f"exp pass (scores in registers, no P·v) reaches {attn_rate:.2f} G exp/s, "
+                f"{100 * attn_rate / exp_rate:.0f} % of the exp rate."
+                + (
+                    f" A materialised exp (`jnp.exp(x)` into a new array) runs at only "
+                    f"{map_rate:.2f} G exp/s (memory traffic and fresh output pages), the price "
+                    f"the dense kernel pays on its n×n arrays."
+                    if map_rate < 0.5 * exp_rate
+                    else ""
+                )
+            )
+        )
     return 0
 
 

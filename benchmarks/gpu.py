@@ -44,23 +44,39 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(prog="gpu.py", description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", default="float32", choices=("float32", "bf16"),
-                   help="float32 (choose --kernel) or bf16 (dot_product_bf16, float32 state)")
-    p.add_argument("--kernel", default=None, choices=KERNELS_F32,
-                   help="attention kernel for --dtype float32 (default auto)")
-    p.add_argument("--n", default="1000,10000,100000",
-                   help=f"comma list of token counts, each 2..{MAX_N}")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bf16"),
+        help="float32 (choose --kernel) or bf16 (dot_product_bf16, float32 state)",
+    )
+    p.add_argument(
+        "--kernel",
+        default=None,
+        choices=KERNELS_F32,
+        help="attention kernel for --dtype float32 (default auto)",
+    )
+    p.add_argument(
+        "--n", default="1000,10000,100000", help=f"comma list of token counts, each 2..{MAX_N}"
+    )
     p.add_argument("--d", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dynamics", default="rescaled", choices=DYNAMICS)
     p.add_argument("--block", type=int, default=1024, help="blockwise block size")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--batch", type=int, default=0,
-                   help="also time a batch of this many small simulations (e.g. 4096) in one "
-                        "simulate call: n = --batch-n, d = 8, 200 steps of dt 0.1")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="also time a batch of this many small simulations (e.g. 4096) in one "
+        "simulate call: n = --batch-n, d = 8, 200 steps of dt 0.1",
+    )
     p.add_argument("--batch-n", type=int, default=64, help="tokens per batch member")
-    p.add_argument("--no-isolate", action="store_true",
-                   help="run every n in this process (peak memory is then cumulative)")
+    p.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="run every n in this process (peak memory is then cumulative)",
+    )
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     try:
@@ -89,7 +105,7 @@ def peak_memory():
 
     try:
         stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats
+    except Exception:
         stats = None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device"
@@ -112,10 +128,9 @@ def run_size(a, n):
         x0 = jax.random.uniform(jax.random.key(0), (n, a.d), jnp.float32, -1.0, 1.0)
         if a.dynamics == "sphere":
             x0 = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
-        field = ja.make_field(a.dynamics, d=a.d, dtype=jnp.float32, kernel=a.kernel,
-                              block=a.block)
+        field = ja.make_field(a.dynamics, d=a.d, dtype=jnp.float32, kernel=a.kernel, block=a.block)
         t1 = a.steps * DT
-        run = lambda: ja.simulate(field, x0, t1, dt=DT, ts=[t1]).xs.block_until_ready()  # noqa: E731
+        run = lambda: ja.simulate(field, x0, t1, dt=DT, ts=[t1]).xs.block_until_ready()
         t0 = time.perf_counter()
         out = run()
         first = time.perf_counter() - t0
@@ -125,20 +140,43 @@ def run_size(a, n):
             out = run()
             best = min(best, time.perf_counter() - t0)
         finite = bool(jnp.all(jnp.isfinite(out)))
-    except Exception as e:  # noqa: BLE001 - a row, not a crash
+    except Exception as e:
         if is_oom(e):
             return {"n": n, "error": "out of memory"}
         line = (str(e).strip().splitlines() or [""])[0]
         return {"n": n, "error": f"{type(e).__name__}: {line[:100]}"}
     mem, src = peak_memory()
-    return {"n": n, "step_s": best / a.steps, "compile_s": max(0.0, first - best),
-            "mem_bytes": mem, "mem_src": src, "finite": finite}
+    return {
+        "n": n,
+        "step_s": best / a.steps,
+        "compile_s": max(0.0, first - best),
+        "mem_bytes": mem,
+        "mem_src": src,
+        "finite": finite,
+    }
 
 
 def run_isolated(a, n):
-    argv = [sys.executable, os.path.abspath(__file__), "--_child", str(n),
-            "--dtype", a.dtype, "--n", str(n), "--d", str(a.d), "--steps", str(a.steps),
-            "--dynamics", a.dynamics, "--block", str(a.block), "--repeat", str(a.repeat)]
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        str(n),
+        "--dtype",
+        a.dtype,
+        "--n",
+        str(n),
+        "--d",
+        str(a.d),
+        "--steps",
+        str(a.steps),
+        "--dynamics",
+        a.dynamics,
+        "--block",
+        str(a.block),
+        "--repeat",
+        str(a.repeat),
+    ]
     if a.dtype == "float32":
         argv += ["--kernel", a.kernel]
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -152,8 +190,7 @@ def run_isolated(a, n):
     if r.returncode < 0:
         return {"n": n, "error": f"killed by signal {-r.returncode} (out of memory?)"}
     last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-    return {"n": n, "error": ("out of memory" if is_oom(RuntimeError(last))
-                              else last[:110])}
+    return {"n": n, "error": ("out of memory" if is_oom(RuntimeError(last)) else last[:110])}
 
 
 def main(argv=None):
@@ -166,22 +203,30 @@ def main(argv=None):
 
     devices = jax.devices()
     print(f"devices: {devices}")
-    print(f"backend: {jax.default_backend()}, jax {jax.__version__}, python "
-          f"{platform.python_version()}, {platform.machine()}")
+    print(
+        f"backend: {jax.default_backend()}, jax {jax.__version__}, python "
+        f"{platform.python_version()}, {platform.machine()}"
+    )
     if not any(d.platform == "gpu" for d in devices):
         print("note: no GPU found — running on the CPU (a smoke run; these are CPU numbers)")
     elif a.dtype == "bf16" and a.d % 8:
         # jax/_src/cudnn/fused_attention_stablehlo.py: "The head dim must be <= H_max
         # and a multiple of 8"; every size will then be reported as failed.
-        print(f"note: cuDNN's flash attention needs a head dim that is a multiple of 8; "
-              f"d = {a.d} is likely to fail — try --d 8 or --d 64")
-    print(f"dynamics {a.dynamics}, d = {a.d}, RK4, dt = {DT}, {a.steps} steps, state float32, "
-          f"kernel {a.kernel}" + (f" (block {a.block})" if a.kernel in ("auto", "blockwise")
-                                  else "") +
-          f"; best of {a.repeat} after a first call"
-          f"{'' if a.no_isolate else '; each n in its own process'}\n")
-    hdr = (f"{'n':>7} {'dtype':>7} {'kernel':>16} {'ms/step':>10} {'compile s':>9} "
-           f"{'G exp/s':>9} {'peak mem GB':>11} {'(source)':>8}")
+        print(
+            f"note: cuDNN's flash attention needs a head dim that is a multiple of 8; "
+            f"d = {a.d} is likely to fail — try --d 8 or --d 64"
+        )
+    print(
+        f"dynamics {a.dynamics}, d = {a.d}, RK4, dt = {DT}, {a.steps} steps, state float32, "
+        f"kernel {a.kernel}"
+        + (f" (block {a.block})" if a.kernel in ("auto", "blockwise") else "")
+        + f"; best of {a.repeat} after a first call"
+        f"{'' if a.no_isolate else '; each n in its own process'}\n"
+    )
+    hdr = (
+        f"{'n':>7} {'dtype':>7} {'kernel':>16} {'ms/step':>10} {'compile s':>9} "
+        f"{'G exp/s':>9} {'peak mem GB':>11} {'(source)':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
     failed = 0
@@ -194,8 +239,11 @@ def main(argv=None):
             continue
         gexp = 4 * n * n / r["step_s"] / 1e9
         note = "" if r["finite"] else "  (non-finite state!)"
-        print(f"{head} {1e3 * r['step_s']:>10.3f} {r['compile_s']:>9.2f} {gexp:>9.3f} "
-              f"{r['mem_bytes'] / 1e9:>11.3f} {r['mem_src']:>8}{note}", flush=True)
+        print(
+            f"{head} {1e3 * r['step_s']:>10.3f} {r['compile_s']:>9.2f} {gexp:>9.3f} "
+            f"{r['mem_bytes'] / 1e9:>11.3f} {r['mem_src']:>8}{note}",
+            flush=True,
+        )
     if failed:
         print(f"({failed} of {len(a.sizes)} sizes failed; see the rows above)")
     if a.batch:
@@ -210,11 +258,10 @@ def run_batch(a, d=8, steps=200, dt=0.1):
 
     import jaxattn as ja
 
-    x0 = jax.random.uniform(jax.random.key(1), (a.batch, a.batch_n, d), jnp.float32,
-                            -1.0, 1.0)
+    x0 = jax.random.uniform(jax.random.key(1), (a.batch, a.batch_n, d), jnp.float32, -1.0, 1.0)
     field = ja.RescaledField(d=d, dtype=jnp.float32)
     t1 = steps * dt
-    run = lambda: ja.simulate(field, x0, t1, dt=dt, ts=[t1]).xs.block_until_ready()  # noqa: E731
+    run = lambda: ja.simulate(field, x0, t1, dt=dt, ts=[t1]).xs.block_until_ready()
     t0 = time.perf_counter()
     run()
     first = time.perf_counter() - t0
@@ -223,9 +270,11 @@ def run_batch(a, d=8, steps=200, dt=0.1):
         t0 = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t0)
-    print(f"\nbatch of {a.batch} × (n = {a.batch_n}, d = {d}), {steps} RK4 steps, float32, "
-          f"one call: {1e3 * best / steps:.3f} ms/step, {1e6 * best / steps / a.batch:.3f} "
-          f"µs per member-step, first call {first:.2f} s")
+    print(
+        f"\nbatch of {a.batch} × (n = {a.batch_n}, d = {d}), {steps} RK4 steps, float32, "
+        f"one call: {1e3 * best / steps:.3f} ms/step, {1e6 * best / steps / a.batch:.3f} "
+        f"µs per member-step, first call {first:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,17 @@ import subprocess
 import sys
 import time
 
-CASES = ("baseline", "forward-solve", "checkpoint", "checkpoint-all", "backsolve",
-         "forward-1dir", "torch-forward", "torch-autograd", "torch-adjoint")
+CASES = (
+    "baseline",
+    "forward-solve",
+    "checkpoint",
+    "checkpoint-all",
+    "backsolve",
+    "forward-1dir",
+    "torch-forward",
+    "torch-autograd",
+    "torch-adjoint",
+)
 
 
 def _peak_mb() -> float:
@@ -69,12 +78,14 @@ def run_jax(case, n, d, steps, repeat):
     t1 = steps * dt
     solve = dict(solver="rk4", dt=dt)
     if case == "forward-solve":
-        fn = lambda: ja.simulate(field, x0, t1, ts=[t1], **solve).xs.block_until_ready()  # noqa: E731
+        fn = lambda: ja.simulate(field, x0, t1, ts=[t1], **solve).xs.block_until_ready()
     else:
-        adjoint, wrt, cps = {"checkpoint": ("checkpoint", ("Q", "K", "V"), None),
-                             "checkpoint-all": ("checkpoint", ("Q", "K", "V"), steps),
-                             "backsolve": ("backsolve", ("Q", "K", "V"), None),
-                             "forward-1dir": ("forward", ("beta",), None)}[case]
+        adjoint, wrt, cps = {
+            "checkpoint": ("checkpoint", ("Q", "K", "V"), None),
+            "checkpoint-all": ("checkpoint", ("Q", "K", "V"), steps),
+            "backsolve": ("backsolve", ("Q", "K", "V"), None),
+            "forward-1dir": ("forward", ("beta",), None),
+        }[case]
         f = objective_fn(field, t1, "mean_sq", adjoint=adjoint, checkpoints=cps, solve=solve)
         p = ja.field_params(field, x0)
         diff = {k: p[k] for k in wrt}
@@ -83,7 +94,7 @@ def run_jax(case, n, d, steps, repeat):
             g = jax.jit(jax.jacfwd(lambda q: f({**rest, **q})[0]))
         else:
             g = jax.jit(jax.grad(lambda q: f({**rest, **q})[0]))
-        fn = lambda: jax.block_until_ready(g(diff))  # noqa: E731
+        fn = lambda: jax.block_until_ready(g(diff))
     first, best = _timeit(fn, repeat)
     return {"first_s": first, "best_s": best}
 
@@ -155,8 +166,20 @@ def main() -> None:
         return
     rows = []
     for case in a.cases.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--n", str(a.n),
-               "--d", str(a.d), "--steps", str(a.steps), "--repeat", str(a.repeat)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            case,
+            "--n",
+            str(a.n),
+            "--d",
+            str(a.d),
+            "--steps",
+            str(a.steps),
+            "--repeat",
+            str(a.repeat),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [s for s in out.stdout.splitlines() if s.startswith("{")]
         if out.returncode != 0 or not line:
@@ -167,27 +190,32 @@ def main() -> None:
         print(f"  done {case}", file=sys.stderr, flush=True)
     ref = {r["case"]: r for r in rows if "best_s" in r}
     fwd = ref.get("forward-solve", {}).get("best_s")
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, "
-          f"{os.cpu_count()} cores; n={a.n} d={a.d} rk4 steps={a.steps} float64; "
-          f"gradient wrt Q, K, V ({3 * a.d * a.d} entries)")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{os.cpu_count()} cores; n={a.n} d={a.d} rk4 steps={a.steps} float64; "
+        f"gradient wrt Q, K, V ({3 * a.d * a.d} entries)"
+    )
     print(f"{'case':16s} {'first s':>9s} {'best s':>9s} {'× fwd':>7s} {'peak MB':>9s}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['case']:16s} skipped ({r['skipped']})")
             continue
         ratio = f"{r['best_s'] / fwd:7.2f}" if fwd and r["case"] != "baseline" else "      -"
-        print(f"{r['case']:16s} {r['first_s']:9.2f} {r['best_s']:9.3f} {ratio} "
-              f"{r['peak_mb']:9.0f}")
+        print(f"{r['case']:16s} {r['first_s']:9.2f} {r['best_s']:9.3f} {ratio} {r['peak_mb']:9.0f}")
     if "forward-1dir" in ref:
-        print(f"forward mode, full gradient (×{3 * a.d * a.d} directions) ≈ "
-              f"{ref['forward-1dir']['best_s'] * 3 * a.d * a.d:.1f} s (extrapolated)")
+        print(
+            f"forward mode, full gradient (×{3 * a.d * a.d} directions) ≈ "
+            f"{ref['forward-1dir']['best_s'] * 3 * a.d * a.d:.1f} s (extrapolated)"
+        )
     tj, tt = ref.get("checkpoint"), ref.get("torch-autograd")
     if tj and tt:
         print(f"jaxattn checkpoint / torch autograd time: {tj['best_s'] / tt['best_s']:.2f}")
     tb, ta = ref.get("backsolve"), ref.get("torch-adjoint")
     if tb and ta:
-        print(f"jaxattn backsolve / torchdiffeq odeint_adjoint time: "
-              f"{tb['best_s'] / ta['best_s']:.2f}")
+        print(
+            f"jaxattn backsolve / torchdiffeq odeint_adjoint time: "
+            f"{tb['best_s'] / ta['best_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":

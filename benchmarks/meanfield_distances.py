@@ -12,7 +12,6 @@ divergence (three solves).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -51,17 +50,27 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=1e-3)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--kind", default="ot", choices=["ot", "divergence"],
-                   help="ot: one entropic OT (one Sinkhorn solve); divergence: the debiased "
-                        "Sinkhorn divergence (three solves)")
+    p.add_argument(
+        "--kind",
+        default="ot",
+        choices=["ot", "divergence"],
+        help="ot: one entropic OT (one Sinkhorn solve); divergence: the debiased "
+        "Sinkhorn divergence (three solves)",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
     mu = ja.InitialMeasure.uniform(a.d, -1.0, 1.0)
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.default_backend()}",
-           "d": a.d, "exact": {}, "sinkhorn": {}}
+    res = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.default_backend()}",
+        "d": a.d,
+        "exact": {},
+        "sinkhorn": {},
+    }
 
     def clouds(n, dtype, k):
-        return mu.sample(jax.random.key(2 * k), n, dtype), mu.sample(jax.random.key(2 * k + 1), n, dtype)
+        return mu.sample(jax.random.key(2 * k), n, dtype), mu.sample(
+            jax.random.key(2 * k + 1), n, dtype
+        )
 
     for n in a.exact:
         t, v, _ = _timed(ja.wasserstein2, clouds(n, jnp.float64, 0), a.repeat)
@@ -70,15 +79,26 @@ def main(argv=None):
     dtype = jnp.dtype(a.dtype)
     for n in a.sinkhorn:
         solver = ja.entropic_ot if a.kind == "ot" else ja.sinkhorn_divergence
-        t, v, c = _timed(lambda x, y: solver(x, y, epsilon=a.epsilon, threshold=a.threshold),
-                         clouds(n, dtype, 0), a.repeat)
-        res["sinkhorn"][n] = {"seconds": t, "compile_seconds": c, "value": v,
-                              "kind": a.kind, "epsilon": a.epsilon,
-                              "threshold": a.threshold, "dtype": a.dtype}
+        t, v, c = _timed(
+            lambda x, y: solver(x, y, epsilon=a.epsilon, threshold=a.threshold),
+            clouds(n, dtype, 0),
+            a.repeat,
+        )
+        res["sinkhorn"][n] = {
+            "seconds": t,
+            "compile_seconds": c,
+            "value": v,
+            "kind": a.kind,
+            "epsilon": a.epsilon,
+            "threshold": a.threshold,
+            "dtype": a.dtype,
+        }
         label = "entropic OT (one Sinkhorn)" if a.kind == "ot" else "Sinkhorn divergence"
-        print(f"{label}, n = {n} ({a.dtype}, eps = {a.epsilon}): {t:.2f} s, compile "
-              f"{c:.1f} s (value {v:.4g}{'; NaN: not converged' if v != v else ''})",
-              flush=True)
+        print(
+            f"{label}, n = {n} ({a.dtype}, eps = {a.epsilon}): {t:.2f} s, compile "
+            f"{c:.1f} s (value {v:.4g}{'; NaN: not converged' if v != v else ''})",
+            flush=True,
+        )
     if a.out:
         from jaxattn._io import write_json
 

@@ -36,8 +36,7 @@ def time_jax(a, fused=True):
     )
     from jaxattn.modular._train import adamw, chunk_fn
 
-    c = make_config(p=a.p, d_model=a.d, depth=a.depth, train_frac=0.6, warmup=0,
-                    fused=fused)
+    c = make_config(p=a.p, d_model=a.d, depth=a.depth, train_frac=0.6, warmup=0, fused=fused)
     model = ModularTransformer(c, key=jax.random.key(0))
     sp = make_split(c.p, "+", c.train_frac, 0)
     x, y = jnp.asarray(sp["x_train"]), jnp.asarray(sp["y_train"])
@@ -79,8 +78,7 @@ def time_torch(a):
             s = 1 / math.sqrt(d)
             self.embed = torch.nn.Parameter(torch.randn(p + 3, d) * s)
             self.pos = torch.nn.Parameter(torch.randn(4, d) * s)
-            self.Q, self.K, self.V, self.O = (torch.nn.Linear(d, d, bias=False)
-                                              for _ in range(4))
+            self.Q, self.K, self.V, self.O = (torch.nn.Linear(d, d, bias=False) for _ in range(4))
             self.unembed = torch.nn.Linear(d, p, bias=False)
 
         def forward(self, tok):
@@ -124,12 +122,16 @@ def main() -> None:
     a = ap.parse_args()
     jx, n = time_jax(a)
     unfused, _ = time_jax(a, fused=False)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; p = {a.p}, "
-          f"d = {a.d}, depth = {a.depth}, {n} training pairs, float32")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; p = {a.p}, "
+        f"d = {a.d}, depth = {a.depth}, {n} training pairs, float32"
+    )
     print(f"jaxattn  one step per call: {jx['per_call'] * 1e3:8.1f} ms/step")
     print(f"jaxattn  {a.steps} steps per scan: {jx['scan'] * 1e3:8.1f} ms/step")
-    print(f"jaxattn  {a.steps} steps per scan, unfused (4 projections per layer): "
-          f"{unfused['scan'] * 1e3:8.1f} ms/step")
+    print(
+        f"jaxattn  {a.steps} steps per scan, unfused (4 projections per layer): "
+        f"{unfused['scan'] * 1e3:8.1f} ms/step"
+    )
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -137,8 +139,10 @@ def main() -> None:
         return
     tt = time_torch(a)
     print(f"PyTorch eager ({a.threads} threads): {tt * 1e3:8.1f} ms/step")
-    print(f"ratio PyTorch / jaxattn: {tt / jx['per_call']:.2f}× (one step per call), "
-          f"{tt / jx['scan']:.2f}× (scan)")
+    print(
+        f"ratio PyTorch / jaxattn: {tt / jx['per_call']:.2f}× (one step per call), "
+        f"{tt / jx['scan']:.2f}× (scan)"
+    )
 
 
 if __name__ == "__main__":

@@ -173,8 +173,9 @@ def scan_solver(x0, dt, steps):
 
     z0 = jnp.asarray(x0)
     V = jnp.eye(x0.shape[-1], dtype=z0.dtype)
-    run = jax.jit(lambda z: rk4_scan(lambda t, y: scan_field(t, y, V), z,
-                                     jnp.zeros((), z.dtype), dt, steps))
+    run = jax.jit(
+        lambda z: rk4_scan(lambda t, y: scan_field(t, y, V), z, jnp.zeros((), z.dtype), dt, steps)
+    )
     return lambda: run(z0).block_until_ready()
 
 
@@ -188,8 +189,10 @@ def diffrax_solver(x0, dt, steps):
 
     tab = diffrax.ButcherTableau(
         a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
-        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]), b_error=np.zeros(4),
-        c=np.array([0.5, 0.5, 1.0]))
+        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        b_error=np.zeros(4),
+        c=np.array([0.5, 0.5, 1.0]),
+    )
 
     class _RK4(diffrax.AbstractERK):
         tableau = tab
@@ -211,9 +214,17 @@ def diffrax_solver(x0, dt, steps):
 
     @eqx.filter_jit
     def solve(z0):
-        return diffrax.diffeqsolve(diffrax.ODETerm(f), _RK4(), 0.0, dt * steps, dt, z0,
-                                   stepsize_controller=diffrax.ConstantStepSize(),
-                                   saveat=diffrax.SaveAt(t1=True), max_steps=steps + 1).ys
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(f),
+            _RK4(),
+            0.0,
+            dt * steps,
+            dt,
+            z0,
+            stepsize_controller=diffrax.ConstantStepSize(),
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=steps + 1,
+        ).ys
 
     return lambda: solve(z0).block_until_ready()
 
@@ -296,8 +307,9 @@ def sweep_spec(seeds, quick=False):
     import os
     import tomllib
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "sweep",
-                        "example.toml")
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "docs", "sweep", "example.toml"
+    )
     with open(path, "rb") as fh:
         spec = copy.deepcopy(tomllib.load(fh))
     spec["grid"]["init.seed"] = {"range": seeds}
@@ -338,7 +350,7 @@ def scan_sweep(spec):
     plan = parse_sweep(spec)
     b = _PointBuilder(plan)
     opts, solve = plan.options, spec["solve"]
-    steps = int(round(solve["t1"] / solve["dt"]))
+    steps = round(solve["t1"] / solve["dt"])
     k = steps // (opts["save_points"] - 1)
     assert k * (opts["save_points"] - 1) == steps, "save times must fall every k steps"
     eye = np.eye(b.d)
@@ -346,8 +358,10 @@ def scan_sweep(spec):
     for p in range(plan.n_points):
         a = plan.assignment(p)
         lo = b.lora(a)
-        pert = {t: np.asarray(lo.merged(jnp.asarray(eye, b.dtype))) if lo.target == t
-                else eye for t in "QKV"}
+        pert = {
+            t: np.asarray(lo.merged(jnp.asarray(eye, b.dtype))) if lo.target == t else eye
+            for t in "QKV"
+        }
         x0.append(b.x0(a))
         W.append([[eye, eye, eye], [pert["Q"], pert["K"], pert["V"]]])
     y0 = jnp.asarray(np.stack([np.stack([x, x]) for x in x0]), b.dtype)  # (P, 2, n, d)
@@ -365,9 +379,11 @@ def scan_sweep(spec):
     f = jax.vmap(jax.vmap(field, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))
 
     def summaries(y):  # y (P, 2, n, d)
-        return {"divergence": jax.vmap(divergence)(y[:, 0], y[:, 1]),
-                "clusters": jax.vmap(lambda x: cluster_count(x, thr))(y[:, 1]),
-                "diameter": jax.vmap(lambda x: jnp.max(pairwise_distances(x)))(y[:, 1])}
+        return {
+            "divergence": jax.vmap(divergence)(y[:, 0], y[:, 1]),
+            "clusters": jax.vmap(lambda x: cluster_count(x, thr))(y[:, 1]),
+            "diameter": jax.vmap(lambda x: jnp.max(pairwise_distances(x)))(y[:, 1]),
+        }
 
     @jax.jit
     def run(y0, W):
@@ -389,32 +405,49 @@ def main():
     p.add_argument("--quick", action="store_true", help="small sizes only")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-big", action="store_true", help="skip the n = 65536 step")
-    p.add_argument("--sizes", default=None,
-                   help="single-solve rows as n×d list, e.g. 50x2,1000x2 ('none': no rows)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="single-solve rows as n×d list, e.g. 50x2,1000x2 ('none': no rows)",
+    )
     p.add_argument("--batch", type=int, default=256, help="members of the batch case")
-    p.add_argument("--sweep-seeds", type=int, default=32,
-                   help="initial conditions per (norm, target) in the docs sweep (128 there)")
+    p.add_argument(
+        "--sweep-seeds",
+        type=int,
+        default=32,
+        help="initial conditions per (norm, target) in the docs sweep (128 there)",
+    )
     a = p.parse_args()
     if a.repeat < 1 or a.batch < 1 or a.sweep_seeds < 1:
         p.error("--repeat, --batch and --sweep-seeds must be ≥ 1")
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
-          f"python {platform.python_version()}; torch: "
-          f"{torch.__version__ if torch else 'not installed'}; load average "
-          f"{os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"python {platform.python_version()}; torch: "
+        f"{torch.__version__ if torch else 'not installed'}; load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
     peak = matmul_peak()
     print(f"measured float32 matmul peak (2048², jax): {peak:.1f} GFLOP/s\n")
-    sizes = [(50, 2), (1000, 2)] if a.quick else [
-        (50, 2), (1000, 2), (4096, 2), (50, 64), (1000, 64), (4096, 64)]
+    sizes = (
+        [(50, 2), (1000, 2)]
+        if a.quick
+        else [(50, 2), (1000, 2), (4096, 2), (50, 64), (1000, 64), (4096, 64)]
+    )
     if a.sizes is not None:
         try:
-            sizes = [] if a.sizes == "none" else [
-                tuple(int(v) for v in sz.split("x")) for sz in a.sizes.split(",")]
+            sizes = (
+                []
+                if a.sizes == "none"
+                else [tuple(int(v) for v in sz.split("x")) for sz in a.sizes.split(",")]
+            )
         except ValueError:
             p.error(f"--sizes must look like 50x2,1000x2 or none, got {a.sizes!r}")
     dt = 0.1
-    hdr = (f"{'n':>5} {'d':>3} {'steps':>5} | {'jaxattn ms/step':>15} {'compile s':>9} "
-           f"{'GFLOP/s':>8} {'%peak':>6} | {'scan':>6} {'torchdiffeq':>11} {'numpy':>7} "
-           f"{'diffrax':>8}")
+    hdr = (
+        f"{'n':>5} {'d':>3} {'steps':>5} | {'jaxattn ms/step':>15} {'compile s':>9} "
+        f"{'GFLOP/s':>8} {'%peak':>6} | {'scan':>6} {'torchdiffeq':>11} {'numpy':>7} "
+        f"{'diffrax':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for n, d in sizes:
@@ -424,21 +457,27 @@ def main():
         x0 = np.random.default_rng(0).uniform(-1, 1, size=(n, d)).astype(np.float32)
         ja_fn = jaxattn_solver(x0, dt, steps)
         comp = first_call(ja_fn)
-        fns = {"jaxattn": ja_fn, "scan": scan_solver(x0, dt, steps),
-               "diffrax": diffrax_solver(x0, dt, steps)}
+        fns = {
+            "jaxattn": ja_fn,
+            "scan": scan_solver(x0, dt, steps),
+            "diffrax": diffrax_solver(x0, dt, steps),
+        }
         if torch:
             fns["torchdiffeq"] = torch_solver(x0, dt, steps)
         if n * d <= 4096 * 2 or not a.quick:
             fns["numpy"] = lambda: numpy_rk4(x0, dt, steps)
         t = {k: v / steps for k, v in interleaved(fns, a.repeat).items()}
         comp -= t["jaxattn"] * steps
-        r = {k: t.get(k, np.nan) / t["jaxattn"] for k in ("scan", "torchdiffeq", "numpy",
-                                                          "diffrax")}
+        r = {
+            k: t.get(k, np.nan) / t["jaxattn"] for k in ("scan", "torchdiffeq", "numpy", "diffrax")
+        }
         gf = flops_per_step(n, d) / t["jaxattn"] / 1e9
-        print(f"{n:>5} {d:>3} {steps:>5} | {1e3 * t['jaxattn']:>15.3f} {comp:>9.2f} "
-              f"{gf:>8.2f} {100 * gf / peak:>5.1f}% | {r['scan']:>5.2f}x "
-              f"{r['torchdiffeq']:>10.2f}x {r['numpy']:>6.2f}x {r['diffrax']:>7.2f}x",
-              flush=True)
+        print(
+            f"{n:>5} {d:>3} {steps:>5} | {1e3 * t['jaxattn']:>15.3f} {comp:>9.2f} "
+            f"{gf:>8.2f} {100 * gf / peak:>5.1f}% | {r['scan']:>5.2f}x "
+            f"{r['torchdiffeq']:>10.2f}x {r['numpy']:>6.2f}x {r['diffrax']:>7.2f}x",
+            flush=True,
+        )
     print("(ratios = peer time / jaxattn time; > 1 means jaxattn is faster)\n")
 
     # Batch: B simulations, n = 64, d = 8, 200 steps, one call each.
@@ -452,21 +491,28 @@ def main():
     xb = np.random.default_rng(1).uniform(-1, 1, size=(B, n, d)).astype(np.float32)
     field = ja.RescaledField(d=d, dtype=jnp.float32)
     zb = jnp.asarray(xb)
-    fns = {"jaxattn": lambda: ja.simulate(field, zb, steps * dt, dt=dt,
-                                          ts=[steps * dt]).xs.block_until_ready(),
-           "scan": scan_solver(xb, dt, steps)}
+    fns = {
+        "jaxattn": lambda: ja.simulate(
+            field, zb, steps * dt, dt=dt, ts=[steps * dt]
+        ).xs.block_until_ready(),
+        "scan": scan_solver(xb, dt, steps),
+    }
     if torch:
         fns["torchdiffeq"] = torch_solver(xb, dt, steps)
     t = interleaved(fns, a.repeat)
-    line = (f"batch {B}×(n={n}, d={d}, {steps} RK4 steps), one call each: jaxattn "
-            f"{1e3 * t['jaxattn'] / steps:.3f} ms/step; hand-written scan "
-            f"{t['scan'] / t['jaxattn']:.2f}x")
+    line = (
+        f"batch {B}×(n={n}, d={d}, {steps} RK4 steps), one call each: jaxattn "
+        f"{1e3 * t['jaxattn'] / steps:.3f} ms/step; hand-written scan "
+        f"{t['scan'] / t['jaxattn']:.2f}x"
+    )
     if torch:
         line += f"; torchdiffeq batched {t['torchdiffeq'] / t['jaxattn']:.2f}x"
         k = min(16, B)
         t_loop = best_of(lambda: [torch_solver(xb[i], dt, steps)() for i in range(k)], 1)
         t_loop *= B / k
-        line += f"; torchdiffeq Python loop ({k} runs timed, ×{B / k:g}) {t_loop / t['jaxattn']:.1f}x"
+        line += (
+            f"; torchdiffeq Python loop ({k} runs timed, ×{B / k:g}) {t_loop / t['jaxattn']:.1f}x"
+        )
     print(line, flush=True)
 
     # The docs sweep, shrunk: jaxattn.sweep (chunks, files, figure) against the
@@ -475,31 +521,40 @@ def main():
 
     jax.config.update("jax_enable_x64", True)  # the docs sweep is float64 (as the CLI does)
     spec = sweep_spec(a.sweep_seeds, a.quick)
-    t = interleaved({"jaxattn sweep": jaxattn_sweep(spec), "scan": scan_sweep(spec)},
-                    a.repeat)
+    t = interleaved({"jaxattn sweep": jaxattn_sweep(spec), "scan": scan_sweep(spec)}, a.repeat)
     from jaxattn import parse_sweep
 
     pts = parse_sweep(spec).n_points
-    print(f"docs sweep ({pts} points, n = 32, d = 2, float64, t1 = {spec['solve']['t1']}, "
-          f"summaries at {spec['sweep']['save_points']} times): jaxattn sweep {t['jaxattn sweep']:.2f} s "
-          f"(chunks, result files and figure included); hand-written scan {t['scan']:.2f} s "
-          f"→ {t['scan'] / t['jaxattn sweep']:.2f}x", flush=True)
+    print(
+        f"docs sweep ({pts} points, n = 32, d = 2, float64, t1 = {spec['solve']['t1']}, "
+        f"summaries at {spec['sweep']['save_points']} times): "
+        f"jaxattn sweep {t['jaxattn sweep']:.2f} s "
+        f"(chunks, result files and figure included); hand-written scan {t['scan']:.2f} s "
+        f"→ {t['scan'] / t['jaxattn sweep']:.2f}x",
+        flush=True,
+    )
 
     if not a.quick:
         t_paper = paper_step_time()
         x0 = np.random.default_rng(0).uniform(-1, 1, size=(50, 2)).astype(np.float32)
         t_ja50 = best_of(jaxattn_solver(x0, 0.1, 400), a.repeat) / 400
-        print(f"paper's algorithm (re-implemented), n = 50: {t_paper:.2f} s/step "
-              f"(2 steps timed) → a 400-step run ≈ {400 * t_paper / 60:.1f} min; jaxattn "
-              f"{1e3 * t_ja50:.3f} ms/step → {t_paper / t_ja50:,.0f}x")
+        print(
+            f"paper's algorithm (re-implemented), n = 50: {t_paper:.2f} s/step "
+            f"(2 steps timed) → a 400-step run ≈ {400 * t_paper / 60:.1f} min; jaxattn "
+            f"{1e3 * t_ja50:.3f} ms/step → {t_paper / t_ja50:,.0f}x"
+        )
 
     if not a.skip_big:
         big = big_step_subprocess()
         if big:
-            print(f"n = 65536, d = 3, one RK4 step (blockwise, float32): first call "
-                  f"{big[0]:.1f} s, step {big[1]:.1f} s, peak RSS {big[2]:.2f} GB")
-    print(f"load average after: {os.getloadavg()[0]:.2f}; peak RSS of this process: "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+            print(
+                f"n = 65536, d = 3, one RK4 step (blockwise, float32): first call "
+                f"{big[0]:.1f} s, step {big[1]:.1f} s, peak RSS {big[2]:.2f} GB"
+            )
+    print(
+        f"load average after: {os.getloadavg()[0]:.2f}; peak RSS of this process: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

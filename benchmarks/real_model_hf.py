@@ -30,8 +30,10 @@ def main() -> int:
     a = p.parse_args()
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"skipped: {' and '.join(missing)} not installed (optional; "
-              "`pip install torch transformers` to compare)")
+        print(
+            f"skipped: {' and '.join(missing)} not installed (optional; "
+            "`pip install torch transformers` to compare)"
+        )
         return 0
     import jax.numpy as jnp
     import numpy as np
@@ -42,16 +44,18 @@ def main() -> int:
     from jaxattn.real_model._analysis import tokenize
 
     ck = load(a.model_dir, dtype=jnp.float32)
-    hf = BertModel.from_pretrained(ck.model_dir, local_files_only=True,
-                                   attn_implementation="eager").eval()
+    hf = BertModel.from_pretrained(
+        ck.model_dir, local_files_only=True, attn_implementation="eager"
+    ).eval()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     corpus = default_corpus()[: a.passages]
     seqs = tokenize(ck, corpus, truncate_to=ck.truncation or ck.config.max_positions)
 
     def run_hf(ids):
         with torch.no_grad():
-            out = hf(input_ids=torch.as_tensor(ids[None], dtype=torch.long),
-                     output_hidden_states=True)
+            out = hf(
+                input_ids=torch.as_tensor(ids[None], dtype=torch.long), output_hidden_states=True
+            )
         return np.stack([h[0].numpy() for h in out.hidden_states])
 
     def run_jax(ids):
@@ -74,12 +78,16 @@ def main() -> int:
         worst = max(worst, float(np.max(np.abs(ours - ref))))
         t_jax.append(best_time(run_jax, ids))
         t_hf.append(best_time(run_hf, ids))
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{len(seqs)} passages of {min(map(len, seqs))}–{max(map(len, seqs))} tokens")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{len(seqs)} passages of {min(map(len, seqs))}–{max(map(len, seqs))} tokens"
+    )
     print(f"max |hidden states jaxattn − transformers| = {worst:.2e}")
-    print(f"time per passage: jaxattn {1e3 * np.median(t_jax):.2f} ms, "
-          f"transformers {1e3 * np.median(t_hf):.2f} ms (median over passages, best of "
-          f"{a.repeat}); jaxattn compile total {t_compile:.1f} s")
+    print(
+        f"time per passage: jaxattn {1e3 * np.median(t_jax):.2f} ms, "
+        f"transformers {1e3 * np.median(t_hf):.2f} ms (median over passages, best of "
+        f"{a.repeat}); jaxattn compile total {t_compile:.1f} s"
+    )
     return 0 if worst <= 1e-4 else 1
 
 

@@ -33,7 +33,7 @@ def main() -> None:
     field = ja.RescaledField(d=a.d, dtype=dtype)
     dt = 0.01
     t1 = a.steps * dt
-    run = lambda: ja.simulate(field, x0, t1, solver="rk4", dt=dt, ts=[t1])  # noqa: E731
+    run = lambda: ja.simulate(field, x0, t1, solver="rk4", dt=dt, ts=[t1])
     t0 = time.perf_counter()
     run().xs.block_until_ready()
     first = time.perf_counter() - t0
@@ -42,10 +42,14 @@ def main() -> None:
         t0 = time.perf_counter()
         run().xs.block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} "
-          f"({jax.devices()[0].platform}, {jax.device_count()} device)")
-    print(f"n={a.n} d={a.d} {a.dtype} rk4 steps={a.steps}: first call {first:.2f} s "
-          f"(compile ≈ {first - best:.2f} s), {1e3 * best / a.steps:.3f} ms/step")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} "
+        f"({jax.devices()[0].platform}, {jax.device_count()} device)"
+    )
+    print(
+        f"n={a.n} d={a.d} {a.dtype} rk4 steps={a.steps}: first call {first:.2f} s "
+        f"(compile ≈ {first - best:.2f} s), {1e3 * best / a.steps:.3f} ms/step"
+    )
 
 
 if __name__ == "__main__":

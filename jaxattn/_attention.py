@@ -28,16 +28,12 @@ def _scale_from_log(log_scale, dtype) -> Array:
     return jnp.exp(jnp.minimum(log_scale, cap))
 
 
-def attention_scores(
-    q: Float[Array, "n e"], k: Float[Array, "m e"]
-) -> Float[Array, "n m"]:
+def attention_scores(q: Float[Array, "n e"], k: Float[Array, "m e"]) -> Float[Array, "n m"]:
     """Raw scores `u_ij = <q_i, k_j>`."""
     return q @ k.T
 
 
-def softmax_weights(
-    u: Float[Array, "n m"], beta, log_scale=0.0
-) -> Float[Array, "n m"]:
+def softmax_weights(u: Float[Array, "n m"], beta, log_scale=0.0) -> Float[Array, "n m"]:
     """Row-stochastic `P = softmax_j(β e^{log_scale} u_ij)`, stable for any scale.
 
     `beta ≥ 0` multiplies the scale directly (β = 0 gives uniform attention);
@@ -89,10 +85,13 @@ def attend(
     (`use_blockwise`). `normalise=False` gives USA's `exp(β u_ij)/m` weights."""
     if kernel.startswith("dot_product"):
         if not normalise:
-            raise ValueError(f"attention kernel {kernel!r} computes a softmax; USA's "
-                             "unnormalised weights need dense or blockwise")
-        return attend_dot_product(q, k, v, beta, log_scale,
-                                  low_precision=kernel == "dot_product_bf16")
+            raise ValueError(
+                f"attention kernel {kernel!r} computes a softmax; USA's "
+                "unnormalised weights need dense or blockwise"
+            )
+        return attend_dot_product(
+            q, k, v, beta, log_scale, low_precision=kernel == "dot_product_bf16"
+        )
     if use_blockwise(kernel, q.shape[0], k.shape[0]):
         return attend_blockwise(q, k, v, beta, log_scale, block=block, normalise=normalise)
     u = attention_scores(q, k)
@@ -124,8 +123,10 @@ def attend_dot_product(
     scale); use `dense`/`blockwise` there. The value dimension must equal the key's.
     """
     if v.shape[-1] != k.shape[-1]:
-        raise ValueError(f"dot_product attention needs values of the key's width "
-                         f"{k.shape[-1]}, got {v.shape[-1]}")
+        raise ValueError(
+            f"dot_product attention needs values of the key's width "
+            f"{k.shape[-1]}, got {v.shape[-1]}"
+        )
     out_dtype = v.dtype
     s = beta * _scale_from_log(log_scale, q.dtype)
     # JAX's implementation promotes float64 against float32 internally; allow that here
@@ -146,9 +147,12 @@ def _dot_product(q, k, v, s, low_precision):
             pad = [(0, 0), (0, (-width) % 8)]
             q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
         out = jax.nn.dot_product_attention(
-            q[:, None, :], k[:, None, :], v[:, None, :],
+            q[:, None, :],
+            k[:, None, :],
+            v[:, None, :],
             scale=1.0 if cudnn else s.astype(jnp.float32),
-            implementation="cudnn" if cudnn else None)
+            implementation="cudnn" if cudnn else None,
+        )
         return out[..., :width]
     return jax.nn.dot_product_attention(q[:, None, :], k[:, None, :], v[:, None, :], scale=s)
 
@@ -271,8 +275,10 @@ def attend_blockwise(
             # same product as P·v (one pass over w fewer).
             return (new_mx, acc * fix[:, None] + _weighted_sum(w, vv)), None
 
-        init = (jnp.full((qq.shape[0],), -jnp.inf, dtype),
-                jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype))
+        init = (
+            jnp.full((qq.shape[0],), -jnp.inf, dtype),
+            jnp.zeros((qq.shape[0], vblocks.shape[-1]), dtype),
+        )
         (_, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, vmask))
         return acc
 

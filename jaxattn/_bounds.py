@@ -63,8 +63,9 @@ def _weights(field: AbstractField):
 
 def _check_pair(field, field_p):
     if type(field) is not type(field_p):
-        raise ValueError(f"both fields must have the same dynamics, got {field.dynamics} "
-                         f"and {field_p.dynamics}")
+        raise ValueError(
+            f"both fields must have the same dynamics, got {field.dynamics} and {field_p.dynamics}"
+        )
     if field.d != field_p.d:
         raise ValueError(f"fields have different dimensions {field.d} and {field_p.d}")
     if float(field.beta) != float(field_p.beta):
@@ -105,7 +106,7 @@ def _constants(field, field_p, ts, R, Dm):
     shape (*batch, T−1)."""
     V, A, beta = _weights(field)
     Vp, Ap, _ = _weights(field_p)
-    nV, nVp, ndV = _opnorm(V), _opnorm(Vp), _opnorm(V - Vp)
+    nV, ndV = _opnorm(V), _opnorm(V - Vp)
     nA, nAp, ndA = _opnorm(A), _opnorm(Ap), _opnorm(A - Ap)
     # Dispatch on the field's traits (class attributes), not on its name.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -209,8 +210,9 @@ def bound_a_posteriori(field: AbstractField, field_p: AbstractField, ts, xs, xs_
     xs = np.asarray(xs, np.float64)
     xs_p = np.asarray(xs_p, np.float64)
     if xs.shape != xs_p.shape or xs.shape[-3] != ts.shape[0]:
-        raise ValueError(f"trajectories {xs.shape} and {xs_p.shape} do not match ts "
-                         f"({ts.shape[0]} times)")
+        raise ValueError(
+            f"trajectories {xs.shape} and {xs_p.shape} do not match ts ({ts.shape[0]} times)"
+        )
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(xs_p))):
         raise ValueError("trajectories contain NaN or inf; no bound can be read off them")
     g = _interval_growth(field, field_p, ts)

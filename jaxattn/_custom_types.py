@@ -9,5 +9,4 @@ Matrix: TypeAlias = Float[Array, "d d"]
 Scalar: TypeAlias = Float[Array, ""]
 ScalarLike: TypeAlias = float | Float[ArrayLike, ""]
 
-__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "Matrix", "Scalar",
-           "ScalarLike", "Tokens"]
+__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "Matrix", "Scalar", "ScalarLike", "Tokens"]

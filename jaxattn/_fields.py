@@ -81,8 +81,19 @@ class AbstractField(eqx.Module):
     #: the variable the state holds: `"x"` (the tokens) or `"z" = e^{−tV} x` (rescaled)
     frame: eqx.AbstractClassVar[str]
 
-    def __init__(self, Q=None, K=None, V=None, *, beta=1.0, lora=None, d=None,
-                 dtype=None, kernel: str = "auto", block: int = 1024):
+    def __init__(
+        self,
+        Q=None,
+        K=None,
+        V=None,
+        *,
+        beta=1.0,
+        lora=None,
+        d=None,
+        dtype=None,
+        kernel: str = "auto",
+        block: int = 1024,
+    ):
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
         if dtype == jnp.float64:
             # The same one-line error as a float64 x0: without x64, JAX would silently
@@ -121,7 +132,9 @@ class AbstractField(eqx.Module):
         fixed = []
         for lo in loras:
             if not isinstance(lo, LoRA):
-                raise TypeError(f"lora must be a LoRA or a sequence of LoRA, got {type(lo).__name__}")
+                raise TypeError(
+                    f"lora must be a LoRA or a sequence of LoRA, got {type(lo).__name__}"
+                )
             check_choice(lo.target, "lora target", TARGETS)
             if lo.A.shape[-1] != dim or lo.B.shape[-2] != dim:
                 raise ValueError(
@@ -130,17 +143,27 @@ class AbstractField(eqx.Module):
                 )
             if lo.rank > dim:
                 raise ValueError(f"lora rank {lo.rank} exceeds the dimension d = {dim}")
-            fixed.append(LoRA(lo.A.astype(dtype), lo.B.astype(dtype), lo.alpha.astype(dtype),
-                              lo.target.upper()))
+            fixed.append(
+                LoRA(
+                    lo.A.astype(dtype),
+                    lo.B.astype(dtype),
+                    lo.alpha.astype(dtype),
+                    lo.target.upper(),
+                )
+            )
         self.loras = tuple(fixed)
         self.kernel = check_choice(kernel, "attention kernel", KERNELS)
         if self.kernel.startswith("dot_product") and not type(self).normalised:
-            raise ValueError(f"attention kernel {kernel!r} computes a softmax; USA's "
-                             "unnormalised weights need dense, blockwise or auto")
+            raise ValueError(
+                f"attention kernel {kernel!r} computes a softmax; USA's "
+                "unnormalised weights need dense, blockwise or auto"
+            )
         if self.kernel.startswith("dot_product") and self.V.dtype == jnp.float64:
-            raise ValueError(f"attention kernel {kernel!r} computes its softmax in float32 "
-                             "(jax.nn.dot_product_attention): use it with dtype float32, "
-                             "or dense/blockwise for float64")
+            raise ValueError(
+                f"attention kernel {kernel!r} computes its softmax in float32 "
+                "(jax.nn.dot_product_attention): use it with dtype float32, "
+                "or dense/blockwise for float64"
+            )
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"attention block must be a positive integer, got {block!r}")
         self.block = int(block)
@@ -180,12 +203,20 @@ class AbstractField(eqx.Module):
         stacked LoRA)."""
         return jnp.swapaxes(self.weight("Q"), -1, -2) @ self.weight("K")
 
-    def with_lora(self, lora) -> "AbstractField":
+    def with_lora(self, lora) -> AbstractField:
         """The same field with `lora` (LoRA, sequence or None) replacing its LoRAs."""
-        return type(self)(self.Q, self.K, self.V, beta=self.beta, lora=lora,
-                          dtype=self.V.dtype, kernel=self.kernel, block=self.block)
+        return type(self)(
+            self.Q,
+            self.K,
+            self.V,
+            beta=self.beta,
+            lora=lora,
+            dtype=self.V.dtype,
+            kernel=self.kernel,
+            block=self.block,
+        )
 
-    def without_lora(self) -> "AbstractField":
+    def without_lora(self) -> AbstractField:
         return self.with_lora(None)
 
     # -- dynamics -----------------------------------------------------------------
@@ -212,8 +243,7 @@ class AbstractField(eqx.Module):
         return attend(q, k, values, self.beta, log_scale, kernel=self.kernel, block=self.block)
 
     @abc.abstractmethod
-    def __call__(self, t, y: Float[Array, "n d"], args=None) -> Float[Array, "n d"]:
-        ...
+    def __call__(self, t, y: Float[Array, "n d"], args=None) -> Float[Array, "n d"]: ...
 
 
 # float32 matrix exponential: truncated Taylor series of degree 8 with scaling and
@@ -233,7 +263,7 @@ def expm(M: Float[Array, "d d"]) -> Float[Array, "d d"]:
     if M.dtype != jnp.float32:
         return jsl.expm(M)
     hi = jax.lax.Precision.HIGHEST
-    mm = lambda a, b: jnp.matmul(a, b, precision=hi)  # noqa: E731
+    mm = lambda a, b: jnp.matmul(a, b, precision=hi)
     d = M.shape[-1]
     norm = jax.lax.stop_gradient(jnp.max(jnp.sum(jnp.abs(M), axis=-2)))
     s = jnp.maximum(0.0, jnp.ceil(jnp.log2(norm / _EXPM_THETA)))
@@ -280,8 +310,9 @@ def _exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
         return np.asarray(np.max(np.linalg.eigvals(v).real), v.dtype).astype(V.dtype)
 
     def spectral(V):
-        spec = jax.pure_callback(host, jax.ShapeDtypeStruct((), V.dtype), V,
-                                 vmap_method="sequential")
+        spec = jax.pure_callback(
+            host, jax.ShapeDtypeStruct((), V.dtype), V, vmap_method="sequential"
+        )
         return jnp.minimum(spec, sym)
 
     # A symmetric V (the common case) never leaves the device.
@@ -375,20 +406,30 @@ class USAField(AbstractField):
 
     def attend(self, t, y, values, args=None):
         q, k, _ = self._queries_keys(t, y, args)
-        return attend(q, k, values, self.beta, kernel=self.kernel, block=self.block,
-                      normalise=False)
+        return attend(
+            q, k, values, self.beta, kernel=self.kernel, block=self.block, normalise=False
+        )
 
     def __call__(self, t, y, args=None):
         return _tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
-FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField,
-          "usa": USAField}
+FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField, "usa": USAField}
 
 
-def make_field(dynamics: str, Q=None, K=None, V=None, *, beta=1.0, lora=None, d=None,
-               dtype=None, kernel: str = "auto", block: int = 1024) -> AbstractField:
+def make_field(
+    dynamics: str,
+    Q=None,
+    K=None,
+    V=None,
+    *,
+    beta=1.0,
+    lora=None,
+    d=None,
+    dtype=None,
+    kernel: str = "auto",
+    block: int = 1024,
+) -> AbstractField:
     """Build the field named `dynamics` (plain | rescaled | sphere | usa)."""
     name = check_choice(dynamics, "dynamics", DYNAMICS)
-    return FIELDS[name](Q, K, V, beta=beta, lora=lora, d=d, dtype=dtype, kernel=kernel,
-                        block=block)
+    return FIELDS[name](Q, K, V, beta=beta, lora=lora, d=d, dtype=dtype, kernel=kernel, block=block)

@@ -10,8 +10,9 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
 
-def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] = (),
-                      force: bool = False) -> str:
+def check_output_file(
+    path: str | os.PathLike, *, inputs=(), own: Sequence[str] = (), force: bool = False
+) -> str:
     """Fail early (one line) if `path` cannot or must not be written.
 
     The overwrite rule of every command that writes one file:
@@ -37,15 +38,20 @@ def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] 
     if os.path.exists(path):
         for inp in inputs:
             if os.path.exists(inp) and os.path.samefile(path, inp):
-                raise ValueError(f"output {path} is the input file {inp}; refusing to "
-                                 "overwrite it (choose another --out)")
+                raise ValueError(
+                    f"output {path} is the input file {inp}; refusing to "
+                    "overwrite it (choose another --out)"
+                )
         kind = _file_kind(os.stat(path).st_mode)
         if kind != "regular file":
-            raise ValueError(f"output {path} is a {kind}, not a regular file; refusing "
-                             "to replace it")
+            raise ValueError(
+                f"output {path} is a {kind}, not a regular file; refusing to replace it"
+            )
         if not force and not _holds_members(path, own):
-            raise ValueError(f"output {path} exists and is not an earlier output of this "
-                             "command; pass --force to replace it")
+            raise ValueError(
+                f"output {path} exists and is not an earlier output of this "
+                "command; pass --force to replace it"
+            )
     _probe(parent)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output file {path} is not writable")
@@ -54,9 +60,14 @@ def check_output_file(path: str | os.PathLike, *, inputs=(), own: Sequence[str] 
 
 
 def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "FIFO (named pipe)"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+    for test, name in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+    ):
         if test(mode):
             return name
     return "special file"  # pragma: no cover
@@ -81,8 +92,9 @@ def _holds_members(path: str, members: Sequence[str]) -> bool:
 MAX_INPUT_BYTES = 256 * 2**20
 
 
-def read_regular_file(path: str | os.PathLike, what: str,
-                      max_bytes: int = MAX_INPUT_BYTES) -> bytes:
+def read_regular_file(
+    path: str | os.PathLike, what: str, max_bytes: int = MAX_INPUT_BYTES
+) -> bytes:
     """The bytes of a regular file of at most `max_bytes`; FIFOs, devices and larger files
     are refused with one line (a FIFO would block forever, `/dev/zero` never ends)."""
     path = os.fspath(path)
@@ -96,8 +108,9 @@ def read_regular_file(path: str | os.PathLike, what: str,
     if kind != "regular file":
         raise ValueError(f"{what} {path} is a {kind}, not a regular file")
     if st.st_size > max_bytes:
-        raise ValueError(f"{what} {path} is {st.st_size} bytes, over the limit of "
-                         f"{max_bytes} bytes")
+        raise ValueError(
+            f"{what} {path} is {st.st_size} bytes, over the limit of {max_bytes} bytes"
+        )
     try:
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
@@ -145,10 +158,14 @@ def output_lock(folder: str | os.PathLike, name: str = "") -> Iterator[None]:
     except OSError:
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "holder unknown"
         os.close(fd)
-        raise OutputBusyError(f"{folder} is in use by another jaxattn run ({holder}); wait "
-                              "for it to finish or choose another output folder") from None
-    info = (f"pid {os.getpid()} on {socket.gethostname()} since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}")
+        raise OutputBusyError(
+            f"{folder} is in use by another jaxattn run ({holder}); wait "
+            "for it to finish or choose another output folder"
+        ) from None
+    info = (
+        f"pid {os.getpid()} on {socket.gethostname()} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}"
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode(), 0)
     _HELD[key] = [fd, 1]
@@ -199,7 +216,7 @@ def remove_stale_temporaries(folder: str) -> int:
     for f in os.listdir(folder) if os.path.isdir(folder) else ():
         if not f.startswith(f".tmp-{host}-"):
             continue
-        pid_text = f[len(f".tmp-{host}-"):].split("-", 1)[0]
+        pid_text = f[len(f".tmp-{host}-") :].split("-", 1)[0]
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
@@ -257,8 +274,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     atomically, on failure it is removed (no partial output is ever left)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=os.path.splitext(path)[1] or ".tmp",
-                               dir=folder)
+    fd, tmp = tempfile.mkstemp(
+        prefix=_tmp_prefix(), suffix=os.path.splitext(path)[1] or ".tmp", dir=folder
+    )
     os.close(fd)
     try:
         yield tmp
@@ -280,8 +298,9 @@ def write_atomic(path, writer: Callable[[str], None]) -> None:
 def write_json(path, data) -> None:
     def _w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(_clean(data), fh, indent=2, sort_keys=False, default=_json_default,
-                      allow_nan=False)
+            json.dump(
+                _clean(data), fh, indent=2, sort_keys=False, default=_json_default, allow_nan=False
+            )
             fh.write("\n")
 
     write_atomic(path, _w)
@@ -289,6 +308,7 @@ def write_json(path, data) -> None:
 
 def write_text(path, text: str) -> None:
     """A UTF-8 text file, written atomically."""
+
     def _w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -66,8 +66,17 @@ class LoRA(eqx.Module):
 
     # -- constructors -------------------------------------------------------------
     @classmethod
-    def zeros_init(cls, d_in: int, d_out: int | None = None, *, rank: int, alpha=None,
-                   target: str = "V", key, dtype=None) -> "LoRA":
+    def zeros_init(
+        cls,
+        d_in: int,
+        d_out: int | None = None,
+        *,
+        rank: int,
+        alpha=None,
+        target: str = "V",
+        key,
+        dtype=None,
+    ) -> LoRA:
         """Training initialisation (Hu et al. 2021): `B = 0`, `A ~ U(±1/√d_in)`; ΔW = 0."""
         d_out = d_in if d_out is None else d_out
         _check_rank(rank, min(d_in, d_out))
@@ -77,8 +86,9 @@ class LoRA(eqx.Module):
         return cls(A, B, float(rank) if alpha is None else alpha, target)
 
     @classmethod
-    def random(cls, d: int, *, rank: int, norm, target: str = "V", alpha=1.0, key,
-               dtype=None) -> "LoRA":
+    def random(
+        cls, d: int, *, rank: int, norm, target: str = "V", alpha=1.0, key, dtype=None
+    ) -> LoRA:
         """Random Gaussian factors rescaled so that `‖ΔW‖₂ = norm` exactly (operator norm).
 
         `norm` may be an array of shape `(batch,)`: the result is then a stacked LoRA with
@@ -99,7 +109,7 @@ class LoRA(eqx.Module):
         return cls(As, Bs, alpha, target)
 
     @classmethod
-    def stack(cls, loras) -> "LoRA":
+    def stack(cls, loras) -> LoRA:
         """Stack LoRAs of equal shapes, target and α into one batched LoRA."""
         loras = list(loras)
         if not loras:
@@ -110,8 +120,12 @@ class LoRA(eqx.Module):
         alphas = {float(lo.alpha) for lo in loras}
         if len(alphas) != 1:
             raise ValueError("cannot stack LoRAs with different alpha")
-        return cls(jnp.stack([lo.A for lo in loras]), jnp.stack([lo.B for lo in loras]),
-                   loras[0].alpha, loras[0].target)
+        return cls(
+            jnp.stack([lo.A for lo in loras]),
+            jnp.stack([lo.B for lo in loras]),
+            loras[0].alpha,
+            loras[0].target,
+        )
 
     # -- properties ---------------------------------------------------------------
     @property
@@ -135,8 +149,9 @@ class LoRA(eqx.Module):
         delta = self.delta()
         return jnp.broadcast_to(W, delta.shape) + delta
 
-    def apply(self, W: Float[Array, "d_out d_in"], x: Float[Array, "n d_in"]
-              ) -> Float[Array, "n d_out"]:
+    def apply(
+        self, W: Float[Array, "d_out d_in"], x: Float[Array, "n d_in"]
+    ) -> Float[Array, "n d_out"]:
         """`x (W + ΔW)ᵀ`, in whichever form costs fewer flops.
 
         Materialising costs `d_out·d_in·r` once; the factored form `x Wᵀ + (α/r)(x Aᵀ)Bᵀ`

@@ -51,7 +51,7 @@ class InitialMeasure(eqx.Module):
     weights: tuple = eqx.field(static=True, default=())
 
     @classmethod
-    def uniform(cls, d: int, low: float = -1.0, high: float = 1.0) -> "InitialMeasure":
+    def uniform(cls, d: int, low: float = -1.0, high: float = 1.0) -> InitialMeasure:
         d = _check_dim(d)
         low, high = float(low), float(high)
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
@@ -59,7 +59,7 @@ class InitialMeasure(eqx.Module):
         return cls("uniform", d, (low, high))
 
     @classmethod
-    def gaussian(cls, d: int, mean=0.0, std: float = 1.0) -> "InitialMeasure":
+    def gaussian(cls, d: int, mean=0.0, std: float = 1.0) -> InitialMeasure:
         d = _check_dim(d)
         mean = np.broadcast_to(np.asarray(mean, np.float64), (d,))
         if not np.all(np.isfinite(mean)):
@@ -70,24 +70,33 @@ class InitialMeasure(eqx.Module):
         return cls("gaussian", d, (tuple(float(m) for m in mean), std))
 
     @classmethod
-    def sphere(cls, d: int) -> "InitialMeasure":
+    def sphere(cls, d: int) -> InitialMeasure:
         d = _check_dim(d)
         return cls("sphere", d, ())
 
     @classmethod
-    def mixture(cls, components: Sequence["InitialMeasure"], weights=None) -> "InitialMeasure":
+    def mixture(cls, components: Sequence[InitialMeasure], weights=None) -> InitialMeasure:
         components = tuple(components)
         if not components or not all(isinstance(c, InitialMeasure) for c in components):
             raise ValueError("a mixture needs a non-empty sequence of InitialMeasure")
         dims = {c.d for c in components}
         if len(dims) > 1:
             raise ValueError(f"mixture components have different dimensions {sorted(dims)}")
-        w = np.full(len(components), 1.0 / len(components)) if weights is None else \
-            np.asarray(weights, np.float64)
-        if w.shape != (len(components),) or not np.all(np.isfinite(w)) or np.any(w < 0) \
-                or abs(w.sum() - 1.0) > 1e-9:
-            raise ValueError(f"mixture weights must be {len(components)} non-negative numbers "
-                             f"summing to 1, got {np.asarray(weights).tolist()}")
+        w = (
+            np.full(len(components), 1.0 / len(components))
+            if weights is None
+            else np.asarray(weights, np.float64)
+        )
+        if (
+            w.shape != (len(components),)
+            or not np.all(np.isfinite(w))
+            or np.any(w < 0)
+            or abs(w.sum() - 1.0) > 1e-9
+        ):
+            raise ValueError(
+                f"mixture weights must be {len(components)} non-negative numbers "
+                f"summing to 1, got {np.asarray(weights).tolist()}"
+            )
         return cls("mixture", dims.pop(), (), components, tuple(float(v) for v in w))
 
     def _point(self, key, dtype):
@@ -101,8 +110,7 @@ class InitialMeasure(eqx.Module):
             g = jax.random.normal(key, (self.d,), dtype)
             return g / jnp.linalg.norm(g)
         k_pick, k_point = jax.random.split(key)
-        pick = jax.random.choice(k_pick, len(self.components),
-                                 p=jnp.asarray(self.weights, dtype))
+        pick = jax.random.choice(k_pick, len(self.components), p=jnp.asarray(self.weights, dtype))
         points = jnp.stack([c._point(k_point, dtype) for c in self.components])
         return points[pick]
 
@@ -128,9 +136,18 @@ def _check_ns(ns) -> list[int]:
     return ns
 
 
-def simulate_ladder(field: AbstractField, measure: InitialMeasure, ns: Sequence[int], t1,
-                    *, key, ts, dtype=None, progress=None, **simulate_kw
-                    ) -> dict[int, np.ndarray]:
+def simulate_ladder(
+    field: AbstractField,
+    measure: InitialMeasure,
+    ns: Sequence[int],
+    t1,
+    *,
+    key,
+    ts,
+    dtype=None,
+    progress=None,
+    **simulate_kw,
+) -> dict[int, np.ndarray]:
     """Simulate the same dynamics from nested samples of `measure` at each size in `ns`.
 
     **Arguments:**
@@ -161,8 +178,9 @@ def simulate_ladder(field: AbstractField, measure: InitialMeasure, ns: Sequence[
     return out
 
 
-def _distance_fn(distance: str, *, key=None, n_projections=128, epsilon=None, cost="euclidean",
-                 **kw):
+def _distance_fn(
+    distance: str, *, key=None, n_projections=128, epsilon=None, cost="euclidean", **kw
+):
     distance = check_choice(distance, "distance", DISTANCES)
     if distance == "exact":
         return lambda x, y: wasserstein2(x, y, cost=cost)
@@ -170,14 +188,15 @@ def _distance_fn(distance: str, *, key=None, n_projections=128, epsilon=None, co
         if cost != "euclidean":
             raise ValueError("sliced W2 uses the Euclidean cost")
         key = jax.random.key(0) if key is None else key
-        return jax.jit(lambda x, y: sliced_wasserstein2(x, y, n_projections=n_projections,
-                                                        key=key))
-    return lambda x, y: jnp.sqrt(jnp.maximum(
-        sinkhorn_divergence(x, y, epsilon=epsilon, cost=cost, **kw), 0.0))
+        return jax.jit(lambda x, y: sliced_wasserstein2(x, y, n_projections=n_projections, key=key))
+    return lambda x, y: jnp.sqrt(
+        jnp.maximum(sinkhorn_divergence(x, y, epsilon=epsilon, cost=cost, **kw), 0.0)
+    )
 
 
-def measure_divergence(xs: Float[Array, "T n d"], ys: Float[Array, "T m d"], *,
-                       distance: str = "exact", **kw) -> np.ndarray:
+def measure_divergence(
+    xs: Float[Array, "T n d"], ys: Float[Array, "T m d"], *, distance: str = "exact", **kw
+) -> np.ndarray:
     """`W(μ_t, ν_t)` at each saved time between two runs (tokens `(T, n, d)`, `(T, m, d)`).
 
     `distance`: `"exact"` (`wasserstein2`, equal sizes), `"sliced"`
@@ -190,14 +209,16 @@ def measure_divergence(xs: Float[Array, "T n d"], ys: Float[Array, "T m d"], *,
     xs = np.asarray(xs, np.float64)
     ys = np.asarray(ys, np.float64)
     if xs.ndim != 3 or ys.ndim != 3 or xs.shape[0] != ys.shape[0]:
-        raise ValueError(f"give two trajectories (T, n, d) with the same T, got {xs.shape} "
-                         f"and {ys.shape}")
+        raise ValueError(
+            f"give two trajectories (T, n, d) with the same T, got {xs.shape} and {ys.shape}"
+        )
     fn = _distance_fn(distance, **kw)
     return np.asarray([float(fn(jnp.asarray(a), jnp.asarray(b))) for a, b in zip(xs, ys)])
 
 
-def ladder_distances(ladder: dict[int, np.ndarray], *, reference: int | None = None,
-                     distance: str = "sliced", **kw) -> tuple[list[int], np.ndarray]:
+def ladder_distances(
+    ladder: dict[int, np.ndarray], *, reference: int | None = None, distance: str = "sliced", **kw
+) -> tuple[list[int], np.ndarray]:
     """`W(μⁿ_t, μ^{N}_t)` for each size n of a ladder against the reference size N
     (default: the largest), at every saved time.
 
@@ -207,5 +228,6 @@ def ladder_distances(ladder: dict[int, np.ndarray], *, reference: int | None = N
     if N not in ladder:
         raise ValueError(f"reference size {N} is not in the ladder {sorted(ladder)}")
     ns = sorted(n for n in ladder if n < N)
-    return ns, np.stack([measure_divergence(ladder[n], ladder[N], distance=distance, **kw)
-                         for n in ns]) if ns else np.zeros((0, ladder[N].shape[0]))
+    return ns, np.stack(
+        [measure_divergence(ladder[n], ladder[N], distance=distance, **kw) for n in ns]
+    ) if ns else np.zeros((0, ladder[N].shape[0]))

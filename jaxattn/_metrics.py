@@ -30,21 +30,22 @@ def _batched(signature: str):
     against a trajectory, is explicit broadcasting, never rank promotion). Keyword
     arguments are static (not batched); without batch axes `fn` is called directly."""
     inputs = signature.split("->")[0]
-    core = [len([c for c in g.split(",") if c.strip()])
-            for g in re.findall(r"\(([^)]*)\)", inputs)]
+    core = [len([c for c in g.split(",") if c.strip()]) for g in re.findall(r"\(([^)]*)\)", inputs)]
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             f = functools.partial(fn, **kwargs) if kwargs else fn
-            ranks = [max(jnp.ndim(a) - c, 0) if a is not None else 0
-                     for a, c in zip(args, core)]
+            ranks = [max(jnp.ndim(a) - c, 0) if a is not None else 0 for a, c in zip(args, core)]
             batch = max(ranks, default=0)
             if batch == 0:
                 return f(*args)
-            args = [a if a is None or jnp.ndim(a) == 0
-                    else jnp.reshape(jnp.asarray(a), (1,) * (batch - r) + jnp.shape(a))
-                    for a, r in zip(args, ranks)]
+            args = [
+                a
+                if a is None or jnp.ndim(a) == 0
+                else jnp.reshape(jnp.asarray(a), (1,) * (batch - r) + jnp.shape(a))
+                for a, r in zip(args, ranks)
+            ]
             return jnp.vectorize(f, signature=signature)(*args)
 
         return wrapper
@@ -54,12 +55,15 @@ def _batched(signature: str):
 
 def _require_finite(x, name: str) -> None:
     if not isinstance(x, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        raise ValueError(f"{name} contains NaN or inf; non-finite tokens have no distance "
-                         "(check the solve's status)")
+        raise ValueError(
+            f"{name} contains NaN or inf; non-finite tokens have no distance "
+            "(check the solve's status)"
+        )
 
 
-def pairwise_distances(x: Float[Array, "*batch n d"], y: Float[Array, "*batch m d"] | None = None
-                       ) -> Float[Array, "*batch n m"]:
+def pairwise_distances(
+    x: Float[Array, "*batch n d"], y: Float[Array, "*batch m d"] | None = None
+) -> Float[Array, "*batch n m"]:
     """Euclidean distances `|x_i − y_j|` (y defaults to x), computed from differences."""
     return _pairwise_distances(x, x if y is None else y)
 
@@ -102,8 +106,9 @@ def _adjacency(x, threshold, sphere: bool):
 
 
 @_batched("(n,d),()->(n)")
-def cluster_labels(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
-                   ) -> Int[Array, "*batch n"]:
+def cluster_labels(
+    x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+) -> Int[Array, "*batch n"]:
     """Connected components of the graph `{|x_i − x_j| ≤ threshold}`. Label = smallest
     token index in the component.
 
@@ -134,16 +139,18 @@ def cluster_labels(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = F
 
 
 @_batched("(n,d),()->()")
-def cluster_count(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
-                  ) -> Int[Array, "*batch"]:
+def cluster_count(
+    x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+) -> Int[Array, "*batch"]:
     """Number of clusters (connected components at `threshold`)."""
     labels = cluster_labels(x, threshold, sphere=sphere)
     return jnp.sum(labels == jnp.arange(x.shape[0], dtype=jnp.int32))
 
 
 @_batched("(n,d),()->(n,d),(n)")
-def cluster_centres_masked(x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
-                           ) -> tuple[Float[Array, "*batch n d"], Bool[Array, "*batch n"]]:
+def cluster_centres_masked(
+    x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+) -> tuple[Float[Array, "*batch n d"], Bool[Array, "*batch n"]]:
     """Jittable centres: row `k` is the mean of component `k`, valid where `mask[k]`."""
     n = x.shape[0]
     labels = cluster_labels(x, threshold, sphere=sphere)
@@ -158,38 +165,44 @@ def cluster_centres(x, threshold, *, sphere: bool = False) -> np.ndarray:
     configuration `(n, d)`: `k` depends on the data, use `cluster_centres_masked` for
     batches)."""
     if np.ndim(x) != 2:
-        raise ValueError(f"cluster_centres takes one configuration (n, d), got shape "
-                         f"{np.shape(x)}; use cluster_centres_masked for batches")
+        raise ValueError(
+            f"cluster_centres takes one configuration (n, d), got shape "
+            f"{np.shape(x)}; use cluster_centres_masked for batches"
+        )
     _require_finite(x, "tokens")
     centres, mask = cluster_centres_masked(jnp.asarray(x), threshold, sphere=sphere)
     return np.asarray(centres)[np.asarray(mask)]
 
 
 @_batched("(n,d),(m,d)->()")
-def hausdorff(x: Float[Array, "*batch n d"], y: Float[Array, "*batch m d"]
-              ) -> Float[Array, "*batch"]:
+def hausdorff(
+    x: Float[Array, "*batch n d"], y: Float[Array, "*batch m d"]
+) -> Float[Array, "*batch"]:
     """Two-sided Hausdorff distance between the token sets (sees merges and splits)."""
     dist = pairwise_distances(x, y)
     return jnp.maximum(jnp.max(jnp.min(dist, axis=1)), jnp.max(jnp.min(dist, axis=0)))
 
 
 @_batched("(n,d),(m,d)->()")
-def one_sided_distance(x: Float[Array, "*batch n d"], c: Float[Array, "*batch m d"]
-                       ) -> Float[Array, "*batch"]:
+def one_sided_distance(
+    x: Float[Array, "*batch n d"], c: Float[Array, "*batch m d"]
+) -> Float[Array, "*batch"]:
     """The paper's metric `D = max_i min_c |x_i − c|` (one-sided: blind to merging)."""
     return jnp.max(jnp.min(pairwise_distances(x, c), axis=1))
 
 
-def divergence(x: Float[Array, "*batch n d"], y: Float[Array, "*batch n d"]
-               ) -> Float[Array, "*batch"]:
+def divergence(
+    x: Float[Array, "*batch n d"], y: Float[Array, "*batch n d"]
+) -> Float[Array, "*batch"]:
     """`e = max_i |x_i − y_i|` between two runs (same token order), over leading axes."""
     diff = x - y
     return jnp.max(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), axis=-1)
 
 
 @_batched("(T),(T),()->(),()")
-def approach_departure(ts: Float[Array, "*batch T"], dist: Float[Array, "*batch T"], delta
-                       ) -> tuple[Float[Array, "*batch"], Float[Array, "*batch"]]:
+def approach_departure(
+    ts: Float[Array, "*batch T"], dist: Float[Array, "*batch T"], delta
+) -> tuple[Float[Array, "*batch"], Float[Array, "*batch"]]:
     """First time `dist ≤ delta` (approach) and first later time `dist > delta`
     (departure); `inf` when it never happens. A NaN in `dist` up to the decision gives NaN
     (jittable form; see `approach_departure_times` for the checked one)."""
@@ -200,7 +213,7 @@ def approach_departure(ts: Float[Array, "*batch T"], dist: Float[Array, "*batch 
     i_app = jnp.min(jnp.where(near, idx, big))
     far = (idx > i_app) & ~near
     i_dep = jnp.min(jnp.where(far, idx, big))
-    bad_before = lambda i: jnp.any(~finite & (idx <= i))  # noqa: E731
+    bad_before = lambda i: jnp.any(~finite & (idx <= i))
     inf = jnp.asarray(jnp.inf, ts.dtype)
     nan = jnp.asarray(jnp.nan, ts.dtype)
     t_app = jnp.where(i_app < big, ts[jnp.minimum(i_app, big - 1)], inf)
@@ -210,8 +223,12 @@ def approach_departure(ts: Float[Array, "*batch T"], dist: Float[Array, "*batch 
     return t_app, t_dep
 
 
-def cluster_distance(xs: Float[Array, "*batch T n d"], centres: Float[Array, "*batch m d"], *,
-                     metric: str = "hausdorff") -> Float[Array, "*batch T"]:
+def cluster_distance(
+    xs: Float[Array, "*batch T n d"],
+    centres: Float[Array, "*batch m d"],
+    *,
+    metric: str = "hausdorff",
+) -> Float[Array, "*batch T"]:
     """Distance of the token set at each time to reference cluster centres:
     `"hausdorff"` (two-sided, default) or `"paper"` (one-sided `max_i min_c`).
     Batched `centres` have one set per trajectory (no time axis)."""
@@ -221,8 +238,9 @@ def cluster_distance(xs: Float[Array, "*batch T n d"], centres: Float[Array, "*b
     return fn(xs, jnp.expand_dims(centres, -3))
 
 
-def approach_departure_times(ts, xs, centres, delta, *, metric: str = "hausdorff"
-                             ) -> tuple[float, float]:
+def approach_departure_times(
+    ts, xs, centres, delta, *, metric: str = "hausdorff"
+) -> tuple[float, float]:
     """Eager, checked: approach and departure times of trajectory `xs (T, n, d)` relative
     to reference `centres (m, d)` at tolerance `delta`. Raises on NaN/inf tokens."""
     _require_finite(xs, "trajectory")
@@ -253,8 +271,9 @@ def energy(x: Float[Array, "*batch n d"], beta) -> Float[Array, "*batch"]:
 
 
 @_batched("(n,d),(m,d)->(m)")
-def support(x: Float[Array, "*batch n d"], w: Float[Array, "*batch m d"]
-            ) -> Float[Array, "*batch m"]:
+def support(
+    x: Float[Array, "*batch n d"], w: Float[Array, "*batch m d"]
+) -> Float[Array, "*batch m"]:
     """Support function of the convex hull, `max_i <w_k, x_i>` for each direction."""
     return jnp.max(w @ x.T, axis=-1)
 

@@ -65,9 +65,12 @@ def check_objective(objective: str) -> str:
     one with a one-line `FutureWarning`."""
     if isinstance(objective, str) and objective.lower() in OBJECTIVE_ALIASES:
         new = OBJECTIVE_ALIASES[objective.lower()]
-        warnings.warn(f"objective {objective!r} is deprecated, use {new!r} (½·Σ_i |Δx_i|²; "
-                      f"'divergence' means e = max_i |Δx_i| elsewhere)", FutureWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"objective {objective!r} is deprecated, use {new!r} (½·Σ_i |Δx_i|²; "
+            f"'divergence' means e = max_i |Δx_i| elsewhere)",
+            FutureWarning,
+            stacklevel=3,
+        )
         return new
     return check_choice(objective, "objective", OBJECTIVES)
 
@@ -76,8 +79,13 @@ def check_objective(objective: str) -> str:
 def field_params(field: AbstractField, x0) -> dict[str, Array]:
     """The differentiable inputs of a run as a flat dict: `Q, K, V, beta, x0` and, for a
     field with exactly one LoRA, `lora_A`, `lora_B`."""
-    p = {"Q": field.Q, "K": field.K, "V": field.V, "beta": field.beta,
-         "x0": jnp.asarray(x0, field.V.dtype)}
+    p = {
+        "Q": field.Q,
+        "K": field.K,
+        "V": field.V,
+        "beta": field.beta,
+        "x0": jnp.asarray(x0, field.V.dtype),
+    }
     if len(field.loras) == 1:
         p["lora_A"] = field.loras[0].A
         p["lora_B"] = field.loras[0].B
@@ -88,11 +96,11 @@ def with_params(field: AbstractField, p: dict[str, Array]) -> AbstractField:
     """`field` with the weights named in `p` replaced (works on tracers: no checks)."""
     names = [k for k in ("Q", "K", "V", "beta") if k in p]
     if names:
-        field = eqx.tree_at(lambda f: [getattr(f, k) for k in names], field,
-                            [p[k] for k in names])
+        field = eqx.tree_at(lambda f: [getattr(f, k) for k in names], field, [p[k] for k in names])
     if "lora_A" in p:
-        field = eqx.tree_at(lambda f: (f.loras[0].A, f.loras[0].B), field,
-                            (p["lora_A"], p["lora_B"]))
+        field = eqx.tree_at(
+            lambda f: (f.loras[0].A, f.loras[0].B), field, (p["lora_A"], p["lora_B"])
+        )
     return field
 
 
@@ -153,9 +161,15 @@ def _check_wrt(wrt, field: AbstractField) -> tuple[str, ...]:
     return wrt
 
 
-def objective_fn(field: AbstractField, t1: float, objective: str | Callable = "mean_sq",
-                 *, adjoint: str = "checkpoint", checkpoints: int | None = None,
-                 solve: dict[str, Any] | None = None) -> Callable:
+def objective_fn(
+    field: AbstractField,
+    t1: float,
+    objective: str | Callable = "mean_sq",
+    *,
+    adjoint: str = "checkpoint",
+    checkpoints: int | None = None,
+    solve: dict[str, Any] | None = None,
+) -> Callable:
     """`f(params) -> (value, status)` for the params of `field_params`.
 
     `objective`: `"mean_sq"` (`½ mean_i |x_i(t1)|²`), `"squared_distance"`
@@ -166,8 +180,10 @@ def objective_fn(field: AbstractField, t1: float, objective: str | Callable = "m
     if isinstance(objective, str):
         objective = check_objective(objective)
         if objective == "squared_distance" and not field.loras:
-            raise ValueError("objective squared_distance compares runs with and without the "
-                             "LoRA, but the field has no LoRA")
+            raise ValueError(
+                "objective squared_distance compares runs with and without the "
+                "LoRA, but the field has no LoRA"
+            )
     kw = _solve_kwargs(solve, check_choice(adjoint, "adjoint", ADJOINTS), checkpoints)
 
     def f(p):
@@ -183,11 +199,18 @@ def objective_fn(field: AbstractField, t1: float, objective: str | Callable = "m
     return f
 
 
-def value_and_grad(field: AbstractField, x0, t1: float,
-                   objective: str | Callable = "mean_sq", *, adjoint: str = "checkpoint",
-                   wrt: Sequence[str] | None = None, checkpoints: int | None = None,
-                   max_forward_entries: int = MAX_FORWARD_ENTRIES,
-                   **solve) -> Gradient:
+def value_and_grad(
+    field: AbstractField,
+    x0,
+    t1: float,
+    objective: str | Callable = "mean_sq",
+    *,
+    adjoint: str = "checkpoint",
+    wrt: Sequence[str] | None = None,
+    checkpoints: int | None = None,
+    max_forward_entries: int = MAX_FORWARD_ENTRIES,
+    **solve,
+) -> Gradient:
     """Value of a scalar objective of `x(t1)` and its gradient.
 
     **Arguments:**
@@ -226,9 +249,8 @@ def value_and_grad(field: AbstractField, x0, t1: float,
     keys = [k for k in params if k in wrt or (k.startswith("lora_") and "lora" in wrt)]
     diff = {k: params[k] for k in keys}
     rest = {k: v for k, v in params.items() if k not in diff}
-    f = objective_fn(field, t1, objective, adjoint=adjoint, checkpoints=checkpoints,
-                     solve=solve)
-    g = lambda d: f({**rest, **d})  # noqa: E731
+    f = objective_fn(field, t1, objective, adjoint=adjoint, checkpoints=checkpoints, solve=solve)
+    g = lambda d: f({**rest, **d})
     if adjoint == "forward":
         entries = sum(int(np.prod(v.shape)) for v in diff.values())
         if entries > max_forward_entries:
@@ -237,6 +259,7 @@ def value_and_grad(field: AbstractField, x0, t1: float,
                 f"{', '.join(wrt)} has {entries} entries (limit {max_forward_entries}); "
                 f"use adjoint checkpoint or backsolve, or fewer wrt"
             )
+
         def with_aux(d):
             value, status = g(d)
             return value, (value, status)
@@ -245,8 +268,12 @@ def value_and_grad(field: AbstractField, x0, t1: float,
     else:
         (value, status), grads = jax.value_and_grad(g, has_aux=True)(diff)
     _check_status(status)
-    return Gradient(float(value), {k: np.asarray(v) for k, v in grads.items()}, adjoint,
-                    objective if isinstance(objective, str) else "custom")
+    return Gradient(
+        float(value),
+        {k: np.asarray(v) for k, v in grads.items()},
+        adjoint,
+        objective if isinstance(objective, str) else "custom",
+    )
 
 
 def _check_status(status) -> None:
@@ -268,8 +295,7 @@ def _unit_direction(direction, d: int, dtype) -> Array:
         direction = direction.delta()
     dW = jnp.asarray(direction, dtype)
     if dW.shape != (d, d):
-        raise ValueError(f"direction must be a {d}×{d} matrix (or a LoRA), got "
-                         f"{tuple(dW.shape)}")
+        raise ValueError(f"direction must be a {d}×{d} matrix (or a LoRA), got {tuple(dW.shape)}")
     return dW
 
 
@@ -283,8 +309,9 @@ class LinearResponse:
     dxs: np.ndarray
 
 
-def linear_response(field: AbstractField, x0, t1: float, direction, target: str = "V",
-                    **solve) -> LinearResponse:
+def linear_response(
+    field: AbstractField, x0, t1: float, direction, target: str = "V", **solve
+) -> LinearResponse:
     """First-order change of the whole trajectory under `W_target ← W_target + ε·direction`.
 
     `direction` is a `d×d` matrix `ΔW` or a `LoRA` (its `ΔW = (α/r) B A`). One forward-mode
@@ -317,8 +344,15 @@ class ResponseOperator:
     `x0` of the same shape (`set_x0`).
     """
 
-    def __init__(self, field: AbstractField, x0, t1: float, times: Sequence[float] | None = None,
-                 target: str = "V", **solve):
+    def __init__(
+        self,
+        field: AbstractField,
+        x0,
+        t1: float,
+        times: Sequence[float] | None = None,
+        target: str = "V",
+        **solve,
+    ):
         if field.batch_shape:
             raise ValueError("the response operator takes a single field")
         self.field = field
@@ -388,8 +422,10 @@ class ResponseOperator:
         m = V.shape[0]
         pad = (-m) % self._k
         Vp = np.concatenate([V, np.zeros((pad,) + V.shape[1:])]) if pad else V
-        out = [np.asarray(self._all(self.x0, jnp.asarray(Vp[i:i + self._k], self.dtype))[1])
-               for i in range(0, Vp.shape[0], self._k)]
+        out = [
+            np.asarray(self._all(self.x0, jnp.asarray(Vp[i : i + self._k], self.dtype))[1])
+            for i in range(0, Vp.shape[0], self._k)
+        ]
         return np.concatenate(out)[:m]
 
     def normal(self, V) -> np.ndarray:
@@ -409,8 +445,9 @@ def truncate_rank(V: np.ndarray, rank: int) -> np.ndarray:
     return (U * s[..., None, :]) @ Wt
 
 
-def lanczos_top(normal: Callable[[np.ndarray], np.ndarray], v0: np.ndarray, iters: int,
-                tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray, int]:
+def lanczos_top(
+    normal: Callable[[np.ndarray], np.ndarray], v0: np.ndarray, iters: int, tol: float = 1e-12
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Top eigenpair of `k` independent symmetric PSD operators by Lanczos with full
     reorthogonalisation. `normal(V (k, ...)) -> (k, ...)`, `v0 (k, ...)`.
 
@@ -454,8 +491,9 @@ def lanczos_top(normal: Callable[[np.ndarray], np.ndarray], v0: np.ndarray, iter
     return theta, vecs.reshape(shape), n_it
 
 
-def power_top(normal, v0: np.ndarray, iters: int, tol: float = 1e-10,
-              project: Callable | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def power_top(
+    normal, v0: np.ndarray, iters: int, tol: float = 1e-10, project: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Power iteration `v ← P(N v)/|P(N v)|` for `k` operators at once (P = `project`,
     e.g. rank truncation; identity by default). Stops when every Rayleigh quotient
     changes by less than `tol` (relative). **Returns:** `(θ (k,), vectors, iterations)`."""
@@ -464,7 +502,7 @@ def power_top(normal, v0: np.ndarray, iters: int, tol: float = 1e-10,
     v = v / _frob(v)[:, None, None]
     theta = np.zeros(v.shape[0])
     it = 0
-    for it in range(1, iters + 1):
+    for it in range(1, iters + 1):  # noqa: B007 (the count is returned)
         w = normal(v)
         new = np.sum(w * v, axis=(-2, -1))
         w = proj(w)
@@ -503,9 +541,16 @@ class WorstCase:
         return LoRA(jnp.asarray(Wt[:r]), jnp.asarray(B), float(r), target)
 
 
-def worst_case(op: ResponseOperator, *, rank: int | None = None, method: str = "lanczos",
-               iters: int = 30, power_iters: int = 200, tol: float = 1e-10,
-               key=None) -> WorstCase:
+def worst_case(
+    op: ResponseOperator,
+    *,
+    rank: int | None = None,
+    method: str = "lanczos",
+    iters: int = 30,
+    power_iters: int = 200,
+    tol: float = 1e-10,
+    key=None,
+) -> WorstCase:
     """Top singular pair of each `J_k` (JVPs and VJPs only, never the full Jacobian).
 
     `method="lanczos"` runs Lanczos on `J_kᵀJ_k` (`min(iters, d²)` steps, full
@@ -529,17 +574,27 @@ def worst_case(op: ResponseOperator, *, rank: int | None = None, method: str = "
     else:
         _, v, it = power_top(op.normal, v0, power_iters, tol)
     if rank is not None:
-        _, v, it3 = power_top(op.normal, v, power_iters, tol,
-                              project=lambda V: truncate_rank(V, rank))
+        _, v, it3 = power_top(
+            op.normal, v, power_iters, tol, project=lambda V: truncate_rank(V, rank)
+        )
         it += it3
     resp = op.matvec(v)
     sigma = np.sqrt(np.sum(resp * resp, axis=(-2, -1)))
     return WorstCase(op.times, v, sigma, resp, rank, it)
 
 
-def worst_case_direction(field: AbstractField, x0, t1: float, target: str = "V", *,
-                         rank: int | None = None, method: str = "lanczos",
-                         iters: int = 30, key=None, **solve) -> WorstCase:
+def worst_case_direction(
+    field: AbstractField,
+    x0,
+    t1: float,
+    target: str = "V",
+    *,
+    rank: int | None = None,
+    method: str = "lanczos",
+    iters: int = 30,
+    key=None,
+    **solve,
+) -> WorstCase:
     """The direction `ΔW` of `W_target` (unit Frobenius norm, rank ≤ `rank`) that moves
     the tokens most at `t1` to first order. See `worst_case`."""
     op = ResponseOperator(field, x0, t1, None, target, **solve)
@@ -565,8 +620,9 @@ def _pair_distances(x):
     return jnp.sqrt(jnp.sum(diff * diff, axis=-1) + 1e-30)
 
 
-def change_margins(x: Float[Array, "n d"], labels: np.ndarray, threshold: float
-                   ) -> Float[Array, " m"]:
+def change_margins(
+    x: Float[Array, "n d"], labels: np.ndarray, threshold: float
+) -> Float[Array, " m"]:
     """Margins whose positivity each *proves* the cluster partition of `x` (connected
     components at `threshold`) differs from `labels`:
 
@@ -630,12 +686,25 @@ def _same_partition(a, b) -> bool:
     return bool(np.all((a[:, None] == a[None, :]) == (b[:, None] == b[None, :])))
 
 
-def smallest_cluster_change(field: AbstractField, x0, t1: float, target: str = "V", *,
-                            rank: int = 1, threshold: float = 0.1, temperature: float | None = None,
-                            steps: int = 40, lr: float = 0.05, bisections: int = 8,
-                            grow: float = 1.6, max_norm: float = 10.0, key=None,
-                            init_direction=None, log: Callable | None = None,
-                            **solve) -> ClusterChange:
+def smallest_cluster_change(
+    field: AbstractField,
+    x0,
+    t1: float,
+    target: str = "V",
+    *,
+    rank: int = 1,
+    threshold: float = 0.1,
+    temperature: float | None = None,
+    steps: int = 40,
+    lr: float = 0.05,
+    bisections: int = 8,
+    grow: float = 1.6,
+    max_norm: float = 10.0,
+    key=None,
+    init_direction=None,
+    log: Callable | None = None,
+    **solve,
+) -> ClusterChange:
     """Smallest LoRA of `W_target` (rank `rank`, by Frobenius norm) whose run has a
     different cluster partition at `t1` than the unperturbed run.
 
@@ -721,13 +790,15 @@ def smallest_cluster_change(field: AbstractField, x0, t1: float, target: str = "
                 break
             if i == steps:
                 break
-            th, state, val = step(th, state, s_arr)
+            th, state, _val = step(th, state, s_arr)
         score = float(-loss(th, s_arr))
         hist["norm"].append(float(s))
         hist["score"].append(score)
         hist["changed"].append(best is not None)
-        log(f"  norm {s:.4g}: surrogate {score:+.3g}, partition "
-            f"{'changed' if best is not None else 'unchanged'}")
+        log(
+            f"  norm {s:.4g}: surrogate {score:+.3g}, partition "
+            f"{'changed' if best is not None else 'unchanged'}"
+        )
         return (best is not None), th, (best[1] if best else None)
 
     # Initial scale: first order, |J u| s ≈ needed displacement (cheap guess, never < 1e-4).
@@ -757,19 +828,35 @@ def smallest_cluster_change(field: AbstractField, x0, t1: float, target: str = "
     kind = "both" if len(kinds) == 2 else (kinds.pop() if kinds else "other")
 
     # Norm the bound needs along this direction (the a-priori bound grows with the norm).
-    bound_norm, bound_horizon = bound_needed_norm(field, target, direction, x0, t1, needed,
-                                                  hi, solve=solve)
+    bound_norm, bound_horizon = bound_needed_norm(
+        field, target, direction, x0, t1, needed, hi, solve=solve
+    )
     return ClusterChange(
-        norm=float(hi), direction=direction, labels_before=_canon(labels0),
-        labels_after=_canon(lab_hi), clusters_before=int(np.unique(labels0).size),
-        clusters_after=int(np.unique(lab_hi).size), kind=kind,
-        needed_displacement=needed, bound_norm=bound_norm,
-        bound_horizon=bound_horizon, history=hist)
+        norm=float(hi),
+        direction=direction,
+        labels_before=_canon(labels0),
+        labels_after=_canon(lab_hi),
+        clusters_before=int(np.unique(labels0).size),
+        clusters_after=int(np.unique(lab_hi).size),
+        kind=kind,
+        needed_displacement=needed,
+        bound_norm=bound_norm,
+        bound_horizon=bound_horizon,
+        history=hist,
+    )
 
 
-def bound_needed_norm(field: AbstractField, target: str, direction, x0, t1: float,
-                      needed: float, s_max: float, *, solve: dict[str, Any] | None = None
-                      ) -> tuple[float, float]:
+def bound_needed_norm(
+    field: AbstractField,
+    target: str,
+    direction,
+    x0,
+    t1: float,
+    needed: float,
+    s_max: float,
+    *,
+    solve: dict[str, Any] | None = None,
+) -> tuple[float, float]:
     """What the Grönwall stability bound says about `W_target ← W_target + s·direction`.
 
     **Returns:** `(s_bound, horizon)`. `s_bound`: the smallest `s ≤ s_max` at which the
@@ -795,7 +882,7 @@ def bound_needed_norm(field: AbstractField, target: str, direction, x0, t1: floa
 
     b_max = bound(s_max)
     horizon = float(certified_horizon(ts, b_max, needed))
-    reaches = lambda s: bool(bound(s)[-1] >= needed)  # noqa: E731
+    reaches = lambda s: bool(bound(s)[-1] >= needed)
     if not b_max[-1] >= needed:
         return float("nan"), horizon
     hi = lo = float(s_max)

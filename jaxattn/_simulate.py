@@ -86,15 +86,17 @@ class Solution(eqx.Module):
         `x(t)` grows like `e^{t·max Re λ(V)}`; for large t it may overflow where `z`
         does not."""
         if field.dynamics != self.dynamics:
-            raise ValueError(f"this solution is of {self.dynamics} dynamics, the field is "
-                             f"{field.dynamics}")
+            raise ValueError(
+                f"this solution is of {self.dynamics} dynamics, the field is {field.dynamics}"
+            )
         if self.frame == "x":
             return self.xs
         return rescaled_to_x(field, self.ts, self.xs)
 
 
-def rescaled_to_x(field: AbstractField, ts: Float[Array, " T"],
-                  zs: Float[Array, "*batch T n d"]) -> Float[Array, "*batch T n d"]:
+def rescaled_to_x(
+    field: AbstractField, ts: Float[Array, " T"], zs: Float[Array, "*batch T n d"]
+) -> Float[Array, "*batch T n d"]:
     """`x(t) = e^{tV} z(t)` for a trajectory `zs` of the rescaled variable saved at `ts`
     (`V = field.weight("V")`; with a stacked LoRA, `zs` has the LoRA batch axes first, as
     `simulate` returns them)."""
@@ -103,8 +105,10 @@ def rescaled_to_x(field: AbstractField, ts: Float[Array, " T"],
     ts = jnp.asarray(ts, V.dtype)
     lead = V.shape[:-2]
     if zs.ndim < 3 + len(lead) or zs.shape[-3] != ts.shape[0] or zs.shape[-1] != field.d:
-        raise ValueError(f"tokens of shape {tuple(zs.shape)} do not match {ts.shape[0]} "
-                         f"times and d = {field.d} (a summary is not a trajectory)")
+        raise ValueError(
+            f"tokens of shape {tuple(zs.shape)} do not match {ts.shape[0]} "
+            f"times and d = {field.d} (a summary is not a trajectory)"
+        )
     flat = V.reshape((-1,) + V.shape[-2:])
     E = jax.vmap(lambda v: jax.vmap(lambda t: expm(t * v))(ts))(flat)  # (m, T, d, d)
     E = E.reshape(lead + (1,) * (zs.ndim - 3 - len(lead)) + E.shape[1:])
@@ -156,14 +160,14 @@ class _Projected(diffrax.AbstractWrappedSolver):
 
 
 # Diffrax's adaptive `_Projected` needs the adaptive marker when the inner solver is.
-class _ProjectedAdaptive(_Projected, diffrax.AbstractAdaptiveSolver):  # noqa: D101
+class _ProjectedAdaptive(_Projected, diffrax.AbstractAdaptiveSolver):
     pass
 
 
 def fixed_step_grid(t0: float, t1: float, dt: float) -> np.ndarray:
     """`t0, t0+dt, …, t1` in float64; a last short step when `(t1−t0)/dt` is fractional."""
     span = t1 - t0
-    k = int(math.floor(span / dt + 1e-9))
+    k = math.floor(span / dt + 1e-9)
     grid = t0 + dt * np.arange(k + 1, dtype=np.float64)
     if span - k * dt > 1e-9 * max(1.0, abs(span)):
         grid = np.append(grid, t1)
@@ -258,13 +262,12 @@ class _Members(eqx.Module):
     n_x_batch: int = eqx.field(static=True)
 
     def solve_args(self):
-        fn = lambda f, a, y: f.solve_args()  # noqa: E731
+        fn = lambda f, a, y: f.solve_args()
         return _vmap_members(fn, self.axes, self.n_field_batch, 0)(self.field, None, None)
 
     def __call__(self, t, y, args=None):
-        fn = lambda f, a, yy: f(t, yy, a)  # noqa: E731
-        return _vmap_members(fn, self.axes, self.n_field_batch, self.n_x_batch)(
-            self.field, args, y)
+        fn = lambda f, a, yy: f(t, yy, a)
+        return _vmap_members(fn, self.axes, self.n_field_batch, self.n_x_batch)(self.field, args, y)
 
 
 def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
@@ -276,11 +279,11 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
         user_fn = cfg.save_fn
         if members:
             one_fn = user_fn
-            user_fn = lambda t, y, args: _map_leading(  # noqa: E731
-                lambda yy: one_fn(t, yy, None), members)(y)
+            user_fn = lambda t, y, args: _map_leading(lambda yy: one_fn(t, yy, None), members)(y)
         if cfg.renormalise:
             fn_kw["fn"] = lambda t, y, args: user_fn(
-                t, y / jnp.linalg.norm(y, axis=-1, keepdims=True), args)
+                t, y / jnp.linalg.norm(y, axis=-1, keepdims=True), args
+            )
         else:
             fn_kw["fn"] = user_fn
     if cfg.saveat_steps:
@@ -289,7 +292,13 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
         saveat = diffrax.SaveAt(ts=ts, **fn_kw)
     meter = diffrax.TqdmProgressMeter() if cfg.progress else diffrax.NoProgressMeter()
     sol = diffrax.diffeqsolve(
-        term, cfg.solver, t0, t1, dt0, y0, args=field.solve_args(),
+        term,
+        cfg.solver,
+        t0,
+        t1,
+        dt0,
+        y0,
+        args=field.solve_args(),
         saveat=saveat,
         stepsize_controller=cfg.controller,
         max_steps=cfg.max_steps,
@@ -308,11 +317,11 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
     status = jnp.where(
         res == diffrax.RESULTS.successful,
         STATUS_OK,
-        jnp.where(res == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS,
-                  STATUS_SOLVER_FAILED),
+        jnp.where(res == diffrax.RESULTS.max_steps_reached, STATUS_MAX_STEPS, STATUS_SOLVER_FAILED),
     )
-    finite = jnp.all(jnp.stack([_all_but(jnp.isfinite(leaf), members)
-                                for leaf in jax.tree.leaves(ys)]), axis=0)
+    finite = jnp.all(
+        jnp.stack([_all_but(jnp.isfinite(leaf), members) for leaf in jax.tree.leaves(ys)]), axis=0
+    )
     status = jnp.where((status == STATUS_OK) & ~finite, STATUS_NONFINITE, status)
     if cfg.sphere and cfg.save_fn is None:
         drift = _all_but(jnp.abs(jnp.linalg.norm(ys, axis=-1) - 1.0), members, jnp.max)
@@ -352,7 +361,7 @@ def _solve_members(field, x0, t0, t1, dt0, ts, cfg: _Config):
         y0 = jnp.broadcast_to(x0, field.batch_shape + x0.shape)
         members = _Members(field, _lora_axes(field) if nf else None, nf, nx)
         return _solve_one(members, y0, t0, t1, dt0, ts, cfg, members=nf + nx)
-    fn = lambda f, y: _solve_one(f, y, t0, t1, dt0, ts, cfg)  # noqa: E731
+    fn = lambda f, y: _solve_one(f, y, t0, t1, dt0, ts, cfg)
     for _ in range(cfg.n_x_batch):
         fn = jax.vmap(fn, in_axes=(None, 0))
     for _ in range(cfg.n_field_batch):
@@ -365,7 +374,7 @@ def _lora_axes(field: AbstractField):
     axes = jax.tree.map(lambda _: None, field)
     if not field.loras:
         return axes
-    where = lambda f: [leaf for lo in f.loras for leaf in (lo.A, lo.B)]  # noqa: E731
+    where = lambda f: [leaf for lo in f.loras for leaf in (lo.A, lo.B)]
     return eqx.tree_at(where, axes, [0] * (2 * len(field.loras)), is_leaf=lambda x: x is None)
 
 
@@ -387,7 +396,8 @@ def _get_adjoint(adjoint, checkpoints):
             return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
         if checkpoints not in _DEFAULT_ADJOINTS:  # immutable modules: one per value
             _DEFAULT_ADJOINTS[checkpoints] = diffrax.RecursiveCheckpointAdjoint(
-                checkpoints=checkpoints)
+                checkpoints=checkpoints
+            )
         return _DEFAULT_ADJOINTS[checkpoints]
     if isinstance(adjoint, diffrax.AbstractAdjoint):
         return adjoint
@@ -419,8 +429,10 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
     if dt is not None:
         dt = check_positive(dt, "dt")
         if max_steps is not None:
-            raise ValueError("max_steps applies to adaptive steps (rtol/atol); with a fixed "
-                             "dt the number of steps is (t1 − t0)/dt")
+            raise ValueError(
+                "max_steps applies to adaptive steps (rtol/atol); with a fixed "
+                "dt the number of steps is (t1 − t0)/dt"
+            )
         n_steps = (t1 - t0) / dt
         if not math.isfinite(n_steps) or n_steps > 2**62:
             raise ValueError(f"t1 − t0 = {t1 - t0:g} with dt = {dt:g} is too many steps")
@@ -428,8 +440,10 @@ def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
         grid = fixed_step_grid(t0, t1, dt)
         return solver_obj, _step_to(grid, dtype), grid.size - 1, grid, dt
     if not adaptive_ok:
-        raise ValueError(f"solver {solver_name!r} has no error estimate: give dt for "
-                         "fixed steps, or use heun, tsit5, dopri5 or dopri8")
+        raise ValueError(
+            f"solver {solver_name!r} has no error estimate: give dt for "
+            "fixed steps, or use heun, tsit5, dopri5 or dopri8"
+        )
     rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
     atol = check_positive(1e-9 if atol is None else atol, "atol")
     max_steps = 100_000 if max_steps is None else check_int(max_steps, "max_steps", 1)
@@ -484,7 +498,9 @@ def _warn_float32_resolution(field, t0, t1) -> None:
             f"float32 cannot resolve the attention logits beyond t ≈ {t_res:.3g} for this V "
             f"(eigenvalue real parts spread {spread:.3g}); results up to t1 = {float(t1):g} "
             "may differ from float64 beyond rounding: check with dtype float64",
-            Float32PrecisionWarning, stacklevel=3)
+            Float32PrecisionWarning,
+            stacklevel=3,
+        )
 
 
 def _check_usa_overflow(field, x0, dtype) -> None:
@@ -502,9 +518,11 @@ def _check_usa_overflow(field, x0, dtype) -> None:
     limit = float(np.log(np.finfo(np.dtype(dtype)).max))
     if top > limit:
         f64 = ", use float64" if np.dtype(dtype) == np.float32 else ""
-        raise ValueError(f"USA weights exp(β⟨Qx_i, Kx_j⟩) overflow {np.dtype(dtype).name} at "
-                         f"t = 0 (largest β·logit {top:.4g} > {limit:.4g}): lower beta{f64} "
-                         "or use sphere (softmax) dynamics")
+        raise ValueError(
+            f"USA weights exp(β⟨Qx_i, Kx_j⟩) overflow {np.dtype(dtype).name} at "
+            f"t = 0 (largest β·logit {top:.4g} > {limit:.4g}): lower beta{f64} "
+            "or use sphere (softmax) dynamics"
+        )
 
 
 def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None:
@@ -516,8 +534,10 @@ def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None
     traj = float(members) * n_out * n * d * item if save_tokens else 0.0
     # Dense attention: logits and weights of every member and stage live at once.
     attn = 4.0 * members * n * n * item if not use_blockwise(field.kernel, n, n) else 0.0
-    check_memory(traj + attn, f"a solve of {members} member(s) × {n} tokens in d = {d} "
-                 f"saved at {n_out} times")
+    check_memory(
+        traj + attn,
+        f"a solve of {members} member(s) × {n} tokens in d = {d} saved at {n_out} times",
+    )
 
 
 def simulate(
@@ -547,7 +567,8 @@ def simulate(
       be stacked (batch of perturbations): the solve is vmapped over it.
     - `x0`: tokens `(n, d)` or a batch `(*batch, n, d)`; all are solved in one jitted
       call. For rescaled dynamics `x0` is `z(t0) = e^{−t0·V} x(t0)` (`= x(0)` when
-      `t0 = 0`) and the solution stays in that frame (`Solution.frame`, `Solution.to_x`). With a stacked LoRA too, the result is the outer product
+      `t0 = 0`) and the solution stays in that frame (`Solution.frame`,
+      `Solution.to_x`). With a stacked LoRA too, the result is the outer product
       `(*lora_batch, *x0_batch, T, n, d)`.
     - `t1`: final time (≥ t0).
     - `solver`: `euler | heun | rk4 | tsit5 | dopri5 | dopri8` or a diffrax solver.
@@ -568,8 +589,8 @@ def simulate(
       tokens there are. `norm_drift` is not computed then.
 
     **Returns:** a `Solution` (its `xs` in the frame `Solution.frame`: the rescaled
-    variable `z` for rescaled dynamics, `x` otherwise). Members whose solve fails get a non-zero `status`; the
-    batch still returns.
+    variable `z` for rescaled dynamics, `x` otherwise). Members whose solve fails get a
+    non-zero `status`; the batch still returns.
     """
     if not isinstance(field, AbstractField):
         raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
@@ -582,8 +603,9 @@ def simulate(
     x0 = as_float_array(x0, "x0", dtype)
     check_tokens(x0, "x0")
     if x0.shape[-1] != field.d:
-        raise ValueError(f"x0 has d = {x0.shape[-1]} but the field's weights are "
-                         f"{field.d}×{field.d}")
+        raise ValueError(
+            f"x0 has d = {x0.shape[-1]} but the field's weights are {field.d}×{field.d}"
+        )
     field = _cast_field(field, dtype)
     sphere = field.on_sphere
     if sphere:
@@ -606,7 +628,8 @@ def simulate(
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
     solver_obj, controller, max_steps, grid, dt = _stepping(
-        solver, dt, rtol, atol, max_steps, bool(renormalise and sphere), t0, t1, dtype)
+        solver, dt, rtol, atol, max_steps, bool(renormalise and sphere), t0, t1, dtype
+    )
     fixed = grid is not None
     dt0 = None
 
@@ -629,9 +652,11 @@ def simulate(
 
     backsolve = adjoint == "backsolve" or isinstance(adjoint, diffrax.BacksolveAdjoint)
     if backsolve and renormalise and sphere:
-        raise ValueError("renormalise is not available with the backsolve adjoint (the "
-                         "projection acts on forward steps, which backsolve does not "
-                         "retrace); use adjoint checkpoint or forward")
+        raise ValueError(
+            "renormalise is not available with the backsolve adjoint (the "
+            "projection acts on forward steps, which backsolve does not "
+            "retrace); use adjoint checkpoint or forward"
+        )
     if not field.normalised:
         _check_usa_overflow(field, x0, dtype)
     if jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
@@ -650,10 +675,10 @@ def simulate(
             # The forward StepTo grid cannot be walked backwards: the adjoint ODE takes
             # constant steps −dt from t1 (the same step size; the same grid unless
             # (t1 − t0)/dt is fractional).
-            adjoint = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(),
-                                               dt0=-dt)
-    _check_solve_memory(field, x0, grid.size if saveat_steps else len(ts), summary is None,
-                        dtype)
+            adjoint = diffrax.BacksolveAdjoint(
+                stepsize_controller=diffrax.ConstantStepSize(), dt0=-dt
+            )
+    _check_solve_memory(field, x0, grid.size if saveat_steps else len(ts), summary is None, dtype)
     if t1 == t0:
         # Nothing to integrate: diffrax rejects a zero-length interval.
         out_ts = jnp.asarray(ts if ts is not None else [t0], dtype)
@@ -666,9 +691,15 @@ def simulate(
             flat = xs.reshape((-1,) + x0.shape[-2:])
             vals = jax.vmap(summary)(jnp.tile(out_ts, flat.shape[0] // T), flat)
             xs = jax.tree.map(lambda a: a.reshape(batch + (T,) + a.shape[1:]), vals)
-        return Solution(out_ts, xs, zeros, zeros,
-                        jnp.zeros(batch, dtype) if sphere and summary is None else None,
-                        field.dynamics, field.frame)
+        return Solution(
+            out_ts,
+            xs,
+            zeros,
+            zeros,
+            jnp.zeros(batch, dtype) if sphere and summary is None else None,
+            field.dynamics,
+            field.frame,
+        )
 
     cfg = _Config(
         solver=solver_obj,
@@ -688,13 +719,19 @@ def simulate(
     if summary is not None and not callable(summary):
         raise TypeError(f"summary must be a function fn(t, x), got {type(summary).__name__}")
     ys, status, steps, drift = _solve_batch(
-        field, x0, jnp.asarray(t0, dtype) if isinstance(t0, jax.core.Tracer) else _const(t0, dtype),
-        _const(t1, dtype), dt0, ts_arr, cfg
+        field,
+        x0,
+        jnp.asarray(t0, dtype) if isinstance(t0, jax.core.Tracer) else _const(t0, dtype),
+        _const(t1, dtype),
+        dt0,
+        ts_arr,
+        cfg,
     )
     out_ts = _const(grid, dtype) if saveat_steps else ts_arr
     keep_drift = sphere and summary is None
-    return Solution(out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics,
-                    field.frame)
+    return Solution(
+        out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics, field.frame
+    )
 
 
 class _SummaryFn(eqx.Module):

@@ -36,9 +36,9 @@ class RK4(diffrax.AbstractSolver):
     """
 
     term_structure: ClassVar = diffrax.AbstractTerm
-    interpolation_cls: ClassVar[
-        Callable[..., diffrax.ThirdOrderHermitePolynomialInterpolation]
-    ] = diffrax.ThirdOrderHermitePolynomialInterpolation
+    interpolation_cls: ClassVar[Callable[..., diffrax.ThirdOrderHermitePolynomialInterpolation]] = (
+        diffrax.ThirdOrderHermitePolynomialInterpolation
+    )
 
     def order(self, terms):
         del terms
@@ -56,8 +56,9 @@ class RK4(diffrax.AbstractSolver):
         k2 = terms.vf_prod(tm, _axpy(y0, 0.5, k1), args, control)
         k3 = terms.vf_prod(tm, _axpy(y0, 0.5, k2), args, control)
         k4 = terms.vf_prod(t1, _axpy(y0, 1.0, k3), args, control)
-        y1 = jax.tree.map(lambda y, a, b, c, d: y + ((a + d) * (1 / 6) + (b + c) * (1 / 3)),
-                          y0, k1, k2, k3, k4)
+        y1 = jax.tree.map(
+            lambda y, a, b, c, d: y + ((a + d) * (1 / 6) + (b + c) * (1 / 3)), y0, k1, k2, k3, k4
+        )
         dense_info = dict(y0=y0, y1=y1, k0=k1, k1=k4)
         return y1, None, dense_info, None, diffrax.RESULTS.successful
 

@@ -39,8 +39,19 @@ class SpecError(ValueError):
     the offending key. Raised by `load_spec` and `parse_spec`; a `ValueError`."""
 
 
-TOP_KEYS = {"dynamics", "beta", "dtype", "Q", "K", "V", "attention", "block", "init", "lora",
-            "solve"}
+TOP_KEYS = {
+    "dynamics",
+    "beta",
+    "dtype",
+    "Q",
+    "K",
+    "V",
+    "attention",
+    "block",
+    "init",
+    "lora",
+    "solve",
+}
 INIT_KEYS = {"x0", "kind", "n", "d", "low", "high", "scale", "seed", "drawn"}
 INIT_KINDS = ("uniform", "normal", "sphere")
 LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed"}
@@ -101,8 +112,14 @@ def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SpecError(f"spec file {path} is not UTF-8 text") from None
     ext = os.path.splitext(path)[1].lower()
-    parsers = [("json", _parse_json)] if ext == ".json" else (
-        [("toml", _parse_toml)] if ext == ".toml" else [("toml", _parse_toml), ("json", _parse_json)]
+    parsers = (
+        [("json", _parse_json)]
+        if ext == ".json"
+        else (
+            [("toml", _parse_toml)]
+            if ext == ".toml"
+            else [("toml", _parse_toml), ("json", _parse_json)]
+        )
     )
     errors = []
     for name, parse in parsers:
@@ -136,8 +153,10 @@ def _parse_json(text):
 def _unknown(section: dict, allowed: set, where: str) -> None:
     extra = sorted(set(section) - allowed)
     if extra:
-        raise SpecError(f"unknown key{'s' if len(extra) > 1 else ''} in {where}: "
-                        f"{', '.join(extra)} (allowed: {', '.join(sorted(allowed))})")
+        raise SpecError(
+            f"unknown key{'s' if len(extra) > 1 else ''} in {where}: "
+            f"{', '.join(extra)} (allowed: {', '.join(sorted(allowed))})"
+        )
 
 
 def _table(spec: dict, key: str) -> dict:
@@ -166,8 +185,9 @@ def _check_sizes(n: int, d: int, dtype, where: str) -> None:
     """The tokens (n×d) must fit before they are allocated (the field's constructor
     checks its d×d weights)."""
     try:
-        check_memory(jnp.dtype(dtype).itemsize * float(n * d),
-                     f"{where} with n = {n} tokens in d = {d}")
+        check_memory(
+            jnp.dtype(dtype).itemsize * float(n * d), f"{where} with n = {n} tokens in d = {d}"
+        )
     except ValueError as e:
         raise SpecError(str(e)) from None
 
@@ -192,8 +212,9 @@ def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
     """Tokens from `[init]`: explicit `x0`, or a seeded random draw."""
     _unknown(init, INIT_KEYS, "[init]")
     if "drawn" in init and ("x0" not in init or not isinstance(init["drawn"], dict)):
-        raise SpecError("[init] drawn records how an explicit x0 was drawn (a table); it "
-                        "goes with x0 only")
+        raise SpecError(
+            "[init] drawn records how an explicit x0 was drawn (a table); it goes with x0 only"
+        )
     if "x0" in init:
         # `drawn` (kind, n, seed, ... of a random draw) is provenance only: a resolved spec
         # saved with its draw written out as x0 keeps it and runs again as it is.
@@ -263,10 +284,14 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
         A = _matrix(lo["A"], "lora A", dtype)
         B = _matrix(lo["B"], "lora B", dtype)
         if A.ndim != 2 or B.ndim != 2:
-            raise SpecError(f"lora A must be r×d and B d×r, got {tuple(A.shape)} and {tuple(B.shape)}")
+            raise SpecError(
+                f"lora A must be r×d and B d×r, got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
         if A.shape[1] != d or B.shape[0] != d:
-            raise SpecError(f"lora A is {A.shape[0]}×{A.shape[1]} and B {B.shape[0]}×{B.shape[1]}, "
-                            f"but d = {d}: A must be r×{d}, B {d}×r")
+            raise SpecError(
+                f"lora A is {A.shape[0]}×{A.shape[1]} and B {B.shape[0]}×{B.shape[1]}, "
+                f"but d = {d}: A must be r×{d}, B {d}×r"
+            )
         if A.shape[0] != B.shape[1]:
             raise SpecError(f"lora rank mismatch: A has {A.shape[0]} rows, B {B.shape[1]} columns")
         if A.shape[0] > d:
@@ -284,8 +309,9 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
     if norm < 0:
         raise SpecError(f"lora norm must be ≥ 0, got {norm}")
     seed = _seed(lo.get("seed", 0), "lora seed")
-    return LoRA.random(d, rank=rank, norm=norm, target=target, alpha=alpha,
-                       key=jax.random.key(seed), dtype=dtype)
+    return LoRA.random(
+        d, rank=rank, norm=norm, target=target, alpha=alpha, key=jax.random.key(seed), dtype=dtype
+    )
 
 
 def parse_spec(spec: dict[str, Any]) -> Simulation:
@@ -323,8 +349,10 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
             raise SpecError(f"{k} must be a square d×d matrix, got shape {tuple(W.shape)}")
     dims = {W.shape[0] for W in mats.values()}
     if len(dims) > 1:
-        raise SpecError("Q, K and V have different sizes: "
-                        + ", ".join(f"{k} {W.shape[0]}×{W.shape[1]}" for k, W in mats.items()))
+        raise SpecError(
+            "Q, K and V have different sizes: "
+            + ", ".join(f"{k} {W.shape[0]}×{W.shape[1]}" for k, W in mats.items())
+        )
     d_hint = dims.pop() if dims else None
     init = _table(spec, "init")
     if not init:
@@ -342,8 +370,18 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         raise SpecError(str(e)) from None
     block = _int(spec.get("block", 1024), "block", 1)
     try:
-        field = make_field(dynamics, mats.get("Q"), mats.get("K"), mats.get("V"),
-                           beta=beta, lora=lora, d=d, dtype=dtype, kernel=kernel, block=block)
+        field = make_field(
+            dynamics,
+            mats.get("Q"),
+            mats.get("K"),
+            mats.get("V"),
+            beta=beta,
+            lora=lora,
+            d=d,
+            dtype=dtype,
+            kernel=kernel,
+            block=block,
+        )
     except (ValueError, TypeError) as e:
         raise SpecError(str(e)) from None
 
@@ -373,12 +411,16 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
                 raise SpecError(f"solve {key} must be > 0, got {val}")
             kw[key] = val
     if ("rtol" in kw or "atol" in kw) and solver in ("euler", "rk4"):
-        raise SpecError(f"solver {solver} has no error estimate: give dt, or use heun, tsit5, "
-                        "dopri5 or dopri8 with rtol/atol")
+        raise SpecError(
+            f"solver {solver} has no error estimate: give dt, or use heun, tsit5, "
+            "dopri5 or dopri8 with rtol/atol"
+        )
     if "ts" in solve:
         ts = solve["ts"]
-        if not isinstance(ts, list) or not ts or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in ts
+        if (
+            not isinstance(ts, list)
+            or not ts
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ts)
         ):
             raise SpecError("solve ts must be a non-empty list of numbers")
         ts_arr = np.asarray(ts, np.float64)
@@ -392,8 +434,10 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
     if "max_steps" in solve:
         kw["max_steps"] = _int(solve["max_steps"], "solve max_steps", 1)
         if "dt" in kw or ("rtol" not in kw and "atol" not in kw and solver in ("euler", "rk4")):
-            raise SpecError("solve max_steps applies to adaptive steps (rtol/atol); with a "
-                            "fixed dt the number of steps is t1/dt")
+            raise SpecError(
+                "solve max_steps applies to adaptive steps (rtol/atol); with a "
+                "fixed dt the number of steps is t1/dt"
+            )
     if "renormalise" in solve:
         if not isinstance(solve["renormalise"], bool):
             raise SpecError("solve renormalise must be true or false")
@@ -410,14 +454,24 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         "Q": np.asarray(field.Q).tolist(),
         "K": np.asarray(field.K).tolist(),
         "V": np.asarray(field.V).tolist(),
-        "init": {"x0": np.asarray(x0).tolist(),
-                 **({"drawn": {k: v for k, v in init.items() if k != "x0"}}
-                    if "x0" not in init else {k: v for k, v in init.items() if k != "x0"})},
-        "solve": {"t1": t1, **{k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                               for k, v in kw.items()}},
+        "init": {
+            "x0": np.asarray(x0).tolist(),
+            **(
+                {"drawn": {k: v for k, v in init.items() if k != "x0"}}
+                if "x0" not in init
+                else {k: v for k, v in init.items() if k != "x0"}
+            ),
+        },
+        "solve": {
+            "t1": t1,
+            **{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in kw.items()},
+        },
     }
     if lora is not None:
-        resolved["lora"] = {"target": lora.target, "A": np.asarray(lora.A).tolist(),
-                            "B": np.asarray(lora.B).tolist(), "alpha": float(lora.alpha)}
+        resolved["lora"] = {
+            "target": lora.target,
+            "A": np.asarray(lora.A).tolist(),
+            "B": np.asarray(lora.B).tolist(),
+            "alpha": float(lora.alpha),
+        }
     return Simulation(field=field, x0=x0, t1=t1, solve=kw, resolved=resolved)
-

@@ -86,17 +86,22 @@ def prepare_chunk_dir(chunk_dir: str, identity: dict, n_points: int, chunk: int)
     identity or chunk size) or chunk files without a manifest.
     """
     _check_chunking(n_points, chunk)
-    manifest = {"sweep_id": sweep_id({**identity, "chunk": int(chunk)}),
-                "n_points": int(n_points), "chunk": int(chunk),
-                "n_chunks": math.ceil(n_points / chunk)}
+    manifest = {
+        "sweep_id": sweep_id({**identity, "chunk": int(chunk)}),
+        "n_points": int(n_points),
+        "chunk": int(chunk),
+        "n_chunks": math.ceil(n_points / chunk),
+    }
     path = os.path.join(chunk_dir, MANIFEST)
     for _ in range(2):
         if os.path.exists(path):
             _check_manifest(path, chunk_dir, manifest, chunk, n_points)
             return manifest
         if _existing_chunks(chunk_dir):
-            raise SweepError(f"{chunk_dir} holds chunk files but no {MANIFEST}; choose "
-                             "another output folder or remove them")
+            raise SweepError(
+                f"{chunk_dir} holds chunk files but no {MANIFEST}; choose "
+                "another output folder or remove them"
+            )
         os.makedirs(chunk_dir, exist_ok=True)
         # Created only if absent, complete before it appears: of two sweeps started
         # together into one folder, one creates it and the other then finds it and
@@ -120,14 +125,19 @@ def _check_manifest(path, chunk_dir, manifest, chunk, n_points) -> None:
         if not isinstance(old, dict):
             raise ValueError
     except (OSError, ValueError):
-        raise SweepError(f"{path} is not a readable sweep manifest; use another output "
-                         "folder") from None
+        raise SweepError(
+            f"{path} is not a readable sweep manifest; use another output folder"
+        ) from None
     if old.get("sweep_id") != manifest["sweep_id"]:
-        why = (f"chunk size {old.get('chunk')} there, {chunk} here"
-               if old.get("chunk") != chunk and old.get("n_points") == n_points
-               else "different spec or grid")
-        raise SweepError(f"{chunk_dir} holds chunks of a different sweep ({why}); choose "
-                         "another output folder or remove it")
+        why = (
+            f"chunk size {old.get('chunk')} there, {chunk} here"
+            if old.get("chunk") != chunk and old.get("n_points") == n_points
+            else "different spec or grid"
+        )
+        raise SweepError(
+            f"{chunk_dir} holds chunks of a different sweep ({why}); choose "
+            "another output folder or remove it"
+        )
 
 
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
@@ -149,7 +159,7 @@ def _read_chunk(path: str, expect: np.ndarray) -> dict[str, np.ndarray] | str:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}  # a truncated file fails here
-    except Exception as e:  # noqa: BLE001 - any unreadable file is damaged
+    except Exception as e:
         return (str(e).splitlines() or [type(e).__name__])[0][:80] or type(e).__name__
     index = arrays.pop("index", None)
     if index is None:
@@ -192,12 +202,14 @@ def run_chunks(
     _check_chunking(n_points, chunk)
     os.makedirs(chunk_dir, exist_ok=True)
     with output_lock(chunk_dir, f"-p{pi}"):
-        return _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress,
-                                  log, desc, pi, pc, on_chunk)
+        return _run_chunks_locked(
+            chunk_dir, identity, n_points, chunk, compute, progress, log, desc, pi, pc, on_chunk
+        )
 
 
-def _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress, log, desc,
-                       pi, pc, on_chunk):
+def _run_chunks_locked(
+    chunk_dir, identity, n_points, chunk, compute, progress, log, desc, pi, pc, on_chunk
+):
     manifest = prepare_chunk_dir(chunk_dir, identity, n_points, chunk)
     n_chunks = manifest["n_chunks"]
     remove_stale_temporaries(chunk_dir)
@@ -218,8 +230,9 @@ def _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress, 
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=done_before, desc=desc, unit="chunk",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(mine), initial=done_before, desc=desc, unit="chunk", dynamic_ncols=True
+        )
     elif log and done_before:
         log(f"{desc}: {done_before} of {len(mine)} chunks done earlier, skipped")
     t_start = time.perf_counter()
@@ -231,16 +244,20 @@ def _run_chunks_locked(chunk_dir, identity, n_points, chunk, compute, progress, 
             arrays = {name: np.asarray(a) for name, a in out.items()}
             for name, a in arrays.items():
                 if a.shape[:1] != (idx.size,):
-                    raise ValueError(f"chunk output {name!r} has shape {a.shape}; expected a "
-                                     f"leading axis of {idx.size} points")
+                    raise ValueError(
+                        f"chunk output {name!r} has shape {a.shape}; expected a "
+                        f"leading axis of {idx.size} points"
+                    )
             write_npz(_chunk_path(chunk_dir, c), index=idx, **arrays)
             dt = time.perf_counter() - t0
             if bar is not None:
                 bar.set_postfix_str(f"{idx.size / dt:.3g} points/s", refresh=False)
                 bar.update(1)
             elif log:
-                log(f"{desc}: chunk {done_before + k + 1}/{len(mine)} ({idx.size} points) "
-                    f"in {dt:.2f} s")
+                log(
+                    f"{desc}: chunk {done_before + k + 1}/{len(mine)} ({idx.size} points) "
+                    f"in {dt:.2f} s"
+                )
             if on_chunk is not None:
                 on_chunk(c)
     finally:
@@ -283,8 +300,9 @@ def _shard_map():
 DEFAULT_BATCH = 64
 
 
-def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *,
-                batched: bool = False) -> Callable:
+def map_sharded(
+    fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *, batched: bool = False
+) -> Callable:
     """`fn` applied point by point to arguments with a leading points axis, split across
     `devices` (default: all local devices) with `shard_map`.
 
@@ -318,8 +336,11 @@ def map_sharded(fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *,
             out = jax.lax.map(lambda g: group(*g), grouped)
         return jax.tree.map(lambda a: a.reshape((k * batch,) + a.shape[2:]), out)
 
-    sharded = jax.jit(shard_map(per_device, mesh=mesh, in_specs=P("points"),
-                                out_specs=P("points"), **{check_kw: False}))
+    sharded = jax.jit(
+        shard_map(
+            per_device, mesh=mesh, in_specs=P("points"), out_specs=P("points"), **{check_kw: False}
+        )
+    )
 
     def run(*args):
         n = jax.tree.leaves(args)[0].shape[0]
@@ -356,18 +377,25 @@ def _expand(key: str, value) -> list:
     if isinstance(value, list):
         return value
     if isinstance(value, dict) and len(value) == 1:
-        (kind, arg), = value.items()
+        ((kind, arg),) = value.items()
         if kind == "range":
             if isinstance(arg, int) and not isinstance(arg, bool):
                 return list(range(_axis_len(key, arg)))
-            if (isinstance(arg, list) and len(arg) == 2
-                    and all(isinstance(a, int) and not isinstance(a, bool) for a in arg)):
+            if (
+                isinstance(arg, list)
+                and len(arg) == 2
+                and all(isinstance(a, int) and not isinstance(a, bool) for a in arg)
+            ):
                 _axis_len(key, arg[1] - arg[0])
                 return list(range(arg[0], arg[1]))
         elif kind in ("linspace", "geomspace"):
-            ok = (isinstance(arg, list) and len(arg) == 3
-                  and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
-                  and isinstance(arg[2], int) and arg[2] >= 0)
+            ok = (
+                isinstance(arg, list)
+                and len(arg) == 3
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
+                and isinstance(arg[2], int)
+                and arg[2] >= 0
+            )
             if ok:
                 a, b, num = arg
                 _axis_len(key, num)
@@ -375,10 +403,13 @@ def _expand(key: str, value) -> list:
                     raise SweepError(f"grid {key}: geomspace needs positive end points")
                 f = np.linspace if kind == "linspace" else np.geomspace
                 return [float(v) for v in f(a, b, num)]
-        raise SweepError(f"grid {key}: {kind} = {arg!r} is not valid (range = N or "
-                         "[start, stop]; linspace/geomspace = [a, b, num])")
-    raise SweepError(f"grid {key} must be a list of values or a table like {{range = 8}}, "
-                     f"got {value!r}")
+        raise SweepError(
+            f"grid {key}: {kind} = {arg!r} is not valid (range = N or "
+            "[start, stop]; linspace/geomspace = [a, b, num])"
+        )
+    raise SweepError(
+        f"grid {key} must be a list of values or a table like {{range = 8}}, got {value!r}"
+    )
 
 
 # One grid axis holds at most this many values (each becomes a Python object, and the
@@ -388,8 +419,9 @@ MAX_AXIS_VALUES = 10**7
 
 def _axis_len(key: str, count: int) -> int:
     if count > MAX_AXIS_VALUES:
-        raise SweepError(f"grid {key} asks for {count} values, over the limit of "
-                         f"{MAX_AXIS_VALUES} per axis")
+        raise SweepError(
+            f"grid {key} asks for {count} values, over the limit of {MAX_AXIS_VALUES} per axis"
+        )
     return count
 
 
@@ -397,8 +429,9 @@ def _check_values(key: str, values: list) -> list:
     if not values:
         raise SweepError(f"the grid has no points: grid {key} is empty")
     if key in ("init.seed", "lora.seed"):
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
-                   for v in values):
+        if not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values
+        ):
             raise SweepError(f"grid {key} values must be integers ≥ 0")
         if any(v > SEED_MAX for v in values):
             raise SweepError(f"grid {key} values must be ≤ 2**63 − 1")
@@ -408,8 +441,9 @@ def _check_values(key: str, values: list) -> list:
         if bad:
             raise SweepError(f"grid lora.target values must be Q, K or V, got {bad[0]!r}")
         return list(values)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               for v in values):
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
         raise SweepError(f"grid {key} values must be finite numbers")
     lo = {"beta": 0.0, "lora.norm": 0.0, "lora.alpha": None}[key]
     if key == "lora.alpha" and any(v <= 0 for v in values):
@@ -455,8 +489,12 @@ class SweepPlan(eqx.Module):
         return _substitute(self.spec, self.assignment(p))
 
     def identity(self) -> dict:
-        return {"kind": "jaxattn-sweep", "spec": self.spec, "grid": self.axes,
-                "options": self.options}
+        return {
+            "kind": "jaxattn-sweep",
+            "spec": self.spec,
+            "grid": self.axes,
+            "options": self.options,
+        }
 
 
 def parse_sweep(raw: dict) -> SweepPlan:
@@ -466,8 +504,10 @@ def parse_sweep(raw: dict) -> SweepPlan:
     spec = {k: v for k, v in raw.items() if k not in ("grid", "sweep")}
     grid = raw.get("grid")
     if grid is None:
-        raise SweepError("the spec has no [grid] section: nothing to sweep (use "
-                         "`jaxattn simulate` for a single run)")
+        raise SweepError(
+            "the spec has no [grid] section: nothing to sweep (use "
+            "`jaxattn simulate` for a single run)"
+        )
     if not isinstance(grid, dict):
         raise SweepError(f"[grid] must be a table/object, got {type(grid).__name__}")
     if not grid:
@@ -480,8 +520,9 @@ def parse_sweep(raw: dict) -> SweepPlan:
     # Compatibility of grid and spec.
     init = spec.get("init") if isinstance(spec.get("init"), dict) else {}
     if "init.seed" in axes and "x0" in init:
-        raise SweepError("grid init.seed needs a random [init] (kind, n, d), but the spec "
-                         "gives explicit x0")
+        raise SweepError(
+            "grid init.seed needs a random [init] (kind, n, d), but the spec gives explicit x0"
+        )
     lora_keys = [k for k in axes if k.startswith("lora.")]
     if lora_keys:
         lo = spec.get("lora")
@@ -490,8 +531,10 @@ def parse_sweep(raw: dict) -> SweepPlan:
         if "A" in lo or "B" in lo:
             bad = [k for k in lora_keys if k in ("lora.norm", "lora.seed")]
             if bad:
-                raise SweepError(f"grid {bad[0]} needs a random [lora] (rank, norm, seed), "
-                                 "but the spec gives explicit A and B")
+                raise SweepError(
+                    f"grid {bad[0]} needs a random [lora] (rank, norm, seed), "
+                    "but the spec gives explicit A and B"
+                )
     for key in axes:
         sec, _, sub = key.partition(".")
         if sub and sub in (spec.get(sec) or {}):
@@ -506,28 +549,36 @@ def parse_sweep(raw: dict) -> SweepPlan:
         raise SweepError("[sweep] must be a table/object")
     extra = sorted(set(opts_raw) - SWEEP_KEYS)
     if extra:
-        raise SweepError(f"unknown key in [sweep]: {extra[0]} (allowed: "
-                         f"{', '.join(sorted(SWEEP_KEYS))})")
+        raise SweepError(
+            f"unknown key in [sweep]: {extra[0]} (allowed: {', '.join(sorted(SWEEP_KEYS))})"
+        )
     has_lora = "lora" in spec
     default_summaries = ["divergence", "clusters"] if has_lora else ["clusters", "diameter"]
     summaries = opts_raw.get("summaries", default_summaries)
-    if (not isinstance(summaries, list) or not summaries
-            or not all(isinstance(s, str) for s in summaries)):
-        raise SweepError(f"sweep summaries must be a non-empty list of names from "
-                         f"{', '.join(SUMMARIES)}")
+    if (
+        not isinstance(summaries, list)
+        or not summaries
+        or not all(isinstance(s, str) for s in summaries)
+    ):
+        raise SweepError(
+            f"sweep summaries must be a non-empty list of names from {', '.join(SUMMARIES)}"
+        )
     for s in summaries:
         if s not in SUMMARIES:
             raise SweepError(f"unknown summary {s!r} (choose from {', '.join(SUMMARIES)})")
     if any(s in _NEEDS_REFERENCE for s in summaries) and not has_lora:
-        raise SweepError("summaries divergence/hausdorff compare with the unperturbed run "
-                         "and need a [lora] section")
+        raise SweepError(
+            "summaries divergence/hausdorff compare with the unperturbed run "
+            "and need a [lora] section"
+        )
     options = {
         "chunk": _pos_int(opts_raw.get("chunk", 64), "sweep chunk"),
         "batch": _pos_int(opts_raw.get("batch", DEFAULT_BATCH), "sweep batch"),
         "summaries": list(dict.fromkeys(summaries)),
         "save_points": _pos_int(opts_raw.get("save_points", 101), "sweep save_points", 2),
-        "cluster_threshold": _pos_float(opts_raw.get("cluster_threshold", 0.1),
-                                        "sweep cluster_threshold"),
+        "cluster_threshold": _pos_float(
+            opts_raw.get("cluster_threshold", 0.1), "sweep cluster_threshold"
+        ),
     }
     plan = SweepPlan(spec=spec, axes=axes, options=options)
     # Every point must be a valid simulation spec: check the first one fully (the grid
@@ -546,17 +597,26 @@ def _check_sweep_memory(plan: SweepPlan, sim) -> None:
     """The assembled result (every point × save time × summary), and one chunk's saved
     values, must fit before anything runs (`sim`: the first point, parsed)."""
     n, d = (int(s) for s in sim.x0.shape)
-    per = {"divergence": 1, "hausdorff": 1, "clusters": 1, "diameter": 1, "mean": d,
-           "tokens": n * d}
+    per = {
+        "divergence": 1,
+        "hausdorff": 1,
+        "clusters": 1,
+        "diameter": 1,
+        "mean": d,
+        "tokens": n * d,
+    }
     values = sum(per[s] for s in plan.options["summaries"])
     T = plan.options["save_points"]
     try:
-        check_memory(8.0 * plan.n_points * T * values * 2,
-                     f"the sweep's results ({plan.n_points} points × {T} save points)")
+        check_memory(
+            8.0 * plan.n_points * T * values * 2,
+            f"the sweep's results ({plan.n_points} points × {T} save points)",
+        )
         attn = 0 if use_blockwise(sim.field.kernel, n, n) else 4 * n * n
-        check_memory(8.0 * min(plan.n_points, plan.options["chunk"])
-                     * (T * (values + n * d) + attn),
-                     f"one chunk of {plan.options['chunk']} points with n = {n} tokens")
+        check_memory(
+            8.0 * min(plan.n_points, plan.options["chunk"]) * (T * (values + n * d) + attn),
+            f"one chunk of {plan.options['chunk']} points with n = {n} tokens",
+        )
     except ValueError as e:
         raise SweepError(str(e)) from None
 
@@ -619,8 +679,16 @@ def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_f
     """diffrax configuration of one point's solve, resolved by `simulate`'s own rules."""
     project = bool(solve.get("renormalise") and sphere)
     solver, controller, max_steps, grid, _ = _stepping(
-        solve.get("solver", "rk4"), solve.get("dt"), solve.get("rtol"), solve.get("atol"),
-        solve.get("max_steps"), project, 0.0, t1, dtype)
+        solve.get("solver", "rk4"),
+        solve.get("dt"),
+        solve.get("rtol"),
+        solve.get("atol"),
+        solve.get("max_steps"),
+        project,
+        0.0,
+        t1,
+        dtype,
+    )
     if "ts" in solve:
         ts = np.asarray(solve["ts"], np.float64)
     elif grid is not None:  # every k-th step: save times lie exactly on the grid
@@ -628,10 +696,20 @@ def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_f
         ts = grid[keep]
     else:
         ts = np.linspace(0.0, t1, save_points)
-    cfg = _Config(solver=solver, controller=controller, saveat_steps=False,
-                  max_steps=int(max_steps), adjoint=_get_adjoint(None, None), progress=False,
-                  sphere=sphere, renormalise=project, n_field_batch=0, n_x_batch=0,
-                  save_fn=save_fn, stacked=grid is not None)
+    cfg = _Config(
+        solver=solver,
+        controller=controller,
+        saveat_steps=False,
+        max_steps=int(max_steps),
+        adjoint=_get_adjoint(None, None),
+        progress=False,
+        sphere=sphere,
+        renormalise=project,
+        n_field_batch=0,
+        n_x_batch=0,
+        save_fn=save_fn,
+        stacked=grid is not None,
+    )
     return cfg, ts
 
 
@@ -666,8 +744,9 @@ class _PointBuilder:
         return self._x0[seed]
 
     def lora(self, assignment) -> LoRA:
-        key = tuple(assignment.get(k) for k in ("lora.norm", "lora.seed", "lora.target",
-                                                 "lora.alpha"))
+        key = tuple(
+            assignment.get(k) for k in ("lora.norm", "lora.seed", "lora.target", "lora.alpha")
+        )
         if key not in self._lora:
             table = dict(self.plan.spec["lora"])
             for k in ("lora.norm", "lora.seed", "lora.target", "lora.alpha"):
@@ -689,8 +768,9 @@ class _PointBuilder:
                 lo = self.lora(a)
                 for t in self.targets:  # the point's target gets its LoRA, others zero
                     cols[f"A_{t}"].append(np.asarray(lo.A))
-                    cols[f"B_{t}"].append(np.asarray(lo.B) if lo.target == t
-                                          else np.zeros_like(np.asarray(lo.B)))
+                    cols[f"B_{t}"].append(
+                        np.asarray(lo.B) if lo.target == t else np.zeros_like(np.asarray(lo.B))
+                    )
                 cols["alpha"].append(float(lo.alpha))
             else:
                 cols["alpha"].append(1.0)
@@ -745,12 +825,15 @@ def _check_foreign_files(out_dir: str, force: bool) -> None:
         return
     for name in ("summary.json", "sweep.png"):  # result.npz: `_check_previous_result`
         if os.path.exists(os.path.join(out_dir, name)):
-            raise SweepError(f"{out_dir} already holds {name}, not written by a sweep; choose "
-                             "another output folder or pass --force to replace it")
+            raise SweepError(
+                f"{out_dir} already holds {name}, not written by a sweep; choose "
+                "another output folder or pass --force to replace it"
+            )
 
 
-def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_count,
-                  on_chunk, force):
+def _sweep_locked(
+    plan, out_dir, devices, progress, log, process_index, process_count, on_chunk, force
+):
     _check_foreign_files(out_dir, force)
     remove_stale_temporaries(out_dir)
     builder = _PointBuilder(plan)
@@ -759,14 +842,16 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
     names = plan.options["summaries"]
     pair = any(s in _NEEDS_REFERENCE for s in names)
     save_fn = _summary_fn(names, plan.options["cluster_threshold"], sphere, pair)
-    cfg, ts = _solve_config(sim0.solve, sphere, sim0.t1, plan.options["save_points"],
-                            save_fn, builder.dtype)
+    cfg, ts = _solve_config(
+        sim0.solve, sphere, sim0.t1, plan.options["save_points"], save_fn, builder.dtype
+    )
     t1 = sim0.t1
     base = sim0.field.without_lora()
     targets = builder.targets
     r = sim0.field.loras[0].rank if sim0.field.loras else 0
     template_loras = tuple(
-        LoRA(np.zeros((r, builder.d)), np.zeros((builder.d, r)), 1.0, t) for t in targets)
+        LoRA(np.zeros((r, builder.d)), np.zeros((builder.d, r)), 1.0, t) for t in targets
+    )
     template = base.with_lora(template_loras or None)
     dtype = builder.dtype
     ts_arr = jnp.asarray(ts, dtype)
@@ -784,23 +869,33 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
         for t in targets:
             leaves += [inp[f"A_{t}"], inp[f"B_{t}"]]
         field = eqx.tree_at(where, template, leaves)
-        axes = eqx.tree_at(where, jax.tree.map(lambda _: None, template), [0] * len(leaves),
-                           is_leaf=lambda x: x is None)
+        axes = eqx.tree_at(
+            where,
+            jax.tree.map(lambda _: None, template),
+            [0] * len(leaves),
+            is_leaf=lambda x: x is None,
+        )
         y0 = inp["x0"]
         if sphere:
             y0 = unit_rows(y0)
         if pair:
-            no_lora = lambda f: eqx.tree_at(lambda f: f.loras, f, ())  # noqa: E731
+            no_lora = lambda f: eqx.tree_at(lambda f: f.loras, f, ())
             field = _PairField(no_lora(field), field)
             axes = _PairField(no_lora(axes), axes)
             y0 = jnp.stack([y0, y0], axis=-3)
         if stacked:
             field = _Members(field, axes, 1, 0)
-        ys, status, steps, _ = _solve_one(field, y0, jnp.asarray(0.0, dtype),
-                                          jnp.asarray(t1, dtype), None, ts_arr, cfg,
-                                          members=int(stacked))
-        return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status,
-                "num_steps": steps}
+        ys, status, steps, _ = _solve_one(
+            field,
+            y0,
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(t1, dtype),
+            None,
+            ts_arr,
+            cfg,
+            members=int(stacked),
+        )
+        return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
 
     # The compiled chunk solve is kept for the process, keyed by everything it closes
     # over (the sweep's identity) and the devices: a second sweep of the same spec in one
@@ -810,8 +905,12 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
     solve = _SOLVES.get(key)
     if solve is None:
         if cfg.stacked:
-            solve = map_sharded(lambda inp: point(inp, stacked=True), devices,
-                                batch=plan.options["batch"], batched=True)
+            solve = map_sharded(
+                lambda inp: point(inp, stacked=True),
+                devices,
+                batch=plan.options["batch"],
+                batched=True,
+            )
         else:  # adaptive steps: one solve per point, each with its own step control
             solve = map_sharded(point, devices, batch=plan.options["batch"])
         if len(_SOLVES) >= 8:
@@ -831,14 +930,26 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
     if not force:
         _check_previous_result(out_dir, sweep_id(identity))
     if log:
-        log(f"sweep: {plan.n_points} points ({' × '.join(f'{k} {len(v)}' for k, v in plan.axes.items())}), "
+        log(
+            f"sweep: {plan.n_points} points "
+            f"({' × '.join(f'{k} {len(v)}' for k, v in plan.axes.items())}), "
             f"chunks of {plan.options['chunk']}, {len(solve.devices)} device(s), "
-            f"summaries {', '.join(names)} at {ts.size} times")
+            f"summaries {', '.join(names)} at {ts.size} times"
+        )
     t_start = time.perf_counter()
-    flat = run_chunks(os.path.join(out_dir, "chunks"), identity, plan.n_points,
-                      plan.options["chunk"], compute, progress=progress, log=log,
-                      desc="sweep", process_index=process_index,
-                      process_count=process_count, on_chunk=on_chunk)
+    flat = run_chunks(
+        os.path.join(out_dir, "chunks"),
+        identity,
+        plan.n_points,
+        plan.options["chunk"],
+        compute,
+        progress=progress,
+        log=log,
+        desc="sweep",
+        process_index=process_index,
+        process_count=process_count,
+        on_chunk=on_chunk,
+    )
     if flat is None:
         if log:
             log("sweep: this process is done; other processes still have chunks to finish")
@@ -852,29 +963,45 @@ def _sweep_locked(plan, out_dir, devices, progress, log, process_index, process_
     result["num_steps"] = flat["num_steps"].reshape(shape)
     for k, v in plan.axes.items():
         result[f"grid_{k}"] = np.asarray(v)
-    meta = json.dumps({"spec": plan.spec, "grid": plan.axes, "options": plan.options,
-                       "axes": list(plan.axes), "sweep_id": sweep_id(identity)},
-                      sort_keys=True, default=_json_default)
+    meta = json.dumps(
+        {
+            "spec": plan.spec,
+            "grid": plan.axes,
+            "options": plan.options,
+            "axes": list(plan.axes),
+            "sweep_id": sweep_id(identity),
+        },
+        sort_keys=True,
+        default=_json_default,
+    )
     write_npz(os.path.join(out_dir, "result.npz"), **result, sweep=meta)
     status = result["status"]
-    failed = {STATUS_MESSAGES[int(c)]: int(np.sum(status == c))
-              for c in np.unique(status) if c != STATUS_OK}
+    failed = {
+        STATUS_MESSAGES[int(c)]: int(np.sum(status == c))
+        for c in np.unique(status)
+        if c != STATUS_OK
+    }
     summary = {
-        "points": plan.n_points, "grid_shape": list(shape), "axes": plan.axes,
-        "summaries": names, "save_times": int(ts.size), "failed": failed,
-        "devices": len(solve.devices), "wall_seconds_this_run":
-            round(time.perf_counter() - t_start, 3),
+        "points": plan.n_points,
+        "grid_shape": list(shape),
+        "axes": plan.axes,
+        "summaries": names,
+        "save_times": int(ts.size),
+        "failed": failed,
+        "devices": len(solve.devices),
+        "wall_seconds_this_run": round(time.perf_counter() - t_start, 3),
         "final": {k: _final_stats(result[k]) for k in names if k not in ("tokens", "mean")},
     }
     from . import plotting
 
-    if plotting.sweep_overview(result, list(plan.axes), names,
-                               os.path.join(out_dir, "sweep.png")):
+    if plotting.sweep_overview(result, list(plan.axes), names, os.path.join(out_dir, "sweep.png")):
         summary["figure"] = "sweep.png"
     write_json(os.path.join(out_dir, "summary.json"), summary)
     if log:
-        log(f"sweep: wrote {os.path.join(out_dir, 'result.npz')} "
-            f"({plan.n_points - sum(failed.values())} ok, {sum(failed.values())} failed)")
+        log(
+            f"sweep: wrote {os.path.join(out_dir, 'result.npz')} "
+            f"({plan.n_points - sum(failed.values())} ok, {sum(failed.values())} failed)"
+        )
     return result
 
 
@@ -888,8 +1015,10 @@ def _check_previous_result(out_dir: str, sid: str) -> None:
     except (OSError, ValueError, KeyError):
         old = None
     if old != sid:
-        raise SweepError(f"{out_dir} already holds result.npz of a different sweep; choose "
-                         "another output folder or remove it")
+        raise SweepError(
+            f"{out_dir} already holds result.npz of a different sweep; choose "
+            "another output folder or remove it"
+        )
 
 
 def _final_stats(a: np.ndarray) -> dict:

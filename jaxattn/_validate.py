@@ -112,8 +112,12 @@ def is_number(value) -> bool:
         return True
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    return shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.number) and not (
-        jnp.issubdtype(dtype, jnp.complexfloating))
+    return (
+        shape == ()
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.number)
+        and not (jnp.issubdtype(dtype, jnp.complexfloating))
+    )
 
 
 SEED_MAX = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
@@ -180,8 +184,10 @@ def check_memory(nbytes: float, what: str) -> None:
     limit = max_memory()
     if not math.isfinite(nbytes) or nbytes > limit:
         size = "an unbounded amount" if not math.isfinite(nbytes) else format_bytes(nbytes)
-        raise ValueError(f"{what} needs {size} of memory, over the limit of "
-                         f"{format_bytes(limit)} (set {MEMORY_ENV} to raise it)")
+        raise ValueError(
+            f"{what} needs {size} of memory, over the limit of "
+            f"{format_bytes(limit)} (set {MEMORY_ENV} to raise it)"
+        )
 
 
 def check_dtype(dtype) -> jnp.dtype:

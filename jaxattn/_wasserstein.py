@@ -65,8 +65,9 @@ def _as_cloud(x, name: str) -> Array:
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a cloud of points of shape (n, d), got shape "
-                         f"{tuple(arr.shape)}")
+        raise ValueError(
+            f"{name} must be a cloud of points of shape (n, d), got shape {tuple(arr.shape)}"
+        )
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is an empty cloud (no points)")
     if arr.shape[1] == 0:
@@ -82,8 +83,10 @@ def _as_weights(a, n: int, name: str, cloud: str, dtype) -> Array:
     a = a if isinstance(a, jax.Array) else jnp.asarray(np.asarray(a, np.float64))
     a = a.astype(dtype)
     if a.shape != (n,):
-        raise ValueError(f"weights {name} must have shape ({n},) like the points of "
-                         f"{cloud}, got {tuple(a.shape)}")
+        raise ValueError(
+            f"weights {name} must have shape ({n},) like the points of "
+            f"{cloud}, got {tuple(a.shape)}"
+        )
     if _concrete(a):
         v = np.asarray(a, np.float64)
         if not np.all(np.isfinite(v)):
@@ -100,8 +103,9 @@ def _check_pair(x, y, a, b, cost: str):
     x = _as_cloud(x, "x")
     y = _as_cloud(y, "y")
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y are clouds of different dimensions: d = {x.shape[1]} "
-                         f"and d = {y.shape[1]}")
+        raise ValueError(
+            f"x and y are clouds of different dimensions: d = {x.shape[1]} and d = {y.shape[1]}"
+        )
     if x.dtype != y.dtype:
         dtype = jnp.promote_types(x.dtype, y.dtype)
         x, y = x.astype(dtype), y.astype(dtype)
@@ -111,8 +115,10 @@ def _check_pair(x, y, a, b, cost: str):
             if _concrete(arr):
                 r = np.linalg.norm(np.asarray(arr, np.float64), axis=-1)
                 if np.max(np.abs(r - 1.0)) > 1e-6:
-                    raise ValueError(f"the geodesic cost needs points on the unit sphere; "
-                                     f"{name} has norms in [{r.min():.6g}, {r.max():.6g}]")
+                    raise ValueError(
+                        f"the geodesic cost needs points on the unit sphere; "
+                        f"{name} has norms in [{r.min():.6g}, {r.max():.6g}]"
+                    )
     a = _as_weights(a, x.shape[0], "a", "x", x.dtype)
     b = _as_weights(b, y.shape[0], "b", "y", y.dtype)
     return x, y, a, b, cost
@@ -131,15 +137,17 @@ def _safe_sqrt(s: Array) -> Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
 
 
-def geodesic_distance(x: Float[Array, "*batch d"], y: Float[Array, "*batch d"]
-                      ) -> Float[Array, "*batch"]:
+def geodesic_distance(
+    x: Float[Array, "*batch d"], y: Float[Array, "*batch d"]
+) -> Float[Array, "*batch"]:
     """Great-circle distance `arccos⟨x, y⟩ ∈ [0, π]` between unit vectors, computed as
     `2·atan2(|x − y|, |x + y|)` (exact for unit vectors, stable near 0 and π)."""
     return 2.0 * jnp.arctan2(_safe_norm(x - y), _safe_norm(x + y))
 
 
-def cost_matrix(x: Float[Array, "n d"], y: Float[Array, "m d"], cost: str = "euclidean"
-                ) -> Float[Array, "n m"]:
+def cost_matrix(
+    x: Float[Array, "n d"], y: Float[Array, "m d"], cost: str = "euclidean"
+) -> Float[Array, "n m"]:
     """Ground cost `c(x_i, y_j)`: `|x_i − y_j|²` (from differences, no cancellation) or
     the squared geodesic distance on the sphere."""
     cost = check_choice(cost, "cost", COSTS)
@@ -239,12 +247,14 @@ def _lsa_host(C: np.ndarray) -> np.ndarray:
 
 def _assign(C: Array) -> Array:
     shape = jax.ShapeDtypeStruct(C.shape[:-1], jnp.int32)
-    return jax.pure_callback(_lsa_host, shape, jax.lax.stop_gradient(C),
-                             vmap_method="broadcast_all")
+    return jax.pure_callback(
+        _lsa_host, shape, jax.lax.stop_gradient(C), vmap_method="broadcast_all"
+    )
 
 
-def optimal_assignment(x: Float[Array, "n d"], y: Float[Array, "n d"], *,
-                       cost: str = "euclidean") -> Int[Array, " n"]:
+def optimal_assignment(
+    x: Float[Array, "n d"], y: Float[Array, "n d"], *, cost: str = "euclidean"
+) -> Int[Array, " n"]:
     """Optimal matching `σ` between two clouds of the same size with uniform weights:
     `x_i ↔ y_σ(i)` minimises `Σ_i c(x_i, y_σ(i))`. Computed on the host by SciPy's
     `linear_sum_assignment` (a shortest-augmenting-path solver, O(n³)); jittable and
@@ -252,13 +262,16 @@ def optimal_assignment(x: Float[Array, "n d"], y: Float[Array, "n d"], *,
     """
     x, y, _, _, cost = _check_pair(x, y, None, None, cost)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"an assignment needs clouds of the same size, got n = {x.shape[0]} "
-                         f"and m = {y.shape[0]}")
+        raise ValueError(
+            f"an assignment needs clouds of the same size, got n = {x.shape[0]} "
+            f"and m = {y.shape[0]}"
+        )
     return _assign(cost_matrix(x, y, cost))
 
 
-def wasserstein2(x: Float[Array, "n d"], y: Float[Array, "n d"], *,
-                 cost: str = "euclidean") -> Float[Array, ""]:
+def wasserstein2(
+    x: Float[Array, "n d"], y: Float[Array, "n d"], *, cost: str = "euclidean"
+) -> Float[Array, ""]:
     """Exact `W₂(μ, ν)` between `μ = (1/n) Σ δ_{x_i}` and `ν = (1/n) Σ δ_{y_j}`.
 
     For equal sizes and uniform weights an optimal plan is a permutation (Birkhoff), so
@@ -276,9 +289,11 @@ def wasserstein2(x: Float[Array, "n d"], y: Float[Array, "n d"], *,
     """
     x, y, _, _, cost = _check_pair(x, y, None, None, cost)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"exact W2 needs clouds of the same size with uniform weights, got "
-                         f"n = {x.shape[0]} and m = {y.shape[0]} (use sinkhorn_divergence, "
-                         "wasserstein2_line or sliced_wasserstein2)")
+        raise ValueError(
+            f"exact W2 needs clouds of the same size with uniform weights, got "
+            f"n = {x.shape[0]} and m = {y.shape[0]} (use sinkhorn_divergence, "
+            "wasserstein2_line or sliced_wasserstein2)"
+        )
     C = cost_matrix(x, y, cost)
     sigma = _assign(C)
     matched = jnp.take_along_axis(C, sigma[:, None], axis=1)[:, 0]
@@ -305,9 +320,12 @@ def _w2sq_line(x: Array, a: Array, y: Array, b: Array) -> Array:
     return jnp.sum(du * diff * diff)
 
 
-def wasserstein2_line(x: Float[Array, "n *one"], y: Float[Array, "m *one"],
-                      a: Float[Array, " n"] | None = None, b: Float[Array, " m"] | None = None
-                      ) -> Float[Array, ""]:
+def wasserstein2_line(
+    x: Float[Array, " n *one"],
+    y: Float[Array, " m *one"],
+    a: Float[Array, " n"] | None = None,
+    b: Float[Array, " m"] | None = None,
+) -> Float[Array, ""]:
     """Exact `W₂` between two weighted measures on the line (any sizes), fully in JAX.
 
     **Arguments:**
@@ -326,8 +344,10 @@ def wasserstein2_line(x: Float[Array, "n *one"], y: Float[Array, "m *one"],
         y = np.asarray(y, np.float64).reshape(-1, 1)
     x, y, a, b, _ = _check_pair(x, y, a, b, "euclidean")
     if x.shape[1] != 1:
-        raise ValueError(f"wasserstein2_line needs points on the line (d = 1), got d = "
-                         f"{x.shape[1]} (use sliced_wasserstein2)")
+        raise ValueError(
+            f"wasserstein2_line needs points on the line (d = 1), got d = "
+            f"{x.shape[1]} (use sliced_wasserstein2)"
+        )
     return _safe_sqrt(_w2sq_line(x[:, 0], a, y[:, 0], b))
 
 
@@ -338,10 +358,15 @@ def _unit_directions(key, n: int, d: int, dtype=None) -> Float[Array, "n d"]:
     return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
 
 
-def sliced_wasserstein2(x: Float[Array, "n d"], y: Float[Array, "m d"],
-                        a: Float[Array, " n"] | None = None,
-                        b: Float[Array, " m"] | None = None, *,
-                        n_projections: int = 128, key) -> Float[Array, ""]:
+def sliced_wasserstein2(
+    x: Float[Array, "n d"],
+    y: Float[Array, "m d"],
+    a: Float[Array, " n"] | None = None,
+    b: Float[Array, " m"] | None = None,
+    *,
+    n_projections: int = 128,
+    key,
+) -> Float[Array, ""]:
     """Sliced `W₂`: `SW₂² = E_θ W₂²(θ#μ, θ#ν)` over directions θ uniform on the sphere,
     estimated with `n_projections` random directions drawn from `key`.
 
@@ -370,8 +395,9 @@ def _geometry(pointcloud, x, y, cost, epsilon, batch_size):
     n, m = x.shape[0], y.shape[0]
     if batch_size is None and n * m > SINKHORN_DENSE_MAX:
         batch_size = SINKHORN_BLOCK
-    return pointcloud.PointCloud(x, y, cost_fn=_ott_cost(cost), epsilon=epsilon,
-                                 batch_size=batch_size)
+    return pointcloud.PointCloud(
+        x, y, cost_fn=_ott_cost(cost), epsilon=epsilon, batch_size=batch_size
+    )
 
 
 def _check_solver_args(epsilon, threshold, max_iterations):
@@ -385,11 +411,18 @@ def _check_solver_args(epsilon, threshold, max_iterations):
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
 
 
-def entropic_ot(x: Float[Array, "n d"], y: Float[Array, "m d"],
-                a: Float[Array, " n"] | None = None, b: Float[Array, " m"] | None = None, *,
-                epsilon=None, cost: str = "euclidean", threshold: float = 1e-3,
-                max_iterations: int = 2000, batch_size: int | None = None
-                ) -> Float[Array, ""]:
+def entropic_ot(
+    x: Float[Array, "n d"],
+    y: Float[Array, "m d"],
+    a: Float[Array, " n"] | None = None,
+    b: Float[Array, " m"] | None = None,
+    *,
+    epsilon=None,
+    cost: str = "euclidean",
+    threshold: float = 1e-3,
+    max_iterations: int = 2000,
+    batch_size: int | None = None,
+) -> Float[Array, ""]:
     """Entropic optimal transport cost `OT_ε(μ, ν)` solved by OTT-JAX's Sinkhorn.
 
     **Arguments:**
@@ -411,20 +444,27 @@ def entropic_ot(x: Float[Array, "n d"], y: Float[Array, "m d"],
 
     def solve(x, y, a, b):
         geom = _geometry(pointcloud, x, y, cost, epsilon, batch_size)
-        solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=int(max_iterations),
-                                   **_DANSKIN)
+        solver = sinkhorn.Sinkhorn(
+            threshold=threshold, max_iterations=int(max_iterations), **_DANSKIN
+        )
         out = solver(linear_problem.LinearProblem(geom, a, b))
         return jnp.where(out.converged, out.reg_ot_cost, jnp.nan).astype(x.dtype)
 
     return _promoting(solve)(x, y, a, b)
 
 
-def sinkhorn_divergence(x: Float[Array, "n d"], y: Float[Array, "m d"],
-                        a: Float[Array, " n"] | None = None,
-                        b: Float[Array, " m"] | None = None, *,
-                        epsilon=None, cost: str = "euclidean", threshold: float = 1e-3,
-                        max_iterations: int = 2000, batch_size: int | None = None
-                        ) -> Float[Array, ""]:
+def sinkhorn_divergence(
+    x: Float[Array, "n d"],
+    y: Float[Array, "m d"],
+    a: Float[Array, " n"] | None = None,
+    b: Float[Array, " m"] | None = None,
+    *,
+    epsilon=None,
+    cost: str = "euclidean",
+    threshold: float = 1e-3,
+    max_iterations: int = 2000,
+    batch_size: int | None = None,
+) -> Float[Array, ""]:
     """Debiased Sinkhorn divergence `S_ε(μ, ν) = OT_ε(μ, ν) − ½OT_ε(μ, μ) − ½OT_ε(ν, ν)`,
     through `ott.tools.sinkhorn_divergence`.
 
@@ -443,10 +483,20 @@ def sinkhorn_divergence(x: Float[Array, "n d"], y: Float[Array, "m d"],
 
     def solve(x, y, a, b):
         value, out = sdiv.sinkhorn_divergence(
-            pointcloud.PointCloud, x, y, a=a, b=b, cost_fn=_ott_cost(cost), epsilon=epsilon,
+            pointcloud.PointCloud,
+            x,
+            y,
+            a=a,
+            b=b,
+            cost_fn=_ott_cost(cost),
+            epsilon=epsilon,
             batch_size=batch_size,
-            solve_kwargs={"threshold": threshold, "max_iterations": int(max_iterations),
-                          **_DANSKIN})
+            solve_kwargs={
+                "threshold": threshold,
+                "max_iterations": int(max_iterations),
+                **_DANSKIN,
+            },
+        )
         ok = jnp.all(jnp.asarray([c for c in out.converged if c is not None]))
         return jnp.where(ok, value, jnp.nan).astype(x.dtype)
 

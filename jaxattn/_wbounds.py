@@ -122,8 +122,9 @@ def _w_constants(field, field_p, ts, R, Dm):
     return L, delta
 
 
-def wasserstein_bound(field: AbstractField, field_p: AbstractField, ts, xs, xs_p
-                      ) -> WassersteinBound:
+def wasserstein_bound(
+    field: AbstractField, field_p: AbstractField, ts, xs, xs_p
+) -> WassersteinBound:
     """Upper bound on `W₂(μ_t, μ̃_t)` between two computed runs, a posteriori.
 
     **Arguments:**
@@ -142,14 +143,18 @@ def wasserstein_bound(field: AbstractField, field_p: AbstractField, ts, xs, xs_p
 
     _check_pair(field, field_p)
     if not field.normalised:
-        raise ValueError("no Wasserstein bound for USA dynamics (its weights are not a "
-                         "softmax); use plain, rescaled or sphere")
+        raise ValueError(
+            "no Wasserstein bound for USA dynamics (its weights are not a "
+            "softmax); use plain, rescaled or sphere"
+        )
     ts = _as_grid(ts)
     xs = np.asarray(xs, np.float64)
     xs_p = np.asarray(xs_p, np.float64)
     if xs.ndim != 3 or xs.shape != xs_p.shape or xs.shape[0] != ts.shape[0]:
-        raise ValueError(f"runs {xs.shape} and {xs_p.shape} must both be (T, n, d) with "
-                         f"T = {ts.shape[0]} output times")
+        raise ValueError(
+            f"runs {xs.shape} and {xs_p.shape} must both be (T, n, d) with "
+            f"T = {ts.shape[0]} output times"
+        )
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(xs_p))):
         raise ValueError("runs contain NaN or inf; no bound can be read off them")
     C = np.sum((xs[0][:, None, :] - xs_p[0][None, :, :]) ** 2, axis=-1)

@@ -26,8 +26,9 @@ def cmd_simulate(args) -> int:
     from ._io import check_output_file, write_npz
     from ._spec import load_spec_file, parse_spec
 
-    out = check_output_file(args.out, inputs=[args.spec], own=("ts", "xs", "status", "spec"),
-                            force=args.force)
+    out = check_output_file(
+        args.out, inputs=[args.spec], own=("ts", "xs", "status", "spec"), force=args.force
+    )
     raw = load_spec_file(args.spec)
     setup_jax(raw.get("dtype", "float64") if isinstance(raw.get("dtype"), str) else "float64")
     sim = parse_spec(raw)
@@ -42,16 +43,24 @@ def cmd_simulate(args) -> int:
     msg = "ok" if sol.ok else "; ".join(sol.messages())
     if not sol.ok and os.path.exists(out):
         # An existing file is replaced only by a successful run.
-        print(f"jaxattn: the solve failed ({msg}); {out} was left unchanged",
-              file=sys.stderr)
+        print(f"jaxattn: the solve failed ({msg}); {out} was left unchanged", file=sys.stderr)
         return 1
     extra = {}
     if sol.norm_drift is not None:
         extra["norm_drift"] = np.asarray(sol.norm_drift)
-    write_npz(out, ts=np.asarray(sol.ts), xs=np.asarray(xs), status=np.asarray(sol.status),
-              num_steps=np.asarray(sol.num_steps), spec=json.dumps(sim.resolved), **extra)
-    print(f"wrote {out}: {xs.shape[0]} times × {xs.shape[1]} tokens × d = {xs.shape[2]} "
-          f"({int(sol.num_steps)} steps, {wall:.2f} s, status: {msg})")
+    write_npz(
+        out,
+        ts=np.asarray(sol.ts),
+        xs=np.asarray(xs),
+        status=np.asarray(sol.status),
+        num_steps=np.asarray(sol.num_steps),
+        spec=json.dumps(sim.resolved),
+        **extra,
+    )
+    print(
+        f"wrote {out}: {xs.shape[0]} times × {xs.shape[1]} tokens × d = {xs.shape[2]} "
+        f"({int(sol.num_steps)} steps, {wall:.2f} s, status: {msg})"
+    )
     return 0 if sol.ok else 1
 
 
@@ -75,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("spec", help="spec file (.toml or .json)")
     s.add_argument("--out", required=True, help="output .npz (ts, xs, status, spec)")
     s.add_argument("--progress", action="store_true", help="show a progress bar")
-    s.add_argument("--force", action="store_true", help="replace an existing --out file "
-                   "that is not an earlier simulate output")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file that is not an earlier simulate output",
+    )
     s.set_defaults(func=cmd_simulate)
     d = sub.add_parser("demo", help="original vs LoRA run, divergence and bound")
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -113,8 +125,10 @@ def main(argv=None) -> int:
         print(f"jaxattn: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError:
-        print("jaxattn: error: out of memory (lower the sizes, or see JAXATTN_MAX_MEMORY)",
-              file=sys.stderr)
+        print(
+            "jaxattn: error: out of memory (lower the sizes, or see JAXATTN_MAX_MEMORY)",
+            file=sys.stderr,
+        )
         return 1
     except RuntimeError as e:  # a computation that failed (not a usage error): no traceback
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -8,8 +8,9 @@ import numpy as np
 from ._io import save_figure
 
 
-def snapshots_side_by_side(ts, runs: dict[str, np.ndarray], times, path, *, title=None,
-                           trail: bool = True):
+def snapshots_side_by_side(
+    ts, runs: dict[str, np.ndarray], times, path, *, title=None, trail: bool = True
+):
     """Rows = runs (e.g. original / LoRA), columns = snapshot times; 2-D tokens.
 
     `runs[name]` has shape `(T, n, 2)`. Faint trails show each token's path so far.
@@ -17,8 +18,14 @@ def snapshots_side_by_side(ts, runs: dict[str, np.ndarray], times, path, *, titl
     ts = np.asarray(ts)
     idx = [int(np.argmin(np.abs(ts - t))) for t in times]
     names = list(runs)
-    fig, axes = plt.subplots(len(names), len(idx), figsize=(2.6 * len(idx), 2.7 * len(names)),
-                             squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(names),
+        len(idx),
+        figsize=(2.6 * len(idx), 2.7 * len(names)),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
     allpts = np.concatenate([np.asarray(r).reshape(-1, 2) for r in runs.values()])
     allpts = allpts[np.all(np.isfinite(allpts), axis=1)]
     lo, hi = allpts.min(0), allpts.max(0)
@@ -30,10 +37,12 @@ def snapshots_side_by_side(ts, runs: dict[str, np.ndarray], times, path, *, titl
             ax = axes[r, c]
             if trail and k > 0:
                 for i in range(xs.shape[1]):
-                    ax.plot(xs[: k + 1, i, 0], xs[: k + 1, i, 1], color=colors[i], lw=0.5,
-                            alpha=0.35)
-            ax.scatter(xs[k, :, 0], xs[k, :, 1], s=10, c=colors, edgecolors="k",
-                       linewidths=0.3, zorder=3)
+                    ax.plot(
+                        xs[: k + 1, i, 0], xs[: k + 1, i, 1], color=colors[i], lw=0.5, alpha=0.35
+                    )
+            ax.scatter(
+                xs[k, :, 0], xs[k, :, 1], s=10, c=colors, edgecolors="k", linewidths=0.3, zorder=3
+            )
             ax.set_xlim(lo[0] - pad, hi[0] + pad)
             ax.set_ylim(lo[1] - pad, hi[1] + pad)
             ax.set_aspect("equal")
@@ -48,8 +57,9 @@ def snapshots_side_by_side(ts, runs: dict[str, np.ndarray], times, path, *, titl
     plt.close(fig)
 
 
-def divergence_with_bounds(ts, e, bounds: dict[str, np.ndarray], path, *, eta=None,
-                           horizon=None, zoom=None, title=None):
+def divergence_with_bounds(
+    ts, e, bounds: dict[str, np.ndarray], path, *, eta=None, horizon=None, zoom=None, title=None
+):
     """`e(t)` on a log axis with bound curves; optional second panel `zoom = (ts, e,
     bounds)` for the short-time window where the bounds are informative."""
     panels = [(np.asarray(ts), np.asarray(e), bounds, "whole run")]
@@ -69,8 +79,13 @@ def divergence_with_bounds(ts, e, bounds: dict[str, np.ndarray], path, *, eta=No
         if eta is not None:
             ax.axhline(eta, color="tab:red", lw=0.8, alpha=0.7, label=f"η = {eta:g}")
         if horizon is not None and np.isfinite(horizon) and horizon <= t[-1]:
-            ax.axvline(horizon, color="tab:green", lw=0.8, alpha=0.8,
-                       label=f"certified horizon {horizon:.3g}")
+            ax.axvline(
+                horizon,
+                color="tab:green",
+                lw=0.8,
+                alpha=0.8,
+                label=f"certified horizon {horizon:.3g}",
+            )
         finite = ee[pos]
         if finite.size:
             ax.set_ylim(max(finite.min() / 10, 1e-16), top)
@@ -86,8 +101,7 @@ def divergence_with_bounds(ts, e, bounds: dict[str, np.ndarray], path, *, eta=No
     plt.close(fig)
 
 
-def target_comparison(ts, e_by_target, short_ts, short_by_target, path, *, eta=None,
-                      title=None):
+def target_comparison(ts, e_by_target, short_ts, short_by_target, path, *, eta=None, title=None):
     """Left: e(t) over the whole run for each perturbed weight. Right: short times, with
     each target's a-posteriori bound (dashed, same colour)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -120,8 +134,7 @@ def target_comparison(ts, e_by_target, short_ts, short_by_target, path, *, eta=N
     plt.close(fig)
 
 
-def animate_side_by_side(ts, runs: dict[str, np.ndarray], path, *, frames: int = 80,
-                         fps: int = 12):
+def animate_side_by_side(ts, runs: dict[str, np.ndarray], path, *, frames: int = 80, fps: int = 12):
     """Animated GIF of 2-D token runs side by side (Pillow writer, written atomically)."""
     from matplotlib.animation import FuncAnimation, PillowWriter
 
@@ -142,8 +155,16 @@ def animate_side_by_side(ts, runs: dict[str, np.ndarray], path, *, frames: int =
         ax.set_ylim(lo[1] - pad, hi[1] + pad)
         ax.set_aspect("equal")
         ax.set_title(name)
-        scats.append(ax.scatter(np.asarray(runs[name])[0, :, 0], np.asarray(runs[name])[0, :, 1],
-                                s=12, c=colors, edgecolors="k", linewidths=0.3))
+        scats.append(
+            ax.scatter(
+                np.asarray(runs[name])[0, :, 0],
+                np.asarray(runs[name])[0, :, 1],
+                s=12,
+                c=colors,
+                edgecolors="k",
+                linewidths=0.3,
+            )
+        )
     label = fig.suptitle("")
 
     def update(k):
@@ -181,7 +202,9 @@ def sweep_overview(result: dict, axes: list[str], summaries: list[str], path, *,
             q25, med, q75 = np.percentile(rows, [25, 50, 75], axis=0)
             if name in ("divergence", "hausdorff"):  # log axis: zero (t = 0) left out
                 q25, med, q75 = (np.where(q > 0, q, np.nan) for q in (q25, med, q75))
-            label = f"{first} = {v:.3g}" if isinstance(v, (float, np.floating)) else f"{first} = {v}"
+            label = (
+                f"{first} = {v:.3g}" if isinstance(v, (float, np.floating)) else f"{first} = {v}"
+            )
             ax.plot(ts, med, color=colors[k], lw=1.3, label=label)
             if rows.shape[0] > 1:
                 ax.fill_between(ts, q25, q75, color=colors[k], alpha=0.2, lw=0)
@@ -191,9 +214,11 @@ def sweep_overview(result: dict, axes: list[str], summaries: list[str], path, *,
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     panels[0][0].legend(fontsize=7)
-    others = [a for a in axes[1:]]
-    fig.suptitle(title or ("median over " + (", ".join(others) if others else "—")
-                           + " (band: 25–75 %)"), fontsize=10)
+    others = list(axes[1:])
+    fig.suptitle(
+        title or ("median over " + (", ".join(others) if others else "—") + " (band: 25–75 %)"),
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

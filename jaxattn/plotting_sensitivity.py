@@ -15,22 +15,35 @@ def worst_vs_random(times, p: dict, targets, path, *, title=None):
     initial conditions; band = 10–90 % of random directions). Bottom: worst / mean random,
     one thin line per initial condition."""
     times = np.asarray(times)
-    fig, axes = plt.subplots(2, len(targets), figsize=(4.2 * len(targets), 6.4),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        2, len(targets), figsize=(4.2 * len(targets), 6.4), squeeze=False, sharex=True
+    )
     for g, t in enumerate(targets):
         ax = axes[0, g]
         c = _COLORS.get(t, "k")
-        ax.semilogy(times, np.median(p["sig"][:, g], 0), "-o", color=c, ms=3,
-                    label="worst (top singular value)")
-        ax.semilogy(times, np.median(p["sig_r"][:, g], 0), "--", color=c,
-                    label="best rank-1 (LoRA)")
+        ax.semilogy(
+            times,
+            np.median(p["sig"][:, g], 0),
+            "-o",
+            color=c,
+            ms=3,
+            label="worst (top singular value)",
+        )
+        ax.semilogy(
+            times, np.median(p["sig_r"][:, g], 0), "--", color=c, label="best rank-1 (LoRA)"
+        )
         rnd = p["rnd"][:, g]  # (S, R, T)
         ax.semilogy(times, np.median(rnd.mean(1), 0), ":", color="k", label="random, mean")
         lo = np.median(np.quantile(rnd, 0.1, axis=1), 0)
         hi = np.median(np.quantile(rnd, 0.9, axis=1), 0)
         ax.fill_between(times, lo, hi, color="0.8", alpha=0.7, label="random, 10–90 %")
-        ax.semilogy(times, np.median(p["rnd_r"][:, g].mean(1), 0), "-.", color="0.4",
-                    label="random rank-1, mean")
+        ax.semilogy(
+            times,
+            np.median(p["rnd_r"][:, g].mean(1), 0),
+            "-.",
+            color="0.4",
+            label="random rank-1, mean",
+        )
         ax.set_title(f"ΔW on {t}")
         ax.set_ylabel("|δx(T)| per unit ‖ΔW‖")
         if g == 0:
@@ -78,8 +91,7 @@ def direction_structure(times, p: dict, targets, path):
             x = p["base"][-1]
             dx = p["resp"][g, -1]
             ax.scatter(x[:, 0], x[:, 1], s=12, c="k")
-            ax.quiver(x[:, 0], x[:, 1], dx[:, 0], dx[:, 1], color=_COLORS.get(t, "r"),
-                      angles="xy")
+            ax.quiver(x[:, 0], x[:, 1], dx[:, 0], dx[:, 1], color=_COLORS.get(t, "r"), angles="xy")
             ax.set_aspect("equal")
             ax.set_title(f"tokens at T and δx(T) (worst {t})")
     fig.tight_layout()
@@ -102,7 +114,7 @@ def linear_response_figure(ts, lin, runs: dict, path, *, title=None):
     ax.set_title("measured divergence → linear response as ε → 0")
     ax = axes[1]
     ax.semilogy(ts[pos], lin[pos], "k-", lw=2.2, label="linear response")
-    for eps, (e, b) in runs.items():
+    for eps, (_e, b) in runs.items():
         ok = np.isfinite(b) & (b > 0) & (b / eps < 1e6 * lin.max())
         ax.semilogy(ts[ok], b[ok] / eps, ":", lw=1.4, label=f"bound/ε, ε = {eps:g}")
     ax.set_xlabel("t")
@@ -118,11 +130,20 @@ def linear_response_figure(ts, lin, runs: dict, path, *, title=None):
 def cluster_change_figure(x_before, x_after, lab_before, lab_after, path, *, title=None):
     """Tokens at T, coloured by cluster, without and with the smallest LoRA found."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharex=True, sharey=True)
-    for ax, x, lab, name in ((axes[0], x_before, lab_before, "without LoRA"),
-                             (axes[1], x_after, lab_after, "with the LoRA found")):
+    for ax, x, lab, name in (
+        (axes[0], x_before, lab_before, "without LoRA"),
+        (axes[1], x_after, lab_after, "with the LoRA found"),
+    ):
         x = np.asarray(x)
-        ax.scatter(x[:, 0], x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)), c=lab,
-                   cmap="tab10", s=30, edgecolors="k", linewidths=0.4)
+        ax.scatter(
+            x[:, 0],
+            x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)),
+            c=lab,
+            cmap="tab10",
+            s=30,
+            edgecolors="k",
+            linewidths=0.4,
+        )
         ax.set_title(f"{name}: {np.unique(lab).size} clusters")
         ax.set_aspect("equal")
     if title:

@@ -154,8 +154,13 @@ def solve_reference(rhs, x0, t_eval, rtol=1e-12, atol=1e-12, t0=0.0) -> np.ndarr
         return rhs(t, y.reshape(shape)).ravel()
 
     res = scipy.integrate.solve_ivp(
-        flat, (float(t0), t1), x0.ravel(), method="DOP853",
-        t_eval=t_eval, rtol=rtol, atol=atol,
+        flat,
+        (float(t0), t1),
+        x0.ravel(),
+        method="DOP853",
+        t_eval=t_eval,
+        rtol=rtol,
+        atol=atol,
     )
     if not res.success:  # pragma: no cover - a reference failure is a test-setup bug
         raise RuntimeError(f"reference solve failed: {res.message}")

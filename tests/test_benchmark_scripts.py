@@ -24,16 +24,25 @@ def _run(script, *args, timeout=90, pythonpath=None):
     env["JAX_PLATFORMS"] = "cpu"
     if pythonpath:  # time this checkout's jaxattn, not an installed one
         env["PYTHONPATH"] = pythonpath
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_exp_floor_quick():
     r = _run("exp_floor.py", "--quick", "--n", "512", "--blocks", "256")
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
-    for form in ("xla exp(x) -> new array", "xla sum(exp(iota*c)) in-register",
-                 "xla sum(exp(a*x+b))", "numpy exp(x, out=) 1 thread"):
+    for form in (
+        "xla exp(x) -> new array",
+        "xla sum(exp(iota*c)) in-register",
+        "xla sum(exp(a*x+b))",
+        "numpy exp(x, out=) 1 thread",
+    ):
         assert re.search(re.escape(form) + ROW + ROW, out), form  # all cores and 1 core
     assert re.search(r"float32 matmul peak \(512², jax\):" + ROW + " GFLOP/s", out)
     for kernel in ("blockwise 256", "dense", "dot_product"):
@@ -54,30 +63,68 @@ def test_gpu_script_cpu_smoke(extra, isolate):
     kernel = "dot_product_bf16" if extra else "auto"
     dtype = "bf16" if extra else "float32"
     for n in (64, 128):
-        assert re.search(rf"^\s+{n}\s+{dtype}\s+{kernel}{ROW}{ROW}{ROW}{ROW}\s+RSS$", out,
-                         re.M), (n, out)
+        assert re.search(rf"^\s+{n}\s+{dtype}\s+{kernel}{ROW}{ROW}{ROW}{ROW}\s+RSS$", out, re.M), (
+            n,
+            out,
+        )
     assert "failed" not in out
 
 
 def test_gpu_script_small_batch():
-    r = _run("gpu.py", "--n", "64", "--steps", "1", "--repeat", "1", "--no-isolate",
-             "--batch", "3", "--batch-n", "8")
+    r = _run(
+        "gpu.py",
+        "--n",
+        "64",
+        "--steps",
+        "1",
+        "--repeat",
+        "1",
+        "--no-isolate",
+        "--batch",
+        "3",
+        "--batch-n",
+        "8",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"^batch of 3 × \(n = 8, d = 8\), 200 RK4 steps.*:\s+\d+\.\d+ ms/step",
-                     r.stdout, re.M), r.stdout
+    assert re.search(
+        r"^batch of 3 × \(n = 8, d = 8\), 200 RK4 steps.*:\s+\d+\.\d+ ms/step", r.stdout, re.M
+    ), r.stdout
 
 
 def test_gpu_script_sphere_blockwise():
-    r = _run("gpu.py", "--n", "100", "--steps", "1", "--repeat", "1", "--dynamics", "sphere",
-             "--kernel", "blockwise", "--block", "32", "--no-isolate")
+    r = _run(
+        "gpu.py",
+        "--n",
+        "100",
+        "--steps",
+        "1",
+        "--repeat",
+        "1",
+        "--dynamics",
+        "sphere",
+        "--kernel",
+        "blockwise",
+        "--block",
+        "32",
+        "--no-isolate",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(rf"^\s+100\s+float32\s+blockwise{ROW}", r.stdout, re.M), r.stdout
 
 
-@pytest.mark.parametrize("args", [("--n", "0"), ("--n", "200000"), ("--n", "ten"),
-                                  ("--dtype", "fp16"), ("--kernel", "flash"),
-                                  ("--dtype", "bf16", "--kernel", "dense"),
-                                  ("--steps", "0"), ("--batch", "-1")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--n", "0"),
+        ("--n", "200000"),
+        ("--n", "ten"),
+        ("--dtype", "fp16"),
+        ("--kernel", "flash"),
+        ("--dtype", "bf16", "--kernel", "dense"),
+        ("--steps", "0"),
+        ("--batch", "-1"),
+    ],
+)
 def test_gpu_script_bad_flag_one_line_error(args):
     r = _run("gpu.py", *args, timeout=30)
     assert r.returncode != 0
@@ -90,14 +137,26 @@ def test_peers_quick_smoke():
     # The side-by-side peers at tiny sizes: rows for every size, the batch line with the
     # hand-written scan, and the docs sweep against its hand-written scan.
     env_path = str(BENCH.parent)
-    r = _run("peers.py", "--quick", "--skip-big", "--repeat", "1", "--batch", "2",
-             "--sweep-seeds", "1", timeout=300, pythonpath=env_path)
+    r = _run(
+        "peers.py",
+        "--quick",
+        "--skip-big",
+        "--repeat",
+        "1",
+        "--batch",
+        "2",
+        "--sweep-seeds",
+        "1",
+        timeout=300,
+        pythonpath=env_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     for n in (50, 1000):
         assert re.search(rf"^\s+{n}\s+2\s+20 \|{ROW}", out, re.M), out
-    assert re.search(r"^batch 2×\(n=16, d=8, 20 RK4 steps\).*hand-written scan \d+\.\d+x",
-                     out, re.M), out
+    assert re.search(
+        r"^batch 2×\(n=16, d=8, 20 RK4 steps\).*hand-written scan \d+\.\d+x", out, re.M
+    ), out
     assert re.search(r"^docs sweep \(6 points.*→ \d+\.\d+x", out, re.M), out
 
 
@@ -108,13 +167,29 @@ def test_peers_bad_flag():
 
 def test_modular_finetune_targets_smoke(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('p = 7\nd_model = 16\ntrain_frac = 0.6\nmax_steps = 40\nlog_every = 20\n'
-                   'checkpoint_every = 40\nrank = 4\nalpha = 2.0\nschedule = "cosine"\n'
-                   'warmup = 5\nclip = 1.0\n')
+    cfg.write_text(
+        "p = 7\nd_model = 16\ntrain_frac = 0.6\nmax_steps = 40\nlog_every = 20\n"
+        'checkpoint_every = 40\nrank = 4\nalpha = 2.0\nschedule = "cosine"\n'
+        "warmup = 5\nclip = 1.0\n"
+    )
     out = tmp_path / "r.json"
-    r = _run("modular_finetune_targets.py", "--config", str(cfg), "--depth", "2", "--seeds",
-             "2", "--ft-steps", "50", "--grid", "V:1e-3:4:0.01", "ALL:1e-3:0:0.01",
-             "--json", str(out), pythonpath=str(BENCH.parent))
+    r = _run(
+        "modular_finetune_targets.py",
+        "--config",
+        str(cfg),
+        "--depth",
+        "2",
+        "--seeds",
+        "2",
+        "--ft-steps",
+        "50",
+        "--grid",
+        "V:1e-3:4:0.01",
+        "ALL:1e-3:0:0.01",
+        "--json",
+        str(out),
+        pythonpath=str(BENCH.parent),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"V:1e-3:4:0.01 \|\s+\d\.\d{3} \| \d\.\d{3} \(\d\.\d{3}\)", r.stdout)
     assert "ALL:1e-3:0:0.01" in r.stdout

@@ -33,8 +33,12 @@ def _case(dyn, target, seed, eps, beta, scale, *, require_ok=True):
 @pytest.mark.parametrize("dyn", ["plain", "rescaled", "sphere", "usa"])
 @pytest.mark.parametrize("target", ["Q", "K", "V"])
 @settings(max_examples=6)
-@given(seed=st.integers(0, 10_000), log_eps=st.floats(-3.0, -0.3),
-       beta=st.floats(0.1, 2.0), scale=st.floats(0.3, 1.5))
+@given(
+    seed=st.integers(0, 10_000),
+    log_eps=st.floats(-3.0, -0.3),
+    beta=st.floats(0.1, 2.0),
+    scale=st.floats(0.3, 1.5),
+)
 def test_bound_dominates_measured_divergence(dyn, target, seed, log_eps, beta, scale):
     f, fp, s, sp, e = _case(dyn, target, seed, 10.0**log_eps, beta, scale, require_ok=False)
     # USA's unnormalised weights e^{β u} can make the field so large (β = 2, scale 1.5:
@@ -89,8 +93,9 @@ def test_plain_constants_are_the_spec_formulas():
     nV = np.linalg.norm(V, 2)
     R0 = np.max(np.linalg.norm(np.asarray(s.xs[0]), axis=1))
     R = R0 * np.exp(nV * np.asarray(s.ts[1:]))
-    np.testing.assert_allclose(prior.lipschitz, nV * (1 + 2 * 0.7 * np.linalg.norm(A, 2) * R**2),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        prior.lipschitz, nV * (1 + 2 * 0.7 * np.linalg.norm(A, 2) * R**2), rtol=1e-12
+    )
     np.testing.assert_allclose(prior.gap, 0.7 * np.linalg.norm(A - Ap, 2) * nV * R**3, rtol=1e-12)
 
 
@@ -124,8 +129,12 @@ def test_bound_input_errors():
         ja.bound_a_posteriori(f, f, [0.0, 1.0], x, np.full_like(x, np.nan))
 
 
-TRAITS = {"plain": (False, True, "x"), "rescaled": (False, True, "z"),
-          "sphere": (True, True, "x"), "usa": (True, False, "x")}
+TRAITS = {
+    "plain": (False, True, "x"),
+    "rescaled": (False, True, "z"),
+    "sphere": (True, True, "x"),
+    "usa": (True, False, "x"),
+}
 
 
 @pytest.mark.parametrize("dyn", sorted(TRAITS))
@@ -146,8 +155,14 @@ def test_behaviour_follows_the_field_traits_not_the_name(dyn):
     assert r.frame == TRAITS[dyn][2] and r.dynamics == f"my-{dyn}"
     sp = ja.simulate(f.with_lora(lora), x0, 0.5, dt=0.05)
     rp = ja.simulate(g.with_lora(lora), x0, 0.5, dt=0.05)
-    for a, b in [(ja.bound_a_priori(f, f.with_lora(lora), s.ts, x0),
-                  ja.bound_a_priori(g, g.with_lora(lora), r.ts, x0)),
-                 (ja.bound_a_posteriori(f, f.with_lora(lora), s.ts, s.xs, sp.xs),
-                  ja.bound_a_posteriori(g, g.with_lora(lora), r.ts, r.xs, rp.xs))]:
+    for a, b in [
+        (
+            ja.bound_a_priori(f, f.with_lora(lora), s.ts, x0),
+            ja.bound_a_priori(g, g.with_lora(lora), r.ts, x0),
+        ),
+        (
+            ja.bound_a_posteriori(f, f.with_lora(lora), s.ts, s.xs, sp.xs),
+            ja.bound_a_posteriori(g, g.with_lora(lora), r.ts, r.xs, rp.xs),
+        ),
+    ]:
         np.testing.assert_array_equal(a.bound, b.bound)

@@ -52,25 +52,37 @@ def test_simulate_toml(tmp_path, capsys):
 
 
 def test_simulate_json_random_init_and_lora(tmp_path):
-    spec = {"dynamics": "sphere", "beta": 2.0,
-            "init": {"kind": "sphere", "n": 7, "d": 3, "seed": 4},
-            "lora": {"target": "K", "rank": 2, "norm": 0.2, "seed": 1},
-            "solve": {"t1": 1.0, "solver": "dopri5", "rtol": 1e-7, "atol": 1e-9,
-                      "ts": [0.0, 0.5, 1.0], "renormalise": True}}
+    spec = {
+        "dynamics": "sphere",
+        "beta": 2.0,
+        "init": {"kind": "sphere", "n": 7, "d": 3, "seed": 4},
+        "lora": {"target": "K", "rank": 2, "norm": 0.2, "seed": 1},
+        "solve": {
+            "t1": 1.0,
+            "solver": "dopri5",
+            "rtol": 1e-7,
+            "atol": 1e-9,
+            "ts": [0.0, 0.5, 1.0],
+            "renormalise": True,
+        },
+    }
     p = _write(tmp_path, "s.json", json.dumps(spec))
     out = str(tmp_path / "o.npz")
     assert main(["simulate", p, "--out", out]) == 0
     z = np.load(out)
     assert z["xs"].shape == (3, 7, 3) and float(z["norm_drift"]) < 1e-12
     lora = json.loads(str(z["spec"]))["lora"]
-    assert np.linalg.norm(np.asarray(lora["B"]) @ np.asarray(lora["A"]) / 2, 2) == \
-        pytest.approx(0.2, rel=1e-10)
+    assert np.linalg.norm(np.asarray(lora["B"]) @ np.asarray(lora["A"]) / 2, 2) == pytest.approx(
+        0.2, rel=1e-10
+    )
     # The saved spec (random draws written out) runs again as it is, to the same numbers;
     # the draw's parameters are kept as provenance under [init] drawn.
     saved = json.loads(str(z["spec"]))
     assert saved["init"]["drawn"] == {"kind": "sphere", "n": 7, "d": 3, "seed": 4}
     again = str(tmp_path / "again.npz")
-    assert main(["simulate", _write(tmp_path, "saved.json", json.dumps(saved)), "--out", again]) == 0
+    assert (
+        main(["simulate", _write(tmp_path, "saved.json", json.dumps(saved)), "--out", again]) == 0
+    )
     np.testing.assert_array_equal(np.load(again)["xs"], z["xs"])
     assert json.loads(str(np.load(again)["spec"])) == saved
 
@@ -79,24 +91,30 @@ BAD = [
     ("", r"needs an \[init\] table"),
     ('[init]\nkind="uniform"\nn=2\nd=2\n[init.drawn]\nseed=1\n[solve]\nt1=1.0', "drawn records"),
     ('dynamics = "foo"\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0', "unknown dynamics 'foo'"),
-    ('colour = 1\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0', "unknown key in the spec: colour"),
-    ('[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndtt=0.1', r"unknown key in \[solve\]: dtt"),
-    ('[init]\nx0=[[0.0,1.0],[1.0]]\n[solve]\nt1=1.0', "ragged"),
-    ('[init]\nx0=[[nan,1.0]]\n[solve]\nt1=1.0', "NaN or inf"),
-    ('[init]\nx0=[]\n[solve]\nt1=1.0', "x0"),
-    ('Q=[[1.0,0.0]]\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0', "square"),
-    ('V=[[1.0,0.0,0.0],[0.0,1.0,0.0],[0.0,0.0,1.0]]\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0',
-     "d = 2"),
-    ('[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndt=0.0', "dt must be > 0"),
-    ('[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=-1.0', "t1 must be ≥ 0"),
+    ("colour = 1\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0", "unknown key in the spec: colour"),
+    ("[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndtt=0.1", r"unknown key in \[solve\]: dtt"),
+    ("[init]\nx0=[[0.0,1.0],[1.0]]\n[solve]\nt1=1.0", "ragged"),
+    ("[init]\nx0=[[nan,1.0]]\n[solve]\nt1=1.0", "NaN or inf"),
+    ("[init]\nx0=[]\n[solve]\nt1=1.0", "x0"),
+    ("Q=[[1.0,0.0]]\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0", "square"),
+    (
+        "V=[[1.0,0.0,0.0],[0.0,1.0,0.0],[0.0,0.0,1.0]]\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0",
+        "d = 2",
+    ),
+    ("[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndt=0.0", "dt must be > 0"),
+    ("[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=-1.0", "t1 must be ≥ 0"),
     ('[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\nsolver="rk9"', "unknown solver 'rk9'"),
-    ('[init]\nx0=[[0.0,1.0]]\n[lora]\ntarget="W"\nrank=1\nnorm=0.1\n[solve]\nt1=1.0',
-     "unknown lora target 'W'"),
-    ('[init]\nx0=[[0.0,1.0]]\n[lora]\nrank=3\nnorm=0.1\n[solve]\nt1=1.0', "rank 3 exceeds"),
-    ('[init]\nx0=[[0.0,1.0]]\n[lora]\nA=[[1.0,0.0]]\nB=[[1.0,0.0],[0.0,1.0]]\n[solve]\nt1=1.0',
-     "rank mismatch"),
+    (
+        '[init]\nx0=[[0.0,1.0]]\n[lora]\ntarget="W"\nrank=1\nnorm=0.1\n[solve]\nt1=1.0',
+        "unknown lora target 'W'",
+    ),
+    ("[init]\nx0=[[0.0,1.0]]\n[lora]\nrank=3\nnorm=0.1\n[solve]\nt1=1.0", "rank 3 exceeds"),
+    (
+        "[init]\nx0=[[0.0,1.0]]\n[lora]\nA=[[1.0,0.0]]\nB=[[1.0,0.0],[0.0,1.0]]\n[solve]\nt1=1.0",
+        "rank mismatch",
+    ),
     ('[init]\nkind="gaussian"\nn=3\nd=2\n[solve]\nt1=1.0', "unknown init kind"),
-    ('[init]\nx0=[[0.0,1.0]]', r"needs t1"),
+    ("[init]\nx0=[[0.0,1.0]]", r"needs t1"),
     ("this is = = not toml", "cannot parse"),
 ]
 
@@ -127,15 +145,22 @@ def test_missing_spec_and_unwritable_out(tmp_path, capsys):
 
 
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
-    spec = _write(tmp_path, "bad.json", '{"dynamics": "plain", "init": {"x0": [[1, 2]]}, '
-                                        '"solve": {"t1": 1.0, "dt": -1}}')
-    r = subprocess.run([sys.executable, "-m", "jaxattn", "simulate", spec, "--out",
-                        str(tmp_path / "o.npz")], capture_output=True, text=True)
+    spec = _write(
+        tmp_path,
+        "bad.json",
+        '{"dynamics": "plain", "init": {"x0": [[1, 2]]}, "solve": {"t1": 1.0, "dt": -1}}',
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxattn", "simulate", spec, "--out", str(tmp_path / "o.npz")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert "dt must be > 0" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jaxattn", "frobnicate"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxattn", "frobnicate"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 

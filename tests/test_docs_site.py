@@ -18,8 +18,11 @@ def _public(module):
     names = getattr(module, "__all__", None)
     if names is None:
         names = [n for n in dir(module) if not n.startswith("_")]
-    return sorted(n for n in names if not isinstance(getattr(module, n), types.ModuleType)
-                  and n != "__version__")
+    return sorted(
+        n
+        for n in names
+        if not isinstance(getattr(module, n), types.ModuleType) and n != "__version__"
+    )
 
 
 def _entries():
@@ -30,8 +33,11 @@ def _entries():
 def test_every_public_name_has_a_reference_entry():
     entries = _entries()
     missing = [f"jaxattn.{n}" for n in _public(jaxattn) if f"jaxattn.{n}" not in entries]
-    missing += [f"jaxattn.modular.{n}" for n in _public(jaxattn.modular)
-                if f"jaxattn.modular.{n}" not in entries]
+    missing += [
+        f"jaxattn.modular.{n}"
+        for n in _public(jaxattn.modular)
+        if f"jaxattn.modular.{n}" not in entries
+    ]
     assert not missing, f"no API reference entry for: {missing}"
 
 

@@ -17,10 +17,24 @@ import jaxattn
 from jaxattn.cli import main
 from jaxattn.experiments import geometries, low_rank
 
-GEO_FILES = ("polytope.png", "hyperplanes.png", "polygon_line.png", "collapse.png",
-             "leaders_1d.png", "geometries.npz", "checks.csv", "summary.json")
-LOW_RANK_FILES = ("cases.png", "cluster_counts.png", "lora.png", "low_rank.npz",
-                  "clusters.csv", "summary.json")
+GEO_FILES = (
+    "polytope.png",
+    "hyperplanes.png",
+    "polygon_line.png",
+    "collapse.png",
+    "leaders_1d.png",
+    "geometries.npz",
+    "checks.csv",
+    "summary.json",
+)
+LOW_RANK_FILES = (
+    "cases.png",
+    "cluster_counts.png",
+    "lora.png",
+    "low_rank.npz",
+    "clusters.csv",
+    "summary.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +69,8 @@ def test_hull_vertex_mask_matches_scipy(d):
         ref = np.zeros(len(pts), bool)
         ref[ConvexHull(pts).vertices] = True
         got = geometries.hull_vertex_mask(pts, dirs)
-        assert not np.any(got & ~ref)                  # never a false positive
-        assert got.sum() >= ref.sum() - 1              # dense directions find (almost) all
+        assert not np.any(got & ~ref)  # never a false positive
+        assert got.sum() >= ref.sum() - 1  # dense directions find (almost) all
 
 
 def test_count_levels_and_left_eigenvector():
@@ -116,7 +130,7 @@ def test_geometries_data_against_independent_references(geo):
     for d in (2, 3):
         for fin in data[f"polytope_d{d}_final"]:
             centres = jaxattn.cluster_centres(jnp.asarray(fin), thr)
-            if len(centres) > d:                         # a full-dimensional hull
+            if len(centres) > d:  # a full-dimensional hull
                 hull = ConvexHull(fin)
                 hv = fin[hull.vertices]
                 dist = np.min(np.linalg.norm(centres[:, None] - hv[None], axis=-1), axis=1)

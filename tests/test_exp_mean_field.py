@@ -15,8 +15,17 @@ def test_mean_field_quick(tmp_path, capsys):
     out = tmp_path / "mf"
     assert main(["reproduce", "mean-field", "--quick", "--out", str(out)]) == 0
     files = set(os.listdir(out))
-    assert {"convergence.png", "clusters.png", "lora_w2.png", "departure_w2.png",
-            "bound.png", "summary.json", "ladder_d2.npz", "lora_w2.npz", "bound.npz"} <= files
+    assert {
+        "convergence.png",
+        "clusters.png",
+        "lora_w2.png",
+        "departure_w2.png",
+        "bound.png",
+        "summary.json",
+        "ladder_d2.npz",
+        "lora_w2.npz",
+        "bound.npz",
+    } <= files
     assert not any(n.startswith(".tmp-") for n in files)
     s = json.loads((out / "summary.json").read_text())
     # The bound sits above the measured W2 at every time and every ε.
@@ -42,8 +51,20 @@ def test_mean_field_quick(tmp_path, capsys):
 def test_mean_field_listed_and_rejects_bad_options(capsys, tmp_path):
     assert main(["reproduce", "--list"]) == 0
     assert "mean-field" in capsys.readouterr().out
-    assert main(["reproduce", "mean-field", "--quick", "--out", str(tmp_path / "x"),
-                 "--metric", "paper"]) == 2
+    assert (
+        main(
+            [
+                "reproduce",
+                "mean-field",
+                "--quick",
+                "--out",
+                str(tmp_path / "x"),
+                "--metric",
+                "paper",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "does not take --metric" in err and len(err.strip().splitlines()) == 1
 
@@ -55,8 +76,7 @@ def test_mean_field_large_quick_resumes(tmp_path):
     out = tmp_path / "mfl"
     logs = []
     s = large.run(str(out), quick=True, log=logs.append)
-    assert {"large_n.png", "summary.json", "ladder.npz", "departures.npz"} <= set(
-        os.listdir(out))
+    assert {"large_n.png", "summary.json", "ladder.npz", "departures.npz"} <= set(os.listdir(out))
     lad = np.load(out / "ladder.npz")
     ns = lad["ns"]
     # Nested samples of one μ0: at t = 0 the sliced W2 to the largest run shrinks with n.
@@ -71,13 +91,15 @@ def test_mean_field_large_quick_resumes(tmp_path):
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert len(ckpts) == ns.size + 1 + 2 * 2  # rungs, their distances, (n, seed) pairs
     s2 = large.run(str(out), quick=True, log=lambda m: None)
-    np.testing.assert_array_equal(np.asarray(s2["ladder"]["sliced_w2_vs_largest"]),
-                                  np.asarray(s["ladder"]["sliced_w2_vs_largest"]))
+    np.testing.assert_array_equal(
+        np.asarray(s2["ladder"]["sliced_w2_vs_largest"]),
+        np.asarray(s["ladder"]["sliced_w2_vs_largest"]),
+    )
     assert sorted(os.listdir(out / "checkpoints")) == ckpts
 
 
 def test_mean_field_large_rejects_unknown_option(tmp_path):
     from jaxattn.experiments import mean_field_large as large
 
-    with pytest.raises(ValueError, match="unknown option.*ladder_n\\b"):
+    with pytest.raises(ValueError, match=r"unknown option.*ladder_n\b"):
         large.run(str(tmp_path / "x"), quick=True, ladder_n=[1])

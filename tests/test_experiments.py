@@ -28,8 +28,13 @@ def test_reproduce_list(capsys):
 def test_lora_divergence_quick(tmp_path):
     out = tmp_path / "ld"
     assert main(["reproduce", "lora-divergence", "--quick", "--out", str(out)]) == 0
-    assert {"trajectories.png", "trajectories.gif", "divergence.png", "targets.png",
-            "summary.json"} <= set(os.listdir(out))
+    assert {
+        "trajectories.png",
+        "trajectories.gif",
+        "divergence.png",
+        "targets.png",
+        "summary.json",
+    } <= set(os.listdir(out))
     s = _summary(out)
     assert s["max_measured_over_bound"] <= 1.0
     assert set(s["targets"]) == {"Q", "K", "V"}
@@ -73,8 +78,24 @@ def test_departure_time_from_x0_file_and_eps(tmp_path):
     x0 = np.random.default_rng(3).uniform(-1, 1, size=(6, 2))
     np.save(tmp_path / "x0.npy", x0)
     out = tmp_path / "dt"
-    assert main(["reproduce", "departure-time", "--quick", "--out", str(out), "--x0",
-                 str(tmp_path / "x0.npy"), "--eps", "0.1,0.05", "--metric", "paper"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "departure-time",
+                "--quick",
+                "--out",
+                str(out),
+                "--x0",
+                str(tmp_path / "x0.npy"),
+                "--eps",
+                "0.1,0.05",
+                "--metric",
+                "paper",
+            ]
+        )
+        == 0
+    )
     s = _summary(out)
     assert s["eps"] == [0.1, 0.05] and s["config"]["n"] == 6 and s["config"]["metric"] == "paper"
 
@@ -89,7 +110,10 @@ def test_departure_time_from_x0_file_and_eps(tmp_path):
         (["reproduce", "stability-bound", "--out", "X", "--x0", "x0.npy"], "does not take --x0"),
         (["reproduce", "departure-time", "--out", "X", "--x0", "missing.npy"], "not found"),
         (["reproduce", "departure-time", "--out", "X", "--x0", "bad.npy"], "shape"),
-        (["reproduce", "departure-time", "--out", "/proc/x/y", "--quick"], "cannot create|writable"),
+        (
+            ["reproduce", "departure-time", "--out", "/proc/x/y", "--quick"],
+            "cannot create|writable",
+        ),
         (["reproduce"], "experiment name"),
     ],
 )

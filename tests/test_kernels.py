@@ -122,8 +122,14 @@ def test_trajectories_agree_and_auto_choice():
 
 
 def test_kernel_in_spec_and_errors():
-    sim = parse_spec({"attention": "blockwise", "block": 4, "init": {"x0": [[0.0, 1.0]] * 3},
-                      "solve": {"t1": 1.0}})
+    sim = parse_spec(
+        {
+            "attention": "blockwise",
+            "block": 4,
+            "init": {"x0": [[0.0, 1.0]] * 3},
+            "solve": {"t1": 1.0},
+        }
+    )
     assert sim.field.kernel == "blockwise" and sim.field.block == 4
     assert sim.field.with_lora(None).kernel == "blockwise"
     with pytest.raises(SpecError, match="unknown attention 'flash'"):
@@ -145,8 +151,7 @@ def test_65536_tokens_take_an_rk4_step_in_4_gb(tmp_path):
         assert bool(sol.ok) and sol.xs.shape == (2, 65536, 3)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     peak_kb = int(r.stdout.strip().splitlines()[-1])
     assert peak_kb <= 4 * 1024 * 1024, f"peak RSS {peak_kb / 1e6:.2f} GB"
@@ -159,8 +164,9 @@ def _attend_inputs(n, m, e, f, seed):
 
 
 @pytest.mark.parametrize("normalise", [True, False])
-@pytest.mark.parametrize("kernel,block", [("dense", 1024), ("blockwise", 4),
-                                          ("blockwise", 5), ("blockwise", 64)])
+@pytest.mark.parametrize(
+    "kernel,block", [("dense", 1024), ("blockwise", 4), ("blockwise", 5), ("blockwise", 64)]
+)
 def test_every_kernel_gradient_wrt_every_input(kernel, block, normalise):
     # Reverse mode through every kernel, with respect to q, k, v, β and the log-scale,
     # against the dense kernel and against central finite differences (float64). Blocks
@@ -175,8 +181,16 @@ def test_every_kernel_gradient_wrt_every_input(kernel, block, normalise):
 
     @functools.partial(jax.jit, static_argnums=1)
     def loss(p, kern):
-        out = attend(p["q"], p["k"], p["v"], p["beta"], p["log_scale"], kernel=kern,
-                     block=block, normalise=normalise)
+        out = attend(
+            p["q"],
+            p["k"],
+            p["v"],
+            p["beta"],
+            p["log_scale"],
+            kernel=kern,
+            block=block,
+            normalise=normalise,
+        )
         return jnp.sum(jnp.sin(out))  # a loss with a non-uniform cotangent
 
     g = jax.grad(loss)(inp, kernel)
@@ -184,19 +198,17 @@ def test_every_kernel_gradient_wrt_every_input(kernel, block, normalise):
     eps = 1e-6
     for name, val in inp.items():
         assert bool(jnp.all(jnp.isfinite(g[name]))), name
-        np.testing.assert_allclose(g[name], g_dense[name], rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(g[name], g_dense[name], rtol=1e-10, atol=1e-12, err_msg=name)
         flat = np.asarray(val, np.float64).ravel()
         fd = np.empty_like(flat)
         for i in range(flat.size):
             hi, lo = flat.copy(), flat.copy()
             hi[i] += eps
             lo[i] -= eps
-            at = lambda a: {**inp, name: jnp.asarray(a.reshape(np.shape(val)))}  # noqa: E731
+            at = lambda a: {**inp, name: jnp.asarray(a.reshape(np.shape(val)))}
             fd[i] = (loss(at(hi), kernel) - loss(at(lo), kernel)) / (2 * eps)
         # Central differences: O(eps²) truncation and O(1e-16/eps) rounding, ≈ 1e-9 here.
-        np.testing.assert_allclose(np.ravel(g[name]), fd, rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(np.ravel(g[name]), fd, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
@@ -246,11 +258,13 @@ def test_blockwise_both_shifts_equal_the_softmax(beta, width):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.asarray(online), ref, rtol=0, atol=1e-12)
     # float32: each weight is exp of a rounded logit (s·|u| ≲ 3β·eps32 relative error).
-    got32 = attend_blockwise(q.astype(jnp.float32), k.astype(jnp.float32),
-                             v.astype(jnp.float32), beta, block=16)
+    got32 = attend_blockwise(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), beta, block=16
+    )
     assert np.all(np.isfinite(np.asarray(got32)))
-    np.testing.assert_allclose(np.asarray(got32), ref, rtol=0,
-                               atol=4 * 3 * beta * 1.2e-7 * np.abs(ref).max() + 1e-5)
+    np.testing.assert_allclose(
+        np.asarray(got32), ref, rtol=0, atol=4 * 3 * beta * 1.2e-7 * np.abs(ref).max() + 1e-5
+    )
 
 
 def test_blockwise_falls_back_where_the_bound_shift_would_underflow(monkeypatch):
@@ -293,7 +307,6 @@ def test_batched_simulate_traces_no_cond_in_the_blockwise_kernel():
 # -- every kernel and field, jitted and not (chex variants), against float64 NumPy --------
 import chex  # noqa: E402
 from absl.testing import parameterized  # noqa: E402
-
 from reference import make_rhs  # noqa: E402
 
 
@@ -310,8 +323,9 @@ class KernelsJittedAndNot(chex.TestCase):
         got = self.variant(lambda t, y: field(t, y))(0.4, x)
         want = make_rhs(dyn, Q, K, V, beta=1.3)(0.4, np.asarray(x))
         chex.assert_shape(got, x.shape)
-        chex.assert_trees_all_close(np.asarray(got), want, rtol=1e-12,
-                                    atol=1e-12 * float(np.max(np.abs(want))))
+        chex.assert_trees_all_close(
+            np.asarray(got), want, rtol=1e-12, atol=1e-12 * float(np.max(np.abs(want)))
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(0.0, 1.0, 25.0)

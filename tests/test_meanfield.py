@@ -68,8 +68,7 @@ def test_line_w2_matches_sorting_and_quantiles():
     assert abs(float(ja.wasserstein2_line(jnp.asarray(x), jnp.asarray(y3))) - ref) < 1e-12
     # Weighted: two atoms of mass (0.25, 0.75) at 0 and 1 against one atom at 1:
     # W2² = 0.25·1².
-    w = ja.wasserstein2_line(jnp.asarray([0.0, 1.0]), jnp.asarray([1.0]),
-                             jnp.asarray([0.25, 0.75]))
+    w = ja.wasserstein2_line(jnp.asarray([0.0, 1.0]), jnp.asarray([1.0]), jnp.asarray([0.25, 0.75]))
     assert abs(float(w) - 0.5) < 1e-15
 
 
@@ -86,8 +85,9 @@ def test_sliced_w2_properties():
     s = jnp.asarray([1.0, 0.0, 0.0])
     assert abs(float(sliced(x, x + s[None])) ** 2 - 1.0 / 3.0) < 0.02
     # Same key, same number; eager equals jitted.
-    assert float(ja.sliced_wasserstein2(x, y, key=key, n_projections=4000)) == \
-        pytest.approx(sw, rel=1e-12)
+    assert float(ja.sliced_wasserstein2(x, y, key=key, n_projections=4000)) == pytest.approx(
+        sw, rel=1e-12
+    )
 
 
 # -- entropic OT through OTT-JAX -----------------------------------------------------
@@ -97,8 +97,15 @@ def test_sinkhorn_divergence_tends_to_w2_squared_and_vmaps():
     w2sq = _w2_scipy(x, y) ** 2
     eps = jnp.asarray([0.3, 0.1, 0.05])
     # One compiled solve vmapped over ε (the check on ε is skipped for traced values).
-    s = np.asarray(jax.jit(jax.vmap(lambda e: ja.sinkhorn_divergence(
-        x, y, epsilon=e, threshold=1e-5, max_iterations=20_000)))(eps))
+    s = np.asarray(
+        jax.jit(
+            jax.vmap(
+                lambda e: ja.sinkhorn_divergence(
+                    x, y, epsilon=e, threshold=1e-5, max_iterations=20_000
+                )
+            )
+        )(eps)
+    )
     # W2² ≤ OT_ε ≤ W2² + ε·log n (the optimal permutation has KL = log n) and
     # 0 ≤ OT_ε(μ, μ) ≤ ε·log n, so |S_ε − W2²| ≤ ε·log n; 1e-3 covers the stopping
     # rule (marginal error 1e-5 in ℓ1 times dual potentials of order 10).
@@ -116,8 +123,9 @@ def test_sinkhorn_sizes_weights_and_gradient():
     assert abs(float(s) - 1.0) <= 0.1 * np.log(2) / 2 + 1e-6
     # Gradient against central finite differences, clouds of different sizes.
     x, y = _cloud(11, 8, 2), _cloud(12, 6, 2, 0.5)
-    f = jax.jit(lambda x: ja.sinkhorn_divergence(x, y, epsilon=0.5, threshold=1e-10,
-                                                 max_iterations=20_000))
+    f = jax.jit(
+        lambda x: ja.sinkhorn_divergence(x, y, epsilon=0.5, threshold=1e-10, max_iterations=20_000)
+    )
     g = jax.grad(f)(x)
     v = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
     h = 1e-5
@@ -138,8 +146,9 @@ def test_sinkhorn_row_blocks_match_dense():
 def test_geodesic_cost_on_the_sphere():
     x = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     y = jnp.asarray([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # antipodal, orthogonal
-    np.testing.assert_allclose(np.asarray(ja.geodesic_distance(x, y)),
-                               [np.pi, np.pi / 2], atol=1e-15)
+    np.testing.assert_allclose(
+        np.asarray(ja.geodesic_distance(x, y)), [np.pi, np.pi / 2], atol=1e-15
+    )
     u = np.array(_cloud(13, 15, 3))
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     v = np.array(_cloud(14, 15, 3))
@@ -147,36 +156,62 @@ def test_geodesic_cost_on_the_sphere():
     C = np.arccos(np.clip(u @ v.T, -1.0, 1.0)) ** 2  # the arccos form, independently
     r, c = linear_sum_assignment(C)
     ref = np.sqrt(C[r, c].mean())
-    assert abs(float(ja.wasserstein2(jnp.asarray(u), jnp.asarray(v), cost="geodesic"))
-               - ref) < 1e-10
+    assert (
+        abs(float(ja.wasserstein2(jnp.asarray(u), jnp.asarray(v), cost="geodesic")) - ref) < 1e-10
+    )
     # Geodesic ≥ chordal, and ≤ π/2 · chordal.
     chord = _w2_scipy(u, v)
     assert chord <= ref <= np.pi / 2 * chord
-    s = float(ja.sinkhorn_divergence(jnp.asarray(u), jnp.asarray(v), cost="geodesic",
-                                     epsilon=0.05, threshold=1e-6, max_iterations=50_000))
+    s = float(
+        ja.sinkhorn_divergence(
+            jnp.asarray(u),
+            jnp.asarray(v),
+            cost="geodesic",
+            epsilon=0.05,
+            threshold=1e-6,
+            max_iterations=50_000,
+        )
+    )
     assert abs(s - ref**2) <= 0.05 * np.log(15) + 1e-4
 
 
 # -- bad input -----------------------------------------------------------------------
-@pytest.mark.parametrize("call,match", [
-    (lambda: ja.wasserstein2(jnp.ones((3, 2)), jnp.ones((3, 3))), "different dimensions"),
-    (lambda: ja.wasserstein2(jnp.ones((3, 2)), jnp.ones((4, 2))), "same size"),
-    (lambda: ja.wasserstein2(jnp.ones((0, 2)), jnp.ones((0, 2))), "empty"),
-    (lambda: ja.wasserstein2(jnp.asarray([[np.nan, 0.0]]), jnp.ones((1, 2))), "NaN"),
-    (lambda: ja.sinkhorn_divergence(jnp.ones((2, 1)), jnp.ones((1, 1)),
-                                    jnp.asarray([1.5, -0.5])), "negative"),
-    (lambda: ja.sinkhorn_divergence(jnp.ones((2, 1)), jnp.ones((1, 1)),
-                                    jnp.asarray([0.5, 0.6])), "sum to"),
-    (lambda: ja.sinkhorn_divergence(jnp.ones((2, 1)), jnp.ones((1, 1)),
-                                    jnp.asarray([1.0])), "shape"),
-    (lambda: ja.sinkhorn_divergence(jnp.ones((2, 1)), jnp.ones((1, 1)), epsilon=-1.0),
-     "epsilon"),
-    (lambda: ja.wasserstein2(jnp.ones((2, 2)), jnp.ones((2, 2)), cost="geodesic"),
-     "unit sphere"),
-    (lambda: ja.wasserstein2(jnp.ones((2, 2)), jnp.ones((2, 2)), cost="manhattan"), "cost"),
-    (lambda: ja.wasserstein2(jnp.ones(3), jnp.ones(3)), r"\(n, d\)"),
-    (lambda: ja.wasserstein2_line(jnp.ones((3, 2)), jnp.ones((3, 2))), "line"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ja.wasserstein2(jnp.ones((3, 2)), jnp.ones((3, 3))), "different dimensions"),
+        (lambda: ja.wasserstein2(jnp.ones((3, 2)), jnp.ones((4, 2))), "same size"),
+        (lambda: ja.wasserstein2(jnp.ones((0, 2)), jnp.ones((0, 2))), "empty"),
+        (lambda: ja.wasserstein2(jnp.asarray([[np.nan, 0.0]]), jnp.ones((1, 2))), "NaN"),
+        (
+            lambda: ja.sinkhorn_divergence(
+                jnp.ones((2, 1)), jnp.ones((1, 1)), jnp.asarray([1.5, -0.5])
+            ),
+            "negative",
+        ),
+        (
+            lambda: ja.sinkhorn_divergence(
+                jnp.ones((2, 1)), jnp.ones((1, 1)), jnp.asarray([0.5, 0.6])
+            ),
+            "sum to",
+        ),
+        (
+            lambda: ja.sinkhorn_divergence(jnp.ones((2, 1)), jnp.ones((1, 1)), jnp.asarray([1.0])),
+            "shape",
+        ),
+        (
+            lambda: ja.sinkhorn_divergence(jnp.ones((2, 1)), jnp.ones((1, 1)), epsilon=-1.0),
+            "epsilon",
+        ),
+        (
+            lambda: ja.wasserstein2(jnp.ones((2, 2)), jnp.ones((2, 2)), cost="geodesic"),
+            "unit sphere",
+        ),
+        (lambda: ja.wasserstein2(jnp.ones((2, 2)), jnp.ones((2, 2)), cost="manhattan"), "cost"),
+        (lambda: ja.wasserstein2(jnp.ones(3), jnp.ones(3)), r"\(n, d\)"),
+        (lambda: ja.wasserstein2_line(jnp.ones((3, 2)), jnp.ones((3, 2))), "line"),
+    ],
+)
 def test_bad_input_is_one_line_value_error(call, match):
     with pytest.raises(ValueError, match=match) as e:
         call()
@@ -184,13 +219,18 @@ def test_bad_input_is_one_line_value_error(call, match):
 
 
 # -- initial measures and ladders ------------------------------------------------------
-@pytest.mark.parametrize("measure", [
-    ja.InitialMeasure.uniform(2, -1.0, 1.0),
-    ja.InitialMeasure.gaussian(3, mean=[1.0, 0.0, 0.0], std=0.5),
-    ja.InitialMeasure.sphere(3),
-    ja.InitialMeasure.mixture([ja.InitialMeasure.gaussian(2, -2.0, 0.1),
-                               ja.InitialMeasure.gaussian(2, 2.0, 0.1)], [0.25, 0.75]),
-])
+@pytest.mark.parametrize(
+    "measure",
+    [
+        ja.InitialMeasure.uniform(2, -1.0, 1.0),
+        ja.InitialMeasure.gaussian(3, mean=[1.0, 0.0, 0.0], std=0.5),
+        ja.InitialMeasure.sphere(3),
+        ja.InitialMeasure.mixture(
+            [ja.InitialMeasure.gaussian(2, -2.0, 0.1), ja.InitialMeasure.gaussian(2, 2.0, 0.1)],
+            [0.25, 0.75],
+        ),
+    ],
+)
 def test_samples_are_nested_and_seeded(measure):
     key = jax.random.key(7)
     big = np.asarray(measure.sample(key, 4000))
@@ -247,8 +287,13 @@ def test_wasserstein_bound_dominates_measured(case):
     d, n = 2 + case // 3, 8
     Q, K, V = (rng.normal(size=(d, d)) / np.sqrt(d) for _ in range(3))
     f = ja.make_field(dyn, Q, K, V, beta=0.3 + rng.uniform())
-    lora = ja.LoRA.random(d, rank=1, norm=10.0 ** rng.uniform(-3, -0.5),
-                          target="QKV"[(case + case // 3) % 3], key=jax.random.key(case))
+    lora = ja.LoRA.random(
+        d,
+        rank=1,
+        norm=10.0 ** rng.uniform(-3, -0.5),
+        target="QKV"[(case + case // 3) % 3],
+        key=jax.random.key(case),
+    )
     fp = f.with_lora(lora)
     x0 = rng.uniform(-1.0, 1.0, size=(n, d))
     # Half of the cases start the perturbed run from a different cloud (W2(μ0, μ̃0) > 0).

@@ -16,8 +16,9 @@ def _rng_tokens(seed, n=12, d=3):
 
 def test_pairwise_distances_match_scipy():
     x, y = _rng_tokens(0), _rng_tokens(1, n=7)
-    np.testing.assert_allclose(ja.pairwise_distances(jnp.asarray(x), jnp.asarray(y)),
-                               cdist(x, y), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        ja.pairwise_distances(jnp.asarray(x), jnp.asarray(y)), cdist(x, y), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -28,8 +29,9 @@ def test_cluster_labels_match_scipy_components(seed, threshold):
     labels = np.asarray(ja.cluster_labels(jnp.asarray(x), threshold))
     assert int(ja.cluster_count(jnp.asarray(x), threshold)) == k_ref
     # Same partition: labels equal iff reference labels equal.
-    np.testing.assert_array_equal(labels[:, None] == labels[None, :],
-                                  lab_ref[:, None] == lab_ref[None, :])
+    np.testing.assert_array_equal(
+        labels[:, None] == labels[None, :], lab_ref[:, None] == lab_ref[None, :]
+    )
     # Label is the smallest index of the component.
     assert all(labels[i] == min(np.nonzero(lab_ref == lab_ref[i])[0]) for i in range(15))
 
@@ -72,8 +74,10 @@ def test_sphere_threshold_does_not_call_random_points_one_cluster():
     assert k > 100
     assert k == connected_components(cdist(x, x) <= 0.1, directed=False)[0]
     # unnormalised input: the sphere metric normalises first
-    assert int(ja.cluster_count(jnp.asarray(x * rng.uniform(0.5, 2.0, (200, 1))), 0.1,
-                                sphere=True)) == k
+    assert (
+        int(ja.cluster_count(jnp.asarray(x * rng.uniform(0.5, 2.0, (200, 1))), 0.1, sphere=True))
+        == k
+    )
     centres = np.eye(3)
     caps = np.concatenate([c + 0.01 * _uniform_sphere(rng, 60) for c in centres])
     caps = caps / np.linalg.norm(caps, axis=1, keepdims=True)
@@ -187,12 +191,17 @@ def test_metrics_take_leading_batch_axes_like_a_loop_of_single_calls():
     }
     for name, (fn, args) in cases.items():
         batched = np.asarray(fn(*args))
-        loop = np.stack([np.stack([np.asarray(fn(*(a[i, j] for a in args)))
-                                   for j in range(4)]) for i in range(3)])
+        loop = np.stack(
+            [
+                np.stack([np.asarray(fn(*(a[i, j] for a in args))) for j in range(4)])
+                for i in range(3)
+            ]
+        )
         assert batched.shape == loop.shape, name
         np.testing.assert_allclose(batched, loop, rtol=1e-13, atol=1e-15, err_msg=name)
-        np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), loop, rtol=1e-13,
-                                   atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(fn)(*args)), loop, rtol=1e-13, atol=1e-15, err_msg=name
+        )
     # a single configuration broadcasts against the batch
     for fn in (ja.hausdorff, ja.one_sided_distance, ja.support):
         loop = [[np.asarray(fn(x[i, j], c)) for j in range(4)] for i in range(3)]

@@ -21,9 +21,23 @@ from jaxattn.modular import (
 )
 from jaxattn.modular._train import adamw
 
-TINY = {"p": 7, "d_model": 16, "depth": 2, "max_steps": 120, "log_every": 20, "checkpoint_every": 40,
-            "ft_steps": 60, "ft_log_every": 10, "ft_checkpoint_every": 20, "rank": 4, "alpha": 2.0,
-            "lr": 3e-3, "ft_lr": 1e-3, "train_frac": 0.6, "target_acc": 1.0}
+TINY = {
+    "p": 7,
+    "d_model": 16,
+    "depth": 2,
+    "max_steps": 120,
+    "log_every": 20,
+    "checkpoint_every": 40,
+    "ft_steps": 60,
+    "ft_log_every": 10,
+    "ft_checkpoint_every": 20,
+    "rank": 4,
+    "alpha": 2.0,
+    "lr": 3e-3,
+    "ft_lr": 1e-3,
+    "train_frac": 0.6,
+    "target_acc": 1.0,
+}
 
 
 def tiny(**kw):
@@ -63,7 +77,8 @@ def _random_loras(model, key):
 def test_lora_scaling_alpha_over_r():
     c = tiny(dtype="float64")
     m = ModularTransformer(c, key=jax.random.key(0)).with_loras(
-        ("V", "O"), rank=4, alpha=2.0, key=jax.random.key(1))
+        ("V", "O"), rank=4, alpha=2.0, key=jax.random.key(1)
+    )
     tok = jnp.asarray(all_pairs(7, "+")[0][:5])
     assert jnp.array_equal(jax.vmap(m)(tok), jax.vmap(m.without_loras())(tok))  # B = 0
     m = _random_loras(m, jax.random.key(2))
@@ -72,10 +87,12 @@ def test_lora_scaling_alpha_over_r():
     want = V + (2.0 / 4) * (lo.B[0] @ lo.A[0])
     np.testing.assert_allclose(m.weight("V"), want, rtol=1e-12)
     # the output equals a model whose base weights are the merged ones
-    merged = eqx.tree_at(lambda mm: (mm.block.V, mm.block.O), m.without_loras(),
-                         (m.weight("V")[None], m.weight("O")[None]))
-    np.testing.assert_allclose(jax.vmap(m)(tok), jax.vmap(merged)(tok), rtol=1e-10,
-                               atol=1e-12)
+    merged = eqx.tree_at(
+        lambda mm: (mm.block.V, mm.block.O),
+        m.without_loras(),
+        (m.weight("V")[None], m.weight("O")[None]),
+    )
+    np.testing.assert_allclose(jax.vmap(m)(tok), jax.vmap(merged)(tok), rtol=1e-10, atol=1e-12)
 
 
 def test_residual_stream_is_euler_of_particle_dynamics():
@@ -83,13 +100,15 @@ def test_residual_stream_is_euler_of_particle_dynamics():
 
     c = tiny(dtype="float64", depth=3)
     m = ModularTransformer(c, key=jax.random.key(0)).with_loras(
-        ("V",), rank=2, alpha=1.0, key=jax.random.key(1))
+        ("V",), rank=2, alpha=1.0, key=jax.random.key(1)
+    )
     m = _random_loras(m, jax.random.key(3))
     tok = jnp.asarray(all_pairs(7, "+")[0][:3])
     xs = jax.vmap(m.residual_stream)(tok)  # (3, depth+1, 4, d)
     Q, K, V, beta = m.particle_weights()
-    sol = simulate(PlainField(Q, K, V, beta=beta, dtype=jnp.float64), xs[:, 0], 3.0,
-                   solver="euler", dt=1.0)
+    sol = simulate(
+        PlainField(Q, K, V, beta=beta, dtype=jnp.float64), xs[:, 0], 3.0, solver="euler", dt=1.0
+    )
     np.testing.assert_allclose(sol.xs, xs, rtol=1e-10, atol=1e-10)
 
 
@@ -98,10 +117,11 @@ def test_fused_layer_is_the_same_function():
     for kw in ({}, {"layernorm": True, "tied": False}):
         outs = []
         for fused in (True, False):
-            m = ModularTransformer(tiny(dtype="float64", fused=fused, **kw),
-                                   key=jax.random.key(0))
-            m = _random_loras(m.with_loras(("Q", "V", "O"), rank=2, alpha=1.0,
-                                           key=jax.random.key(1)), jax.random.key(2))
+            m = ModularTransformer(tiny(dtype="float64", fused=fused, **kw), key=jax.random.key(0))
+            m = _random_loras(
+                m.with_loras(("Q", "V", "O"), rank=2, alpha=1.0, key=jax.random.key(1)),
+                jax.random.key(2),
+            )
             outs.append(jax.vmap(m)(tok))
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-10)
 
@@ -109,7 +129,8 @@ def test_fused_layer_is_the_same_function():
 def test_options_untied_layernorm_heads_run():
     c = tiny(tied=False, layernorm=True, heads=2, depth=3)
     m = ModularTransformer(c, key=jax.random.key(0)).with_loras(
-        ("Q", "K"), rank=2, alpha=1.0, key=jax.random.key(1))
+        ("Q", "K"), rank=2, alpha=1.0, key=jax.random.key(1)
+    )
     assert m.block.Q.shape == (3, 16, 16) and m.loras[0].A.shape == (3, 2, 16)
     out = jax.vmap(m)(jnp.asarray(all_pairs(7, "+")[0][:4]))
     assert out.shape == (4, 7) and out.dtype == jnp.float32
@@ -163,8 +184,7 @@ def test_finetune_freezes_base_and_resumes(tmp_path):
     assert len(jax.tree.leaves(params)) == 2
     with jax.numpy_dtype_promotion("standard"):
         state = adamw(1e-3, 0.9, 0.98, 0.0, 0, "float32").init(params)
-    n_float = sum(x.size for x in jax.tree.leaves(state)
-                  if jnp.issubdtype(x.dtype, jnp.floating))
+    n_float = sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
     lora_size = sum(x.size for x in jax.tree.leaves(params))
     assert n_float == 2 * lora_size  # Adam's mu and nu for A and B only
     # resume after a kill
@@ -182,15 +202,20 @@ def _cfg(tmp_path, name="c.json", **kw):
     return str(path)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"p": 9}, "prime"), ({"p": 3}, "prime"), ({"depth": 0}, "depth"),
-    ({"rank": 17}, "rank 17 exceeds d_model"), ({"targets": ["W"]}, "unknown LoRA target"),
-    ({"nonsense": 1}, "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"p": 9}, "prime"),
+        ({"p": 3}, "prime"),
+        ({"depth": 0}, "depth"),
+        ({"rank": 17}, "rank 17 exceeds d_model"),
+        ({"targets": ["W"]}, "unknown LoRA target"),
+        ({"nonsense": 1}, "unknown config key"),
+    ],
+)
 def test_cli_bad_config(tmp_path, capsys, bad, msg):
     out = tmp_path / "out"
-    assert main(["modular", "pretrain", "--config", _cfg(tmp_path, **bad),
-                 "--out", str(out)]) == 2
+    assert main(["modular", "pretrain", "--config", _cfg(tmp_path, **bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
@@ -200,8 +225,7 @@ def test_cli_unreadable_config(tmp_path, capsys):
     for path in (tmp_path / "missing.toml", tmp_path / "garbage.toml"):
         if "garbage" in path.name:
             path.write_bytes(b"p = = \xff")
-        assert main(["modular", "study", "--config", str(path), "--out",
-                     str(tmp_path / "o")]) == 2
+        assert main(["modular", "study", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("jaxattn: error:") and err.count("\n") == 1
 
@@ -213,13 +237,21 @@ def test_cli_pretrain_finetune_and_foreign_checkpoint(tmp_path, capsys):
     assert main(["modular", "finetune", "--config", cfg, "--out", str(out)]) == 0
     assert (out / "finetune" / "summary.json").exists()
     capsys.readouterr()
-    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")}
+    files = {
+        p: p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith(".jaxattn-lock")
+    }
     other = _cfg(tmp_path, "other.json", max_steps=40, d_model=8, rank=2, ranks=[1, 2])
     for action in ("pretrain", "finetune"):
         assert main(["modular", action, "--config", other, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert "another configuration" in err and err.count("\n") == 1
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")} == files
+    assert {
+        p: p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith(".jaxattn-lock")
+    } == files
     # fine-tuning without a pre-trained model
     assert main(["modular", "finetune", "--config", cfg, "--out", str(tmp_path / "e")]) == 2
     assert "no pre-trained model" in capsys.readouterr().err
@@ -232,8 +264,12 @@ def test_cosine_schedule_and_constant_schedule_unchanged():
     # constant: the historical rule lr · min(1, (count + 1) / warmup), bit for bit
     p = {"w": jnp.ones((3,), jnp.float32)}
     g = {"w": jnp.asarray([0.3, -2.0, 1e-3], jnp.float32)}
-    ref = optax.adamw(lambda c: (1e-3 * jnp.minimum(1, (c + 1).astype(jnp.float32) / 10)
-                                 ).astype(jnp.float32), b1=0.9, b2=0.98, weight_decay=0.5)
+    ref = optax.adamw(
+        lambda c: (1e-3 * jnp.minimum(1, (c + 1).astype(jnp.float32) / 10)).astype(jnp.float32),
+        b1=0.9,
+        b2=0.98,
+        weight_decay=0.5,
+    )
     new = adamw(1e-3, 0.9, 0.98, 0.5, 10, "float32")
     sa, sb = ref.init(p), new.init(p)
     with jax.numpy_dtype_promotion("standard"):
@@ -244,8 +280,9 @@ def test_cosine_schedule_and_constant_schedule_unchanged():
     # cosine: warm-up to lr, then the cosine to min_lr_frac · lr at total_steps. With
     # weight decay only (zero gradient, Adam's update is 0), the update is −lr_t · wd · p,
     # which reads the schedule off exactly.
-    opt = adamw(1e-2, 0.9, 0.98, 1.0, 4, "float64", schedule="cosine", total_steps=20,
-                min_lr_frac=0.1)
+    opt = adamw(
+        1e-2, 0.9, 0.98, 1.0, 4, "float64", schedule="cosine", total_steps=20, min_lr_frac=0.1
+    )
     p = jnp.ones((), jnp.float64)
     s = opt.init(p)
     got = []
@@ -254,10 +291,11 @@ def test_cosine_schedule_and_constant_schedule_unchanged():
             u, s = opt.update(jnp.zeros((), jnp.float64), s, p)
             got.append(-float(u))
     want = [1e-2 * k / 4 for k in range(4)]
-    want += [1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + np.cos(np.pi * (k - 4) / 16))
-             for k in range(4, 22)]
+    want += [1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + np.cos(np.pi * (k - 4) / 16)) for k in range(4, 22)]
     want = [w if k <= 20 else 1e-3 for k, w in enumerate(want)]
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)  # optax evaluates the cosine in float32
+    np.testing.assert_allclose(
+        got, want, rtol=1e-6, atol=1e-12
+    )  # optax evaluates the cosine in float32
     with pytest.raises(ValueError, match="total_steps"):
         adamw(1e-3, 0.9, 0.98, 0.0, 10, "float32", schedule="cosine", total_steps=5)
 
@@ -267,7 +305,7 @@ def test_clipping_scales_the_gradient_before_adam():
 
     p = {"a": jnp.zeros((2,), jnp.float64), "b": jnp.zeros((), jnp.float64)}
     g = {"a": jnp.asarray([30.0, -40.0], jnp.float64), "b": jnp.asarray(120.0, jnp.float64)}
-    norm = float(np.sqrt(30.0 ** 2 + 40.0 ** 2 + 120.0 ** 2))  # 130
+    norm = float(np.sqrt(30.0**2 + 40.0**2 + 120.0**2))  # 130
     clipped = jax.tree.map(lambda x: x * (2.0 / norm), g)
     opt = adamw(1e-3, 0.9, 0.98, 0.0, 0, "float64", clip=2.0)
     plain = optax.adamw(1e-3, b1=0.9, b2=0.98, weight_decay=0.0)
@@ -295,8 +333,12 @@ def test_the_bar_and_reading_forgetting_against_learning():
     assert r == {"0.5": {"step": 10, "add_acc": 0.3}, "0.9": {"step": 15, "add_acc": 0.1}}
     r = at_learning([0, 5], [0.0, 0.2], [1.0, 0.5])
     assert r["0.5"] == {"step": None, "add_acc": None}
-    for bad, msg in (({"schedule": "linear"}, "schedule"), ({"target_all_acc": 1.5}, "target_all_acc"),
-                     ({"clip": -1.0}, "clip"), ({"capacity_widths": [0]}, "capacity_widths")):
+    for bad, msg in (
+        ({"schedule": "linear"}, "schedule"),
+        ({"target_all_acc": 1.5}, "target_all_acc"),
+        ({"clip": -1.0}, "clip"),
+        ({"capacity_widths": [0]}, "capacity_widths"),
+    ):
         with pytest.raises(ValueError, match=msg):
             tiny(**bad)
 
@@ -330,10 +372,24 @@ def test_trend_test_against_numpy_and_scipy_definitions():
 def test_study_summary_trend_and_capacity(tmp_path):
     from jaxattn.modular import run_study
 
-    c = tiny(depths=(1, 2), seeds=(0, 1, 2), ranks=(4,), rank_depth=2, max_steps=60,
-             ft_steps=30, schedule="cosine", warmup=5, clip=1.0, stop_at_target=False,
-             target_acc=0.0, target_train_acc=0.05, target_all_acc=0.05,
-             capacity_lrs=(1e-3,), capacity_widths=(8,), particle_prompts=4)
+    c = tiny(
+        depths=(1, 2),
+        seeds=(0, 1, 2),
+        ranks=(4,),
+        rank_depth=2,
+        max_steps=60,
+        ft_steps=30,
+        schedule="cosine",
+        warmup=5,
+        clip=1.0,
+        stop_at_target=False,
+        target_acc=0.0,
+        target_train_acc=0.05,
+        target_all_acc=0.05,
+        capacity_lrs=(1e-3,),
+        capacity_widths=(8,),
+        particle_prompts=4,
+    )
     s = run_study(c, str(tmp_path), log=lambda *_: None)
     runs = {r["key"]: r for r in s["runs"]}
     assert set(runs) == {f"d{d}_s{k}_r4" for d in (1, 2) for k in (0, 1, 2)}

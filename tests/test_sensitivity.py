@@ -35,8 +35,12 @@ def _case(dynamics, *, lora=True):
     x0 = jax.random.normal(k1, (N, D), jnp.float64)
     lo = None
     if lora:
-        lo = ja.LoRA(0.3 * jax.random.normal(k2, (1, D), jnp.float64),
-                     0.3 * jax.random.normal(k3, (D, 1), jnp.float64), 1.0, "V")
+        lo = ja.LoRA(
+            0.3 * jax.random.normal(k2, (1, D), jnp.float64),
+            0.3 * jax.random.normal(k3, (D, 1), jnp.float64),
+            1.0,
+            "V",
+        )
     return ja.make_field(dynamics, Q, K, V, beta=1.0, lora=lo), x0
 
 
@@ -50,9 +54,11 @@ def _fd(field, x0, obj, h, solve):
     f = S.objective_fn(field, T1, obj, adjoint="checkpoint", solve=solve)
     p = S.field_params(field, x0)
     keys = jax.random.split(jax.random.key(99), len(p))
-    direction = {k: jax.random.normal(kk, v.shape, jnp.float64) for kk, (k, v) in zip(keys, p.items())}
+    direction = {
+        k: jax.random.normal(kk, v.shape, jnp.float64) for kk, (k, v) in zip(keys, p.items())
+    }
     fj = jax.jit(lambda q: f(q)[0])
-    shift = lambda s: {k: p[k] + s * direction[k] for k in p}  # noqa: E731
+    shift = lambda s: {k: p[k] + s * direction[k] for k in p}
     fd = (float(fj(shift(h))) - float(fj(shift(-h)))) / (2 * h)
     return fd, direction
 
@@ -74,11 +80,15 @@ def test_fixed_step_gradients_match_finite_differences(dynamics):
         assert abs(ad - fd) <= 1e-6 * abs(fd), (adjoint, ad, fd)
 
 
-@pytest.mark.parametrize("dynamics", [
-    "plain",
-    pytest.param("sphere", marks=pytest.mark.slow),
-    pytest.param("rescaled", marks=pytest.mark.slow), pytest.param("usa", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "dynamics",
+    [
+        "plain",
+        pytest.param("sphere", marks=pytest.mark.slow),
+        pytest.param("rescaled", marks=pytest.mark.slow),
+        pytest.param("usa", marks=pytest.mark.slow),
+    ],
+)
 def test_adaptive_gradients_match_finite_differences(dynamics):
     field, x0 = _case(dynamics)
     obj = _objective()
@@ -96,19 +106,23 @@ def test_checkpoint_count_and_squared_distance_objective():
     exactly when the LoRA vanishes."""
     field, x0 = _case("plain")
     a = S.value_and_grad(field, x0, T1, "squared_distance", solver="rk4", dt=0.1)
-    b = S.value_and_grad(field, x0, T1, "squared_distance", checkpoints=2, solver="rk4",
-                         dt=0.1)
+    b = S.value_and_grad(field, x0, T1, "squared_distance", checkpoints=2, solver="rk4", dt=0.1)
     assert a.value > 0
     for k in a.grads:
         np.testing.assert_allclose(a.grads[k], b.grads[k], rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="no LoRA"):
-        S.value_and_grad(field.without_lora(), x0, T1, "squared_distance", solver="rk4",
-                         dt=0.1)
+        S.value_and_grad(field.without_lora(), x0, T1, "squared_distance", solver="rk4", dt=0.1)
     with pytest.raises(ValueError, match="LoRA gradient"):
         S.value_and_grad(field.without_lora(), x0, T1, wrt=["lora"], solver="rk4", dt=0.1)
     with pytest.raises(ValueError, match="one JVP per input entry"):
-        S.value_and_grad(field, jnp.zeros((1100, D), jnp.float64) + 1.0, T1,
-                         adjoint="forward", solver="rk4", dt=0.1)
+        S.value_and_grad(
+            field,
+            jnp.zeros((1100, D), jnp.float64) + 1.0,
+            T1,
+            adjoint="forward",
+            solver="rk4",
+            dt=0.1,
+        )
     with pytest.raises(ValueError, match="adjoint"):
         S.value_and_grad(field, x0, T1, adjoint="bogus", solver="rk4", dt=0.1)
 
@@ -142,8 +156,9 @@ def small_operator():
     times = [0.5, 1.0]
     solve = dict(solver="rk4", dt=0.05)
     op = S.ResponseOperator(field, x0, 1.0, times, "Q", **solve)
-    F = lambda w: ja.simulate(S.perturbed(field, "Q", w), x0, 1.0, ts=times,  # noqa: E731
-                              adjoint="forward", **solve).xs
+    F = lambda w: (
+        ja.simulate(S.perturbed(field, "Q", w), x0, 1.0, ts=times, adjoint="forward", **solve).xs
+    )
     J = np.asarray(jax.jacfwd(F)(jnp.zeros((2, 2), jnp.float64))).reshape(2, N * 2, 4)
     return op, J
 
@@ -153,10 +168,12 @@ def test_jvp_and_vjp_are_transposes(small_operator):
     V = np.asarray(jax.random.normal(jax.random.key(1), (2, 2, 2), jnp.float64))
     U = np.asarray(jax.random.normal(jax.random.key(2), (2, N, 2), jnp.float64))
     Jv, JtU = op.matvec(V), op.rmatvec(U)
-    np.testing.assert_allclose(Jv.reshape(2, -1), np.einsum("kmj,kj->km", J, V.reshape(2, 4)),
-                               rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(np.sum(Jv * U, axis=(1, 2)), np.sum(V * JtU, axis=(1, 2)),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        Jv.reshape(2, -1), np.einsum("kmj,kj->km", J, V.reshape(2, 4)), rtol=1e-10, atol=1e-13
+    )
+    np.testing.assert_allclose(
+        np.sum(Jv * U, axis=(1, 2)), np.sum(V * JtU, axis=(1, 2)), rtol=1e-10
+    )
 
 
 def test_worst_case_direction_matches_brute_force(small_operator):
@@ -181,8 +198,9 @@ def test_worst_case_direction_matches_brute_force(small_operator):
         assert abs(Wt[0] @ lan.directions[k].ravel()) > 1 - 1e-9
         grid = np.max(np.linalg.norm(M @ J[k].T, axis=-1))
         assert grid - 1e-4 <= r1.sigma[k] <= s[0] + 1e-12
-        np.testing.assert_allclose(np.linalg.svd(r1.directions[k], compute_uv=False)[1], 0.0,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            np.linalg.svd(r1.directions[k], compute_uv=False)[1], 0.0, atol=1e-12
+        )
         assert np.all(rand[:, k] <= lan.sigma[k] * (1 + 1e-12))
     lo = lan.lora(0, norm=0.5, target="Q")
     np.testing.assert_allclose(np.linalg.norm(np.asarray(lo.delta())), 0.5, rtol=1e-12)
@@ -192,12 +210,13 @@ def test_worst_case_direction_matches_brute_force(small_operator):
 def test_smallest_cluster_change_changes_the_partition_and_respects_the_bound():
     x0 = jax.random.uniform(jax.random.key(0), (6, 2), jnp.float64, -1.0, 1.0)
     field = ja.RescaledField(d=2)
-    cc = S.smallest_cluster_change(field, x0, 2.0, "V", threshold=0.1, steps=6,
-                                   bisections=2, solver="rk4", dt=0.1)
+    cc = S.smallest_cluster_change(
+        field, x0, 2.0, "V", threshold=0.1, steps=6, bisections=2, solver="rk4", dt=0.1
+    )
     fc = S.perturbed(field, "V", jnp.asarray(cc.norm * cc.direction))
     after = ja.cluster_labels(ja.simulate(fc, x0, 2.0, solver="rk4", dt=0.1).final, 0.1)
     before = ja.cluster_labels(ja.simulate(field, x0, 2.0, solver="rk4", dt=0.1).final, 0.1)
-    same = lambda a: np.asarray(a)[:, None] == np.asarray(a)[None, :]  # noqa: E731
+    same = lambda a: np.asarray(a)[:, None] == np.asarray(a)[None, :]
     assert not np.array_equal(same(after), same(before))
     assert np.linalg.matrix_rank(cc.direction, tol=1e-10) == 1
     assert cc.bound_norm <= cc.norm
@@ -237,25 +256,40 @@ B = [[0.0], [-0.1]]
 
 def _spec(tmp_path, *, dyn="plain", kind="mean_sq", adjoint="checkpoint", lora=True, extra=""):
     p = tmp_path / "s.toml"
-    p.write_text(SPEC.format(dyn=dyn, kind=kind, adjoint=adjoint, lora=LORA if lora else "",
-                             extra=extra))
+    p.write_text(
+        SPEC.format(dyn=dyn, kind=kind, adjoint=adjoint, lora=LORA if lora else "", extra=extra)
+    )
     return str(p)
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "forward"])
 def test_cli_sensitivity_writes_value_and_gradients(tmp_path, adjoint):
     out = tmp_path / "g.npz"
-    assert main(["sensitivity", _spec(tmp_path, kind="squared_distance", adjoint=adjoint),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                _spec(tmp_path, kind="squared_distance", adjoint=adjoint),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     z = np.load(out)
     for k in ("value", "grad_Q", "grad_K", "grad_V", "grad_x0", "grad_lora_A", "grad_lora_B"):
         assert k in z.files
     assert z["grad_x0"].shape == (3, 2) and z["grad_lora_A"].shape == (1, 2)
     spec = json.loads(str(z["spec"]))
-    field = ja.make_field("plain", beta=1.0, d=2,
-                          lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])))
-    ref = S.value_and_grad(field, np.asarray(spec["init"]["x0"]), 1.0, "squared_distance",
-                           solver="rk4", dt=0.1)
+    field = ja.make_field(
+        "plain",
+        beta=1.0,
+        d=2,
+        lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])),
+    )
+    ref = S.value_and_grad(
+        field, np.asarray(spec["init"]["x0"]), 1.0, "squared_distance", solver="rk4", dt=0.1
+    )
     np.testing.assert_allclose(float(z["value"]), ref.value, rtol=1e-12)
     np.testing.assert_allclose(z["grad_V"], ref.grads["V"], rtol=1e-9, atol=1e-14)
 
@@ -287,8 +321,12 @@ def test_cli_prints_the_objective_and_e_T_by_their_definitions(tmp_path, capsys,
     text = capsys.readouterr().out
     z = np.load(out)
     spec = json.loads(str(z["spec"]))
-    field = ja.make_field("plain", beta=1.0, d=2,
-                          lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])))
+    field = ja.make_field(
+        "plain",
+        beta=1.0,
+        d=2,
+        lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])),
+    )
     x0 = np.asarray(spec["init"]["x0"])
     x = ja.simulate(field, x0, 1.0, solver="rk4", dt=0.1).xs[-1]
     xr = ja.simulate(field.without_lora(), x0, 1.0, solver="rk4", dt=0.1).xs[-1]
@@ -310,14 +348,17 @@ def _nullcontext():
     return contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(kind="variance"), "unknown objective kind"),
-    (dict(adjoint="reverse"), "unknown adjoint"),
-    (dict(lora=False, extra='wrt = ["lora"]'), "LoRA gradient"),
-    (dict(lora=False, kind="squared_distance"), "no [lora]"),
-    (dict(extra='colour = "red"'), "unknown key in [objective]"),
-    (dict(adjoint="forward", extra="checkpoints = 4"), "checkpoint only"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(kind="variance"), "unknown objective kind"),
+        (dict(adjoint="reverse"), "unknown adjoint"),
+        (dict(lora=False, extra='wrt = ["lora"]'), "LoRA gradient"),
+        (dict(lora=False, kind="squared_distance"), "no [lora]"),
+        (dict(extra='colour = "red"'), "unknown key in [objective]"),
+        (dict(adjoint="forward", extra="checkpoints = 4"), "checkpoint only"),
+    ],
+)
 def test_cli_sensitivity_bad_input_is_one_line_exit_2(tmp_path, capsys, kw, message):
     out = tmp_path / "g.npz"
     assert main(["sensitivity", _spec(tmp_path, **kw), "--out", str(out)]) == 2
@@ -328,16 +369,18 @@ def test_cli_sensitivity_bad_input_is_one_line_exit_2(tmp_path, capsys, kw, mess
 
 def test_cli_forward_refuses_a_large_full_gradient(tmp_path, capsys):
     spec = tmp_path / "big.toml"
-    spec.write_text('dynamics = "plain"\n[init]\nkind = "normal"\nn = 1100\nd = 2\n'
-                    '[solve]\nt1 = 0.1\ndt = 0.1\n[objective]\nkind = "mean_sq"\n'
-                    'adjoint = "forward"\n')
+    spec.write_text(
+        'dynamics = "plain"\n[init]\nkind = "normal"\nn = 1100\nd = 2\n'
+        '[solve]\nt1 = 0.1\ndt = 0.1\n[objective]\nkind = "mean_sq"\n'
+        'adjoint = "forward"\n'
+    )
     assert main(["sensitivity", str(spec), "--out", str(tmp_path / "g.npz")]) == 2
     assert "one JVP per input entry" in capsys.readouterr().err
 
 
 def test_cli_missing_objective_and_experiment_out(tmp_path, capsys):
     p = tmp_path / "s.toml"
-    p.write_text('[init]\nx0 = [[0.1, 0.2]]\n[solve]\nt1 = 1.0\n')
+    p.write_text("[init]\nx0 = [[0.1, 0.2]]\n[solve]\nt1 = 1.0\n")
     assert main(["sensitivity", str(p), "--out", str(tmp_path / "g.npz")]) == 2
     assert "[objective]" in capsys.readouterr().err
     blocker = tmp_path / "file"
@@ -350,8 +393,14 @@ def test_experiment_quick(tmp_path):
     from jaxattn.experiments import worst_case_lora
 
     s = worst_case_lora.run(tmp_path / "out", quick=True, log=lambda *a: None)
-    for f in ("worst_vs_random_paper.png", "worst_direction_paper.png", "linear_response.png",
-              "cluster_change.png", "worst_case_lora.npz", "summary.json"):
+    for f in (
+        "worst_vs_random_paper.png",
+        "worst_direction_paper.png",
+        "linear_response.png",
+        "cluster_change.png",
+        "worst_case_lora.npz",
+        "summary.json",
+    ):
         assert (tmp_path / "out" / f).exists()
     r = s["settings"]["paper"]["targets"]["V"]["ratio_worst_over_mean_random"]
     assert r["min"] >= 1.0

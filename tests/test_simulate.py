@@ -41,8 +41,12 @@ def test_float32_agrees_with_float64():
 
 def test_one_failing_member_does_not_crash_the_batch():
     # A stacked LoRA on V: the last member has a huge V, so its plain run overflows.
-    big = ja.LoRA(jnp.asarray([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]]),
-                  jnp.asarray([[[0.0], [0.0]], [[0.1], [0.0]], [[2000.0], [0.0]]]), 1.0, "V")
+    big = ja.LoRA(
+        jnp.asarray([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]]),
+        jnp.asarray([[[0.0], [0.0]], [[0.1], [0.0]], [[2000.0], [0.0]]]),
+        1.0,
+        "V",
+    )
     f = ja.PlainField(d=2).with_lora(big)
     sol = ja.simulate(f, _x0(), 1.0, dt=0.01)
     np.testing.assert_array_equal(sol.status, [0, 0, 3])
@@ -71,7 +75,9 @@ def test_fixed_step_grid_and_output_times():
     # Outputs at requested times interpolate the same solution (cubic Hermite, O(dt^4)).
     ts = [0.0, 0.5, 1.0]
     sol2 = ja.simulate(ja.PlainField(d=2), _x0(), 1.05, dt=0.1, ts=ts)
-    np.testing.assert_allclose(sol2.xs[jnp.asarray([0, 2])], sol.xs[jnp.asarray([0, 10])], atol=1e-12)
+    np.testing.assert_allclose(
+        sol2.xs[jnp.asarray([0, 2])], sol.xs[jnp.asarray([0, 10])], atol=1e-12
+    )
     np.testing.assert_allclose(sol2.xs[1], sol.xs[5], atol=1e-12)
     # t1 = t0: nothing to integrate.
     sol3 = ja.simulate(ja.PlainField(d=2), _x0(), 0.0)
@@ -81,16 +87,18 @@ def test_fixed_step_grid_and_output_times():
 def test_adaptive_default_output_and_tolerance():
     sol = ja.simulate(ja.SphereField(d=3, beta=1.0), _x0(5, 3), 2.0, solver="dopri5")
     assert sol.ts.shape == (101,) and sol.ok
-    tight = ja.simulate(ja.SphereField(d=3, beta=1.0), _x0(5, 3), 2.0, solver="dopri8",
-                        rtol=1e-12, atol=1e-12)
+    tight = ja.simulate(
+        ja.SphereField(d=3, beta=1.0), _x0(5, 3), 2.0, solver="dopri8", rtol=1e-12, atol=1e-12
+    )
     assert float(jnp.max(jnp.abs(sol.xs - tight.xs))) < 1e-5
 
 
 def test_sphere_norm_drift_and_renormalisation():
     x0 = _x0(6, 3)
     free = ja.simulate(ja.SphereField(d=3, beta=4.0), x0, 5.0, solver="euler", dt=0.1)
-    proj = ja.simulate(ja.SphereField(d=3, beta=4.0), x0, 5.0, solver="euler", dt=0.1,
-                       renormalise=True)
+    proj = ja.simulate(
+        ja.SphereField(d=3, beta=4.0), x0, 5.0, solver="euler", dt=0.1, renormalise=True
+    )
     assert float(free.norm_drift) > 1e-3  # Euler leaves the sphere
     assert float(proj.norm_drift) < 1e-12
     assert ja.simulate(ja.PlainField(d=3), x0, 1.0).norm_drift is None
@@ -117,8 +125,10 @@ def test_rk4_really_is_fourth_order_not_euler():
         (lambda: ja.make_field("nope", d=2), "unknown dynamics 'nope'"),
         (lambda: ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 2))), "rank mismatch"),
         (lambda: ja.LoRA.random(2, rank=3, norm=0.1, key=jax.random.key(0)), "exceeds"),
-        (lambda: ja.PlainField(d=2, lora=ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 1)), 1.0, "O")),
-         "unknown lora target 'O'"),
+        (
+            lambda: ja.PlainField(d=2, lora=ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 1)), 1.0, "O")),
+            "unknown lora target 'O'",
+        ),
         (lambda: ja.PlainField(d=3, lora=ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 1)))), "d = 3"),
     ],
 )
@@ -178,8 +188,14 @@ def test_summary_saves_fn_of_state_instead_of_tokens():
     # t1 == t0: the summary of x0 itself; sphere + renormalise: the fn sees unit tokens.
     s0 = ja.simulate(f, x, 0.0, dt=0.1, summary=fn)
     np.testing.assert_allclose(s0.xs["mean"][:, 0], x.mean(axis=-2))
-    sp = ja.simulate(ja.SphereField(d=2), x, 1.0, dt=0.1, renormalise=True,
-                     summary=lambda t, y: jnp.linalg.norm(y, axis=-1))
+    sp = ja.simulate(
+        ja.SphereField(d=2),
+        x,
+        1.0,
+        dt=0.1,
+        renormalise=True,
+        summary=lambda t, y: jnp.linalg.norm(y, axis=-1),
+    )
     assert float(jnp.max(jnp.abs(sp.xs - 1.0))) < 1e-14
     with pytest.raises(TypeError, match="summary must be a function"):
         ja.simulate(f, x, 1.0, dt=0.1, summary=3)
@@ -223,12 +239,14 @@ def test_solution_states_its_frame_and_to_x_undoes_the_rescaling():
     assert sol.frame == "z"
     xs = np.asarray(sol.to_x(f))
     ts = np.asarray(sol.ts)
-    ref = np.stack([np.asarray(sol.xs)[:, k] @ expm(t * np.asarray(V)).T
-                    for k, t in enumerate(ts)], axis=1)
+    ref = np.stack(
+        [np.asarray(sol.xs)[:, k] @ expm(t * np.asarray(V)).T for k, t in enumerate(ts)], axis=1
+    )
     np.testing.assert_allclose(xs, ref, rtol=1e-12, atol=1e-13)
     # x0 is z(t0), so x(t0) = e^{t0 V} x0 starts the plain run.
-    plain = ja.simulate(ja.PlainField(Q, K, V, beta=1.0), x0 @ expm(0.5 * np.asarray(V)).T,
-                        2.0, dt=0.01, t0=0.5)
+    plain = ja.simulate(
+        ja.PlainField(Q, K, V, beta=1.0), x0 @ expm(0.5 * np.asarray(V)).T, 2.0, dt=0.01, t0=0.5
+    )
     assert plain.frame == "x" and plain.to_x(ja.PlainField(Q, K, V)) is plain.xs
     np.testing.assert_allclose(xs, np.asarray(plain.xs), rtol=1e-8, atol=1e-9)
     assert ja.simulate(ja.SphereField(d=3), x0, 0.1).frame == "x"
@@ -241,19 +259,24 @@ def test_solution_states_its_frame_and_to_x_undoes_the_rescaling():
     assert xl.shape == (2, 2, sl.ts.shape[0], 5, 3)
     for m in range(2):
         Vm = np.asarray(V) + np.asarray(B[m] @ A[m])
-        ref = np.stack([np.asarray(sl.xs)[m, :, k] @ expm(t * Vm).T
-                        for k, t in enumerate(np.asarray(sl.ts))], axis=1)
+        ref = np.stack(
+            [np.asarray(sl.xs)[m, :, k] @ expm(t * Vm).T for k, t in enumerate(np.asarray(sl.ts))],
+            axis=1,
+        )
         np.testing.assert_allclose(xl[m], ref, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="rescaled dynamics"):
         sol.to_x(ja.PlainField(Q, K, V))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ja.PlainField(d=2, dtype="float64"),
-    lambda: ja.RescaledField(V=np.eye(2), dtype=np.float64),
-    lambda: ja.make_field("sphere", d=3, dtype=jnp.float64),
-    lambda: ja.make_field("usa", d=3, dtype="float64"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ja.PlainField(d=2, dtype="float64"),
+        lambda: ja.RescaledField(V=np.eye(2), dtype=np.float64),
+        lambda: ja.make_field("sphere", d=3, dtype=jnp.float64),
+        lambda: ja.make_field("usa", d=3, dtype="float64"),
+    ],
+)
 def test_float64_field_without_x64_is_the_same_error_as_a_float64_x0(make):
     """One float64 rule: asking a field for float64 while 64-bit JAX is off raises the
     same one-line error as a float64 x0 (instead of silently giving float32)."""

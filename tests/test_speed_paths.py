@@ -45,8 +45,7 @@ def test_float32_expm_matches_scipy(d, scale):
         err_old = np.abs(old - ref).max() / scale_ref
         # Rounding-level: as accurate as jax.scipy's Padé (within a small factor), and
         # absolutely small where few squarings are needed.
-        assert err_new <= 4 * err_old + 2e-6 * max(1.0, np.abs(M).sum(0).max()), (
-            err_new, err_old)
+        assert err_new <= 4 * err_old + 2e-6 * max(1.0, np.abs(M).sum(0).max()), (err_new, err_old)
 
 
 def test_float32_expm_exact_cases_and_limits():
@@ -111,8 +110,13 @@ def test_folded_logits_match_textbook(dynamics, n, d, dtype):
     if dynamics in ("sphere", "usa"):
         z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
     tol = 2e-5 if dtype == jnp.float32 else 1e-12
-    for lora in (None, _lora(d, "Q", 5), _lora(d, "K", 6), _lora(d, "V", 7),
-                 [_lora(d, "Q", 8), _lora(d, "K", 9), _lora(d, "V", 10)]):
+    for lora in (
+        None,
+        _lora(d, "Q", 5),
+        _lora(d, "K", 6),
+        _lora(d, "V", 7),
+        [_lora(d, "Q", 8), _lora(d, "K", 9), _lora(d, "V", 10)],
+    ):
         f = ja.make_field(dynamics, Q, K, V, beta=1.3, lora=lora, dtype=dtype)
         zz = z.astype(dtype)
         for t in (0.0, 0.37, 3.0):
@@ -149,7 +153,8 @@ def test_fixed_steps_land_exactly_on_the_grid(t0, t1, dt, dtype):
     np.testing.assert_array_equal(_simulate._const(grid, dtype), jnp.asarray(grid, dtype))
     other = ja.simulate(f, x0, t1, t0=t0, dt=dt / 2, summary=lambda t, x: t)
     np.testing.assert_array_equal(
-        np.asarray(other.xs), np.asarray(_simulate.fixed_step_grid(t0, t1, dt / 2), dtype))
+        np.asarray(other.xs), np.asarray(_simulate.fixed_step_grid(t0, t1, dt / 2), dtype)
+    )
 
 
 def test_const_cache_never_holds_tracers():
@@ -174,11 +179,17 @@ def test_float32_simulate_matches_textbook_rk4():
     """The whole float32 solve against RK4 of the textbook field, step by step."""
     d, n, dt, steps = 3, 12, 0.05, 20
     V = jnp.eye(d) + _rand((d, d), 3, 0.3)
-    f = ja.RescaledField(_rand((d, d), 1, 0.6), _rand((d, d), 2, 0.6), V, beta=1.5,
-                         lora=_lora(d, "V", 4), dtype=jnp.float32)
+    f = ja.RescaledField(
+        _rand((d, d), 1, 0.6),
+        _rand((d, d), 2, 0.6),
+        V,
+        beta=1.5,
+        lora=_lora(d, "V", 4),
+        dtype=jnp.float32,
+    )
     x0 = _rand((n, d), 5).astype(jnp.float32)
     got = ja.simulate(f, x0, dt * steps, dt=dt).final
-    g = lambda t, z: _textbook(f, jnp.asarray(t, jnp.float32), z)  # noqa: E731
+    g = lambda t, z: _textbook(f, jnp.asarray(t, jnp.float32), z)
     z, t = x0, 0.0
     for _ in range(steps):
         k1 = g(t, z)
@@ -196,18 +207,21 @@ def test_gradients_agree_across_adjoints(dtype):
 
     def loss(A, adjoint):
         lo = ja.LoRA(A, jnp.ones((d, 1), dtype) * 0.2, 1.0, "V")
-        f = ja.RescaledField(d=d, lora=[lo, ja.LoRA(A, jnp.ones((d, 1), dtype) * 0.1,
-                                                    1.0, "Q")], dtype=dtype)
+        f = ja.RescaledField(
+            d=d, lora=[lo, ja.LoRA(A, jnp.ones((d, 1), dtype) * 0.1, 1.0, "Q")], dtype=dtype
+        )
         return jnp.sum(ja.simulate(f, x0, 0.5, dt=0.05, ts=[0.5], adjoint=adjoint).final ** 2)
 
     A = jnp.asarray([[0.3, -0.2, 0.1]], dtype)
     # Fixed-step backsolve walks back with constant steps (as `_sensitivity` sets it up).
     back = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.ConstantStepSize(), dt0=-0.05)
-    grads = {"checkpoint": jax.grad(loss)(A, "checkpoint"),
-             "backsolve": jax.grad(loss)(A, back),
-             "forward": jax.jacfwd(loss)(A, "forward")}
+    grads = {
+        "checkpoint": jax.grad(loss)(A, "checkpoint"),
+        "backsolve": jax.grad(loss)(A, back),
+        "forward": jax.jacfwd(loss)(A, "forward"),
+    }
     eps = 1e-3 if dtype == jnp.float32 else 1e-6
-    fd = (loss(A.at[0, 0].add(eps), "checkpoint") - loss(A.at[0, 0].add(-eps), "checkpoint"))
+    fd = loss(A.at[0, 0].add(eps), "checkpoint") - loss(A.at[0, 0].add(-eps), "checkpoint")
     fd = fd / (2 * eps)
     tol = 2e-3 if dtype == jnp.float32 else 1e-6
     for g in grads.values():
@@ -220,8 +234,9 @@ def test_gradients_agree_across_adjoints(dtype):
 def test_batches_equal_member_by_member(dtype):
     d = 2
     norms = jnp.asarray([0.0, 0.1, 0.3])
-    los = [ja.LoRA.random(d, rank=1, norm=norms, key=jax.random.key(1), target=t)
-           for t in ("V", "Q")]
+    los = [
+        ja.LoRA.random(d, rank=1, norm=norms, key=jax.random.key(1), target=t) for t in ("V", "Q")
+    ]
     x0 = jnp.stack([_rand((5, d), s, 0.8) for s in range(2)]).astype(dtype)
     f = ja.RescaledField(d=d, dtype=dtype).with_lora(los)
     sol = ja.simulate(f, x0, 0.6, dt=0.1)
@@ -247,21 +262,22 @@ def test_logit_matrix_of_a_stacked_field_is_per_member():
 
     rng = _np.random.default_rng(11)
     Q, K = (_jnp.asarray(rng.normal(size=(3, 3))) for _ in range(2))
-    lora = _ja.LoRA.random(3, rank=1, norm=_jnp.asarray([0.1, 0.5, 0.9]), target="Q",
-                           key=_jax.random.key(0))
+    lora = _ja.LoRA.random(
+        3, rank=1, norm=_jnp.asarray([0.1, 0.5, 0.9]), target="Q", key=_jax.random.key(0)
+    )
     f = _ja.PlainField(Q, K, None, lora=lora)
     assert f.A.shape == (3, 3, 3)
     for b in range(3):
         one = _ja.LoRA(lora.A[b], lora.B[b], lora.alpha, "Q")
-        _np.testing.assert_allclose(f.A[b], _ja.PlainField(Q, K, None, lora=one).A,
-                                    rtol=1e-14, atol=1e-14)
+        _np.testing.assert_allclose(
+            f.A[b], _ja.PlainField(Q, K, None, lora=one).A, rtol=1e-14, atol=1e-14
+        )
 
 
 def _members_case(dyn, dtype, d=3):
     rng = np.random.default_rng(4)
     x0 = jnp.asarray(rng.uniform(-1, 1, (4, 6, d)), dtype)
-    lo = ja.LoRA.random(d, rank=1, norm=jnp.asarray([0.1, 0.3]), key=jax.random.key(1),
-                        target="V")
+    lo = ja.LoRA.random(d, rank=1, norm=jnp.asarray([0.1, 0.3]), key=jax.random.key(1), target="V")
     base = ja.make_field(dyn, d=d, beta=1.2, dtype=dtype)
     members = [base.with_lora(ja.LoRA(lo.A[i], lo.B[i], lo.alpha, "V")) for i in range(2)]
     return x0, base.with_lora(lo), members
@@ -280,9 +296,9 @@ def test_fixed_step_batches_equal_a_loop_of_single_solves(dyn, dtype, how):
     kw = dict(how)
     if "summary" in kw:
         kw["summary"] = lambda t, x: {"mean": jnp.mean(x, axis=0), "t": t}
-    run = lambda f, x: ja.simulate(f, x, 0.7, dt=0.1, **kw)  # noqa: E731
+    run = lambda f, x: ja.simulate(f, x, 0.7, dt=0.1, **kw)
     both, only_x = run(stacked, x0), run(members[0], x0)
-    leaves = lambda s: jax.tree.leaves(s.xs)  # noqa: E731
+    leaves = lambda s: jax.tree.leaves(s.xs)
 
     def same(a, b):
         scale = max(1.0, float(jnp.max(jnp.abs(b))))
@@ -300,8 +316,12 @@ def test_fixed_step_batches_equal_a_loop_of_single_solves(dyn, dtype, how):
             assert int(both.status[i, j]) == int(one.status) == _simulate.STATUS_OK
             assert int(both.num_steps[i, j]) == int(one.num_steps) == 7
             if one.norm_drift is not None and "summary" not in kw:
-                np.testing.assert_allclose(both.norm_drift[i, j], one.norm_drift,
-                                           rtol=0, atol=4 * float(jnp.finfo(dtype).eps))
+                np.testing.assert_allclose(
+                    both.norm_drift[i, j],
+                    one.norm_drift,
+                    rtol=0,
+                    atol=4 * float(jnp.finfo(dtype).eps),
+                )
 
 
 def test_fixed_step_batch_keeps_per_member_status():
@@ -312,7 +332,11 @@ def test_fixed_step_batch_keeps_per_member_status():
     x0 = x0.at[1].multiply(1e200)
     f = ja.PlainField(V=4.0 * jnp.eye(d))
     sol = ja.simulate(f, x0, 2.0, dt=0.5)
-    assert sol.status.tolist() == [_simulate.STATUS_OK, _simulate.STATUS_NONFINITE, _simulate.STATUS_OK]
+    assert sol.status.tolist() == [
+        _simulate.STATUS_OK,
+        _simulate.STATUS_NONFINITE,
+        _simulate.STATUS_OK,
+    ]
     for j in (0, 2):
         np.testing.assert_array_equal(sol.xs[j], ja.simulate(f, x0[j], 2.0, dt=0.5).xs)
 

@@ -23,8 +23,11 @@ SPEC = {
     "lora": {"rank": 1, "seed": 3},
     "solve": {"t1": 3.0, "dt": 0.1},
     "grid": {"lora.norm": [0.02, 0.3], "lora.target": ["Q", "V"], "init.seed": {"range": 3}},
-    "sweep": {"chunk": 5, "summaries": ["divergence", "clusters", "diameter", "mean"],
-              "save_points": 7},
+    "sweep": {
+        "chunk": 5,
+        "summaries": ["divergence", "clusters", "diameter", "mean"],
+        "save_points": 7,
+    },
 }
 
 
@@ -54,8 +57,9 @@ def test_each_point_equals_its_own_simulation(tmp_path):
         e = np.asarray(ja.divergence(a.xs, b.xs))[idx]
         # Same RK4 arithmetic on the same grid: agreement to rounding.
         np.testing.assert_allclose(res["divergence"][i], e, rtol=0, atol=1e-13)
-        np.testing.assert_allclose(res["mean"][i], np.asarray(a.xs[idx].mean(axis=1)),
-                                   rtol=0, atol=1e-13)
+        np.testing.assert_allclose(
+            res["mean"][i], np.asarray(a.xs[idx].mean(axis=1)), rtol=0, atol=1e-13
+        )
         cl = [int(ja.cluster_count(a.xs[k], 0.1)) for k in idx]
         np.testing.assert_array_equal(res["clusters"][i], cl)
     # Larger perturbations move further (same seed, same target, norm 0.3 vs 0.02).
@@ -82,13 +86,23 @@ def test_device_count_does_not_change_a_long_chaotic_sweep(tmp_path):
     # differences grow to 1e-4 here. Before each device ran its share as one vmap, the
     # width (256 points on one device, 64 on each of four) changed XLA's rounding, and
     # 1 and 4 devices differed in 63 % of the entries (up to 1.9e-4).
-    spec = {"dynamics": "rescaled", "init": {"kind": "uniform", "n": 32, "d": 2},
-            "lora": {"rank": 1, "seed": 7},
-            "solve": {"t1": 50.0, "dt": 0.05},
-            "grid": {"lora.norm": [0.01, 0.3], "lora.target": ["Q", "K", "V"],
-                     "init.seed": {"range": 40}},
-            "sweep": {"chunk": 256, "batch": 32, "summaries": ["divergence", "diameter"],
-                      "save_points": 11}}
+    spec = {
+        "dynamics": "rescaled",
+        "init": {"kind": "uniform", "n": 32, "d": 2},
+        "lora": {"rank": 1, "seed": 7},
+        "solve": {"t1": 50.0, "dt": 0.05},
+        "grid": {
+            "lora.norm": [0.01, 0.3],
+            "lora.target": ["Q", "K", "V"],
+            "init.seed": {"range": 40},
+        },
+        "sweep": {
+            "chunk": 256,
+            "batch": 32,
+            "summaries": ["divergence", "diameter"],
+            "save_points": 11,
+        },
+    }
     r1 = _run(spec, tmp_path / "one", devices=jax.local_devices()[:1])
     r4 = _run(spec, tmp_path / "four", devices=jax.local_devices())
     assert np.max(r1["divergence"]) > 0.1  # the runs did separate: a sensitive test
@@ -127,15 +141,21 @@ def test_processes_share_chunks_round_robin(tmp_path):
     single = _run(SPEC, tmp_path / "single")
     shared = tmp_path / "shared"
     assert _run(SPEC, shared, process_index=0, process_count=2) is None  # chunks 0, 2
-    assert sorted(f for f in os.listdir(shared / "chunks") if not f.startswith("."))[:2] == ["chunk-000000.npz", "chunk-000002.npz"]
+    assert sorted(f for f in os.listdir(shared / "chunks") if not f.startswith("."))[:2] == [
+        "chunk-000000.npz",
+        "chunk-000002.npz",
+    ]
     res = _run(SPEC, shared, process_index=1, process_count=2)  # chunk 1, then assembles
     np.testing.assert_array_equal(res["divergence"], single["divergence"])
     assert _sha(shared / "result.npz") == _sha(tmp_path / "single" / "result.npz")
 
 
 def test_killed_cli_sweep_resumes_to_the_same_file(tmp_path):
-    spec = dict(SPEC, grid={"lora.norm": {"geomspace": [0.01, 0.3, 8]},
-                            "init.seed": {"range": 6}}, sweep={"chunk": 4})
+    spec = dict(
+        SPEC,
+        grid={"lora.norm": {"geomspace": [0.01, 0.3, 8]}, "init.seed": {"range": 6}},
+        sweep={"chunk": 4},
+    )
     path = tmp_path / "s.json"
     path.write_text(json.dumps(spec))
     assert cli.main(["sweep", str(path), "--out", str(tmp_path / "full"), "--quiet"]) == 0
@@ -144,7 +164,7 @@ def test_killed_cli_sweep_resumes_to_the_same_file(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        done = [f for f in os.listdir(out / "chunks")] if (out / "chunks").is_dir() else []
+        done = list(os.listdir(out / "chunks")) if (out / "chunks").is_dir() else []
         if any(f.startswith("chunk-") for f in done):
             proc.send_signal(signal.SIGKILL)
             break
@@ -153,8 +173,11 @@ def test_killed_cli_sweep_resumes_to_the_same_file(tmp_path):
     if proc.returncode == 0:
         pytest.skip("the sweep finished before it could be killed")
     left = os.listdir(out / "chunks")
-    assert not any(f.startswith(".tmp") for f in left if f.endswith(".npz") and
-                   os.path.getsize(out / "chunks" / f) == 0)
+    assert not any(
+        f.startswith(".tmp")
+        for f in left
+        if f.endswith(".npz") and os.path.getsize(out / "chunks" / f) == 0
+    )
     n_before = sum(f.startswith("chunk-") for f in left)
     assert 1 <= n_before < 12 and not (out / "result.npz").exists()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -181,17 +204,20 @@ def test_run_chunks_engine_resumes_and_rejects_other_sweeps(tmp_path):
     assert load_chunks(str(tmp_path), 7, 3)["sq"].shape == (7,)
 
 
-@pytest.mark.parametrize("grid,sweep_opts,message", [
-    ({"beta": []}, {}, "the grid has no points: grid beta is empty"),
-    ({}, {}, r"the grid has no points: \[grid\] is empty"),
-    (None, {}, r"no \[grid\] section"),
-    ({"init.seed": {"range": 0}}, {}, "grid init.seed is empty"),
-    ({"lora.rank": [1, 2]}, {}, "unknown grid key 'lora.rank'"),
-    ({"beta": [1.0, -2.0]}, {}, "grid beta values must be ≥ 0"),
-    ({"lora.target": ["Q", "W"]}, {}, "must be Q, K or V"),
-    ({"beta": [1.0]}, {"summaries": ["entropy"]}, "unknown summary 'entropy'"),
-    ({"beta": [1.0]}, {"chunk": 0}, "sweep chunk must be an integer ≥ 1"),
-])
+@pytest.mark.parametrize(
+    "grid,sweep_opts,message",
+    [
+        ({"beta": []}, {}, "the grid has no points: grid beta is empty"),
+        ({}, {}, r"the grid has no points: \[grid\] is empty"),
+        (None, {}, r"no \[grid\] section"),
+        ({"init.seed": {"range": 0}}, {}, "grid init.seed is empty"),
+        ({"lora.rank": [1, 2]}, {}, "unknown grid key 'lora.rank'"),
+        ({"beta": [1.0, -2.0]}, {}, "grid beta values must be ≥ 0"),
+        ({"lora.target": ["Q", "W"]}, {}, "must be Q, K or V"),
+        ({"beta": [1.0]}, {"summaries": ["entropy"]}, "unknown summary 'entropy'"),
+        ({"beta": [1.0]}, {"chunk": 0}, "sweep chunk must be an integer ≥ 1"),
+    ],
+)
 def test_bad_grids_are_one_line_errors(grid, sweep_opts, message):
     spec = {k: v for k, v in SPEC.items() if k not in ("grid", "sweep")}
     spec["lora"] = dict(spec["lora"], norm=0.1)
@@ -204,13 +230,13 @@ def test_bad_grids_are_one_line_errors(grid, sweep_opts, message):
 
 def test_incompatible_spec_and_grid():
     explicit = dict(SPEC, init={"x0": [[0.0, 1.0], [1.0, 0.0]]})
-    with pytest.raises(SweepError, match="init.seed needs a random"):
+    with pytest.raises(SweepError, match=r"init\.seed needs a random"):
         parse_sweep(explicit)
     no_lora = {k: v for k, v in SPEC.items() if k != "lora"}
     with pytest.raises(SweepError, match=r"grid lora.norm needs a \[lora\] section"):
         parse_sweep(no_lora)
     ab = dict(SPEC, lora={"A": [[1.0, 0.0]], "B": [[0.0], [1.0]]})
-    with pytest.raises(SweepError, match="lora.norm needs a random"):
+    with pytest.raises(SweepError, match=r"lora\.norm needs a random"):
         parse_sweep(ab)
     twice = dict(SPEC, lora={"rank": 1, "norm": 0.1})
     with pytest.raises(SweepError, match=r"lora.norm is given both in \[lora\] and in \[grid\]"):
@@ -231,7 +257,9 @@ def test_cli_bad_input_exits_2_and_overwrites_nothing(tmp_path, capsys):
     good.write_text(json.dumps(SPEC))
     out = tmp_path / "out"
     assert cli.main(["sweep", str(good), "--out", str(out), "--quiet"]) == 0
-    files = {p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")}
+    files = {
+        p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")
+    }
     capsys.readouterr()
 
     other = dict(SPEC, solve={"t1": 2.0, "dt": 0.1})
@@ -250,18 +278,26 @@ def test_cli_bad_input_exits_2_and_overwrites_nothing(tmp_path, capsys):
     (lone / "result.npz").write_bytes((out / "result.npz").read_bytes())
     assert cli.main(["sweep", str(bad), "--out", str(lone), "--quiet"]) == 2
     assert "result.npz of a different sweep" in capsys.readouterr().err
-    assert {p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")} == files
+    assert {
+        p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock")
+    } == files
     # The same spec again: everything is done, nothing recomputed, same bytes.
     assert cli.main(["sweep", str(good), "--out", str(out), "--quiet"]) == 0
-    assert {p: _sha(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".jaxattn-lock") and p.name != "summary.json"} \
-        == {p: h for p, h in files.items() if p.name != "summary.json"}
+    assert {
+        p: _sha(p)
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith(".jaxattn-lock") and p.name != "summary.json"
+    } == {p: h for p, h in files.items() if p.name != "summary.json"}
 
 
 def test_sphere_sweep_over_beta_with_tokens_summary(tmp_path):
-    spec = {"dynamics": "sphere", "init": {"kind": "sphere", "n": 8, "d": 3},
-            "solve": {"t1": 2.0, "dt": 0.1, "renormalise": True},
-            "grid": {"beta": [0.5, 4.0], "init.seed": [0, 1]},
-            "sweep": {"summaries": ["tokens", "clusters"], "save_points": 3, "chunk": 3}}
+    spec = {
+        "dynamics": "sphere",
+        "init": {"kind": "sphere", "n": 8, "d": 3},
+        "solve": {"t1": 2.0, "dt": 0.1, "renormalise": True},
+        "grid": {"beta": [0.5, 4.0], "init.seed": [0, 1]},
+        "sweep": {"summaries": ["tokens", "clusters"], "save_points": 3, "chunk": 3},
+    }
     res = _run(spec, tmp_path)
     assert res["tokens"].shape == (2, 2, 3, 8, 3)
     np.testing.assert_allclose(np.linalg.norm(res["tokens"], axis=-1), 1.0, atol=1e-13)
@@ -279,11 +315,15 @@ def test_sphere_sweep_over_beta_with_tokens_summary(tmp_path):
 
 
 def test_float32_adaptive_sweep_over_beta_seed_alpha(tmp_path):
-    spec = {"dtype": "float32", "dynamics": "rescaled", "init": {"kind": "normal", "n": 6, "d": 3},
-            "lora": {"rank": 2, "norm": 0.1},
-            "solve": {"t1": 2.0, "solver": "tsit5", "rtol": 1e-6, "atol": 1e-8},
-            "grid": {"beta": [0.5, 2.0], "lora.seed": [0, 1], "lora.alpha": [1.0, 4.0]},
-            "sweep": {"summaries": ["hausdorff", "tokens"], "save_points": 5, "chunk": 3}}
+    spec = {
+        "dtype": "float32",
+        "dynamics": "rescaled",
+        "init": {"kind": "normal", "n": 6, "d": 3},
+        "lora": {"rank": 2, "norm": 0.1},
+        "solve": {"t1": 2.0, "solver": "tsit5", "rtol": 1e-6, "atol": 1e-8},
+        "grid": {"beta": [0.5, 2.0], "lora.seed": [0, 1], "lora.alpha": [1.0, 4.0]},
+        "sweep": {"summaries": ["hausdorff", "tokens"], "save_points": 5, "chunk": 3},
+    }
     res = _run(spec, tmp_path)
     assert res["tokens"].dtype == np.float32 and np.all(res["status"] == 0)
     plan = parse_sweep(spec)
@@ -293,8 +333,9 @@ def test_float32_adaptive_sweep_over_beta_seed_alpha(tmp_path):
         i = np.unravel_index(p, plan.shape)
         # Adaptive steps are chosen for the pair (original, perturbed) in the sweep and
         # for the perturbed run alone here: both meet rtol 1e-6, so they agree to ~1e-5.
-        np.testing.assert_allclose(res["tokens"][i], np.asarray(a.xs), rtol=0,
-                                   atol=1e-4 * float(np.abs(a.xs).max()))
+        np.testing.assert_allclose(
+            res["tokens"][i], np.asarray(a.xs), rtol=0, atol=1e-4 * float(np.abs(a.xs).max())
+        )
     # alpha 4 vs 1 (same seed, same norm): LoRA.random fixes ‖ΔW‖ = norm for any alpha,
     # so the runs coincide.
     np.testing.assert_allclose(res["tokens"][:, :, 0], res["tokens"][:, :, 1], rtol=0, atol=1e-5)
@@ -304,17 +345,24 @@ def test_short_chunks_are_padded_to_a_few_sizes_only(tmp_path):
     from jaxattn._sweep import padded_size
 
     assert [padded_size(n, 4096) for n in (1, 2, 3, 5, 100, 4095, 4096)] == [
-        1, 2, 4, 8, 128, 4096, 4096]
+        1,
+        2,
+        4,
+        8,
+        128,
+        4096,
+        4096,
+    ]
     assert [padded_size(n, 12) for n in (1, 5, 9, 12)] == [1, 8, 12, 12]
     assert len({padded_size(n, 4096) for n in range(1, 4097)}) == 13  # 2⁰ … 2¹²
     # A one-point sweep with a huge chunk solves one point (padded for the 4 devices),
     # and that point is its own simulation.
-    spec = {**SPEC, "grid": {"beta": [1.5]}, "sweep": {"chunk": 4096,
-                                                       "summaries": ["mean"]}}
+    spec = {**SPEC, "grid": {"beta": [1.5]}, "sweep": {"chunk": 4096, "summaries": ["mean"]}}
     spec = {k: v for k, v in spec.items() if k != "lora"}
     res = _run(spec, tmp_path)
     sim = parse_spec(parse_sweep(spec).point_spec(0))
     a = ja.simulate(sim.field, sim.x0, sim.t1, **sim.solve)
     idx = np.searchsorted(np.asarray(a.ts), res["ts"])
-    np.testing.assert_allclose(res["mean"][0], np.asarray(a.xs[idx].mean(axis=1)),
-                               rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+        res["mean"][0], np.asarray(a.xs[idx].mean(axis=1)), rtol=0, atol=1e-13
+    )

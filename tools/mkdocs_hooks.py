@@ -12,7 +12,7 @@ import re
 _DOCS_LINK = re.compile(r"\]\(\.\./docs/")
 
 
-def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs signature)
+def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri.startswith("benchmarks/"):
         return _DOCS_LINK.sub("](../", markdown)
     return markdown

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-minilm-")
         for n in names:
-            target = os.path.join(tmp, n[len(PREFIX):])
+            target = os.path.join(tmp, n[len(PREFIX) :])
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with zf.open(n) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)

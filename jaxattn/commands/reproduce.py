@@ -29,8 +29,10 @@ def parse_eps(text: str) -> list[float]:
     except ValueError:
         raise ValueError(f"--eps must be comma-separated numbers, got {text!r}") from None
     if any(not math.isfinite(v) or not 0 < v < 1 for v in vals):
-        raise ValueError(f"--eps values must lie in (0, 1) (ε is the size of a perturbation "
-                         f"of V = I), got {text!r}")
+        raise ValueError(
+            f"--eps values must lie in (0, 1) (ε is the size of a perturbation "
+            f"of V = I), got {text!r}"
+        )
     return vals
 
 
@@ -42,7 +44,9 @@ def load_x0(path: str):
     try:
         x0 = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise ValueError(f"--x0 {path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"--x0 {path} is not a readable .npy array ({str(e).splitlines()[0]})"
+        ) from None
     if x0.ndim != 2 or x0.shape[0] < 1 or x0.shape[1] < 1:
         raise ValueError(f"--x0 must hold an (n, d) array of tokens, got shape {x0.shape}")
     if x0.dtype.kind not in "fi" or not np.all(np.isfinite(x0)):

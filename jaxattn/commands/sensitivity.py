@@ -29,15 +29,21 @@ OBJECTIVE_KEYS = {"kind", "adjoint", "checkpoints", "wrt"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sensitivity",
-                       help="value and gradient of an [objective] of a simulate spec")
+    p = sub.add_parser(
+        "sensitivity", help="value and gradient of an [objective] of a simulate spec"
+    )
     p.add_argument("spec", help="simulate spec (.toml or .json) with an [objective] table")
     p.add_argument("--out", required=True, help="output .npz (value, grad_Q, grad_K, ...)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file "
-                   "that is not an earlier sensitivity output")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file that is not an earlier sensitivity output",
+    )
     p.set_defaults(func=handle)
-    e = sub.add_parser("sensitivity-experiment",
-                       help="worst-case LoRA direction vs random ones, smallest cluster change")
+    e = sub.add_parser(
+        "sensitivity-experiment",
+        help="worst-case LoRA direction vs random ones, smallest cluster change",
+    )
     e.add_argument("--out", required=True, help="output folder (figures, data, summary.json)")
     e.add_argument("--quick", action="store_true", help="small, fast version (used in tests)")
     e.set_defaults(func=handle_experiment)
@@ -49,24 +55,29 @@ def parse_objective(raw: dict) -> tuple[dict, dict]:
     from .._simulate import ADJOINTS
 
     if "objective" not in raw:
-        raise ValueError("the spec needs an [objective] table "
-                         "(kind = mean_sq | squared_distance)")
+        raise ValueError("the spec needs an [objective] table (kind = mean_sq | squared_distance)")
     obj = raw["objective"]
     if not isinstance(obj, dict):
         raise ValueError(f"[objective] must be a table/object, got {type(obj).__name__}")
     extra = sorted(set(obj) - OBJECTIVE_KEYS)
     if extra:
-        raise ValueError(f"unknown key{'s' if len(extra) > 1 else ''} in [objective]: "
-                         f"{', '.join(extra)} (allowed: {', '.join(sorted(OBJECTIVE_KEYS))})")
+        raise ValueError(
+            f"unknown key{'s' if len(extra) > 1 else ''} in [objective]: "
+            f"{', '.join(extra)} (allowed: {', '.join(sorted(OBJECTIVE_KEYS))})"
+        )
     if "kind" not in obj:
         raise ValueError("[objective] needs kind = mean_sq | squared_distance")
     kind = obj["kind"]
     if kind in OBJECTIVE_ALIASES:
         import warnings
 
-        warnings.warn(f"objective kind {kind!r} is deprecated, use "
-                      f"{OBJECTIVE_ALIASES[kind]!r} (½·Σ_i |Δx_i|²; e(T) = max_i |Δx_i| is "
-                      f"printed as well)", FutureWarning, stacklevel=2)
+        warnings.warn(
+            f"objective kind {kind!r} is deprecated, use "
+            f"{OBJECTIVE_ALIASES[kind]!r} (½·Σ_i |Δx_i|²; e(T) = max_i |Δx_i| is "
+            f"printed as well)",
+            FutureWarning,
+            stacklevel=2,
+        )
         kind = OBJECTIVE_ALIASES[kind]
     if kind not in OBJECTIVES:
         raise ValueError(f"unknown objective kind {kind!r}; choose {' | '.join(OBJECTIVES)}")
@@ -76,7 +87,9 @@ def parse_objective(raw: dict) -> tuple[dict, dict]:
     checkpoints = obj.get("checkpoints")
     if checkpoints is not None:
         if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
-            raise ValueError(f"objective checkpoints must be a positive integer, got {checkpoints!r}")
+            raise ValueError(
+                f"objective checkpoints must be a positive integer, got {checkpoints!r}"
+            )
         if adjoint != "checkpoint":
             raise ValueError("objective checkpoints applies to adjoint checkpoint only")
     wrt = obj.get("wrt")
@@ -87,7 +100,9 @@ def parse_objective(raw: dict) -> tuple[dict, dict]:
             raise ValueError(f"objective wrt must be a non-empty list of names ({', '.join(WRT)})")
         bad = sorted(set(wrt) - set(WRT))
         if bad:
-            raise ValueError(f"unknown objective wrt {', '.join(bad)}; choose from {', '.join(WRT)}")
+            raise ValueError(
+                f"unknown objective wrt {', '.join(bad)}; choose from {', '.join(WRT)}"
+            )
     rest = {k: v for k, v in raw.items() if k != "objective"}
     return rest, {"kind": kind, "adjoint": adjoint, "checkpoints": checkpoints, "wrt": wrt}
 
@@ -97,8 +112,9 @@ def handle(args) -> int:
     from .._spec import load_spec_file, parse_spec
     from ..cli import setup_jax
 
-    out = check_output_file(args.out, inputs=[args.spec], own=("value", "objective"),
-                            force=args.force)
+    out = check_output_file(
+        args.out, inputs=[args.spec], own=("value", "objective"), force=args.force
+    )
     raw = load_spec_file(args.spec)
     rest, obj = parse_objective(raw)
     setup_jax("float64")
@@ -107,16 +123,26 @@ def handle(args) -> int:
     if obj["wrt"] is not None and "lora" in obj["wrt"] and not field.loras:
         raise ValueError("objective wrt asks for a LoRA gradient but the spec has no [lora]")
     if obj["kind"] == "squared_distance" and not field.loras:
-        raise ValueError("objective squared_distance compares the runs with and without the "
-                         "LoRA; the spec has no [lora]")
+        raise ValueError(
+            "objective squared_distance compares the runs with and without the "
+            "LoRA; the spec has no [lora]"
+        )
     import numpy as np
 
     from .._sensitivity import value_and_grad
 
     t0 = time.perf_counter()
     try:
-        res = value_and_grad(field, sim.x0, sim.t1, obj["kind"], adjoint=obj["adjoint"],
-                             wrt=obj["wrt"], checkpoints=obj["checkpoints"], **sim.solve)
+        res = value_and_grad(
+            field,
+            sim.x0,
+            sim.t1,
+            obj["kind"],
+            adjoint=obj["adjoint"],
+            wrt=obj["wrt"],
+            checkpoints=obj["checkpoints"],
+            **sim.solve,
+        )
     except RuntimeError as e:  # the solve itself failed (status), not a usage error
         print(f"jaxattn: {e}", file=sys.stderr)
         return 1
@@ -127,11 +153,20 @@ def handle(args) -> int:
         e_T = lora_divergence(field, sim.x0, sim.t1, sim.solve)
         extra["e_T"] = np.asarray(e_T)
         e_text = f"; e(T) = max_i |Δx_i| = {e_T:.10g}"
-    write_npz(out, value=np.asarray(res.value), objective=obj["kind"], adjoint=obj["adjoint"],
-              spec=json.dumps(sim.resolved), **extra, **arrays)
+    write_npz(
+        out,
+        value=np.asarray(res.value),
+        objective=obj["kind"],
+        adjoint=obj["adjoint"],
+        spec=json.dumps(sim.resolved),
+        **extra,
+        **arrays,
+    )
     names = ", ".join(sorted(arrays))
-    print(f"wrote {out}: {obj['kind']} {OBJECTIVE_FORMULAS[obj['kind']]} = {res.value:.10g}"
-          f"{e_text}; and {names} ({obj['adjoint']} adjoint, {wall:.2f} s)")
+    print(
+        f"wrote {out}: {obj['kind']} {OBJECTIVE_FORMULAS[obj['kind']]} = {res.value:.10g}"
+        f"{e_text}; and {names} ({obj['adjoint']} adjoint, {wall:.2f} s)"
+    )
     return 0
 
 

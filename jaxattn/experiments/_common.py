@@ -23,8 +23,9 @@ def config_key(cfg: dict, keys, parts=(), arrays=()) -> str:
     import hashlib
     import json
 
-    h = hashlib.sha256(json.dumps([{k: cfg[k] for k in keys}, list(parts)],
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps([{k: cfg[k] for k in keys}, list(parts)], sort_keys=True).encode()
+    )
     for a in arrays:
         h.update(np.ascontiguousarray(np.asarray(a, np.float64)).tobytes())
     return h.hexdigest()[:16]
@@ -48,8 +49,13 @@ def loglog_fit(x, y, *, groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
     y = np.asarray(y, np.float64)
     ok = np.isfinite(y) & (y > 0) & (x > 0)
     if ok.sum() < 2:
-        return {"slope": None, "prefactor": None, "slope_ci95": None, "prefactor_ci95": None,
-                "points": int(ok.sum())}
+        return {
+            "slope": None,
+            "prefactor": None,
+            "slope_ci95": None,
+            "prefactor_ci95": None,
+            "points": int(ok.sum()),
+        }
     lx, ly = np.log(x[ok]), np.log(y[ok])
     s, b = np.polyfit(lx, ly, 1)
     out = {"slope": float(s), "prefactor": float(np.exp(b)), "points": int(ok.sum())}
@@ -66,8 +72,10 @@ def loglog_fit(x, y, *, groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
                 ss.append(s_b)
                 bs.append(b_b)
         out["slope_ci95"] = [float(np.percentile(ss, 2.5)), float(np.percentile(ss, 97.5))]
-        out["prefactor_ci95"] = [float(np.exp(np.percentile(bs, 2.5))),
-                                 float(np.exp(np.percentile(bs, 97.5)))]
+        out["prefactor_ci95"] = [
+            float(np.exp(np.percentile(bs, 2.5))),
+            float(np.exp(np.percentile(bs, 97.5))),
+        ]
         out["ci_method"] = f"bootstrap over {groups.shape[0]} initial conditions ({n_boot} draws)"
     else:
         resid = ly - (s * lx + b)

@@ -45,16 +45,25 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
         ens = np.asarray(lad["exact_ns"], np.float64)
         for k in (0, len(lad["ts"]) - 1):
             med = nanmedian(lad["exact"][:, :, k], axis=0)
-            ax.loglog(ens, med, "s--", color=colors[k], ms=3,
-                      label=f"exact W2 between seeds, t = {lad['ts'][k]:g}")
+            ax.loglog(
+                ens,
+                med,
+                "s--",
+                color=colors[k],
+                ms=3,
+                label=f"exact W2 between seeds, t = {lad['ts'][k]:g}",
+            )
         y0 = nanmedian(lad["exact"][:, 0, 0])
         for rate, style, lab in ((-0.5, ":", "n^-1/2"), (-1.0 / d, "-.", f"n^-1/{d}")):
             ax.loglog(ens, y0 * (ens / ens[0]) ** rate, style, color="0.3", lw=1, label=lab)
         fit = summary[f"d{d}"]["fits"][f"{lad['ts'][-1]:g}"]["exact_between_seeds"]
         if fit["slope"] is not None:
             ci = fit.get("slope_ci95") or [np.nan, np.nan]
-            ax.set_title(f"d = {d}, N = {lad['N']}: exact-W2 slope at t = {lad['ts'][-1]:g}: "
-                         f"{fit['slope']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]", fontsize=9)
+            ax.set_title(
+                f"d = {d}, N = {lad['N']}: exact-W2 slope at t = {lad['ts'][-1]:g}: "
+                f"{fit['slope']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                fontsize=9,
+            )
         _label(ax, "n", "W2", ax.get_title(), legend_size=6.5)
     _save(fig, out_dir, "convergence.png")
 
@@ -73,7 +82,7 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
         top = 6
         M = np.full((len(ns), top), np.nan)
         for i, m in enumerate(cl["masses"][0]):
-            M[i, :min(top, m.size)] = m[:top]
+            M[i, : min(top, m.size)] = m[:top]
         for j in range(top):
             row[1].semilogx(ns, M[:, j], "o-", ms=3, label=f"cluster {j + 1}")
         row[1].set_xlabel("n")
@@ -88,10 +97,16 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
     fig, ax = plt.subplots(figsize=(7, 4.6))
     colors = plt.cm.plasma(np.linspace(0, 0.85, eps.size))
     styles = ["-", "--", ":", "-."]
-    for i, n in enumerate(ns):
+    for i, _n in enumerate(ns):
         for e in range(eps.size):
-            ax.semilogy(ts[1:], lora["W"][i, e, 1:], styles[i % 4], color=colors[e], lw=1,
-                        label=f"ε = {eps[e]:g}" if i == len(ns) - 1 else None)
+            ax.semilogy(
+                ts[1:],
+                lora["W"][i, e, 1:],
+                styles[i % 4],
+                color=colors[e],
+                lw=1,
+                label=f"ε = {eps[e]:g}" if i == len(ns) - 1 else None,
+            )
     for i, n in enumerate(ns):
         ax.plot([], [], styles[i % 4], color="k", label=f"n = {n}")
     _label(ax, "t", "W2(μ_t, μ̃_t)", "Measure-level LoRA divergence (same μ0)", ncol=2)
@@ -103,19 +118,24 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
         dep = np.where(np.isfinite(lora["t_dep_W"][i]), lora["t_dep_W"][i], np.nan)
         ax.loglog(eps, dep, "o-", ms=4, label=f"W2, n = {n}")
         tok = np.where(np.isfinite(lora["t_dep_tok"][i]), lora["t_dep_tok"][i], np.nan)
-        ax.loglog(eps, tok, "x:", ms=4, color=ax.lines[-1].get_color(),
-                  label=f"token Hausdorff, n = {n}")
+        ax.loglog(
+            eps, tok, "x:", ms=4, color=ax.lines[-1].get_color(), label=f"token Hausdorff, n = {n}"
+        )
     ax.loglog(eps, 0.72 / eps, "k--", lw=1, label="0.72/ε (token metric, n = 20)")
-    _label(ax, "ε", "departure time",
-           f"Departure from the original clusters (δ = {cfg['delta']})")
+    _label(ax, "ε", "departure time", f"Departure from the original clusters (δ = {cfg['delta']})")
     _save(fig, out_dir, "departure_w2.png")
 
     # 5. The bound.
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = plt.cm.plasma(np.linspace(0, 0.85, bound["eps"].size))
     for e in range(bound["eps"].size):
-        ax.semilogy(bound["ts"][1:], bound["measured"][e, 1:], "-", color=colors[e],
-                    label=f"measured, ε = {bound['eps'][e]:g}")
+        ax.semilogy(
+            bound["ts"][1:],
+            bound["measured"][e, 1:],
+            "-",
+            color=colors[e],
+            label=f"measured, ε = {bound['eps'][e]:g}",
+        )
         ax.semilogy(bound["ts"][1:], bound["bound"][e, 1:], "--", color=colors[e], lw=1)
         ax.semilogy(bound["ts"][1:], bound["dobrushin"][e, 1:], ":", color=colors[e], lw=1)
     ax.plot([], [], "k--", lw=1, label="bound (min of both)")
@@ -139,28 +159,49 @@ def plot_large(out_dir, cfg, lad, dep):
     for k, t in enumerate(lad["ts"]):
         fit = lad["fits"][f"{t:g}"]
         slope = f", slope {fit['slope']:.2f}" if fit["slope"] is not None else ""
-        ax.loglog(ns, lad["sliced"][:, k], "o-", color=colors[k], ms=3,
-                  label=f"t = {t:g}{slope}")
+        ax.loglog(ns, lad["sliced"][:, k], "o-", color=colors[k], ms=3, label=f"t = {t:g}{slope}")
     y0 = lad["sliced"][0, 0]
     ax.loglog(ns, y0 * (ns / ns[0]) ** -0.5, ":", color="0.3", lw=1, label="n^-1/2")
     ax.axvline(cfg["fit_max_frac"] * lad["N"], color="0.6", lw=0.8)
-    _label(ax, "n", f"sliced W2 to n = {lad['N']}",
-           f"d = {cfg['d']}, one nested sample, {cfg['ladder_dtype']}", legend_size=7)
+    _label(
+        ax,
+        "n",
+        f"sliced W2 to n = {lad['N']}",
+        f"d = {cfg['d']}, one nested sample, {cfg['ladder_dtype']}",
+        legend_size=7,
+    )
     ax = axes[1]
     for i, n in enumerate(dep["ns"]):
         c = dep["prefactor"][i]  # (seeds, ε)
         for e, eps in enumerate(dep["eps"]):
             ok = np.isfinite(c[:, e])
-            ax.plot(np.full(ok.sum(), n) * (1 + 0.06 * (e - 1)), c[ok, e], "o", ms=4,
-                    alpha=0.6, color=plt.cm.plasma(0.85 * e / max(1, dep["eps"].size - 1)),
-                    label=f"ε = {eps:g}" if i == 0 else None)
+            ax.plot(
+                np.full(ok.sum(), n) * (1 + 0.06 * (e - 1)),
+                c[ok, e],
+                "o",
+                ms=4,
+                alpha=0.6,
+                color=plt.cm.plasma(0.85 * e / max(1, dep["eps"].size - 1)),
+                label=f"ε = {eps:g}" if i == 0 else None,
+            )
         st = dep["stats"][i]
         if st["prefactor_mean"] is not None:
-            ax.errorbar([n], [st["prefactor_mean"]], yerr=[st["prefactor_sd"] or 0.0],
-                        fmt="ks", ms=6, capsize=4, label="mean ± sd" if i == 0 else None)
+            ax.errorbar(
+                [n],
+                [st["prefactor_mean"]],
+                yerr=[st["prefactor_sd"] or 0.0],
+                fmt="ks",
+                ms=6,
+                capsize=4,
+                label="mean ± sd" if i == 0 else None,
+            )
     ax.set_xscale("log")
     ax.set_xticks(dep["ns"], [str(n) for n in dep["ns"]])
     ax.minorticks_off()
-    _label(ax, "n", "T_dep · ε (departure in W2)",
-           f"Departure prefactor, {cfg['dep_seeds']} samples per n (δ = {cfg['delta']})")
+    _label(
+        ax,
+        "n",
+        "T_dep · ε (departure in W2)",
+        f"Departure prefactor, {cfg['dep_seeds']} samples per n (δ = {cfg['delta']})",
+    )
     _save(fig, out_dir, "large_n.png")

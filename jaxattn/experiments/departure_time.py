@@ -35,12 +35,30 @@ NAME = "departure-time"
 DESCRIPTION = "approach/departure times vs ε to t = 1000, log-log fit, three phases"
 CLI_OPTIONS = ("eps", "x0", "metric")
 
-DEFAULTS = dict(n=20, d=2, low=-1.0, high=1.0, n_ic=16, eps=list(np.logspace(-3, -1, 30)),
-                t1=1000.0, t_ref=20.0, dt=0.1, solver="rk4", delta=0.1, metric="hausdorff",
-                seed=0, x0=None, chunk=6, dense_until=60.0, coarse_every=5,
-                paper_eps=[0.01, 0.002], fit_max_eps=0.02)
-QUICK = dict(n=8, n_ic=3, eps=[0.02, 0.05, 0.1], t1=120.0, chunk=3, paper_eps=[0.05],
-             fit_max_eps=0.1)
+DEFAULTS = dict(
+    n=20,
+    d=2,
+    low=-1.0,
+    high=1.0,
+    n_ic=16,
+    eps=list(np.logspace(-3, -1, 30)),
+    t1=1000.0,
+    t_ref=20.0,
+    dt=0.1,
+    solver="rk4",
+    delta=0.1,
+    metric="hausdorff",
+    seed=0,
+    x0=None,
+    chunk=6,
+    dense_until=60.0,
+    coarse_every=5,
+    paper_eps=[0.01, 0.002],
+    fit_max_eps=0.02,
+)
+QUICK = dict(
+    n=8, n_ic=3, eps=[0.02, 0.05, 0.1], t1=120.0, chunk=3, paper_eps=[0.05], fit_max_eps=0.1
+)
 
 PAPER_PREFACTOR = 0.54  # paper: T_dep ≈ 0.54/ε for ε ≤ 0.015 (its first-order scheme)
 
@@ -87,18 +105,37 @@ def departure_times(x0, eps, cfg, *, solver=None, dt=None, dtype=None):
     ref = simulate(base, x0, cfg["t_ref"], solver=solver, dt=dt, ts=[cfg["t_ref"]])
     ref_tokens = ref.xs[:, -1]
     ts = _output_grid(cfg["t1"], dt, cfg["dense_until"], cfg["coarse_every"])
-    sol = simulate(base.with_lora(perturbation(eps, dtype)), x0, cfg["t1"], solver=solver,
-                   dt=dt, ts=ts)
+    sol = simulate(
+        base.with_lora(perturbation(eps, dtype)), x0, cfg["t1"], solver=solver, dt=dt, ts=ts
+    )
     dist = _distances_paper if cfg["metric"] == "paper" else _distances_hausdorff
     D = dist(sol.xs, ref_tokens)
     t_app, t_dep = _times(jnp.asarray(ts, dtype), D, cfg["delta"])
-    return (np.asarray(t_app), np.asarray(t_dep), np.asarray(D), ts, np.asarray(sol.status),
-            np.asarray(ref.status))
+    return (
+        np.asarray(t_app),
+        np.asarray(t_dep),
+        np.asarray(D),
+        ts,
+        np.asarray(sol.status),
+        np.asarray(ref.status),
+    )
 
 
 def _cfg_hash(cfg, x0) -> str:
-    keys = ("n", "d", "low", "high", "t1", "t_ref", "dt", "solver", "delta", "metric",
-            "dense_until", "coarse_every")
+    keys = (
+        "n",
+        "d",
+        "low",
+        "high",
+        "t1",
+        "t_ref",
+        "dt",
+        "solver",
+        "delta",
+        "metric",
+        "dense_until",
+        "coarse_every",
+    )
     return config_key(cfg, keys, arrays=(x0,))
 
 
@@ -110,8 +147,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     if cfg["x0"] is not None:
         x0 = jnp.asarray(np.asarray(cfg["x0"], np.float64)[None], dtype)
         if x0.shape[-1] != 2:
-            raise ValueError(f"--x0 must hold 2-D tokens (n, 2) for this experiment, got "
-                             f"shape {x0.shape[1:]}")
+            raise ValueError(
+                f"--x0 must hold 2-D tokens (n, 2) for this experiment, got shape {x0.shape[1:]}"
+            )
         cfg["n"], cfg["n_ic"] = int(x0.shape[1]), 1
     else:
         x0 = uniform_tokens(cfg["seed"], cfg["n_ic"], cfg["n"], 2, cfg["low"], cfg["high"], dtype)
@@ -119,56 +157,78 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
     E, B = eps.size, int(x0.shape[0])
     ts = _output_grid(cfg["t1"], cfg["dt"], cfg["dense_until"], cfg["coarse_every"])
-    log(f"{E} values of ε × {B} initial conditions to t = {cfg['t1']:g}, chunks of "
-        f"{cfg['chunk']} ε (resumable) ...")
+    log(
+        f"{E} values of ε × {B} initial conditions to t = {cfg['t1']:g}, chunks of "
+        f"{cfg['chunk']} ε (resumable) ..."
+    )
 
     def compute(idx):
         a, dp, D, _, status, _ = departure_times(x0, eps[idx], cfg, dtype=dtype)
         return {"t_app": a, "t_dep": dp, "D0": D[:, 0], "status": status}
 
     identity = {"experiment": NAME, "config": _cfg_hash(cfg, x0), "eps": eps}
-    res = run_chunks(os.path.join(out_dir, "chunks", f"departure-{sweep_id(identity)}"),
-                     identity, E, cfg["chunk"], compute, progress=sys.stderr.isatty(),
-                     log=log, desc="departure-time")
+    res = run_chunks(
+        os.path.join(out_dir, "chunks", f"departure-{sweep_id(identity)}"),
+        identity,
+        E,
+        cfg["chunk"],
+        compute,
+        progress=sys.stderr.isatty(),
+        log=log,
+        desc="departure-time",
+    )
     t_app, t_dep, D0 = res["t_app"], res["t_dep"], res["D0"]
 
     med_app, med_dep = nanmedian(t_app, axis=1), nanmedian(t_dep, axis=1)
     fit_mask = eps <= cfg["fit_max_eps"]
-    fit = loglog_fit(eps[fit_mask], med_dep[fit_mask],
-                     groups=t_dep[fit_mask].T if B > 1 else None)
+    fit = loglog_fit(eps[fit_mask], med_dep[fit_mask], groups=t_dep[fit_mask].T if B > 1 else None)
 
     log("paper comparison: first-order scheme (Euler, dt = 0.1) against converged RK4 ...")
     paper = _paper_comparison(x0[:1], cfg, dtype)
 
     log("figures and summary ...")
     _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg)
-    write_npz(os.path.join(out_dir, "departure_time.npz"), eps=eps, t_approach=t_app,
-              t_departure=t_dep, ts=ts, D_first_ic=D0)
+    write_npz(
+        os.path.join(out_dir, "departure_time.npz"),
+        eps=eps,
+        t_approach=t_app,
+        t_departure=t_dep,
+        ts=ts,
+        D_first_ic=D0,
+    )
     _write_csv(os.path.join(out_dir, "departure_time.csv"), eps, med_app, med_dep, t_dep)
     never_app = int(np.sum(np.isinf(t_app)))
     never = int(np.sum(np.isinf(t_dep) & np.isfinite(t_app)))
     nan = int(np.sum(np.isnan(t_dep)))
     summary = {
-        "experiment": NAME, "quick": quick, "config": cfg_print,
+        "experiment": NAME,
+        "quick": quick,
+        "config": cfg_print,
         "x0_source": "file" if cfg["x0"] is not None else f"uniform seed {cfg['seed']}",
-        "eps": eps, "t_approach": med_app, "t_departure": med_dep,
-        "slope": fit["slope"], "prefactor": fit["prefactor"], "fit": fit,
+        "eps": eps,
+        "t_approach": med_app,
+        "t_departure": med_dep,
+        "slope": fit["slope"],
+        "prefactor": fit["prefactor"],
+        "fit": fit,
         "fit_range": [float(eps[fit_mask].min()), float(eps[fit_mask].max())]
-        if fit_mask.any() else None,
+        if fit_mask.any()
+        else None,
         "paper_prefactor": PAPER_PREFACTOR,
         "paper_prediction": {f"{e:g}": PAPER_PREFACTOR / e for e in cfg["paper_eps"]},
         "paper_scheme_comparison": paper,
-        "t_departure_median_all_runs": np.median(np.where(np.isnan(t_dep), np.inf, t_dep),
-                                                 axis=1),
+        "t_departure_median_all_runs": np.median(np.where(np.isnan(t_dep), np.inf, t_dep), axis=1),
         "departed_fraction": np.mean(np.isfinite(t_dep), axis=1),
-        "runs_total": int(t_dep.size), "runs_never_approached": never_app,
-        "runs_never_departed": never, "runs_nonfinite": nan,
+        "runs_total": int(t_dep.size),
+        "runs_never_approached": never_app,
+        "runs_never_departed": never,
+        "runs_nonfinite": nan,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "notes": "t_approach / t_departure: medians over the initial conditions whose run "
-                 "approached / departed before t1 (null: none did); "
-                 "t_departure_median_all_runs counts 'never' as infinity (null = infinite); "
-                 "metric " + cfg["metric"] + "; fit T_dep = prefactor · eps^slope over "
-                 "fit_range with a bootstrap 95 % interval.",
+        "approached / departed before t1 (null: none did); "
+        "t_departure_median_all_runs counts 'never' as infinity (null = infinite); "
+        "metric " + cfg["metric"] + "; fit T_dep = prefactor · eps^slope over "
+        "fit_range with a bootstrap 95 % interval.",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"done in {summary['wall_seconds']} s: slope {fit['slope']}, prefactor {fit['prefactor']}")
@@ -181,9 +241,11 @@ def _paper_comparison(x0, cfg, dtype) -> dict:
     dt and dt/2."""
     eps = np.asarray(cfg["paper_eps"], np.float64)
     out = {"eps": eps}
-    for label, solver, dt in (("paper_euler_dt0.1", "euler", 0.1),
-                              ("rk4_dt", "rk4", cfg["dt"]),
-                              ("rk4_dt_half", "rk4", cfg["dt"] / 2)):
+    for label, solver, dt in (
+        ("paper_euler_dt0.1", "euler", 0.1),
+        ("rk4_dt", "rk4", cfg["dt"]),
+        ("rk4_dt_half", "rk4", cfg["dt"] / 2),
+    ):
         a, dp, *_ = departure_times(x0, eps, cfg, solver=solver, dt=dt, dtype=dtype)
         out[label] = {"t_approach": a[:, 0], "t_departure": dp[:, 0]}
     conv, paper = out["rk4_dt_half"]["t_departure"], out["paper_euler_dt0.1"]["t_departure"]
@@ -198,8 +260,11 @@ def _write_csv(path, eps, med_app, med_dep, t_dep):
 
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("eps,t_approach_median,t_departure_median,"
-                     + ",".join(f"t_departure_ic{i}" for i in range(t_dep.shape[1])) + "\n")
+            fh.write(
+                "eps,t_approach_median,t_departure_median,"
+                + ",".join(f"t_departure_ic{i}" for i in range(t_dep.shape[1]))
+                + "\n"
+            )
             for k in range(eps.size):
                 row = [eps[k], med_app[k], med_dep[k], *t_dep[k]]
                 fh.write(",".join(f"{v:.6g}" for v in row) + "\n")
@@ -215,14 +280,21 @@ def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg):
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for b in range(t_dep.shape[1]):
-        ax.loglog(eps, np.where(np.isfinite(t_dep[:, b]), t_dep[:, b], np.nan), ".",
-                  color="0.7", ms=3)
+        ax.loglog(
+            eps, np.where(np.isfinite(t_dep[:, b]), t_dep[:, b], np.nan), ".", color="0.7", ms=3
+        )
     ax.loglog(eps, med_dep, "o-", color="tab:blue", ms=4, label="departure (median)")
-    ax.loglog(eps, nanmedian(t_app, axis=1), "s-", color="tab:green", ms=3,
-              label="approach (median)")
+    ax.loglog(
+        eps, nanmedian(t_app, axis=1), "s-", color="tab:green", ms=3, label="approach (median)"
+    )
     if fit["slope"] is not None:
-        ax.loglog(eps, fit["prefactor"] * eps ** fit["slope"], "k--", lw=1,
-                  label=f"fit {fit['prefactor']:.3g}·ε^{fit['slope']:.3f}")
+        ax.loglog(
+            eps,
+            fit["prefactor"] * eps ** fit["slope"],
+            "k--",
+            lw=1,
+            label=f"fit {fit['prefactor']:.3g}·ε^{fit['slope']:.3f}",
+        )
     ax.loglog(eps, PAPER_PREFACTOR / eps, ":", color="tab:red", label="paper: 0.54/ε")
     ax.set_xlabel("ε")
     ax.set_ylabel("time")

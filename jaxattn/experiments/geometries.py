@@ -45,28 +45,54 @@ from .._metrics import (
 from .._simulate import simulate
 
 NAME = "geometries"
-DESCRIPTION = ("limit geometries by the spectrum of V (polytope, hyperplanes, "
-               "polygon × line, collapse, 1-D leaders) with automatic checks")
+DESCRIPTION = (
+    "limit geometries by the spectrum of V (polytope, hyperplanes, "
+    "polygon × line, collapse, 1-D leaders) with automatic checks"
+)
 CLI_OPTIONS = ()
 
 # The paper's example value matrices (docs/theory.md, 'Geometries by the spectrum of V').
 V_HYPER_2D = ((0.64709742, 0.81911926), (0.61210449, 0.63263484))
-V_HYPER_3D = ((0.2362413, 0.0599536, 0.40506019), (0.81321448, 0.49948705, 0.33754772),
-              (0.2160645, 0.38505272, 0.14588075))
+V_HYPER_3D = (
+    (0.2362413, 0.0599536, 0.40506019),
+    (0.81321448, 0.49948705, 0.33754772),
+    (0.2160645, 0.38505272, 0.14588075),
+)
 V_POLYGON_LINE = (1.0, 1.0, -0.5)
 
 DEFAULTS = {
-    "n": 32, "seeds": 6, "seed": 0, "beta": 1.0, "low": -1.0, "high": 1.0,
+    "n": 32,
+    "seeds": 6,
+    "seed": 0,
+    "beta": 1.0,
+    "low": -1.0,
+    "high": 1.0,
     # rescaled cases: RK4 with fixed steps
-    "t1": 20.0, "dt": 0.1, "solver": "rk4",
-    "cluster_threshold": 1e-3, "level_rtol": 1e-3, "n_dirs": 20000, "spd_seed": 1,
+    "t1": 20.0,
+    "dt": 0.1,
+    "solver": "rk4",
+    "cluster_threshold": 1e-3,
+    "level_rtol": 1e-3,
+    "n_dirs": 20000,
+    "spd_seed": 1,
     # plain V = -I case: tsit5, adaptive, outputs on a log grid
-    "collapse_t1": 1000.0, "collapse_rtol": 1e-8, "collapse_atol": 1e-12,
-    "collapse_points": 80, "collapse_slope_range": (-0.65, -0.35),
-    "d1_n": 20, "booleanness_tol": 1e-6,
+    "collapse_t1": 1000.0,
+    "collapse_rtol": 1e-8,
+    "collapse_atol": 1e-12,
+    "collapse_points": 80,
+    "collapse_slope_range": (-0.65, -0.35),
+    "d1_n": 20,
+    "booleanness_tol": 1e-6,
 }
-QUICK = {"n": 16, "seeds": 2, "t1": 15.0, "collapse_t1": 200.0, "collapse_points": 40,
-         "n_dirs": 4000, "d1_n": 12}
+QUICK = {
+    "n": 16,
+    "seeds": 2,
+    "t1": 15.0,
+    "collapse_t1": 200.0,
+    "collapse_points": 40,
+    "n_dirs": 4000,
+    "d1_n": 12,
+}
 
 
 # -- geometry helpers ----------------------------------------------------------------
@@ -100,7 +126,7 @@ def hull_vertex_mask(points, dirs, *, margin: float = 1e-9) -> np.ndarray:
     if k == 1:
         return np.ones(1, bool)
     diam = float(np.max(np.linalg.norm(p[:, None] - p[None], axis=-1)))
-    s = np.asarray(dirs, np.float64) @ p.T                      # (m, k)
+    s = np.asarray(dirs, np.float64) @ p.T  # (m, k)
     top = np.argmax(s, axis=1)
     srt = np.sort(s, axis=1)
     gap = srt[:, -1] - srt[:, -2]
@@ -148,6 +174,7 @@ def cluster_batch(x, threshold):
     """Clusters of a batch of token sets `x (B, n, d)` in one compiled call: labels
     `(B, n)`, centres `(B, n, d)` and their validity mask `(B, n)` (see
     `cluster_centres_masked`); the count is `mask.sum(-1)`."""
+
     def one(z):
         centres, mask = cluster_centres_masked(z, threshold)
         return cluster_labels(z, threshold), centres, mask
@@ -159,8 +186,10 @@ def clusters_np(x, threshold) -> list[dict]:
     """`cluster_batch` as NumPy: per token set, its labels and compact centres `(k, d)`."""
     x = np.asarray(x)
     labels, centres, mask = (np.asarray(a) for a in cluster_batch(jnp.asarray(x), threshold))
-    return [{"labels": labels[b], "centres": centres[b][mask[b]], "count": int(mask[b].sum())}
-            for b in range(x.shape[0])]
+    return [
+        {"labels": labels[b], "centres": centres[b][mask[b]], "count": int(mask[b].sum())}
+        for b in range(x.shape[0])
+    ]
 
 
 def _motion(xs, ts, span=1.0):
@@ -190,17 +219,25 @@ def _polytope(cfg, x0s, dtype, log):
             fin, centres = xs[s, -1], cl[s]["centres"]
             mask = hull_vertex_mask(centres, dirs)
             h_centres = np.max(dirs @ centres.T, axis=1)
-            per_seed.append({
-                "clusters": int(centres.shape[0]),
-                "centres_are_hull_vertices": int(mask.sum()),
-                "max_token_to_centre": float(np.max(np.min(np.linalg.norm(
-                    fin[:, None] - centres[None], axis=-1), axis=1))),
-                "support_gap_tokens_vs_centres": float(np.max(np.abs(h_tokens[s] - h_centres))),
-            })
+            per_seed.append(
+                {
+                    "clusters": int(centres.shape[0]),
+                    "centres_are_hull_vertices": int(mask.sum()),
+                    "max_token_to_centre": float(
+                        np.max(
+                            np.min(np.linalg.norm(fin[:, None] - centres[None], axis=-1), axis=1)
+                        )
+                    ),
+                    "support_gap_tokens_vs_centres": float(np.max(np.abs(h_tokens[s] - h_centres))),
+                }
+            )
         ok = all(p["centres_are_hull_vertices"] == p["clusters"] for p in per_seed)
         out[f"d{d}"] = {
-            "dynamics": "rescaled", "V": "I", "Q": "I", "K": K, "min_eig_QtK":
-                float(np.linalg.eigvalsh(K)[0]),
+            "dynamics": "rescaled",
+            "V": "I",
+            "Q": "I",
+            "K": K,
+            "min_eig_QtK": float(np.linalg.eigvalsh(K)[0]),
             "per_seed": per_seed,
             "clusters": [p["clusters"] for p in per_seed],
             "final_motion_last_unit": _motion(xs, ts),
@@ -208,8 +245,10 @@ def _polytope(cfg, x0s, dtype, log):
         }
         arrays[f"polytope_d{d}_xs"] = xs[:, :: _every(ts), :, :]
         arrays[f"polytope_d{d}_final"] = xs[:, -1]
-        log(f"      polytope d={d}: clusters {out[f'd{d}']['clusters']}, all centres hull "
-            f"vertices: {ok}")
+        log(
+            f"      polytope d={d}: clusters {out[f'd{d}']['clusters']}, all centres hull "
+            f"vertices: {ok}"
+        )
     arrays["polytope_ts"] = ts[:: _every(ts)]
     return out, arrays
 
@@ -222,7 +261,7 @@ def _hyperplanes(cfg, x0s, dtype, log):
         field = RescaledField(None, None, V, beta=cfg["beta"], dtype=dtype)
         sol = _solve(field, x0s[d], cfg)
         ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
-        coord = xs @ phi_star                                     # (S, T, n)
+        coord = xs @ phi_star  # (S, T, n)
         levels, values = [], []
         for s in range(xs.shape[0]):
             k, v = count_levels(coord[s, -1], cfg["level_rtol"])
@@ -231,12 +270,18 @@ def _hyperplanes(cfg, x0s, dtype, log):
         k_ = int(np.argmin(np.abs(ts - (ts[-1] - 1.0))))
         ok = max(levels) <= 3
         out[f"d{d}"] = {
-            "dynamics": "rescaled", "V": V, "Q": "I", "K": "I",
+            "dynamics": "rescaled",
+            "V": V,
+            "Q": "I",
+            "K": "I",
             "eigenvalues_V_real": np.linalg.eigvals(V).real,
             "eigenvalues_V_imag": np.linalg.eigvals(V).imag,
-            "lambda_1": lam, "phi_1": phi, "phi_1_star": phi_star,
+            "lambda_1": lam,
+            "phi_1": phi,
+            "phi_1_star": phi_star,
             "Qphi1_dot_Kphi1": float(phi @ phi),
-            "levels": levels, "level_values": values,
+            "levels": levels,
+            "level_values": values,
             "coordinate_motion_last_unit": float(np.max(np.abs(coord[:, -1] - coord[:, k_]))),
             "check_at_most_3_levels": bool(ok),
         }
@@ -254,7 +299,7 @@ def _polygon_line(cfg, x0s, dtype, log):
     sol = _solve(field, x0s[3], cfg)
     ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
     lam3 = V_POLYGON_LINE[2]
-    x3 = zs[..., 2] * np.exp(lam3 * ts)[None, :, None]           # original variable x₃
+    x3 = zs[..., 2] * np.exp(lam3 * ts)[None, :, None]  # original variable x₃
     dirs = directions(2, cfg["n_dirs"], seed=cfg["seed"] + 7)
     thr = cfg["cluster_threshold"]
     per_seed, growth = [], []
@@ -263,23 +308,34 @@ def _polygon_line(cfg, x0s, dtype, log):
     for s in range(zs.shape[0]):
         labels, centres = cl[s]["labels"], cl[s]["centres"]
         mask = hull_vertex_mask(centres, dirs)
-        spreads = [float(np.ptp(x3[s, -1, labels == lab])) for lab in np.unique(labels)
-                   if np.sum(labels == lab) >= 2]
+        spreads = [
+            float(np.ptp(x3[s, -1, labels == lab]))
+            for lab in np.unique(labels)
+            if np.sum(labels == lab) >= 2
+        ]
         k3, _ = count_levels(x3[s, -1], 1e-6)
-        per_seed.append({
-            "clusters_in_plane": int(centres.shape[0]),
-            "centres_are_hull_vertices": int(mask.sum()),
-            "distinct_x3_limits": int(k3),
-            "max_x3_spread_within_a_cluster": max(spreads) if spreads else 0.0,
-        })
+        per_seed.append(
+            {
+                "clusters_in_plane": int(centres.shape[0]),
+                "centres_are_hull_vertices": int(mask.sum()),
+                "distinct_x3_limits": int(k3),
+                "max_x3_spread_within_a_cluster": max(spreads) if spreads else 0.0,
+            }
+        )
         spread = np.ptp(zs[s, :, :, 2], axis=-1)
         growth.append(float(np.polyfit(ts[half], np.log(spread[half]), 1)[0]))
     k_ = int(np.argmin(np.abs(ts - (ts[-1] - 1.0))))
     hull_ok = all(p["centres_are_hull_vertices"] == p["clusters_in_plane"] for p in per_seed)
-    free_ok = all(p["distinct_x3_limits"] > p["clusters_in_plane"]
-                  and p["max_x3_spread_within_a_cluster"] > 100 * thr for p in per_seed)
+    free_ok = all(
+        p["distinct_x3_limits"] > p["clusters_in_plane"]
+        and p["max_x3_spread_within_a_cluster"] > 100 * thr
+        for p in per_seed
+    )
     out = {
-        "dynamics": "rescaled", "V": V, "Q": "I", "K": "I",
+        "dynamics": "rescaled",
+        "V": V,
+        "Q": "I",
+        "K": "I",
         "per_seed": per_seed,
         "clusters_in_plane": [p["clusters_in_plane"] for p in per_seed],
         "plane_motion_last_unit": float(np.max(np.abs(zs[:, -1, :, :2] - zs[:, k_, :, :2]))),
@@ -289,47 +345,67 @@ def _polygon_line(cfg, x0s, dtype, log):
         "check_plane_centres_are_polygon_vertices": bool(hull_ok),
         "check_third_coordinate_free": bool(free_ok),
     }
-    log(f"      polygon × line: clusters in the (z1, z2) plane {out['clusters_in_plane']}, "
+    log(
+        f"      polygon × line: clusters in the (z1, z2) plane {out['clusters_in_plane']}, "
         f"polygon vertices: {hull_ok}; third coordinate free: {free_ok}, "
-        f"z3 spread grows at rate {np.round(growth, 3).tolist()} (predicted {-lam3})")
-    arrays = {"polygon_line_ts": ts[:: _every(ts)], "polygon_line_zs": zs[:, :: _every(ts)],
-              "polygon_line_final": zs[:, -1],
-              "polygon_line_x3": x3[:, :: _every(ts)]}
+        f"z3 spread grows at rate {np.round(growth, 3).tolist()} (predicted {-lam3})"
+    )
+    arrays = {
+        "polygon_line_ts": ts[:: _every(ts)],
+        "polygon_line_zs": zs[:, :: _every(ts)],
+        "polygon_line_final": zs[:, -1],
+        "polygon_line_x3": x3[:, :: _every(ts)],
+    }
     return out, arrays
 
 
 def _collapse(cfg, x0s, dtype, log):
     d = 2
     field = PlainField(None, None, -np.eye(d), beta=cfg["beta"], dtype=dtype)
-    ts_out = np.concatenate([[0.0], np.geomspace(0.1, cfg["collapse_t1"],
-                                                 cfg["collapse_points"])])
-    sol = simulate(field, x0s[d], cfg["collapse_t1"], solver="tsit5",
-                   rtol=cfg["collapse_rtol"], atol=cfg["collapse_atol"], ts=ts_out)
+    ts_out = np.concatenate([[0.0], np.geomspace(0.1, cfg["collapse_t1"], cfg["collapse_points"])])
+    sol = simulate(
+        field,
+        x0s[d],
+        cfg["collapse_t1"],
+        solver="tsit5",
+        rtol=cfg["collapse_rtol"],
+        atol=cfg["collapse_atol"],
+        ts=ts_out,
+    )
     _require_ok(sol, "collapse (V = −I)")
     ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
-    R = np.max(np.linalg.norm(xs, axis=-1), axis=-1)             # (S, T)
+    R = np.max(np.linalg.norm(xs, axis=-1), axis=-1)  # (S, T)
     mean_norm = np.linalg.norm(xs.mean(axis=-2), axis=-1)
-    late = ts >= ts[-1] ** (2 / 3)                                 # last third of log t
-    slopes = [float(np.polyfit(np.log(ts[late]), np.log(R[s, late]), 1)[0])
-              for s in range(R.shape[0])]
+    late = ts >= ts[-1] ** (2 / 3)  # last third of log t
+    slopes = [
+        float(np.polyfit(np.log(ts[late]), np.log(R[s, late]), 1)[0]) for s in range(R.shape[0])
+    ]
     lo, hi = cfg["collapse_slope_range"]
     monotone = bool(np.all(np.diff(R, axis=1) <= 1e-12 * R[:, :1]))
     ratio = (R[:, -1] / R[:, 0]).tolist()
     out = {
-        "dynamics": "plain", "V": "-I", "Q": "I", "K": "I",
+        "dynamics": "plain",
+        "V": "-I",
+        "Q": "I",
+        "K": "I",
         "solver": f"tsit5 rtol={cfg['collapse_rtol']} atol={cfg['collapse_atol']}",
         "t1": cfg["collapse_t1"],
-        "radius_initial": R[:, 0].tolist(), "radius_final": R[:, -1].tolist(),
+        "radius_initial": R[:, 0].tolist(),
+        "radius_final": R[:, -1].tolist(),
         "radius_ratio": ratio,
         "mean_norm_final": mean_norm[:, -1].tolist(),
-        "late_loglog_slope": slopes, "predicted_slope": -0.5,
+        "late_loglog_slope": slopes,
+        "predicted_slope": -0.5,
         "check_radius_non_increasing": monotone,
-        "check_slow_power_law_collapse": bool(all(lo <= s <= hi for s in slopes)
-                                              and max(ratio) < 0.5),
+        "check_slow_power_law_collapse": bool(
+            all(lo <= s <= hi for s in slopes) and max(ratio) < 0.5
+        ),
     }
-    log(f"      collapse: radius {np.round(R[:, 0], 3).tolist()} → "
+    log(
+        f"      collapse: radius {np.round(R[:, 0], 3).tolist()} → "
         f"{np.round(R[:, -1], 4).tolist()} at t = {ts[-1]:g}, log-log slope "
-        f"{np.round(slopes, 3).tolist()} (predicted −0.5)")
+        f"{np.round(slopes, 3).tolist()} (predicted −0.5)"
+    )
     return out, {"collapse_ts": ts, "collapse_radius": R, "collapse_mean_norm": mean_norm}
 
 
@@ -339,8 +415,8 @@ def _leaders_1d(cfg, x0s, dtype, log):
     sol = _solve(field, x0, cfg)
     ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
     att = jax.vmap(jax.vmap(field.attention), in_axes=(None, 0))  # over seeds, then times
-    P = np.asarray(att(jnp.asarray(ts), jnp.asarray(zs)))         # (S, T, n, n)
-    boo = np.max(np.minimum(P, 1.0 - P), axis=(-1, -2))           # = booleanness, batched
+    P = np.asarray(att(jnp.asarray(ts), jnp.asarray(zs)))  # (S, T, n, n)
+    boo = np.max(np.minimum(P, 1.0 - P), axis=(-1, -2))  # = booleanness, batched
     per_seed = []
     x0n = np.asarray(x0)[..., 0]
     cl = clusters_np(zs[:, -1], cfg["cluster_threshold"])
@@ -349,32 +425,51 @@ def _leaders_1d(cfg, x0s, dtype, log):
     for s in range(zs.shape[0]):
         lead = np.nonzero(lead_f[s])[0].tolist()
         ext = sorted({int(np.argmin(x0n[s])), int(np.argmax(x0n[s]))})
-        per_seed.append({
-            "booleanness_final": float(bool_f[s]),
-            "leaders": lead,
-            "extreme_tokens": ext,
-            "rank_P_final": int(np.linalg.matrix_rank(P[s, -1])),
-            "clusters": cl[s]["count"],
-        })
+        per_seed.append(
+            {
+                "booleanness_final": float(bool_f[s]),
+                "leaders": lead,
+                "extreme_tokens": ext,
+                "rank_P_final": int(np.linalg.matrix_rank(P[s, -1])),
+                "clusters": cl[s]["count"],
+            }
+        )
     ok_bool = all(p["booleanness_final"] <= cfg["booleanness_tol"] for p in per_seed)
-    ok_lead = all(p["leaders"] and set(p["leaders"]) <= set(p["extreme_tokens"])
-                  and len(p["leaders"]) == p["clusters"] for p in per_seed)
+    ok_lead = all(
+        p["leaders"]
+        and set(p["leaders"]) <= set(p["extreme_tokens"])
+        and len(p["leaders"]) == p["clusters"]
+        for p in per_seed
+    )
     ok_rank = all(p["rank_P_final"] in (1, 2) for p in per_seed)
     out = {
-        "dynamics": "rescaled", "d": 1, "V": 1.0, "Q": 1.0, "K": 1.0, "n": cfg["d1_n"],
+        "dynamics": "rescaled",
+        "d": 1,
+        "V": 1.0,
+        "Q": 1.0,
+        "K": 1.0,
+        "n": cfg["d1_n"],
         "per_seed": per_seed,
-        "booleanness_at": {f"t={ts[k]:g}": boo[:, k].tolist()
-                           for k in np.unique(np.linspace(0, ts.size - 1, 5).astype(int))},
+        "booleanness_at": {
+            f"t={ts[k]:g}": boo[:, k].tolist()
+            for k in np.unique(np.linspace(0, ts.size - 1, 5).astype(int))
+        },
         "check_booleanness_to_zero": bool(ok_bool),
         "check_leaders_are_extreme_tokens": bool(ok_lead),
         "check_rank_1_or_2": bool(ok_rank),
     }
     boo_txt = ", ".join(f"{p['booleanness_final']:.1e}" for p in per_seed)
-    log(f"      d = 1: final Booleanness [{boo_txt}], "
+    log(
+        f"      d = 1: final Booleanness [{boo_txt}], "
         f"leaders {[p['leaders'] for p in per_seed]} ⊆ extremes "
-        f"{[p['extreme_tokens'] for p in per_seed]}: {ok_lead}")
-    return out, {"leaders_1d_ts": ts, "leaders_1d_zs": zs[..., 0], "leaders_1d_booleanness": boo,
-                 "leaders_1d_P_final": P[:, -1]}
+        f"{[p['extreme_tokens'] for p in per_seed]}: {ok_lead}"
+    )
+    return out, {
+        "leaders_1d_ts": ts,
+        "leaders_1d_zs": zs[..., 0],
+        "leaders_1d_booleanness": boo,
+        "leaders_1d_P_final": P[:, -1],
+    }
 
 
 # -- plumbing ------------------------------------------------------------------------
@@ -406,14 +501,20 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
     keys = jax.random.split(jax.random.key(cfg["seed"]), 4)
-    x0s = {d: _tokens(keys[d], (cfg["seeds"], cfg["n"], d), cfg["low"], cfg["high"], dtype)
-           for d in (2, 3)}
+    x0s = {
+        d: _tokens(keys[d], (cfg["seeds"], cfg["n"], d), cfg["low"], cfg["high"], dtype)
+        for d in (2, 3)
+    }
     x0s[1] = _tokens(keys[1], (cfg["seeds"], cfg["d1_n"], 1), cfg["low"], cfg["high"], dtype)
 
     cases, arrays, timing = {}, {}, {}
-    steps = [("polytope", _polytope), ("hyperplanes", _hyperplanes),
-             ("polygon_line", _polygon_line), ("collapse", _collapse),
-             ("leaders_1d", _leaders_1d)]
+    steps = [
+        ("polytope", _polytope),
+        ("hyperplanes", _hyperplanes),
+        ("polygon_line", _polygon_line),
+        ("collapse", _collapse),
+        ("leaders_1d", _leaders_1d),
+    ]
     for i, (name, fn) in enumerate(steps, 1):
         log(f"[{i}/{len(steps) + 1}] {name} ...")
         t0 = time.perf_counter()
@@ -427,13 +528,16 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     for case, res in cases.items():
         for k, v in res.items():
             if k.startswith("check_"):
-                checks[f"{case}.{k[len('check_'):]}"] = bool(v)
+                checks[f"{case}.{k[len('check_') :]}"] = bool(v)
             elif isinstance(v, dict):  # sub-cases (d2, d3)
                 for kk, vv in v.items():
                     if kk.startswith("check_"):
-                        checks[f"{case}.{k}.{kk[len('check_'):]}"] = bool(vv)
-    arrays["x0_d2"], arrays["x0_d3"], arrays["x0_d1"] = (np.asarray(x0s[2]),
-                                                         np.asarray(x0s[3]), np.asarray(x0s[1]))
+                        checks[f"{case}.{k}.{kk[len('check_') :]}"] = bool(vv)
+    arrays["x0_d2"], arrays["x0_d3"], arrays["x0_d1"] = (
+        np.asarray(x0s[2]),
+        np.asarray(x0s[3]),
+        np.asarray(x0s[1]),
+    )
     write_npz(os.path.join(out_dir, "geometries.npz"), **arrays)
     _write_checks_csv(os.path.join(out_dir, "checks.csv"), checks)
     summary = {
@@ -454,12 +558,15 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             "vertex iff some of n_dirs directions exposes it strictly. Levels: distinct "
             "values of <phi1*, z_i(t1)> at relative tolerance level_rtol (phi1* = left "
             "eigenvector of V for its top eigenvalue). *_motion_last_unit: max change over "
-            "[t1 - 1, t1], i.e. how converged t1 is."),
+            "[t1 - 1, t1], i.e. how converged t1 is."
+        ),
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
     failed = [k for k, v in checks.items() if not v]
-    log(f"done in {summary['wall_seconds']:.1f} s: {len(checks) - len(failed)}/{len(checks)} "
-        f"geometry checks pass" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    log(
+        f"done in {summary['wall_seconds']:.1f} s: {len(checks) - len(failed)}/{len(checks)} "
+        f"geometry checks pass" + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return summary
 
 
@@ -499,12 +606,13 @@ def _figures(out_dir, cfg, a, cases) -> None:
         ax.set_title(f"d = 2, seed {s}: {c.shape[0]} clusters", fontsize=9)
     ax = fig.add_subplot(1, ncol + 1, ncol + 1, projection="3d")
     _trails_3d(ax, xs3[0])
-    ax.set_title(f"d = 3, seed 0: {cases['polytope']['d3']['clusters'][0]} clusters",
-                 fontsize=9)
-    fig.suptitle("V = I, QᵀK ≻ 0 (rescaled): clusters at the vertices of a convex polytope "
-                 f"— check: {cases['polytope']['d2']['check_centres_are_hull_vertices']}"
-                 f" (d=2), {cases['polytope']['d3']['check_centres_are_hull_vertices']} (d=3)",
-                 fontsize=10)
+    ax.set_title(f"d = 3, seed 0: {cases['polytope']['d3']['clusters'][0]} clusters", fontsize=9)
+    fig.suptitle(
+        "V = I, QᵀK ≻ 0 (rescaled): clusters at the vertices of a convex polytope "
+        f"— check: {cases['polytope']['d2']['check_centres_are_hull_vertices']}"
+        f" (d=2), {cases['polytope']['d3']['check_centres_are_hull_vertices']} (d=3)",
+        fontsize=10,
+    )
     save(fig, "polytope.png")
 
     # 2. hyperplanes
@@ -533,8 +641,11 @@ def _figures(out_dir, cfg, a, cases) -> None:
     ax = fig.add_subplot(1, 4, 4, projection="3d")
     _trails_3d(ax, a["hyperplanes_d3_xs"][0])
     ax.set_title("3-D paper V, seed 0 (z)", fontsize=9)
-    fig.suptitle("Top eigenvalue of V simple and positive: at most 3 parallel hyperplanes "
-                 f"— levels per seed d=2 {h2['levels']}, d=3 {h3['levels']}", fontsize=10)
+    fig.suptitle(
+        "Top eigenvalue of V simple and positive: at most 3 parallel hyperplanes "
+        f"— levels per seed d=2 {h2['levels']}, d=3 {h3['levels']}",
+        fontsize=10,
+    )
     save(fig, "hyperplanes.png")
 
     # 3. polygon × line
@@ -553,15 +664,23 @@ def _figures(out_dir, cfg, a, cases) -> None:
     ax = fig.add_subplot(1, 3, 3)
     tsp = a["polygon_line_ts"]
     ax.semilogy(tsp, np.ptp(zs[:, :, :, 2], axis=-1).T, lw=1)
-    ax.semilogy(tsp, np.ptp(zs[0, :, :, 2], axis=-1)[-1] * np.exp(0.5 * (tsp - tsp[-1])), "k--",
-                lw=0.8, label="∝ exp(t/2)")
+    ax.semilogy(
+        tsp,
+        np.ptp(zs[0, :, :, 2], axis=-1)[-1] * np.exp(0.5 * (tsp - tsp[-1])),
+        "k--",
+        lw=0.8,
+        label="∝ exp(t/2)",
+    )
     ax.set_xlabel("t")
     ax.set_ylabel("spread of z₃")
     ax.legend(fontsize=8)
     ax.set_title("third coordinate: no clustering", fontsize=9)
-    fig.suptitle("V = diag(1, 1, −0.5): polygon vertices × free third coordinate — checks: "
-                 f"{pl['check_plane_centres_are_polygon_vertices']}, "
-                 f"{pl['check_third_coordinate_free']}", fontsize=10)
+    fig.suptitle(
+        "V = diag(1, 1, −0.5): polygon vertices × free third coordinate — checks: "
+        f"{pl['check_plane_centres_are_polygon_vertices']}, "
+        f"{pl['check_third_coordinate_free']}",
+        fontsize=10,
+    )
     save(fig, "polygon_line.png")
 
     # 4. collapse
@@ -571,16 +690,19 @@ def _figures(out_dir, cfg, a, cases) -> None:
     ax = fig.add_subplot(1, 1, 1)
     pos = ts > 0
     ax.loglog(ts[pos], R[:, pos].T, lw=1)
-    ax.loglog(ts[pos], a["collapse_mean_norm"][0, pos], ":", color="gray", lw=1,
-              label="|mean| (seed 0)")
+    ax.loglog(
+        ts[pos], a["collapse_mean_norm"][0, pos], ":", color="gray", lw=1, label="|mean| (seed 0)"
+    )
     ref = R[0, -1] * (ts[pos] / ts[-1]) ** -0.5
     ax.loglog(ts[pos], ref, "k--", lw=0.8, label="∝ t^(−1/2)")
     ax.set_xlabel("t")
     ax.set_ylabel("max_i |x_i(t)|")
     ax.set_ylim(max(R[:, pos].min() / 5, a["collapse_mean_norm"][0, pos].min()), R.max() * 2)
     ax.legend(fontsize=8)
-    ax.set_title(f"V = −I, QᵀK = I (plain): slow collapse, slope "
-                 f"{np.mean(co['late_loglog_slope']):.3f}", fontsize=10)
+    ax.set_title(
+        f"V = −I, QᵀK = I (plain): slow collapse, slope {np.mean(co['late_loglog_slope']):.3f}",
+        fontsize=10,
+    )
     save(fig, "collapse.png")
 
     # 5. d = 1 leaders
@@ -603,11 +725,12 @@ def _figures(out_dir, cfg, a, cases) -> None:
     ax = fig.add_subplot(1, 3, 3)
     order = np.argsort(z[0, 0])
     ax.imshow(a["leaders_1d_P_final"][0][np.ix_(order, order)], cmap="gray_r", vmin=0, vmax=1)
-    ax.set_title(f"final P (tokens sorted), rank {l1['per_seed'][0]['rank_P_final']}",
-                 fontsize=9)
-    fig.suptitle("d = 1, V > 0: Boolean attention, leaders = extreme tokens — checks: "
-                 f"{l1['check_booleanness_to_zero']}, {l1['check_leaders_are_extreme_tokens']}",
-                 fontsize=10)
+    ax.set_title(f"final P (tokens sorted), rank {l1['per_seed'][0]['rank_P_final']}", fontsize=9)
+    fig.suptitle(
+        "d = 1, V > 0: Boolean attention, leaders = extreme tokens — checks: "
+        f"{l1['check_booleanness_to_zero']}, {l1['check_leaders_are_extreme_tokens']}",
+        fontsize=10,
+    )
     save(fig, "leaders_1d.png")
 
 

@@ -25,10 +25,26 @@ NAME = "lora-divergence"
 DESCRIPTION = "original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"
 CLI_OPTIONS = ()
 
-DEFAULTS = dict(n=50, d=2, low=-5.0, high=5.0, eps=0.1, t1=40.0, dt=0.1, seed=0,
-                solver="rk4", cluster_threshold=0.1, separation=0.1, eta=0.1,
-                short_t1=0.5, short_dt=1e-3, gif_frames=80, compare_seed=1,
-                compare_targets=True, gif=True)
+DEFAULTS = dict(
+    n=50,
+    d=2,
+    low=-5.0,
+    high=5.0,
+    eps=0.1,
+    t1=40.0,
+    dt=0.1,
+    seed=0,
+    solver="rk4",
+    cluster_threshold=0.1,
+    separation=0.1,
+    eta=0.1,
+    short_t1=0.5,
+    short_dt=1e-3,
+    gif_frames=80,
+    compare_seed=1,
+    compare_targets=True,
+    gif=True,
+)
 QUICK = dict(n=20, t1=10.0, gif_frames=12)
 
 
@@ -43,12 +59,15 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
 
-    x0 = jax.random.uniform(jax.random.key(cfg["seed"]), (cfg["n"], cfg["d"]), dtype,
-                            cfg["low"], cfg["high"])
+    x0 = jax.random.uniform(
+        jax.random.key(cfg["seed"]), (cfg["n"], cfg["d"]), dtype, cfg["low"], cfg["high"]
+    )
     base = RescaledField(d=cfg["d"], beta=1.0, dtype=dtype)
     pair = LoRA.stack([paper_lora(0.0, dtype), paper_lora(cfg["eps"], dtype)])
-    log(f"[1/4] solving original and LoRA runs together (n={cfg['n']}, T={cfg['t1']}, "
-        f"dt={cfg['dt']}, {cfg['solver']}, {jnp.dtype(dtype).name}) ...")
+    log(
+        f"[1/4] solving original and LoRA runs together (n={cfg['n']}, T={cfg['t1']}, "
+        f"dt={cfg['dt']}, {cfg['solver']}, {jnp.dtype(dtype).name}) ..."
+    )
     t0 = time.perf_counter()
     sol = simulate(base.with_lora(pair), x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
     sol.xs.block_until_ready()
@@ -63,8 +82,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     f0, f1 = base.with_lora(paper_lora(0.0, dtype)), base.with_lora(paper_lora(cfg["eps"], dtype))
     post = bound_a_posteriori(f0, f1, ts, xs, xs_p)
     prior = bound_a_priori(f0, f1, ts, xs[0])
-    short = simulate(base.with_lora(pair), x0, cfg["short_t1"], solver=cfg["solver"],
-                     dt=cfg["short_dt"])
+    short = simulate(
+        base.with_lora(pair), x0, cfg["short_t1"], solver=cfg["solver"], dt=cfg["short_dt"]
+    )
     sts = np.asarray(short.ts)
     se = np.asarray(divergence(short.xs[0], short.xs[1]))
     spost = bound_a_posteriori(f0, f1, sts, np.asarray(short.xs[0]), np.asarray(short.xs[1]))
@@ -85,8 +105,14 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     log("[3/4] random rank-1 LoRA of Q, of K and of V with the same operator norm ...")
     compare = {}
     for target in ("Q", "K", "V") if cfg["compare_targets"] else ():
-        lo = LoRA.random(cfg["d"], rank=1, norm=cfg["eps"], target=target,
-                         key=jax.random.key(cfg["compare_seed"]), dtype=dtype)
+        lo = LoRA.random(
+            cfg["d"],
+            rank=1,
+            norm=cfg["eps"],
+            target=target,
+            key=jax.random.key(cfg["compare_seed"]),
+            dtype=dtype,
+        )
         ft = base.with_lora(lo)
         st = simulate(ft, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
         et = np.asarray(divergence(sol.xs[0], st.xs))
@@ -94,7 +120,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         bt = bound_a_posteriori(f0, ft, sts, np.asarray(short.xs[0]), np.asarray(sh.xs))
         above_t = et > cfg["separation"]
         compare[target] = {
-            "e": et, "short_e": np.asarray(divergence(short.xs[0], sh.xs)), "bound": bt.bound,
+            "e": et,
+            "short_e": np.asarray(divergence(short.xs[0], sh.xs)),
+            "bound": bt.bound,
             "final_divergence": float(et[-1]),
             "clusters": int(cluster_count(st.final, cfg["cluster_threshold"])),
             "certified_horizon": float(certified_horizon(sts, bt.bound, cfg["eta"])),
@@ -105,29 +133,54 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     log("[4/4] figures and summary ...")
     from .. import plotting
 
-    times = [0.0, 2.0, 5.0, 10.0, 20.0, cfg["t1"]] if cfg["t1"] >= 20 else list(
-        np.linspace(0, cfg["t1"], 5))
+    times = (
+        [0.0, 2.0, 5.0, 10.0, 20.0, cfg["t1"]]
+        if cfg["t1"] >= 20
+        else list(np.linspace(0, cfg["t1"], 5))
+    )
     plotting.snapshots_side_by_side(
-        ts, {"original V = I": xs, f"LoRA V = diag(1, {1 - cfg['eps']:g})": xs_p}, times,
+        ts,
+        {"original V = I": xs, f"LoRA V = diag(1, {1 - cfg['eps']:g})": xs_p},
+        times,
         os.path.join(out_dir, "trajectories.png"),
-        title=f"Rescaled dynamics, n = {cfg['n']}: short term close, long term apart")
+        title=f"Rescaled dynamics, n = {cfg['n']}: short term close, long term apart",
+    )
     plotting.divergence_with_bounds(
-        ts, e, {"a-posteriori bound": post.bound, "a-priori bound": prior.bound},
-        os.path.join(out_dir, "divergence.png"), eta=cfg["eta"],
+        ts,
+        e,
+        {"a-posteriori bound": post.bound, "a-priori bound": prior.bound},
+        os.path.join(out_dir, "divergence.png"),
+        eta=cfg["eta"],
         zoom=(sts, se, {"a-posteriori bound": spost.bound, "a-priori bound": sprior.bound}),
-        horizon=h_post, title=f"Divergence e(t) and the Grönwall bound (ε = {cfg['eps']:g})")
+        horizon=h_post,
+        title=f"Divergence e(t) and the Grönwall bound (ε = {cfg['eps']:g})",
+    )
     if compare:
         plotting.target_comparison(
-            ts, {k: v["e"] for k, v in compare.items()}, sts,
+            ts,
+            {k: v["e"] for k, v in compare.items()},
+            sts,
             {k: (v["short_e"], v["bound"]) for k, v in compare.items()},
-            os.path.join(out_dir, "targets.png"), eta=cfg["eta"],
-            title=f"Random rank-1 LoRA with ‖ΔW‖₂ = {cfg['eps']:g} on Q, K or V")
+            os.path.join(out_dir, "targets.png"),
+            eta=cfg["eta"],
+            title=f"Random rank-1 LoRA with ‖ΔW‖₂ = {cfg['eps']:g} on Q, K or V",
+        )
     if cfg["gif"]:
         plotting.animate_side_by_side(
-            ts, {"original": xs, "LoRA": xs_p}, os.path.join(out_dir, "trajectories.gif"),
-            frames=cfg["gif_frames"])
-    write_npz(os.path.join(out_dir, "trajectories.npz"), ts=ts, xs=xs, xs_lora=xs_p, e=e,
-              bound_post=post.bound, bound_prior=prior.bound)
+            ts,
+            {"original": xs, "LoRA": xs_p},
+            os.path.join(out_dir, "trajectories.gif"),
+            frames=cfg["gif_frames"],
+        )
+    write_npz(
+        os.path.join(out_dir, "trajectories.npz"),
+        ts=ts,
+        xs=xs,
+        xs_lora=xs_p,
+        e=e,
+        bound_post=post.bound,
+        bound_prior=prior.bound,
+    )
     summary = {
         "experiment": "lora-divergence",
         "quick": quick,
@@ -141,18 +194,22 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "certified_horizon_a_posteriori": h_post,
         "certified_horizon_a_priori": h_prior,
         "max_measured_over_bound": float(ratio.max()) if ratio.size else None,
-        "targets": {k: {kk: vv for kk, vv in v.items() if kk not in ("e", "short_e", "bound")}
-                    for k, v in compare.items()},
+        "targets": {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("e", "short_e", "bound")}
+            for k, v in compare.items()
+        },
         "solve_seconds_incl_compile": round(solve_s, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "notes": "times in units of depth; null = never happened. separation_time: start "
-                 "of the final stretch with e(t) > separation (the runs stay apart from "
-                 "then on); first_time_above_separation: first t with e(t) > separation. "
-                 "Horizons: largest t with bound(s) <= eta for all s <= t (short-time grid).",
+        "of the final stretch with e(t) > separation (the runs stay apart from "
+        "then on); first_time_above_separation: first t with e(t) > separation. "
+        "Horizons: largest t with bound(s) <= eta for all s <= t (short-time grid).",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    log(f"done in {summary['wall_seconds']:.1f} s: clusters {k0} (original) vs {k1} (LoRA), "
-        f"separation > {cfg['separation']} at t = {t_sep}, certified horizon {h_post:.3g}")
+    log(
+        f"done in {summary['wall_seconds']:.1f} s: clusters {k0} (original) vs {k1} (LoRA), "
+        f"separation > {cfg['separation']} at t = {t_sep}, certified horizon {h_post:.3g}"
+    )
     return summary
 
 

@@ -47,19 +47,37 @@ from .._simulate import simulate
 from .geometries import cluster_batch, directions, hull_vertex_mask
 
 NAME = "low-rank"
-DESCRIPTION = ("rank-1, zero and random rank-r A = QᵀK — cluster counts, "
-               "Booleanness, leaders; a LoRA of K that raises the rank of A")
+DESCRIPTION = (
+    "rank-1, zero and random rank-r A = QᵀK — cluster counts, "
+    "Booleanness, leaders; a LoRA of K that raises the rank of A"
+)
 CLI_OPTIONS = ()
 
 DEFAULTS = {
-    "n": 32, "d": 3, "seeds": 8, "weight_seeds": 3, "seed": 0, "beta": 1.0,
-    "t1": 20.0, "dt": 0.1, "solver": "rk4", "cluster_threshold": 1e-3,
+    "n": 32,
+    "d": 3,
+    "seeds": 8,
+    "weight_seeds": 3,
+    "seed": 0,
+    "beta": 1.0,
+    "t1": 20.0,
+    "dt": 0.1,
+    "solver": "rk4",
+    "cluster_threshold": 1e-3,
     "lora_scales": ((0.0, 0.0), (0.01, 0.01), (0.1, 0.1), (1.0, 0.0), (1.0, 1.0)),
-    "separation": 0.1, "dt_check": True, "n_dirs": 20000,
+    "separation": 0.1,
+    "dt_check": True,
+    "n_dirs": 20000,
 }
-QUICK = {"n": 16, "seeds": 3, "weight_seeds": 1, "t1": 15.0, "dt_check": False,
-         "n_dirs": 4000,
-         "lora_scales": ((0.0, 0.0), (0.1, 0.1), (1.0, 0.0), (1.0, 1.0))}
+QUICK = {
+    "n": 16,
+    "seeds": 3,
+    "weight_seeds": 1,
+    "t1": 15.0,
+    "dt_check": False,
+    "n_dirs": 4000,
+    "lora_scales": ((0.0, 0.0), (0.1, 0.1), (1.0, 0.0), (1.0, 1.0)),
+}
 
 
 # -- weights -------------------------------------------------------------------------
@@ -85,16 +103,37 @@ def weight_members(d: int, weight_seeds: int, seed: int) -> list[dict]:
         H = rng.standard_normal((d, d)) / np.sqrt(d)
         for r in range(1, d + 1):
             Gr = truncate(G, r)
-            members.append({"label": f"psd rank {r} (w{w})", "family": "psd",
-                            "weight_seed": w, "Q": Gr, "K": Gr})
+            members.append(
+                {
+                    "label": f"psd rank {r} (w{w})",
+                    "family": "psd",
+                    "weight_seed": w,
+                    "Q": Gr,
+                    "K": Gr,
+                }
+            )
         for r in range(1, d + 1):
-            members.append({"label": f"gen rank {r} (w{w})", "family": "gen",
-                            "weight_seed": w, "Q": truncate(G, r), "K": truncate(H, r)})
+            members.append(
+                {
+                    "label": f"gen rank {r} (w{w})",
+                    "family": "gen",
+                    "weight_seed": w,
+                    "Q": truncate(G, r),
+                    "K": truncate(H, r),
+                }
+            )
         U = np.linalg.qr(rng.standard_normal((d, d)))[0]
         for r in range(1, d + 1):
             Pr = U[:, :r] @ U[:, :r].T
-            members.append({"label": f"proj rank {r} (w{w})", "family": "proj",
-                            "weight_seed": w, "Q": Pr, "K": Pr})
+            members.append(
+                {
+                    "label": f"proj rank {r} (w{w})",
+                    "family": "proj",
+                    "weight_seed": w,
+                    "Q": Pr,
+                    "K": Pr,
+                }
+            )
     for m in members:
         A = m["Q"].T @ m["K"]
         m["A"] = A
@@ -128,6 +167,7 @@ def rank_lora(scales, dtype) -> LoRA:
 # -- statistics ----------------------------------------------------------------------
 def _final_attention(Qs, Ks, finals, t1, beta, dtype):
     """`field.attention(t1, z)` for every weight pair (Q_m, K_m) and seed: (M, S, n, n)."""
+
     def one(Q, K, z):
         return RescaledField(Q, K, None, beta=beta, dtype=dtype).attention(t1, z)
 
@@ -153,16 +193,18 @@ def batch_stats(finals, P, thr, dirs) -> list[dict]:
     for b in range(finals.shape[0]):
         c = centres[b][mask[b]]
         ld = np.nonzero(lead[b])[0]
-        out.append({
-            "clusters": int(mask[b].sum()),
-            "clusters_10x_threshold": int(mask10[b].sum()),
-            "leaders": ld.tolist(),
-            "n_leaders": int(ld.size),
-            "booleanness": float(boo[b]),
-            "rank_P": int(np.linalg.matrix_rank(P[b], tol=1e-9)),
-            "centres_on_hull": int(hull_vertex_mask(c, dirs).sum()),
-            "centres": c,
-        })
+        out.append(
+            {
+                "clusters": int(mask[b].sum()),
+                "clusters_10x_threshold": int(mask10[b].sum()),
+                "leaders": ld.tolist(),
+                "n_leaders": int(ld.size),
+                "booleanness": float(boo[b]),
+                "rank_P": int(np.linalg.matrix_rank(P[b], tol=1e-9)),
+                "centres_on_hull": int(hull_vertex_mask(c, dirs).sum()),
+                "centres": c,
+            }
+        )
     return out
 
 
@@ -203,15 +245,17 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     members = weight_members(d, cfg["weight_seeds"], cfg["seed"])
     M = len(members)
     field = stacked_weights_field(members, cfg["beta"], dtype)
-    log(f"[1/4] rank study: {M} weight pairs × {S} initial conditions, n={n}, d={d}, "
-        f"rescaled, V=I, T={cfg['t1']}, dt={cfg['dt']} ({cfg['solver']}) ...")
+    log(
+        f"[1/4] rank study: {M} weight pairs × {S} initial conditions, n={n}, d={d}, "
+        f"rescaled, V=I, T={cfg['t1']}, dt={cfg['dt']} ({cfg['solver']}) ..."
+    )
     t0 = time.perf_counter()
     sol = simulate(field, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
     sol.xs.block_until_ready()
     solve_s = time.perf_counter() - t0
     if not sol.ok:
         raise RuntimeError(f"rank-study solve failed: {'; '.join(sol.messages())}")
-    ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)               # (M, S, T, n, d)
+    ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)  # (M, S, T, n, d)
     Qs = np.stack([m["Q"] for m in members])
     Ks = np.stack([m["K"] for m in members])
     x0n = np.asarray(x0)
@@ -223,30 +267,44 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     E[0, 0] = 1.0
     base = RescaledField(np.eye(d), E, None, beta=cfg["beta"], dtype=dtype)
     lora = rank_lora(scales, dtype) if d == 3 else _rank_lora_d(scales, d, dtype)
-    log(f"[2/4] LoRA of K raising rank(A) from 1: ΔK = diag(0, s2, s3) for (s2, s3) in "
-        f"{scales} ...")
+    log(
+        f"[2/4] LoRA of K raising rank(A) from 1: ΔK = diag(0, s2, s3) for (s2, s3) in {scales} ..."
+    )
     lsol = simulate(base.with_lora(lora), x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
     if not lsol.ok:
         raise RuntimeError(f"LoRA solve failed: {'; '.join(lsol.messages())}")
-    lxs = np.asarray(lsol.xs)                                     # (L, S, T, n, d)
-    K_eff = E[None] + np.asarray(lora.delta())                    # (L, d, d): K + ΔK
+    lxs = np.asarray(lsol.xs)  # (L, S, T, n, d)
+    K_eff = E[None] + np.asarray(lora.delta())  # (L, d, d): K + ΔK
 
     # 3. statistics of both studies in a few compiled calls
     log("[3/4] statistics and checks ...")
     allQ = np.concatenate([Qs, np.broadcast_to(np.eye(d), K_eff.shape)])
     allK = np.concatenate([Ks, K_eff])
-    finals = np.concatenate([xs[:, :, -1], lxs[:, :, -1]])       # (M + L, S, n, d)
+    finals = np.concatenate([xs[:, :, -1], lxs[:, :, -1]])  # (M + L, S, n, d)
     P_all = _final_attention(allQ, allK, finals, ts[-1], cfg["beta"], dtype)
     stats_all = batch_stats(finals.reshape(-1, n, d), P_all.reshape(-1, n, n), thr, dirs)
     P, lP = P_all[:M], P_all[M:]
     rows = []
     for mi, m in enumerate(members):
-        stats = stats_all[mi * S:(mi + 1) * S]
+        stats = stats_all[mi * S : (mi + 1) * S]
         m["stats"] = stats
         for s, st in enumerate(stats):
-            rows.append([mi, m["label"], m["family"], m["rank_A"], m["weight_seed"], s,
-                         st["clusters"], st["clusters_10x_threshold"], st["n_leaders"],
-                         st["booleanness"], st["rank_P"], st["centres_on_hull"]])
+            rows.append(
+                [
+                    mi,
+                    m["label"],
+                    m["family"],
+                    m["rank_A"],
+                    m["weight_seed"],
+                    s,
+                    st["clusters"],
+                    st["clusters_10x_threshold"],
+                    st["n_leaders"],
+                    st["booleanness"],
+                    st["rank_P"],
+                    st["centres_on_hull"],
+                ]
+            )
 
     dt_check = None
     if cfg["dt_check"]:
@@ -256,55 +314,85 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         _, _, mask2 = cluster_batch(jnp.asarray(fin2.reshape(-1, n, d)), thr)
         counts2 = np.asarray(mask2).sum(-1)
         same = all(int(counts2[b]) == stats_all[b]["clusters"] for b in range(M * S))
-        dt_check = {"dt_half": cfg["dt"] / 2,
-                    "max_final_difference": float(np.max(np.abs(fin2 - xs[:, :, -1]))),
-                    "same_cluster_counts": bool(same)}
+        dt_check = {
+            "dt_half": cfg["dt"] / 2,
+            "max_final_difference": float(np.max(np.abs(fin2 - xs[:, :, -1]))),
+            "same_cluster_counts": bool(same),
+        }
 
     ref = 0 if scales[0] == (0.0, 0.0) else None
     lora_out = []
     e_all = []
     for li, sc in enumerate(scales):
-        stats = stats_all[(M + li) * S:(M + li + 1) * S]
+        stats = stats_all[(M + li) * S : (M + li + 1) * S]
         A = np.eye(d).T @ K_eff[li]
-        entry = {"s2_s3": sc, "delta_K_norm": float(np.linalg.norm(K_eff[li] - E, 2)),
-                 "rank_A": int(np.linalg.matrix_rank(A, tol=1e-10)),
-                 "clusters": [st["clusters"] for st in stats],
-                 "leaders": [st["n_leaders"] for st in stats],
-                 "booleanness": [st["booleanness"] for st in stats]}
+        entry = {
+            "s2_s3": sc,
+            "delta_K_norm": float(np.linalg.norm(K_eff[li] - E, 2)),
+            "rank_A": int(np.linalg.matrix_rank(A, tol=1e-10)),
+            "clusters": [st["clusters"] for st in stats],
+            "leaders": [st["n_leaders"] for st in stats],
+            "booleanness": [st["booleanness"] for st in stats],
+        }
         if ref is not None:
             e = np.asarray(divergence(jnp.asarray(lxs[li]), jnp.asarray(lxs[ref])))  # (S, T)
             e_all.append(e)
             entry["final_divergence_from_rank1"] = e[:, -1].tolist()
             entry["first_time_divergence_above_separation"] = [
-                _departure(ts, e[s], cfg["separation"]) for s in range(S)]
+                _departure(ts, e[s], cfg["separation"]) for s in range(S)
+            ]
         lora_out.append(entry)
         for s, st in enumerate(stats):
-            rows.append([f"lora{li}", f"LoRA K s=({sc[0]:g},{sc[1]:g})", "lora", entry["rank_A"],
-                         None, s, st["clusters"], st["clusters_10x_threshold"], st["n_leaders"],
-                         st["booleanness"], st["rank_P"], st["centres_on_hull"]])
+            rows.append(
+                [
+                    f"lora{li}",
+                    f"LoRA K s=({sc[0]:g},{sc[1]:g})",
+                    "lora",
+                    entry["rank_A"],
+                    None,
+                    s,
+                    st["clusters"],
+                    st["clusters_10x_threshold"],
+                    st["n_leaders"],
+                    st["booleanness"],
+                    st["rank_P"],
+                    st["centres_on_hull"],
+                ]
+            )
     rank1_ref = next(i for i, m in enumerate(members) if m["family"] == "e1")
-    lora_zero_matches = (float(np.max(np.abs(lxs[ref] - xs[rank1_ref])))
-                         if ref is not None else None)
+    lora_zero_matches = float(np.max(np.abs(lxs[ref] - xs[rank1_ref]))) if ref is not None else None
 
     # summary numbers and checks
     by_family = {}
     for fam in ("psd", "gen", "proj"):
         by_family[fam] = {}
         for r in range(1, d + 1):
-            cs = [st["clusters"] for m in members if m["family"] == fam and m["rank_A"] == r
-                  for st in m["stats"]]
+            cs = [
+                st["clusters"]
+                for m in members
+                if m["family"] == fam and m["rank_A"] == r
+                for st in m["stats"]
+            ]
             if cs:
-                by_family[fam][str(r)] = {"clusters_mean": float(np.mean(cs)),
-                                          "clusters_min": int(min(cs)),
-                                          "clusters_max": int(max(cs)), "runs": len(cs)}
+                by_family[fam][str(r)] = {
+                    "clusters_mean": float(np.mean(cs)),
+                    "clusters_min": int(min(cs)),
+                    "clusters_max": int(max(cs)),
+                    "runs": len(cs),
+                }
     zero = [m for m in members if m["family"] == "zero"]
-    mean_err = max(float(np.max(np.abs(st["centres"][0] - x0n[s].mean(axis=0))))
-                   for m in zero for s, st in enumerate(m["stats"]))
-    uniform_err = max(float(np.max(np.abs(P[mi] - 1.0 / n)))
-                      for mi, m in enumerate(members) if m["family"] == "zero")
+    mean_err = max(
+        float(np.max(np.abs(st["centres"][0] - x0n[s].mean(axis=0))))
+        for m in zero
+        for s, st in enumerate(m["stats"])
+    )
+    uniform_err = max(
+        float(np.max(np.abs(P[mi] - 1.0 / n)))
+        for mi, m in enumerate(members)
+        if m["family"] == "zero"
+    )
     rank1 = [m for m in members if m["rank_A"] == 1]
-    rank1_psd = [m for m in members if m["rank_A"] == 1
-                 and m["family"] in ("e1", "psd", "proj")]
+    rank1_psd = [m for m in members if m["rank_A"] == 1 and m["family"] in ("e1", "psd", "proj")]
     full_psd = [m for m in members if m["family"] in ("psd", "proj") and m["rank_A"] == d]
     lead_extreme = True
     for m in rank1_psd:
@@ -316,19 +404,29 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             lead_extreme &= bool(st["leaders"]) and set(st["leaders"]) <= ext
     checks = {
         "zero_one_cluster_at_the_mean": bool(
-            all(st["clusters"] == 1 for m in zero for st in m["stats"]) and mean_err < 1e-6),
+            all(st["clusters"] == 1 for m in zero for st in m["stats"]) and mean_err < 1e-6
+        ),
         "zero_uniform_attention_no_leaders": bool(
-            uniform_err < 1e-12 and all(st["n_leaders"] == 0 for m in zero for st in m["stats"])),
+            uniform_err < 1e-12 and all(st["n_leaders"] == 0 for m in zero for st in m["stats"])
+        ),
         "rank1_psd_at_most_2_clusters": bool(
-            all(st["clusters"] <= 2 for m in rank1_psd for st in m["stats"])),
+            all(st["clusters"] <= 2 for m in rank1_psd for st in m["stats"])
+        ),
         "rank1_psd_leaders_are_extreme_along_a": bool(lead_extreme),
         "rank1_any_at_most_2_clusters": bool(
-            all(st["clusters"] <= 2 for m in rank1 for st in m["stats"])),
+            all(st["clusters"] <= 2 for m in rank1 for st in m["stats"])
+        ),
         "full_rank_psd_centres_are_hull_vertices": bool(
-            all(st["centres_on_hull"] == st["clusters"] for m in full_psd for st in m["stats"])),
+            all(st["centres_on_hull"] == st["clusters"] for m in full_psd for st in m["stats"])
+        ),
         "nonzero_A_boolean_attention": bool(
-            all(st["booleanness"] < 1e-6 for m in members if m["family"] != "zero"
-                for st in m["stats"])),
+            all(
+                st["booleanness"] < 1e-6
+                for m in members
+                if m["family"] != "zero"
+                for st in m["stats"]
+            )
+        ),
         "converged_at_t1": bool(motion < 1e-4),
     }
     if lora_zero_matches is not None:
@@ -345,17 +443,25 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "checks": checks,
         "all_checks_pass": bool(all(checks.values())),
         "e1e1": _member_summary(members[rank1_ref]),
-        "zero": {"members": [_member_summary(m) for m in zero],
-                 "max_centre_minus_initial_mean": mean_err,
-                 "max_abs_P_minus_1_over_n": uniform_err},
-        "rank1_all_families_clusters_max": int(max(st["clusters"] for m in rank1
-                                                   for st in m["stats"])),
+        "zero": {
+            "members": [_member_summary(m) for m in zero],
+            "max_centre_minus_initial_mean": mean_err,
+            "max_abs_P_minus_1_over_n": uniform_err,
+        },
+        "rank1_all_families_clusters_max": int(
+            max(st["clusters"] for m in rank1 for st in m["stats"])
+        ),
         "clusters_by_rank": by_family,
         "members": [_member_summary(m) for m in members],
-        "lora": {"base": "Q = I, K = e1e1ᵀ (A = e1e1ᵀ)", "target": "K", "rank": 2, "alpha": 2.0,
-                 "factors": "A_lora = [e2ᵀ; e3ᵀ], B_lora = [[0,0],[s2,0],[0,s3]]",
-                 "members": lora_out,
-                 "max_difference_s0_vs_rank1_run": lora_zero_matches},
+        "lora": {
+            "base": "Q = I, K = e1e1ᵀ (A = e1e1ᵀ)",
+            "target": "K",
+            "rank": 2,
+            "alpha": 2.0,
+            "factors": "A_lora = [e2ᵀ; e3ᵀ], B_lora = [[0,0],[s2,0],[0,s3]]",
+            "members": lora_out,
+            "max_difference_s0_vs_rank1_run": lora_zero_matches,
+        },
         "final_motion_last_unit": motion,
         "dt_check": dt_check,
         "solve_seconds_incl_compile": round(solve_s, 3),
@@ -368,7 +474,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             "final_motion_last_unit: max |z(t1) - z(t1 - 1)|. t1 is chosen so that tokens "
             "have converged (motion ~1e-8) but are still resolved in float64: at t ~ 40 "
             "the tokens of one cluster coincide to the last bit and attention splits "
-            "evenly between them, which would make Booleanness 1/2 for numerical reasons."),
+            "evenly between them, which would make Booleanness 1/2 for numerical reasons."
+        ),
     }
 
     # 4. outputs
@@ -376,24 +483,37 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all)
     k = _every(ts)
     # trajectories of x0 seed 0 only (every seed's start and end are kept): docs-sized file
-    write_npz(os.path.join(out_dir, "low_rank.npz"), ts=ts[::k], t1=ts[-1],
-              xs_seed0=xs[:, 0, ::k], final=xs[:, :, -1], x0=x0n, Q=Qs, K=Ks,
-              labels=np.array([m["label"] for m in members]),
-              P_final_seed0=P[:, 0], lora_scales=np.array(scales), lora_K=K_eff,
-              lora_xs_seed0=lxs[:, 0, ::k], lora_final=lxs[:, :, -1],
-              lora_divergence=np.array(e_all)[:, :, ::k] if e_all else np.zeros((0,)),
-              lora_P_final_seed0=lP[:, 0])
+    write_npz(
+        os.path.join(out_dir, "low_rank.npz"),
+        ts=ts[::k],
+        t1=ts[-1],
+        xs_seed0=xs[:, 0, ::k],
+        final=xs[:, :, -1],
+        x0=x0n,
+        Q=Qs,
+        K=Ks,
+        labels=np.array([m["label"] for m in members]),
+        P_final_seed0=P[:, 0],
+        lora_scales=np.array(scales),
+        lora_K=K_eff,
+        lora_xs_seed0=lxs[:, 0, ::k],
+        lora_final=lxs[:, :, -1],
+        lora_divergence=np.array(e_all)[:, :, ::k] if e_all else np.zeros((0,)),
+        lora_P_final_seed0=lP[:, 0],
+    )
     _write_csv(os.path.join(out_dir, "clusters.csv"), rows)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
     write_json(os.path.join(out_dir, "summary.json"), summary)
     failed = [c for c, v in checks.items() if not v]
     e1c = summary["e1e1"]["clusters"]
-    log(f"done in {summary['wall_seconds']:.1f} s: A = e1e1ᵀ → clusters {e1c}; "
+    log(
+        f"done in {summary['wall_seconds']:.1f} s: A = e1e1ᵀ → clusters {e1c}; "
         f"projection A, mean clusters by rank "
         f"{[by_family['proj'][r]['clusters_mean'] for r in by_family['proj']]}; "
         f"LoRA clusters {[lo['clusters'] for lo in lora_out]}; "
         f"{len(checks) - len(failed)}/{len(checks)} checks pass"
-        + (f" (FAILED: {', '.join(failed)})" if failed else ""))
+        + (f" (FAILED: {', '.join(failed)})" if failed else "")
+    )
     return summary
 
 
@@ -410,24 +530,41 @@ def _rank_lora_d(scales, d, dtype) -> LoRA:
 
 def _member_summary(m) -> dict:
     st = m["stats"]
-    return {"label": m["label"], "family": m["family"], "weight_seed": m["weight_seed"],
-            "rank_A": m["rank_A"], "A": m["A"],
-            "clusters": [s["clusters"] for s in st],
-            "n_leaders": [s["n_leaders"] for s in st],
-            "booleanness": [s["booleanness"] for s in st],
-            "rank_P": [s["rank_P"] for s in st],
-            "centres_on_hull": [s["centres_on_hull"] for s in st]}
+    return {
+        "label": m["label"],
+        "family": m["family"],
+        "weight_seed": m["weight_seed"],
+        "rank_A": m["rank_A"],
+        "A": m["A"],
+        "clusters": [s["clusters"] for s in st],
+        "n_leaders": [s["n_leaders"] for s in st],
+        "booleanness": [s["booleanness"] for s in st],
+        "rank_P": [s["rank_P"] for s in st],
+        "centres_on_hull": [s["centres_on_hull"] for s in st],
+    }
 
 
 def _write_csv(path, rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["member", "label", "family", "rank_A", "weight_seed", "x0_seed", "clusters",
-                "clusters_10x_threshold", "leaders", "booleanness", "rank_P",
-                "centres_on_hull"])
+    w.writerow(
+        [
+            "member",
+            "label",
+            "family",
+            "rank_A",
+            "weight_seed",
+            "x0_seed",
+            "clusters",
+            "clusters_10x_threshold",
+            "leaders",
+            "booleanness",
+            "rank_P",
+            "centres_on_hull",
+        ]
+    )
     for r in rows:
-        w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
-                    for v in r])
+        w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in r])
 
     def _w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -447,36 +584,59 @@ def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> Non
         save_figure(fig, os.path.join(out_dir, name), dpi=110)
 
     # 1. cases (x0 seed 0, weight seed 0)
-    want = ["A = e1e1ᵀ", "A = 0 (Q = 0)", "proj rank 1 (w0)", "proj rank 2 (w0)",
-            "proj rank 3 (w0)", "psd rank 3 (w0)"]
-    picks = [next(i for i, m in enumerate(members) if m["label"] == w) for w in want
-             if any(m["label"] == w for m in members)]
+    want = [
+        "A = e1e1ᵀ",
+        "A = 0 (Q = 0)",
+        "proj rank 1 (w0)",
+        "proj rank 2 (w0)",
+        "proj rank 3 (w0)",
+        "psd rank 3 (w0)",
+    ]
+    picks = [
+        next(i for i, m in enumerate(members) if m["label"] == w)
+        for w in want
+        if any(m["label"] == w for m in members)
+    ]
     fig = Figure(figsize=(12, 7.5))
     for j, mi in enumerate(picks):
         ax = fig.add_subplot(2, 3, j + 1, projection="3d")
         _trails_3d(ax, xs[mi, 0, ::k])
         m = members[mi]
-        ax.set_title(f"{m['label']}: rank A = {m['rank_A']}, {m['stats'][0]['clusters']} "
-                     f"cluster(s)", fontsize=9)
-    fig.suptitle(f"Rescaled dynamics, V = I, n = {cfg['n']}, t ∈ [0, {cfg['t1']:g}]: grey = "
-                 "start, red = end", fontsize=10)
+        ax.set_title(
+            f"{m['label']}: rank A = {m['rank_A']}, {m['stats'][0]['clusters']} cluster(s)",
+            fontsize=9,
+        )
+    fig.suptitle(
+        f"Rescaled dynamics, V = I, n = {cfg['n']}, t ∈ [0, {cfg['t1']:g}]: grey = "
+        "start, red = end",
+        fontsize=10,
+    )
     save(fig, "cases.png")
 
     # 2. cluster counts by rank, and leaders vs clusters
     rng = np.random.default_rng(0)
     fig = Figure(figsize=(11, 4))
     ax = fig.add_subplot(1, 2, 1)
-    for fam, off, col in (("zero", 0.0, "k"), ("e1", -0.2, "tab:red"), ("psd", -0.1, "tab:blue"),
-                          ("gen", 0.0, "tab:orange"), ("proj", 0.1, "tab:green")):
+    for fam, off, col in (
+        ("zero", 0.0, "k"),
+        ("e1", -0.2, "tab:red"),
+        ("psd", -0.1, "tab:blue"),
+        ("gen", 0.0, "tab:orange"),
+        ("proj", 0.1, "tab:green"),
+    ):
         xs_, ys_ = [], []
         for m in members:
             if m["family"] == fam:
                 for st in m["stats"]:
                     xs_.append(m["rank_A"] + off + rng.uniform(-0.025, 0.025))
                     ys_.append(st["clusters"])
-        label = {"zero": "A = 0", "e1": "A = e1e1ᵀ", "psd": "Q = K = G_r (A = G_rᵀG_r)",
-                 "gen": "Q = G_r, K = H_r independent",
-                 "proj": "Q = K = A = rank-r projection"}[fam]
+        label = {
+            "zero": "A = 0",
+            "e1": "A = e1e1ᵀ",
+            "psd": "Q = K = G_r (A = G_rᵀG_r)",
+            "gen": "Q = G_r, K = H_r independent",
+            "proj": "Q = K = A = rank-r projection",
+        }[fam]
         ax.scatter(xs_, ys_, s=14, color=col, alpha=0.7, label=label)
     d = cfg["d"]
     ax.set_xticks(range(d + 1))
@@ -487,8 +647,12 @@ def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> Non
     ax = fig.add_subplot(1, 2, 2)
     cl = [st["clusters"] for m in members for st in m["stats"]]
     ld = [st["n_leaders"] for m in members for st in m["stats"]]
-    ax.scatter(np.array(cl) + rng.uniform(-0.1, 0.1, len(cl)),
-               np.array(ld) + rng.uniform(-0.1, 0.1, len(ld)), s=12, alpha=0.6)
+    ax.scatter(
+        np.array(cl) + rng.uniform(-0.1, 0.1, len(cl)),
+        np.array(ld) + rng.uniform(-0.1, 0.1, len(ld)),
+        s=12,
+        alpha=0.6,
+    )
     top = max(cl + ld) + 1
     ax.plot([0, top], [0, top], "k:", lw=0.8)
     ax.set_xlabel("clusters")
@@ -503,16 +667,23 @@ def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> Non
         ax = fig.add_subplot(2, L, li + 1, projection="3d")
         _trails_3d(ax, lxs[li, 0, ::k])
         lo = lora_out[li]
-        ax.set_title(f"ΔK = diag(0, {scales[li][0]:g}, {scales[li][1]:g})\nrank A = "
-                     f"{lo['rank_A']}, {lo['clusters'][0]} clusters", fontsize=9)
+        ax.set_title(
+            f"ΔK = diag(0, {scales[li][0]:g}, {scales[li][1]:g})\nrank A = "
+            f"{lo['rank_A']}, {lo['clusters'][0]} clusters",
+            fontsize=9,
+        )
     if e_all:
         ax = fig.add_subplot(2, 1, 2)
         for li in range(1, L):
             med = np.median(e_all[li], axis=0)
             pos = med > 0
-            ax.semilogy(ts[pos], med[pos], lw=1.4,
-                        label=f"s = ({scales[li][0]:g}, {scales[li][1]:g}), rank A = "
-                              f"{lora_out[li]['rank_A']}")
+            ax.semilogy(
+                ts[pos],
+                med[pos],
+                lw=1.4,
+                label=f"s = ({scales[li][0]:g}, {scales[li][1]:g}), rank A = "
+                f"{lora_out[li]['rank_A']}",
+            )
         ax.axhline(cfg["separation"], color="gray", lw=0.8, ls=":")
         ax.set_xlabel("t")
         ax.set_ylabel("median over seeds of max_i |z_i − z_i^(rank 1)|")

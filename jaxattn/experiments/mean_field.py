@@ -28,8 +28,8 @@ import numpy as np
 
 from .._fields import RescaledField
 from .._io import check_output_dir, write_json, write_npz
-from .._meanfield import InitialMeasure, measure_divergence, simulate_ladder
 from .._lora import LoRA
+from .._meanfield import InitialMeasure, measure_divergence, simulate_ladder
 from .._metrics import approach_departure, cluster_labels, hausdorff
 from .._simulate import simulate
 from .._wbounds import wasserstein_bound
@@ -37,24 +37,54 @@ from ._common import default_dtype, loglog_fit, nanmedian
 from .departure_time import perturbation
 
 NAME = "mean-field"
-DESCRIPTION = ("mean-field limit: W2 convergence rate in n, clusters vs n, LoRA divergence "
-               "and departure times in W2, W2 stability bound")
+DESCRIPTION = (
+    "mean-field limit: W2 convergence rate in n, clusters vs n, LoRA divergence "
+    "and departure times in W2, W2 stability bound"
+)
 CLI_OPTIONS = ("eps",)
 
 DEFAULTS = dict(
-    dims=[2, 3], low=-1.0, high=1.0, beta=1.0, dt=0.2, seeds=3,
-    ladder_ns=[2**k for k in range(6, 13)], ladder_ts=[0.0, 2.0, 4.0, 8.0],
-    exact_max_n=2048, n_projections=256, fit_max_frac=0.125, cluster_delta=0.1,
+    dims=[2, 3],
+    low=-1.0,
+    high=1.0,
+    beta=1.0,
+    dt=0.2,
+    seeds=3,
+    ladder_ns=[2**k for k in range(6, 13)],
+    ladder_ts=[0.0, 2.0, 4.0, 8.0],
+    exact_max_n=2048,
+    n_projections=256,
+    fit_max_frac=0.125,
+    cluster_delta=0.1,
     cluster_max_n=4096,
-    lora_ns=[64, 256, 512], eps=[0.2, 0.1, 0.05, 0.025, 0.0125], lora_t1=100.0, lora_dt=0.1,
-    lora_every=1.0, t_ref=20.0, delta=0.1,
-    bound_n=64, bound_t1=2.0, bound_every=0.02,
+    lora_ns=[64, 256, 512],
+    eps=[0.2, 0.1, 0.05, 0.025, 0.0125],
+    lora_t1=100.0,
+    lora_dt=0.1,
+    lora_every=1.0,
+    t_ref=20.0,
+    delta=0.1,
+    bound_n=64,
+    bound_t1=2.0,
+    bound_every=0.02,
 )
 QUICK = dict(
-    dims=[2], seeds=2, ladder_ns=[16, 32, 64], ladder_ts=[0.0, 2.0], exact_max_n=64,
-    n_projections=64, fit_max_frac=0.5, cluster_max_n=64,
-    lora_ns=[16, 32], eps=[0.1, 0.05], lora_t1=30.0, lora_every=1.0, t_ref=20.0,
-    bound_n=8, bound_t1=1.0, bound_every=0.05,
+    dims=[2],
+    seeds=2,
+    ladder_ns=[16, 32, 64],
+    ladder_ts=[0.0, 2.0],
+    exact_max_n=64,
+    n_projections=64,
+    fit_max_frac=0.5,
+    cluster_max_n=64,
+    lora_ns=[16, 32],
+    eps=[0.1, 0.05],
+    lora_t1=30.0,
+    lora_every=1.0,
+    t_ref=20.0,
+    bound_n=8,
+    bound_t1=1.0,
+    bound_every=0.05,
 )
 
 
@@ -76,29 +106,59 @@ def _ladder_part(cfg, d, dtype, log):
     bar = _progress(cfg["seeds"] * len(ns), f"ladder d={d}")
     for s in range(cfg["seeds"]):
         t0 = time.perf_counter()
-        lad = simulate_ladder(field, measure, ns, float(ts[-1]), key=jax.random.key(s),
-                              ts=ts, dt=cfg["dt"],
-                              progress=(lambda n: bar.update(1)) if bar else None)
+        lad = simulate_ladder(
+            field,
+            measure,
+            ns,
+            float(ts[-1]),
+            key=jax.random.key(s),
+            ts=ts,
+            dt=cfg["dt"],
+            progress=(lambda n: bar.update(1)) if bar else None,
+        )
         sim_seconds += time.perf_counter() - t0
         ladders.append(lad)
         log(f"  d={d} seed {s}: ladder n = {ns[0]}…{N} in {time.perf_counter() - t0:.1f} s")
     if bar:
         bar.close()
     key = jax.random.key(12345)
-    sliced = np.stack([[measure_divergence(lad[n], lad[N], distance="sliced", key=key,
-                                           n_projections=cfg["n_projections"])
-                        for n in ns[:-1]] for lad in ladders])  # (S, n, T)
+    sliced = np.stack(
+        [
+            [
+                measure_divergence(
+                    lad[n], lad[N], distance="sliced", key=key, n_projections=cfg["n_projections"]
+                )
+                for n in ns[:-1]
+            ]
+            for lad in ladders
+        ]
+    )  # (S, n, T)
     exact_ns = [n for n in ns if n <= cfg["exact_max_n"]]
     pairs = [(i, j) for i in range(cfg["seeds"]) for j in range(i + 1, cfg["seeds"])]
     t0 = time.perf_counter()
-    exact = np.stack([[measure_divergence(ladders[i][n], ladders[j][n], distance="exact")
-                       for n in exact_ns] for i, j in pairs])  # (P, n, T)
+    exact = np.stack(
+        [
+            [measure_divergence(ladders[i][n], ladders[j][n], distance="exact") for n in exact_ns]
+            for i, j in pairs
+        ]
+    )  # (P, n, T)
     exact_seconds = time.perf_counter() - t0
-    clusters = _cluster_stats(ladders, [n for n in ns if n <= cfg["cluster_max_n"]],
-                              cfg["cluster_delta"], dtype)
-    return dict(ns=ns, ts=ts, N=N, sliced=sliced, exact_ns=exact_ns, exact=exact,
-                pairs=pairs, clusters=clusters, sim_seconds=sim_seconds,
-                exact_seconds=exact_seconds, ladders=ladders)
+    clusters = _cluster_stats(
+        ladders, [n for n in ns if n <= cfg["cluster_max_n"]], cfg["cluster_delta"], dtype
+    )
+    return dict(
+        ns=ns,
+        ts=ts,
+        N=N,
+        sliced=sliced,
+        exact_ns=exact_ns,
+        exact=exact,
+        pairs=pairs,
+        clusters=clusters,
+        sim_seconds=sim_seconds,
+        exact_seconds=exact_seconds,
+        ladders=ladders,
+    )
 
 
 def _cluster_stats(ladders, ns, delta, dtype):
@@ -133,39 +193,75 @@ def _lora_part(cfg, dtype, log):
     measure = InitialMeasure.uniform(d, cfg["low"], cfg["high"])
     ts = np.arange(0.0, cfg["lora_t1"] + 1e-9, cfg["lora_every"])
     if np.min(np.abs(ts - cfg["t_ref"])) > 1e-9:
-        raise ValueError(f"t_ref = {cfg['t_ref']} must be a multiple of lora_every "
-                         f"= {cfg['lora_every']} within lora_t1 = {cfg['lora_t1']}")
-    res = {"eps": eps, "ts": ts, "ns": list(cfg["lora_ns"]), "W": [], "D_W": [],
-           "t_app_W": [], "t_dep_W": [], "t_app_tok": [], "t_dep_tok": []}
+        raise ValueError(
+            f"t_ref = {cfg['t_ref']} must be a multiple of lora_every "
+            f"= {cfg['lora_every']} within lora_t1 = {cfg['lora_t1']}"
+        )
+    res = {
+        "eps": eps,
+        "ts": ts,
+        "ns": list(cfg["lora_ns"]),
+        "W": [],
+        "D_W": [],
+        "t_app_W": [],
+        "t_dep_W": [],
+        "t_app_tok": [],
+        "t_dep_tok": [],
+    }
     x_all = measure.sample(jax.random.key(cfg.get("lora_seed", 0)), max(cfg["lora_ns"]), dtype)
     for n in cfg["lora_ns"]:
         t0 = time.perf_counter()
         x0 = x_all[:n]
         # One stacked solve: the original flow (a zero LoRA) and every ε.
-        sol = simulate(field.with_lora(perturbation(np.concatenate([[0.0], eps]), dtype)),
-                       x0, float(ts[-1]), dt=cfg["lora_dt"], ts=ts)
+        sol = simulate(
+            field.with_lora(perturbation(np.concatenate([[0.0], eps]), dtype)),
+            x0,
+            float(ts[-1]),
+            dt=cfg["lora_dt"],
+            ts=ts,
+        )
         if not sol.ok:
             raise RuntimeError(f"a LoRA solve failed at n = {n}: {sol.messages()}")
         xo, xp = np.asarray(sol.xs[0]), np.asarray(sol.xs[1:])  # (T, n, d), (E, T, n, d)
         # Reference clusters: the original tokens at T_ref (a grid time).
         centres = xo[int(np.argmin(np.abs(ts - cfg["t_ref"])))]
         W = np.stack([measure_divergence(xo, xp[e]) for e in range(eps.size)])
-        D_W = np.stack([measure_divergence(np.broadcast_to(centres, xp[e].shape), xp[e])
-                        for e in range(eps.size)])
+        D_W = np.stack(
+            [
+                measure_divergence(np.broadcast_to(centres, xp[e].shape), xp[e])
+                for e in range(eps.size)
+            ]
+        )
         # Token metric, one time at a time (lax.map): memory O(n²), not O(E·T·n²).
-        tok = np.stack([np.asarray(jax.lax.map(lambda x: hausdorff(x, jnp.asarray(centres)),
-                                               jnp.asarray(xp[e]))) for e in range(eps.size)])
+        tok = np.stack(
+            [
+                np.asarray(
+                    jax.lax.map(lambda x: hausdorff(x, jnp.asarray(centres)), jnp.asarray(xp[e]))
+                )
+                for e in range(eps.size)
+            ]
+        )
         tsj = jnp.asarray(ts, dtype)
         app_w, dep_w = jax.vmap(lambda D: approach_departure(tsj, D, cfg["delta"]))(
-            jnp.asarray(D_W, dtype))
+            jnp.asarray(D_W, dtype)
+        )
         app_t, dep_t = jax.vmap(lambda D: approach_departure(tsj, D, cfg["delta"]))(
-            jnp.asarray(tok, dtype))
-        for k, v in (("W", W), ("D_W", D_W), ("t_app_W", app_w), ("t_dep_W", dep_w),
-                     ("t_app_tok", app_t), ("t_dep_tok", dep_t)):
+            jnp.asarray(tok, dtype)
+        )
+        for k, v in (
+            ("W", W),
+            ("D_W", D_W),
+            ("t_app_W", app_w),
+            ("t_dep_W", dep_w),
+            ("t_app_tok", app_t),
+            ("t_dep_tok", dep_t),
+        ):
             res[k].append(np.asarray(v))
-        log(f"  n={n}: {eps.size} values of ε to t = {ts[-1]:g} in "
+        log(
+            f"  n={n}: {eps.size} values of ε to t = {ts[-1]:g} in "
             f"{time.perf_counter() - t0:.1f} s; departure in W2: "
-            + ", ".join(f"ε={e:g}: {t:.1f}" for e, t in zip(eps, np.asarray(dep_w))))
+            + ", ".join(f"ε={e:g}: {t:.1f}" for e, t in zip(eps, np.asarray(dep_w)))
+        )
     for k in ("W", "D_W", "t_app_W", "t_dep_W", "t_app_tok", "t_dep_tok"):
         res[k] = np.stack(res[k])  # (n, E, ...)
     # T_dep ≈ c·ε^s for each n (points where a departure was seen).
@@ -180,13 +276,15 @@ def _bound_part(cfg, dtype):
     eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
     field = RescaledField(d=d, beta=cfg["beta"], dtype=dtype)
     x0 = InitialMeasure.uniform(d, cfg["low"], cfg["high"]).sample(
-        jax.random.key(0), cfg["bound_n"], dtype)
+        jax.random.key(0), cfg["bound_n"], dtype
+    )
     ts = np.arange(0.0, cfg["bound_t1"] + 1e-9, cfg["bound_every"])
     xo = np.asarray(simulate(field, x0, float(ts[-1]), dt=cfg["bound_every"] / 5, ts=ts).xs)
     out = {"ts": ts, "eps": eps, "measured": [], "bound": [], "dobrushin": [], "coupling": []}
     for e in eps:
-        fp = field.with_lora(LoRA(jnp.asarray([[0.0, 1.0]], dtype),
-                                  jnp.asarray([[0.0], [-e]], dtype), 1.0, "V"))
+        fp = field.with_lora(
+            LoRA(jnp.asarray([[0.0, 1.0]], dtype), jnp.asarray([[0.0], [-e]], dtype), 1.0, "V")
+        )
         xp = np.asarray(simulate(fp, x0, float(ts[-1]), dt=cfg["bound_every"] / 5, ts=ts).xs)
         b = wasserstein_bound(field, fp, ts, xo, xp)
         out["measured"].append(measure_divergence(xo, xp))
@@ -210,9 +308,11 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {"experiment": NAME, "quick": quick, "config": cfg}
 
     ladders = {}
-    for i, d in enumerate(cfg["dims"]):
-        log(f"[1/3] ladder d = {d}: n = {cfg['ladder_ns'][0]} … {cfg['ladder_ns'][-1]}, "
-            f"{cfg['seeds']} seeds, t ∈ {cfg['ladder_ts']} ...")
+    for _i, d in enumerate(cfg["dims"]):
+        log(
+            f"[1/3] ladder d = {d}: n = {cfg['ladder_ns'][0]} … {cfg['ladder_ns'][-1]}, "
+            f"{cfg['seeds']} seeds, t ∈ {cfg['ladder_ts']} ..."
+        )
         lad = _ladder_part(cfg, d, dtype, log)
         ladders[d] = lad
         N = lad["N"]
@@ -225,45 +325,73 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             }
         cl = lad["clusters"]
         summary[f"d{d}"] = {
-            "ns": lad["ns"], "reference_n": N, "ts": lad["ts"],
+            "ns": lad["ns"],
+            "reference_n": N,
+            "ts": lad["ts"],
             "sliced_w2_vs_largest_median": nanmedian(lad["sliced"], axis=0),
             "exact_w2_between_seeds_median": nanmedian(lad["exact"], axis=0),
-            "exact_ns": lad["exact_ns"], "fits": fits,
+            "exact_ns": lad["exact_ns"],
+            "fits": fits,
             "rates_compared": {"n^-1/2": -0.5, "n^-1/d": -1.0 / d},
-            "clusters": {"ns": cl["ns"], "count_per_seed": cl["count"],
-                         "largest_masses_seed0": [m[:6] for m in cl["masses"][0]]},
+            "clusters": {
+                "ns": cl["ns"],
+                "count_per_seed": cl["count"],
+                "largest_masses_seed0": [m[:6] for m in cl["masses"][0]],
+            },
             "simulation_seconds": round(lad["sim_seconds"], 1),
             "exact_w2_seconds": round(lad["exact_seconds"], 1),
         }
-        write_npz(os.path.join(out_dir, f"ladder_d{d}.npz"), ns=np.asarray(lad["ns"]),
-                  ts=lad["ts"], sliced=lad["sliced"], exact=lad["exact"],
-                  exact_ns=np.asarray(lad["exact_ns"]), cluster_count=cl["count"])
+        write_npz(
+            os.path.join(out_dir, f"ladder_d{d}.npz"),
+            ns=np.asarray(lad["ns"]),
+            ts=lad["ts"],
+            sliced=lad["sliced"],
+            exact=lad["exact"],
+            exact_ns=np.asarray(lad["exact_ns"]),
+            cluster_count=cl["count"],
+        )
 
     log(f"[2/3] LoRA in W2: n ∈ {cfg['lora_ns']}, ε ∈ {cfg['eps']}, t ≤ {cfg['lora_t1']} ...")
     lora = _lora_part(cfg, dtype, log)
-    write_npz(os.path.join(out_dir, "lora_w2.npz"), eps=lora["eps"], ts=lora["ts"],
-              ns=np.asarray(lora["ns"]), W=lora["W"], D_W=lora["D_W"],
-              t_departure_w2=lora["t_dep_W"], t_departure_token=lora["t_dep_tok"])
+    write_npz(
+        os.path.join(out_dir, "lora_w2.npz"),
+        eps=lora["eps"],
+        ts=lora["ts"],
+        ns=np.asarray(lora["ns"]),
+        W=lora["W"],
+        D_W=lora["D_W"],
+        t_departure_w2=lora["t_dep_W"],
+        t_departure_token=lora["t_dep_tok"],
+    )
     log("[3/3] bound against measured W2 ...")
     bound = _bound_part(cfg, dtype)
     summary["lora"] = {
-        "eps": lora["eps"], "ns": lora["ns"],
-        "w2_at_times": {f"{t:g}": lora["W"][:, :, i]
-                        for t in (5.0, 10.0, 20.0, lora["ts"][-1])
-                        for i in [int(np.argmin(np.abs(lora["ts"] - t)))]},
-        "t_approach_w2": lora["t_app_W"], "t_departure_w2": lora["t_dep_W"],
+        "eps": lora["eps"],
+        "ns": lora["ns"],
+        "w2_at_times": {
+            f"{t:g}": lora["W"][:, :, i]
+            for t in (5.0, 10.0, 20.0, lora["ts"][-1])
+            for i in [int(np.argmin(np.abs(lora["ts"] - t)))]
+        },
+        "t_approach_w2": lora["t_app_W"],
+        "t_departure_w2": lora["t_dep_W"],
         "t_departure_token_hausdorff": lora["t_dep_tok"],
         "departure_fit_w2": {str(n): f for n, f in zip(lora["ns"], lora["fits"])},
         "departure_fit_token": {str(n): f for n, f in zip(lora["ns"], lora["fits_token"])},
-        "delta": cfg["delta"], "t_ref": cfg["t_ref"],
+        "delta": cfg["delta"],
+        "t_ref": cfg["t_ref"],
     }
     summary["bound"] = {
-        "n": cfg["bound_n"], "eps": bound["eps"], "worst_measured_over_bound":
-        bound["worst_ratio"], "bound_holds": bool(bound["worst_ratio"] <= 1.0),
+        "n": cfg["bound_n"],
+        "eps": bound["eps"],
+        "worst_measured_over_bound": bound["worst_ratio"],
+        "bound_holds": bool(bound["worst_ratio"] <= 1.0),
         "certified_horizon_w2_le_delta": bound["certified_horizon"],
     }
-    write_npz(os.path.join(out_dir, "bound.npz"), **{k: np.asarray(v) for k, v in bound.items()
-                                                     if k not in ("worst_ratio",)})
+    write_npz(
+        os.path.join(out_dir, "bound.npz"),
+        **{k: np.asarray(v) for k, v in bound.items() if k not in ("worst_ratio",)},
+    )
     log("figures and summary ...")
     from ._mean_field_plots import plot_all
 
@@ -276,7 +404,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "seeds at the same n. Slopes: least squares in log-log on the median over "
         "seeds/pairs, 95 % interval by bootstrap over seeds/pairs. Departure in W2: first "
         "time after the approach with W2(μ̃_t, μ_{T_ref}) > delta (inf: none before the end; "
-        "null in JSON).")
+        "null in JSON)."
+    )
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"done in {summary['wall_seconds']} s")
     return summary

@@ -34,12 +34,32 @@ NAME = "sphere-phase"
 DESCRIPTION = "sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
 CLI_OPTIONS = ()
 
-DEFAULTS = dict(n=32, dims=[2, 8, 32, 128], betas=list(np.round(np.linspace(0.5, 10.0, 20), 3)),
-                realisations=256, t1=20.0, dt=0.1, n_out=81, delta=1e-3, seed=0,
-                plateau_betas=[1.0, 4.0, 9.0], plateau_t1=30.0, plateau_realisations=64,
-                plateau_threshold=1e-3)
-QUICK = dict(n=8, dims=[2, 8], betas=[1.0, 4.0, 9.0], realisations=16, t1=5.0, n_out=21,
-             plateau_betas=[4.0], plateau_t1=5.0, plateau_realisations=8)
+DEFAULTS = dict(
+    n=32,
+    dims=[2, 8, 32, 128],
+    betas=list(np.round(np.linspace(0.5, 10.0, 20), 3)),
+    realisations=256,
+    t1=20.0,
+    dt=0.1,
+    n_out=81,
+    delta=1e-3,
+    seed=0,
+    plateau_betas=[1.0, 4.0, 9.0],
+    plateau_t1=30.0,
+    plateau_realisations=64,
+    plateau_threshold=1e-3,
+)
+QUICK = dict(
+    n=8,
+    dims=[2, 8],
+    betas=[1.0, 4.0, 9.0],
+    realisations=16,
+    t1=5.0,
+    n_out=21,
+    plateau_betas=[4.0],
+    plateau_t1=5.0,
+    plateau_realisations=8,
+)
 
 
 def sphere_tokens(key, batch, n, d, dtype):
@@ -60,9 +80,15 @@ def _close_fraction(xs, delta):
 def equiangular_time(beta: float, n: int, delta: float, t_max: float, dt: float = 1e-3) -> float:
     """First t with ρ(t) ≥ 1 − δ for SA's equiangular ODE from ρ(0) = 0
     (classical RK4 on the scalar ODE; inf if not reached by t_max)."""
+
     def f(r):
-        return 2 * np.exp(beta * r) * (1 - r) * ((n - 1) * r + 1) / (
-            np.exp(beta) + (n - 1) * np.exp(beta * r))
+        return (
+            2
+            * np.exp(beta * r)
+            * (1 - r)
+            * ((n - 1) * r + 1)
+            / (np.exp(beta) + (n - 1) * np.exp(beta * r))
+        )
 
     r, t = 0.0, 0.0
     while t < t_max:
@@ -97,21 +123,42 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         d, beta = cells[c]
         key = jax.random.fold_in(jax.random.key(cfg["seed"]), d)
         x0 = sphere_tokens(key, cfg["realisations"], cfg["n"], d, dtype)
-        sol = simulate(SphereField(d=d, beta=beta, dtype=dtype), x0, cfg["t1"],
-                       dt=cfg["dt"], ts=ts, renormalise=True)
+        sol = simulate(
+            SphereField(d=d, beta=beta, dtype=dtype),
+            x0,
+            cfg["t1"],
+            dt=cfg["dt"],
+            ts=ts,
+            renormalise=True,
+        )
         if not sol.ok:
             raise RuntimeError(f"sphere solve failed at d={d}, β={beta}: {sol.messages()}")
         return {"p": np.asarray(_close_fraction(sol.xs, cfg["delta"]))[None]}
 
-    log(f"phase diagram: {len(cells)} cells (d × β) of {cfg['realisations']} runs each "
-        "(resumable) ...")
-    ident = {"experiment": NAME, "part": "phase", "cfg": _key(cfg, cfg["realisations"]),
-             "cells": cells}
-    res = run_chunks(os.path.join(out_dir, "chunks", f"phase-{sweep_id(ident)}"), ident,
-                     len(cells), 1, phase_cell, progress=progress, log=log, desc="phase")
+    log(
+        f"phase diagram: {len(cells)} cells (d × β) of {cfg['realisations']} runs each "
+        "(resumable) ..."
+    )
+    ident = {
+        "experiment": NAME,
+        "part": "phase",
+        "cfg": _key(cfg, cfg["realisations"]),
+        "cells": cells,
+    }
+    res = run_chunks(
+        os.path.join(out_dir, "chunks", f"phase-{sweep_id(ident)}"),
+        ident,
+        len(cells),
+        1,
+        phase_cell,
+        progress=progress,
+        log=log,
+        desc="phase",
+    )
     prob = res["p"].reshape(len(dims), betas.size, ts.size)
-    curve = np.asarray([equiangular_time(float(b), cfg["n"], cfg["delta"], 10 * cfg["t1"])
-                        for b in betas])
+    curve = np.asarray(
+        [equiangular_time(float(b), cfg["n"], cfg["delta"], 10 * cfg["t1"]) for b in betas]
+    )
 
     log("metastable plateaus (d = 2): cluster counts against t ...")
     pts = np.linspace(0.0, cfg["plateau_t1"], 61)
@@ -119,28 +166,52 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
 
     def plateau_cell(idx):
         (c,) = idx
-        x0 = sphere_tokens(jax.random.key(cfg["seed"] + 1), cfg["plateau_realisations"],
-                           cfg["n"], 2, dtype)
-        sol = simulate(SphereField(d=2, beta=plateau_betas[c], dtype=dtype), x0,
-                       cfg["plateau_t1"], dt=cfg["dt"], ts=pts, renormalise=True)
+        x0 = sphere_tokens(
+            jax.random.key(cfg["seed"] + 1), cfg["plateau_realisations"], cfg["n"], 2, dtype
+        )
+        sol = simulate(
+            SphereField(d=2, beta=plateau_betas[c], dtype=dtype),
+            x0,
+            cfg["plateau_t1"],
+            dt=cfg["dt"],
+            ts=pts,
+            renormalise=True,
+        )
         # plateau_threshold is a cosine gap (1 − cos ≤ δ); cluster_count takes a chord.
         chord = chord_from_cosine_gap(cfg["plateau_threshold"])
         count = jax.vmap(jax.vmap(lambda x: cluster_count(x, chord, sphere=True)))
         return {"counts": np.asarray(count(sol.xs))[None]}
 
-    ident = {"experiment": NAME, "part": "plateau", "betas": plateau_betas,
-             "cfg": _key(cfg, cfg["plateau_t1"], cfg["plateau_realisations"],
-                         cfg["plateau_threshold"])}
-    res = run_chunks(os.path.join(out_dir, "chunks", f"plateau-{sweep_id(ident)}"), ident,
-                     len(plateau_betas), 1, plateau_cell, progress=progress, log=log,
-                     desc="plateaus")
+    ident = {
+        "experiment": NAME,
+        "part": "plateau",
+        "betas": plateau_betas,
+        "cfg": _key(cfg, cfg["plateau_t1"], cfg["plateau_realisations"], cfg["plateau_threshold"]),
+    }
+    res = run_chunks(
+        os.path.join(out_dir, "chunks", f"plateau-{sweep_id(ident)}"),
+        ident,
+        len(plateau_betas),
+        1,
+        plateau_cell,
+        progress=progress,
+        log=log,
+        desc="plateaus",
+    )
     plateaus = {b: res["counts"][c] for c, b in enumerate(plateau_betas)}
 
     log("figures and summary ...")
     _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg)
-    write_npz(os.path.join(out_dir, "sphere_phase.npz"), dims=np.asarray(dims), betas=betas,
-              ts=ts, probability=prob, equiangular_time=curve, plateau_ts=pts,
-              **{f"plateau_counts_beta{b:g}": c for b, c in plateaus.items()})
+    write_npz(
+        os.path.join(out_dir, "sphere_phase.npz"),
+        dims=np.asarray(dims),
+        betas=betas,
+        ts=ts,
+        probability=prob,
+        equiangular_time=curve,
+        plateau_ts=pts,
+        **{f"plateau_counts_beta{b:g}": c for b, c in plateaus.items()},
+    )
     half = {}
     for i, d in enumerate(dims):  # time at which half the pairs are within 1 − δ, per β
         row = []
@@ -149,19 +220,26 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             row.append(float(ts[k[0]]) if k.size else None)
         half[str(d)] = row
     summary = {
-        "experiment": NAME, "quick": quick, "config": cfg,
-        "betas": betas, "dims": dims,
+        "experiment": NAME,
+        "quick": quick,
+        "config": cfg,
+        "betas": betas,
+        "dims": dims,
         "time_half_pairs_close": half,
         "final_probability": {str(d): prob[i, :, -1] for i, d in enumerate(dims)},
         "equiangular_time": curve,
-        "plateau_mean_clusters": {f"{b:g}": {
-            "t": pts[:: max(1, pts.size // 6)],
-            "mean": c.mean(axis=0)[:: max(1, pts.size // 6)],
-            "at_end": float(c[:, -1].mean())} for b, c in plateaus.items()},
+        "plateau_mean_clusters": {
+            f"{b:g}": {
+                "t": pts[:: max(1, pts.size // 6)],
+                "mean": c.mean(axis=0)[:: max(1, pts.size // 6)],
+                "at_end": float(c[:, -1].mean()),
+            }
+            for b, c in plateaus.items()
+        },
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "notes": "probability = fraction of token pairs with <x_i, x_j> >= 1 - delta over all "
-                 "realisations; equiangular_time = time the SA equiangular ODE from rho = 0 "
-                 "reaches 1 - delta (null = beyond 10·t1). Times in units of depth.",
+        "realisations; equiangular_time = time the SA equiangular ODE from rho = 0 "
+        "reaches 1 - delta (null = beyond 10·t1). Times in units of depth.",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"done in {summary['wall_seconds']} s")
@@ -174,8 +252,9 @@ def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg):
     from .. import plotting  # noqa: F401
     from .._io import save_figure
 
-    fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False, sharey=True
+    )
     for ax, d, P in zip(axes[0], dims, prob):
         im = ax.pcolormesh(ts, betas, P, vmin=0, vmax=1, cmap="magma", shading="auto")
         ok = np.isfinite(curve) & (curve <= ts[-1])
@@ -194,8 +273,7 @@ def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg):
     for b, c in plateaus.items():
         m = c.mean(axis=0)
         ax.plot(pts, m, label=f"β = {b:g}")
-        ax.fill_between(pts, np.percentile(c, 25, axis=0), np.percentile(c, 75, axis=0),
-                        alpha=0.2)
+        ax.fill_between(pts, np.percentile(c, 25, axis=0), np.percentile(c, 75, axis=0), alpha=0.2)
     ax.set_yscale("log")
     ax.set_xlabel("t")
     ax.set_ylabel(f"clusters (⟨x_i, x_j⟩ ≥ 1 − {cfg['plateau_threshold']:g})")

@@ -27,8 +27,20 @@ NAME = "stability-bound"
 DESCRIPTION = "divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"
 CLI_OPTIONS = ("eps",)
 
-DEFAULTS = dict(n=16, d=2, low=-1.0, high=1.0, n_ic=16, eps=list(np.logspace(-5, -0.5, 10)),
-                t1=2.0, dt=0.01, eta=0.1, seed=0, direction_seed=7, probe_times=[0.1, 0.5, 1.0])
+DEFAULTS = dict(
+    n=16,
+    d=2,
+    low=-1.0,
+    high=1.0,
+    n_ic=16,
+    eps=list(np.logspace(-5, -0.5, 10)),
+    t1=2.0,
+    dt=0.01,
+    eta=0.1,
+    seed=0,
+    direction_seed=7,
+    probe_times=[0.1, 0.5, 1.0],
+)
 QUICK = dict(n=6, n_ic=4, eps=[1e-4, 1e-2, 1e-1], t1=0.5, probe_times=[0.1, 0.5])
 
 
@@ -38,8 +50,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     dtype = default_dtype()
     t_start = time.perf_counter()
     eps = np.asarray(cfg["eps"], np.float64)
-    x0 = uniform_tokens(cfg["seed"], cfg["n_ic"], cfg["n"], cfg["d"], cfg["low"], cfg["high"],
-                        dtype)
+    x0 = uniform_tokens(
+        cfg["seed"], cfg["n_ic"], cfg["n"], cfg["d"], cfg["low"], cfg["high"], dtype
+    )
     base = RescaledField(d=cfg["d"], dtype=dtype)
     log(f"[1/3] base runs: {cfg['n_ic']} initial conditions, n={cfg['n']}, t1={cfg['t1']}")
     sol0 = simulate(base, x0, cfg["t1"], dt=cfg["dt"])
@@ -50,10 +63,18 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     results = {}
     worst, ratios_all = 0.0, []
     for i, target in enumerate(("Q", "K", "V")):
-        log(f"[2/3] LoRA on {target}: {eps.size} sizes × {cfg['n_ic']} initial conditions "
-            "in one solve, then bounds ...")
-        lora = LoRA.random(cfg["d"], rank=1, norm=eps, target=target,
-                           key=jax.random.key(cfg["direction_seed"] + i), dtype=dtype)
+        log(
+            f"[2/3] LoRA on {target}: {eps.size} sizes × {cfg['n_ic']} initial conditions "
+            "in one solve, then bounds ..."
+        )
+        lora = LoRA.random(
+            cfg["d"],
+            rank=1,
+            norm=eps,
+            target=target,
+            key=jax.random.key(cfg["direction_seed"] + i),
+            dtype=dtype,
+        )
         sol = simulate(base.with_lora(lora), x0, cfg["t1"], dt=cfg["dt"])
         if not sol.ok:
             raise RuntimeError(f"solve failed for target {target}: {sol.messages()}")
@@ -72,33 +93,54 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         med_h = np.nanmedian(horizon, axis=1)
         fit = _horizon_fit(eps, med_h)
         results[target] = {
-            "e_probe": e[..., probe_idx], "bound_probe": bounds[..., probe_idx],
-            "horizon": horizon, "median_horizon": med_h, "fit": fit,
-            "worst_ratio": float(finite.max()), "median_ratio": float(np.median(finite)),
+            "e_probe": e[..., probe_idx],
+            "bound_probe": bounds[..., probe_idx],
+            "horizon": horizon,
+            "median_horizon": med_h,
+            "fit": fit,
+            "worst_ratio": float(finite.max()),
+            "median_ratio": float(np.median(finite)),
         }
 
     log("[3/3] figures and summary ...")
     _plot(out_dir, eps, ts[probe_idx], results, cfg)
-    write_npz(os.path.join(out_dir, "stability_bound.npz"), eps=eps, ts_probe=ts[probe_idx],
-              **{f"{k}_{name}": v[name] for k, v in results.items()
-                 for name in ("e_probe", "bound_probe", "horizon")})
+    write_npz(
+        os.path.join(out_dir, "stability_bound.npz"),
+        eps=eps,
+        ts_probe=ts[probe_idx],
+        **{
+            f"{k}_{name}": v[name]
+            for k, v in results.items()
+            for name in ("e_probe", "bound_probe", "horizon")
+        },
+    )
     allr = np.concatenate(ratios_all)
     summary = {
-        "experiment": NAME, "quick": quick, "config": cfg,
+        "experiment": NAME,
+        "quick": quick,
+        "config": cfg,
         "worst_measured_over_bound": worst,
         "median_measured_over_bound": float(np.median(allr)),
         "bound_holds": bool(worst <= 1.0),
-        "targets": {k: {"worst_ratio": v["worst_ratio"], "median_ratio": v["median_ratio"],
-                        "median_certified_horizon": v["median_horizon"],
-                        "horizon_vs_log_inv_eps": v["fit"]} for k, v in results.items()},
+        "targets": {
+            k: {
+                "worst_ratio": v["worst_ratio"],
+                "median_ratio": v["median_ratio"],
+                "median_certified_horizon": v["median_horizon"],
+                "horizon_vs_log_inv_eps": v["fit"],
+            }
+            for k, v in results.items()
+        },
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "notes": "ratios over every grid time t > 0 where the bound is finite, all ε and "
-                 "initial conditions; horizon = largest grid t with bound ≤ eta (null if "
-                 "already above eta at the first step).",
+        "initial conditions; horizon = largest grid t with bound ≤ eta (null if "
+        "already above eta at the first step).",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    log(f"done in {summary['wall_seconds']} s: worst measured/bound = {worst:.3g}, "
-        f"median = {summary['median_measured_over_bound']:.3g}")
+    log(
+        f"done in {summary['wall_seconds']} s: worst measured/bound = {worst:.3g}, "
+        f"median = {summary['median_measured_over_bound']:.3g}"
+    )
     return summary
 
 
@@ -124,8 +166,14 @@ def _plot(out_dir, eps, probe_ts, results, cfg):
         for name, r in results.items():
             e = r["e_probe"][..., j]
             b = r["bound_probe"][..., j]
-            ax.loglog(eps, np.median(e, axis=1), "-o", ms=3, color=colors[name],
-                      label=f"{name}: measured (median)")
+            ax.loglog(
+                eps,
+                np.median(e, axis=1),
+                "-o",
+                ms=3,
+                color=colors[name],
+                label=f"{name}: measured (median)",
+            )
             ax.fill_between(eps, e.min(axis=1), e.max(axis=1), color=colors[name], alpha=0.15)
             bm = np.median(b, axis=1)
             ok = np.isfinite(bm)
@@ -145,8 +193,9 @@ def _plot(out_dir, eps, probe_ts, results, cfg):
         h = r["horizon"]
         ax.semilogx(eps, r["median_horizon"], "-o", ms=3, color=colors[name], label=name)
         with np.errstate(all="ignore"):
-            ax.fill_between(eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1),
-                            color=colors[name], alpha=0.15)
+            ax.fill_between(
+                eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1), color=colors[name], alpha=0.15
+            )
     ax.set_xlabel("ε")
     ax.set_ylabel(f"certified horizon (e ≤ {cfg['eta']:g})")
     ax.set_title("Certified horizon grows like log(1/ε)")

@@ -26,8 +26,8 @@ from ._data import (
 from ._data import (
     vocab_size as vocab_size,
 )
-from ._finetune import finetune as finetune
 from ._finetune import at_learning as at_learning
+from ._finetune import finetune as finetune
 from ._finetune import half_life as half_life
 from ._model import (
     ModularTransformer as ModularTransformer,

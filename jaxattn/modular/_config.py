@@ -20,11 +20,32 @@ TARGETS = ("Q", "K", "V", "O")
 
 # Fields whose change makes a pre-training checkpoint incompatible.
 MODEL_KEYS = ("p", "d_model", "depth", "heads", "layernorm", "tied", "fused", "dtype")
-PRETRAIN_KEYS = MODEL_KEYS + ("train_frac", "seed", "lr", "beta1", "beta2", "weight_decay",
-                              "warmup", "schedule", "min_lr_frac", "clip", "log_every",
-                              "checkpoint_every")
-FINETUNE_KEYS = ("rank", "alpha", "targets", "ft_lr", "ft_weight_decay", "ft_clip",
-                 "ft_log_every", "ft_checkpoint_every", "seed", "train_frac")
+PRETRAIN_KEYS = MODEL_KEYS + (
+    "train_frac",
+    "seed",
+    "lr",
+    "beta1",
+    "beta2",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "min_lr_frac",
+    "clip",
+    "log_every",
+    "checkpoint_every",
+)
+FINETUNE_KEYS = (
+    "rank",
+    "alpha",
+    "targets",
+    "ft_lr",
+    "ft_weight_decay",
+    "ft_clip",
+    "ft_log_every",
+    "ft_checkpoint_every",
+    "seed",
+    "train_frac",
+)
 SCHEDULES = ("constant", "cosine")
 
 
@@ -100,13 +121,34 @@ class ModularConfig:
         return {k: d[k] for k in keys}
 
 
-QUICK = {"p": 11, "d_model": 32, "max_steps": 600, "log_every": 50, "checkpoint_every": 200,
-         "ft_steps": 200, "ft_log_every": 10, "ft_checkpoint_every": 100, "depths": (1, 2),
-         "seeds": (0, 1), "ranks": (1, 4), "rank_depth": 2, "rank": 4, "alpha": 2.0,
-         "particle_prompts": 16, "lr": 3e-3, "ft_lr": 1e-3, "train_frac": 0.8,
-         "schedule": "cosine", "warmup": 50, "clip": 1.0, "stop_at_target": False,
-         "target_acc": 0.0, "target_train_acc": 0.9, "target_all_acc": 0.8,
-         "targets": ("Q", "K", "V", "O")}
+QUICK = {
+    "p": 11,
+    "d_model": 32,
+    "max_steps": 600,
+    "log_every": 50,
+    "checkpoint_every": 200,
+    "ft_steps": 200,
+    "ft_log_every": 10,
+    "ft_checkpoint_every": 100,
+    "depths": (1, 2),
+    "seeds": (0, 1),
+    "ranks": (1, 4),
+    "rank_depth": 2,
+    "rank": 4,
+    "alpha": 2.0,
+    "particle_prompts": 16,
+    "lr": 3e-3,
+    "ft_lr": 1e-3,
+    "train_frac": 0.8,
+    "schedule": "cosine",
+    "warmup": 50,
+    "clip": 1.0,
+    "stop_at_target": False,
+    "target_acc": 0.0,
+    "target_train_acc": 0.9,
+    "target_all_acc": 0.8,
+    "targets": ("Q", "K", "V", "O"),
+}
 
 
 def is_prime(n: int) -> bool:
@@ -124,7 +166,7 @@ def is_prime(n: int) -> bool:
 # (one line, exit 2) like every other config mistake.
 def _int(v, name, lo=None):
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name} must be an integer, got {v!r}")  # noqa: TRY004
+        raise ValueError(f"{name} must be an integer, got {v!r}")
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be ≥ {lo}, got {v}")
     return v
@@ -132,7 +174,7 @@ def _int(v, name, lo=None):
 
 def _num(v, name, *, pos=True, allow_zero=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number, got {v!r}")  # noqa: TRY004
+        raise ValueError(f"{name} must be a number, got {v!r}")
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v!r}")
     if pos and (v < 0 or (v == 0 and not allow_zero)):
@@ -157,7 +199,7 @@ def validate(c: ModularConfig) -> None:
         raise ValueError(f"heads ({c.heads}) must divide d_model ({c.d_model})")
     for name in ("layernorm", "tied", "fused", "stop_at_target"):
         if not isinstance(getattr(c, name), bool):
-            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")  # noqa: TRY004
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")
     if c.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {c.dtype!r}")
     for name in ("lr", "ft_lr", "alpha"):
@@ -176,14 +218,21 @@ def validate(c: ModularConfig) -> None:
         raise ValueError(f"min_lr_frac must be in [0, 1], got {c.min_lr_frac}")
     for name in ("clip", "ft_clip"):
         _num(getattr(c, name), name, allow_zero=True)
-    for name in ("max_steps", "ft_steps", "log_every", "checkpoint_every", "ft_log_every",
-                 "ft_checkpoint_every", "particle_prompts"):
+    for name in (
+        "max_steps",
+        "ft_steps",
+        "log_every",
+        "checkpoint_every",
+        "ft_log_every",
+        "ft_checkpoint_every",
+        "particle_prompts",
+    ):
         _int(getattr(c, name), name, 1)
-    for every, log in (("checkpoint_every", "log_every"),
-                       ("ft_checkpoint_every", "ft_log_every")):
+    for every, log in (("checkpoint_every", "log_every"), ("ft_checkpoint_every", "ft_log_every")):
         if getattr(c, every) % getattr(c, log):
-            raise ValueError(f"{every} ({getattr(c, every)}) must be a multiple of {log} "
-                             f"({getattr(c, log)})")
+            raise ValueError(
+                f"{every} ({getattr(c, every)}) must be a multiple of {log} ({getattr(c, log)})"
+            )
     for name in ("target_acc", "target_train_acc", "target_all_acc"):
         v = _num(getattr(c, name), name, allow_zero=True)
         if v > 1:
@@ -221,16 +270,18 @@ def validate(c: ModularConfig) -> None:
     # their gradients (about three copies), and the activations of every layer.
     itemsize = 8 if c.dtype == "float64" else 4
     pairs = c.p * c.p
-    check_memory(itemsize * pairs * (3.0 * (c.p + 3) + 4 * c.d_model * (c.depth + 2)),
-                 f"full-batch training at p = {c.p}, d_model = {c.d_model}")
+    check_memory(
+        itemsize * pairs * (3.0 * (c.p + 3) + 4 * c.d_model * (c.depth + 2)),
+        f"full-batch training at p = {c.p}, d_model = {c.d_model}",
+    )
 
 
-_TUPLES = ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths",
-           "sub_levels")
+_TUPLES = ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths", "sub_levels")
 
 
-def make_config(raw: dict[str, Any] | None = None, *, quick: bool = False,
-                **overrides) -> ModularConfig:
+def make_config(
+    raw: dict[str, Any] | None = None, *, quick: bool = False, **overrides
+) -> ModularConfig:
     """Defaults, then the `--quick` size, then `raw` (from a file), then `overrides`."""
     fields = {f.name for f in dataclasses.fields(ModularConfig)}
     merged: dict[str, Any] = dict(QUICK) if quick else {}
@@ -246,8 +297,7 @@ def make_config(raw: dict[str, Any] | None = None, *, quick: bool = False,
                 v = tuple(v)
             merged[k] = v
     if "targets" in merged:
-        merged["targets"] = tuple(t.upper() if isinstance(t, str) else t
-                                  for t in merged["targets"])
+        merged["targets"] = tuple(t.upper() if isinstance(t, str) else t for t in merged["targets"])
     return ModularConfig(**merged)
 
 

@@ -33,8 +33,9 @@ def all_pairs(p: int, op: str) -> tuple[np.ndarray, np.ndarray]:
     if not is_prime(p) or p < 5:
         raise ValueError(f"p must be a prime ≥ 5, got {p}")
     x, y = np.divmod(np.arange(p * p, dtype=np.int64), p)
-    tok = np.stack([x, np.full_like(x, op_token(p, op)), y, np.full_like(x, eq_token(p))],
-                   axis=1).astype(np.int32)
+    tok = np.stack(
+        [x, np.full_like(x, op_token(p, op)), y, np.full_like(x, eq_token(p))], axis=1
+    ).astype(np.int32)
     lab = ((x + y) % p if op == "+" else (x - y) % p).astype(np.int32)
     return tok, lab
 
@@ -54,5 +55,11 @@ def split_indices(p: int, train_frac: float, seed: int) -> tuple[np.ndarray, np.
 def make_split(p: int, op: str, train_frac: float, seed: int) -> dict[str, np.ndarray]:
     tok, lab = all_pairs(p, op)
     tr, te = split_indices(p, train_frac, seed)
-    return {"x_train": tok[tr], "y_train": lab[tr], "x_test": tok[te], "y_test": lab[te],
-            "x_all": tok, "y_all": lab}
+    return {
+        "x_train": tok[tr],
+        "y_train": lab[tr],
+        "x_test": tok[te],
+        "y_test": lab[te],
+        "x_all": tok,
+        "y_all": lab,
+    }

@@ -54,13 +54,16 @@ def at_learning(steps, sub_acc, add_acc, levels=SUB_LEVELS) -> dict[str, dict]:
     out = {}
     for lv in levels:
         i = next((k for k, v in enumerate(sub_acc) if v >= lv), None)
-        out[f"{lv:g}"] = {"step": None if i is None else steps[i],
-                        "add_acc": None if i is None else add_acc[i]}
+        out[f"{lv:g}"] = {
+            "step": None if i is None else steps[i],
+            "add_acc": None if i is None else add_acc[i],
+        }
     return out
 
 
-def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: bool = False,
-             on_log=None):
+def finetune(
+    config: ModularConfig, out_dir: str, base_path: str, *, progress: bool = False, on_log=None
+):
     """Fine-tune the model in `base_path` with LoRA; outputs in `out_dir` (resumable).
 
     **Returns:** `(model_with_lora, rows, summary)`; `summary` has the forgetting
@@ -70,31 +73,60 @@ def finetune(config: ModularConfig, out_dir: str, base_path: str, *, progress: b
     """
     base = load_pretrained(config, base_path)
     check_output_dir(out_dir)
-    model = base.with_loras(config.targets, rank=config.rank, alpha=config.alpha,
-                            key=jax.random.fold_in(jax.random.key(config.seed), 1))
+    model = base.with_loras(
+        config.targets,
+        rank=config.rank,
+        alpha=config.alpha,
+        key=jax.random.fold_in(jax.random.key(config.seed), 1),
+    )
     sub = make_split(config.p, "-", config.train_frac, config.seed)
     add = make_split(config.p, "+", config.train_frac, config.seed)
     sets = as_device_sets(sub, ("train", "test"))
     sets["add_all"] = as_device_sets(add, ("all",))["all"]
-    opt = adamw(config.ft_lr, config.beta1, config.beta2, config.ft_weight_decay, 0,
-                config.dtype, clip=config.ft_clip)
+    opt = adamw(
+        config.ft_lr,
+        config.beta1,
+        config.beta2,
+        config.ft_weight_decay,
+        0,
+        config.dtype,
+        clip=config.ft_clip,
+    )
     fp = dict(config.subset(FINETUNE_KEYS), base=file_digest(base_path))
     model, rows, info = train(
-        model, trainable_filter(model, lora_only=True), opt, train_set=sets["train"],
-        eval_sets=sets, steps=config.ft_steps, log_every=config.ft_log_every,
-        checkpoint_every=config.ft_checkpoint_every, out_dir=out_dir, kind="finetune",
-        fingerprint=fp, on_log=on_log, progress=progress)
+        model,
+        trainable_filter(model, lora_only=True),
+        opt,
+        train_set=sets["train"],
+        eval_sets=sets,
+        steps=config.ft_steps,
+        log_every=config.ft_log_every,
+        checkpoint_every=config.ft_checkpoint_every,
+        out_dir=out_dir,
+        kind="finetune",
+        fingerprint=fp,
+        on_log=on_log,
+        progress=progress,
+    )
     steps = [r["step"] for r in rows]
     acc = [r["add_all_acc"] for r in rows]
     sub = [r["test_acc"] for r in rows]
-    summary = {"config": config.as_dict(), "steps": info["step"],
-               "add_acc_start": acc[0], "add_acc_end": acc[-1],
-               "half_life": half_life(steps, acc),
-               "at_sub_test_acc": at_learning(steps, sub, acc, config.sub_levels),
-               "sub_test_acc_max": max(sub),
-               "sub_train_acc": rows[-1]["train_acc"], "sub_test_acc": rows[-1]["test_acc"],
-               "resumed_from": info["resumed_from"]}
-    save_tree(os.path.join(out_dir, "model.eqx"),
-              {"kind": "lora-model", "fingerprint": fp, "step": info["step"]}, model)
+    summary = {
+        "config": config.as_dict(),
+        "steps": info["step"],
+        "add_acc_start": acc[0],
+        "add_acc_end": acc[-1],
+        "half_life": half_life(steps, acc),
+        "at_sub_test_acc": at_learning(steps, sub, acc, config.sub_levels),
+        "sub_test_acc_max": max(sub),
+        "sub_train_acc": rows[-1]["train_acc"],
+        "sub_test_acc": rows[-1]["test_acc"],
+        "resumed_from": info["resumed_from"],
+    }
+    save_tree(
+        os.path.join(out_dir, "model.eqx"),
+        {"kind": "lora-model", "fingerprint": fp, "step": info["step"]},
+        model,
+    )
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return model, rows, summary

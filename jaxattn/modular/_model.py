@@ -109,8 +109,10 @@ class ModularTransformer(eqx.Module):
             ks = jax.random.split(k, self.n_blocks)
             # zeros_init in the default float dtype, then cast: with dtype=float32 under
             # x64 its `/ np.sqrt(d_in)` mixes float32 and float64 (strict promotion).
-            los = [LoRA.zeros_init(self.d, self.d, rank=rank, alpha=alpha, target=t, key=kk)
-                   for kk in ks]
+            los = [
+                LoRA.zeros_init(self.d, self.d, rank=rank, alpha=alpha, target=t, key=kk)
+                for kk in ks
+            ]
             st = LoRA.stack(los)
             dt = self.embed.dtype
             loras.append(LoRA(st.A.astype(dt), st.B.astype(dt), st.alpha.astype(dt), t))
@@ -160,7 +162,8 @@ class ModularTransformer(eqx.Module):
         split = lambda a: a.reshape(n, self.heads, dh).transpose(1, 0, 2)
         beta = 1.0 / math.sqrt(dh)
         P = jax.vmap(lambda qq, kk: softmax_weights(attention_scores(qq, kk), beta))(
-            split(q), split(k))
+            split(q), split(k)
+        )
         out = jnp.einsum("hij,hjd->hid", P, split(v)).transpose(1, 0, 2).reshape(n, d)
         return self._project("O", b, out)
 
@@ -191,8 +194,7 @@ class ModularTransformer(eqx.Module):
         if self.heads != 1 or self.layernorm:
             raise ValueError("the particle model needs one head and no LayerNorm")
         V_eff = self.weight("O", layer) @ self.weight("V", layer)
-        return (self.weight("Q", layer), self.weight("K", layer), V_eff,
-                1.0 / math.sqrt(self.d))
+        return (self.weight("Q", layer), self.weight("K", layer), V_eff, 1.0 / math.sqrt(self.d))
 
 
 def trainable_filter(model: ModularTransformer, *, lora_only: bool):
@@ -201,5 +203,8 @@ def trainable_filter(model: ModularTransformer, *, lora_only: bool):
     if not lora_only:
         return eqx.is_inexact_array
     spec = jax.tree.map(lambda _: False, model)
-    return eqx.tree_at(lambda m: [x for lo in m.loras for x in (lo.A, lo.B)], spec,
-                       replace=[True] * (2 * len(model.loras)))
+    return eqx.tree_at(
+        lambda m: [x for lo in m.loras for x in (lo.A, lo.B)],
+        spec,
+        replace=[True] * (2 * len(model.loras)),
+    )

@@ -62,61 +62,91 @@ def _stats(values) -> dict[str, Any]:
     v = [x for x in values if x is not None]
     n_none = len(values) - len(v)
     if not v:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0,
-                "censored": n_none, "values": list(values)}
+        return {
+            "mean": None,
+            "std": None,
+            "min": None,
+            "max": None,
+            "n": 0,
+            "censored": n_none,
+            "values": list(values),
+        }
     a = np.asarray(v, float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size),
-            "censored": n_none, "values": list(values)}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+        "censored": n_none,
+        "values": list(values),
+    }
 
 
-def run_study(config: ModularConfig, out_dir: str, *, progress: bool = False,
-              log=print) -> dict[str, Any]:
+def run_study(
+    config: ModularConfig, out_dir: str, *, progress: bool = False, log=print
+) -> dict[str, Any]:
     """Run (or resume) the whole study; write figures and `summary.json` in `out_dir`."""
     check_output_dir(out_dir)
     t_start = time.perf_counter()
     runs: dict[tuple[int, int, int], dict[str, Any]] = {}
     models = {}
     jobs = [(d, s, config.rank) for d in config.depths for s in config.seeds]
-    jobs += [(config.rank_depth, s, r) for r in config.ranks for s in config.seeds
-             if (config.rank_depth, s, r) not in jobs]
+    jobs += [
+        (config.rank_depth, s, r)
+        for r in config.ranks
+        for s in config.seeds
+        if (config.rank_depth, s, r) not in jobs
+    ]
     prompts = _prompt_tokens(config)
     for depth, seed, rank in jobs:
         c = config.replace(depth=depth, seed=seed, rank=rank)
         rd = run_dir(out_dir, depth, seed)
         t0 = time.perf_counter()
         base, pre_rows, pre = pretrain(c, os.path.join(rd, "pretrain"), progress=progress)
-        tuned, ft_rows, ft = finetune(c, os.path.join(rd, f"finetune_r{rank}"),
-                                      os.path.join(rd, "pretrain", "model.eqx"),
-                                      progress=progress)
-        rec = {"depth": depth, "seed": seed, "rank": rank,
-               "pretrain_steps": pre["steps"], "steps_to_target": pre["steps_to_target"],
-               "reached_target": pre["reached_target"],
-               "pre_test_acc": pre["final"]["test_acc"],
-               "pre_train_acc": pre["final"]["train_acc"],
-               "pre_all_acc": pre["final"].get("all_acc"),
-               "at_sub_test_acc": ft["at_sub_test_acc"],
-               "sub_test_acc_max": ft["sub_test_acc_max"],
-               "ft_sub_train_acc": [r["train_acc"] for r in ft_rows],
-               "add_acc_start": ft["add_acc_start"], "add_acc_end": ft["add_acc_end"],
-               "half_life": ft["half_life"], "sub_test_acc": ft["sub_test_acc"],
-               "sub_train_acc": ft["sub_train_acc"],
-               "ft_steps": [r["step"] for r in ft_rows],
-               "ft_add_acc": [r["add_all_acc"] for r in ft_rows],
-               "ft_sub_test_acc": [r["test_acc"] for r in ft_rows],
-               "pre_steps": [r["step"] for r in pre_rows],
-               "pre_test_acc_curve": [r["test_acc"] for r in pre_rows],
-               "pre_train_acc_curve": [r["train_acc"] for r in pre_rows],
-               "pre_all_acc_curve": [r.get("all_acc") for r in pre_rows]}
+        tuned, ft_rows, ft = finetune(
+            c,
+            os.path.join(rd, f"finetune_r{rank}"),
+            os.path.join(rd, "pretrain", "model.eqx"),
+            progress=progress,
+        )
+        rec = {
+            "depth": depth,
+            "seed": seed,
+            "rank": rank,
+            "pretrain_steps": pre["steps"],
+            "steps_to_target": pre["steps_to_target"],
+            "reached_target": pre["reached_target"],
+            "pre_test_acc": pre["final"]["test_acc"],
+            "pre_train_acc": pre["final"]["train_acc"],
+            "pre_all_acc": pre["final"].get("all_acc"),
+            "at_sub_test_acc": ft["at_sub_test_acc"],
+            "sub_test_acc_max": ft["sub_test_acc_max"],
+            "ft_sub_train_acc": [r["train_acc"] for r in ft_rows],
+            "add_acc_start": ft["add_acc_start"],
+            "add_acc_end": ft["add_acc_end"],
+            "half_life": ft["half_life"],
+            "sub_test_acc": ft["sub_test_acc"],
+            "sub_train_acc": ft["sub_train_acc"],
+            "ft_steps": [r["step"] for r in ft_rows],
+            "ft_add_acc": [r["add_all_acc"] for r in ft_rows],
+            "ft_sub_test_acc": [r["test_acc"] for r in ft_rows],
+            "pre_steps": [r["step"] for r in pre_rows],
+            "pre_test_acc_curve": [r["test_acc"] for r in pre_rows],
+            "pre_train_acc_curve": [r["train_acc"] for r in pre_rows],
+            "pre_all_acc_curve": [r.get("all_acc") for r in pre_rows],
+        }
         if c.heads == 1 and not c.layernorm:
             rec.update(particle_divergence(base, tuned, prompts, dtype=jnp.dtype(c.dtype)))
         runs[(depth, seed, rank)] = rec
         models[(depth, seed, rank)] = tuned
         hl = "never" if rec["half_life"] is None else f"{rec['half_life']:.0f}"
-        log(f"depth {depth} seed {seed} rank {rank}: pre-trained {pre['steps']} steps "
+        log(
+            f"depth {depth} seed {seed} rank {rank}: pre-trained {pre['steps']} steps "
             f"(test acc {pre['final']['test_acc']:.3f}), add acc {rec['add_acc_start']:.3f}"
             f" → {rec['add_acc_end']:.3f}, half-life {hl}, sub test acc "
-            f"{rec['sub_test_acc']:.3f} ({time.perf_counter() - t0:.0f} s)")
+            f"{rec['sub_test_acc']:.3f} ({time.perf_counter() - t0:.0f} s)"
+        )
     spectra = _spectra(config, models)
     capacity = _capacity(config, out_dir, progress=progress, log=log)
     summary = _summarise(config, runs, spectra)
@@ -135,18 +165,31 @@ def _capacity(config: ModularConfig, out_dir: str, *, progress: bool, log) -> li
     out = []
     for width in config.capacity_widths:
         for lr in config.capacity_lrs:
-            c = config.replace(depth=config.capacity_depth, seed=config.seeds[0], lr=lr,
-                               d_model=width, stop_at_target=False)
+            c = config.replace(
+                depth=config.capacity_depth,
+                seed=config.seeds[0],
+                lr=lr,
+                d_model=width,
+                stop_at_target=False,
+            )
             rd = os.path.join(out_dir, "capacity", f"d{c.depth}_w{width}_lr{lr:g}")
             _, rows, pre = pretrain(c, rd, progress=progress)
-            out.append({"depth": c.depth, "d_model": width, "lr": lr,
-                        "steps": [r["step"] for r in rows],
-                        "train_acc": [r["train_acc"] for r in rows],
-                        "final_train_acc": rows[-1]["train_acc"],
-                        "max_train_acc": max(r["train_acc"] for r in rows)})
-            log(f"capacity: depth {c.depth}, d_model {width}, lr {lr:g}: train acc "
+            out.append(
+                {
+                    "depth": c.depth,
+                    "d_model": width,
+                    "lr": lr,
+                    "steps": [r["step"] for r in rows],
+                    "train_acc": [r["train_acc"] for r in rows],
+                    "final_train_acc": rows[-1]["train_acc"],
+                    "max_train_acc": max(r["train_acc"] for r in rows),
+                }
+            )
+            log(
+                f"capacity: depth {c.depth}, d_model {width}, lr {lr:g}: train acc "
                 f"{out[-1]['final_train_acc']:.3f} after {pre['steps']} steps "
-                f"(best {out[-1]['max_train_acc']:.3f})")
+                f"(best {out[-1]['max_train_acc']:.3f})"
+            )
     return out
 
 
@@ -158,19 +201,33 @@ def trend_test(depths, values) -> dict[str, Any]:
 
     pts = [(d, v) for d, v in zip(depths, values) if v is not None]
     if len(pts) < 3 or len({d for d, _ in pts}) < 2:
-        return {"n": len(pts), "spearman_rho": None, "p_value": None, "slope": None,
-                "slope_ci95": None}
+        return {
+            "n": len(pts),
+            "spearman_rho": None,
+            "p_value": None,
+            "slope": None,
+            "slope_ci95": None,
+        }
     d, v = np.asarray(pts, float).T
     if np.ptp(v) == 0:  # e.g. no model halved: ranks carry no information
-        return {"n": len(pts), "spearman_rho": None, "p_value": None, "slope": 0.0,
-                "slope_ci95": None}
+        return {
+            "n": len(pts),
+            "spearman_rho": None,
+            "p_value": None,
+            "slope": 0.0,
+            "slope_ci95": None,
+        }
     rho, pval = stats.spearmanr(d, v)
     fit = stats.linregress(d, v)
     half = stats.t.ppf(0.975, len(d) - 2) * fit.stderr
-    return {"n": len(pts), "spearman_rho": float(rho), "p_value": float(pval),
-            "slope": float(fit.slope), "slope_ci95": [float(fit.slope - half),
-                                                      float(fit.slope + half)],
-            "r2": float(fit.rvalue ** 2)}
+    return {
+        "n": len(pts),
+        "spearman_rho": float(rho),
+        "p_value": float(pval),
+        "slope": float(fit.slope),
+        "slope_ci95": [float(fit.slope - half), float(fit.slope + half)],
+        "r2": float(fit.rvalue**2),
+    }
 
 
 def _prompt_tokens(config: ModularConfig):
@@ -190,11 +247,15 @@ def _spectra(config, models) -> dict[str, Any]:
         V = np.asarray(m.block.V[0], np.float64)
         Vt = np.asarray(m.weight("V", 0), np.float64)
         ev, evt = np.linalg.eigvals(V), np.linalg.eigvals(Vt)
-        out[str(d)] = {"V_real": ev.real.tolist(), "V_imag": ev.imag.tolist(),
-                       "Vlora_real": evt.real.tolist(), "Vlora_imag": evt.imag.tolist(),
-                       "delta_norm": float(np.linalg.norm(Vt - V, 2)),
-                       "rho_V": float(np.max(np.abs(ev))),
-                       "rho_Vlora": float(np.max(np.abs(evt)))}
+        out[str(d)] = {
+            "V_real": ev.real.tolist(),
+            "V_imag": ev.imag.tolist(),
+            "Vlora_real": evt.real.tolist(),
+            "Vlora_imag": evt.imag.tolist(),
+            "delta_norm": float(np.linalg.norm(Vt - V, 2)),
+            "rho_V": float(np.max(np.abs(ev))),
+            "rho_Vlora": float(np.max(np.abs(evt))),
+        }
     return out
 
 
@@ -214,10 +275,14 @@ def _summarise(config, runs, spectra) -> dict[str, Any]:
             "never_reached_target": [r["seed"] for r in rs if not r["reached_target"]],
             "in_trend": len(ok),
             "add_acc_start": _stats([r["add_acc_start"] for r in ok]),
-            **{f"add_acc_at_sub_{lv}": _stats([r["at_sub_test_acc"][lv]["add_acc"]
-                                                for r in ok]) for lv in levels},
-            **{f"step_at_sub_{lv}": _stats([r["at_sub_test_acc"][lv]["step"] for r in ok])
-               for lv in levels},
+            **{
+                f"add_acc_at_sub_{lv}": _stats([r["at_sub_test_acc"][lv]["add_acc"] for r in ok])
+                for lv in levels
+            },
+            **{
+                f"step_at_sub_{lv}": _stats([r["at_sub_test_acc"][lv]["step"] for r in ok])
+                for lv in levels
+            },
             "sub_test_acc": _stats([r["sub_test_acc"] for r in ok]),
             "sub_test_acc_max": _stats([r["sub_test_acc_max"] for r in ok]),
             "add_acc_end": _stats([r["add_acc_end"] for r in ok]),
@@ -226,33 +291,48 @@ def _summarise(config, runs, spectra) -> dict[str, Any]:
     big = 10.0 * config.ft_steps
     dep = [r["depth"] for r in trend_runs]
     trend = {
-        "half_life": trend_test(dep, [big if r["half_life"] is None else r["half_life"]
-                                      for r in trend_runs]),
-        **{f"add_acc_at_sub_{lv:g}": trend_test(
-            dep, [r["at_sub_test_acc"][f"{lv:g}"]["add_acc"] for r in trend_runs])
-           for lv in config.sub_levels},
+        "half_life": trend_test(
+            dep, [big if r["half_life"] is None else r["half_life"] for r in trend_runs]
+        ),
+        **{
+            f"add_acc_at_sub_{lv:g}": trend_test(
+                dep, [r["at_sub_test_acc"][f"{lv:g}"]["add_acc"] for r in trend_runs]
+            )
+            for lv in config.sub_levels
+        },
         "depths": sorted(set(dep)),
     }
     t = trend["half_life"]
     if t["p_value"] is None:
         verdict = "not testable (fewer than two depths or no variation in the trend)"
     elif t["p_value"] < 0.05:
-        verdict = (f"deeper forgets {'faster' if t['spearman_rho'] < 0 else 'slower'}: "
-                   f"Spearman rho = {t['spearman_rho']:.2f}, p = {t['p_value']:.2g}")
+        verdict = (
+            f"deeper forgets {'faster' if t['spearman_rho'] < 0 else 'slower'}: "
+            f"Spearman rho = {t['spearman_rho']:.2f}, p = {t['p_value']:.2g}"
+        )
     else:
-        verdict = (f"no significant depth trend: Spearman rho = {t['spearman_rho']:.2f}, "
-                   f"p = {t['p_value']:.2g}")
+        verdict = (
+            f"no significant depth trend: Spearman rho = {t['spearman_rho']:.2f}, "
+            f"p = {t['p_value']:.2g}"
+        )
     trend["verdict"] = verdict
     per_rank = {}
     for r_ in config.ranks:
         rs = [runs[(config.rank_depth, s, r_)] for s in config.seeds]
-        per_rank[str(r_)] = {"half_life": _stats([r["half_life"] for r in rs]),
-                             "sub_test_acc": _stats([r["sub_test_acc"] for r in rs]),
-                             "sub_test_acc_max": _stats([r["sub_test_acc_max"] for r in rs]),
-                             "add_acc_end": _stats([r["add_acc_end"] for r in rs])}
-    return {"config": config.as_dict(), "per_depth": per_depth, "per_rank": per_rank,
-            "trend": trend, "spectra": spectra,
-            "runs": [dict(v, key=f"d{k[0]}_s{k[1]}_r{k[2]}") for k, v in runs.items()]}
+        per_rank[str(r_)] = {
+            "half_life": _stats([r["half_life"] for r in rs]),
+            "sub_test_acc": _stats([r["sub_test_acc"] for r in rs]),
+            "sub_test_acc_max": _stats([r["sub_test_acc_max"] for r in rs]),
+            "add_acc_end": _stats([r["add_acc_end"] for r in rs]),
+        }
+    return {
+        "config": config.as_dict(),
+        "per_depth": per_depth,
+        "per_rank": per_rank,
+        "trend": trend,
+        "spectra": spectra,
+        "runs": [dict(v, key=f"d{k[0]}_s{k[1]}_r{k[2]}") for k, v in runs.items()],
+    }
 
 
 def _fmt(st: dict[str, Any], digits: int = 0, *, spread: bool = False) -> str:
@@ -271,34 +351,42 @@ def results_table(summary: dict[str, Any]) -> str:
     c = summary["config"]
     n_seeds = len(c["seeds"])
     levels = [f"{lv:g}" for lv in c["sub_levels"]]
-    head = ("| depth | met the bar | pre-training steps to the bar | addition acc. at start "
-            "| half-life (steps) | best sub. test acc. | "
-            + " | ".join(f"add. acc. / step when sub. test ≥ {lv}" for lv in levels) + " |")
+    head = (
+        "| depth | met the bar | pre-training steps to the bar | addition acc. at start "
+        "| half-life (steps) | best sub. test acc. | "
+        + " | ".join(f"add. acc. / step when sub. test ≥ {lv}" for lv in levels)
+        + " |"
+    )
     rows = [head, "|" + "---|" * (6 + len(levels))]
     for d, v in summary["per_depth"].items():
         cells = []
         for lv in levels:
             a, st = v[f"add_acc_at_sub_{lv}"], v[f"step_at_sub_{lv}"]
-            cells.append("never" if a["n"] == 0 else
-                         f"{_fmt(a, 3)} / {_fmt(st)} ({a['n']}/{v['in_trend']})")
+            cells.append(
+                "never" if a["n"] == 0 else f"{_fmt(a, 3)} / {_fmt(st)} ({a['n']}/{v['in_trend']})"
+            )
         rows.append(
             f"| {d} | {v['in_trend']}/{n_seeds} | {_fmt(v['pretrain_steps'])} "
             f"| {_fmt(v['add_acc_start'], 3)} | {_fmt(v['half_life'], 1, spread=True)} "
-            f"| {_fmt(v['sub_test_acc_max'], 3)} | " + " | ".join(cells) + " |")
+            f"| {_fmt(v['sub_test_acc_max'], 3)} | " + " | ".join(cells) + " |"
+        )
     t = summary["trend"]
     lines = ["\n".join(rows), ""]
     keys = [("half_life", "half-life")] + [
-        (f"add_acc_at_sub_{lv}", f"addition acc. when sub. test ≥ {lv}") for lv in levels]
+        (f"add_acc_at_sub_{lv}", f"addition acc. when sub. test ≥ {lv}") for lv in levels
+    ]
     for key, label in keys:
         tt = t[key]
         if tt["p_value"] is None:
             lines.append(f"- {label} against depth: not testable (n = {tt['n']})")
         else:
             lo, hi = tt["slope_ci95"]
-            lines.append(f"- {label} against depth (n = {tt['n']} models, depths "
-                         f"{t['depths']}): Spearman ρ = {tt['spearman_rho']:.2f} "
-                         f"(p = {tt['p_value']:.2g}); OLS slope {tt['slope']:.3g} per "
-                         f"layer, 95 % CI [{lo:.3g}, {hi:.3g}], R² = {tt['r2']:.2f}")
+            lines.append(
+                f"- {label} against depth (n = {tt['n']} models, depths "
+                f"{t['depths']}): Spearman ρ = {tt['spearman_rho']:.2f} "
+                f"(p = {tt['p_value']:.2g}); OLS slope {tt['slope']:.3g} per "
+                f"layer, 95 % CI [{lo:.3g}, {hi:.3g}], R² = {tt['r2']:.2f}"
+            )
     lines.append(f"- verdict: {t['verdict']}")
     return "\n".join(lines) + "\n"
 
@@ -334,8 +422,11 @@ def _figures(config, summary, out_dir) -> None:
     pdp = summary["per_depth"]
 
     def trend_runs(d, r=config.rank):
-        return [runs[f"d{d}_s{s}_r{r}"] for s in seeds
-                if runs[f"d{d}_s{s}_r{r}"]["reached_target"] or r != config.rank]
+        return [
+            runs[f"d{d}_s{s}_r{r}"]
+            for s in seeds
+            if runs[f"d{d}_s{s}_r{r}"]["reached_target"] or r != config.rank
+        ]
 
     def curves(d, r, key):
         rs = trend_runs(d, r)
@@ -352,10 +443,14 @@ def _figures(config, summary, out_dir) -> None:
         _band(axs[1], st, cu, f"depth {d}", colors[d])
     axs[0].axhline(1 / config.p, color="gray", ls=":", lw=1)
     axs[1].axhline(1 / config.p, color="gray", ls=":", lw=1)
-    axs[0].set(xlabel="fine-tuning step", ylabel="addition accuracy (all pairs)",
-               title=f"forgetting (LoRA r={config.rank} on {'+'.join(config.targets)})")
-    axs[1].set(xlabel="fine-tuning step", ylabel="subtraction test accuracy",
-               title="learning the new task")
+    axs[0].set(
+        xlabel="fine-tuning step",
+        ylabel="addition accuracy (all pairs)",
+        title=f"forgetting (LoRA r={config.rank} on {'+'.join(config.targets)})",
+    )
+    axs[1].set(
+        xlabel="fine-tuning step", ylabel="subtraction test accuracy", title="learning the new task"
+    )
     for ax in axs:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -367,12 +462,20 @@ def _figures(config, summary, out_dir) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for d in shown:
         for i, r in enumerate(trend_runs(d)):
-            ax.plot(r["ft_sub_test_acc"], r["ft_add_acc"], color=colors[d], alpha=0.6,
-                    lw=0.9, label=f"depth {d}" if i == 0 else None)
+            ax.plot(
+                r["ft_sub_test_acc"],
+                r["ft_add_acc"],
+                color=colors[d],
+                alpha=0.6,
+                lw=0.9,
+                label=f"depth {d}" if i == 0 else None,
+            )
             ax.plot(r["ft_sub_test_acc"][0], r["ft_add_acc"][0], "o", color=colors[d], ms=3)
-    ax.set(xlabel="subtraction test accuracy (new task)",
-           ylabel="addition accuracy, all pairs (old task)",
-           title="trade-off during fine-tuning (one line per seed)")
+    ax.set(
+        xlabel="subtraction test accuracy (new task)",
+        ylabel="addition accuracy, all pairs (old task)",
+        title="trade-off during fine-tuning (one line per seed)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -383,11 +486,12 @@ def _figures(config, summary, out_dir) -> None:
     # steps against depth. Censored values (never halved / never reached) are drawn at
     # the cap as red ▲ with a count.
     levels = [f"{lv:g}" for lv in config.sub_levels]
-    panels = [("half_life", "forgetting half-life (fine-tuning steps)", config.ft_steps),
-              ("add_acc_at_sub", "addition acc. when sub. test acc. first ≥ level", None),
-              ("step_at_sub", "fine-tuning steps until sub. test acc. ≥ level",
-               config.ft_steps),
-              ("pretrain_steps", "pre-training steps to meet the bar", config.max_steps)]
+    panels = [
+        ("half_life", "forgetting half-life (fine-tuning steps)", config.ft_steps),
+        ("add_acc_at_sub", "addition acc. when sub. test acc. first ≥ level", None),
+        ("step_at_sub", "fine-tuning steps until sub. test acc. ≥ level", config.ft_steps),
+        ("pretrain_steps", "pre-training steps to meet the bar", config.max_steps),
+    ]
     markers = dict(zip(levels, "os^Dv<>"))
     fig, axs = plt.subplots(1, 4, figsize=(16, 3.9))
     for ax, (key, label, cap) in zip(axs, panels):
@@ -399,27 +503,41 @@ def _figures(config, summary, out_dir) -> None:
                 st = pdp[str(d)][name]
                 vals = st["values"]
                 ok = [v for v in vals if v is not None]
-                ax.scatter([d + dx] * len(ok), ok, color=colors[d], alpha=0.7, s=18,
-                           marker=markers[lv] if per_level else "o",
-                           label=f"level {lv}" if per_level and d == depths[-1] else None)
+                ax.scatter(
+                    [d + dx] * len(ok),
+                    ok,
+                    color=colors[d],
+                    alpha=0.7,
+                    s=18,
+                    marker=markers[lv] if per_level else "o",
+                    label=f"level {lv}" if per_level and d == depths[-1] else None,
+                )
                 n_cens = len(vals) - len(ok)
                 if n_cens and (cap is not None or not per_level):
                     y = cap if cap is not None else 0.0
                     ax.scatter([d + dx], [y], marker="^", color="red", s=30)
-                    ax.annotate(f"{n_cens}/{len(vals)} never", (d + dx, y),
-                                textcoords="offset points", xytext=(0, 6), ha="center",
-                                fontsize=7, color="red")
+                    ax.annotate(
+                        f"{n_cens}/{len(vals)} never",
+                        (d + dx, y),
+                        textcoords="offset points",
+                        xytext=(0, 6),
+                        ha="center",
+                        fontsize=7,
+                        color="red",
+                    )
                 if st["mean"] is not None:
-                    ax.errorbar([d + dx], [st["mean"]], yerr=[st["std"]], fmt="k_",
-                                capsize=4, ms=14)
+                    ax.errorbar(
+                        [d + dx], [st["mean"]], yerr=[st["std"]], fmt="k_", capsize=4, ms=14
+                    )
         if per_level:
             ax.legend(fontsize=7)
         ax.set(xlabel="depth", ylabel=label, xticks=list(depths))
         ax.grid(alpha=0.3)
     t = summary.get("trend", {}).get("half_life", {})
     if t.get("spearman_rho") is not None:
-        axs[0].set_title(f"Spearman ρ = {t['spearman_rho']:.2f}, p = {t['p_value']:.2g}",
-                         fontsize=9)
+        axs[0].set_title(
+            f"Spearman ρ = {t['spearman_rho']:.2f}, p = {t['p_value']:.2g}", fontsize=9
+        )
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "depth_summary.png"), dpi=110)
     plt.close(fig)
@@ -432,8 +550,11 @@ def _figures(config, summary, out_dir) -> None:
         _band(axs[0], st, cu, f"r = {r}", rc[r])
         st, cu = curves(config.rank_depth, r, "ft_sub_test_acc")
         _band(axs[1], st, cu, f"r = {r}", rc[r])
-    axs[0].set(xlabel="fine-tuning step", ylabel="addition accuracy",
-               title=f"ranks at depth {config.rank_depth} (α = {config.alpha})")
+    axs[0].set(
+        xlabel="fine-tuning step",
+        ylabel="addition accuracy",
+        title=f"ranks at depth {config.rank_depth} (α = {config.alpha})",
+    )
     axs[1].set(xlabel="fine-tuning step", ylabel="subtraction test accuracy")
     for ax in axs:
         ax.legend(fontsize=8)
@@ -449,8 +570,14 @@ def _figures(config, summary, out_dir) -> None:
         fig, axs = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
         for ax, (d, e) in zip(axs[0], sp.items()):
             ax.scatter(e["V_real"], e["V_imag"], s=10, label="V", color="tab:blue")
-            ax.scatter(e["Vlora_real"], e["Vlora_imag"], s=10, marker="x",
-                       label="V + (α/r)BA", color="tab:red")
+            ax.scatter(
+                e["Vlora_real"],
+                e["Vlora_imag"],
+                s=10,
+                marker="x",
+                label="V + (α/r)BA",
+                color="tab:red",
+            )
             ax.set(title=f"depth {d}", xlabel="Re λ")
             ax.set_aspect("equal", adjustable="datalim")
             ax.grid(alpha=0.3)
@@ -464,15 +591,23 @@ def _figures(config, summary, out_dir) -> None:
     pts = [r for r in summary["runs"] if "div_euler" in r and r["rank"] == config.rank]
     if pts:
         fig, axs = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key, title in ((axs[0], "rel_div_euler", "Euler h = 1 (the model)"),
-                               (axs[1], "rel_div_rk4", "RK4 h = 0.05 (ODE limit)")):
+        for ax, key, title in (
+            (axs[0], "rel_div_euler", "Euler h = 1 (the model)"),
+            (axs[1], "rel_div_rk4", "RK4 h = 0.05 (ODE limit)"),
+        ):
             for d in depths:
                 sel = [r for r in pts if r["depth"] == d]
-                ax.scatter([r[key] for r in sel],
-                           [r["add_acc_start"] - r["add_acc_end"] for r in sel],
-                           color=colors[d], label=f"depth {d}")
-            ax.set(xlabel="relative particle divergence e(T)/max|x(T)|, T = depth",
-                   ylabel="forgetting (drop of addition acc.)", title=title)
+                ax.scatter(
+                    [r[key] for r in sel],
+                    [r["add_acc_start"] - r["add_acc_end"] for r in sel],
+                    color=colors[d],
+                    label=f"depth {d}",
+                )
+            ax.set(
+                xlabel="relative particle divergence e(T)/max|x(T)|, T = depth",
+                ylabel="forgetting (drop of addition acc.)",
+                title=title,
+            )
             ax.grid(alpha=0.3)
         axs[0].legend(fontsize=8)
         fig.tight_layout()
@@ -485,17 +620,40 @@ def _figures(config, summary, out_dir) -> None:
         for s in seeds:
             r = runs[f"d{d}_s{s}_r{config.rank}"]
             lab = f"depth {d}" if s == seeds[0] else None
-            axs[0].plot(r["pre_steps"], r["pre_train_acc_curve"], color=colors[d],
-                        alpha=0.7, lw=0.9, label=lab)
+            axs[0].plot(
+                r["pre_steps"],
+                r["pre_train_acc_curve"],
+                color=colors[d],
+                alpha=0.7,
+                lw=0.9,
+                label=lab,
+            )
             if r.get("pre_all_acc_curve") and r["pre_all_acc_curve"][0] is not None:
-                axs[1].plot(r["pre_steps"], r["pre_all_acc_curve"], color=colors[d],
-                            alpha=0.7, lw=0.9, label=lab)
+                axs[1].plot(
+                    r["pre_steps"],
+                    r["pre_all_acc_curve"],
+                    color=colors[d],
+                    alpha=0.7,
+                    lw=0.9,
+                    label=lab,
+                )
             else:
-                axs[1].plot(r["pre_steps"], r["pre_test_acc_curve"], color=colors[d],
-                            alpha=0.7, lw=0.9, label=lab)
-    for ax, thr, name in ((axs[0], config.target_train_acc, "training accuracy"),
-                          (axs[1], config.target_all_acc or config.target_acc,
-                           "accuracy, all pairs" if config.target_all_acc else "test accuracy")):
+                axs[1].plot(
+                    r["pre_steps"],
+                    r["pre_test_acc_curve"],
+                    color=colors[d],
+                    alpha=0.7,
+                    lw=0.9,
+                    label=lab,
+                )
+    for ax, thr, name in (
+        (axs[0], config.target_train_acc, "training accuracy"),
+        (
+            axs[1],
+            config.target_all_acc or config.target_acc,
+            "accuracy, all pairs" if config.target_all_acc else "test accuracy",
+        ),
+    ):
         if thr > 0:
             ax.axhline(thr, color="k", ls=":", lw=1)
         ax.set(xlabel="pre-training step", ylabel=f"addition {name}")
@@ -515,12 +673,20 @@ def _figures(config, summary, out_dir) -> None:
         lrs = sorted({c["lr"] for c in cap})
         lc = {lr: plt.get_cmap("plasma")(i / max(1, len(lrs))) for i, lr in enumerate(lrs)}
         for c in cap:
-            ax.plot(c["steps"], c["train_acc"], ls=styles.get(c["d_model"], "-"),
-                    color=lc[c["lr"]], label=f"d_model {c['d_model']}, lr {c['lr']:g}")
+            ax.plot(
+                c["steps"],
+                c["train_acc"],
+                ls=styles.get(c["d_model"], "-"),
+                color=lc[c["lr"]],
+                label=f"d_model {c['d_model']}, lr {c['lr']:g}",
+            )
         if config.target_train_acc > 0:
             ax.axhline(config.target_train_acc, color="k", ls=":", lw=1)
-        ax.set(xlabel="pre-training step", ylabel="addition training accuracy",
-               title=f"depth {cap[0]['depth']}: can it fit the training set?")
+        ax.set(
+            xlabel="pre-training step",
+            ylabel="addition training accuracy",
+            title=f"depth {cap[0]['depth']}: can it fit the training set?",
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -8,8 +8,9 @@ both the parameters and the optax state).
 Every `log_every` steps one jitted call runs `log_every` AdamW steps inside `lax.scan`
 (one host round trip), then the metrics (loss and accuracy on every evaluation set) are
 recorded; they are written to `metrics.csv` / `metrics.json` with every checkpoint and at
-the end. Every `checkpoint_every` steps the trainable leaves, the optimiser state, the step and the metrics so far are written to
-`checkpoint.eqx` atomically (a JSON header line, then `eqx.tree_serialise_leaves`).
+the end. Every `checkpoint_every` steps the trainable leaves, the optimiser state, the
+step and the metrics so far are written to `checkpoint.eqx` atomically (a JSON header
+line, then `eqx.tree_serialise_leaves`).
 Restarting the same command resumes from that checkpoint; because chunks always start on
 multiples of `log_every` and the compiled chunk is the same program, a resumed run ends
 with bit-identical parameters and metrics (tested).
@@ -67,8 +68,9 @@ def load_tree(path: str, like):
         try:
             return eqx.tree_deserialise_leaves(fh, like)
         except (ValueError, TypeError, RuntimeError, EOFError) as e:  # shape/dtype, truncated
-            raise ValueError(f"checkpoint {path} does not fit this model "
-                             f"({type(e).__name__})") from None
+            raise ValueError(
+                f"checkpoint {path} does not fit this model ({type(e).__name__})"
+            ) from None
 
 
 def file_digest(path: str) -> str:
@@ -80,14 +82,17 @@ def check_fingerprint(path: str, kind: str, fingerprint: dict[str, Any]) -> dict
     """Header of checkpoint `path`, or a one-line error if it belongs to another run."""
     header = read_header(path)
     if header.get("kind") != kind:
-        raise ValueError(f"checkpoint {path} is a {header.get('kind')} checkpoint, not "
-                         f"{kind}; use another --out")
+        raise ValueError(
+            f"checkpoint {path} is a {header.get('kind')} checkpoint, not {kind}; use another --out"
+        )
     old = header.get("fingerprint", {})
     for k in sorted(set(old) | set(fingerprint)):
         if old.get(k) != fingerprint.get(k):
-            raise ValueError(f"checkpoint {path} is from another configuration ({k}: "
-                             f"{old.get(k)!r} there, {fingerprint.get(k)!r} now); use "
-                             f"another --out or remove it")
+            raise ValueError(
+                f"checkpoint {path} is from another configuration ({k}: "
+                f"{old.get(k)!r} there, {fingerprint.get(k)!r} now); use "
+                f"another --out or remove it"
+            )
     return header
 
 
@@ -100,16 +105,28 @@ def _write_metrics(out_dir: str, rows: list[dict[str, Any]], extra: dict[str, An
     w.writeheader()
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    with atomic_path(os.path.join(out_dir, "metrics.csv")) as tmp, \
-            open(tmp, "w", encoding="utf-8") as fh:
+    with (
+        atomic_path(os.path.join(out_dir, "metrics.csv")) as tmp,
+        open(tmp, "w", encoding="utf-8") as fh,
+    ):
         fh.write(buf.getvalue())
     write_json(os.path.join(out_dir, "metrics.json"), dict(extra, metrics=rows))
 
 
 # -- optimiser and loss -------------------------------------------------------------
-def adamw(lr: float, b1: float, b2: float, weight_decay: float, warmup: int, dtype, *,
-          schedule: str = "constant", total_steps: int | None = None,
-          min_lr_frac: float = 0.05, clip: float = 0.0) -> optax.GradientTransformation:
+def adamw(
+    lr: float,
+    b1: float,
+    b2: float,
+    weight_decay: float,
+    warmup: int,
+    dtype,
+    *,
+    schedule: str = "constant",
+    total_steps: int | None = None,
+    min_lr_frac: float = 0.05,
+    clip: float = 0.0,
+) -> optax.GradientTransformation:
     """AdamW (optax) with a linear warm-up over `warmup` steps, then a constant `lr`
     (`schedule="constant"`), or optax's warm-up + cosine decay to `min_lr_frac · lr` at
     `total_steps` (`"cosine"`); `clip > 0` first clips the gradient to that global norm.
@@ -123,10 +140,11 @@ def adamw(lr: float, b1: float, b2: float, weight_decay: float, warmup: int, dty
         raise ValueError("a cosine schedule needs total_steps > warmup")
 
     if schedule == "cosine":
-        cosine = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps,
-                                                    min_lr_frac * lr)
-        return _with_clip(optax.adamw(lambda c: cosine(c).astype(dt), b1=b1, b2=b2,
-                                      weight_decay=weight_decay), clip)
+        cosine = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, min_lr_frac * lr)
+        return _with_clip(
+            optax.adamw(lambda c: cosine(c).astype(dt), b1=b1, b2=b2, weight_decay=weight_decay),
+            clip,
+        )
 
     def sched(count):
         if warmup == 0:
@@ -144,15 +162,23 @@ def _with_clip(opt: optax.GradientTransformation, clip: float) -> optax.Gradient
 def meets_bar(row: dict, config: ModularConfig) -> bool:
     """Whether a pre-training metrics row meets the configured bar (test, train and
     all-pairs accuracy thresholds; a threshold of 0 is not required)."""
-    return (row["test_acc"] >= config.target_acc
-            and row["train_acc"] >= config.target_train_acc
-            and row.get("all_acc", 1.0) >= config.target_all_acc)
+    return (
+        row["test_acc"] >= config.target_acc
+        and row["train_acc"] >= config.target_train_acc
+        and row.get("all_acc", 1.0) >= config.target_all_acc
+    )
 
 
 def bar_text(config: ModularConfig) -> str:
-    parts = [f"{k} acc ≥ {v}" for k, v in (("test", config.target_acc),
-                                           ("train", config.target_train_acc),
-                                           ("all-pairs", config.target_all_acc)) if v > 0]
+    parts = [
+        f"{k} acc ≥ {v}"
+        for k, v in (
+            ("test", config.target_acc),
+            ("train", config.target_train_acc),
+            ("all-pairs", config.target_all_acc),
+        )
+        if v > 0
+    ]
     return ", ".join(parts) or "no bar"
 
 
@@ -173,7 +199,9 @@ def evaluate(model, sets: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, j
         logits = _logits(model, x)
         logp = jax.nn.log_softmax(logits, axis=-1)
         out[f"{name}_loss"] = -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
-        out[f"{name}_acc"] = jnp.mean((jnp.argmax(logits, axis=-1).astype(y.dtype) == y).astype(logits.dtype))
+        out[f"{name}_acc"] = jnp.mean(
+            (jnp.argmax(logits, axis=-1).astype(y.dtype) == y).astype(logits.dtype)
+        )
     return out
 
 
@@ -202,11 +230,24 @@ chunk_fn = eqx.filter_jit(_chunk)
 
 
 # -- the loop -------------------------------------------------------------------------
-def train(model, filter_spec, optimizer, *, train_set, eval_sets, steps: int,
-          log_every: int, checkpoint_every: int, out_dir: str, kind: str,
-          fingerprint: dict[str, Any], stop: Callable[[dict], bool] | None = None,
-          on_log: Callable[[int, dict], None] | None = None, progress: bool = False,
-          extra: dict[str, Any] | None = None):
+def train(
+    model,
+    filter_spec,
+    optimizer,
+    *,
+    train_set,
+    eval_sets,
+    steps: int,
+    log_every: int,
+    checkpoint_every: int,
+    out_dir: str,
+    kind: str,
+    fingerprint: dict[str, Any],
+    stop: Callable[[dict], bool] | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+    extra: dict[str, Any] | None = None,
+):
     """Train the `filter_spec` leaves of `model` full-batch; resume from `out_dir`.
 
     **Arguments:**
@@ -245,8 +286,17 @@ def train(model, filter_spec, optimizer, *, train_set, eval_sets, steps: int,
         return row
 
     def checkpoint():
-        save_tree(ckpt, {"kind": kind, "fingerprint": fingerprint, "step": step,
-                         "metrics": rows, "stopped_at": stopped_at}, (params, opt_state))
+        save_tree(
+            ckpt,
+            {
+                "kind": kind,
+                "fingerprint": fingerprint,
+                "step": step,
+                "metrics": rows,
+                "stopped_at": stopped_at,
+            },
+            (params, opt_state),
+        )
 
     if not rows:
         row = record(params, 0)
@@ -289,8 +339,10 @@ class _TextBar:
         self.n += n
 
     def set_postfix(self, d):
-        print(f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in d.items()),
-              flush=True)
+        print(
+            f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in d.items()),
+            flush=True,
+        )
 
     def close(self):
         pass
@@ -334,23 +386,49 @@ def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_
     split = make_split(config.p, "+", config.train_frac, config.seed)
     names = ("train", "test", "all") if config.target_all_acc > 0 else ("train", "test")
     sets = as_device_sets(split, names)
-    opt = adamw(config.lr, config.beta1, config.beta2, config.weight_decay, config.warmup,
-                config.dtype, schedule=config.schedule, total_steps=config.max_steps,
-                min_lr_frac=config.min_lr_frac, clip=config.clip)
+    opt = adamw(
+        config.lr,
+        config.beta1,
+        config.beta2,
+        config.weight_decay,
+        config.warmup,
+        config.dtype,
+        schedule=config.schedule,
+        total_steps=config.max_steps,
+        min_lr_frac=config.min_lr_frac,
+        clip=config.clip,
+    )
     fp = config.subset(PRETRAIN_KEYS)
     model, rows, info = train(
-        model, trainable_filter(model, lora_only=False), opt, train_set=sets["train"],
-        eval_sets=sets, steps=config.max_steps, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, out_dir=out_dir, kind="pretrain",
-        fingerprint=fp, stop=(lambda r: meets_bar(r, config)) if config.stop_at_target else None,
-        on_log=on_log, progress=progress)
+        model,
+        trainable_filter(model, lora_only=False),
+        opt,
+        train_set=sets["train"],
+        eval_sets=sets,
+        steps=config.max_steps,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        out_dir=out_dir,
+        kind="pretrain",
+        fingerprint=fp,
+        stop=(lambda r: meets_bar(r, config)) if config.stop_at_target else None,
+        on_log=on_log,
+        progress=progress,
+    )
     first = next((r["step"] for r in rows if meets_bar(r, config)), None)
-    summary = {"config": config.as_dict(), "steps": info["step"],
-               "steps_to_target": first,
-               "reached_target": meets_bar(rows[-1], config),
-               "final": rows[-1], "resumed_from": info["resumed_from"]}
-    save_tree(os.path.join(out_dir, "model.eqx"),
-              {"kind": "model", "fingerprint": fp, "step": info["step"]}, model)
+    summary = {
+        "config": config.as_dict(),
+        "steps": info["step"],
+        "steps_to_target": first,
+        "reached_target": meets_bar(rows[-1], config),
+        "final": rows[-1],
+        "resumed_from": info["resumed_from"],
+    }
+    save_tree(
+        os.path.join(out_dir, "model.eqx"),
+        {"kind": "model", "fingerprint": fp, "step": info["step"]},
+        model,
+    )
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return model, rows, summary
 
@@ -358,8 +436,10 @@ def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_
 def load_pretrained(config: ModularConfig, path: str):
     """The pre-trained model in `path` (`model.eqx`), checked against `config`."""
     if not os.path.exists(path):
-        raise ValueError(f"no pre-trained model at {path}; run `jaxattn modular pretrain` "
-                         f"with the same --out first")
+        raise ValueError(
+            f"no pre-trained model at {path}; run `jaxattn modular pretrain` "
+            f"with the same --out first"
+        )
     check_fingerprint(path, "model", config.subset(PRETRAIN_KEYS))
     like = ModularTransformer(config, key=jax.random.key(0))
     return load_tree(path, like)

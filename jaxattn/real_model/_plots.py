@@ -38,9 +38,14 @@ def clustering(res: dict, path, *, title: str) -> None:
     axes[1].set_ylabel(f"clusters (cos ≥ 1 − {res['cluster_delta']:g})")
     h = res["prose"]["hist_density"]
     e = res["hist_edges"]
-    im = axes[2].imshow(h.T, origin="lower", aspect="auto", cmap="magma",
-                        extent=(-0.5, h.shape[0] - 0.5, e[0], e[-1]),
-                        vmax=np.quantile(h, 0.995))
+    im = axes[2].imshow(
+        h.T,
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        extent=(-0.5, h.shape[0] - 0.5, e[0], e[-1]),
+        vmax=np.quantile(h, 0.995),
+    )
     _pass_lines(axes[2], L, R)
     axes[2].set_xlabel("hidden state")
     axes[2].set_ylabel("pairwise cosine (prose)")
@@ -87,8 +92,15 @@ def spectra(sp: dict, path) -> None:
     ax = axes[3]
     im = ax.imshow(sp["beta_eff"], cmap="viridis", aspect="auto")
     yy, xx = np.nonzero(sp["hypotheses"])
-    ax.scatter(xx, yy, marker="*", color="w", edgecolors="k", s=70,
-               label="λ₁ real > 0 simple, ⟨Qφ₁,Kφ₁⟩ > 0")
+    ax.scatter(
+        xx,
+        yy,
+        marker="*",
+        color="w",
+        edgecolors="k",
+        s=70,
+        label="λ₁ real > 0 simple, ⟨Qφ₁,Kφ₁⟩ > 0",
+    )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(H))
@@ -120,15 +132,18 @@ def particle(pr: dict, path) -> None:
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
     best = max(runs, key=lambda r: r["gram_corr"][-1])
-    for ax, G, name in ((axes[2], best["final_gram"], f"particles, head {best['head']}, "
-                         f"t = {ts[-1]:g}"),
-                        (axes[3], pr["real_final_gram"], "real model, last state")):
+    for ax, G, name in (
+        (axes[2], best["final_gram"], f"particles, head {best['head']}, t = {ts[-1]:g}"),
+        (axes[3], pr["real_final_gram"], "real model, last state"),
+    ):
         im = ax.imshow(G, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("token")
     fig.colorbar(im, ax=axes[3])
-    fig.suptitle(f"Sphere dynamics (SA) with one head's (Q, K, W_O W_V) from layer "
-                 f"{layer}, {pr['tokens']} tokens")
+    fig.suptitle(
+        f"Sphere dynamics (SA) with one head's (Q, K, W_O W_V) from layer "
+        f"{layer}, {pr['tokens']} tokens"
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -141,8 +156,14 @@ def lora_drift(dr: dict, path, *, num_layers: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(eps)))
     for k, c in enumerate(colors):
-        axes[0].semilogy(np.arange(1, S), e[k, 1:], "o-", ms=3, color=c,
-                         label=f"ε = {eps[k]:g} (×{dr['fit']['growth_per_layer'][k]:.2f}/layer)")
+        axes[0].semilogy(
+            np.arange(1, S),
+            e[k, 1:],
+            "o-",
+            ms=3,
+            color=c,
+            label=f"ε = {eps[k]:g} (×{dr['fit']['growth_per_layer'][k]:.2f}/layer)",
+        )
     _pass_lines(axes[0], num_layers, dr["repeat"])
     axes[0].set_xlabel("hidden state (layer)")
     axes[0].set_ylabel("mean_i |x_i − x̃_i| / mean_i |x_i|")
@@ -156,8 +177,10 @@ def lora_drift(dr: dict, path, *, num_layers: int) -> None:
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"random rank-{dr['rank']} LoRA on V in every layer; "
-                 f"{dr['sequences']} sequences × {len(dr['seeds'])} directions")
+    fig.suptitle(
+        f"random rank-{dr['rank']} LoRA on V in every layer; "
+        f"{dr['sequences']} sequences × {len(dr['seeds'])} directions"
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -19,12 +19,31 @@ from . import _analysis as an
 from ._bert import load
 from ._load import encode, read_text
 
-FULL = dict(truncate=None, passages=None, random_count=16, eps=(1e-3, 3e-3, 1e-2, 3e-2,
-            1e-1, 3e-1), rank=4, seeds=(0, 1, 2), drift_passages=8, particle_layer=0,
-            particle_heads=None, dt=0.1, seed=0)
+FULL = dict(
+    truncate=None,
+    passages=None,
+    random_count=16,
+    eps=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    rank=4,
+    seeds=(0, 1, 2),
+    drift_passages=8,
+    particle_layer=0,
+    particle_heads=None,
+    dt=0.1,
+    seed=0,
+)
 # Quick: 3 passages cut to 24 tokens, 2 ε, 2 heads — seconds, for tests and the notebook.
-QUICK = dict(truncate=24, passages=3, random_count=2, eps=(1e-2, 1e-1), rank=2, seeds=(0,),
-             drift_passages=2, particle_heads=(0, 1), dt=0.25)
+QUICK = dict(
+    truncate=24,
+    passages=3,
+    random_count=2,
+    eps=(1e-2, 1e-1),
+    rank=2,
+    seeds=(0,),
+    drift_passages=2,
+    particle_heads=(0, 1),
+    dt=0.25,
+)
 
 
 def _flatten_for_npz(prefix: str, d: dict, out: dict) -> None:
@@ -36,8 +55,16 @@ def _flatten_for_npz(prefix: str, d: dict, out: dict) -> None:
             out[key] = v
 
 
-def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool = False,
-            log=print, **overrides) -> dict:
+def analyze(
+    out_dir,
+    *,
+    model_dir=None,
+    text=None,
+    repeat: int = 1,
+    quick: bool = False,
+    log=print,
+    **overrides,
+) -> dict:
     """Run analyses 1–4 and write figures, `data.npz` and `summary.json` to `out_dir`.
 
     **Arguments:**
@@ -64,8 +91,7 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
     if text_str is not None:
         source = os.fspath(text)
         # All of the text's tokens, never cut (longer than the positions: an error).
-        ids = encode(ck.tokenizer, text_str, ck.config.max_positions,
-                     name=f"text file {source}")
+        ids = encode(ck.tokenizer, text_str, ck.config.max_positions, name=f"text file {source}")
         seqs, names = [ids], [os.path.basename(source)]
         truncation = None
     else:
@@ -77,13 +103,20 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
         seqs = an.tokenize(ck, corpus, truncate_to=truncation)
         names = [name for name, _ in corpus]
     rand_len = max(len(s) for s in seqs)
-    check_memory(4.0 * (repeat * L + 1) * rand_len * ck.config.hidden_size
-                 * max(len(seqs), cfg["random_count"]),
-                 f"hidden states of {repeat}× the {L}-layer stack")
+    check_memory(
+        4.0
+        * (repeat * L + 1)
+        * rand_len
+        * ck.config.hidden_size
+        * max(len(seqs), cfg["random_count"]),
+        f"hidden states of {repeat}× the {L}-layer stack",
+    )
     out_dir = check_output_dir(out_dir)  # create it only once the inputs are known good
     rand = an.random_sequences(ck, cfg["random_count"], rand_len, seed=cfg["seed"])
-    log(f"[1/4] clustering: {len(seqs)} sequence(s) of {min(map(len, seqs))}–{rand_len} "
-        f"tokens and {len(rand)} random ones, stack run {repeat}× ...")
+    log(
+        f"[1/4] clustering: {len(seqs)} sequence(s) of {min(map(len, seqs))}–{rand_len} "
+        f"tokens and {len(rand)} random ones, stack run {repeat}× ..."
+    )
     clus = an.clustering(ck, seqs, rand, repeat)
     timing = an.forward_timing(ck.model, seqs)
 
@@ -92,33 +125,48 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
 
     layer = min(cfg["particle_layer"], L - 1)
     heads = cfg["particle_heads"] or range(ck.config.num_heads)
-    log(f"[3/4] particle model: {len(heads)} head(s) of layer {layer} on "
-        f"'{names[0]}' ...")
-    pr = an.particle(ck, seqs[0], layer=layer, heads=heads, repeat=repeat, dt=cfg["dt"],
-                     sq_norms=clus["prose"]["sq_norm"])
+    log(f"[3/4] particle model: {len(heads)} head(s) of layer {layer} on '{names[0]}' ...")
+    pr = an.particle(
+        ck,
+        seqs[0],
+        layer=layer,
+        heads=heads,
+        repeat=repeat,
+        dt=cfg["dt"],
+        sq_norms=clus["prose"]["sq_norm"],
+    )
 
     drift_seqs = seqs[: cfg["drift_passages"]]
-    log(f"[4/4] LoRA drift: ε ∈ {list(cfg['eps'])}, rank {cfg['rank']}, "
-        f"{len(drift_seqs)} sequence(s) × {len(cfg['seeds'])} direction(s) ...")
-    dr = an.lora_drift(ck, drift_seqs, eps=cfg["eps"], rank=cfg["rank"], seeds=cfg["seeds"],
-                       repeat=repeat)
+    log(
+        f"[4/4] LoRA drift: ε ∈ {list(cfg['eps'])}, rank {cfg['rank']}, "
+        f"{len(drift_seqs)} sequence(s) × {len(cfg['seeds'])} direction(s) ..."
+    )
+    dr = an.lora_drift(
+        ck, drift_seqs, eps=cfg["eps"], rank=cfg["rank"], seeds=cfg["seeds"], repeat=repeat
+    )
 
     from . import _plots
 
     what = f"'{names[0]}'" if text_str is not None else f"{len(seqs)} passages of {source}"
-    figures = {"clustering": "clustering.png", "spectra": "spectra.png",
-               "particle": "particle.png", "lora_drift": "lora_drift.png"}
-    _plots.clustering(clus, os.path.join(out_dir, figures["clustering"]),
-                      title=f"BERT-family encoder, {L} layers × {ck.config.num_heads} heads, "
-                            f"d = {ck.config.hidden_size}: {what}")
+    figures = {
+        "clustering": "clustering.png",
+        "spectra": "spectra.png",
+        "particle": "particle.png",
+        "lora_drift": "lora_drift.png",
+    }
+    _plots.clustering(
+        clus,
+        os.path.join(out_dir, figures["clustering"]),
+        title=f"BERT-family encoder, {L} layers × {ck.config.num_heads} heads, "
+        f"d = {ck.config.hidden_size}: {what}",
+    )
     _plots.spectra(sp, os.path.join(out_dir, figures["spectra"]))
     _plots.particle(pr, os.path.join(out_dir, figures["particle"]))
     _plots.lora_drift(dr, os.path.join(out_dir, figures["lora_drift"]), num_layers=L)
 
     arrays: dict = {}
     _flatten_for_npz("clustering.", clus, arrays)
-    _flatten_for_npz("spectra.", {k: v for k, v in sp.items()
-                                  if isinstance(v, np.ndarray)}, arrays)
+    _flatten_for_npz("spectra.", {k: v for k, v in sp.items() if isinstance(v, np.ndarray)}, arrays)
     _flatten_for_npz("particle.", {k: v for k, v in pr.items() if k != "runs"}, arrays)
     for r in pr["runs"]:
         _flatten_for_npz(f"particle.head{r['head']}.", r, arrays)
@@ -129,12 +177,23 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
     passes = clus["passes"]
     hyp = sp["hypotheses"]
     summary = {
-        "model": {"dir": ck.model_dir, "layers": L, "heads": ck.config.num_heads,
-                  "d": ck.config.hidden_size, "max_positions": ck.config.max_positions,
-                  "dtype": "float32"},
-        "input": {"source": source, "sequences": len(seqs), "names": names,
-                  "tokens": [int(len(s)) for s in seqs], "truncation": truncation,
-                  "random_sequences": len(rand), "quick": bool(quick)},
+        "model": {
+            "dir": ck.model_dir,
+            "layers": L,
+            "heads": ck.config.num_heads,
+            "d": ck.config.hidden_size,
+            "max_positions": ck.config.max_positions,
+            "dtype": "float32",
+        },
+        "input": {
+            "source": source,
+            "sequences": len(seqs),
+            "names": names,
+            "tokens": [len(s) for s in seqs],
+            "truncation": truncation,
+            "random_sequences": len(rand),
+            "quick": bool(quick),
+        },
         "repeat": repeat,
         "hidden_states": prose["mean_cosine"].shape[0],
         # One value per hidden state (embeddings first) over all tokens of each sequence;
@@ -142,9 +201,9 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
         "mean_cosine": prose["mean_cosine"],
         "mean_cosine_band": prose["mean_cosine_band"] if len(seqs) > 1 else None,
         "mean_cosine_random": clus["random"]["mean_cosine"],
-        "mean_cosine_after_passes": {str(k): float(prose["mean_cosine"][k * L])
-                                     for k in passes},
-        "clusters": prose["clusters"], "cluster_delta": an.CLUSTER_DELTA,
+        "mean_cosine_after_passes": {str(k): float(prose["mean_cosine"][k * L]) for k in passes},
+        "clusters": prose["clusters"],
+        "cluster_delta": an.CLUSTER_DELTA,
         "forward": timing,
         "spectra": {
             "rank_rtol": sp["rank_rtol"],
@@ -153,22 +212,40 @@ def analyze(out_dir, *, model_dir=None, text=None, repeat: int = 1, quick: bool 
             "beta_eff": sp["beta_eff"],
             "lambda1": np.real(sp["lambda1"]),
             "qk_phi": sp["qk_phi"],
-            "heads_meeting_hypotheses": [[int(l), int(a)] for l, a in zip(*np.nonzero(hyp),
-                                                                             strict=True)],
+            "heads_meeting_hypotheses": [
+                [int(l), int(a)] for l, a in zip(*np.nonzero(hyp), strict=True)
+            ],
             "count_meeting_hypotheses": int(hyp.sum()),
             "count_real_positive_lambda1": int(sp["real_positive"].sum()),
         },
-        "particle": {"layer": pr["layer"], "dt": pr["dt"], "tokens": pr["tokens"],
-                     "real_mean_cosine": pr["real_mean_cosine"],
-                     "heads": [{"head": r["head"], "status": r["status"], "beta": r["beta"],
-                                "final_mean_cosine": float(r["mean_cosine"][-1]),
-                                "final_clusters": int(r["clusters"][-1]),
-                                "gram_corr": r["gram_corr"]} for r in pr["runs"]],
-                     "real_final_clusters": int(pr["real_clusters"][-1])},
-        "lora_drift": {"eps": dr["eps"], "rank": dr["rank"], "seeds": dr["seeds"],
-                       "sequences": dr["sequences"], "V_norms": dr["V_norms"],
-                       "rel_drift_last": dr["e_rel"][:, -1],
-                       "max_drift_last": dr["e_max"][:, -1], **dr["fit"]},
+        "particle": {
+            "layer": pr["layer"],
+            "dt": pr["dt"],
+            "tokens": pr["tokens"],
+            "real_mean_cosine": pr["real_mean_cosine"],
+            "heads": [
+                {
+                    "head": r["head"],
+                    "status": r["status"],
+                    "beta": r["beta"],
+                    "final_mean_cosine": float(r["mean_cosine"][-1]),
+                    "final_clusters": int(r["clusters"][-1]),
+                    "gram_corr": r["gram_corr"],
+                }
+                for r in pr["runs"]
+            ],
+            "real_final_clusters": int(pr["real_clusters"][-1]),
+        },
+        "lora_drift": {
+            "eps": dr["eps"],
+            "rank": dr["rank"],
+            "seeds": dr["seeds"],
+            "sequences": dr["sequences"],
+            "V_norms": dr["V_norms"],
+            "rel_drift_last": dr["e_rel"][:, -1],
+            "max_drift_last": dr["e_max"][:, -1],
+            **dr["fit"],
+        },
         "figures": list(figures.values()),
         "wall_s": time.perf_counter() - t_start,
     }
