@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= demo_out
 
-.PHONY: venv demo test test-fast docs clean
+.PHONY: venv demo test test-fast lint docs clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow"
+
+# ruff: lint and format check (configuration in pyproject.toml; .pre-commit-config.yaml
+# runs the same).
+LINT_PATHS := jaxattn tests benchmarks tools
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 # The documentation site in site/ (strict: a broken link, a missing reference or a
 # docstring warning fails the build).
