@@ -62,7 +62,13 @@ from ._simulate import (
 from ._solvers import RK4 as RK4
 from ._solvers import get_solver as get_solver
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml is the one place it is set)
+    from importlib.metadata import PackageNotFoundError as _NotFound
+    from importlib.metadata import version as _version
+
+    __version__ = _version("jaxattn")
+except _NotFound:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 from ._bounds import (
     Bound as Bound,
 )
