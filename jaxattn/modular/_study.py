@@ -516,21 +516,24 @@ def _figures(config, summary, out_dir) -> None:
                 if n_cens and (cap is not None or not per_level):
                     y = cap if cap is not None else 0.0
                     ax.scatter([d + dx], [y], marker="^", color="red", s=30)
-                    ax.annotate(
-                        f"{n_cens}/{len(vals)} never",
-                        (d + dx, y),
-                        textcoords="offset points",
-                        xytext=(0, 6),
-                        ha="center",
-                        fontsize=7,
-                        color="red",
-                    )
+                    if not per_level:  # per level, the title explains the red marks
+                        ax.annotate(
+                            f"{n_cens}/{len(vals)} never",
+                            (d + dx, y),
+                            textcoords="offset points",
+                            xytext=(0, 6),
+                            ha="center",
+                            fontsize=7,
+                            color="red",
+                        )
                 if st["mean"] is not None:
                     ax.errorbar(
                         [d + dx], [st["mean"]], yerr=[st["std"]], fmt="k_", capsize=4, ms=14
                     )
         if per_level:
             ax.legend(fontsize=7)
+            if cap is not None:
+                ax.set_title(f"red ▲ at {cap}: some seeds never reached the level", fontsize=8)
         ax.set(xlabel="depth", ylabel=label, xticks=list(depths))
         ax.grid(alpha=0.3)
     t = summary.get("trend", {}).get("half_life", {})
