@@ -24,9 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.modular import ModularTransformer, load_config, make_split, trainable_filter
-from jaxattn.modular._finetune import half_life
-from jaxattn.modular._train import adamw, cross_entropy, evaluate
+from jaxattn.modular import (
+    ModularTransformer,
+    half_life,
+    load_config,
+    make_split,
+    trainable_filter,
+)
+from jaxattn.modular._train import adamw, cross_entropy, evaluate, pretrain_optimizer
 
 DEFAULT_GRID = (
     "V:1e-4:16:0.01",
@@ -85,18 +90,7 @@ def main(argv=None) -> int:
     X = jnp.stack([s["x_train"] for s in add])
     Y = jnp.stack([s["y_train"] for s in add])
     XA, YA = jnp.asarray(add[0]["x_all"]), jnp.asarray(add[0]["y_all"])
-    opt = adamw(
-        cfg.lr,
-        cfg.beta1,
-        cfg.beta2,
-        cfg.weight_decay,
-        cfg.warmup,
-        cfg.dtype,
-        schedule=cfg.schedule,
-        total_steps=cfg.max_steps,
-        min_lr_frac=cfg.min_lr_frac,
-        clip=cfg.clip,
-    )
+    opt = pretrain_optimizer(cfg)
     ev_pre = eqx.filter_jit(
         lambda p: jax.vmap(
             lambda q, x, y: evaluate(eqx.combine(q, static), {"train": (x, y), "all": (XA, YA)})

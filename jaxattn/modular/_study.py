@@ -421,25 +421,21 @@ def _figures(config, summary, out_dir) -> None:
     colors = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
     pdp = summary["per_depth"]
 
-    def trend_runs(d, r=config.rank):
-        return [
-            runs[f"d{d}_s{s}_r{r}"]
-            for s in seeds
-            if runs[f"d{d}_s{s}_r{r}"]["reached_target"] or r != config.rank
-        ]
+    def trend_runs(d):
+        """The models of depth `d` in the trend (they met the pre-training bar)."""
+        return [r for s in seeds if (r := runs[f"d{d}_s{s}_r{config.rank}"])["reached_target"]]
 
-    def curves(d, r, key):
-        rs = trend_runs(d, r)
-        return (rs[0]["ft_steps"], [x[key] for x in rs]) if rs else (None, [])
+    def curves(rs, key):
+        return rs[0]["ft_steps"], [x[key] for x in rs]
 
     shown = [d for d in depths if trend_runs(d)]
     # 1. forgetting curves per depth + subtraction accuracy (models that met the bar)
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
     for d in shown:
-        n = len(trend_runs(d))
-        st, cu = curves(d, config.rank, "ft_add_acc")
-        _band(axs[0], st, cu, f"depth {d} ({n} seeds)", colors[d])
-        st, cu = curves(d, config.rank, "ft_sub_test_acc")
+        rs = trend_runs(d)
+        st, cu = curves(rs, "ft_add_acc")
+        _band(axs[0], st, cu, f"depth {d} ({len(rs)} seeds)", colors[d])
+        st, cu = curves(rs, "ft_sub_test_acc")
         _band(axs[1], st, cu, f"depth {d}", colors[d])
     axs[0].axhline(1 / config.p, color="gray", ls=":", lw=1)
     axs[1].axhline(1 / config.p, color="gray", ls=":", lw=1)
@@ -549,9 +545,11 @@ def _figures(config, summary, out_dir) -> None:
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
     rc = {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
     for r in ranks:
-        st, cu = curves(config.rank_depth, r, "ft_add_acc")
+        # every seed, as the per-rank statistics in summary["per_rank"] use
+        rs = [runs[f"d{config.rank_depth}_s{s}_r{r}"] for s in seeds]
+        st, cu = curves(rs, "ft_add_acc")
         _band(axs[0], st, cu, f"r = {r}", rc[r])
-        st, cu = curves(config.rank_depth, r, "ft_sub_test_acc")
+        st, cu = curves(rs, "ft_sub_test_acc")
         _band(axs[1], st, cu, f"r = {r}", rc[r])
     axs[0].set(
         xlabel="fine-tuning step",
@@ -619,36 +617,14 @@ def _figures(config, summary, out_dir) -> None:
 
     # 6. pre-training curves: training accuracy and accuracy on all pairs
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+    # The all-pairs accuracy is evaluated only when the bar asks for it.
+    right = "pre_all_acc_curve" if config.target_all_acc else "pre_test_acc_curve"
     for d in depths:
         for s in seeds:
             r = runs[f"d{d}_s{s}_r{config.rank}"]
             lab = f"depth {d}" if s == seeds[0] else None
-            axs[0].plot(
-                r["pre_steps"],
-                r["pre_train_acc_curve"],
-                color=colors[d],
-                alpha=0.7,
-                lw=0.9,
-                label=lab,
-            )
-            if r.get("pre_all_acc_curve") and r["pre_all_acc_curve"][0] is not None:
-                axs[1].plot(
-                    r["pre_steps"],
-                    r["pre_all_acc_curve"],
-                    color=colors[d],
-                    alpha=0.7,
-                    lw=0.9,
-                    label=lab,
-                )
-            else:
-                axs[1].plot(
-                    r["pre_steps"],
-                    r["pre_test_acc_curve"],
-                    color=colors[d],
-                    alpha=0.7,
-                    lw=0.9,
-                    label=lab,
-                )
+            for ax, key in ((axs[0], "pre_train_acc_curve"), (axs[1], right)):
+                ax.plot(r["pre_steps"], r[key], color=colors[d], alpha=0.7, lw=0.9, label=lab)
     for ax, thr, name in (
         (axs[0], config.target_train_acc, "training accuracy"),
         (

@@ -375,18 +375,10 @@ def steps_to(rows, key: str, threshold: float):
     return None
 
 
-def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_log=None):
-    """Pre-train on `(x + y) mod p` for `max_steps`, or until the metrics meet the bar
-    (`meets_bar`) when `stop_at_target`. Writes `metrics.{csv,json}`, `checkpoint.eqx`,
-    `model.eqx`, `summary.json` in `out_dir`; resumes from `checkpoint.eqx` if present.
-    `summary["steps_to_target"]` is the first logged step that met the bar (None if none
-    did) and `summary["reached_target"]` whether the final model meets it."""
-    check_output_dir(out_dir)
-    model = ModularTransformer(config, key=jax.random.key(config.seed))
-    split = make_split(config.p, "+", config.train_frac, config.seed)
-    names = ("train", "test", "all") if config.target_all_acc > 0 else ("train", "test")
-    sets = as_device_sets(split, names)
-    opt = adamw(
+def pretrain_optimizer(config: ModularConfig) -> optax.GradientTransformation:
+    """The pre-training optimiser that `config` describes (AdamW, warm-up, schedule over
+    `max_steps`, clipping)."""
+    return adamw(
         config.lr,
         config.beta1,
         config.beta2,
@@ -398,6 +390,20 @@ def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_
         min_lr_frac=config.min_lr_frac,
         clip=config.clip,
     )
+
+
+def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_log=None):
+    """Pre-train on `(x + y) mod p` for `max_steps`, or until the metrics meet the bar
+    (`meets_bar`) when `stop_at_target`. Writes `metrics.{csv,json}`, `checkpoint.eqx`,
+    `model.eqx`, `summary.json` in `out_dir`; resumes from `checkpoint.eqx` if present.
+    `summary["steps_to_target"]` is the first logged step that met the bar (None if none
+    did) and `summary["reached_target"]` whether the final model meets it."""
+    check_output_dir(out_dir)
+    model = ModularTransformer(config, key=jax.random.key(config.seed))
+    split = make_split(config.p, "+", config.train_frac, config.seed)
+    names = ("train", "test", "all") if config.target_all_acc > 0 else ("train", "test")
+    sets = as_device_sets(split, names)
+    opt = pretrain_optimizer(config)
     fp = config.subset(PRETRAIN_KEYS)
     model, rows, info = train(
         model,
