@@ -15,7 +15,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float
+from ._custom_types import Array, Float, ScalarLike
 
 # Largest log-scale applied to the centred logits. Beyond it, centred logits that are
 # non-zero are below -e^{cap}·(resolution of u), i.e. the softmax is already a hard max up
@@ -33,7 +33,9 @@ def attention_scores(q: Float[Array, "n e"], k: Float[Array, "m e"]) -> Float[Ar
     return q @ k.T
 
 
-def softmax_weights(u: Float[Array, "n m"], beta, log_scale=0.0) -> Float[Array, "n m"]:
+def softmax_weights(
+    u: Float[Array, "n m"], beta: ScalarLike, log_scale: ScalarLike = 0.0
+) -> Float[Array, "n m"]:
     """Row-stochastic `P = softmax_j(β e^{log_scale} u_ij)`, stable for any scale.
 
     `beta ≥ 0` multiplies the scale directly (β = 0 gives uniform attention);
@@ -43,14 +45,16 @@ def softmax_weights(u: Float[Array, "n m"], beta, log_scale=0.0) -> Float[Array,
     return w / jnp.sum(w, axis=-1, keepdims=True)
 
 
-def _shifted_exp(u: Float[Array, "n m"], beta, log_scale) -> Float[Array, "n m"]:
+def _shifted_exp(
+    u: Float[Array, "n m"], beta: ScalarLike, log_scale: ScalarLike
+) -> Float[Array, "n m"]:
     """`exp(s (u_ij − max_j u_ij))` with `s = β e^{log_scale}`: centre first, then scale
     (the unnormalised softmax; rows are normalised by the caller)."""
     s = beta * _scale_from_log(log_scale, u.dtype)
     return jnp.exp(s * (u - jnp.max(u, axis=-1, keepdims=True)))
 
 
-def unnormalised_weights(u: Float[Array, "n m"], beta) -> Float[Array, "n m"]:
+def unnormalised_weights(u: Float[Array, "n m"], beta: ScalarLike) -> Float[Array, "n m"]:
     """USA weights `exp(β u_ij) / m`: no normalisation, no max-shift."""
     return jnp.exp(beta * u) / u.shape[-1]
 
@@ -73,8 +77,8 @@ def attend(
     q: Float[Array, "n e"],
     k: Float[Array, "m e"],
     v: Float[Array, "m f"],
-    beta,
-    log_scale=0.0,
+    beta: ScalarLike,
+    log_scale: ScalarLike = 0.0,
     *,
     kernel: str = "dense",
     block: int = 1024,
@@ -107,8 +111,8 @@ def attend_dot_product(
     q: Float[Array, "n e"],
     k: Float[Array, "m e"],
     v: Float[Array, "m f"],
-    beta,
-    log_scale=0.0,
+    beta: ScalarLike,
+    log_scale: ScalarLike = 0.0,
     *,
     low_precision: bool = False,
 ) -> Float[Array, "n f"]:
@@ -207,8 +211,8 @@ def attend_blockwise(
     q: Float[Array, "n e"],
     k: Float[Array, "m e"],
     v: Float[Array, "m f"],
-    beta,
-    log_scale=0.0,
+    beta: ScalarLike,
+    log_scale: ScalarLike = 0.0,
     *,
     block: int = 1024,
     normalise: bool = True,

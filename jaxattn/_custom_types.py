@@ -2,11 +2,24 @@
 
 from typing import TypeAlias
 
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 Tokens: TypeAlias = Float[Array, "n d"]
 Matrix: TypeAlias = Float[Array, "d d"]
 Scalar: TypeAlias = Float[Array, ""]
-ScalarLike: TypeAlias = float | Float[ArrayLike, ""]
+ScalarLike: TypeAlias = float | np.floating | Float[Array, ""]
 
-__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "Matrix", "Scalar", "ScalarLike", "Tokens"]
+__all__ = [
+    "Array",
+    "ArrayLike",
+    "Bool",
+    "Float",
+    "Int",
+    "Matrix",
+    "PRNGKeyArray",
+    "PyTree",
+    "Scalar",
+    "ScalarLike",
+    "Tokens",
+]

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
+from jax.core import Tracer
+from jax.typing import DTypeLike
 
 from ._attention import (
     KERNELS,
@@ -24,7 +28,7 @@ from ._attention import (
     softmax_weights,
     unnormalised_weights,
 )
-from ._custom_types import Array, Float
+from ._custom_types import Array, ArrayLike, Float, PyTree, ScalarLike
 from ._lora import LoRA
 from ._validate import (
     DYNAMICS,
@@ -83,14 +87,14 @@ class AbstractField(eqx.Module):
 
     def __init__(
         self,
-        Q=None,
-        K=None,
-        V=None,
+        Q: Float[ArrayLike, "d d"] | None = None,
+        K: Float[ArrayLike, "d d"] | None = None,
+        V: Float[ArrayLike, "d d"] | None = None,
         *,
-        beta=1.0,
-        lora=None,
-        d=None,
-        dtype=None,
+        beta: ScalarLike = 1.0,
+        lora: LoRA | Sequence[LoRA] | None = None,
+        d: int | None = None,
+        dtype: DTypeLike | None = None,
         kernel: str = "auto",
         block: int = 1024,
     ):
@@ -100,7 +104,9 @@ class AbstractField(eqx.Module):
             # make every weight float32.
             check_dtype(dtype)
         mats = {"Q": Q, "K": K, "V": V}
-        given = {k: as_float_array(v, k, dtype) for k, v in mats.items() if v is not None}
+        given = {
+            k: jnp.asarray(as_float_array(v, k, dtype)) for k, v in mats.items() if v is not None
+        }
         for name, W in given.items():
             check_square(W, name)
         dims = {W.shape[0] for W in given.values()}
@@ -119,7 +125,7 @@ class AbstractField(eqx.Module):
         self.Q = given.get("Q", eye)
         self.K = given.get("K", eye)
         self.V = given.get("V", eye)
-        if isinstance(beta, jax.core.Tracer):
+        if isinstance(beta, Tracer):
             self.beta = beta.astype(dtype)
         else:
             self.beta = jnp.asarray(check_positive(beta, "beta", allow_zero=True), dtype)
@@ -203,7 +209,7 @@ class AbstractField(eqx.Module):
         stacked LoRA)."""
         return jnp.swapaxes(self.weight("Q"), -1, -2) @ self.weight("K")
 
-    def with_lora(self, lora) -> AbstractField:
+    def with_lora(self, lora: LoRA | Sequence[LoRA] | None) -> AbstractField:
         """The same field with `lora` (LoRA, sequence or None) replacing its LoRAs."""
         return type(self)(
             self.Q,
@@ -223,27 +229,52 @@ class AbstractField(eqx.Module):
     def attention(self, t, y: Float[Array, "n d"]) -> Float[Array, "n n"]:
         """The attention matrix P at state y and time t."""
         q, k, log_scale = self._queries_keys(t, y)
+        if not self.normalised:
+            return unnormalised_weights(attention_scores(q, k), self.beta)
         return softmax_weights(attention_scores(q, k), self.beta, log_scale)
-
-    def _queries_keys(self, t, x, args=None):
-        # Only `A = Qᵀ K` enters the logits: `<Q x_i, K x_j> = x_iᵀ A x_j`, so the scores
-        # are `(x A) xᵀ`: one n×d×d product instead of two (A is a per-solve constant,
-        # `solve_args`).
-        A = self.A if args is None else args
-        return x @ A, x, 0.0
-
-    def solve_args(self):
-        """Per-solve constants computed once outside the time loop (passed as `args`):
-        the logit matrix `A = Qᵀ K` (LoRAs merged)."""
-        return self.A
 
     def attend(self, t, y, values, args=None):
         """`Σ_j P_ij values_j` with the field's kernel (dense or blockwise)."""
         q, k, log_scale = self._queries_keys(t, y, args)
-        return attend(q, k, values, self.beta, log_scale, kernel=self.kernel, block=self.block)
+        return attend(
+            q,
+            k,
+            values,
+            self.beta,
+            log_scale,
+            kernel=self.kernel,
+            block=self.block,
+            normalise=self.normalised,
+        )
+
+    @abc.abstractmethod
+    def solve_args(self) -> PyTree:
+        """Per-solve constants computed once outside the time loop (passed as `args`)."""
+
+    @abc.abstractmethod
+    def _queries_keys(self, t, y, args=None) -> tuple[Array, Array, Array | float]:
+        """`(q, k, log_scale)`: the logits are `β e^{log_scale} q kᵀ`."""
 
     @abc.abstractmethod
     def __call__(self, t, y: Float[Array, "n d"], args=None) -> Float[Array, "n d"]: ...
+
+
+class AbstractTokenFrameField(AbstractField):
+    """A field whose state is the tokens x themselves (every dynamics but the rescaled
+    one): the logits are `β x_iᵀ A x_j` with the per-solve constant `A = Qᵀ K`."""
+
+    if TYPE_CHECKING:  # equinox inherits __init__; static checkers would synthesise one
+        __init__ = AbstractField.__init__
+
+    def solve_args(self) -> Float[Array, "*batch d d"]:
+        """The logit matrix `A = Qᵀ K` (LoRAs merged)."""
+        return self.A
+
+    def _queries_keys(self, t, y, args=None):
+        # Only `A = Qᵀ K` enters the logits: `<Q x_i, K x_j> = x_iᵀ A x_j`, so the scores
+        # are `(x A) xᵀ`: one n×d×d product instead of two.
+        A = self.A if args is None else args
+        return y @ A, y, 0.0
 
 
 # float32 matrix exponential: truncated Taylor series of degree 8 with scaling and
@@ -324,9 +355,12 @@ def _tangent(x, y):
     return y - jnp.sum(x * y, axis=-1, keepdims=True) * x
 
 
-class PlainField(AbstractField):
+class PlainField(AbstractTokenFrameField):
     """Plain dynamics: `x_i' = Σ_j P_ij V x_j`, `P_ij ∝ exp(β<Q x_i, K x_j>)` (see
     docs/theory.md, 'Particle dynamics')."""
+
+    if TYPE_CHECKING:  # equinox inherits __init__; static checkers would synthesise one
+        __init__ = AbstractField.__init__
 
     dynamics = "plain"
     on_sphere = False
@@ -347,6 +381,9 @@ class RescaledField(AbstractField):
     exponentially nor decays to nothing: its norm stays within the eigenvector condition
     number of V (polynomial growth for a defective V). Tokens stay finite for any t.
     """
+
+    if TYPE_CHECKING:  # equinox inherits __init__; static checkers would synthesise one
+        __init__ = AbstractField.__init__
 
     dynamics = "rescaled"
     on_sphere = False
@@ -378,9 +415,12 @@ class RescaledField(AbstractField):
         return self.attend(t, y, vz, args) - vz
 
 
-class SphereField(AbstractField):
+class SphereField(AbstractTokenFrameField):
     """SA (post-LayerNorm): `x_i' = Π_{x_i}(Σ_j P_ij V x_j)` on `S^{d-1}` (see
     docs/theory.md, 'Sphere dynamics')."""
+
+    if TYPE_CHECKING:  # equinox inherits __init__; static checkers would synthesise one
+        __init__ = AbstractField.__init__
 
     dynamics = "sphere"
     on_sphere = True
@@ -391,24 +431,17 @@ class SphereField(AbstractField):
         return _tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
-class USAField(AbstractField):
+class USAField(AbstractTokenFrameField):
     """USA: like `SphereField` with `P_ij = exp(β<Q x_i, K x_j>) / n` (see docs/theory.md,
     'Sphere dynamics')."""
+
+    if TYPE_CHECKING:  # equinox inherits __init__; static checkers would synthesise one
+        __init__ = AbstractField.__init__
 
     dynamics = "usa"
     on_sphere = True
     normalised = False
     frame = "x"
-
-    def attention(self, t, y):
-        q, k, _ = self._queries_keys(t, y)
-        return unnormalised_weights(attention_scores(q, k), self.beta)
-
-    def attend(self, t, y, values, args=None):
-        q, k, _ = self._queries_keys(t, y, args)
-        return attend(
-            q, k, values, self.beta, kernel=self.kernel, block=self.block, normalise=False
-        )
 
     def __call__(self, t, y, args=None):
         return _tangent(y, self.attend(t, y, self.project("V", y), args))
@@ -419,14 +452,14 @@ FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField,
 
 def make_field(
     dynamics: str,
-    Q=None,
-    K=None,
-    V=None,
+    Q: Float[ArrayLike, "d d"] | None = None,
+    K: Float[ArrayLike, "d d"] | None = None,
+    V: Float[ArrayLike, "d d"] | None = None,
     *,
-    beta=1.0,
-    lora=None,
-    d=None,
-    dtype=None,
+    beta: ScalarLike = 1.0,
+    lora: LoRA | Sequence[LoRA] | None = None,
+    d: int | None = None,
+    dtype: DTypeLike | None = None,
     kernel: str = "auto",
     block: int = 1024,
 ) -> AbstractField:

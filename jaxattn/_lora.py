@@ -12,8 +12,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
+from jax.typing import DTypeLike
 
-from ._custom_types import Array, Float
+from ._custom_types import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike
 from ._validate import as_float_array, check_finite, check_positive
 
 
@@ -37,7 +39,13 @@ class LoRA(eqx.Module):
     alpha: Float[Array, ""]
     target: str = eqx.field(static=True)
 
-    def __init__(self, A, B, alpha=1.0, target: str = "V"):
+    def __init__(
+        self,
+        A: Float[ArrayLike, "*batch r d_in"],
+        B: Float[ArrayLike, "*batch d_out r"],
+        alpha: ScalarLike = 1.0,
+        target: str = "V",
+    ):
         A = as_float_array(A, "lora A")
         B = as_float_array(B, "lora B")
         if A.ndim < 2 or B.ndim < 2:
@@ -55,7 +63,7 @@ class LoRA(eqx.Module):
             )
         check_finite(A, "lora A")
         check_finite(B, "lora B")
-        if not isinstance(alpha, jax.core.Tracer):
+        if not isinstance(alpha, Tracer):
             check_positive(alpha, "lora alpha")
         self.A = jnp.asarray(A)
         self.B = jnp.asarray(B)
@@ -72,10 +80,10 @@ class LoRA(eqx.Module):
         d_out: int | None = None,
         *,
         rank: int,
-        alpha=None,
+        alpha: ScalarLike | None = None,
         target: str = "V",
-        key,
-        dtype=None,
+        key: PRNGKeyArray,
+        dtype: DTypeLike | None = None,
     ) -> LoRA:
         """Training initialisation (Hu et al. 2021): `B = 0`, `A ~ U(±1/√d_in)`; ΔW = 0."""
         d_out = d_in if d_out is None else d_out
@@ -87,7 +95,15 @@ class LoRA(eqx.Module):
 
     @classmethod
     def random(
-        cls, d: int, *, rank: int, norm, target: str = "V", alpha=1.0, key, dtype=None
+        cls,
+        d: int,
+        *,
+        rank: int,
+        norm: float | Float[ArrayLike, " batch"],
+        target: str = "V",
+        alpha: ScalarLike = 1.0,
+        key: PRNGKeyArray,
+        dtype: DTypeLike | None = None,
     ) -> LoRA:
         """Random Gaussian factors rescaled so that `‖ΔW‖₂ = norm` exactly (operator norm).
 

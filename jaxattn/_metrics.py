@@ -19,6 +19,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._custom_types import Array, Bool, Float, Int
 
@@ -54,7 +55,7 @@ def _batched(signature: str):
 
 
 def _require_finite(x, name: str) -> None:
-    if not isinstance(x, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
+    if not isinstance(x, Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
         raise ValueError(
             f"{name} contains NaN or inf; non-finite tokens have no distance "
             "(check the solve's status)"

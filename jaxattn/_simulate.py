@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
+from jax.typing import DTypeLike
 
 from ._attention import exact_row_max, use_blockwise
-from ._custom_types import Array, Float, Int
+from ._custom_types import Array, ArrayLike, Float, Int, PyTree, ScalarLike
 from ._fields import AbstractField, expm
 from ._lora import LoRA
 from ._metrics import unit_rows
@@ -194,7 +197,7 @@ def _const(values, dtype) -> Array:
     if hit is not None:
         return hit
     arr = jnp.asarray(a)
-    if not isinstance(arr, jax.core.Tracer):
+    if not isinstance(arr, Tracer):
         if len(_CONST_CACHE) >= _CONST_CACHE_MAX:
             _CONST_CACHE.clear()
         _CONST_CACHE[key] = arr
@@ -209,7 +212,7 @@ def _step_to(grid: np.ndarray, dtype) -> diffrax.StepTo:
     if hit is not None and hit.ts is arr:
         return hit
     ctrl = diffrax.StepTo(ts=arr)
-    if not isinstance(arr, jax.core.Tracer) and ctrl.ts is arr:
+    if not isinstance(arr, Tracer) and ctrl.ts is arr:
         _CONST_CACHE[key] = ctrl
     return ctrl
 
@@ -228,7 +231,7 @@ class _Config(eqx.Module):
     # Optional `fn(t, y, args) -> pytree` saved instead of the state (diffrax
     # `SaveAt(fn=...)`): summaries keep memory flat in long sweeps. With `renormalise`
     # it sees the renormalised state.
-    save_fn: object = None
+    save_fn: Callable[..., PyTree] | None = None
     # Fixed steps: the whole batch is one solve of the stacked state (`_Members`), not a
     # vmap of solves (see `_solve_batch`).
     stacked: bool = False
@@ -307,6 +310,7 @@ def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
         progress_meter=meter,
     )
     ys = sol.ys
+    assert ys is not None  # every solve saves something (SaveAt ts, steps or fn)
     if members:  # (T, *batch, …) → (*batch, T, …)
         ys = jax.tree.map(lambda a: jnp.moveaxis(a, 0, members), ys)
     if cfg.renormalise and cfg.save_fn is None:
@@ -489,7 +493,7 @@ def _warn_float32_resolution(field, t0, t1) -> None:
     a normal V often stays close (diag(1, .5): 8e-7 at t = 100).
     """
     V = field.weight("V")
-    if isinstance(V, jax.core.Tracer) or isinstance(t1, jax.core.Tracer):
+    if isinstance(V, Tracer) or isinstance(t1, Tracer):
         return
     spread = _eigen_spread(np.asarray(V, np.float64).reshape((-1,) + V.shape[-2:]))
     t_res = _F32_LOG_RESOLUTION / (2 * spread) if spread > 0 else math.inf
@@ -507,7 +511,7 @@ def _check_usa_overflow(field, x0, dtype) -> None:
     """USA's weights `exp(β⟨Qx_i, Kx_j⟩)` are not normalised: above `log(max float)`
     (709.8 in float64, 88.7 in float32) they are inf, and the solve fails at its first
     step. Say so before solving, with the numbers (concrete inputs of moderate size)."""
-    if isinstance(x0, jax.core.Tracer) or isinstance(field.beta, jax.core.Tracer):
+    if isinstance(x0, Tracer) or isinstance(field.beta, Tracer):
         return
     members = math.prod(field.batch_shape) * math.prod(x0.shape[:-2])
     if members * x0.shape[-2] ** 2 > 10**8:
@@ -542,22 +546,22 @@ def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None
 
 def simulate(
     field: AbstractField,
-    x0,
-    t1,
+    x0: Float[ArrayLike, "*batch n d"],
+    t1: ScalarLike,
     *,
     solver: str | diffrax.AbstractSolver = "rk4",
-    dt=None,
-    rtol=None,
-    atol=None,
-    ts=None,
-    t0=0.0,
-    dtype=None,
+    dt: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    ts: Float[ArrayLike, " T"] | None = None,
+    t0: ScalarLike = 0.0,
+    dtype: DTypeLike | None = None,
     max_steps: int | None = None,
     renormalise: bool = False,
-    adjoint=None,
+    adjoint: str | diffrax.AbstractAdjoint | None = None,
     checkpoints: int | None = None,
     progress: bool = False,
-    summary=None,
+    summary: Callable[[Array, Array], PyTree] | None = None,
 ) -> Solution:
     """Integrate `x' = field(t, x)` from `t0` to `t1` for one or many initial conditions.
 
@@ -595,12 +599,13 @@ def simulate(
     if not isinstance(field, AbstractField):
         raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
     if dtype is None:
-        if hasattr(x0, "dtype") and jnp.issubdtype(x0.dtype, jnp.floating):
-            dtype = x0.dtype
+        x0_dtype = getattr(x0, "dtype", None)
+        if x0_dtype is not None and jnp.issubdtype(x0_dtype, jnp.floating):
+            dtype = x0_dtype
         else:
             dtype = jnp.result_type(float)
     dtype = check_dtype(dtype)
-    x0 = as_float_array(x0, "x0", dtype)
+    x0 = jnp.asarray(as_float_array(x0, "x0", dtype))
     check_tokens(x0, "x0")
     if x0.shape[-1] != field.d:
         raise ValueError(
@@ -609,17 +614,17 @@ def simulate(
     field = _cast_field(field, dtype)
     sphere = field.on_sphere
     if sphere:
-        if not isinstance(x0, jax.core.Tracer) and bool(jnp.any(jnp.all(x0 == 0, axis=-1))):
+        if not isinstance(x0, Tracer) and bool(jnp.any(jnp.all(x0 == 0, axis=-1))):
             raise ValueError("x0 has a zero token, which cannot be put on the sphere")
         x0 = unit_rows(x0)
     elif renormalise:
         raise ValueError("renormalise applies to sphere dynamics (sphere, usa) only")
 
-    if not isinstance(t0, jax.core.Tracer):
+    if not isinstance(t0, Tracer):
         if not is_number(t0) or not math.isfinite(float(t0)):
             raise ValueError(f"t0 must be a finite number, got {t0!r}")
         t0 = float(t0)
-    if isinstance(t1, jax.core.Tracer):
+    if isinstance(t1, Tracer):
         raise TypeError("t1 must be a concrete number (it fixes the number of steps)")
     if not is_number(t1) or not math.isfinite(float(t1)) or float(t1) < 0:
         raise ValueError(f"t1 must be a finite number ≥ 0, got {t1!r}")
@@ -672,13 +677,15 @@ def simulate(
             z = jnp.zeros((1, field.d), field.V.dtype)
             field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
         if adjoint == "backsolve" and fixed:
+            assert dt is not None  # a fixed grid comes from dt
             # The forward StepTo grid cannot be walked backwards: the adjoint ODE takes
             # constant steps −dt from t1 (the same step size; the same grid unless
             # (t1 − t0)/dt is fractional).
             adjoint = diffrax.BacksolveAdjoint(
                 stepsize_controller=diffrax.ConstantStepSize(), dt0=-dt
             )
-    _check_solve_memory(field, x0, grid.size if saveat_steps else len(ts), summary is None, dtype)
+    n_out = grid.size if grid is not None and saveat_steps else len(ts) if ts is not None else 1
+    _check_solve_memory(field, x0, n_out, summary is None, dtype)
     if t1 == t0:
         # Nothing to integrate: diffrax rejects a zero-length interval.
         out_ts = jnp.asarray(ts if ts is not None else [t0], dtype)
@@ -721,13 +728,14 @@ def simulate(
     ys, status, steps, drift = _solve_batch(
         field,
         x0,
-        jnp.asarray(t0, dtype) if isinstance(t0, jax.core.Tracer) else _const(t0, dtype),
+        jnp.asarray(t0, dtype) if isinstance(t0, Tracer) else _const(t0, dtype),
         _const(t1, dtype),
         dt0,
         ts_arr,
         cfg,
     )
-    out_ts = _const(grid, dtype) if saveat_steps else ts_arr
+    out_ts = _const(grid, dtype) if grid is not None and saveat_steps else ts_arr
+    assert out_ts is not None  # saveat_steps without a grid, or neither ts nor grid: impossible
     keep_drift = sphere and summary is None
     return Solution(
         out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics, field.frame
@@ -737,7 +745,7 @@ def simulate(
 class _SummaryFn(eqx.Module):
     """`fn(t, x)` as diffrax's `fn(t, y, args)`; static (hashable by identity) for jit."""
 
-    fn: object = eqx.field(static=True)
+    fn: Callable[..., PyTree] = eqx.field(static=True)
 
     def __call__(self, t, y, args):
         return self.fn(t, y)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 DYNAMICS = ("plain", "rescaled", "sphere", "usa")
 SOLVERS = ("euler", "heun", "rk4", "tsit5", "dopri5", "dopri8")
@@ -22,7 +23,7 @@ DTYPES = ("float32", "float64")
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, Tracer)
 
 
 def as_float_array(value, name: str, dtype=None):

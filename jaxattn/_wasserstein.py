@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.core import Tracer
 
 from ._custom_types import Array, Float, Int
 from ._validate import check_choice
@@ -51,7 +52,7 @@ SINKHORN_BLOCK = 128
 
 # -- validation -----------------------------------------------------------------------
 def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    return not any(isinstance(x, Tracer) for x in xs)
 
 
 def _as_cloud(x, name: str) -> Array:
@@ -401,7 +402,7 @@ def _geometry(pointcloud, x, y, cost, epsilon, batch_size):
 
 
 def _check_solver_args(epsilon, threshold, max_iterations):
-    if epsilon is not None and not isinstance(epsilon, jax.core.Tracer):
+    if epsilon is not None and not isinstance(epsilon, Tracer):
         e = float(epsilon)
         if not (math.isfinite(e) and e > 0):
             raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")

@@ -299,3 +299,25 @@ def test_sweep_spec_goes_through_load_spec(tmp_path):
     assert isinstance(ja.parse_spec(plan.point_spec(1)), ja.Simulation)
     with pytest.raises(ja.SweepError):
         ja.parse_sweep({"init": {"x0": [[0.0, 1.0]]}, "solve": {"t1": 1.0}})
+
+
+def test_fields_abstract_or_final():
+    """Equinox's abstract-or-final rule: a concrete field class only implements what its
+    bases leave abstract; it never overrides a base's concrete method."""
+    import inspect
+
+    import equinox as eqx
+
+    from jaxattn._fields import FIELDS
+
+    for cls in FIELDS.values():
+        assert not inspect.isabstract(cls), cls
+        for name, value in vars(cls).items():
+            if not callable(value) or name.startswith("__") and name != "__call__":
+                continue
+            for base in cls.__mro__[1:]:
+                if base in (eqx.Module, object) or name not in vars(base):
+                    continue
+                assert getattr(vars(base)[name], "__isabstractmethod__", False), (
+                    f"{cls.__name__}.{name} overrides the concrete {base.__name__}.{name}"
+                )
