@@ -25,9 +25,11 @@ the same field type and shapes share one compilation.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import time
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ from .._metrics import (
     support,
 )
 from .._simulate import simulate
+from ._config import ExperimentConfig
 
 NAME = "geometries"
 DESCRIPTION = (
@@ -60,39 +63,62 @@ V_HYPER_3D = (
 )
 V_POLYGON_LINE = (1.0, 1.0, -0.5)
 
-DEFAULTS = {
-    "n": 32,
-    "seeds": 6,
-    "seed": 0,
-    "beta": 1.0,
-    "low": -1.0,
-    "high": 1.0,
-    # rescaled cases: RK4 with fixed steps
-    "t1": 20.0,
-    "dt": 0.1,
-    "solver": "rk4",
-    "cluster_threshold": 1e-3,
-    "level_rtol": 1e-3,
-    "n_dirs": 20000,
-    "spd_seed": 1,
-    # plain V = -I case: tsit5, adaptive, outputs on a log grid
-    "collapse_t1": 1000.0,
-    "collapse_rtol": 1e-8,
-    "collapse_atol": 1e-12,
-    "collapse_points": 80,
-    "collapse_slope_range": (-0.65, -0.35),
-    "d1_n": 20,
-    "booleanness_tol": 1e-6,
-}
-QUICK = {
-    "n": 16,
-    "seeds": 2,
-    "t1": 15.0,
-    "collapse_t1": 200.0,
-    "collapse_points": 40,
-    "n_dirs": 4000,
-    "d1_n": 12,
-}
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of the five cases: tokens and the rescaled solves (`n` … `spd_seed`), the
+    plain V = −I collapse (`collapse_*`) and the d = 1 case (`d1_n`, `booleanness_tol`)."""
+
+    #: tokens per initial condition (d = 2, 3)
+    n: int = 32
+    #: initial conditions per case, solved as one batch
+    seeds: int = 6
+    #: seed of the initial tokens and the hull directions
+    seed: int = 0
+    #: inverse temperature β
+    beta: float = 1.0
+    #: tokens x0 ~ U[low, high]^d: lower bound
+    low: float = -1.0
+    #: upper bound of the tokens
+    high: float = 1.0
+    #: final time of the rescaled cases
+    t1: float = 20.0
+    #: fixed step of the rescaled cases
+    dt: float = 0.1
+    #: fixed-step solver of the rescaled cases
+    solver: str = "rk4"
+    #: tokens within this distance are one cluster
+    cluster_threshold: float = 1e-3
+    #: relative tolerance that separates the levels of ⟨φ₁*, z_i⟩
+    level_rtol: float = 1e-3
+    #: directions tested for convex-hull vertices
+    n_dirs: int = 20000
+    #: seed of the random SPD K of the polytope case (plus d)
+    spd_seed: int = 1
+    #: final time of the plain V = −I case (tsit5, adaptive)
+    collapse_t1: float = 1000.0
+    #: relative tolerance of the collapse solve
+    collapse_rtol: float = 1e-8
+    #: absolute tolerance of the collapse solve
+    collapse_atol: float = 1e-12
+    #: output times of the collapse case, on a log grid in [0.1, collapse_t1] (plus t = 0)
+    collapse_points: int = 80
+    #: accepted range of the late log-log slope of the radius (predicted −1/2)
+    collapse_slope_range: tuple[float, float] = (-0.65, -0.35)
+    #: tokens of the d = 1 case
+    d1_n: int = 20
+    #: final Booleanness below which the d = 1 attention counts as Boolean
+    booleanness_tol: float = 1e-6
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        n=16,
+        seeds=2,
+        t1=15.0,
+        collapse_t1=200.0,
+        collapse_points=40,
+        n_dirs=4000,
+        d1_n=12,
+    )
 
 
 # -- geometry helpers ----------------------------------------------------------------
@@ -151,7 +177,7 @@ def left_top_eigenvector(V) -> tuple[float, np.ndarray, np.ndarray]:
     eigenvector φ₁* (`φ₁*ᵀ V = λ₁ φ₁*ᵀ`), both of unit norm with `⟨φ₁*, φ₁⟩ > 0`."""
     V = np.asarray(V, np.float64)
     w, R = np.linalg.eig(V)
-    k = int(np.argmax(w.real))
+    k = int(np.argmax(np.real(w)))
     wl, L = np.linalg.eig(V.T)
     kl = int(np.argmin(np.abs(wl - w[k])))
     phi = np.real(R[:, k])
@@ -203,16 +229,16 @@ def _tokens(key, shape, low, high, dtype):
 
 
 # -- the cases -----------------------------------------------------------------------
-def _polytope(cfg, x0s, dtype, log):
+def _polytope(cfg: Config, x0s, dtype, log):
     out, arrays = {}, {}
     for d in (2, 3):
-        K = random_spd(d, cfg["spd_seed"] + d)
-        field = RescaledField(None, K, None, beta=cfg["beta"], dtype=dtype)
+        K = random_spd(d, cfg.spd_seed + d)
+        field = RescaledField(None, K, None, beta=cfg.beta, dtype=dtype)
         sol = _solve(field, x0s[d], cfg)
         ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
-        dirs = directions(d, cfg["n_dirs"], seed=cfg["seed"] + d)
+        dirs = directions(d, cfg.n_dirs, seed=cfg.seed + d)
         per_seed = []
-        cl = clusters_np(xs[:, -1], cfg["cluster_threshold"])
+        cl = clusters_np(xs[:, -1], cfg.cluster_threshold)
         w = jnp.asarray(dirs, dtype)
         h_tokens = np.asarray(jax.vmap(support, in_axes=(0, None))(jnp.asarray(xs[:, -1]), w))
         for s in range(xs.shape[0]):
@@ -253,18 +279,18 @@ def _polytope(cfg, x0s, dtype, log):
     return out, arrays
 
 
-def _hyperplanes(cfg, x0s, dtype, log):
+def _hyperplanes(cfg: Config, x0s, dtype, log):
     out, arrays = {}, {}
     for d, V in ((2, V_HYPER_2D), (3, V_HYPER_3D)):
         V = np.asarray(V)
         lam, phi, phi_star = left_top_eigenvector(V)
-        field = RescaledField(None, None, V, beta=cfg["beta"], dtype=dtype)
+        field = RescaledField(None, None, V, beta=cfg.beta, dtype=dtype)
         sol = _solve(field, x0s[d], cfg)
         ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
         coord = xs @ phi_star  # (S, T, n)
         levels, values = [], []
         for s in range(xs.shape[0]):
-            k, v = count_levels(coord[s, -1], cfg["level_rtol"])
+            k, v = count_levels(coord[s, -1], cfg.level_rtol)
             levels.append(k)
             values.append(v)
         k_ = int(np.argmin(np.abs(ts - (ts[-1] - 1.0))))
@@ -293,15 +319,15 @@ def _hyperplanes(cfg, x0s, dtype, log):
     return out, arrays
 
 
-def _polygon_line(cfg, x0s, dtype, log):
+def _polygon_line(cfg: Config, x0s, dtype, log):
     V = np.diag(V_POLYGON_LINE)
-    field = RescaledField(None, None, V, beta=cfg["beta"], dtype=dtype)
+    field = RescaledField(None, None, V, beta=cfg.beta, dtype=dtype)
     sol = _solve(field, x0s[3], cfg)
     ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
     lam3 = V_POLYGON_LINE[2]
     x3 = zs[..., 2] * np.exp(lam3 * ts)[None, :, None]  # original variable x₃
-    dirs = directions(2, cfg["n_dirs"], seed=cfg["seed"] + 7)
-    thr = cfg["cluster_threshold"]
+    dirs = directions(2, cfg.n_dirs, seed=cfg.seed + 7)
+    thr = cfg.cluster_threshold
     per_seed, growth = [], []
     half = ts >= ts[-1] / 2
     cl = clusters_np(zs[:, -1, :, :2], thr)
@@ -359,17 +385,17 @@ def _polygon_line(cfg, x0s, dtype, log):
     return out, arrays
 
 
-def _collapse(cfg, x0s, dtype, log):
+def _collapse(cfg: Config, x0s, dtype, log):
     d = 2
-    field = PlainField(None, None, -np.eye(d), beta=cfg["beta"], dtype=dtype)
-    ts_out = np.concatenate([[0.0], np.geomspace(0.1, cfg["collapse_t1"], cfg["collapse_points"])])
+    field = PlainField(None, None, -np.eye(d), beta=cfg.beta, dtype=dtype)
+    ts_out = np.concatenate([[0.0], np.geomspace(0.1, cfg.collapse_t1, cfg.collapse_points)])
     sol = simulate(
         field,
         x0s[d],
-        cfg["collapse_t1"],
+        cfg.collapse_t1,
         solver="tsit5",
-        rtol=cfg["collapse_rtol"],
-        atol=cfg["collapse_atol"],
+        rtol=cfg.collapse_rtol,
+        atol=cfg.collapse_atol,
         ts=ts_out,
     )
     _require_ok(sol, "collapse (V = −I)")
@@ -380,7 +406,7 @@ def _collapse(cfg, x0s, dtype, log):
     slopes = [
         float(np.polyfit(np.log(ts[late]), np.log(R[s, late]), 1)[0]) for s in range(R.shape[0])
     ]
-    lo, hi = cfg["collapse_slope_range"]
+    lo, hi = cfg.collapse_slope_range
     monotone = bool(np.all(np.diff(R, axis=1) <= 1e-12 * R[:, :1]))
     ratio = (R[:, -1] / R[:, 0]).tolist()
     out = {
@@ -388,8 +414,8 @@ def _collapse(cfg, x0s, dtype, log):
         "V": "-I",
         "Q": "I",
         "K": "I",
-        "solver": f"tsit5 rtol={cfg['collapse_rtol']} atol={cfg['collapse_atol']}",
-        "t1": cfg["collapse_t1"],
+        "solver": f"tsit5 rtol={cfg.collapse_rtol} atol={cfg.collapse_atol}",
+        "t1": cfg.collapse_t1,
         "radius_initial": R[:, 0].tolist(),
         "radius_final": R[:, -1].tolist(),
         "radius_ratio": ratio,
@@ -409,8 +435,8 @@ def _collapse(cfg, x0s, dtype, log):
     return out, {"collapse_ts": ts, "collapse_radius": R, "collapse_mean_norm": mean_norm}
 
 
-def _leaders_1d(cfg, x0s, dtype, log):
-    field = RescaledField(None, None, None, beta=cfg["beta"], d=1, dtype=dtype)
+def _leaders_1d(cfg: Config, x0s, dtype, log):
+    field = RescaledField(None, None, None, beta=cfg.beta, d=1, dtype=dtype)
     x0 = x0s[1]
     sol = _solve(field, x0, cfg)
     ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
@@ -419,7 +445,7 @@ def _leaders_1d(cfg, x0s, dtype, log):
     boo = np.max(np.minimum(P, 1.0 - P), axis=(-1, -2))  # = booleanness, batched
     per_seed = []
     x0n = np.asarray(x0)[..., 0]
-    cl = clusters_np(zs[:, -1], cfg["cluster_threshold"])
+    cl = clusters_np(zs[:, -1], cfg.cluster_threshold)
     bl = jax.vmap(lambda p: (booleanness(p), leaders(p)))(jnp.asarray(P[:, -1]))
     bool_f, lead_f = np.asarray(bl[0]), np.asarray(bl[1])
     for s in range(zs.shape[0]):
@@ -434,7 +460,7 @@ def _leaders_1d(cfg, x0s, dtype, log):
                 "clusters": cl[s]["count"],
             }
         )
-    ok_bool = all(p["booleanness_final"] <= cfg["booleanness_tol"] for p in per_seed)
+    ok_bool = all(p["booleanness_final"] <= cfg.booleanness_tol for p in per_seed)
     ok_lead = all(
         p["leaders"]
         and set(p["leaders"]) <= set(p["extreme_tokens"])
@@ -448,7 +474,7 @@ def _leaders_1d(cfg, x0s, dtype, log):
         "V": 1.0,
         "Q": 1.0,
         "K": 1.0,
-        "n": cfg["d1_n"],
+        "n": cfg.d1_n,
         "per_seed": per_seed,
         "booleanness_at": {
             f"t={ts[k]:g}": boo[:, k].tolist()
@@ -484,8 +510,8 @@ def _require_ok(sol, what):
         raise RuntimeError(f"{what}: solve failed: {'; '.join(sol.messages())}")
 
 
-def _solve(field, x0, cfg):
-    sol = simulate(field, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+def _solve(field, x0, cfg: Config):
+    sol = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
     _require_ok(sol, f"{field.dynamics} d={field.d}")
     return sol
 
@@ -493,19 +519,13 @@ def _solve(field, x0, cfg):
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     """Run the five cases, write figures, `geometries.npz`, `checks.csv` and
     `summary.json` into `out_dir`, and return the summary."""
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown option(s) for {NAME}: {', '.join(sorted(unknown))}")
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
-    keys = jax.random.split(jax.random.key(cfg["seed"]), 4)
-    x0s = {
-        d: _tokens(keys[d], (cfg["seeds"], cfg["n"], d), cfg["low"], cfg["high"], dtype)
-        for d in (2, 3)
-    }
-    x0s[1] = _tokens(keys[1], (cfg["seeds"], cfg["d1_n"], 1), cfg["low"], cfg["high"], dtype)
+    keys = jax.random.split(jax.random.key(cfg.seed), 4)
+    x0s = {d: _tokens(keys[d], (cfg.seeds, cfg.n, d), cfg.low, cfg.high, dtype) for d in (2, 3)}
+    x0s[1] = _tokens(keys[1], (cfg.seeds, cfg.d1_n, 1), cfg.low, cfg.high, dtype)
 
     cases, arrays, timing = {}, {}, {}
     steps = [
@@ -543,7 +563,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "dtype": jnp.dtype(dtype).name,
         "checks": checks,
         "all_checks_pass": bool(all(checks.values())),
@@ -585,7 +605,7 @@ def _write_checks_csv(path, checks: dict) -> None:
 
 
 # -- figures (matplotlib's object API: no pyplot, no global backend switch) ----------
-def _figures(out_dir, cfg, a, cases) -> None:
+def _figures(out_dir, cfg: Config, a, cases) -> None:
     from matplotlib.figure import Figure
 
     def save(fig, name):
@@ -596,7 +616,7 @@ def _figures(out_dir, cfg, a, cases) -> None:
     xs2, xs3 = a["polytope_d2_xs"], a["polytope_d3_xs"]
     S = xs2.shape[0]
     ncol = min(S, 3)
-    cl2 = clusters_np(xs2[:, -1], cfg["cluster_threshold"])  # same shapes as in the case: cached
+    cl2 = clusters_np(xs2[:, -1], cfg.cluster_threshold)  # same shapes as in the case: cached
     fig = Figure(figsize=(3.3 * (ncol + 1), 3.4))
     for s in range(ncol):
         ax = fig.add_subplot(1, ncol + 1, s + 1)
@@ -659,7 +679,7 @@ def _figures(out_dir, cfg, a, cases) -> None:
     ax.set_title("seed 0: (z₁, z₂, x₃)", fontsize=9)
     ax = fig.add_subplot(1, 3, 2)
     _trails_2d(ax, zs[0, :, :, :2])
-    _hull_outline(ax, clusters_np(zs[:, -1, :, :2], cfg["cluster_threshold"])[0]["centres"])
+    _hull_outline(ax, clusters_np(zs[:, -1, :, :2], cfg.cluster_threshold)[0]["centres"])
     ax.set_title(f"(z₁, z₂): {pl['clusters_in_plane'][0]} polygon vertices", fontsize=9)
     ax = fig.add_subplot(1, 3, 3)
     tsp = a["polygon_line_ts"]

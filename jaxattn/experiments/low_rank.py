@@ -31,9 +31,11 @@ their convex hull.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import time
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ from .._io import check_output_dir, save_figure, write_atomic, write_json, write
 from .._lora import LoRA
 from .._metrics import booleanness, divergence, leaders
 from .._simulate import simulate
+from ._config import ExperimentConfig
 from .geometries import cluster_batch, directions, hull_vertex_mask
 
 NAME = "low-rank"
@@ -53,31 +56,55 @@ DESCRIPTION = (
 )
 CLI_OPTIONS = ()
 
-DEFAULTS = {
-    "n": 32,
-    "d": 3,
-    "seeds": 8,
-    "weight_seeds": 3,
-    "seed": 0,
-    "beta": 1.0,
-    "t1": 20.0,
-    "dt": 0.1,
-    "solver": "rk4",
-    "cluster_threshold": 1e-3,
-    "lora_scales": ((0.0, 0.0), (0.01, 0.01), (0.1, 0.1), (1.0, 0.0), (1.0, 1.0)),
-    "separation": 0.1,
-    "dt_check": True,
-    "n_dirs": 20000,
-}
-QUICK = {
-    "n": 16,
-    "seeds": 3,
-    "weight_seeds": 1,
-    "t1": 15.0,
-    "dt_check": False,
-    "n_dirs": 4000,
-    "lora_scales": ((0.0, 0.0), (0.1, 0.1), (1.0, 0.0), (1.0, 1.0)),
-}
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of the rank study and the LoRA study (rescaled dynamics, V = I)."""
+
+    #: tokens per initial condition
+    n: int = 32
+    #: token dimension (≥ 3: the LoRA acts on e₂, e₃)
+    d: int = 3
+    #: initial conditions x0 ~ N(0, I), solved as one batch
+    seeds: int = 8
+    #: independent draws of the random rank-r weights (psd, gen, proj)
+    weight_seeds: int = 3
+    #: seed of the initial tokens, the weights and the hull directions
+    seed: int = 0
+    #: inverse temperature β
+    beta: float = 1.0
+    #: final time
+    t1: float = 20.0
+    #: fixed step
+    dt: float = 0.1
+    #: fixed-step solver
+    solver: str = "rk4"
+    #: tokens within this distance are one cluster
+    cluster_threshold: float = 1e-3
+    #: (s₂, s₃) of the LoRA ΔK = diag(0, s₂, s₃); (0, 0) first makes it the reference
+    lora_scales: tuple[tuple[float, float], ...] = (
+        (0.0, 0.0),
+        (0.01, 0.01),
+        (0.1, 0.1),
+        (1.0, 0.0),
+        (1.0, 1.0),
+    )
+    #: distance from the rank-1 run that counts as a departure
+    separation: float = 0.1
+    #: solve the rank study again at dt / 2 and compare the cluster counts
+    dt_check: bool = True
+    #: directions tested for convex-hull vertices
+    n_dirs: int = 20000
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        n=16,
+        seeds=3,
+        weight_seeds=1,
+        t1=15.0,
+        dt_check=False,
+        n_dirs=4000,
+        lora_scales=((0.0, 0.0), (0.1, 0.1), (1.0, 0.0), (1.0, 1.0)),
+    )
 
 
 # -- weights -------------------------------------------------------------------------
@@ -228,29 +255,26 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     """Run the rank study and the LoRA study; write `cases.png`, `cluster_counts.png`,
     `lora.png`, `low_rank.npz`, `clusters.csv` and `summary.json` into `out_dir`, and
     return the summary."""
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown option(s) for {NAME}: {', '.join(sorted(unknown))}")
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
-    if cfg["d"] < 3:
-        raise ValueError(f"low-rank needs d >= 3 (the LoRA acts on e2, e3), got {cfg['d']}")
+    cfg = Config.build(quick, **overrides)
+    if cfg.d < 3:
+        raise ValueError(f"low-rank needs d >= 3 (the LoRA acts on e2, e3), got {cfg.d}")
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
-    n, d, S, thr = cfg["n"], cfg["d"], cfg["seeds"], cfg["cluster_threshold"]
-    x0 = jax.random.normal(jax.random.key(cfg["seed"]), (S, n, d), dtype)
-    dirs = directions(d, cfg["n_dirs"], seed=cfg["seed"])
+    n, d, S, thr = cfg.n, cfg.d, cfg.seeds, cfg.cluster_threshold
+    x0 = jax.random.normal(jax.random.key(cfg.seed), (S, n, d), dtype)
+    dirs = directions(d, cfg.n_dirs, seed=cfg.seed)
 
     # 1. rank study: all weight members × all seeds in one solve
-    members = weight_members(d, cfg["weight_seeds"], cfg["seed"])
+    members = weight_members(d, cfg.weight_seeds, cfg.seed)
     M = len(members)
-    field = stacked_weights_field(members, cfg["beta"], dtype)
+    field = stacked_weights_field(members, cfg.beta, dtype)
     log(
         f"[1/4] rank study: {M} weight pairs × {S} initial conditions, n={n}, d={d}, "
-        f"rescaled, V=I, T={cfg['t1']}, dt={cfg['dt']} ({cfg['solver']}) ..."
+        f"rescaled, V=I, T={cfg.t1}, dt={cfg.dt} ({cfg.solver}) ..."
     )
     t0 = time.perf_counter()
-    sol = simulate(field, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+    sol = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
     sol.xs.block_until_ready()
     solve_s = time.perf_counter() - t0
     if not sol.ok:
@@ -262,15 +286,15 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     motion = _motion(xs, ts)
 
     # 2. LoRA study
-    scales = [tuple(map(float, s)) for s in cfg["lora_scales"]]
+    scales = list(cfg.lora_scales)
     E = np.zeros((d, d))
     E[0, 0] = 1.0
-    base = RescaledField(np.eye(d), E, None, beta=cfg["beta"], dtype=dtype)
+    base = RescaledField(np.eye(d), E, None, beta=cfg.beta, dtype=dtype)
     lora = rank_lora(scales, dtype) if d == 3 else _rank_lora_d(scales, d, dtype)
     log(
         f"[2/4] LoRA of K raising rank(A) from 1: ΔK = diag(0, s2, s3) for (s2, s3) in {scales} ..."
     )
-    lsol = simulate(base.with_lora(lora), x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+    lsol = simulate(base.with_lora(lora), x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
     if not lsol.ok:
         raise RuntimeError(f"LoRA solve failed: {'; '.join(lsol.messages())}")
     lxs = np.asarray(lsol.xs)  # (L, S, T, n, d)
@@ -281,7 +305,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     allQ = np.concatenate([Qs, np.broadcast_to(np.eye(d), K_eff.shape)])
     allK = np.concatenate([Ks, K_eff])
     finals = np.concatenate([xs[:, :, -1], lxs[:, :, -1]])  # (M + L, S, n, d)
-    P_all = _final_attention(allQ, allK, finals, ts[-1], cfg["beta"], dtype)
+    P_all = _final_attention(allQ, allK, finals, ts[-1], cfg.beta, dtype)
     stats_all = batch_stats(finals.reshape(-1, n, d), P_all.reshape(-1, n, n), thr, dirs)
     P, lP = P_all[:M], P_all[M:]
     rows = []
@@ -307,15 +331,15 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             )
 
     dt_check = None
-    if cfg["dt_check"]:
-        log(f"[3b] the rank study again at dt = {cfg['dt'] / 2:g} (convergence in dt) ...")
-        sol2 = simulate(field, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"] / 2)
+    if cfg.dt_check:
+        log(f"[3b] the rank study again at dt = {cfg.dt / 2:g} (convergence in dt) ...")
+        sol2 = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt / 2)
         fin2 = np.asarray(sol2.final)
         _, _, mask2 = cluster_batch(jnp.asarray(fin2.reshape(-1, n, d)), thr)
         counts2 = np.asarray(mask2).sum(-1)
         same = all(int(counts2[b]) == stats_all[b]["clusters"] for b in range(M * S))
         dt_check = {
-            "dt_half": cfg["dt"] / 2,
+            "dt_half": cfg.dt / 2,
             "max_final_difference": float(np.max(np.abs(fin2 - xs[:, :, -1]))),
             "same_cluster_counts": bool(same),
         }
@@ -339,7 +363,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             e_all.append(e)
             entry["final_divergence_from_rank1"] = e[:, -1].tolist()
             entry["first_time_divergence_above_separation"] = [
-                _departure(ts, e[s], cfg["separation"]) for s in range(S)
+                _departure(ts, e[s], cfg.separation) for s in range(S)
             ]
         lora_out.append(entry)
         for s, st in enumerate(stats):
@@ -437,7 +461,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "dtype": jnp.dtype(dtype).name,
         "dynamics": "rescaled, V = I",
         "checks": checks,
@@ -470,7 +494,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             "leaders: {j : max_i P_ij > 1/2}; booleanness: max_ij min(P_ij, 1 - P_ij) of "
             "P = field.attention(t1, z(t1)) (0 = a 0/1 matrix; 1/n for uniform attention); "
             "centres_on_hull: cluster centres that are vertices of their convex hull "
-            f"(tested on {cfg['n_dirs']} directions). Per-run rows are in clusters.csv. "
+            f"(tested on {cfg.n_dirs} directions). Per-run rows are in clusters.csv. "
             "final_motion_last_unit: max |z(t1) - z(t1 - 1)|. t1 is chosen so that tokens "
             "have converged (motion ~1e-8) but are still resolved in float64: at t ~ 40 "
             "the tokens of one cluster coincide to the last bit and attention splits "
@@ -574,7 +598,7 @@ def _write_csv(path, rows) -> None:
 
 
 # -- figures (matplotlib's object API: no pyplot, no global backend switch) ----------
-def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> None:
+def _figures(out_dir, cfg: Config, ts, xs, members, lxs, scales, lora_out, e_all) -> None:
     from matplotlib.figure import Figure
 
     k = _every(ts, 4)
@@ -607,8 +631,7 @@ def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> Non
             fontsize=9,
         )
     fig.suptitle(
-        f"Rescaled dynamics, V = I, n = {cfg['n']}, t ∈ [0, {cfg['t1']:g}]: grey = "
-        "start, red = end",
+        f"Rescaled dynamics, V = I, n = {cfg.n}, t ∈ [0, {cfg.t1:g}]: grey = start, red = end",
         fontsize=10,
     )
     save(fig, "cases.png")
@@ -638,7 +661,7 @@ def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> Non
             "proj": "Q = K = A = rank-r projection",
         }[fam]
         ax.scatter(xs_, ys_, s=14, color=col, alpha=0.7, label=label)
-    d = cfg["d"]
+    d = cfg.d
     ax.set_xticks(range(d + 1))
     ax.set_xlabel("rank of A = QᵀK")
     ax.set_ylabel("clusters at t1")
@@ -684,7 +707,7 @@ def _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all) -> Non
                 label=f"s = ({scales[li][0]:g}, {scales[li][1]:g}), rank A = "
                 f"{lora_out[li]['rank_A']}",
             )
-        ax.axhline(cfg["separation"], color="gray", lw=0.8, ls=":")
+        ax.axhline(cfg.separation, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("t")
         ax.set_ylabel("median over seeds of max_i |z_i − z_i^(rank 1)|")
         ax.legend(fontsize=8)

@@ -15,9 +15,11 @@ skipped on a rerun, so a killed run resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,37 +31,56 @@ from .._metrics import chord_from_cosine_gap, cluster_count, gram
 from .._simulate import simulate
 from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype
+from ._config import ExperimentConfig
 
 NAME = "sphere-phase"
 DESCRIPTION = "sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
 CLI_OPTIONS = ()
 
-DEFAULTS = dict(
-    n=32,
-    dims=[2, 8, 32, 128],
-    betas=list(np.round(np.linspace(0.5, 10.0, 20), 3)),
-    realisations=256,
-    t1=20.0,
-    dt=0.1,
-    n_out=81,
-    delta=1e-3,
-    seed=0,
-    plateau_betas=[1.0, 4.0, 9.0],
-    plateau_t1=30.0,
-    plateau_realisations=64,
-    plateau_threshold=1e-3,
-)
-QUICK = dict(
-    n=8,
-    dims=[2, 8],
-    betas=[1.0, 4.0, 9.0],
-    realisations=16,
-    t1=5.0,
-    n_out=21,
-    plateau_betas=[4.0],
-    plateau_t1=5.0,
-    plateau_realisations=8,
-)
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of the phase diagram (`n` … `seed`) and of the d = 2 plateau study
+    (`plateau_*`)."""
+
+    #: tokens per realisation
+    n: int = 32
+    #: token dimensions d, one panel of the phase diagram each
+    dims: tuple[int, ...] = (2, 8, 32, 128)
+    #: inverse temperatures β of the phase diagram (0.5, 1.0, …, 10.0)
+    betas: tuple[float, ...] = tuple(np.round(np.linspace(0.5, 10.0, 20), 3).tolist())
+    #: independent initial conditions per (d, β) cell
+    realisations: int = 256
+    #: final time of the phase diagram
+    t1: float = 20.0
+    #: fixed step of the solver (both parts)
+    dt: float = 0.1
+    #: output times of the phase diagram, evenly spaced in [0, t1]
+    n_out: int = 81
+    #: a pair is close when ⟨x_i, x_j⟩ ≥ 1 − delta
+    delta: float = 1e-3
+    #: seed of the initial tokens
+    seed: int = 0
+    #: β of the plateau curves
+    plateau_betas: tuple[float, ...] = (1.0, 4.0, 9.0)
+    #: final time of the plateau study
+    plateau_t1: float = 30.0
+    #: initial conditions per plateau curve
+    plateau_realisations: int = 64
+    #: cosine gap (1 − cos) under which two tokens count as one cluster
+    plateau_threshold: float = 1e-3
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        n=8,
+        dims=(2, 8),
+        betas=(1.0, 4.0, 9.0),
+        realisations=16,
+        t1=5.0,
+        n_out=21,
+        plateau_betas=(4.0,),
+        plateau_t1=5.0,
+        plateau_realisations=8,
+    )
 
 
 def sphere_tokens(key, batch, n, d, dtype):
@@ -103,46 +124,55 @@ def equiangular_time(beta: float, n: int, delta: float, t_max: float, dt: float 
     return float("inf")
 
 
-def _key(cfg, *parts) -> str:
-    return config_key(cfg, ("n", "t1", "dt", "n_out", "delta", "seed"), parts)
+def _key(cfg: Config, *parts) -> str:
+    return config_key(cfg.to_dict(), ("n", "t1", "dt", "n_out", "delta", "seed"), parts)
+
+
+def _complete(res: dict[str, np.ndarray] | None, part: str) -> dict[str, np.ndarray]:
+    """`run_chunks`' arrays; None means chunks of other processes are still missing."""
+    if res is None:
+        raise RuntimeError(
+            f"sphere-phase {part}: chunks of other processes are still missing; "
+            "run again once they have finished"
+        )
+    return res
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    ts = np.linspace(0.0, cfg["t1"], cfg["n_out"])
-    betas = np.asarray(cfg["betas"], np.float64)
-    dims = list(cfg["dims"])
+    ts = np.linspace(0.0, cfg.t1, cfg.n_out)
+    betas = np.asarray(cfg.betas, np.float64)
+    dims = list(cfg.dims)
     cells = [(d, float(beta)) for d in dims for beta in betas]  # one chunk per (d, β)
     progress = sys.stderr.isatty()
 
     def phase_cell(idx):
         (c,) = idx
         d, beta = cells[c]
-        key = jax.random.fold_in(jax.random.key(cfg["seed"]), d)
-        x0 = sphere_tokens(key, cfg["realisations"], cfg["n"], d, dtype)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), d)
+        x0 = sphere_tokens(key, cfg.realisations, cfg.n, d, dtype)
         sol = simulate(
             SphereField(d=d, beta=beta, dtype=dtype),
             x0,
-            cfg["t1"],
-            dt=cfg["dt"],
+            cfg.t1,
+            dt=cfg.dt,
             ts=ts,
             renormalise=True,
         )
         if not sol.ok:
             raise RuntimeError(f"sphere solve failed at d={d}, β={beta}: {sol.messages()}")
-        return {"p": np.asarray(_close_fraction(sol.xs, cfg["delta"]))[None]}
+        return {"p": np.asarray(_close_fraction(sol.xs, cfg.delta))[None]}
 
     log(
-        f"phase diagram: {len(cells)} cells (d × β) of {cfg['realisations']} runs each "
-        "(resumable) ..."
+        f"phase diagram: {len(cells)} cells (d × β) of {cfg.realisations} runs each (resumable) ..."
     )
     ident = {
         "experiment": NAME,
         "part": "phase",
-        "cfg": _key(cfg, cfg["realisations"]),
+        "cfg": _key(cfg, cfg.realisations),
         "cells": cells,
     }
     res = run_chunks(
@@ -155,30 +185,26 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         log=log,
         desc="phase",
     )
-    prob = res["p"].reshape(len(dims), betas.size, ts.size)
-    curve = np.asarray(
-        [equiangular_time(float(b), cfg["n"], cfg["delta"], 10 * cfg["t1"]) for b in betas]
-    )
+    prob = _complete(res, "phase")["p"].reshape(len(dims), betas.size, ts.size)
+    curve = np.asarray([equiangular_time(float(b), cfg.n, cfg.delta, 10 * cfg.t1) for b in betas])
 
     log("metastable plateaus (d = 2): cluster counts against t ...")
-    pts = np.linspace(0.0, cfg["plateau_t1"], 61)
-    plateau_betas = [float(b) for b in cfg["plateau_betas"]]
+    pts = np.linspace(0.0, cfg.plateau_t1, 61)
+    plateau_betas = [float(b) for b in cfg.plateau_betas]
 
     def plateau_cell(idx):
         (c,) = idx
-        x0 = sphere_tokens(
-            jax.random.key(cfg["seed"] + 1), cfg["plateau_realisations"], cfg["n"], 2, dtype
-        )
+        x0 = sphere_tokens(jax.random.key(cfg.seed + 1), cfg.plateau_realisations, cfg.n, 2, dtype)
         sol = simulate(
             SphereField(d=2, beta=plateau_betas[c], dtype=dtype),
             x0,
-            cfg["plateau_t1"],
-            dt=cfg["dt"],
+            cfg.plateau_t1,
+            dt=cfg.dt,
             ts=pts,
             renormalise=True,
         )
         # plateau_threshold is a cosine gap (1 − cos ≤ δ); cluster_count takes a chord.
-        chord = chord_from_cosine_gap(cfg["plateau_threshold"])
+        chord = chord_from_cosine_gap(cfg.plateau_threshold)
         count = jax.vmap(jax.vmap(lambda x: cluster_count(x, chord, sphere=True)))
         return {"counts": np.asarray(count(sol.xs))[None]}
 
@@ -186,7 +212,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "experiment": NAME,
         "part": "plateau",
         "betas": plateau_betas,
-        "cfg": _key(cfg, cfg["plateau_t1"], cfg["plateau_realisations"], cfg["plateau_threshold"]),
+        "cfg": _key(cfg, cfg.plateau_t1, cfg.plateau_realisations, cfg.plateau_threshold),
     }
     res = run_chunks(
         os.path.join(out_dir, "chunks", f"plateau-{sweep_id(ident)}"),
@@ -198,7 +224,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         log=log,
         desc="plateaus",
     )
-    plateaus = {b: res["counts"][c] for c, b in enumerate(plateau_betas)}
+    counts = _complete(res, "plateaus")["counts"]
+    plateaus = {b: counts[c] for c, b in enumerate(plateau_betas)}
 
     log("figures and summary ...")
     _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg)
@@ -222,7 +249,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "betas": betas,
         "dims": dims,
         "time_half_pairs_close": half,
@@ -246,7 +273,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     return summary
 
 
-def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg):
+def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg: Config):
     import matplotlib.pyplot as plt
 
     from .. import plotting  # noqa: F401
@@ -264,8 +291,8 @@ def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg):
         ax.set_xlim(ts[0], ts[-1])
     axes[0][0].set_ylabel("β")
     axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.colorbar(im, ax=axes[0].tolist(), label=f"P(⟨x_i, x_j⟩ ≥ 1 − {cfg['delta']:g})")
-    fig.suptitle(f"SA on the sphere, n = {cfg['n']}, {cfg['realisations']} realisations per β")
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"P(⟨x_i, x_j⟩ ≥ 1 − {cfg.delta:g})")
+    fig.suptitle(f"SA on the sphere, n = {cfg.n}, {cfg.realisations} realisations per β")
     save_figure(fig, os.path.join(out_dir, "phase_diagram.png"), dpi=120)
     plt.close(fig)
 
@@ -276,8 +303,8 @@ def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg):
         ax.fill_between(pts, np.percentile(c, 25, axis=0), np.percentile(c, 75, axis=0), alpha=0.2)
     ax.set_yscale("log")
     ax.set_xlabel("t")
-    ax.set_ylabel(f"clusters (⟨x_i, x_j⟩ ≥ 1 − {cfg['plateau_threshold']:g})")
-    ax.set_title(f"Metastable plateaus, d = 2, n = {cfg['n']} (mean, band 25–75 %)")
+    ax.set_ylabel(f"clusters (⟨x_i, x_j⟩ ≥ 1 − {cfg.plateau_threshold:g})")
+    ax.set_title(f"Metastable plateaus, d = 2, n = {cfg.n} (mean, band 25–75 %)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
