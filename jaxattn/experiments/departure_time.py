@@ -15,9 +15,11 @@ run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,35 +32,47 @@ from .._metrics import approach_departure, hausdorff, one_sided_distance
 from .._simulate import fixed_step_grid, simulate
 from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype, loglog_fit, nanmedian, uniform_tokens
+from ._config import ExperimentConfig
 
 NAME = "departure-time"
 DESCRIPTION = "approach/departure times vs ε to t = 1000, log-log fit, three phases"
 CLI_OPTIONS = ("eps", "x0", "metric")
 
-DEFAULTS = dict(
-    n=20,
-    d=2,
-    low=-1.0,
-    high=1.0,
-    n_ic=16,
-    eps=list(np.logspace(-3, -1, 30)),
-    t1=1000.0,
-    t_ref=20.0,
-    dt=0.1,
-    solver="rk4",
-    delta=0.1,
-    metric="hausdorff",
-    seed=0,
-    x0=None,
-    chunk=6,
-    dense_until=60.0,
-    coarse_every=5,
-    paper_eps=[0.01, 0.002],
-    fit_max_eps=0.02,
-)
-QUICK = dict(
-    n=8, n_ic=3, eps=[0.02, 0.05, 0.1], t1=120.0, chunk=3, paper_eps=[0.05], fit_max_eps=0.1
-)
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of the departure-time study (defaults: the full run; `QUICK`: `--quick`)."""
+
+    n: int = 20  #: tokens per initial condition
+    d: int = 2  #: token dimension (the perturbation is 2-D; part of the chunk hash)
+    low: float = -1.0  #: initial tokens ~ U[low, high]²
+    high: float = 1.0
+    n_ic: int = 16  #: random initial conditions
+    eps: tuple[float, ...] = tuple(float(v) for v in np.logspace(-3, -1, 30))  #: ε values
+    t1: float = 1000.0  #: end time of the perturbed runs
+    t_ref: float = 20.0  #: time of the reference clusters (V = I)
+    dt: float = 0.1  #: solver step
+    solver: str = "rk4"
+    delta: float = 0.1  #: approach/departure threshold δ on D(t)
+    metric: Literal["hausdorff", "paper"] = "hausdorff"  #: D(t): two- or one-sided
+    seed: int = 0  #: seed of the random initial conditions
+    x0: Any = None  #: given tokens (n, 2) instead of random ones (n_ic becomes 1)
+    chunk: int = 6  #: ε values per resumable chunk
+    dense_until: float = 60.0  #: output every step up to this time ...
+    coarse_every: int = 5  #: ... then every `coarse_every` steps
+    paper_eps: tuple[float, ...] = (0.01, 0.002)  #: ε of the scheme comparison
+    fit_max_eps: float = 0.02  #: log-log fit over ε ≤ this
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        n=8,
+        n_ic=3,
+        eps=(0.02, 0.05, 0.1),
+        t1=120.0,
+        chunk=3,
+        paper_eps=(0.05,),
+        fit_max_eps=0.1,
+    )
+
 
 PAPER_PREFACTOR = 0.54  # paper: T_dep ≈ 0.54/ε for ε ≤ 0.015 (its first-order scheme)
 
@@ -96,21 +110,21 @@ def _times(ts, D, delta):
     return fn(D)
 
 
-def departure_times(x0, eps, cfg, *, solver=None, dt=None, dtype=None):
+def departure_times(x0, eps, cfg: Config, *, solver=None, dt=None, dtype=None):
     """Approach/departure times `(E, B)` and distances `(E, B, T)` for tokens `x0 (B, n, 2)`."""
     dtype = dtype or x0.dtype
-    solver = solver or cfg["solver"]
-    dt = dt or cfg["dt"]
+    solver = solver or cfg.solver
+    dt = dt or cfg.dt
     base = RescaledField(d=2, dtype=dtype)
-    ref = simulate(base, x0, cfg["t_ref"], solver=solver, dt=dt, ts=[cfg["t_ref"]])
+    ref = simulate(base, x0, cfg.t_ref, solver=solver, dt=dt, ts=np.array([cfg.t_ref]))
     ref_tokens = ref.xs[:, -1]
-    ts = _output_grid(cfg["t1"], dt, cfg["dense_until"], cfg["coarse_every"])
+    ts = _output_grid(cfg.t1, dt, cfg.dense_until, cfg.coarse_every)
     sol = simulate(
-        base.with_lora(perturbation(eps, dtype)), x0, cfg["t1"], solver=solver, dt=dt, ts=ts
+        base.with_lora(perturbation(eps, dtype)), x0, cfg.t1, solver=solver, dt=dt, ts=ts
     )
-    dist = _distances_paper if cfg["metric"] == "paper" else _distances_hausdorff
+    dist = _distances_paper if cfg.metric == "paper" else _distances_hausdorff
     D = dist(sol.xs, ref_tokens)
-    t_app, t_dep = _times(jnp.asarray(ts, dtype), D, cfg["delta"])
+    t_app, t_dep = _times(jnp.asarray(ts, dtype), D, cfg.delta)
     return (
         np.asarray(t_app),
         np.asarray(t_dep),
@@ -121,7 +135,7 @@ def departure_times(x0, eps, cfg, *, solver=None, dt=None, dtype=None):
     )
 
 
-def _cfg_hash(cfg, x0) -> str:
+def _cfg_hash(cfg: Config, x0) -> str:
     keys = (
         "n",
         "d",
@@ -136,30 +150,30 @@ def _cfg_hash(cfg, x0) -> str:
         "dense_until",
         "coarse_every",
     )
-    return config_key(cfg, keys, arrays=(x0,))
+    return config_key(cfg.to_dict(), keys, arrays=(x0,))
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    if cfg["x0"] is not None:
-        x0 = jnp.asarray(np.asarray(cfg["x0"], np.float64)[None], dtype)
+    if cfg.x0 is not None:
+        x0 = jnp.asarray(np.asarray(cfg.x0, np.float64)[None], dtype)
         if x0.shape[-1] != 2:
             raise ValueError(
                 f"--x0 must hold 2-D tokens (n, 2) for this experiment, got shape {x0.shape[1:]}"
             )
-        cfg["n"], cfg["n_ic"] = int(x0.shape[1]), 1
+        cfg = dataclasses.replace(cfg, n=int(x0.shape[1]), n_ic=1)
     else:
-        x0 = uniform_tokens(cfg["seed"], cfg["n_ic"], cfg["n"], 2, cfg["low"], cfg["high"], dtype)
-    cfg_print = {k: v for k, v in cfg.items() if k != "x0"}
-    eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
+        x0 = uniform_tokens(cfg.seed, cfg.n_ic, cfg.n, 2, cfg.low, cfg.high, dtype)
+    cfg_print = {k: v for k, v in cfg.to_dict().items() if k != "x0"}
+    eps = np.sort(np.asarray(cfg.eps, np.float64))[::-1]
     E, B = eps.size, int(x0.shape[0])
-    ts = _output_grid(cfg["t1"], cfg["dt"], cfg["dense_until"], cfg["coarse_every"])
+    ts = _output_grid(cfg.t1, cfg.dt, cfg.dense_until, cfg.coarse_every)
     log(
-        f"{E} values of ε × {B} initial conditions to t = {cfg['t1']:g}, chunks of "
-        f"{cfg['chunk']} ε (resumable) ..."
+        f"{E} values of ε × {B} initial conditions to t = {cfg.t1:g}, chunks of "
+        f"{cfg.chunk} ε (resumable) ..."
     )
 
     def compute(idx):
@@ -171,16 +185,17 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         os.path.join(out_dir, "chunks", f"departure-{sweep_id(identity)}"),
         identity,
         E,
-        cfg["chunk"],
+        cfg.chunk,
         compute,
         progress=sys.stderr.isatty(),
         log=log,
         desc="departure-time",
     )
+    assert res is not None  # None only in a multi-process run with chunks still missing
     t_app, t_dep, D0 = res["t_app"], res["t_dep"], res["D0"]
 
     med_app, med_dep = nanmedian(t_app, axis=1), nanmedian(t_dep, axis=1)
-    fit_mask = eps <= cfg["fit_max_eps"]
+    fit_mask = eps <= cfg.fit_max_eps
     fit = loglog_fit(eps[fit_mask], med_dep[fit_mask], groups=t_dep[fit_mask].T if B > 1 else None)
 
     log("paper comparison: first-order scheme (Euler, dt = 0.1) against converged RK4 ...")
@@ -204,7 +219,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "experiment": NAME,
         "quick": quick,
         "config": cfg_print,
-        "x0_source": "file" if cfg["x0"] is not None else f"uniform seed {cfg['seed']}",
+        "x0_source": "file" if cfg.x0 is not None else f"uniform seed {cfg.seed}",
         "eps": eps,
         "t_approach": med_app,
         "t_departure": med_dep,
@@ -215,7 +230,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         if fit_mask.any()
         else None,
         "paper_prefactor": PAPER_PREFACTOR,
-        "paper_prediction": {f"{e:g}": PAPER_PREFACTOR / e for e in cfg["paper_eps"]},
+        "paper_prediction": {f"{e:g}": PAPER_PREFACTOR / e for e in cfg.paper_eps},
         "paper_scheme_comparison": paper,
         "t_departure_median_all_runs": np.median(np.where(np.isnan(t_dep), np.inf, t_dep), axis=1),
         "departed_fraction": np.mean(np.isfinite(t_dep), axis=1),
@@ -227,7 +242,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "notes": "t_approach / t_departure: medians over the initial conditions whose run "
         "approached / departed before t1 (null: none did); "
         "t_departure_median_all_runs counts 'never' as infinity (null = infinite); "
-        "metric " + cfg["metric"] + "; fit T_dep = prefactor · eps^slope over "
+        "metric " + cfg.metric + "; fit T_dep = prefactor · eps^slope over "
         "fit_range with a bootstrap 95 % interval.",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -235,16 +250,16 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     return summary
 
 
-def _paper_comparison(x0, cfg, dtype) -> dict:
+def _paper_comparison(x0, cfg: Config, dtype) -> dict:
     """Departure times on one set of tokens: the paper's scheme (forward Euler, dt = 0.1,
     which is what its 'RK4' computes; docs/theory.md, 'Numerical schemes') against RK4 at
     dt and dt/2."""
-    eps = np.asarray(cfg["paper_eps"], np.float64)
-    out = {"eps": eps}
+    eps = np.asarray(cfg.paper_eps, np.float64)
+    out: dict[str, Any] = {"eps": eps}
     for label, solver, dt in (
         ("paper_euler_dt0.1", "euler", 0.1),
-        ("rk4_dt", "rk4", cfg["dt"]),
-        ("rk4_dt_half", "rk4", cfg["dt"] / 2),
+        ("rk4_dt", "rk4", cfg.dt),
+        ("rk4_dt_half", "rk4", cfg.dt / 2),
     ):
         a, dp, *_ = departure_times(x0, eps, cfg, solver=solver, dt=dt, dtype=dtype)
         out[label] = {"t_approach": a[:, 0], "t_departure": dp[:, 0]}
@@ -272,7 +287,7 @@ def _write_csv(path, eps, med_app, med_dep, t_dep):
     write_atomic(path, w)
 
 
-def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg):
+def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg: Config):
     import matplotlib.pyplot as plt
 
     from .. import plotting  # noqa: F401
@@ -298,7 +313,7 @@ def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg):
     ax.loglog(eps, PAPER_PREFACTOR / eps, ":", color="tab:red", label="paper: 0.54/ε")
     ax.set_xlabel("ε")
     ax.set_ylabel("time")
-    ax.set_title(f"Departure from the original clusters (δ = {cfg['delta']}, {cfg['metric']})")
+    ax.set_title(f"Departure from the original clusters (δ = {cfg.delta}, {cfg.metric})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -311,7 +326,7 @@ def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg):
     for ax, k in zip(axes[0], pick):
         D = D0[k]
         ax.semilogy(ts, D, color="k", lw=1)
-        ax.axhline(cfg["delta"], color="tab:red", lw=0.8)
+        ax.axhline(cfg.delta, color="tab:red", lw=0.8)
         a, dp = t_app[k, 0], t_dep[k, 0]
         if np.isfinite(a):
             ax.axvspan(0, a, color="tab:gray", alpha=0.2, label="before clustering")

@@ -7,8 +7,10 @@ Both runs are one vmapped solve over a stacked LoRA (ε = 0 and ε).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,32 +22,37 @@ from .._io import check_output_dir, write_json, write_npz
 from .._lora import LoRA
 from .._metrics import cluster_count, divergence
 from .._simulate import simulate
+from ._config import ExperimentConfig
 
 NAME = "lora-divergence"
 DESCRIPTION = "original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"
 CLI_OPTIONS = ()
 
-DEFAULTS = dict(
-    n=50,
-    d=2,
-    low=-5.0,
-    high=5.0,
-    eps=0.1,
-    t1=40.0,
-    dt=0.1,
-    seed=0,
-    solver="rk4",
-    cluster_threshold=0.1,
-    separation=0.1,
-    eta=0.1,
-    short_t1=0.5,
-    short_dt=1e-3,
-    gif_frames=80,
-    compare_seed=1,
-    compare_targets=True,
-    gif=True,
-)
-QUICK = dict(n=20, t1=10.0, gif_frames=12)
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of the LoRA-divergence figure (defaults: the full run; `QUICK`: `--quick`)."""
+
+    n: int = 50  #: tokens
+    d: int = 2  #: token dimension
+    low: float = -5.0  #: initial tokens ~ U[low, high]^d
+    high: float = 5.0
+    eps: float = 0.1  #: size of the LoRA (‖ΔV‖₂)
+    t1: float = 40.0  #: end time
+    dt: float = 0.1  #: solver step
+    seed: int = 0  #: seed of the initial tokens
+    solver: str = "rk4"
+    cluster_threshold: float = 0.1  #: distance under which tokens count as one cluster
+    separation: float = 0.1  #: e(t) above this: the runs are apart
+    eta: float = 0.1  #: certified horizon: largest t with bound ≤ eta
+    short_t1: float = 0.5  #: end time of the fine short-time solve
+    short_dt: float = 1e-3  #: its step
+    gif_frames: int = 80  #: frames of trajectories.gif
+    compare_seed: int = 1  #: seed of the random Q/K/V LoRA directions
+    compare_targets: bool = True  #: also run the random Q, K and V LoRAs
+    gif: bool = True  #: write trajectories.gif
+
+    QUICK: ClassVar[dict[str, Any]] = dict(n=20, t1=10.0, gif_frames=12)
 
 
 def paper_lora(eps: float, dtype) -> LoRA:
@@ -54,22 +61,20 @@ def paper_lora(eps: float, dtype) -> LoRA:
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
 
-    x0 = jax.random.uniform(
-        jax.random.key(cfg["seed"]), (cfg["n"], cfg["d"]), dtype, cfg["low"], cfg["high"]
-    )
-    base = RescaledField(d=cfg["d"], beta=1.0, dtype=dtype)
-    pair = LoRA.stack([paper_lora(0.0, dtype), paper_lora(cfg["eps"], dtype)])
+    x0 = jax.random.uniform(jax.random.key(cfg.seed), (cfg.n, cfg.d), dtype, cfg.low, cfg.high)
+    base = RescaledField(d=cfg.d, beta=1.0, dtype=dtype)
+    pair = LoRA.stack([paper_lora(0.0, dtype), paper_lora(cfg.eps, dtype)])
     log(
-        f"[1/4] solving original and LoRA runs together (n={cfg['n']}, T={cfg['t1']}, "
-        f"dt={cfg['dt']}, {cfg['solver']}, {jnp.dtype(dtype).name}) ..."
+        f"[1/4] solving original and LoRA runs together (n={cfg.n}, T={cfg.t1}, "
+        f"dt={cfg.dt}, {cfg.solver}, {jnp.dtype(dtype).name}) ..."
     )
     t0 = time.perf_counter()
-    sol = simulate(base.with_lora(pair), x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+    sol = simulate(base.with_lora(pair), x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
     sol.xs.block_until_ready()
     solve_s = time.perf_counter() - t0
     if not sol.ok:
@@ -79,53 +84,51 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     e = np.asarray(divergence(sol.xs[0], sol.xs[1]))
 
     log("[2/4] bounds (a priori, a posteriori) and a fine short-time solve ...")
-    f0, f1 = base.with_lora(paper_lora(0.0, dtype)), base.with_lora(paper_lora(cfg["eps"], dtype))
+    f0, f1 = base.with_lora(paper_lora(0.0, dtype)), base.with_lora(paper_lora(cfg.eps, dtype))
     post = bound_a_posteriori(f0, f1, ts, xs, xs_p)
     prior = bound_a_priori(f0, f1, ts, xs[0])
-    short = simulate(
-        base.with_lora(pair), x0, cfg["short_t1"], solver=cfg["solver"], dt=cfg["short_dt"]
-    )
+    short = simulate(base.with_lora(pair), x0, cfg.short_t1, solver=cfg.solver, dt=cfg.short_dt)
     sts = np.asarray(short.ts)
     se = np.asarray(divergence(short.xs[0], short.xs[1]))
     spost = bound_a_posteriori(f0, f1, sts, np.asarray(short.xs[0]), np.asarray(short.xs[1]))
     sprior = bound_a_priori(f0, f1, sts, xs[0])
-    h_post = float(certified_horizon(sts, spost.bound, cfg["eta"]))
-    h_prior = float(certified_horizon(sts, sprior.bound, cfg["eta"]))
+    h_post = float(certified_horizon(sts, spost.bound, cfg.eta))
+    h_prior = float(certified_horizon(sts, sprior.bound, cfg.eta))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.concatenate([e / post.bound, se / spost.bound])
     ratio = ratio[np.isfinite(ratio)]  # 0/0 at t = 0 and x/inf where the bound is vacuous
 
-    above = e > cfg["separation"]
+    above = e > cfg.separation
     first = np.nonzero(above)[0]
     t_first = round(float(ts[first[0]]), 9) if first.size else None
     t_sep = _stays_apart_from(ts, above)
-    k0 = int(cluster_count(jnp.asarray(xs[-1]), cfg["cluster_threshold"]))
-    k1 = int(cluster_count(jnp.asarray(xs_p[-1]), cfg["cluster_threshold"]))
+    k0 = int(cluster_count(jnp.asarray(xs[-1]), cfg.cluster_threshold))
+    k1 = int(cluster_count(jnp.asarray(xs_p[-1]), cfg.cluster_threshold))
 
     log("[3/4] random rank-1 LoRA of Q, of K and of V with the same operator norm ...")
     compare = {}
-    for target in ("Q", "K", "V") if cfg["compare_targets"] else ():
+    for target in ("Q", "K", "V") if cfg.compare_targets else ():
         lo = LoRA.random(
-            cfg["d"],
+            cfg.d,
             rank=1,
-            norm=cfg["eps"],
+            norm=cfg.eps,
             target=target,
-            key=jax.random.key(cfg["compare_seed"]),
+            key=jax.random.key(cfg.compare_seed),
             dtype=dtype,
         )
         ft = base.with_lora(lo)
-        st = simulate(ft, x0, cfg["t1"], solver=cfg["solver"], dt=cfg["dt"])
+        st = simulate(ft, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
         et = np.asarray(divergence(sol.xs[0], st.xs))
-        sh = simulate(ft, x0, cfg["short_t1"], solver=cfg["solver"], dt=cfg["short_dt"])
+        sh = simulate(ft, x0, cfg.short_t1, solver=cfg.solver, dt=cfg.short_dt)
         bt = bound_a_posteriori(f0, ft, sts, np.asarray(short.xs[0]), np.asarray(sh.xs))
-        above_t = et > cfg["separation"]
+        above_t = et > cfg.separation
         compare[target] = {
             "e": et,
             "short_e": np.asarray(divergence(short.xs[0], sh.xs)),
             "bound": bt.bound,
             "final_divergence": float(et[-1]),
-            "clusters": int(cluster_count(st.final, cfg["cluster_threshold"])),
-            "certified_horizon": float(certified_horizon(sts, bt.bound, cfg["eta"])),
+            "clusters": int(cluster_count(st.final, cfg.cluster_threshold)),
+            "certified_horizon": float(certified_horizon(sts, bt.bound, cfg.eta)),
             "max_divergence": float(et.max()),
             "stays_apart_from": _stays_apart_from(ts, above_t),
         }
@@ -133,27 +136,23 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     log("[4/4] figures and summary ...")
     from .. import plotting
 
-    times = (
-        [0.0, 2.0, 5.0, 10.0, 20.0, cfg["t1"]]
-        if cfg["t1"] >= 20
-        else list(np.linspace(0, cfg["t1"], 5))
-    )
+    times = [0.0, 2.0, 5.0, 10.0, 20.0, cfg.t1] if cfg.t1 >= 20 else list(np.linspace(0, cfg.t1, 5))
     plotting.snapshots_side_by_side(
         ts,
-        {"original V = I": xs, f"LoRA V = diag(1, {1 - cfg['eps']:g})": xs_p},
+        {"original V = I": xs, f"LoRA V = diag(1, {1 - cfg.eps:g})": xs_p},
         times,
         os.path.join(out_dir, "trajectories.png"),
-        title=f"Rescaled dynamics, n = {cfg['n']}: short term close, long term apart",
+        title=f"Rescaled dynamics, n = {cfg.n}: short term close, long term apart",
     )
     plotting.divergence_with_bounds(
         ts,
         e,
         {"a-posteriori bound": post.bound, "a-priori bound": prior.bound},
         os.path.join(out_dir, "divergence.png"),
-        eta=cfg["eta"],
+        eta=cfg.eta,
         zoom=(sts, se, {"a-posteriori bound": spost.bound, "a-priori bound": sprior.bound}),
         horizon=h_post,
-        title=f"Divergence e(t) and the Grönwall bound (ε = {cfg['eps']:g})",
+        title=f"Divergence e(t) and the Grönwall bound (ε = {cfg.eps:g})",
     )
     if compare:
         plotting.target_comparison(
@@ -162,15 +161,15 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             sts,
             {k: (v["short_e"], v["bound"]) for k, v in compare.items()},
             os.path.join(out_dir, "targets.png"),
-            eta=cfg["eta"],
-            title=f"Random rank-1 LoRA with ‖ΔW‖₂ = {cfg['eps']:g} on Q, K or V",
+            eta=cfg.eta,
+            title=f"Random rank-1 LoRA with ‖ΔW‖₂ = {cfg.eps:g} on Q, K or V",
         )
-    if cfg["gif"]:
+    if cfg.gif:
         plotting.animate_side_by_side(
             ts,
             {"original": xs, "LoRA": xs_p},
             os.path.join(out_dir, "trajectories.gif"),
-            frames=cfg["gif_frames"],
+            frames=cfg.gif_frames,
         )
     write_npz(
         os.path.join(out_dir, "trajectories.npz"),
@@ -184,7 +183,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": "lora-divergence",
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "dtype": jnp.dtype(dtype).name,
         "clusters_original": k0,
         "clusters_lora": k1,
@@ -208,7 +207,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(
         f"done in {summary['wall_seconds']:.1f} s: clusters {k0} (original) vs {k1} (LoRA), "
-        f"separation > {cfg['separation']} at t = {t_sep}, certified horizon {h_post:.3g}"
+        f"separation > {cfg.separation} at t = {t_sep}, certified horizon {h_post:.3g}"
     )
     return summary
 

@@ -9,8 +9,10 @@ certified horizon for `e ≤ η`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -22,74 +24,79 @@ from .._lora import LoRA
 from .._metrics import divergence
 from .._simulate import simulate
 from ._common import default_dtype, uniform_tokens
+from ._config import ExperimentConfig
 
 NAME = "stability-bound"
 DESCRIPTION = "divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"
 CLI_OPTIONS = ("eps",)
 
-DEFAULTS = dict(
-    n=16,
-    d=2,
-    low=-1.0,
-    high=1.0,
-    n_ic=16,
-    eps=list(np.logspace(-5, -0.5, 10)),
-    t1=2.0,
-    dt=0.01,
-    eta=0.1,
-    seed=0,
-    direction_seed=7,
-    probe_times=[0.1, 0.5, 1.0],
-)
-QUICK = dict(n=6, n_ic=4, eps=[1e-4, 1e-2, 1e-1], t1=0.5, probe_times=[0.1, 0.5])
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of the stability-bound study (defaults: the full run; `QUICK`: `--quick`)."""
+
+    n: int = 16  #: tokens per initial condition
+    d: int = 2  #: token dimension
+    low: float = -1.0  #: initial tokens ~ U[low, high]^d
+    high: float = 1.0
+    n_ic: int = 16  #: random initial conditions
+    eps: tuple[float, ...] = tuple(float(v) for v in np.logspace(-5, -0.5, 10))  #: ‖ΔW‖₂ values
+    t1: float = 2.0  #: end time
+    dt: float = 0.01  #: solver step
+    eta: float = 0.1  #: certified horizon: largest t with bound ≤ eta
+    seed: int = 0  #: seed of the initial conditions
+    direction_seed: int = 7  #: seed of the random LoRA direction (+0, +1, +2 for Q, K, V)
+    probe_times: tuple[float, ...] = (0.1, 0.5, 1.0)  #: times of the bound-vs-ε figure
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        n=6, n_ic=4, eps=(1e-4, 1e-2, 1e-1), t1=0.5, probe_times=(0.1, 0.5)
+    )
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    eps = np.asarray(cfg["eps"], np.float64)
-    x0 = uniform_tokens(
-        cfg["seed"], cfg["n_ic"], cfg["n"], cfg["d"], cfg["low"], cfg["high"], dtype
-    )
-    base = RescaledField(d=cfg["d"], dtype=dtype)
-    log(f"[1/3] base runs: {cfg['n_ic']} initial conditions, n={cfg['n']}, t1={cfg['t1']}")
-    sol0 = simulate(base, x0, cfg["t1"], dt=cfg["dt"])
+    eps = np.asarray(cfg.eps, np.float64)
+    x0 = uniform_tokens(cfg.seed, cfg.n_ic, cfg.n, cfg.d, cfg.low, cfg.high, dtype)
+    base = RescaledField(d=cfg.d, dtype=dtype)
+    log(f"[1/3] base runs: {cfg.n_ic} initial conditions, n={cfg.n}, t1={cfg.t1}")
+    sol0 = simulate(base, x0, cfg.t1, dt=cfg.dt)
     ts = np.asarray(sol0.ts)
     xs0 = np.asarray(sol0.xs)
-    probe_idx = [int(np.argmin(np.abs(ts - t))) for t in cfg["probe_times"]]
+    probe_idx = [int(np.argmin(np.abs(ts - t))) for t in cfg.probe_times]
 
     results = {}
     worst, ratios_all = 0.0, []
     for i, target in enumerate(("Q", "K", "V")):
         log(
-            f"[2/3] LoRA on {target}: {eps.size} sizes × {cfg['n_ic']} initial conditions "
+            f"[2/3] LoRA on {target}: {eps.size} sizes × {cfg.n_ic} initial conditions "
             "in one solve, then bounds ..."
         )
         lora = LoRA.random(
-            cfg["d"],
+            cfg.d,
             rank=1,
             norm=eps,
             target=target,
-            key=jax.random.key(cfg["direction_seed"] + i),
+            key=jax.random.key(cfg.direction_seed + i),
             dtype=dtype,
         )
-        sol = simulate(base.with_lora(lora), x0, cfg["t1"], dt=cfg["dt"])
+        sol = simulate(base.with_lora(lora), x0, cfg.t1, dt=cfg.dt)
         if not sol.ok:
             raise RuntimeError(f"solve failed for target {target}: {sol.messages()}")
         xs = np.asarray(sol.xs)  # (E, B, T, n, d)
         e = np.asarray(divergence(sol0.xs[None], sol.xs))  # (E, B, T)
         bounds = np.empty_like(e)
         for k in range(eps.size):
-            single = LoRA(lora.A[k], lora.B[k], lora.alpha, target)
+            single = LoRA(lora.A[k], lora.B[k], float(lora.alpha), target)
             bounds[k] = bound_a_posteriori(base, base.with_lora(single), ts, xs0, xs[k]).bound
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(bounds > 0, e / bounds, np.where(e > 0, np.inf, 0.0))
         finite = ratio[..., 1:][np.isfinite(bounds[..., 1:])]
         ratios_all.append(finite)
         worst = max(worst, float(finite.max()))
-        horizon = certified_horizon(ts, bounds, cfg["eta"])  # (E, B)
+        horizon = certified_horizon(ts, bounds, cfg.eta)  # (E, B)
         med_h = np.nanmedian(horizon, axis=1)
         fit = _horizon_fit(eps, med_h)
         results[target] = {
@@ -118,7 +125,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "worst_measured_over_bound": worst,
         "median_measured_over_bound": float(np.median(allr)),
         "bound_holds": bool(worst <= 1.0),
@@ -154,7 +161,7 @@ def _horizon_fit(eps, med_h):
     return {"intercept": float(a), "per_unit_log_inv_eps": float(b)}
 
 
-def _plot(out_dir, eps, probe_ts, results, cfg):
+def _plot(out_dir, eps, probe_ts, results, cfg: Config):
     import matplotlib.pyplot as plt
 
     from .. import plotting  # noqa: F401  (sets the Agg backend)
@@ -197,7 +204,7 @@ def _plot(out_dir, eps, probe_ts, results, cfg):
                 eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1), color=colors[name], alpha=0.15
             )
     ax.set_xlabel("ε")
-    ax.set_ylabel(f"certified horizon (e ≤ {cfg['eta']:g})")
+    ax.set_ylabel(f"certified horizon (e ≤ {cfg.eta:g})")
     ax.set_title("Certified horizon grows like log(1/ε)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
