@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._common import nanmedian
+
+if TYPE_CHECKING:
+    from . import mean_field as mf
+    from . import mean_field_large as mfl
 
 
 def _save(fig, out_dir, name):
@@ -19,7 +24,7 @@ def _save(fig, out_dir, name):
     plt.close(fig)
 
 
-def _label(ax, xlabel, ylabel, title, legend_size=7, ncol=1):
+def _label(ax, xlabel, ylabel, title, legend_size: float = 7, ncol: int = 1):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -27,7 +32,14 @@ def _label(ax, xlabel, ylabel, title, legend_size=7, ncol=1):
     ax.legend(fontsize=legend_size, ncol=ncol)
 
 
-def plot_all(out_dir, cfg, ladders, summary, lora, bound):
+def plot_all(
+    out_dir: str,
+    cfg: mf.Config,
+    ladders: dict[int, mf.Ladder],
+    summary: dict[str, Any],
+    lora: mf.LoraW2,
+    bound: mf.BoundCheck,
+):
     import matplotlib.pyplot as plt
 
     from .. import plotting  # noqa: F401  (house style)
@@ -75,7 +87,7 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
         for s, counts in enumerate(cl["count"]):
             row[0].semilogx(ns, counts, "o-", ms=3, label=f"seed {s}")
         row[0].set_xlabel("n")
-        row[0].set_ylabel(f"clusters at t = {ladders[d]['ts'][-1]:g} (δ = {cfg['cluster_delta']})")
+        row[0].set_ylabel(f"clusters at t = {ladders[d]['ts'][-1]:g} (δ = {cfg.cluster_delta})")
         row[0].set_title(f"d = {d}: number of clusters")
         row[0].legend(fontsize=7)
         row[0].grid(alpha=0.3)
@@ -122,7 +134,7 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
             eps, tok, "x:", ms=4, color=ax.lines[-1].get_color(), label=f"token Hausdorff, n = {n}"
         )
     ax.loglog(eps, 0.72 / eps, "k--", lw=1, label="0.72/ε (token metric, n = 20)")
-    _label(ax, "ε", "departure time", f"Departure from the original clusters (δ = {cfg['delta']})")
+    _label(ax, "ε", "departure time", f"Departure from the original clusters (δ = {cfg.delta})")
     _save(fig, out_dir, "departure_w2.png")
 
     # 5. The bound.
@@ -140,13 +152,13 @@ def plot_all(out_dir, cfg, ladders, summary, lora, bound):
         ax.semilogy(bound["ts"][1:], bound["dobrushin"][e, 1:], ":", color=colors[e], lw=1)
     ax.plot([], [], "k--", lw=1, label="bound (min of both)")
     ax.plot([], [], "k:", lw=1, label="Dobrushin (W1/W2 Lipschitz)")
-    ax.axhline(cfg["delta"], color="0.5", lw=0.8)
+    ax.axhline(cfg.delta, color="0.5", lw=0.8)
     ax.set_ylim(bottom=max(1e-8, np.nanmin(bound["measured"][:, 1:]) / 10), top=1e3)
-    _label(ax, "t", "W2", f"W2 stability bound vs measured (n = {cfg['bound_n']})")
+    _label(ax, "t", "W2", f"W2 stability bound vs measured (n = {cfg.bound_n})")
     _save(fig, out_dir, "bound.png")
 
 
-def plot_large(out_dir, cfg, lad, dep):
+def plot_large(out_dir: str, cfg: mfl.Config, lad: mfl.LargeLadder, dep: mfl.Departures):
     """Figures of `mean-field-large`: the ladder to large n, the departure prefactor."""
     import matplotlib.pyplot as plt
 
@@ -162,12 +174,12 @@ def plot_large(out_dir, cfg, lad, dep):
         ax.loglog(ns, lad["sliced"][:, k], "o-", color=colors[k], ms=3, label=f"t = {t:g}{slope}")
     y0 = lad["sliced"][0, 0]
     ax.loglog(ns, y0 * (ns / ns[0]) ** -0.5, ":", color="0.3", lw=1, label="n^-1/2")
-    ax.axvline(cfg["fit_max_frac"] * lad["N"], color="0.6", lw=0.8)
+    ax.axvline(cfg.fit_max_frac * lad["N"], color="0.6", lw=0.8)
     _label(
         ax,
         "n",
         f"sliced W2 to n = {lad['N']}",
-        f"d = {cfg['d']}, one nested sample, {cfg['ladder_dtype']}",
+        f"d = {cfg.d}, one nested sample, {cfg.ladder_dtype}",
         legend_size=7,
     )
     ax = axes[1]
@@ -202,6 +214,6 @@ def plot_large(out_dir, cfg, lad, dep):
         ax,
         "n",
         "T_dep · ε (departure in W2)",
-        f"Departure prefactor, {cfg['dep_seeds']} samples per n (δ = {cfg['delta']})",
+        f"Departure prefactor, {cfg.dep_seeds} samples per n (δ = {cfg.delta})",
     )
     _save(fig, out_dir, "large_n.png")

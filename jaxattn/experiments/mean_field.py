@@ -18,9 +18,11 @@ departure-time experiment). Four parts:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from typing import Any, ClassVar, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,7 @@ from .._metrics import approach_departure, cluster_labels, hausdorff
 from .._simulate import simulate
 from .._wbounds import wasserstein_bound
 from ._common import default_dtype, loglog_fit, nanmedian
+from ._config import ExperimentConfig
 from .departure_time import perturbation
 
 NAME = "mean-field"
@@ -43,49 +46,107 @@ DESCRIPTION = (
 )
 CLI_OPTIONS = ("eps",)
 
-DEFAULTS = dict(
-    dims=[2, 3],
-    low=-1.0,
-    high=1.0,
-    beta=1.0,
-    dt=0.2,
-    seeds=3,
-    ladder_ns=[2**k for k in range(6, 13)],
-    ladder_ts=[0.0, 2.0, 4.0, 8.0],
-    exact_max_n=2048,
-    n_projections=256,
-    fit_max_frac=0.125,
-    cluster_delta=0.1,
-    cluster_max_n=4096,
-    lora_ns=[64, 256, 512],
-    eps=[0.2, 0.1, 0.05, 0.025, 0.0125],
-    lora_t1=100.0,
-    lora_dt=0.1,
-    lora_every=1.0,
-    t_ref=20.0,
-    delta=0.1,
-    bound_n=64,
-    bound_t1=2.0,
-    bound_every=0.02,
-)
-QUICK = dict(
-    dims=[2],
-    seeds=2,
-    ladder_ns=[16, 32, 64],
-    ladder_ts=[0.0, 2.0],
-    exact_max_n=64,
-    n_projections=64,
-    fit_max_frac=0.5,
-    cluster_max_n=64,
-    lora_ns=[16, 32],
-    eps=[0.1, 0.05],
-    lora_t1=30.0,
-    lora_every=1.0,
-    t_ref=20.0,
-    bound_n=8,
-    bound_t1=1.0,
-    bound_every=0.05,
-)
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of `mean-field`: the measure and dynamics, then the ladder (part 1–2), the
+    LoRA runs (part 3) and the bound (part 4)."""
+
+    dims: tuple[int, ...] = (2, 3)  #: dimensions of the ladder
+    low: float = -1.0  #: μ₀ uniform on [low, high]^d
+    high: float = 1.0
+    beta: float = 1.0
+    dt: float = 0.2  #: step of the ladder solves
+    seeds: int = 3  #: independent samples of μ₀ per ladder
+    ladder_ns: tuple[int, ...] = tuple(2**k for k in range(6, 13))  #: n of the ladder
+    ladder_ts: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)  #: saved times of the ladder
+    exact_max_n: int = 2048  #: largest n of the exact W₂ between seeds
+    n_projections: int = 256  #: projections of the sliced W₂
+    fit_max_frac: float = 0.125  #: slope fitted over n ≤ fit_max_frac·N
+    cluster_delta: float = 0.1  #: cluster threshold
+    cluster_max_n: int = 4096  #: largest n of the cluster statistics
+    lora_ns: tuple[int, ...] = (64, 256, 512)  #: n of the LoRA runs
+    eps: tuple[float, ...] = (0.2, 0.1, 0.05, 0.025, 0.0125)  #: LoRA sizes ε
+    lora_t1: float = 100.0
+    lora_dt: float = 0.1
+    lora_every: float = 1.0  #: saved-time spacing of the LoRA runs
+    t_ref: float = 20.0  #: time of the reference clusters (a saved time)
+    delta: float = 0.1  #: departure threshold in W₂
+    bound_n: int = 64  #: tokens of the bound check
+    bound_t1: float = 2.0
+    bound_every: float = 0.02  #: saved-time spacing of the bound check (step: a fifth)
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        dims=(2,),
+        seeds=2,
+        ladder_ns=(16, 32, 64),
+        ladder_ts=(0.0, 2.0),
+        exact_max_n=64,
+        n_projections=64,
+        fit_max_frac=0.5,
+        cluster_max_n=64,
+        lora_ns=(16, 32),
+        eps=(0.1, 0.05),
+        lora_t1=30.0,
+        lora_every=1.0,
+        t_ref=20.0,
+        bound_n=8,
+        bound_t1=1.0,
+        bound_every=0.05,
+    )
+
+
+class Clusters(TypedDict):
+    """Cluster statistics at the last time of a ladder."""
+
+    ns: list[int]
+    count: np.ndarray  #: (seeds, len(ns)) number of clusters
+    masses: list[list[np.ndarray]]  #: per seed, per n: cluster masses, descending
+
+
+class Ladder(TypedDict):
+    """Part 1 for one dimension: sliced W₂ to the largest run, exact W₂ between seeds."""
+
+    ns: list[int]
+    ts: np.ndarray
+    N: int
+    sliced: np.ndarray  #: (seeds, len(ns) − 1, T)
+    exact_ns: list[int]
+    exact: np.ndarray  #: (pairs, len(exact_ns), T)
+    pairs: list[tuple[int, int]]
+    clusters: Clusters
+    sim_seconds: float
+    exact_seconds: float
+    ladders: list[dict[int, np.ndarray]]  #: per seed: tokens (T, n, d) by n
+
+
+class LoraW2(TypedDict):
+    """Part 3: W₂ divergence and departures, arrays (len(ns), len(eps), ...)."""
+
+    eps: np.ndarray  #: descending
+    ts: np.ndarray
+    ns: list[int]
+    W: np.ndarray
+    D_W: np.ndarray
+    t_app_W: np.ndarray
+    t_dep_W: np.ndarray
+    t_app_tok: np.ndarray
+    t_dep_tok: np.ndarray
+    fits: list[dict[str, Any]]
+    fits_token: list[dict[str, Any]]
+
+
+class BoundCheck(TypedDict):
+    """Part 4: measured W₂ and the bound, arrays (len(eps), T)."""
+
+    ts: np.ndarray
+    eps: np.ndarray
+    measured: np.ndarray
+    bound: np.ndarray
+    dobrushin: np.ndarray
+    coupling: np.ndarray
+    worst_ratio: float
+    certified_horizon: list[float]
 
 
 def _progress(total, desc):
@@ -96,15 +157,16 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def _ladder_part(cfg, d, dtype, log):
+def _ladder_part(cfg: Config, d: int, dtype, log) -> Ladder:
     """Ladders for every seed; sliced W vs the largest run, exact W₂ between seeds."""
-    field = RescaledField(d=d, beta=cfg["beta"], dtype=dtype, kernel="auto")
-    measure = InitialMeasure.uniform(d, cfg["low"], cfg["high"])
-    ns, ts = list(cfg["ladder_ns"]), np.asarray(cfg["ladder_ts"], np.float64)
+    field = RescaledField(d=d, beta=cfg.beta, dtype=dtype, kernel="auto")
+    measure = InitialMeasure.uniform(d, cfg.low, cfg.high)
+    ns, ts = list(cfg.ladder_ns), np.asarray(cfg.ladder_ts, np.float64)
     N = ns[-1]
-    ladders, sim_seconds = [], 0.0
-    bar = _progress(cfg["seeds"] * len(ns), f"ladder d={d}")
-    for s in range(cfg["seeds"]):
+    ladders: list[dict[int, np.ndarray]] = []
+    sim_seconds = 0.0
+    bar = _progress(cfg.seeds * len(ns), f"ladder d={d}")
+    for s in range(cfg.seeds):
         t0 = time.perf_counter()
         lad = simulate_ladder(
             field,
@@ -113,7 +175,7 @@ def _ladder_part(cfg, d, dtype, log):
             float(ts[-1]),
             key=jax.random.key(s),
             ts=ts,
-            dt=cfg["dt"],
+            dt=cfg.dt,
             progress=(lambda n: bar.update(1)) if bar else None,
         )
         sim_seconds += time.perf_counter() - t0
@@ -126,15 +188,15 @@ def _ladder_part(cfg, d, dtype, log):
         [
             [
                 measure_divergence(
-                    lad[n], lad[N], distance="sliced", key=key, n_projections=cfg["n_projections"]
+                    lad[n], lad[N], distance="sliced", key=key, n_projections=cfg.n_projections
                 )
                 for n in ns[:-1]
             ]
             for lad in ladders
         ]
     )  # (S, n, T)
-    exact_ns = [n for n in ns if n <= cfg["exact_max_n"]]
-    pairs = [(i, j) for i in range(cfg["seeds"]) for j in range(i + 1, cfg["seeds"])]
+    exact_ns = [n for n in ns if n <= cfg.exact_max_n]
+    pairs = [(i, j) for i in range(cfg.seeds) for j in range(i + 1, cfg.seeds)]
     t0 = time.perf_counter()
     exact = np.stack(
         [
@@ -144,9 +206,9 @@ def _ladder_part(cfg, d, dtype, log):
     )  # (P, n, T)
     exact_seconds = time.perf_counter() - t0
     clusters = _cluster_stats(
-        ladders, [n for n in ns if n <= cfg["cluster_max_n"]], cfg["cluster_delta"], dtype
+        ladders, [n for n in ns if n <= cfg.cluster_max_n], cfg.cluster_delta, dtype
     )
-    return dict(
+    return Ladder(
         ns=ns,
         ts=ts,
         N=N,
@@ -161,10 +223,13 @@ def _ladder_part(cfg, d, dtype, log):
     )
 
 
-def _cluster_stats(ladders, ns, delta, dtype):
+def _cluster_stats(
+    ladders: list[dict[int, np.ndarray]], ns: list[int], delta: float, dtype
+) -> Clusters:
     """Cluster count and masses (sorted, descending) at the last time, per seed and n."""
     labels_fn = jax.jit(lambda x: cluster_labels(x, delta))
-    out = {"ns": ns, "count": [], "masses": []}
+    count: list[list[int]] = []
+    masses_all: list[list[np.ndarray]] = []
     for lad in ladders:
         counts, masses = [], []
         for n in ns:
@@ -172,10 +237,9 @@ def _cluster_stats(ladders, ns, delta, dtype):
             _, sizes = np.unique(lab, return_counts=True)
             counts.append(int(sizes.size))
             masses.append(np.sort(sizes)[::-1] / n)
-        out["count"].append(counts)
-        out["masses"].append(masses)
-    out["count"] = np.asarray(out["count"])
-    return out
+        count.append(counts)
+        masses_all.append(masses)
+    return Clusters(ns=ns, count=np.asarray(count), masses=masses_all)
 
 
 def _fit(ns, curves, max_n):
@@ -185,31 +249,26 @@ def _fit(ns, curves, max_n):
     return loglog_fit(ns[keep], nanmedian(curves[:, keep], axis=0), groups=curves[:, keep])
 
 
-def _lora_part(cfg, dtype, log):
-    """W₂(μ_t, μ̃_t) and departure in W₂ for each n and ε (original run: V = I)."""
+_LORA_ARRAYS = ("W", "D_W", "t_app_W", "t_dep_W", "t_app_tok", "t_dep_tok")
+
+
+def _lora_part(cfg: Config, dtype, log, seed: int = 0) -> LoraW2:
+    """W₂(μ_t, μ̃_t) and departure in W₂ for each n and ε (original run: V = I); the
+    tokens are the first n of one sample of μ₀ (key `seed`)."""
     d = 2
-    eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
-    field = RescaledField(d=d, beta=cfg["beta"], dtype=dtype)
-    measure = InitialMeasure.uniform(d, cfg["low"], cfg["high"])
-    ts = np.arange(0.0, cfg["lora_t1"] + 1e-9, cfg["lora_every"])
-    if np.min(np.abs(ts - cfg["t_ref"])) > 1e-9:
+    eps = np.sort(np.asarray(cfg.eps, np.float64))[::-1]
+    field = RescaledField(d=d, beta=cfg.beta, dtype=dtype)
+    measure = InitialMeasure.uniform(d, cfg.low, cfg.high)
+    ts = np.arange(0.0, cfg.lora_t1 + 1e-9, cfg.lora_every)
+    if np.min(np.abs(ts - cfg.t_ref)) > 1e-9:
         raise ValueError(
-            f"t_ref = {cfg['t_ref']} must be a multiple of lora_every "
-            f"= {cfg['lora_every']} within lora_t1 = {cfg['lora_t1']}"
+            f"t_ref = {cfg.t_ref} must be a multiple of lora_every "
+            f"= {cfg.lora_every} within lora_t1 = {cfg.lora_t1}"
         )
-    res = {
-        "eps": eps,
-        "ts": ts,
-        "ns": list(cfg["lora_ns"]),
-        "W": [],
-        "D_W": [],
-        "t_app_W": [],
-        "t_dep_W": [],
-        "t_app_tok": [],
-        "t_dep_tok": [],
-    }
-    x_all = measure.sample(jax.random.key(cfg.get("lora_seed", 0)), max(cfg["lora_ns"]), dtype)
-    for n in cfg["lora_ns"]:
+    ns = list(cfg.lora_ns)
+    acc: dict[str, list[np.ndarray]] = {k: [] for k in _LORA_ARRAYS}
+    x_all = measure.sample(jax.random.key(seed), max(ns), dtype)
+    for n in ns:
         t0 = time.perf_counter()
         x0 = x_all[:n]
         # One stacked solve: the original flow (a zero LoRA) and every ε.
@@ -217,14 +276,14 @@ def _lora_part(cfg, dtype, log):
             field.with_lora(perturbation(np.concatenate([[0.0], eps]), dtype)),
             x0,
             float(ts[-1]),
-            dt=cfg["lora_dt"],
+            dt=cfg.lora_dt,
             ts=ts,
         )
         if not sol.ok:
             raise RuntimeError(f"a LoRA solve failed at n = {n}: {sol.messages()}")
         xo, xp = np.asarray(sol.xs[0]), np.asarray(sol.xs[1:])  # (T, n, d), (E, T, n, d)
         # Reference clusters: the original tokens at T_ref (a grid time).
-        centres = xo[int(np.argmin(np.abs(ts - cfg["t_ref"])))]
+        centres = xo[int(np.argmin(np.abs(ts - cfg.t_ref)))]
         W = np.stack([measure_divergence(xo, xp[e]) for e in range(eps.size)])
         D_W = np.stack(
             [
@@ -242,81 +301,89 @@ def _lora_part(cfg, dtype, log):
             ]
         )
         tsj = jnp.asarray(ts, dtype)
-        app_w, dep_w = jax.vmap(lambda D: approach_departure(tsj, D, cfg["delta"]))(
+        app_w, dep_w = jax.vmap(lambda D: approach_departure(tsj, D, cfg.delta))(
             jnp.asarray(D_W, dtype)
         )
-        app_t, dep_t = jax.vmap(lambda D: approach_departure(tsj, D, cfg["delta"]))(
+        app_t, dep_t = jax.vmap(lambda D: approach_departure(tsj, D, cfg.delta))(
             jnp.asarray(tok, dtype)
         )
-        for k, v in (
-            ("W", W),
-            ("D_W", D_W),
-            ("t_app_W", app_w),
-            ("t_dep_W", dep_w),
-            ("t_app_tok", app_t),
-            ("t_dep_tok", dep_t),
-        ):
-            res[k].append(np.asarray(v))
+        for k, v in zip(_LORA_ARRAYS, (W, D_W, app_w, dep_w, app_t, dep_t)):
+            acc[k].append(np.asarray(v))
         log(
             f"  n={n}: {eps.size} values of ε to t = {ts[-1]:g} in "
             f"{time.perf_counter() - t0:.1f} s; departure in W2: "
             + ", ".join(f"ε={e:g}: {t:.1f}" for e, t in zip(eps, np.asarray(dep_w)))
         )
-    for k in ("W", "D_W", "t_app_W", "t_dep_W", "t_app_tok", "t_dep_tok"):
-        res[k] = np.stack(res[k])  # (n, E, ...)
-    # T_dep ≈ c·ε^s for each n (points where a departure was seen).
-    res["fits"] = [loglog_fit(eps, res["t_dep_W"][i]) for i in range(len(res["ns"]))]
-    res["fits_token"] = [loglog_fit(eps, res["t_dep_tok"][i]) for i in range(len(res["ns"]))]
-    return res
+    st = {k: np.stack(v) for k, v in acc.items()}  # (n, E, ...)
+    return LoraW2(
+        eps=eps,
+        ts=ts,
+        ns=ns,
+        W=st["W"],
+        D_W=st["D_W"],
+        t_app_W=st["t_app_W"],
+        t_dep_W=st["t_dep_W"],
+        t_app_tok=st["t_app_tok"],
+        t_dep_tok=st["t_dep_tok"],
+        # T_dep ≈ c·ε^s for each n (points where a departure was seen).
+        fits=[loglog_fit(eps, st["t_dep_W"][i]) for i in range(len(ns))],
+        fits_token=[loglog_fit(eps, st["t_dep_tok"][i]) for i in range(len(ns))],
+    )
 
 
-def _bound_part(cfg, dtype):
+def _bound_part(cfg: Config, dtype) -> BoundCheck:
     """Measured W₂(μ_t, μ̃_t) against `wasserstein_bound` on a fine grid, per ε."""
     d = 2
-    eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
-    field = RescaledField(d=d, beta=cfg["beta"], dtype=dtype)
-    x0 = InitialMeasure.uniform(d, cfg["low"], cfg["high"]).sample(
-        jax.random.key(0), cfg["bound_n"], dtype
-    )
-    ts = np.arange(0.0, cfg["bound_t1"] + 1e-9, cfg["bound_every"])
-    xo = np.asarray(simulate(field, x0, float(ts[-1]), dt=cfg["bound_every"] / 5, ts=ts).xs)
-    out = {"ts": ts, "eps": eps, "measured": [], "bound": [], "dobrushin": [], "coupling": []}
+    eps = np.sort(np.asarray(cfg.eps, np.float64))[::-1]
+    field = RescaledField(d=d, beta=cfg.beta, dtype=dtype)
+    x0 = InitialMeasure.uniform(d, cfg.low, cfg.high).sample(jax.random.key(0), cfg.bound_n, dtype)
+    ts = np.arange(0.0, cfg.bound_t1 + 1e-9, cfg.bound_every)
+    xo = np.asarray(simulate(field, x0, float(ts[-1]), dt=cfg.bound_every / 5, ts=ts).xs)
+    acc: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("measured", "bound", "dobrushin", "coupling")
+    }
     for e in eps:
         fp = field.with_lora(
             LoRA(jnp.asarray([[0.0, 1.0]], dtype), jnp.asarray([[0.0], [-e]], dtype), 1.0, "V")
         )
-        xp = np.asarray(simulate(fp, x0, float(ts[-1]), dt=cfg["bound_every"] / 5, ts=ts).xs)
+        xp = np.asarray(simulate(fp, x0, float(ts[-1]), dt=cfg.bound_every / 5, ts=ts).xs)
         b = wasserstein_bound(field, fp, ts, xo, xp)
-        out["measured"].append(measure_divergence(xo, xp))
+        acc["measured"].append(measure_divergence(xo, xp))
         for k in ("bound", "dobrushin", "coupling"):
-            out[k].append(getattr(b, k))
-    for k in ("measured", "bound", "dobrushin", "coupling"):
-        out[k] = np.stack(out[k])
+            acc[k].append(getattr(b, k))
+    st = {k: np.stack(v) for k, v in acc.items()}
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(out["bound"] > 0, out["measured"] / out["bound"], 0.0)
-    out["worst_ratio"] = float(np.nanmax(ratio[:, 1:]))
-    ok = np.cumprod(out["bound"] <= cfg["delta"], axis=1).astype(bool)
-    out["certified_horizon"] = [float(ts[max(int(r.sum()) - 1, 0)]) for r in ok]
-    return out
+        ratio = np.where(st["bound"] > 0, st["measured"] / st["bound"], 0.0)
+    ok = np.cumprod(st["bound"] <= cfg.delta, axis=1).astype(bool)
+    return BoundCheck(
+        ts=ts,
+        eps=eps,
+        measured=st["measured"],
+        bound=st["bound"],
+        dobrushin=st["dobrushin"],
+        coupling=st["coupling"],
+        worst_ratio=float(np.nanmax(ratio[:, 1:])),
+        certified_horizon=[float(ts[max(int(r.sum()) - 1, 0)]) for r in ok],
+    )
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    summary = {"experiment": NAME, "quick": quick, "config": cfg}
+    summary: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": cfg.to_dict()}
 
-    ladders = {}
-    for _i, d in enumerate(cfg["dims"]):
+    ladders: dict[int, Ladder] = {}
+    for _i, d in enumerate(cfg.dims):
         log(
-            f"[1/3] ladder d = {d}: n = {cfg['ladder_ns'][0]} … {cfg['ladder_ns'][-1]}, "
-            f"{cfg['seeds']} seeds, t ∈ {cfg['ladder_ts']} ..."
+            f"[1/3] ladder d = {d}: n = {cfg.ladder_ns[0]} … {cfg.ladder_ns[-1]}, "
+            f"{cfg.seeds} seeds, t ∈ {list(cfg.ladder_ts)} ..."
         )
         lad = _ladder_part(cfg, d, dtype, log)
         ladders[d] = lad
         N = lad["N"]
-        max_n = cfg["fit_max_frac"] * N
+        max_n = cfg.fit_max_frac * N
         fits = {}
         for k, t in enumerate(lad["ts"]):
             fits[f"{t:g}"] = {
@@ -351,7 +418,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             cluster_count=cl["count"],
         )
 
-    log(f"[2/3] LoRA in W2: n ∈ {cfg['lora_ns']}, ε ∈ {cfg['eps']}, t ≤ {cfg['lora_t1']} ...")
+    log(f"[2/3] LoRA in W2: n ∈ {list(cfg.lora_ns)}, ε ∈ {list(cfg.eps)}, t ≤ {cfg.lora_t1} ...")
     lora = _lora_part(cfg, dtype, log)
     write_npz(
         os.path.join(out_dir, "lora_w2.npz"),
@@ -378,11 +445,11 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "t_departure_token_hausdorff": lora["t_dep_tok"],
         "departure_fit_w2": {str(n): f for n, f in zip(lora["ns"], lora["fits"])},
         "departure_fit_token": {str(n): f for n, f in zip(lora["ns"], lora["fits_token"])},
-        "delta": cfg["delta"],
-        "t_ref": cfg["t_ref"],
+        "delta": cfg.delta,
+        "t_ref": cfg.t_ref,
     }
     summary["bound"] = {
-        "n": cfg["bound_n"],
+        "n": cfg.bound_n,
         "eps": bound["eps"],
         "worst_measured_over_bound": bound["worst_ratio"],
         "bound_holds": bool(bound["worst_ratio"] <= 1.0),

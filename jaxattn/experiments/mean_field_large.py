@@ -20,8 +20,10 @@ where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, ClassVar, Literal, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,8 @@ from .._io import check_output_dir, write_json, write_npz
 from .._meanfield import InitialMeasure, measure_divergence
 from .._simulate import simulate
 from ._common import config_key, loglog_fit, nanmedian
+from ._config import ExperimentConfig
+from .mean_field import Config as MeanFieldConfig
 from .mean_field import _lora_part
 
 NAME = "mean-field-large"
@@ -41,39 +45,68 @@ DESCRIPTION = (
 )
 CLI_OPTIONS = ()
 
-DEFAULTS = dict(
-    d=2,
-    low=-1.0,
-    high=1.0,
-    beta=1.0,
-    dt=0.2,
-    ladder_seed=0,
-    ladder_ns=[2**k for k in range(6, 17)],
-    ladder_ts=[0.0, 2.0, 4.0, 8.0],
-    ladder_dtype="float32",
-    block=1024,
-    n_projections=256,
-    fit_max_frac=0.125,
-    dep_ns=[128, 256, 512],
-    dep_seeds=5,
-    eps=[0.1, 0.05, 0.025],
-    lora_t1=100.0,
-    lora_dt=0.1,
-    lora_every=1.0,
-    t_ref=20.0,
-    delta=0.1,
-)
-QUICK = dict(
-    ladder_ns=[16, 32, 64, 128],
-    ladder_ts=[0.0, 2.0],
-    block=32,
-    n_projections=64,
-    fit_max_frac=0.5,
-    dep_ns=[16, 32],
-    dep_seeds=2,
-    eps=[0.1, 0.05],
-    lora_t1=30.0,
-)
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of `mean-field-large`: the measure and dynamics, the ladder (part 1), the
+    departure runs (part 2)."""
+
+    d: int = 2
+    low: float = -1.0  #: μ₀ uniform on [low, high]^d
+    high: float = 1.0
+    beta: float = 1.0
+    dt: float = 0.2  #: step of the ladder solves
+    ladder_seed: int = 0  #: key of the ladder's sample of μ₀
+    ladder_ns: tuple[int, ...] = tuple(2**k for k in range(6, 17))  #: n of the ladder
+    ladder_ts: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)  #: saved times of the ladder
+    ladder_dtype: Literal["float32", "float64"] = "float32"
+    block: int = 1024  #: block size of the blockwise kernel
+    n_projections: int = 256  #: projections of the sliced W₂
+    fit_max_frac: float = 0.125  #: slope fitted over n ≤ fit_max_frac·N
+    dep_ns: tuple[int, ...] = (128, 256, 512)  #: n of the departure runs
+    dep_seeds: int = 5  #: independent samples of μ₀ per n
+    eps: tuple[float, ...] = (0.1, 0.05, 0.025)  #: LoRA sizes ε
+    lora_t1: float = 100.0
+    lora_dt: float = 0.1
+    lora_every: float = 1.0  #: saved-time spacing of the LoRA runs
+    t_ref: float = 20.0  #: time of the reference clusters (a saved time)
+    delta: float = 0.1  #: departure threshold in W₂
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        ladder_ns=(16, 32, 64, 128),
+        ladder_ts=(0.0, 2.0),
+        block=32,
+        n_projections=64,
+        fit_max_frac=0.5,
+        dep_ns=(16, 32),
+        dep_seeds=2,
+        eps=(0.1, 0.05),
+        lora_t1=30.0,
+    )
+
+
+class LargeLadder(TypedDict):
+    """Part 1: sliced W₂ of each rung to the largest, slopes per saved time."""
+
+    ns: list[int]
+    ts: np.ndarray
+    N: int
+    sliced: np.ndarray  #: (len(ns) − 1, T)
+    fits: dict[str, dict[str, Any]]  #: `loglog_fit` by saved time
+    seconds: dict[int, float]  #: solve time by n
+
+
+class Departures(TypedDict):
+    """Part 2: departures in W₂ (and token Hausdorff), arrays (len(ns), seeds, len(eps))."""
+
+    eps: np.ndarray  #: descending
+    ns: list[int]
+    t_dep: np.ndarray
+    t_dep_tok: np.ndarray
+    prefactor: np.ndarray  #: T_dep·ε
+    stats: list[dict[str, Any]]  #: per n: prefactor mean, sd, counts, slope over ε
+
+
 _LADDER_KEYS = (
     "d",
     "low",
@@ -85,6 +118,7 @@ _LADDER_KEYS = (
     "ladder_dtype",
     "block",
 )
+# The options that change a departure: also those passed on to `mean_field._lora_part`.
 _DEP_KEYS = ("low", "high", "beta", "eps", "lora_t1", "lora_dt", "lora_every", "t_ref", "delta")
 
 
@@ -98,21 +132,20 @@ def _cached(path, compute):
     return out
 
 
-def _ladder(cfg, ckpt, log):
-    d, dtype = cfg["d"], jnp.dtype(cfg["ladder_dtype"])
-    ns, ts = [int(n) for n in cfg["ladder_ns"]], np.asarray(cfg["ladder_ts"], np.float64)
-    field = RescaledField(
-        d=d, beta=cfg["beta"], dtype=dtype, kernel="blockwise", block=cfg["block"]
-    )
-    measure = InitialMeasure.uniform(d, cfg["low"], cfg["high"])
-    x_all = measure.sample(jax.random.key(cfg["ladder_seed"]), ns[-1], dtype)
-    tag = config_key(cfg, _LADDER_KEYS)
-    runs, seconds = {}, {}
+def _ladder(cfg: Config, ckpt: str, log) -> LargeLadder:
+    d, dtype = cfg.d, jnp.dtype(cfg.ladder_dtype)
+    ns, ts = list(cfg.ladder_ns), np.asarray(cfg.ladder_ts, np.float64)
+    field = RescaledField(d=d, beta=cfg.beta, dtype=dtype, kernel="blockwise", block=cfg.block)
+    measure = InitialMeasure.uniform(d, cfg.low, cfg.high)
+    x_all = measure.sample(jax.random.key(cfg.ladder_seed), ns[-1], dtype)
+    tag = config_key(cfg.to_dict(), _LADDER_KEYS)
+    runs: dict[int, np.ndarray] = {}
+    seconds: dict[int, float] = {}
     for n in ns:
 
         def solve(n=n):
             t0 = time.perf_counter()
-            sol = simulate(field, x_all[:n], float(ts[-1]), ts=ts, dt=cfg["dt"], dtype=dtype)
+            sol = simulate(field, x_all[:n], float(ts[-1]), ts=ts, dt=cfg.dt, dtype=dtype)
             if not sol.ok:
                 raise RuntimeError(f"the solve at n = {n} failed: {'; '.join(sol.messages())}")
             return {"xs": np.asarray(sol.xs), "seconds": np.asarray(time.perf_counter() - t0)}
@@ -132,7 +165,7 @@ def _ladder(cfg, ckpt, log):
                         runs[N],
                         distance="sliced",
                         key=key,
-                        n_projections=cfg["n_projections"],
+                        n_projections=cfg.n_projections,
                     )
                     for n in ns[:-1]
                 ]
@@ -140,33 +173,33 @@ def _ladder(cfg, ckpt, log):
         }  # (len(ns) − 1, T)
 
     sliced = _cached(
-        os.path.join(ckpt, f"sliced-{tag}-N{N}-from{ns[0]}-{len(ns)}-p{cfg['n_projections']}.npz"),
+        os.path.join(ckpt, f"sliced-{tag}-N{N}-from{ns[0]}-{len(ns)}-p{cfg.n_projections}.npz"),
         distances,
     )["sliced"]
     fits = {
         f"{t:g}": loglog_fit(
-            np.asarray(ns[:-1], np.float64)[np.asarray(ns[:-1]) <= cfg["fit_max_frac"] * N],
-            sliced[np.asarray(ns[:-1]) <= cfg["fit_max_frac"] * N, k],
+            np.asarray(ns[:-1], np.float64)[np.asarray(ns[:-1]) <= cfg.fit_max_frac * N],
+            sliced[np.asarray(ns[:-1]) <= cfg.fit_max_frac * N, k],
         )
         for k, t in enumerate(ts)
     }
-    return dict(ns=ns, ts=ts, N=N, sliced=sliced, fits=fits, seconds=seconds)
+    return LargeLadder(ns=ns, ts=ts, N=N, sliced=sliced, fits=fits, seconds=seconds)
 
 
-def _departures(cfg, ckpt, dtype, log):
-    eps = np.sort(np.asarray(cfg["eps"], np.float64))[::-1]
-    ns, S = [int(n) for n in cfg["dep_ns"]], int(cfg["dep_seeds"])
+def _departures(cfg: Config, ckpt: str, dtype, log) -> Departures:
+    eps = np.sort(np.asarray(cfg.eps, np.float64))[::-1]
+    ns, S = list(cfg.dep_ns), cfg.dep_seeds
     t_dep = np.full((len(ns), S, eps.size), np.nan)
     t_dep_tok = np.full_like(t_dep, np.nan)
     for i, n in enumerate(ns):
         for s in range(S):
 
             def solve(n=n, s=s):
-                sub = {**cfg, "lora_ns": [n], "lora_seed": s}
-                r = _lora_part(sub, dtype, lambda msg: None)
+                sub = MeanFieldConfig.build(lora_ns=(n,), **{k: cfg[k] for k in _DEP_KEYS})
+                r = _lora_part(sub, dtype, lambda msg: None, seed=s)
                 return {"t_dep_W": r["t_dep_W"][0], "t_dep_tok": r["t_dep_tok"][0]}
 
-            tag = config_key(cfg, _DEP_KEYS, parts=(n, s, str(jnp.dtype(dtype))))
+            tag = config_key(cfg.to_dict(), _DEP_KEYS, parts=(n, s, str(jnp.dtype(dtype))))
             t0 = time.perf_counter()
             r = _cached(os.path.join(ckpt, f"departure-{tag}.npz"), solve)
             t_dep[i, s], t_dep_tok[i, s] = r["t_dep_W"], r["t_dep_tok"]
@@ -188,14 +221,11 @@ def _departures(cfg, ckpt, dtype, log):
                 "slope_over_eps": loglog_fit(eps, nanmedian(t_dep[i], axis=0))["slope"],
             }
         )
-    return dict(eps=eps, ns=ns, t_dep=t_dep, t_dep_tok=t_dep_tok, prefactor=c, stats=stats)
+    return Departures(eps=eps, ns=ns, t_dep=t_dep, t_dep_tok=t_dep_tok, prefactor=c, stats=stats)
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown option(s) for {NAME}: {', '.join(sorted(unknown))}")
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     ckpt = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt, exist_ok=True)
@@ -203,8 +233,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     t_start = time.perf_counter()
 
     log(
-        f"[1/2] ladder d = {cfg['d']}: n = {cfg['ladder_ns'][0]} … {cfg['ladder_ns'][-1]} "
-        f"({cfg['ladder_dtype']}, blockwise kernel), t ∈ {cfg['ladder_ts']} ..."
+        f"[1/2] ladder d = {cfg.d}: n = {cfg.ladder_ns[0]} … {cfg.ladder_ns[-1]} "
+        f"({cfg.ladder_dtype}, blockwise kernel), t ∈ {list(cfg.ladder_ts)} ..."
     )
     lad = _ladder(cfg, ckpt, log)
     write_npz(
@@ -214,8 +244,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         sliced=lad["sliced"],
     )
     log(
-        f"[2/2] departure prefactor: n ∈ {cfg['dep_ns']}, {cfg['dep_seeds']} seeds, "
-        f"ε ∈ {cfg['eps']} ..."
+        f"[2/2] departure prefactor: n ∈ {list(cfg.dep_ns)}, {cfg.dep_seeds} seeds, "
+        f"ε ∈ {list(cfg.eps)} ..."
     )
     dep = _departures(cfg, ckpt, dtype, log)
     write_npz(
@@ -228,7 +258,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "ladder": {
             "ns": lad["ns"],
             "reference_n": lad["N"],

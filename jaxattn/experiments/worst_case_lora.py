@@ -17,8 +17,10 @@ case with random Q, K) and each target Q, K, V:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,52 +39,76 @@ from .._sensitivity import (
     worst_case,
 )
 from .._simulate import simulate
+from ._config import ExperimentConfig
 
 NAME = "worst-case-lora"
 DESCRIPTION = "worst-case vs random LoRA directions, linear response, smallest cluster change"
 CLI_OPTIONS = ()
 
-SETTINGS = {
-    "paper": dict(n=20, d=2, weights="identity"),
-    "random-qk": dict(n=24, d=6, weights="random"),
+Setting = Literal["paper", "random-qk"]
+Target = Literal["Q", "K", "V"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    n: int
+    d: int
+    weights: Literal["identity", "random"]
+
+
+SETTINGS: dict[str, _Setting] = {
+    "paper": _Setting(n=20, d=2, weights="identity"),
+    "random-qk": _Setting(n=24, d=6, weights="random"),
 }
-DEFAULTS = dict(
-    settings=("paper", "random-qk"),
-    dynamics="rescaled",
-    beta=1.0,
-    low=-1.0,
-    high=1.0,
-    times=(0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0),
-    dt=0.05,
-    seeds=5,
-    targets=("Q", "K", "V"),
-    n_random=64,
-    rank=1,
-    lanczos_iters=30,
-    power_iters=60,
-    eps=(1e-1, 1e-2, 1e-3),
-    cluster_threshold=0.1,
-    cluster_steps=30,
-    cluster_bisections=7,
-    weight_seed=123,
-)
-QUICK = dict(
-    settings=("paper",),
-    times=(0.5, 1.0, 2.0),
-    seeds=2,
-    targets=("V",),
-    n_random=8,
-    power_iters=20,
-    eps=(1e-1, 1e-2),
-    cluster_steps=8,
-    cluster_bisections=2,
-    n=8,
-)
 
 
-def _weights(setting: dict, seed: int, dtype):
-    d = setting["d"]
-    if setting["weights"] == "identity":
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Options of `worst-case-lora`: the settings and dynamics, the depths T, the targets,
+    and the sizes of the worst-case, linear-response and cluster-change searches."""
+
+    settings: tuple[Setting, ...] = ("paper", "random-qk")  #: cases of `SETTINGS` to run
+    dynamics: Literal["plain", "rescaled", "sphere", "usa"] = "rescaled"
+    beta: float = 1.0
+    low: float = -1.0  #: initial tokens uniform on [low, high]^d
+    high: float = 1.0
+    times: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)  #: depths T
+    dt: float = 0.05  #: RK4 step
+    seeds: int = 5  #: initial conditions
+    targets: tuple[Target, ...] = ("Q", "K", "V")
+    n_random: int = 64  #: random unit directions compared with the worst one
+    rank: int = 1  #: rank of the structured (LoRA) directions
+    lanczos_iters: int = 30
+    power_iters: int = 60
+    eps: tuple[float, ...] = (1e-1, 1e-2, 1e-3)  #: ε of the linear-response check
+    cluster_threshold: float = 0.1
+    cluster_steps: int = 30
+    cluster_bisections: int = 7
+    weight_seed: int = 123  #: key of the random Q, K
+    n: int | None = None  #: tokens in every setting (None: each setting's own n)
+
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        settings=("paper",),
+        times=(0.5, 1.0, 2.0),
+        seeds=2,
+        targets=("V",),
+        n_random=8,
+        power_iters=20,
+        eps=(1e-1, 1e-2),
+        cluster_steps=8,
+        cluster_bisections=2,
+        n=8,
+    )
+
+
+def _setting(cfg: Config, name: str) -> _Setting:
+    setting = SETTINGS[name]
+    return setting if cfg.n is None else dataclasses.replace(setting, n=cfg.n)
+
+
+def _weights(setting: _Setting, seed: int, dtype):
+    d = setting.d
+    if setting.weights == "identity":
         return None, None, None
     kq, kk = jax.random.split(jax.random.key(seed))
     Q = jax.random.normal(kq, (d, d), dtype) / np.sqrt(d) + jnp.eye(d, dtype=dtype)
@@ -91,56 +117,54 @@ def _weights(setting: dict, seed: int, dtype):
 
 
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
-    cfg = {**DEFAULTS, **(QUICK if quick else {}), **overrides}
+    cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
-    times = np.asarray(cfg["times"], np.float64)
+    times = np.asarray(cfg.times, np.float64)
     t1 = float(times[-1])
-    solve = dict(solver="rk4", dt=cfg["dt"])
+    solve: dict[str, Any] = dict(solver="rk4", dt=cfg.dt)
     data: dict[str, np.ndarray] = {"times": times}
     summary_settings = {}
     plots = {}
 
-    for si, sname in enumerate(cfg["settings"]):
-        setting = dict(SETTINGS[sname])
-        if quick and "n" in cfg:
-            setting["n"] = cfg["n"]
-        n, d = setting["n"], setting["d"]
-        Q, K, V = _weights(setting, cfg["weight_seed"], dtype)
-        field = make_field(cfg["dynamics"], Q, K, V, beta=cfg["beta"], d=d, dtype=dtype)
+    for si, sname in enumerate(cfg.settings):
+        setting = _setting(cfg, sname)
+        n, d = setting.n, setting.d
+        Q, K, V = _weights(setting, cfg.weight_seed, dtype)
+        field = make_field(cfg.dynamics, Q, K, V, beta=cfg.beta, d=d, dtype=dtype)
         x0s = [
-            jax.random.uniform(jax.random.key(s), (n, d), dtype, cfg["low"], cfg["high"])
-            for s in range(cfg["seeds"])
+            jax.random.uniform(jax.random.key(s), (n, d), dtype, cfg.low, cfg.high)
+            for s in range(cfg.seeds)
         ]
-        S, T, G = cfg["seeds"], len(times), len(cfg["targets"])
+        S, T, G = cfg.seeds, len(times), len(cfg.targets)
         sig = np.zeros((S, G, T))
         sig_r = np.zeros((S, G, T))
-        rnd = np.zeros((S, G, cfg["n_random"], T))
-        rnd_r = np.zeros((S, G, cfg["n_random"], T))
+        rnd = np.zeros((S, G, cfg.n_random, T))
+        rnd_r = np.zeros((S, G, cfg.n_random, T))
         dirs = np.zeros((G, T, d, d))
         resp = np.zeros((G, T, n, d))
         base = None
         brute = None
         log(
-            f"[{sname}] n={n}, d={d}, {cfg['dynamics']}, T up to {t1}, {S} initial "
-            f"conditions, targets {', '.join(cfg['targets'])}"
+            f"[{sname}] n={n}, d={d}, {cfg.dynamics}, T up to {t1}, {S} initial "
+            f"conditions, targets {', '.join(cfg.targets)}"
         )
-        for g, target in enumerate(cfg["targets"]):
+        for g, target in enumerate(cfg.targets):
             t0 = time.perf_counter()
-            op = ResponseOperator(field, x0s[0], t1, times, target, **solve)
-            R = random_directions(jax.random.key(1000 + g), cfg["n_random"], d)
-            Rr = random_directions(jax.random.key(2000 + g), cfg["n_random"], d, rank=cfg["rank"])
+            op = ResponseOperator(field, x0s[0], t1, cfg.times, target, **solve)
+            R = random_directions(jax.random.key(1000 + g), cfg.n_random, d)
+            Rr = random_directions(jax.random.key(2000 + g), cfg.n_random, d, rank=cfg.rank)
             for s in range(S):
                 op.set_x0(x0s[s])
                 wc = worst_case(
-                    op, method="lanczos", iters=cfg["lanczos_iters"], key=jax.random.key(s)
+                    op, method="lanczos", iters=cfg.lanczos_iters, key=jax.random.key(s)
                 )
                 wr = worst_case(
                     op,
-                    rank=cfg["rank"],
-                    iters=cfg["lanczos_iters"],
-                    power_iters=cfg["power_iters"],
+                    rank=cfg.rank,
+                    iters=cfg.lanczos_iters,
+                    power_iters=cfg.power_iters,
                     tol=1e-8,
                     key=jax.random.key(s),
                 )
@@ -159,6 +183,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
                 f"{', '.join(f'{v:.2f}' for v in (sig[:, g] / rnd[:, g].mean(1)).mean(0))} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
+        assert base is not None  # set at the first target (seeds, targets ≥ 1)
         ratio = sig / rnd.mean(axis=2)
         ratio_r = sig_r / rnd_r.mean(axis=2)
         ratio_max = sig / rnd.max(axis=2)
@@ -177,7 +202,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         summary_settings[sname] = {
             "n": n,
             "d": d,
-            "weights": setting["weights"],
+            "weights": setting.weights,
             "targets": {
                 t: {
                     "ratio_worst_over_mean_random": {
@@ -196,7 +221,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
                     .round(4)
                     .tolist(),
                 }
-                for g, t in enumerate(cfg["targets"])
+                for g, t in enumerate(cfg.targets)
             },
         }
         if brute is not None:
@@ -206,34 +231,30 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         )
 
     # -- linear response vs measured divergence vs bound (first setting, seed 0)
-    sname = cfg["settings"][0]
-    setting = dict(SETTINGS[sname])
-    if quick and "n" in cfg:
-        setting["n"] = cfg["n"]
-    Q, K, V = _weights(setting, cfg["weight_seed"], dtype)
-    field = make_field(cfg["dynamics"], Q, K, V, beta=cfg["beta"], d=setting["d"], dtype=dtype)
-    x0 = jax.random.uniform(
-        jax.random.key(0), (setting["n"], setting["d"]), dtype, cfg["low"], cfg["high"]
-    )
-    tv = "V" if "V" in cfg["targets"] else cfg["targets"][0]
-    g = list(cfg["targets"]).index(tv)
+    sname = cfg.settings[0]
+    setting = _setting(cfg, sname)
+    Q, K, V = _weights(setting, cfg.weight_seed, dtype)
+    field = make_field(cfg.dynamics, Q, K, V, beta=cfg.beta, d=setting.d, dtype=dtype)
+    x0 = jax.random.uniform(jax.random.key(0), (setting.n, setting.d), dtype, cfg.low, cfg.high)
+    tv = "V" if "V" in cfg.targets else cfg.targets[0]
+    g = list(cfg.targets).index(tv)
     k_mid = len(times) // 2
     dW = plots[sname]["dirs"][g, k_mid]
     log(
         f"[linear response] worst {tv}-direction at T = {times[k_mid]:g}, ε = "
-        f"{', '.join(f'{e:g}' for e in cfg['eps'])}"
+        f"{', '.join(f'{e:g}' for e in cfg.eps)}"
     )
     lr = linear_response(field, x0, t1, dW, tv, **solve)
     lin = np.max(np.linalg.norm(lr.dxs, axis=-1), axis=-1)
     lin_res = {}
-    for eps in cfg["eps"]:
+    for eps in cfg.eps:
         fe = perturbed(field, tv, jnp.asarray(eps * dW, dtype))
         sol = simulate(fe, x0, t1, **solve)
         e = np.asarray(divergence(jnp.asarray(lr.xs), sol.xs))
         b = bound_a_posteriori(field, fe, lr.ts, lr.xs, np.asarray(sol.xs)).bound
         rem = np.max(np.linalg.norm(np.asarray(sol.xs) - lr.xs - eps * lr.dxs, axis=-1), axis=-1)
         lin_res[eps] = dict(e=e, bound=b, remainder=rem)
-    eps_list = list(cfg["eps"])
+    eps_list = list(cfg.eps)
     rems = [float(lin_res[e]["remainder"].max()) for e in eps_list]
     orders = [
         float(np.log(rems[i] / rems[i + 1]) / np.log(eps_list[i] / eps_list[i + 1]))
@@ -251,8 +272,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
 
     # -- smallest cluster-changing LoRA
     log(
-        f"[cluster change] smallest rank-{cfg['rank']} LoRA of {tv} changing the clusters at "
-        f"T = {t1:g} (threshold {cfg['cluster_threshold']})"
+        f"[cluster change] smallest rank-{cfg.rank} LoRA of {tv} changing the clusters at "
+        f"T = {t1:g} (threshold {cfg.cluster_threshold})"
     )
     t0 = time.perf_counter()
     cc = smallest_cluster_change(
@@ -260,10 +281,10 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         x0,
         t1,
         tv,
-        rank=cfg["rank"],
-        threshold=cfg["cluster_threshold"],
-        steps=cfg["cluster_steps"],
-        bisections=cfg["cluster_bisections"],
+        rank=cfg.rank,
+        threshold=cfg.cluster_threshold,
+        steps=cfg.cluster_steps,
+        bisections=cfg.cluster_bisections,
         init_direction=plots[sname]["dirs"][g, -1],
         log=log,
         **solve,
@@ -294,13 +315,13 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         ps.worst_vs_random(
             times,
             pdata,
-            cfg["targets"],
+            cfg.targets,
             os.path.join(out_dir, f"worst_vs_random_{name}.png"),
-            title=f"{SETTINGS[name]['weights']} Q, K (n = {pdata['n']}, "
+            title=f"{SETTINGS[name].weights} Q, K (n = {pdata['n']}, "
             f"d = {pdata['d']}): worst vs random unit ΔW",
         )
         ps.direction_structure(
-            times, pdata, cfg["targets"], os.path.join(out_dir, f"worst_direction_{name}.png")
+            times, pdata, cfg.targets, os.path.join(out_dir, f"worst_direction_{name}.png")
         )
     ps.linear_response_figure(
         lr.ts,
@@ -315,7 +336,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         cc.labels_before,
         cc.labels_after,
         os.path.join(out_dir, "cluster_change.png"),
-        title=f"Smallest rank-{cfg['rank']} LoRA of {tv} found: ‖ΔW‖ = "
+        title=f"Smallest rank-{cfg.rank} LoRA of {tv} found: ‖ΔW‖ = "
         f"{cc.norm:.3g} ({cc.clusters_before} → "
         f"{cc.clusters_after} clusters, {cc.kind}); bound certifies "
         f"no change up to t = {cc.bound_horizon:.3g}",
@@ -324,7 +345,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
-        "config": cfg,
+        "config": cfg.to_dict(),
         "dtype": jnp.dtype(dtype).name,
         "settings": summary_settings,
         "linear_response": {
@@ -340,9 +361,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         },
         "cluster_change": {
             "target": tv,
-            "rank": cfg["rank"],
+            "rank": cfg.rank,
             "T": t1,
-            "threshold": cfg["cluster_threshold"],
+            "threshold": cfg.cluster_threshold,
             "norm_found": cc.norm,
             "kind": cc.kind,
             "clusters_before": cc.clusters_before,
@@ -365,9 +386,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "direction); norm_found is an upper estimate of the true minimum.",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    first = summary_settings[cfg["settings"][0]]["targets"][tv]["ratio_worst_over_mean_random"]
+    first = summary_settings[cfg.settings[0]]["targets"][tv]["ratio_worst_over_mean_random"]
     log(
-        f"done in {summary['wall_seconds']:.1f} s: worst/random ({cfg['settings'][0]}, {tv}) "
+        f"done in {summary['wall_seconds']:.1f} s: worst/random ({cfg.settings[0]}, {tv}) "
         f"= {first['mean_over_T_and_x0']:.2f}; cluster change at ‖ΔW‖ = {cc.norm:.3g} "
         f"(bound needs ≥ {cc.bound_norm:.3g})"
     )
