@@ -49,19 +49,19 @@ def _expm(M: np.ndarray) -> np.ndarray:
     return E
 
 
-def _opnorm(M: np.ndarray) -> float:
+def opnorm(M: np.ndarray) -> float:
     if not np.all(np.isfinite(M)):
         return np.inf
     return float(np.linalg.norm(M, 2))
 
 
-def _weights(field: AbstractField):
+def field_weights(field: AbstractField):
     V = np.asarray(field.weight("V"), np.float64)
     A = np.asarray(field.A, np.float64)
     return V, A, float(field.beta)
 
 
-def _check_pair(field, field_p):
+def check_field_pair(field, field_p):
     if type(field) is not type(field_p):
         raise ValueError(
             f"both fields must have the same dynamics, got {field.dynamics} and {field_p.dynamics}"
@@ -74,7 +74,7 @@ def _check_pair(field, field_p):
         raise ValueError("bounds take single fields, not stacked LoRA batches")
 
 
-def _gronwall(ts, e0, L, delta):
+def gronwall(ts, e0, L, delta):
     """Recursion above; L, delta have shape (*batch, T−1)."""
     h = np.diff(ts)
     out = np.empty(L.shape[:-1] + (ts.shape[0],))
@@ -104,10 +104,10 @@ def _diameter(xs):
 def _constants(field, field_p, ts, R, Dm):
     """Interval constants L_k, δ_k. R (and Dm) are sup-radii (diameters) on each interval,
     shape (*batch, T−1)."""
-    V, A, beta = _weights(field)
-    Vp, Ap, _ = _weights(field_p)
-    nV, ndV = _opnorm(V), _opnorm(V - Vp)
-    nA, nAp, ndA = _opnorm(A), _opnorm(Ap), _opnorm(A - Ap)
+    V, A, beta = field_weights(field)
+    Vp, Ap, _ = field_weights(field_p)
+    nV, ndV = opnorm(V), opnorm(V - Vp)
+    nA, nAp, ndA = opnorm(A), opnorm(Ap), opnorm(A - Ap)
     # Dispatch on the field's traits (class attributes), not on its name.
     with np.errstate(over="ignore", invalid="ignore"):
         if field.on_sphere and field.normalised:  # SA
@@ -118,7 +118,7 @@ def _constants(field, field_p, ts, R, Dm):
             L = eb * nV * (2.0 + 2.0 * beta * nA) * np.ones_like(R)
             delta = (ebp * ndV + max(eb, ebp) * beta * ndA * nV) * np.ones_like(R)
         elif field.frame == "z":  # rescaled: logits through A_t = e^{tVᵀ} A e^{tV}
-            a_sup, _, da_sup = _rescaled_interval_norms(V, A, Vp, Ap, ts)
+            a_sup, _, da_sup = rescaled_interval_norms(V, A, Vp, Ap, ts)
             L = 2.0 * nV + 2.0 * beta * nV * a_sup * R * Dm
             delta = Dm * (ndV + beta * nV * da_sup * R**2)
         else:  # plain
@@ -136,13 +136,13 @@ def _rescaled_logit_norms(V, A, Vp, Ap, ts):
         for k, t in enumerate(ts):
             E, Ep = _expm(t * V), _expm(t * Vp)
             At, Apt = E.T @ A @ E, Ep.T @ Ap @ Ep
-            a[k], ap[k], da[k] = _opnorm(At), _opnorm(Apt), _opnorm(At - Apt)
+            a[k], ap[k], da[k] = opnorm(At), opnorm(Apt), opnorm(At - Apt)
     return a, ap, da
 
 
-def _rescaled_interval_norms(V, A, Vp, Ap, ts):
+def rescaled_interval_norms(V, A, Vp, Ap, ts):
     """Sups of ‖A_s‖, ‖Ã_s‖ and ‖A_s − Ã_s‖ over each interval `[t_k, t_{k+1}]`."""
-    nV, nVp, ndV = _opnorm(V), _opnorm(Vp), _opnorm(V - Vp)
+    nV, nVp, ndV = opnorm(V), opnorm(Vp), opnorm(V - Vp)
     h = np.diff(ts)
     a, ap, da = _rescaled_logit_norms(V, A, Vp, Ap, ts)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -154,11 +154,11 @@ def _rescaled_interval_norms(V, A, Vp, Ap, ts):
     return a_sup, ap_sup, da_sup
 
 
-def _interval_growth(field, field_p, ts):
+def interval_growth(field, field_p, ts):
     """Factor by which the radius (and diameter) can grow over each interval."""
-    V, _, _ = _weights(field)
-    Vp, _, _ = _weights(field_p)
-    v = max(_opnorm(V), _opnorm(Vp))
+    V, _, _ = field_weights(field)
+    Vp, _, _ = field_weights(field_p)
+    v = max(opnorm(V), opnorm(Vp))
     h = np.diff(ts)
     if field.on_sphere:  # R = 1
         return np.ones_like(h)
@@ -171,7 +171,7 @@ def _radius_rate(field) -> float:
     return 2.0 if field.frame == "z" else 1.0
 
 
-def _interval_sup(r, g):
+def interval_sup(r, g):
     """Sup over `[t_k, t_{k+1}]` of a quantity that grows or shrinks at most by the factor
     `g_k = e^{c h_k}` over the interval: it lies below both `r_k e^{c(t − t_k)}` and
     `r_{k+1} e^{c(t_{k+1} − t)}`, whose minimum peaks at `sqrt(r_k r_{k+1} g_k)`."""
@@ -180,9 +180,9 @@ def _interval_sup(r, g):
 
 def _prior_radius(field, field_p, ts, x0, x0_p):
     """A-priori sup-radius on each interval (monotone envelope, so its right end)."""
-    V, _, _ = _weights(field)
-    Vp, _, _ = _weights(field_p)
-    v = max(_opnorm(V), _opnorm(Vp))
+    V, _, _ = field_weights(field)
+    Vp, _, _ = field_weights(field_p)
+    v = max(opnorm(V), opnorm(Vp))
     R0 = np.maximum(_radius(x0), _radius(x0_p))
     if field.on_sphere:
         return np.ones_like(R0)[..., None] * np.ones(ts.shape[0] - 1)
@@ -192,10 +192,10 @@ def _prior_radius(field, field_p, ts, x0, x0_p):
 
 def _first_growth(field, field_p, ts):
     """Growth factor of the a-priori envelope over the first interval (R[0] is its sup)."""
-    return _interval_growth(field, field_p, ts)[0]
+    return interval_growth(field, field_p, ts)[0]
 
 
-def _as_grid(ts):
+def as_grid(ts):
     ts = np.asarray(ts, np.float64).ravel()
     if ts.size < 2 or np.any(np.diff(ts) <= 0):
         raise ValueError("ts must be an increasing grid of at least two times")
@@ -205,8 +205,8 @@ def _as_grid(ts):
 def bound_a_posteriori(field: AbstractField, field_p: AbstractField, ts, xs, xs_p) -> Bound:
     """Bound on `max_i |x_i(t) − x̃_i(t)|` using radii read off the computed trajectories
     `xs`, `xs_p` of shape `(*batch, T, n, d)` at the times `ts` (T,)."""
-    _check_pair(field, field_p)
-    ts = _as_grid(ts)
+    check_field_pair(field, field_p)
+    ts = as_grid(ts)
     xs = np.asarray(xs, np.float64)
     xs_p = np.asarray(xs_p, np.float64)
     if xs.shape != xs_p.shape or xs.shape[-3] != ts.shape[0]:
@@ -215,22 +215,22 @@ def bound_a_posteriori(field: AbstractField, field_p: AbstractField, ts, xs, xs_
         )
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(xs_p))):
         raise ValueError("trajectories contain NaN or inf; no bound can be read off them")
-    g = _interval_growth(field, field_p, ts)
-    R = _interval_sup(np.maximum(_radius(xs), _radius(xs_p)), g)
-    Dm = _interval_sup(np.maximum(_diameter(xs), _diameter(xs_p)), g)
+    g = interval_growth(field, field_p, ts)
+    R = interval_sup(np.maximum(_radius(xs), _radius(xs_p)), g)
+    Dm = interval_sup(np.maximum(_diameter(xs), _diameter(xs_p)), g)
     # The a-priori envelope is valid too: never use a larger radius than it gives.
     R = np.minimum(R, _prior_radius(field, field_p, ts, xs[..., 0, :, :], xs_p[..., 0, :, :]))
     Dm = np.minimum(Dm, 2.0 * R)
     e0 = np.max(np.linalg.norm(xs[..., 0, :, :] - xs_p[..., 0, :, :], axis=-1), axis=-1)
     L, delta = _constants(field, field_p, ts, R, Dm)
-    return Bound(ts, _gronwall(ts, e0, L, delta), L, delta)
+    return Bound(ts, gronwall(ts, e0, L, delta), L, delta)
 
 
 def bound_a_priori(field: AbstractField, field_p: AbstractField, ts, x0, x0_p=None) -> Bound:
     """Bound using only the initial tokens: `R(t) ≤ R(0) e^{max(‖V‖,‖Ṽ‖) t}` (plain),
     `ρ(t) ≤ ρ(0) e^{2 max(‖V‖,‖Ṽ‖) t}` (rescaled), `R = 1` (sphere)."""
-    _check_pair(field, field_p)
-    ts = _as_grid(ts)
+    check_field_pair(field, field_p)
+    ts = as_grid(ts)
     x0 = np.asarray(x0, np.float64)
     x0_p = x0 if x0_p is None else np.asarray(x0_p, np.float64)
     if x0.shape != x0_p.shape:
@@ -244,7 +244,7 @@ def bound_a_priori(field: AbstractField, field_p: AbstractField, ts, x0, x0_p=No
         Dm = 2.0 * R
     e0 = np.max(np.linalg.norm(x0 - x0_p, axis=-1), axis=-1)
     L, delta = _constants(field, field_p, ts, R, Dm)
-    return Bound(ts, _gronwall(ts, e0, L, delta), L, delta)
+    return Bound(ts, gronwall(ts, e0, L, delta), L, delta)
 
 
 def certified_horizon(ts, bound, eta) -> np.ndarray:

@@ -184,7 +184,7 @@ def create_exclusive_json(path, data) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_clean(data), fh, indent=2, default=_json_default, allow_nan=False)
+            json.dump(_clean(data), fh, indent=2, default=json_default, allow_nan=False)
             fh.write("\n")
         os.chmod(tmp, 0o644)
         try:
@@ -299,7 +299,7 @@ def write_json(path, data) -> None:
     def _w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(
-                _clean(data), fh, indent=2, sort_keys=False, default=_json_default, allow_nan=False
+                _clean(data), fh, indent=2, sort_keys=False, default=json_default, allow_nan=False
             )
             fh.write("\n")
 
@@ -341,7 +341,7 @@ def save_figure(fig, path, **kw) -> None:
     write_atomic(path, _w)
 
 
-def _json_default(o):
+def json_default(o):
     import numpy as np
 
     if isinstance(o, np.generic):

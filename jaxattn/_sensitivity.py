@@ -108,7 +108,7 @@ def _strip_lora(field: AbstractField) -> AbstractField:
     return field.with_lora(None)
 
 
-def _solve_kwargs(solve: dict[str, Any] | None, adjoint, checkpoints) -> dict[str, Any]:
+def solve_kwargs(solve: dict[str, Any] | None, adjoint, checkpoints) -> dict[str, Any]:
     kw = dict(solve or {})
     kw.pop("ts", None)  # objectives read x(t1) only
     kw.pop("progress", None)
@@ -184,7 +184,7 @@ def objective_fn(
                 "objective squared_distance compares runs with and without the "
                 "LoRA, but the field has no LoRA"
             )
-    kw = _solve_kwargs(solve, check_choice(adjoint, "adjoint", ADJOINTS), checkpoints)
+    kw = solve_kwargs(solve, check_choice(adjoint, "adjoint", ADJOINTS), checkpoints)
 
     def f(p):
         fld = with_params(field, p)
@@ -267,7 +267,7 @@ def value_and_grad(
         grads, (value, status) = jax.jacfwd(with_aux, has_aux=True)(diff)
     else:
         (value, status), grads = jax.value_and_grad(g, has_aux=True)(diff)
-    _check_status(status)
+    check_status(status)
     return Gradient(
         float(value),
         {k: np.asarray(v) for k, v in grads.items()},
@@ -276,7 +276,7 @@ def value_and_grad(
     )
 
 
-def _check_status(status) -> None:
+def check_status(status) -> None:
     codes = sorted({int(c) for c in np.asarray(status).ravel()} - {0})
     if codes:
         raise RuntimeError("the solve failed: " + "; ".join(STATUS_MESSAGES[c] for c in codes))
@@ -320,7 +320,7 @@ def linear_response(
     `x(ε) = x + ε δx + O(ε²)`.
     """
     dW = _unit_direction(direction, field.d, field.V.dtype)
-    kw = _solve_kwargs(solve, "forward", None)
+    kw = solve_kwargs(solve, "forward", None)
     kw["ts"] = solve.get("ts")
     x0 = jnp.asarray(x0, field.V.dtype)
 
@@ -330,7 +330,7 @@ def linear_response(
 
     eps0 = jnp.zeros((), field.V.dtype)
     xs, dxs, (ts, status) = jax.jvp(F, (eps0,), (jnp.ones_like(eps0),), has_aux=True)
-    _check_status(status)
+    check_status(status)
     return LinearResponse(np.asarray(ts), np.asarray(xs), np.asarray(dxs))
 
 
@@ -393,10 +393,9 @@ class ResponseOperator:
         self.set_x0(x0)
 
     def _builder(self, adjoint):
-        kw = dict(self._solve, adjoint=adjoint, ts=self.times)
-
         def F(dW, x0):
-            return simulate(perturbed(self.field, self.target, dW), x0, self.t1, **kw).xs
+            field = perturbed(self.field, self.target, dW)
+            return simulate(field, x0, self.t1, adjoint=adjoint, ts=self.times, **self._solve).xs
 
         return F
 
@@ -730,9 +729,9 @@ def smallest_cluster_change(
     d = field.d
     sphere = field.on_sphere
     x0 = jnp.asarray(x0, dtype)
-    kw = _solve_kwargs(solve, "checkpoint", None)
+    kw = solve_kwargs(solve, "checkpoint", None)
     x_base, status = final_state(field, x0, t1, **kw)
-    _check_status(status)
+    check_status(status)
     x_base = np.asarray(x_base)
     labels0 = _labels(x_base, threshold, sphere)
     dist0 = np.asarray(_pair_distances(jnp.asarray(x_base)))
@@ -820,6 +819,7 @@ def smallest_cluster_change(
             hi, th_hi, lab_hi = mid, th, lab
         else:
             lo = mid
+    assert lab_hi is not None  # set together with hi
     direction = np.asarray(unit(th_hi))
     x_new = np.asarray(final_jit(th_hi, jnp.asarray(hi, dtype)))
     m = np.asarray(change_margins(jnp.asarray(x_new), labels0, threshold))

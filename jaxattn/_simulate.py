@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -217,7 +218,7 @@ def _step_to(grid: np.ndarray, dtype) -> diffrax.StepTo:
     return ctrl
 
 
-class _Config(eqx.Module):
+class SolveConfig(eqx.Module):
     solver: diffrax.AbstractSolver
     controller: diffrax.AbstractStepSizeController
     saveat_steps: bool
@@ -232,7 +233,7 @@ class _Config(eqx.Module):
     # `SaveAt(fn=...)`): summaries keep memory flat in long sweeps. With `renormalise`
     # it sees the renormalised state.
     save_fn: Callable[..., PyTree] | None = None
-    # Fixed steps: the whole batch is one solve of the stacked state (`_Members`), not a
+    # Fixed steps: the whole batch is one solve of the stacked state (`Members`), not a
     # vmap of solves (see `_solve_batch`).
     stacked: bool = False
 
@@ -248,7 +249,7 @@ def _vmap_members(fn, axes, n_field_batch: int, n_x_batch: int):
     return fn
 
 
-class _Members(eqx.Module):
+class Members(eqx.Module):
     """A batch of solves with fixed steps as one vector field on the stacked state
     `(*field_batch, *x_batch, n, d)`: the field is vmapped inside each evaluation.
 
@@ -273,9 +274,9 @@ class _Members(eqx.Module):
         return _vmap_members(fn, self.axes, self.n_field_batch, self.n_x_batch)(self.field, args, y)
 
 
-def _solve_one(field, y0, t0, t1, dt0, ts, cfg: _Config, members: int = 0):
+def solve_one(field, y0, t0, t1, dt0, ts, cfg: SolveConfig, members: int = 0):
     """One diffeqsolve; `members` leading axes of `y0` are a batch of independent
-    members (`_Members`): outputs then carry them in front, statuses per member."""
+    members (`Members`): outputs then carry them in front, statuses per member."""
     term = diffrax.ODETerm(field)
     fn_kw = {}
     if cfg.save_fn is not None:
@@ -347,25 +348,25 @@ def _map_leading(fn, n: int):
 
 
 @eqx.filter_jit
-def _solve_batch(field, x0, t0, t1, dt0, ts, cfg: _Config):
+def _solve_batch(field, x0, t0, t1, dt0, ts, cfg: SolveConfig):
     nf, nx = cfg.n_field_batch, cfg.n_x_batch
     if nf + nx:
         # A vmapped blockwise kernel runs both sides of its per-block `cond`: trace the
         # batch with the running row maximum only.
         with exact_row_max():
             return _solve_members(field, x0, t0, t1, dt0, ts, cfg)
-    return _solve_one(field, x0, t0, t1, dt0, ts, cfg)
+    return solve_one(field, x0, t0, t1, dt0, ts, cfg)
 
 
-def _solve_members(field, x0, t0, t1, dt0, ts, cfg: _Config):
+def _solve_members(field, x0, t0, t1, dt0, ts, cfg: SolveConfig):
     nf, nx = cfg.n_field_batch, cfg.n_x_batch
     if cfg.stacked:
         # Fixed steps: one solve of the stacked state; adaptive steps: one solve per
         # member (a vmap of solves), so each member keeps its own step control.
         y0 = jnp.broadcast_to(x0, field.batch_shape + x0.shape)
-        members = _Members(field, _lora_axes(field) if nf else None, nf, nx)
-        return _solve_one(members, y0, t0, t1, dt0, ts, cfg, members=nf + nx)
-    fn = lambda f, y: _solve_one(f, y, t0, t1, dt0, ts, cfg)
+        members = Members(field, _lora_axes(field) if nf else None, nf, nx)
+        return solve_one(members, y0, t0, t1, dt0, ts, cfg, members=nf + nx)
+    fn = lambda f, y: solve_one(f, y, t0, t1, dt0, ts, cfg)
     for _ in range(cfg.n_x_batch):
         fn = jax.vmap(fn, in_axes=(None, 0))
     for _ in range(cfg.n_field_batch):
@@ -394,7 +395,7 @@ def _cast_field(field: AbstractField, dtype) -> AbstractField:
 _DEFAULT_ADJOINTS: dict = {}
 
 
-def _get_adjoint(adjoint, checkpoints):
+def get_adjoint(adjoint, checkpoints):
     if adjoint is None or adjoint == "checkpoint":
         if not (checkpoints is None or type(checkpoints) is int):
             return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
@@ -411,7 +412,7 @@ def _get_adjoint(adjoint, checkpoints):
     return diffrax.ForwardMode()
 
 
-def _stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
+def stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
     """Solver, step controller, step budget, fixed grid and fixed step (both None when
     adaptive), as `simulate` documents its options; the sweep engine resolves its solves
     here too."""
@@ -546,14 +547,14 @@ def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None
 
 def simulate(
     field: AbstractField,
-    x0: Float[ArrayLike, "*batch n d"],
+    x0: Float[ArrayLike, "*batch n d"] | Sequence[Any],
     t1: ScalarLike,
     *,
     solver: str | diffrax.AbstractSolver = "rk4",
     dt: float | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    ts: Float[ArrayLike, " T"] | None = None,
+    ts: Float[ArrayLike, " T"] | Sequence[float] | None = None,
     t0: ScalarLike = 0.0,
     dtype: DTypeLike | None = None,
     max_steps: int | None = None,
@@ -632,7 +633,7 @@ def simulate(
     if t1 < t0:
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
-    solver_obj, controller, max_steps, grid, dt = _stepping(
+    solver_obj, controller, max_steps, grid, dt = stepping(
         solver, dt, rtol, atol, max_steps, bool(renormalise and sphere), t0, t1, dtype
     )
     fixed = grid is not None
@@ -708,12 +709,12 @@ def simulate(
             field.frame,
         )
 
-    cfg = _Config(
+    cfg = SolveConfig(
         solver=solver_obj,
         controller=controller,
         saveat_steps=saveat_steps,
         max_steps=max_steps,
-        adjoint=_get_adjoint(adjoint, checkpoints),
+        adjoint=get_adjoint(adjoint, checkpoints),
         progress=bool(progress),
         sphere=sphere,
         renormalise=bool(renormalise and sphere),

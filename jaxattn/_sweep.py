@@ -33,9 +33,9 @@ import numpy as np
 from ._attention import exact_row_max, use_blockwise
 from ._fields import AbstractField
 from ._io import (
-    _json_default,
     check_output_dir,
     create_exclusive_json,
+    json_default,
     output_lock,
     remove_stale_temporaries,
     write_json,
@@ -46,14 +46,14 @@ from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances, 
 from ._simulate import (
     STATUS_MESSAGES,
     STATUS_OK,
-    _Config,
-    _get_adjoint,
-    _Members,
-    _solve_one,
-    _stepping,
+    Members,
+    SolveConfig,
+    get_adjoint,
+    solve_one,
+    stepping,
 )
 from ._spec import SpecError, initial_tokens, lora_from_table, parse_spec
-from ._validate import SEED_MAX, TARGETS, check_memory
+from ._validate import SEED_MAX, TARGETS, check_int, check_memory, check_positive
 
 MANIFEST = "manifest.json"
 
@@ -65,7 +65,7 @@ class SweepError(ValueError):
 # ----------------------------------------------------------------------------- engine
 def sweep_id(identity: dict) -> str:
     """Stable short hash of everything that determines a sweep's chunk contents."""
-    text = json.dumps(identity, sort_keys=True, default=_json_default)
+    text = json.dumps(identity, sort_keys=True, default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -336,10 +336,9 @@ def map_sharded(
             out = jax.lax.map(lambda g: group(*g), grouped)
         return jax.tree.map(lambda a: a.reshape((k * batch,) + a.shape[2:]), out)
 
+    no_check: dict[str, Any] = {check_kw: False}  # the option's name depends on the JAX version
     sharded = jax.jit(
-        shard_map(
-            per_device, mesh=mesh, in_specs=P("points"), out_specs=P("points"), **{check_kw: False}
-        )
+        shard_map(per_device, mesh=mesh, in_specs=P("points"), out_specs=P("points"), **no_check)
     )
 
     def run(*args):
@@ -518,7 +517,8 @@ def parse_sweep(raw: dict) -> SweepPlan:
     axes = {k: _check_values(k, _expand(k, v)) for k, v in grid.items()}
 
     # Compatibility of grid and spec.
-    init = spec.get("init") if isinstance(spec.get("init"), dict) else {}
+    init_table = spec.get("init")
+    init = init_table if isinstance(init_table, dict) else {}
     if "init.seed" in axes and "x0" in init:
         raise SweepError(
             "grid init.seed needs a random [init] (kind, n, d), but the spec gives explicit x0"
@@ -622,15 +622,17 @@ def _check_sweep_memory(plan: SweepPlan, sim) -> None:
 
 
 def _pos_int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise SweepError(f"{name} must be an integer ≥ {minimum}, got {v!r}")
-    return v
+    try:
+        return check_int(v, name, minimum)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
 
 def _pos_float(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-        raise SweepError(f"{name} must be a number > 0, got {v!r}")
-    return float(v)
+    try:
+        return check_positive(v, name)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
 
 class _PairField(eqx.Module):
@@ -678,7 +680,7 @@ def _summary_fn(names, threshold, sphere, pair):
 def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_fn, dtype):
     """diffrax configuration of one point's solve, resolved by `simulate`'s own rules."""
     project = bool(solve.get("renormalise") and sphere)
-    solver, controller, max_steps, grid, _ = _stepping(
+    solver, controller, max_steps, grid, _ = stepping(
         solve.get("solver", "rk4"),
         solve.get("dt"),
         solve.get("rtol"),
@@ -696,12 +698,12 @@ def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_f
         ts = grid[keep]
     else:
         ts = np.linspace(0.0, t1, save_points)
-    cfg = _Config(
+    cfg = SolveConfig(
         solver=solver,
         controller=controller,
         saveat_steps=False,
         max_steps=int(max_steps),
-        adjoint=_get_adjoint(None, None),
+        adjoint=get_adjoint(None, None),
         progress=False,
         sphere=sphere,
         renormalise=project,
@@ -884,8 +886,8 @@ def _sweep_locked(
             axes = _PairField(no_lora(axes), axes)
             y0 = jnp.stack([y0, y0], axis=-3)
         if stacked:
-            field = _Members(field, axes, 1, 0)
-        ys, status, steps, _ = _solve_one(
+            field = Members(field, axes, 1, 0)
+        ys, status, steps, _ = solve_one(
             field,
             y0,
             jnp.asarray(0.0, dtype),
@@ -972,7 +974,7 @@ def _sweep_locked(
             "sweep_id": sweep_id(identity),
         },
         sort_keys=True,
-        default=_json_default,
+        default=json_default,
     )
     write_npz(os.path.join(out_dir, "result.npz"), **result, sweep=meta)
     status = result["status"]

@@ -32,15 +32,15 @@ from typing import NamedTuple
 import numpy as np
 
 from ._bounds import (
-    _as_grid,
-    _check_pair,
-    _gronwall,
-    _interval_growth,
-    _interval_sup,
-    _opnorm,
-    _rescaled_interval_norms,
-    _weights,
+    as_grid,
     bound_a_posteriori,
+    check_field_pair,
+    field_weights,
+    gronwall,
+    interval_growth,
+    interval_sup,
+    opnorm,
+    rescaled_interval_norms,
 )
 from ._fields import AbstractField
 
@@ -80,33 +80,33 @@ def _union_extent(xs, xs_p):
 def _interval_extent(field, field_p, ts, R, D):
     """Sup of radius and diameter on each interval from the grid values, using how fast
     the points can move (docs/mean_field.md)."""
-    Vn = max(_opnorm(np.asarray(field.weight("V"))), _opnorm(np.asarray(field_p.weight("V"))))
+    Vn = max(opnorm(np.asarray(field.weight("V"))), opnorm(np.asarray(field_p.weight("V"))))
     h = np.diff(ts)
     with np.errstate(over="ignore", invalid="ignore"):
         if field.on_sphere:  # sphere (USA is refused before)
             R_sup = np.ones_like(h)
             D_sup = np.minimum(2.0, 0.5 * (D[:-1] + D[1:]) + Vn * h)
         elif field.frame == "z":  # rescaled: every point moves at ≤ max‖V‖·Dm
-            g = _interval_growth(field, field_p, ts)
-            R_sup = _interval_sup(R, g)
-            D_sup = np.minimum(_interval_sup(D, g), 2.0 * R_sup)
+            g = interval_growth(field, field_p, ts)
+            R_sup = interval_sup(R, g)
+            D_sup = np.minimum(interval_sup(D, g), 2.0 * R_sup)
         else:  # plain: every point moves at ≤ max‖V‖·R
-            g = _interval_growth(field, field_p, ts)
-            R_sup = _interval_sup(R, g)
+            g = interval_growth(field, field_p, ts)
+            R_sup = interval_sup(R, g)
             D_sup = np.minimum(2.0 * R_sup, 0.5 * (D[:-1] + D[1:]) + Vn * R_sup * h)
     return R_sup, D_sup
 
 
 def _w_constants(field, field_p, ts, R, Dm):
-    V, A, beta = _weights(field)
-    Vp, Ap, _ = _weights(field_p)
-    nV, ndV = _opnorm(V), _opnorm(V - Vp)
+    V, A, beta = field_weights(field)
+    Vp, Ap, _ = field_weights(field_p)
+    nV, ndV = opnorm(V), opnorm(V - Vp)
     rescaled = field.frame == "z"
     with np.errstate(over="ignore", invalid="ignore"):
         if rescaled:
-            a, _, dA = _rescaled_interval_norms(V, A, Vp, Ap, ts)
+            a, _, dA = rescaled_interval_norms(V, A, Vp, Ap, ts)
         else:
-            a, dA = _opnorm(A), _opnorm(A - Ap)
+            a, dA = opnorm(A), opnorm(A - Ap)
         kappa = beta * a * R * Dm
         L = nV * (beta * a * Dm**2 / 4.0 + (1.0 + kappa) * np.exp(kappa))
         if rescaled:
@@ -141,13 +141,13 @@ def wasserstein_bound(
     """
     from scipy.optimize import linear_sum_assignment
 
-    _check_pair(field, field_p)
+    check_field_pair(field, field_p)
     if not field.normalised:
         raise ValueError(
             "no Wasserstein bound for USA dynamics (its weights are not a "
             "softmax); use plain, rescaled or sphere"
         )
-    ts = _as_grid(ts)
+    ts = as_grid(ts)
     xs = np.asarray(xs, np.float64)
     xs_p = np.asarray(xs_p, np.float64)
     if xs.ndim != 3 or xs.shape != xs_p.shape or xs.shape[0] != ts.shape[0]:
@@ -163,6 +163,6 @@ def wasserstein_bound(
     R, D = _union_extent(xs, xs_p)
     R_sup, D_sup = _interval_extent(field, field_p, ts, R, D)
     L, delta = _w_constants(field, field_p, ts, R_sup, D_sup)
-    dob = _gronwall(ts, w0, L, delta)
+    dob = gronwall(ts, w0, L, delta)
     coup = bound_a_posteriori(field, field_p, ts, xs, xs_p[:, sigma]).bound
     return WassersteinBound(ts, np.minimum(dob, coup), dob, coup, w0, L, delta)

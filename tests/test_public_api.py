@@ -313,7 +313,7 @@ def test_fields_abstract_or_final():
     for cls in FIELDS.values():
         assert not inspect.isabstract(cls), cls
         for name, value in vars(cls).items():
-            if not callable(value) or name.startswith("__") and name != "__call__":
+            if not callable(value) or (name.startswith("__") and name != "__call__"):
                 continue
             for base in cls.__mro__[1:]:
                 if base in (eqx.Module, object) or name not in vars(base):
@@ -321,3 +321,51 @@ def test_fields_abstract_or_final():
                 assert getattr(vars(base)[name], "__isabstractmethod__", False), (
                     f"{cls.__name__}.{name} overrides the concrete {base.__name__}.{name}"
                 )
+
+
+def _private_names_imported_across_modules(root):
+    """`(file, module.name)` for every `from .mod import _name` and `alias._name` (with
+    `alias` bound by a relative import) inside the package: a module reaching into another
+    module's private names instead of its documented internal surface."""
+    import ast
+
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        # private *modules* (`from . import _plots`) are the package's layout
+                        if node.module is not None:
+                            found.append((path.name, f"{node.module}.{a.name}"))
+                        else:
+                            aliases.add(a.asname or a.name)
+                    elif node.module is None:
+                        aliases.add(a.asname or a.name)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                found.append((path.name, f"{node.value.id}.{node.attr}"))
+    return found
+
+
+def test_no_private_names_imported_between_package_modules(tmp_path):
+    import pathlib
+
+    import jaxattn
+
+    root = pathlib.Path(jaxattn.__file__).parent
+    assert _private_names_imported_across_modules(root) == []
+    # the detector itself finds both forms
+    (tmp_path / "a.py").write_text("from ._b import _hidden\nfrom . import _c as c\nc._x\n")
+    assert _private_names_imported_across_modules(tmp_path) == [
+        ("a.py", "_b._hidden"),
+        ("a.py", "c._x"),
+    ]

@@ -178,13 +178,13 @@ def lora_divergence(field, x0, t1: float, solve: dict) -> float:
     """`e(t1) = max_i |x_i(t1) − x̃_i(t1)|` (`jaxattn.divergence`) between the run of
     `field` and the same run without its LoRA, `Δx = x − x̃`."""
     from .._metrics import divergence
-    from .._sensitivity import _check_status, _solve_kwargs, final_state
+    from .._sensitivity import check_status, final_state, solve_kwargs
 
-    kw = _solve_kwargs(solve, "checkpoint", None)
+    kw = solve_kwargs(solve, "checkpoint", None)
     x, s1 = final_state(field, x0, t1, **kw)
     x_ref, s2 = final_state(field.without_lora(), x0, t1, **kw)
-    _check_status(s1)
-    _check_status(s2)
+    check_status(s1)
+    check_status(s2)
     return float(divergence(x, x_ref))
 
 

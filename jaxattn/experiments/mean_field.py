@@ -252,7 +252,7 @@ def _fit(ns, curves, max_n):
 _LORA_ARRAYS = ("W", "D_W", "t_app_W", "t_dep_W", "t_app_tok", "t_dep_tok")
 
 
-def _lora_part(cfg: Config, dtype, log, seed: int = 0) -> LoraW2:
+def lora_departures(cfg: Config, dtype, log, seed: int = 0) -> LoraW2:
     """W₂(μ_t, μ̃_t) and departure in W₂ for each n and ε (original run: V = I); the
     tokens are the first n of one sample of μ₀ (key `seed`)."""
     d = 2
@@ -419,7 +419,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         )
 
     log(f"[2/3] LoRA in W2: n ∈ {list(cfg.lora_ns)}, ε ∈ {list(cfg.eps)}, t ≤ {cfg.lora_t1} ...")
-    lora = _lora_part(cfg, dtype, log)
+    lora = lora_departures(cfg, dtype, log)
     write_npz(
         os.path.join(out_dir, "lora_w2.npz"),
         eps=lora["eps"],

@@ -36,7 +36,7 @@ from .._simulate import simulate
 from ._common import config_key, loglog_fit, nanmedian
 from ._config import ExperimentConfig
 from .mean_field import Config as MeanFieldConfig
-from .mean_field import _lora_part
+from .mean_field import lora_departures
 
 NAME = "mean-field-large"
 DESCRIPTION = (
@@ -118,7 +118,7 @@ _LADDER_KEYS = (
     "ladder_dtype",
     "block",
 )
-# The options that change a departure: also those passed on to `mean_field._lora_part`.
+# The options that change a departure: also those passed on to `mean_field.lora_departures`.
 _DEP_KEYS = ("low", "high", "beta", "eps", "lora_t1", "lora_dt", "lora_every", "t_ref", "delta")
 
 
@@ -196,7 +196,7 @@ def _departures(cfg: Config, ckpt: str, dtype, log) -> Departures:
 
             def solve(n=n, s=s):
                 sub = MeanFieldConfig.build(lora_ns=(n,), **{k: cfg[k] for k in _DEP_KEYS})
-                r = _lora_part(sub, dtype, lambda msg: None, seed=s)
+                r = lora_departures(sub, dtype, lambda msg: None, seed=s)
                 return {"t_dep_W": r["t_dep_W"][0], "t_dep_tok": r["t_dep_tok"][0]}
 
             tag = config_key(cfg.to_dict(), _DEP_KEYS, parts=(n, s, str(jnp.dtype(dtype))))
