@@ -28,7 +28,9 @@ from ._validate import (
     as_float_array,
     check_choice,
     check_dtype,
+    check_int,
     check_memory,
+    check_number,
     check_seed,
     check_tokens,
 )
@@ -166,19 +168,20 @@ def _table(spec: dict, key: str) -> dict:
     return sec
 
 
+def _spec_check(check, *args, **kw):
+    """A `_validate` check whose failure is a spec mistake (`SpecError`, one line)."""
+    try:
+        return check(*args, **kw)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
 def _int(value, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise SpecError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise SpecError(f"{name} must be ≥ {minimum}, got {value}")
-    return int(value)
+    return _spec_check(check_int, value, name, minimum)
 
 
 def _seed(value, name: str) -> int:
-    try:
-        return check_seed(value, name)
-    except ValueError as e:
-        raise SpecError(str(e)) from None
+    return _spec_check(check_seed, value, name)
 
 
 def _check_sizes(n: int, d: int, dtype, where: str) -> None:
@@ -193,11 +196,7 @@ def _check_sizes(n: int, d: int, dtype, where: str) -> None:
 
 
 def _num(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value):
-        raise SpecError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return _spec_check(check_number, value, name)
 
 
 def _matrix(value, name: str, dtype) -> jax.Array:
@@ -205,7 +204,7 @@ def _matrix(value, name: str, dtype) -> jax.Array:
         arr = as_float_array(value, name, dtype)
     except (ValueError, TypeError) as e:
         raise SpecError(str(e)) from None
-    return arr
+    return jnp.asarray(arr)
 
 
 def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:

@@ -121,6 +121,16 @@ def is_number(value) -> bool:
     )
 
 
+def check_number(value, name: str) -> float:
+    """A finite real number (a bool or a numeric string is not one), as a float."""
+    if not is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
 SEED_MAX = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 

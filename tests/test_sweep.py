@@ -215,7 +215,7 @@ def test_run_chunks_engine_resumes_and_rejects_other_sweeps(tmp_path):
         ({"beta": [1.0, -2.0]}, {}, "grid beta values must be ≥ 0"),
         ({"lora.target": ["Q", "W"]}, {}, "must be Q, K or V"),
         ({"beta": [1.0]}, {"summaries": ["entropy"]}, "unknown summary 'entropy'"),
-        ({"beta": [1.0]}, {"chunk": 0}, "sweep chunk must be an integer ≥ 1"),
+        ({"beta": [1.0]}, {"chunk": 0}, "sweep chunk must be ≥ 1"),
     ],
 )
 def test_bad_grids_are_one_line_errors(grid, sweep_opts, message):

@@ -17,14 +17,13 @@ array).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from .._validate import check_int, is_number
+from .._validate import check_int, check_number
 
 C = TypeVar("C", bound="ExperimentConfig")
 
@@ -86,7 +85,9 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ValueError(
+                f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
         return value
     if origin is tuple:
         args = typing.get_args(hint)
@@ -105,9 +106,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is int:
         return check_int(value, name, minimum=-(2**63))
     if hint is float:
-        if not is_number(value) or not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
+        return check_number(value, name)
     if hint is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r}")

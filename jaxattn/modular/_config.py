@@ -10,11 +10,10 @@ r = 16, α = 8, lr 1e-4).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
-from .._validate import check_memory, check_seed
+from .._validate import check_int, check_memory, check_number, check_seed
 
 TARGETS = ("Q", "K", "V", "O")
 
@@ -165,18 +164,11 @@ def is_prime(n: int) -> bool:
 # Config values come from a file: a wrong type is a wrong value there, so ValueError
 # (one line, exit 2) like every other config mistake.
 def _int(v, name, lo=None):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be ≥ {lo}, got {v}")
-    return v
+    return check_int(v, name, -(2**63) if lo is None else lo)
 
 
 def _num(v, name, *, pos=True, allow_zero=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number, got {v!r}")
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v!r}")
+    v = check_number(v, name)
     if pos and (v < 0 or (v == 0 and not allow_zero)):
         raise ValueError(f"{name} must be {'≥' if allow_zero else '>'} 0, got {v!r}")
     return v

