@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= demo_out
 
-.PHONY: venv demo test test-fast lint docs clean
+.PHONY: venv demo test test-fast lint typecheck docs clean
 
 venv: $(STAMP)
 
@@ -28,12 +28,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow"
 
-# ruff: lint and format check (configuration in pyproject.toml; .pre-commit-config.yaml
-# runs the same).
+# ruff (lint and format check) and pyright (types, on jaxattn/), configured in
+# pyproject.toml; .pre-commit-config.yaml runs the same. Their tools come from the `lint`
+# extra, installed on first use (not part of the venv `make test` needs).
 LINT_PATHS := jaxattn tests benchmarks tools
-lint: $(STAMP)
+LINT_STAMP := $(VENV)/.lint-installed
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/pyright
+
+typecheck: $(LINT_STAMP)
+	$(VENV)/bin/pyright
 
 # The documentation site in site/ (strict: a broken link, a missing reference or a
 # docstring warning fails the build). The notebooks are executed in their quick form

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, Float
+from ._custom_types import Array, ArrayLike, Float
 from ._fields import AbstractField
 from ._simulate import simulate
 from ._validate import check_choice
@@ -195,7 +195,7 @@ def _distance_fn(
 
 
 def measure_divergence(
-    xs: Float[Array, "T n d"], ys: Float[Array, "T m d"], *, distance: str = "exact", **kw
+    xs: Float[ArrayLike, "T n d"], ys: Float[ArrayLike, "T m d"], *, distance: str = "exact", **kw
 ) -> np.ndarray:
     """`W(μ_t, ν_t)` at each saved time between two runs (tokens `(T, n, d)`, `(T, m, d)`).
 
@@ -206,14 +206,14 @@ def measure_divergence(
     **Returns:** `(T,)` float64 distances (unlike the token metric `max_i |x_i − y_i|`, they
     ignore labels and compare runs at different n).
     """
-    xs = np.asarray(xs, np.float64)
-    ys = np.asarray(ys, np.float64)
-    if xs.ndim != 3 or ys.ndim != 3 or xs.shape[0] != ys.shape[0]:
+    xa = np.asarray(xs, np.float64)
+    ya = np.asarray(ys, np.float64)
+    if xa.ndim != 3 or ya.ndim != 3 or xa.shape[0] != ya.shape[0]:
         raise ValueError(
-            f"give two trajectories (T, n, d) with the same T, got {xs.shape} and {ys.shape}"
+            f"give two trajectories (T, n, d) with the same T, got {xa.shape} and {ya.shape}"
         )
     fn = _distance_fn(distance, **kw)
-    return np.asarray([float(fn(jnp.asarray(a), jnp.asarray(b))) for a, b in zip(xs, ys)])
+    return np.asarray([float(fn(jnp.asarray(a), jnp.asarray(b))) for a, b in zip(xa, ya)])
 
 
 def ladder_distances(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
-from ._custom_types import Array, Float, Int
+from ._custom_types import Array, ArrayLike, Float, Int
 from ._validate import check_choice
 
 COSTS = ("euclidean", "geodesic")
@@ -167,7 +168,7 @@ def _ott():
         # `is_leaf=jax.interpreters.batching.is_vmappable`, which JAX 0.10 removed. For
         # arrays it always answered False (it recognised only JAX's internal ragged
         # type), so this restores its answer for every input OTT passes.
-        batching.is_vmappable = lambda x: False
+        batching.is_vmappable = lambda x: False  # pyright: ignore[reportAttributeAccessIssue] (the shim restores a removed name)
     from ott.geometry import costs, pointcloud
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn
@@ -322,8 +323,8 @@ def _w2sq_line(x: Array, a: Array, y: Array, b: Array) -> Array:
 
 
 def wasserstein2_line(
-    x: Float[Array, " n *one"],
-    y: Float[Array, " m *one"],
+    x: Float[ArrayLike, " n *one"] | Sequence[float],
+    y: Float[ArrayLike, " m *one"] | Sequence[float],
     a: Float[Array, " n"] | None = None,
     b: Float[Array, " m"] | None = None,
 ) -> Float[Array, ""]:
@@ -337,12 +338,12 @@ def wasserstein2_line(
     **Returns:** `W₂`, from the sorted points (quantile functions); differentiable in the
     positions.
     """
-    x = x[:, None] if hasattr(x, "ndim") and x.ndim == 1 else x
-    y = y[:, None] if hasattr(y, "ndim") and y.ndim == 1 else y
-    if not hasattr(x, "ndim"):
-        x = np.asarray(x, np.float64).reshape(-1, 1)
-    if not hasattr(y, "ndim"):
-        y = np.asarray(y, np.float64).reshape(-1, 1)
+    x, y = (
+        (p[:, None] if p.ndim == 1 else p)
+        if isinstance(p, (jax.Array, np.ndarray))
+        else np.asarray(p, np.float64).reshape(-1, 1)
+        for p in (x, y)
+    )
     x, y, a, b, _ = _check_pair(x, y, a, b, "euclidean")
     if x.shape[1] != 1:
         raise ValueError(

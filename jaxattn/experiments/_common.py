@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ._config import ExperimentConfig
 
 
 def default_dtype():
@@ -17,7 +22,7 @@ def uniform_tokens(seed: int, batch: int, n: int, d: int, low: float, high: floa
     return jax.vmap(lambda k: jax.random.uniform(k, (n, d), dtype, low, high))(keys)
 
 
-def config_key(cfg: dict, keys, parts=(), arrays=()) -> str:
+def config_key(cfg: Mapping[str, Any] | ExperimentConfig, keys, parts=(), arrays=()) -> str:
     """Short hash naming a resumable chunk: the config entries that change its result, any
     extra `parts` (JSON-able) and the bytes of `arrays` (e.g. the initial tokens)."""
     import hashlib

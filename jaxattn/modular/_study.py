@@ -217,16 +217,18 @@ def trend_test(depths, values) -> dict[str, Any]:
             "slope": 0.0,
             "slope_ci95": None,
         }
-    rho, pval = stats.spearmanr(d, v)
-    fit = stats.linregress(d, v)
-    half = stats.t.ppf(0.975, len(d) - 2) * fit.stderr
+    # SciPy's result objects are typed as bare tuples: read them by name, as floats.
+    sp: Any = stats.spearmanr(d, v)
+    fit: Any = stats.linregress(d, v)
+    slope, stderr = float(fit.slope), float(fit.stderr)
+    half = float(stats.t.ppf(0.975, len(d) - 2)) * stderr
     return {
         "n": len(pts),
-        "spearman_rho": float(rho),
-        "p_value": float(pval),
-        "slope": float(fit.slope),
-        "slope_ci95": [float(fit.slope - half), float(fit.slope + half)],
-        "r2": float(fit.rvalue**2),
+        "spearman_rho": float(sp.statistic),
+        "p_value": float(sp.pvalue),
+        "slope": slope,
+        "slope_ci95": [slope - half, slope + half],
+        "r2": float(fit.rvalue) ** 2,
     }
 
 
@@ -493,7 +495,7 @@ def _figures(config, summary, out_dir) -> None:
     for ax, (key, label, cap) in zip(axs, panels):
         per_level = key in ("add_acc_at_sub", "step_at_sub")
         for k, lv in enumerate(levels if per_level else [None]):
-            name = f"{key}_{lv}" if per_level else key
+            name = f"{key}_{lv}" if lv is not None else key
             dx = 0.12 * (k - (len(levels) - 1) / 2) if per_level else 0.0
             for d in depths:
                 st = pdp[str(d)][name]
@@ -505,7 +507,7 @@ def _figures(config, summary, out_dir) -> None:
                     color=colors[d],
                     alpha=0.7,
                     s=18,
-                    marker=markers[lv] if per_level else "o",
+                    marker=markers[lv] if lv is not None else "o",
                     label=f"level {lv}" if per_level and d == depths[-1] else None,
                 )
                 n_cens = len(vals) - len(ok)

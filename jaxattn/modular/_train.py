@@ -140,9 +140,12 @@ def adamw(
         raise ValueError("a cosine schedule needs total_steps > warmup")
 
     if schedule == "cosine":
+        assert total_steps is not None  # checked above
         cosine = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, min_lr_frac * lr)
         return _with_clip(
-            optax.adamw(lambda c: cosine(c).astype(dt), b1=b1, b2=b2, weight_decay=weight_decay),
+            optax.adamw(
+                lambda c: jnp.asarray(cosine(c), dt), b1=b1, b2=b2, weight_decay=weight_decay
+            ),
             clip,
         )
 

@@ -18,6 +18,7 @@ computed in float64 NumPy.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -117,7 +118,9 @@ def _group_by_length(seqs: list[np.ndarray]) -> dict[int, list[int]]:
 def sequence_stats(model: BertEncoder, seqs: list[np.ndarray], repeat: int) -> dict:
     """`_state_stats` for sequences of any lengths: equal lengths run as one batch (no
     padding, so every statistic is over exactly the tokens of the sequence)."""
-    out = {k: [None] * len(seqs) for k in ("mean_cosine", "clusters", "sq_norm", "hist")}
+    out: dict[str, list[Any]] = {
+        k: [None] * len(seqs) for k in ("mean_cosine", "clusters", "sq_norm", "hist")
+    }
     for _, idx in sorted(_group_by_length(seqs).items()):
         batch = jnp.asarray(np.stack([seqs[i] for i in idx]), jnp.int32)
         mc, cc, sq, hist = (np.asarray(a) for a in _state_stats(model, batch, repeat))
@@ -213,7 +216,7 @@ def head_spectrum(h: dict) -> dict:
     small = WV @ WO
     lam, psi = np.linalg.eig(small)
     rho = float(np.max(np.abs(lam)))
-    i1 = int(np.argmax(lam.real))
+    i1 = int(np.argmax(np.real(lam)))
     lam1 = lam[i1]
     others = np.delete(lam, i1)
     if d > dh:
@@ -224,8 +227,8 @@ def head_spectrum(h: dict) -> dict:
     phi = WO @ np.real(psi[:, i1])
     phi /= np.linalg.norm(phi)
     qk = float((WQ @ phi) @ (WK @ phi)) / np.sqrt(dh)
-    rq = np.linalg.qr(WQ.T, mode="r")
-    rk = np.linalg.qr(WK.T, mode="r")
+    rq = np.asarray(np.linalg.qr(WQ.T, mode="r"))  # mode "r": the R factor alone
+    rk = np.asarray(np.linalg.qr(WK.T, mode="r"))
     sv = np.linalg.svd(rq @ rk.T / np.sqrt(dh), compute_uv=False)
     A = WQ.T @ WK / np.sqrt(dh)
     sym = np.linalg.eigvalsh(0.5 * (A + A.T))

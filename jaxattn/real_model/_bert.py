@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -28,6 +29,9 @@ import numpy as np
 
 from .._attention import softmax_weights
 from .._custom_types import Array, Float, Int
+
+if TYPE_CHECKING:  # an optional dependency (the `real` extra), imported where it is used
+    from tokenizers import Tokenizer
 from ._load import (
     BertConfig,
     check_model_dir,
@@ -261,7 +265,7 @@ class Checkpoint:
     """
 
     model: BertEncoder
-    tokenizer: object
+    tokenizer: Tokenizer
     config: BertConfig
     model_dir: str
     truncation: int | None

@@ -88,7 +88,7 @@ def analyze(
     ck = load(model_dir, dtype=jnp.float32)
     L = ck.config.num_layers
 
-    if text_str is not None:
+    if text is not None and text_str is not None:
         source = os.fspath(text)
         # All of the text's tokens, never cut (longer than the positions: an error).
         ids = encode(ck.tokenizer, text_str, ck.config.max_positions, name=f"text file {source}")
