@@ -23,7 +23,7 @@ def check_output_file(
     - an existing regular file is replaced only if it is an earlier output of the same
       kind (an `.npz` holding all the members named in `own`), or with `force`;
     - the replacement is atomic and happens only when the run succeeds (the caller
-      decides what success is; see `cli.cmd_simulate`).
+      decides what success is; see `jaxattn.cli.simulate`).
 
     Temporaries that a killed earlier writer left in the folder are removed.
     """

@@ -174,3 +174,16 @@ def test_demo_quick(tmp_path):
     assert s["clusters_original"] >= 1 and s["clusters_lora"] >= 1
     assert s["max_measured_over_bound"] <= 1.0
     assert s["certified_horizon_a_posteriori"] > 0
+
+
+def test_every_cli_module_is_a_registered_command():
+    """The CLI is one package: each module in it is a subcommand listed in COMMANDS (a new
+    module that is not listed would silently be missing from `jaxattn --help`)."""
+    import pkgutil
+
+    import jaxattn.cli as cli
+
+    modules = {m.name for m in pkgutil.iter_modules(cli.__path__)}
+    assert modules == set(cli.COMMANDS)
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert {"simulate", "demo", "sweep", "reproduce", "modular", "real-model"} <= names

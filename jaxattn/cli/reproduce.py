@@ -81,7 +81,7 @@ def handle(args) -> int:
             raise ValueError(f"unknown metric {given['metric']!r}; choose hausdorff or paper")
         overrides["metric"] = given["metric"]
     from .._io import check_output_dir
-    from ..cli import setup_jax
+    from .._setup import setup_jax
 
     check_output_dir(args.out, create=False)  # fail before any work; run() creates it
     setup_jax("float64")

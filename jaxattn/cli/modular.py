@@ -48,7 +48,7 @@ def handle(args) -> int:
 def _run(args, config) -> int:
     import os
 
-    from ..cli import setup_jax
+    from .._setup import setup_jax
 
     setup_jax(config.dtype)
     from .. import modular

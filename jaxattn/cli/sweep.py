@@ -40,8 +40,8 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
+    from .._setup import setup_jax
     from .._spec import load_spec_file
-    from ..cli import setup_jax
 
     raw = load_spec_file(args.spec)
     dtype = raw.get("dtype", "float64")

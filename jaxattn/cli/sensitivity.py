@@ -109,8 +109,8 @@ def parse_objective(raw: dict) -> tuple[dict, dict]:
 
 def handle(args) -> int:
     from .._io import check_output_file, write_npz
+    from .._setup import setup_jax
     from .._spec import load_spec_file, parse_spec
-    from ..cli import setup_jax
 
     out = check_output_file(
         args.out, inputs=[args.spec], own=("value", "objective"), force=args.force
@@ -190,7 +190,7 @@ def lora_divergence(field, x0, t1: float, solve: dict) -> float:
 
 def handle_experiment(args) -> int:
     from .._io import check_output_dir
-    from ..cli import setup_jax
+    from .._setup import setup_jax
 
     check_output_dir(args.out, create=False)  # fail before any work; run() creates it
     setup_jax("float64")
