@@ -65,4 +65,5 @@ from ._load import (
 )
 from ._run import FULL as FULL
 from ._run import QUICK as QUICK
+from ._run import RealModelConfig as RealModelConfig
 from ._run import analyze as analyze

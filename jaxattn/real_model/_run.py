@@ -7,43 +7,67 @@ last, `summary.json`. Every input problem is found before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
 
 from .._io import check_output_dir, write_json, write_npz
 from .._validate import check_memory
+from ..experiments._config import ExperimentConfig
 from . import _analysis as an
 from ._bert import load
 from ._load import encode, read_text
 
-FULL = dict(
-    truncate=None,
-    passages=None,
-    random_count=16,
-    eps=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-    rank=4,
-    seeds=(0, 1, 2),
-    drift_passages=8,
-    particle_layer=0,
-    particle_heads=None,
-    dt=0.1,
-    seed=0,
-)
-# Quick: 3 passages cut to 24 tokens, 2 ε, 2 heads — seconds, for tests and the notebook.
-QUICK = dict(
-    truncate=24,
-    passages=3,
-    random_count=2,
-    eps=(1e-2, 1e-1),
-    rank=2,
-    seeds=(0,),
-    drift_passages=2,
-    particle_heads=(0, 1),
-    dt=0.25,
-)
+
+@dataclasses.dataclass(frozen=True)
+class RealModelConfig(ExperimentConfig):
+    """The options of `analyze` (the same convention as the experiments' configs:
+    frozen, typed, unknown keys are errors)."""
+
+    #: cut each corpus passage to this many tokens (None: the tokenizer's own truncation)
+    truncate: int | None = None
+    #: use the first this many corpus passages (None: all)
+    passages: int | None = None
+    #: random-token sequences compared with the text
+    random_count: int = 16
+    #: LoRA sizes of the drift study
+    eps: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    #: LoRA rank of the drift study
+    rank: int = 4
+    #: random LoRA directions (seeds) of the drift study
+    seeds: tuple[int, ...] = (0, 1, 2)
+    #: passages the drift study runs on
+    drift_passages: int = 8
+    #: the layer whose heads are solved as particle systems
+    particle_layer: int = 0
+    #: those heads (None: all)
+    particle_heads: tuple[int, ...] | None = None
+    #: step of the particle-system solves
+    dt: float = 0.1
+    #: seed of the random-token sequences
+    seed: int = 0
+
+    # Quick: 3 passages cut to 24 tokens, 2 ε, 2 heads — seconds, for tests and the notebook.
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        truncate=24,
+        passages=3,
+        random_count=2,
+        eps=(1e-2, 1e-1),
+        rank=2,
+        seeds=(0,),
+        drift_passages=2,
+        particle_heads=(0, 1),
+        dt=0.25,
+    )
+
+
+#: the full-size options as a dict, and the quick overrides (kept for existing callers)
+FULL = RealModelConfig().to_dict()
+QUICK = RealModelConfig.QUICK
 
 
 def _flatten_for_npz(prefix: str, d: dict, out: dict) -> None:
@@ -79,7 +103,7 @@ def analyze(
 
     **Returns:** the summary dict (also written as `summary.json`).
     """
-    cfg = {**FULL, **(QUICK if quick else {}), **overrides}
+    cfg = RealModelConfig.build(quick, **overrides)
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"--repeat must be an integer ≥ 1, got {repeat!r}")
     check_output_dir(out_dir, create=False)
@@ -97,9 +121,9 @@ def analyze(
     else:
         source = "pydoc_data.topics"
         corpus = an.default_corpus()
-        if cfg["passages"] is not None:
-            corpus = corpus[: cfg["passages"]]
-        truncation = cfg["truncate"] or ck.truncation or ck.config.max_positions
+        if cfg.passages is not None:
+            corpus = corpus[: cfg.passages]
+        truncation = cfg.truncate or ck.truncation or ck.config.max_positions
         seqs = an.tokenize(ck, corpus, truncate_to=truncation)
         names = [name for name, _ in corpus]
     rand_len = max(len(s) for s in seqs)
@@ -108,11 +132,11 @@ def analyze(
         * (repeat * L + 1)
         * rand_len
         * ck.config.hidden_size
-        * max(len(seqs), cfg["random_count"]),
+        * max(len(seqs), cfg.random_count),
         f"hidden states of {repeat}× the {L}-layer stack",
     )
     out_dir = check_output_dir(out_dir)  # create it only once the inputs are known good
-    rand = an.random_sequences(ck, cfg["random_count"], rand_len, seed=cfg["seed"])
+    rand = an.random_sequences(ck, cfg.random_count, rand_len, seed=cfg.seed)
     log(
         f"[1/4] clustering: {len(seqs)} sequence(s) of {min(map(len, seqs))}–{rand_len} "
         f"tokens and {len(rand)} random ones, stack run {repeat}× ..."
@@ -123,8 +147,8 @@ def analyze(
     log("[2/4] spectra of every head ...")
     sp = an.spectra(ck.model, clus["prose"]["sq_norm"])
 
-    layer = min(cfg["particle_layer"], L - 1)
-    heads = cfg["particle_heads"] or range(ck.config.num_heads)
+    layer = min(cfg.particle_layer, L - 1)
+    heads = cfg.particle_heads or range(ck.config.num_heads)
     log(f"[3/4] particle model: {len(heads)} head(s) of layer {layer} on '{names[0]}' ...")
     pr = an.particle(
         ck,
@@ -132,18 +156,16 @@ def analyze(
         layer=layer,
         heads=heads,
         repeat=repeat,
-        dt=cfg["dt"],
+        dt=cfg.dt,
         sq_norms=clus["prose"]["sq_norm"],
     )
 
-    drift_seqs = seqs[: cfg["drift_passages"]]
+    drift_seqs = seqs[: cfg.drift_passages]
     log(
-        f"[4/4] LoRA drift: ε ∈ {list(cfg['eps'])}, rank {cfg['rank']}, "
-        f"{len(drift_seqs)} sequence(s) × {len(cfg['seeds'])} direction(s) ..."
+        f"[4/4] LoRA drift: ε ∈ {list(cfg.eps)}, rank {cfg.rank}, "
+        f"{len(drift_seqs)} sequence(s) × {len(cfg.seeds)} direction(s) ..."
     )
-    dr = an.lora_drift(
-        ck, drift_seqs, eps=cfg["eps"], rank=cfg["rank"], seeds=cfg["seeds"], repeat=repeat
-    )
+    dr = an.lora_drift(ck, drift_seqs, eps=cfg.eps, rank=cfg.rank, seeds=cfg.seeds, repeat=repeat)
 
     from . import _plots
 
