@@ -309,10 +309,10 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     )
 
     log("[figures] ...")
-    from .. import plotting_sensitivity as ps
+    from .. import plotting
 
     for name, pdata in plots.items():
-        ps.worst_vs_random(
+        plotting.worst_vs_random(
             times,
             pdata,
             cfg.targets,
@@ -320,17 +320,17 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             title=f"{SETTINGS[name].weights} Q, K (n = {pdata['n']}, "
             f"d = {pdata['d']}): worst vs random unit ΔW",
         )
-        ps.direction_structure(
+        plotting.direction_structure(
             times, pdata, cfg.targets, os.path.join(out_dir, f"worst_direction_{name}.png")
         )
-    ps.linear_response_figure(
+    plotting.linear_response_figure(
         lr.ts,
         lin,
         {e: (lin_res[e]["e"], lin_res[e]["bound"]) for e in eps_list},
         os.path.join(out_dir, "linear_response.png"),
         title=f"Linear response to the worst {tv}-direction (T = {times[k_mid]:g})",
     )
-    ps.cluster_change_figure(
+    plotting.cluster_change_figure(
         x_before,
         x_after,
         cc.labels_before,

@@ -1,0 +1,46 @@
+"""Every figure the package draws: one function per figure (or per figure set), taking
+arrays or results and an output path.
+
+- Figures are built object-oriented: `fig, ax = plt.subplots(...)` or
+  `matplotlib.figure.Figure(...)`, drawn on their axes, written with `fig.savefig`
+  (through `jaxattn._io.save_figure`, atomically) and released with `plt.close(fig)` (a
+  bare `Figure` needs no close).
+- No `matplotlib.use(...)` anywhere: the CLI picks a headless backend by setting
+  `MPLBACKEND` before matplotlib is imported, and a notebook that calls these functions
+  keeps its own backend.
+- matplotlib is imported lazily: only when `jaxattn.plotting` is imported, which
+  `import jaxattn` never does (the experiments, the sweep, the real-model analyses and the
+  modular study import it inside the functions that draw).
+
+Submodules by subject: `_trajectories` (token snapshots and LoRA divergence), `_sweeps`
+(the sweep overview), `_sensitivity` (worst-case LoRA), `_experiments` (stability bound,
+sphere phase diagram, departure time), `_geometries` (geometries, low rank),
+`_mean_field` (mean-field experiments), `_real_model` (real-model analyses), `_modular`
+(modular-arithmetic forgetting study).
+"""
+
+from ._sensitivity import (
+    cluster_change_figure,
+    direction_structure,
+    linear_response_figure,
+    worst_vs_random,
+)
+from ._sweeps import sweep_overview
+from ._trajectories import (
+    animate_side_by_side,
+    divergence_with_bounds,
+    snapshots_side_by_side,
+    target_comparison,
+)
+
+__all__ = [
+    "animate_side_by_side",
+    "cluster_change_figure",
+    "direction_structure",
+    "divergence_with_bounds",
+    "linear_response_figure",
+    "snapshots_side_by_side",
+    "sweep_overview",
+    "target_comparison",
+    "worst_vs_random",
+]
