@@ -19,6 +19,12 @@ sphere phase diagram, departure time), `_geometries` (geometries, low rank),
 (modular-arithmetic forgetting study).
 """
 
+from ._real_model import (
+    real_model_clustering,
+    real_model_lora_drift,
+    real_model_particle,
+    real_model_spectra,
+)
 from ._sensitivity import (
     cluster_change_figure,
     direction_structure,
@@ -39,6 +45,10 @@ __all__ = [
     "direction_structure",
     "divergence_with_bounds",
     "linear_response_figure",
+    "real_model_clustering",
+    "real_model_lora_drift",
+    "real_model_particle",
+    "real_model_spectra",
     "snapshots_side_by_side",
     "sweep_overview",
     "target_comparison",

@@ -10,7 +10,7 @@
 4. `lora_drift`: random rank-r LoRA perturbations of every layer's `W_V` (operator norm
    ε); divergence of the token states from the base model against depth and ε.
 
-Everything here returns plain dicts of NumPy arrays / numbers; `_plots.py` draws them and
+Everything here returns plain dicts of NumPy arrays / numbers; `jaxattn.plotting` draws them and
 `run` writes them. The model runs in its own dtype (float32 for the CLI); the spectra are
 computed in float64 NumPy.
 """

@@ -167,7 +167,7 @@ def analyze(
     )
     dr = an.lora_drift(ck, drift_seqs, eps=cfg.eps, rank=cfg.rank, seeds=cfg.seeds, repeat=repeat)
 
-    from . import _plots
+    from .. import plotting
 
     what = f"'{names[0]}'" if text_str is not None else f"{len(seqs)} passages of {source}"
     figures = {
@@ -176,15 +176,15 @@ def analyze(
         "particle": "particle.png",
         "lora_drift": "lora_drift.png",
     }
-    _plots.clustering(
+    plotting.real_model_clustering(
         clus,
         os.path.join(out_dir, figures["clustering"]),
         title=f"BERT-family encoder, {L} layers × {ck.config.num_heads} heads, "
         f"d = {ck.config.hidden_size}: {what}",
     )
-    _plots.spectra(sp, os.path.join(out_dir, figures["spectra"]))
-    _plots.particle(pr, os.path.join(out_dir, figures["particle"]))
-    _plots.lora_drift(dr, os.path.join(out_dir, figures["lora_drift"]), num_layers=L)
+    plotting.real_model_spectra(sp, os.path.join(out_dir, figures["spectra"]))
+    plotting.real_model_particle(pr, os.path.join(out_dir, figures["particle"]))
+    plotting.real_model_lora_drift(dr, os.path.join(out_dir, figures["lora_drift"]), num_layers=L)
 
     arrays: dict = {}
     _flatten_for_npz("clustering.", clus, arrays)

@@ -1,4 +1,5 @@
-"""Figures of the real-model analyses (matplotlib is imported here only)."""
+"""Figures of the real-model analyses (`jaxattn real-model analyze`): clustering across
+layers, head spectra, one head as the particle model, LoRA drift."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def _pass_lines(ax, L, repeat):
         ax.axvline(k * L, color="0.7", lw=0.8, ls="--", zorder=0)
 
 
-def clustering(res: dict, path, *, title: str) -> None:
+def real_model_clustering(res: dict, path, *, title: str) -> None:
     """Mean cosine and cluster count per hidden state (band = 10–90 % over sequences),
     and the pooled histogram of pairwise cosines per hidden state."""
     L, R = res["num_layers"], res["repeat"]
@@ -56,7 +57,7 @@ def clustering(res: dict, path, *, title: str) -> None:
     plt.close(fig)
 
 
-def spectra(sp: dict, path) -> None:
+def real_model_spectra(sp: dict, path) -> None:
     """Eigenvalues of each head's value-output map and of each layer's; symmetric part of
     `QᵀK/√d_h`; effective β per head, with the heads meeting the
     top-eigenvalue hypotheses marked."""
@@ -112,7 +113,7 @@ def spectra(sp: dict, path) -> None:
     plt.close(fig)
 
 
-def particle(pr: dict, path) -> None:
+def real_model_particle(pr: dict, path) -> None:
     """Mean cosine and Gram agreement of each head's sphere dynamics against the real
     model's next layers; final Gram matrices of the best-agreeing head and of the model."""
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
@@ -149,7 +150,7 @@ def particle(pr: dict, path) -> None:
     plt.close(fig)
 
 
-def lora_drift(dr: dict, path, *, num_layers: int) -> None:
+def real_model_lora_drift(dr: dict, path, *, num_layers: int) -> None:
     """Relative drift of the token states against depth for each ε; against ε per layer."""
     eps, e = dr["eps"], dr["e_rel"]
     S = e.shape[1]
