@@ -28,7 +28,7 @@ def test_importing_the_plotting_modules_keeps_the_users_backend():
         import matplotlib
         matplotlib.use("svg")  # stands for a notebook's inline backend
         import jaxattn, jaxattn.plotting, jaxattn.plotting_sensitivity
-        import jaxattn.plotting._real_model, jaxattn.experiments._mean_field_plots
+        import jaxattn.plotting._real_model, jaxattn.plotting._mean_field
         import jaxattn._sweep
         print(matplotlib.get_backend())
     """)

@@ -460,9 +460,17 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         **{k: np.asarray(v) for k, v in bound.items() if k not in ("worst_ratio",)},
     )
     log("figures and summary ...")
-    from ._mean_field_plots import plot_all
+    from .. import plotting
 
-    plot_all(out_dir, cfg, ladders, summary, lora, bound)
+    plotting.mean_field_convergence(ladders, summary, os.path.join(out_dir, "convergence.png"))
+    plotting.mean_field_clusters(
+        ladders, os.path.join(out_dir, "clusters.png"), cluster_delta=cfg.cluster_delta
+    )
+    plotting.mean_field_lora_w2(lora, os.path.join(out_dir, "lora_w2.png"))
+    plotting.mean_field_departure(lora, os.path.join(out_dir, "departure_w2.png"), delta=cfg.delta)
+    plotting.mean_field_bound(
+        bound, os.path.join(out_dir, "bound.png"), delta=cfg.delta, n=cfg.bound_n
+    )
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     summary["notes"] = (
         "sliced_vs_largest: sliced W2 (random projections, fixed key) between the run at n "

@@ -276,9 +276,18 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         },
     }
     log("figures and summary ...")
-    from ._mean_field_plots import plot_large
+    from .. import plotting
 
-    plot_large(out_dir, cfg, lad, dep)
+    plotting.mean_field_large_n(
+        lad,
+        dep,
+        os.path.join(out_dir, "large_n.png"),
+        d=cfg.d,
+        fit_max_frac=cfg.fit_max_frac,
+        ladder_dtype=cfg.ladder_dtype,
+        dep_seeds=cfg.dep_seeds,
+        delta=cfg.delta,
+    )
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     summary["notes"] = (
         "sliced_w2_vs_largest[i, k]: sliced W2 (fixed projections) between the run at "

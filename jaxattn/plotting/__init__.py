@@ -19,6 +19,14 @@ sphere phase diagram, departure time), `_geometries` (geometries, low rank),
 (modular-arithmetic forgetting study).
 """
 
+from ._mean_field import (
+    mean_field_bound,
+    mean_field_clusters,
+    mean_field_convergence,
+    mean_field_departure,
+    mean_field_large_n,
+    mean_field_lora_w2,
+)
 from ._real_model import (
     real_model_clustering,
     real_model_lora_drift,
@@ -45,6 +53,12 @@ __all__ = [
     "direction_structure",
     "divergence_with_bounds",
     "linear_response_figure",
+    "mean_field_bound",
+    "mean_field_clusters",
+    "mean_field_convergence",
+    "mean_field_departure",
+    "mean_field_large_n",
+    "mean_field_lora_w2",
     "real_model_clustering",
     "real_model_lora_drift",
     "real_model_particle",

@@ -1,26 +1,24 @@
-"""Figures of the mean-field experiment (matplotlib is imported here only)."""
+"""Figures of the mean-field experiments (`mean-field`, `mean-field-large`): convergence
+in n, clusters against n, the measure-level LoRA divergence, departure times in W2, the
+W2 stability bound, the large-n ladder and the departure prefactor."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 
-from ._common import nanmedian
+from .._io import save_figure
 
 if TYPE_CHECKING:
-    from . import mean_field as mf
-    from . import mean_field_large as mfl
+    from ..experiments import mean_field as mf
+    from ..experiments import mean_field_large as mfl
 
 
-def _save(fig, out_dir, name):
-    import matplotlib.pyplot as plt
-
-    from .._io import save_figure
-
+def _save(fig, path):
     fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, name), dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -32,20 +30,12 @@ def _label(ax, xlabel, ylabel, title, legend_size: float = 7, ncol: int = 1):
     ax.legend(fontsize=legend_size, ncol=ncol)
 
 
-def plot_all(
-    out_dir: str,
-    cfg: mf.Config,
-    ladders: dict[int, mf.Ladder],
-    summary: dict[str, Any],
-    lora: mf.LoraW2,
-    bound: mf.BoundCheck,
-):
-    import matplotlib.pyplot as plt
-
-    from .. import plotting  # noqa: F401  (house style)
+def mean_field_convergence(ladders: dict[int, mf.Ladder], summary: dict[str, Any], path):
+    """Convergence in n, one panel per dimension: sliced W2 against the largest run and
+    exact W2 between seeds, with the n^-1/2 and n^-1/d rates."""
+    from ..experiments._common import nanmedian
 
     dims = list(ladders)
-    # 1. Convergence in n.
     fig, axes = plt.subplots(1, len(dims), figsize=(5.6 * len(dims), 4.4), squeeze=False)
     for ax, d in zip(axes[0], dims):
         lad = ladders[d]
@@ -77,9 +67,13 @@ def plot_all(
                 fontsize=9,
             )
         _label(ax, "n", "W2", ax.get_title(), legend_size=6.5)
-    _save(fig, out_dir, "convergence.png")
+    _save(fig, path)
 
-    # 2. Clusters against n.
+
+def mean_field_clusters(ladders: dict[int, mf.Ladder], path, *, cluster_delta):
+    """Number of clusters and the largest cluster masses against n, one row per
+    dimension."""
+    dims = list(ladders)
     fig, axes = plt.subplots(len(dims), 2, figsize=(10, 3.8 * len(dims)), squeeze=False)
     for row, d in zip(axes, dims):
         cl = ladders[d]["clusters"]
@@ -87,7 +81,7 @@ def plot_all(
         for s, counts in enumerate(cl["count"]):
             row[0].semilogx(ns, counts, "o-", ms=3, label=f"seed {s}")
         row[0].set_xlabel("n")
-        row[0].set_ylabel(f"clusters at t = {ladders[d]['ts'][-1]:g} (δ = {cfg.cluster_delta})")
+        row[0].set_ylabel(f"clusters at t = {ladders[d]['ts'][-1]:g} (δ = {cluster_delta})")
         row[0].set_title(f"d = {d}: number of clusters")
         row[0].legend(fontsize=7)
         row[0].grid(alpha=0.3)
@@ -102,9 +96,11 @@ def plot_all(
         row[1].set_title(f"d = {d}: largest cluster masses (seed 0)")
         row[1].legend(fontsize=7)
         row[1].grid(alpha=0.3)
-    _save(fig, out_dir, "clusters.png")
+    _save(fig, path)
 
-    # 3. W2 between the original and the LoRA flow over t.
+
+def mean_field_lora_w2(lora: mf.LoraW2, path):
+    """W2 between the original and the LoRA flow over t, for each ε and n."""
     eps, ts, ns = lora["eps"], lora["ts"], lora["ns"]
     fig, ax = plt.subplots(figsize=(7, 4.6))
     colors = plt.cm.plasma(np.linspace(0, 0.85, eps.size))
@@ -122,9 +118,12 @@ def plot_all(
     for i, n in enumerate(ns):
         ax.plot([], [], styles[i % 4], color="k", label=f"n = {n}")
     _label(ax, "t", "W2(μ_t, μ̃_t)", "Measure-level LoRA divergence (same μ0)", ncol=2)
-    _save(fig, out_dir, "lora_w2.png")
+    _save(fig, path)
 
-    # 4. Departure times in W2 against ε.
+
+def mean_field_departure(lora: mf.LoraW2, path, *, delta):
+    """Departure times in W2 (and in the token Hausdorff distance) against ε."""
+    eps, ns = lora["eps"], lora["ns"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for i, n in enumerate(ns):
         dep = np.where(np.isfinite(lora["t_dep_W"][i]), lora["t_dep_W"][i], np.nan)
@@ -134,10 +133,12 @@ def plot_all(
             eps, tok, "x:", ms=4, color=ax.lines[-1].get_color(), label=f"token Hausdorff, n = {n}"
         )
     ax.loglog(eps, 0.72 / eps, "k--", lw=1, label="0.72/ε (token metric, n = 20)")
-    _label(ax, "ε", "departure time", f"Departure from the original clusters (δ = {cfg.delta})")
-    _save(fig, out_dir, "departure_w2.png")
+    _label(ax, "ε", "departure time", f"Departure from the original clusters (δ = {delta})")
+    _save(fig, path)
 
-    # 5. The bound.
+
+def mean_field_bound(bound: mf.BoundCheck, path, *, delta, n):
+    """The W2 stability bound (and Dobrushin's) against the measured W2, for each ε."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = plt.cm.plasma(np.linspace(0, 0.85, bound["eps"].size))
     for e in range(bound["eps"].size):
@@ -152,18 +153,24 @@ def plot_all(
         ax.semilogy(bound["ts"][1:], bound["dobrushin"][e, 1:], ":", color=colors[e], lw=1)
     ax.plot([], [], "k--", lw=1, label="bound (min of both)")
     ax.plot([], [], "k:", lw=1, label="Dobrushin (W1/W2 Lipschitz)")
-    ax.axhline(cfg.delta, color="0.5", lw=0.8)
+    ax.axhline(delta, color="0.5", lw=0.8)
     ax.set_ylim(bottom=max(1e-8, np.nanmin(bound["measured"][:, 1:]) / 10), top=1e3)
-    _label(ax, "t", "W2", f"W2 stability bound vs measured (n = {cfg.bound_n})")
-    _save(fig, out_dir, "bound.png")
+    _label(ax, "t", "W2", f"W2 stability bound vs measured (n = {n})")
+    _save(fig, path)
 
 
-def plot_large(out_dir: str, cfg: mfl.Config, lad: mfl.LargeLadder, dep: mfl.Departures):
-    """Figures of `mean-field-large`: the ladder to large n, the departure prefactor."""
-    import matplotlib.pyplot as plt
-
-    from .. import plotting  # noqa: F401  (house style)
-
+def mean_field_large_n(
+    lad: mfl.LargeLadder,
+    dep: mfl.Departures,
+    path,
+    *,
+    d,
+    fit_max_frac,
+    ladder_dtype,
+    dep_seeds,
+    delta,
+):
+    """Figure of `mean-field-large`: the ladder to large n, the departure prefactor."""
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
     ax = axes[0]
     ns = np.asarray(lad["ns"][:-1], np.float64)
@@ -174,12 +181,12 @@ def plot_large(out_dir: str, cfg: mfl.Config, lad: mfl.LargeLadder, dep: mfl.Dep
         ax.loglog(ns, lad["sliced"][:, k], "o-", color=colors[k], ms=3, label=f"t = {t:g}{slope}")
     y0 = lad["sliced"][0, 0]
     ax.loglog(ns, y0 * (ns / ns[0]) ** -0.5, ":", color="0.3", lw=1, label="n^-1/2")
-    ax.axvline(cfg.fit_max_frac * lad["N"], color="0.6", lw=0.8)
+    ax.axvline(fit_max_frac * lad["N"], color="0.6", lw=0.8)
     _label(
         ax,
         "n",
         f"sliced W2 to n = {lad['N']}",
-        f"d = {cfg.d}, one nested sample, {cfg.ladder_dtype}",
+        f"d = {d}, one nested sample, {ladder_dtype}",
         legend_size=7,
     )
     ax = axes[1]
@@ -214,6 +221,6 @@ def plot_large(out_dir: str, cfg: mfl.Config, lad: mfl.LargeLadder, dep: mfl.Dep
         ax,
         "n",
         "T_dep · ε (departure in W2)",
-        f"Departure prefactor, {cfg.dep_seeds} samples per n (δ = {cfg.delta})",
+        f"Departure prefactor, {dep_seeds} samples per n (δ = {delta})",
     )
-    _save(fig, out_dir, "large_n.png")
+    _save(fig, path)
