@@ -202,7 +202,22 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     paper = _paper_comparison(x0[:1], cfg, dtype)
 
     log("figures and summary ...")
-    _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg)
+    from .. import plotting
+
+    plotting.departure_vs_eps(
+        eps,
+        t_dep,
+        med_dep,
+        med_app,
+        fit,
+        os.path.join(out_dir, "departure_vs_eps.png"),
+        delta=cfg.delta,
+        metric=cfg.metric,
+        paper_prefactor=PAPER_PREFACTOR,
+    )
+    plotting.departure_phases(
+        eps, ts, D0, t_app, t_dep, os.path.join(out_dir, "phases.png"), delta=cfg.delta
+    )
     write_npz(
         os.path.join(out_dir, "departure_time.npz"),
         eps=eps,
@@ -285,62 +300,3 @@ def _write_csv(path, eps, med_app, med_dep, t_dep):
                 fh.write(",".join(f"{v:.6g}" for v in row) + "\n")
 
     write_atomic(path, w)
-
-
-def _plot(out_dir, eps, t_app, t_dep, med_dep, fit, ts, D0, cfg: Config):
-    import matplotlib.pyplot as plt
-
-    from .. import plotting  # noqa: F401
-    from .._io import save_figure
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for b in range(t_dep.shape[1]):
-        ax.loglog(
-            eps, np.where(np.isfinite(t_dep[:, b]), t_dep[:, b], np.nan), ".", color="0.7", ms=3
-        )
-    ax.loglog(eps, med_dep, "o-", color="tab:blue", ms=4, label="departure (median)")
-    ax.loglog(
-        eps, nanmedian(t_app, axis=1), "s-", color="tab:green", ms=3, label="approach (median)"
-    )
-    if fit["slope"] is not None:
-        ax.loglog(
-            eps,
-            fit["prefactor"] * eps ** fit["slope"],
-            "k--",
-            lw=1,
-            label=f"fit {fit['prefactor']:.3g}·ε^{fit['slope']:.3f}",
-        )
-    ax.loglog(eps, PAPER_PREFACTOR / eps, ":", color="tab:red", label="paper: 0.54/ε")
-    ax.set_xlabel("ε")
-    ax.set_ylabel("time")
-    ax.set_title(f"Departure from the original clusters (δ = {cfg.delta}, {cfg.metric})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "departure_vs_eps.png"), dpi=120)
-    plt.close(fig)
-
-    # Three phases for the first initial condition at a few ε.
-    pick = np.unique(np.linspace(0, eps.size - 1, min(3, eps.size)).round().astype(int))
-    fig, axes = plt.subplots(1, pick.size, figsize=(4.8 * pick.size, 3.8), squeeze=False)
-    for ax, k in zip(axes[0], pick):
-        D = D0[k]
-        ax.semilogy(ts, D, color="k", lw=1)
-        ax.axhline(cfg.delta, color="tab:red", lw=0.8)
-        a, dp = t_app[k, 0], t_dep[k, 0]
-        if np.isfinite(a):
-            ax.axvspan(0, a, color="tab:gray", alpha=0.2, label="before clustering")
-            end = dp if np.isfinite(dp) else ts[-1]
-            ax.axvspan(a, end, color="tab:green", alpha=0.2, label="near original clusters")
-            if np.isfinite(dp):
-                ax.axvspan(dp, ts[-1], color="tab:orange", alpha=0.2, label="after departure")
-        ax.set_xlim(0, min(ts[-1], 3 * dp if np.isfinite(dp) else ts[-1]))
-        ax.set_title(f"ε = {eps[k]:.3g}")
-        ax.set_xlabel("t")
-        ax.set_ylabel("D(t)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle("Three phases (first initial condition)")
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "phases.png"), dpi=120)
-    plt.close(fig)

@@ -228,7 +228,26 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     plateaus = {b: counts[c] for c, b in enumerate(plateau_betas)}
 
     log("figures and summary ...")
-    _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg)
+    from .. import plotting
+
+    plotting.sphere_phase_diagram(
+        ts,
+        betas,
+        dims,
+        prob,
+        curve,
+        os.path.join(out_dir, "phase_diagram.png"),
+        delta=cfg.delta,
+        n=cfg.n,
+        realisations=cfg.realisations,
+    )
+    plotting.sphere_plateaus(
+        pts,
+        plateaus,
+        os.path.join(out_dir, "plateaus.png"),
+        threshold=cfg.plateau_threshold,
+        n=cfg.n,
+    )
     write_npz(
         os.path.join(out_dir, "sphere_phase.npz"),
         dims=np.asarray(dims),
@@ -271,42 +290,3 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"done in {summary['wall_seconds']} s")
     return summary
-
-
-def _plot(out_dir, dims, betas, ts, prob, curve, pts, plateaus, cfg: Config):
-    import matplotlib.pyplot as plt
-
-    from .. import plotting  # noqa: F401
-    from .._io import save_figure
-
-    fig, axes = plt.subplots(
-        1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False, sharey=True
-    )
-    for ax, d, P in zip(axes[0], dims, prob):
-        im = ax.pcolormesh(ts, betas, P, vmin=0, vmax=1, cmap="magma", shading="auto")
-        ok = np.isfinite(curve) & (curve <= ts[-1])
-        ax.plot(curve[ok], betas[ok], "c--", lw=1.5, label="equiangular model")
-        ax.set_title(f"d = {d}")
-        ax.set_xlabel("t")
-        ax.set_xlim(ts[0], ts[-1])
-    axes[0][0].set_ylabel("β")
-    axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.colorbar(im, ax=axes[0].tolist(), label=f"P(⟨x_i, x_j⟩ ≥ 1 − {cfg.delta:g})")
-    fig.suptitle(f"SA on the sphere, n = {cfg.n}, {cfg.realisations} realisations per β")
-    save_figure(fig, os.path.join(out_dir, "phase_diagram.png"), dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for b, c in plateaus.items():
-        m = c.mean(axis=0)
-        ax.plot(pts, m, label=f"β = {b:g}")
-        ax.fill_between(pts, np.percentile(c, 25, axis=0), np.percentile(c, 75, axis=0), alpha=0.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("t")
-    ax.set_ylabel(f"clusters (⟨x_i, x_j⟩ ≥ 1 − {cfg.plateau_threshold:g})")
-    ax.set_title(f"Metastable plateaus, d = 2, n = {cfg.n} (mean, band 25–75 %)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "plateaus.png"), dpi=120)
-    plt.close(fig)

@@ -110,7 +110,10 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         }
 
     log("[3/3] figures and summary ...")
-    _plot(out_dir, eps, ts[probe_idx], results, cfg)
+    from .. import plotting
+
+    plotting.bound_vs_eps(eps, ts[probe_idx], results, os.path.join(out_dir, "bound_vs_eps.png"))
+    plotting.horizon_vs_eps(eps, results, os.path.join(out_dir, "horizon_vs_eps.png"), eta=cfg.eta)
     write_npz(
         os.path.join(out_dir, "stability_bound.npz"),
         eps=eps,
@@ -159,55 +162,3 @@ def _horizon_fit(eps, med_h):
         return None
     b, a = np.polyfit(x[ok], med_h[ok], 1)
     return {"intercept": float(a), "per_unit_log_inv_eps": float(b)}
-
-
-def _plot(out_dir, eps, probe_ts, results, cfg: Config):
-    import matplotlib.pyplot as plt
-
-    from .. import plotting  # noqa: F401  (sets the Agg backend)
-    from .._io import save_figure
-
-    colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
-    fig, axes = plt.subplots(1, len(probe_ts), figsize=(4.6 * len(probe_ts), 4), squeeze=False)
-    for j, (ax, t) in enumerate(zip(axes[0], probe_ts)):
-        for name, r in results.items():
-            e = r["e_probe"][..., j]
-            b = r["bound_probe"][..., j]
-            ax.loglog(
-                eps,
-                np.median(e, axis=1),
-                "-o",
-                ms=3,
-                color=colors[name],
-                label=f"{name}: measured (median)",
-            )
-            ax.fill_between(eps, e.min(axis=1), e.max(axis=1), color=colors[name], alpha=0.15)
-            bm = np.median(b, axis=1)
-            ok = np.isfinite(bm)
-            ax.loglog(eps[ok], bm[ok], "--", color=colors[name], label=f"{name}: bound")
-        ax.set_xlabel("ε = ‖ΔW‖₂")
-        ax.set_ylabel(f"e(t = {t:g})")
-        ax.set_title(f"t = {t:g}")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Measured divergence (band: min–max over initial conditions) and the bound")
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "bound_vs_eps.png"), dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, r in results.items():
-        h = r["horizon"]
-        ax.semilogx(eps, r["median_horizon"], "-o", ms=3, color=colors[name], label=name)
-        with np.errstate(all="ignore"):
-            ax.fill_between(
-                eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1), color=colors[name], alpha=0.15
-            )
-    ax.set_xlabel("ε")
-    ax.set_ylabel(f"certified horizon (e ≤ {cfg.eta:g})")
-    ax.set_title("Certified horizon grows like log(1/ε)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "horizon_vs_eps.png"), dpi=120)
-    plt.close(fig)

@@ -19,6 +19,14 @@ sphere phase diagram, departure time), `_geometries` (geometries, low rank),
 (modular-arithmetic forgetting study).
 """
 
+from ._experiments import (
+    bound_vs_eps,
+    departure_phases,
+    departure_vs_eps,
+    horizon_vs_eps,
+    sphere_phase_diagram,
+    sphere_plateaus,
+)
 from ._mean_field import (
     mean_field_bound,
     mean_field_clusters,
@@ -49,9 +57,13 @@ from ._trajectories import (
 
 __all__ = [
     "animate_side_by_side",
+    "bound_vs_eps",
     "cluster_change_figure",
+    "departure_phases",
+    "departure_vs_eps",
     "direction_structure",
     "divergence_with_bounds",
+    "horizon_vs_eps",
     "linear_response_figure",
     "mean_field_bound",
     "mean_field_clusters",
@@ -64,6 +76,8 @@ __all__ = [
     "real_model_particle",
     "real_model_spectra",
     "snapshots_side_by_side",
+    "sphere_phase_diagram",
+    "sphere_plateaus",
     "sweep_overview",
     "target_comparison",
     "worst_vs_random",

@@ -1,0 +1,163 @@
+"""Figures of the `stability-bound`, `sphere-phase` and `departure-time` experiments, one
+function per figure file."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .._io import save_figure
+
+
+# -- stability-bound ---------------------------------------------------------------------
+def bound_vs_eps(eps, probe_ts, results, path):
+    """Measured divergence at a few times (band: min–max over initial conditions) and the
+    a-posteriori bound against ε = ‖ΔW‖₂, for each perturbed weight."""
+    colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
+    fig, axes = plt.subplots(1, len(probe_ts), figsize=(4.6 * len(probe_ts), 4), squeeze=False)
+    for j, (ax, t) in enumerate(zip(axes[0], probe_ts)):
+        for name, r in results.items():
+            e = r["e_probe"][..., j]
+            b = r["bound_probe"][..., j]
+            ax.loglog(
+                eps,
+                np.median(e, axis=1),
+                "-o",
+                ms=3,
+                color=colors[name],
+                label=f"{name}: measured (median)",
+            )
+            ax.fill_between(eps, e.min(axis=1), e.max(axis=1), color=colors[name], alpha=0.15)
+            bm = np.median(b, axis=1)
+            ok = np.isfinite(bm)
+            ax.loglog(eps[ok], bm[ok], "--", color=colors[name], label=f"{name}: bound")
+        ax.set_xlabel("ε = ‖ΔW‖₂")
+        ax.set_ylabel(f"e(t = {t:g})")
+        ax.set_title(f"t = {t:g}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Measured divergence (band: min–max over initial conditions) and the bound")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def horizon_vs_eps(eps, results, path, *, eta):
+    """Certified horizon (e ≤ η) against ε for each perturbed weight."""
+    colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, r in results.items():
+        h = r["horizon"]
+        ax.semilogx(eps, r["median_horizon"], "-o", ms=3, color=colors[name], label=name)
+        with np.errstate(all="ignore"):
+            ax.fill_between(
+                eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1), color=colors[name], alpha=0.15
+            )
+    ax.set_xlabel("ε")
+    ax.set_ylabel(f"certified horizon (e ≤ {eta:g})")
+    ax.set_title("Certified horizon grows like log(1/ε)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+# -- sphere-phase ------------------------------------------------------------------------
+def sphere_phase_diagram(ts, betas, dims, prob, curve, path, *, delta, n, realisations):
+    """P(⟨x_i, x_j⟩ ≥ 1 − δ) over (t, β), one panel per dimension, with the equiangular
+    model's curve."""
+    fig, axes = plt.subplots(
+        1, len(dims), figsize=(4.2 * len(dims), 3.8), squeeze=False, sharey=True
+    )
+    for ax, d, P in zip(axes[0], dims, prob):
+        im = ax.pcolormesh(ts, betas, P, vmin=0, vmax=1, cmap="magma", shading="auto")
+        ok = np.isfinite(curve) & (curve <= ts[-1])
+        ax.plot(curve[ok], betas[ok], "c--", lw=1.5, label="equiangular model")
+        ax.set_title(f"d = {d}")
+        ax.set_xlabel("t")
+        ax.set_xlim(ts[0], ts[-1])
+    axes[0][0].set_ylabel("β")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"P(⟨x_i, x_j⟩ ≥ 1 − {delta:g})")
+    fig.suptitle(f"SA on the sphere, n = {n}, {realisations} realisations per β")
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def sphere_plateaus(pts, plateaus, path, *, threshold, n):
+    """Number of clusters over time for a few β (mean, band 25–75 %): metastable
+    plateaus."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b, c in plateaus.items():
+        m = c.mean(axis=0)
+        ax.plot(pts, m, label=f"β = {b:g}")
+        ax.fill_between(pts, np.percentile(c, 25, axis=0), np.percentile(c, 75, axis=0), alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel(f"clusters (⟨x_i, x_j⟩ ≥ 1 − {threshold:g})")
+    ax.set_title(f"Metastable plateaus, d = 2, n = {n} (mean, band 25–75 %)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+# -- departure-time ----------------------------------------------------------------------
+def departure_vs_eps(eps, t_dep, med_dep, med_app, fit, path, *, delta, metric, paper_prefactor):
+    """Departure time (every initial condition and the median), approach time and the
+    fitted power law against ε, with the paper's prefactor/ε."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for b in range(t_dep.shape[1]):
+        ax.loglog(
+            eps, np.where(np.isfinite(t_dep[:, b]), t_dep[:, b], np.nan), ".", color="0.7", ms=3
+        )
+    ax.loglog(eps, med_dep, "o-", color="tab:blue", ms=4, label="departure (median)")
+    ax.loglog(eps, med_app, "s-", color="tab:green", ms=3, label="approach (median)")
+    if fit["slope"] is not None:
+        ax.loglog(
+            eps,
+            fit["prefactor"] * eps ** fit["slope"],
+            "k--",
+            lw=1,
+            label=f"fit {fit['prefactor']:.3g}·ε^{fit['slope']:.3f}",
+        )
+    ax.loglog(
+        eps, paper_prefactor / eps, ":", color="tab:red", label=f"paper: {paper_prefactor:g}/ε"
+    )
+    ax.set_xlabel("ε")
+    ax.set_ylabel("time")
+    ax.set_title(f"Departure from the original clusters (δ = {delta}, {metric})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def departure_phases(eps, ts, D0, t_app, t_dep, path, *, delta):
+    """D(t) of the first initial condition at a few ε, with the three phases shaded."""
+    pick = np.unique(np.linspace(0, eps.size - 1, min(3, eps.size)).round().astype(int))
+    fig, axes = plt.subplots(1, pick.size, figsize=(4.8 * pick.size, 3.8), squeeze=False)
+    for ax, k in zip(axes[0], pick):
+        D = D0[k]
+        ax.semilogy(ts, D, color="k", lw=1)
+        ax.axhline(delta, color="tab:red", lw=0.8)
+        a, dp = t_app[k, 0], t_dep[k, 0]
+        if np.isfinite(a):
+            ax.axvspan(0, a, color="tab:gray", alpha=0.2, label="before clustering")
+            end = dp if np.isfinite(dp) else ts[-1]
+            ax.axvspan(a, end, color="tab:green", alpha=0.2, label="near original clusters")
+            if np.isfinite(dp):
+                ax.axvspan(dp, ts[-1], color="tab:orange", alpha=0.2, label="after departure")
+        ax.set_xlim(0, min(ts[-1], 3 * dp if np.isfinite(dp) else ts[-1]))
+        ax.set_title(f"ε = {eps[k]:.3g}")
+        ax.set_xlabel("t")
+        ax.set_ylabel("D(t)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Three phases (first initial condition)")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
