@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._fields import PlainField, RescaledField
-from .._io import check_output_dir, save_figure, write_atomic, write_json, write_npz
+from .._io import check_output_dir, write_atomic, write_json, write_npz
 from .._metrics import (
     booleanness,
     cluster_centres_masked,
@@ -543,7 +543,20 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         timing[name] = round(time.perf_counter() - t0, 3)
 
     log(f"[{len(steps) + 1}/{len(steps) + 1}] figures, data and summary ...")
-    _figures(out_dir, cfg, arrays, cases)
+    from .. import plotting
+
+    def fig_path(name):
+        return os.path.join(out_dir, name)
+
+    thr = cfg.cluster_threshold
+    # the cluster centres the figures outline (same shapes as in the cases: cached)
+    centres_d2 = [c["centres"] for c in clusters_np(arrays["polytope_d2_xs"][:, -1], thr)]
+    plane_centres = clusters_np(arrays["polygon_line_zs"][:, -1, :, :2], thr)[0]["centres"]
+    plotting.geometries_polytope(arrays, cases, centres_d2, fig_path("polytope.png"))
+    plotting.geometries_hyperplanes(arrays, cases, fig_path("hyperplanes.png"))
+    plotting.geometries_polygon_line(arrays, cases, plane_centres, fig_path("polygon_line.png"))
+    plotting.geometries_collapse(arrays, cases, fig_path("collapse.png"))
+    plotting.geometries_leaders_1d(arrays, cases, fig_path("leaders_1d.png"))
     checks = {}
     for case, res in cases.items():
         for k, v in res.items():
@@ -602,180 +615,3 @@ def _write_checks_csv(path, checks: dict) -> None:
             fh.write(buf.getvalue())
 
     write_atomic(path, _w)
-
-
-# -- figures (matplotlib's object API: no pyplot, no global backend switch) ----------
-def _figures(out_dir, cfg: Config, a, cases) -> None:
-    from matplotlib.figure import Figure
-
-    def save(fig, name):
-        fig.tight_layout()
-        save_figure(fig, os.path.join(out_dir, name), dpi=110)
-
-    # 1. polytope, d = 2 (all seeds) and d = 3 (seed 0)
-    xs2, xs3 = a["polytope_d2_xs"], a["polytope_d3_xs"]
-    S = xs2.shape[0]
-    ncol = min(S, 3)
-    cl2 = clusters_np(xs2[:, -1], cfg.cluster_threshold)  # same shapes as in the case: cached
-    fig = Figure(figsize=(3.3 * (ncol + 1), 3.4))
-    for s in range(ncol):
-        ax = fig.add_subplot(1, ncol + 1, s + 1)
-        _trails_2d(ax, xs2[s])
-        c = cl2[s]["centres"]
-        _hull_outline(ax, c)
-        ax.set_title(f"d = 2, seed {s}: {c.shape[0]} clusters", fontsize=9)
-    ax = fig.add_subplot(1, ncol + 1, ncol + 1, projection="3d")
-    _trails_3d(ax, xs3[0])
-    ax.set_title(f"d = 3, seed 0: {cases['polytope']['d3']['clusters'][0]} clusters", fontsize=9)
-    fig.suptitle(
-        "V = I, QᵀK ≻ 0 (rescaled): clusters at the vertices of a convex polytope "
-        f"— check: {cases['polytope']['d2']['check_centres_are_hull_vertices']}"
-        f" (d=2), {cases['polytope']['d3']['check_centres_are_hull_vertices']} (d=3)",
-        fontsize=10,
-    )
-    save(fig, "polytope.png")
-
-    # 2. hyperplanes
-    fig = Figure(figsize=(13, 3.6))
-    h2, h3 = cases["hyperplanes"]["d2"], cases["hyperplanes"]["d3"]
-    ax = fig.add_subplot(1, 4, 1)
-    _trails_2d(ax, a["hyperplanes_d2_xs"][0])
-    ps = np.asarray(h2["phi_1_star"])
-    lim = np.abs(a["hyperplanes_d2_xs"][0]).max() * 1.05
-    tt = np.linspace(-lim, lim, 2)
-    perp = np.array([-ps[1], ps[0]])
-    for v in h2["level_values"][0]:
-        line = v * ps[None, :] + tt[:, None] * perp[None, :]
-        ax.plot(line[:, 0], line[:, 1], "--", color="tab:blue", lw=0.8)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_title("2-D paper V, seed 0: lines ⟨φ₁*, z⟩ = c", fontsize=9)
-    ts = a["hyperplanes_ts"]
-    for j, (d, h) in enumerate(((2, h2), (3, h3))):
-        ax = fig.add_subplot(1, 4, 2 + j)
-        coord = a[f"hyperplanes_d{d}_coord"][0]
-        ax.plot(ts, coord, lw=0.6, color="k", alpha=0.6)
-        ax.set_xlabel("t")
-        ax.set_ylabel("⟨φ₁*, z_i(t)⟩")
-        ax.set_title(f"{d}-D paper V, seed 0: {h['levels'][0]} limit levels", fontsize=9)
-    ax = fig.add_subplot(1, 4, 4, projection="3d")
-    _trails_3d(ax, a["hyperplanes_d3_xs"][0])
-    ax.set_title("3-D paper V, seed 0 (z)", fontsize=9)
-    fig.suptitle(
-        "Top eigenvalue of V simple and positive: at most 3 parallel hyperplanes "
-        f"— levels per seed d=2 {h2['levels']}, d=3 {h3['levels']}",
-        fontsize=10,
-    )
-    save(fig, "hyperplanes.png")
-
-    # 3. polygon × line
-    pl = cases["polygon_line"]
-    zs, x3 = a["polygon_line_zs"], a["polygon_line_x3"]
-    fig = Figure(figsize=(11, 3.8))
-    ax = fig.add_subplot(1, 3, 1, projection="3d")
-    pts = np.concatenate([zs[0, :, :, :2], x3[0][..., None]], axis=-1)
-    _trails_3d(ax, pts)
-    ax.set_zlabel("x₃ = exp(−t/2)·z₃")
-    ax.set_title("seed 0: (z₁, z₂, x₃)", fontsize=9)
-    ax = fig.add_subplot(1, 3, 2)
-    _trails_2d(ax, zs[0, :, :, :2])
-    _hull_outline(ax, clusters_np(zs[:, -1, :, :2], cfg.cluster_threshold)[0]["centres"])
-    ax.set_title(f"(z₁, z₂): {pl['clusters_in_plane'][0]} polygon vertices", fontsize=9)
-    ax = fig.add_subplot(1, 3, 3)
-    tsp = a["polygon_line_ts"]
-    ax.semilogy(tsp, np.ptp(zs[:, :, :, 2], axis=-1).T, lw=1)
-    ax.semilogy(
-        tsp,
-        np.ptp(zs[0, :, :, 2], axis=-1)[-1] * np.exp(0.5 * (tsp - tsp[-1])),
-        "k--",
-        lw=0.8,
-        label="∝ exp(t/2)",
-    )
-    ax.set_xlabel("t")
-    ax.set_ylabel("spread of z₃")
-    ax.legend(fontsize=8)
-    ax.set_title("third coordinate: no clustering", fontsize=9)
-    fig.suptitle(
-        "V = diag(1, 1, −0.5): polygon vertices × free third coordinate — checks: "
-        f"{pl['check_plane_centres_are_polygon_vertices']}, "
-        f"{pl['check_third_coordinate_free']}",
-        fontsize=10,
-    )
-    save(fig, "polygon_line.png")
-
-    # 4. collapse
-    co = cases["collapse"]
-    ts, R = a["collapse_ts"], a["collapse_radius"]
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.add_subplot(1, 1, 1)
-    pos = ts > 0
-    ax.loglog(ts[pos], R[:, pos].T, lw=1)
-    ax.loglog(
-        ts[pos], a["collapse_mean_norm"][0, pos], ":", color="gray", lw=1, label="|mean| (seed 0)"
-    )
-    ref = R[0, -1] * (ts[pos] / ts[-1]) ** -0.5
-    ax.loglog(ts[pos], ref, "k--", lw=0.8, label="∝ t^(−1/2)")
-    ax.set_xlabel("t")
-    ax.set_ylabel("max_i |x_i(t)|")
-    ax.set_ylim(max(R[:, pos].min() / 5, a["collapse_mean_norm"][0, pos].min()), R.max() * 2)
-    ax.legend(fontsize=8)
-    ax.set_title(
-        f"V = −I, QᵀK = I (plain): slow collapse, slope {np.mean(co['late_loglog_slope']):.3f}",
-        fontsize=10,
-    )
-    save(fig, "collapse.png")
-
-    # 5. d = 1 leaders
-    l1 = cases["leaders_1d"]
-    ts, z, boo = a["leaders_1d_ts"], a["leaders_1d_zs"], a["leaders_1d_booleanness"]
-    fig = Figure(figsize=(12, 3.6))
-    ax = fig.add_subplot(1, 3, 1)
-    ax.plot(ts, z[0], lw=0.8, color="k", alpha=0.6)
-    for j in l1["per_seed"][0]["leaders"]:
-        ax.plot(ts, z[0, :, j], lw=2, color="tab:red")
-    ax.set_xlabel("t")
-    ax.set_ylabel("z_i(t)")
-    ax.set_title("seed 0: tokens (leaders in red)", fontsize=9)
-    ax = fig.add_subplot(1, 3, 2)
-    floor = 1e-18
-    ax.semilogy(ts, np.maximum(boo.T, floor), lw=1)
-    ax.set_xlabel("t")
-    ax.set_ylabel("Booleanness max min(P, 1−P)")
-    ax.set_title(f"→ 0 (floored at {floor:g})", fontsize=9)
-    ax = fig.add_subplot(1, 3, 3)
-    order = np.argsort(z[0, 0])
-    ax.imshow(a["leaders_1d_P_final"][0][np.ix_(order, order)], cmap="gray_r", vmin=0, vmax=1)
-    ax.set_title(f"final P (tokens sorted), rank {l1['per_seed'][0]['rank_P_final']}", fontsize=9)
-    fig.suptitle(
-        "d = 1, V > 0: Boolean attention, leaders = extreme tokens — checks: "
-        f"{l1['check_booleanness_to_zero']}, {l1['check_leaders_are_extreme_tokens']}",
-        fontsize=10,
-    )
-    save(fig, "leaders_1d.png")
-
-
-def _trails_2d(ax, xs):
-    for i in range(xs.shape[1]):
-        ax.plot(xs[:, i, 0], xs[:, i, 1], lw=0.5, color="tab:gray", alpha=0.5)
-    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=8, color="tab:gray", label="t = 0")
-    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=18, color="tab:red", zorder=3, label="t = t1")
-    ax.set_aspect("equal", adjustable="box")
-
-
-def _trails_3d(ax, xs):
-    for i in range(xs.shape[1]):
-        ax.plot(xs[:, i, 0], xs[:, i, 1], xs[:, i, 2], lw=0.5, color="tab:gray", alpha=0.5)
-    ax.scatter(xs[0, :, 0], xs[0, :, 1], xs[0, :, 2], s=6, color="tab:gray")
-    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], xs[-1, :, 2], s=16, color="tab:red")
-
-
-def _hull_outline(ax, centres):
-    """Polygon through 2-D centres ordered by angle around their mean (they are hull
-    vertices when the check holds)."""
-    c = np.asarray(centres)
-    if c.shape[0] < 2:
-        return
-    m = c.mean(axis=0)
-    order = np.argsort(np.arctan2(c[:, 1] - m[1], c[:, 0] - m[0]))
-    loop = c[np.append(order, order[0])]
-    ax.plot(loop[:, 0], loop[:, 1], "-", color="tab:blue", lw=0.8)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._fields import RescaledField
-from .._io import check_output_dir, save_figure, write_atomic, write_json, write_npz
+from .._io import check_output_dir, write_atomic, write_json, write_npz
 from .._lora import LoRA
 from .._metrics import booleanness, divergence, leaders
 from .._simulate import simulate
@@ -504,7 +504,23 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
 
     # 4. outputs
     log("[4/4] figures, data and summary ...")
-    _figures(out_dir, cfg, ts, xs, members, lxs, scales, lora_out, e_all)
+    from .. import plotting
+
+    step = _every(ts, 4)
+    plotting.low_rank_cases(
+        xs, members, os.path.join(out_dir, "cases.png"), step=step, n=cfg.n, t1=cfg.t1
+    )
+    plotting.low_rank_cluster_counts(members, os.path.join(out_dir, "cluster_counts.png"), d=cfg.d)
+    plotting.low_rank_lora(
+        ts,
+        lxs,
+        scales,
+        lora_out,
+        e_all,
+        os.path.join(out_dir, "lora.png"),
+        step=step,
+        separation=cfg.separation,
+    )
     k = _every(ts)
     # trajectories of x0 seed 0 only (every seed's start and end are kept): docs-sized file
     write_npz(
@@ -595,129 +611,3 @@ def _write_csv(path, rows) -> None:
             fh.write(buf.getvalue())
 
     write_atomic(path, _w)
-
-
-# -- figures (matplotlib's object API: no pyplot, no global backend switch) ----------
-def _figures(out_dir, cfg: Config, ts, xs, members, lxs, scales, lora_out, e_all) -> None:
-    from matplotlib.figure import Figure
-
-    k = _every(ts, 4)
-
-    def save(fig, name):
-        fig.tight_layout()
-        save_figure(fig, os.path.join(out_dir, name), dpi=110)
-
-    # 1. cases (x0 seed 0, weight seed 0)
-    want = [
-        "A = e1e1ᵀ",
-        "A = 0 (Q = 0)",
-        "proj rank 1 (w0)",
-        "proj rank 2 (w0)",
-        "proj rank 3 (w0)",
-        "psd rank 3 (w0)",
-    ]
-    picks = [
-        next(i for i, m in enumerate(members) if m["label"] == w)
-        for w in want
-        if any(m["label"] == w for m in members)
-    ]
-    fig = Figure(figsize=(12, 7.5))
-    for j, mi in enumerate(picks):
-        ax = fig.add_subplot(2, 3, j + 1, projection="3d")
-        _trails_3d(ax, xs[mi, 0, ::k])
-        m = members[mi]
-        ax.set_title(
-            f"{m['label']}: rank A = {m['rank_A']}, {m['stats'][0]['clusters']} cluster(s)",
-            fontsize=9,
-        )
-    fig.suptitle(
-        f"Rescaled dynamics, V = I, n = {cfg.n}, t ∈ [0, {cfg.t1:g}]: grey = start, red = end",
-        fontsize=10,
-    )
-    save(fig, "cases.png")
-
-    # 2. cluster counts by rank, and leaders vs clusters
-    rng = np.random.default_rng(0)
-    fig = Figure(figsize=(11, 4))
-    ax = fig.add_subplot(1, 2, 1)
-    for fam, off, col in (
-        ("zero", 0.0, "k"),
-        ("e1", -0.2, "tab:red"),
-        ("psd", -0.1, "tab:blue"),
-        ("gen", 0.0, "tab:orange"),
-        ("proj", 0.1, "tab:green"),
-    ):
-        xs_, ys_ = [], []
-        for m in members:
-            if m["family"] == fam:
-                for st in m["stats"]:
-                    xs_.append(m["rank_A"] + off + rng.uniform(-0.025, 0.025))
-                    ys_.append(st["clusters"])
-        label = {
-            "zero": "A = 0",
-            "e1": "A = e1e1ᵀ",
-            "psd": "Q = K = G_r (A = G_rᵀG_r)",
-            "gen": "Q = G_r, K = H_r independent",
-            "proj": "Q = K = A = rank-r projection",
-        }[fam]
-        ax.scatter(xs_, ys_, s=14, color=col, alpha=0.7, label=label)
-    d = cfg.d
-    ax.set_xticks(range(d + 1))
-    ax.set_xlabel("rank of A = QᵀK")
-    ax.set_ylabel("clusters at t1")
-    ax.legend(fontsize=8)
-    ax.set_title("cluster count against rank (each dot one run)", fontsize=10)
-    ax = fig.add_subplot(1, 2, 2)
-    cl = [st["clusters"] for m in members for st in m["stats"]]
-    ld = [st["n_leaders"] for m in members for st in m["stats"]]
-    ax.scatter(
-        np.array(cl) + rng.uniform(-0.1, 0.1, len(cl)),
-        np.array(ld) + rng.uniform(-0.1, 0.1, len(ld)),
-        s=12,
-        alpha=0.6,
-    )
-    top = max(cl + ld) + 1
-    ax.plot([0, top], [0, top], "k:", lw=0.8)
-    ax.set_xlabel("clusters")
-    ax.set_ylabel("leaders {j : max_i P_ij > 1/2}")
-    ax.set_title("leaders against clusters (A = 0 has no leader)", fontsize=10)
-    save(fig, "cluster_counts.png")
-
-    # 3. LoRA
-    L = len(scales)
-    fig = Figure(figsize=(3.0 * L, 7))
-    for li in range(L):
-        ax = fig.add_subplot(2, L, li + 1, projection="3d")
-        _trails_3d(ax, lxs[li, 0, ::k])
-        lo = lora_out[li]
-        ax.set_title(
-            f"ΔK = diag(0, {scales[li][0]:g}, {scales[li][1]:g})\nrank A = "
-            f"{lo['rank_A']}, {lo['clusters'][0]} clusters",
-            fontsize=9,
-        )
-    if e_all:
-        ax = fig.add_subplot(2, 1, 2)
-        for li in range(1, L):
-            med = np.median(e_all[li], axis=0)
-            pos = med > 0
-            ax.semilogy(
-                ts[pos],
-                med[pos],
-                lw=1.4,
-                label=f"s = ({scales[li][0]:g}, {scales[li][1]:g}), rank A = "
-                f"{lora_out[li]['rank_A']}",
-            )
-        ax.axhline(cfg.separation, color="gray", lw=0.8, ls=":")
-        ax.set_xlabel("t")
-        ax.set_ylabel("median over seeds of max_i |z_i − z_i^(rank 1)|")
-        ax.legend(fontsize=8)
-        ax.set_title("distance from the rank-1 run (base Q = I, K = e1e1ᵀ)", fontsize=10)
-    fig.suptitle("Rank-2 LoRA of K raising the rank of A = QᵀK (seed 0)", fontsize=10)
-    save(fig, "lora.png")
-
-
-def _trails_3d(ax, xs):
-    for i in range(xs.shape[1]):
-        ax.plot(xs[:, i, 0], xs[:, i, 1], xs[:, i, 2], lw=0.5, color="tab:gray", alpha=0.5)
-    ax.scatter(xs[0, :, 0], xs[0, :, 1], xs[0, :, 2], s=5, color="tab:gray")
-    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], xs[-1, :, 2], s=16, color="tab:red")

@@ -27,6 +27,16 @@ from ._experiments import (
     sphere_phase_diagram,
     sphere_plateaus,
 )
+from ._geometries import (
+    geometries_collapse,
+    geometries_hyperplanes,
+    geometries_leaders_1d,
+    geometries_polygon_line,
+    geometries_polytope,
+    low_rank_cases,
+    low_rank_cluster_counts,
+    low_rank_lora,
+)
 from ._mean_field import (
     mean_field_bound,
     mean_field_clusters,
@@ -63,8 +73,16 @@ __all__ = [
     "departure_vs_eps",
     "direction_structure",
     "divergence_with_bounds",
+    "geometries_collapse",
+    "geometries_hyperplanes",
+    "geometries_leaders_1d",
+    "geometries_polygon_line",
+    "geometries_polytope",
     "horizon_vs_eps",
     "linear_response_figure",
+    "low_rank_cases",
+    "low_rank_cluster_counts",
+    "low_rank_lora",
     "mean_field_bound",
     "mean_field_clusters",
     "mean_field_convergence",
