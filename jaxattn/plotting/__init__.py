@@ -45,6 +45,7 @@ from ._mean_field import (
     mean_field_large_n,
     mean_field_lora_w2,
 )
+from ._modular import modular_study_figures
 from ._real_model import (
     real_model_clustering,
     real_model_lora_drift,
@@ -89,6 +90,7 @@ __all__ = [
     "mean_field_departure",
     "mean_field_large_n",
     "mean_field_lora_w2",
+    "modular_study_figures",
     "real_model_clustering",
     "real_model_lora_drift",
     "real_model_particle",
