@@ -81,6 +81,18 @@ from ._bounds import (
 from ._bounds import (
     certified_horizon as certified_horizon,
 )
+from ._chunks import (
+    SweepError as SweepError,
+)
+from ._chunks import (
+    run_chunks as run_chunks,
+)
+from ._grid import (
+    SweepPlan as SweepPlan,
+)
+from ._grid import (
+    parse_sweep as parse_sweep,
+)
 from ._io import OutputBusyError as OutputBusyError
 from ._meanfield import (
     InitialMeasure as InitialMeasure,
@@ -194,6 +206,9 @@ from ._sensitivity import (
     worst_case_direction as worst_case_direction,
 )
 from ._setup import setup_jax as setup_jax
+from ._sharding import (
+    map_sharded as map_sharded,
+)
 from ._spec import (
     Simulation as Simulation,
 )
@@ -205,21 +220,6 @@ from ._spec import (
 )
 from ._spec import (
     parse_spec as parse_spec,
-)
-from ._sweep import (
-    SweepError as SweepError,
-)
-from ._sweep import (
-    SweepPlan as SweepPlan,
-)
-from ._sweep import (
-    map_sharded as map_sharded,
-)
-from ._sweep import (
-    parse_sweep as parse_sweep,
-)
-from ._sweep import (
-    run_chunks as run_chunks,
 )
 from ._sweep import (
     sweep as sweep,

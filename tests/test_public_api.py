@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxattn as ja
-from jaxattn import _io, _sensitivity, _spec, _sweep, cli
+from jaxattn import _chunks, _grid, _io, _sensitivity, _spec, cli
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -54,8 +54,8 @@ EXPECTED = {
     "ClusterChange": _sensitivity.ClusterChange,
     "ResponseOperator": _sensitivity.ResponseOperator,
     # sweeps and specs: what they return and raise
-    "SweepPlan": _sweep.SweepPlan,
-    "SweepError": _sweep.SweepError,
+    "SweepPlan": _grid.SweepPlan,
+    "SweepError": _chunks.SweepError,
     "OutputBusyError": _io.OutputBusyError,
     "Simulation": _spec.Simulation,
     "SpecError": _spec.SpecError,
@@ -63,7 +63,7 @@ EXPECTED = {
     "objective_value_and_grad": _sensitivity.value_and_grad,
     "load_spec": _spec.load_spec_file,
     "parse_spec": _spec.parse_spec,
-    "parse_sweep": _sweep.parse_sweep,
+    "parse_sweep": _grid.parse_sweep,
 }
 
 

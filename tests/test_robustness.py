@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from jaxattn import cli
+from jaxattn._chunks import SweepError, load_chunks
 from jaxattn._io import (
     OutputBusyError,
     check_output_file,
     output_lock,
     remove_stale_temporaries,
 )
-from jaxattn._sweep import SweepError, load_chunks, sweep
+from jaxattn._sweep import sweep
 
 SIM = {
     "dynamics": "rescaled",

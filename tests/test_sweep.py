@@ -14,8 +14,10 @@ import pytest
 
 import jaxattn as ja
 from jaxattn import cli
+from jaxattn._chunks import SweepError, load_chunks, run_chunks
+from jaxattn._grid import parse_sweep
 from jaxattn._spec import parse_spec
-from jaxattn._sweep import SweepError, load_chunks, parse_sweep, run_chunks, sweep
+from jaxattn._sweep import sweep
 
 SPEC = {
     "dynamics": "rescaled",
@@ -342,7 +344,7 @@ def test_float32_adaptive_sweep_over_beta_seed_alpha(tmp_path):
 
 
 def test_short_chunks_are_padded_to_a_few_sizes_only(tmp_path):
-    from jaxattn._sweep import padded_size
+    from jaxattn._sharding import padded_size
 
     assert [padded_size(n, 4096) for n in (1, 2, 3, 5, 100, 4095, 4096)] == [
         1,

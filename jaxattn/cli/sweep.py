@@ -46,7 +46,8 @@ def handle(args) -> int:
     raw = load_spec_file(args.spec)
     dtype = raw.get("dtype", "float64")
     setup_jax(dtype if isinstance(dtype, str) else "float64")
-    from .._sweep import parse_sweep, sweep
+    from .._grid import parse_sweep
+    from .._sweep import sweep
 
     plan = parse_sweep(raw)  # every spec/grid error surfaces here, before any output
     if (args.process_index is None) != (args.process_count is None):

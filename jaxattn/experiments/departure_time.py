@@ -8,7 +8,7 @@ Approach time: first `D ≤ δ`; departure time: first later `D > δ`. NaN is ne
 "far": a non-finite D before a decision gives NaN times (and is counted in the summary).
 
 All (ε, initial condition) pairs of a chunk are one vmapped solve; the chunks run on the
-package's sweep engine (`_sweep.run_chunks`): finished chunks are saved under
+package's sweep engine (`_chunks.run_chunks`): finished chunks are saved under
 `out_dir/chunks/` and skipped when the same configuration is run again, so a killed full
 run resumes where it stopped.
 """
@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._chunks import run_chunks, sweep_id
 from .._fields import RescaledField
 from .._io import check_output_dir, write_json, write_npz
 from .._lora import LoRA
 from .._metrics import approach_departure, hausdorff, one_sided_distance
 from .._simulate import fixed_step_grid, simulate
-from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype, loglog_fit, nanmedian, uniform_tokens
 from ._config import ExperimentConfig
 

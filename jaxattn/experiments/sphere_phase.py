@@ -9,7 +9,7 @@ for d ∈ {2, 8, 32, 128}; overlaid: the time at which the equiangular model (do
 against t in d = 2 for several β.
 
 Each (d, β) cell is one vmapped solve over the realisations and one chunk of the sweep
-engine (`_sweep.run_chunks`): finished cells are saved under `out_dir/chunks/` and
+engine (`_chunks.run_chunks`): finished cells are saved under `out_dir/chunks/` and
 skipped on a rerun, so a killed run resumes.
 """
 
@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._chunks import run_chunks, sweep_id
 from .._fields import SphereField
 from .._io import check_output_dir, write_json, write_npz
 from .._metrics import chord_from_cosine_gap, cluster_count, gram
 from .._simulate import simulate
-from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype
 from ._config import ExperimentConfig
 
