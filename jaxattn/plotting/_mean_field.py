@@ -33,7 +33,7 @@ def _label(ax, xlabel, ylabel, title, legend_size: float = 7, ncol: int = 1):
 def mean_field_convergence(ladders: dict[int, mf.Ladder], summary: dict[str, Any], path):
     """Convergence in n, one panel per dimension: sliced W2 against the largest run and
     exact W2 between seeds, with the n^-1/2 and n^-1/d rates."""
-    from ..experiments._common import nanmedian
+    from .._stats import nanmedian
 
     dims = list(ladders)
     fig, axes = plt.subplots(1, len(dims), figsize=(5.6 * len(dims), 4.4), squeeze=False)
