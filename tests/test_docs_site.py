@@ -3,12 +3,16 @@ every page in the navigation exists. (`make docs` builds the site with --strict 
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import re
 import types
 
 import jaxattn
+import jaxattn.experiments
 import jaxattn.modular
+import jaxattn.plotting
+import jaxattn.real_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -33,18 +37,27 @@ def _entries():
 def test_every_public_name_has_a_reference_entry():
     entries = _entries()
     missing = [f"jaxattn.{n}" for n in _public(jaxattn) if f"jaxattn.{n}" not in entries]
-    missing += [
-        f"jaxattn.modular.{n}"
-        for n in _public(jaxattn.modular)
-        if f"jaxattn.modular.{n}" not in entries
-    ]
+    for module in (jaxattn.modular, jaxattn.real_model, jaxattn.experiments, jaxattn.plotting):
+        missing += [
+            f"{module.__name__}.{n}"
+            for n in _public(module)
+            if f"{module.__name__}.{n}" not in entries
+        ]
+    # each experiment's options and entry point
+    for name in jaxattn.experiments.available():
+        mod = jaxattn.experiments.get(name).__name__
+        missing += [f"{mod}.{n}" for n in ("Config", "run") if f"{mod}.{n}" not in entries]
     assert not missing, f"no API reference entry for: {missing}"
 
 
 def test_reference_entries_resolve():
     for entry in _entries():
         obj = jaxattn
+        path = "jaxattn"
         for part in entry.split(".")[1:]:
+            path = f"{path}.{part}"
+            if not hasattr(obj, part):  # a submodule not imported by its package
+                importlib.import_module(path)  # ModuleNotFoundError names the stale entry
             obj = getattr(obj, part)  # AttributeError names the stale entry
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import importlib
 
+from ._config import ExperimentConfig as ExperimentConfig
+
+__all__ = ["ExperimentConfig", "available", "get"]
+
 # name -> module (imported lazily: `import jaxattn` stays light)
 _MODULES = {
     "lora-divergence": "lora_divergence",

@@ -67,3 +67,25 @@ from ._run import FULL as FULL
 from ._run import QUICK as QUICK
 from ._run import RealModelConfig as RealModelConfig
 from ._run import analyze as analyze
+
+__all__ = [
+    "BertConfig",
+    "BertEncoder",
+    "BertLayers",
+    "Checkpoint",
+    "RealModelConfig",
+    "analyze",
+    "default_corpus",
+    "default_model_dir",
+    "encode",
+    "head_field",
+    "head_spectrum",
+    "hidden_states",
+    "load",
+    "load_config",
+    "load_tokenizer",
+    "load_weights",
+    "lora_deltas",
+    "random_sequences",
+    "read_text",
+]
