@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -84,7 +85,11 @@ def _stats(values) -> dict[str, Any]:
 
 
 def run_study(
-    config: ModularConfig, out_dir: str, *, progress: bool = False, log=print
+    config: ModularConfig,
+    out_dir: str,
+    *,
+    progress: bool = False,
+    log: Callable[[str], object] = print,
 ) -> dict[str, Any]:
     """Run (or resume) the whole study; write figures and `summary.json` in `out_dir`."""
     check_output_dir(out_dir)
@@ -195,7 +200,7 @@ def _capacity(config: ModularConfig, out_dir: str, *, progress: bool, log) -> li
     return out
 
 
-def trend_test(depths, values) -> dict[str, Any]:
+def trend_test(depths: Sequence[int], values: Sequence[float | None]) -> dict[str, Any]:
     """Is a per-model quantity monotone in depth? Spearman's rank correlation (with
     its two-sided p-value) and the least-squares slope per layer with a 95 % interval,
     over the models whose value is known."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -80,15 +81,15 @@ def _flatten_for_npz(prefix: str, d: dict, out: dict) -> None:
 
 
 def analyze(
-    out_dir,
+    out_dir: str | os.PathLike,
     *,
-    model_dir=None,
-    text=None,
+    model_dir: str | os.PathLike | None = None,
+    text: str | os.PathLike | None = None,
     repeat: int = 1,
     quick: bool = False,
-    log=print,
-    **overrides,
-) -> dict:
+    log: Callable[[str], object] = print,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Run analyses 1–4 and write figures, `data.npz` and `summary.json` to `out_dir`.
 
     **Arguments:**
