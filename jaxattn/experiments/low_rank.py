@@ -22,10 +22,12 @@ explicit factors `A_lora = [e₂ᵀ; e₃ᵀ]`, `B_lora = [s₂e₂, s₃e₃]`,
 diag(0, s₂, s₃)`), for several (s₂, s₃): it raises the rank of A to 2 or 3 and splits the
 two rank-1 clusters into more. One batched solve over the stacked LoRA.
 
-Cluster statistics at t1 (summary.json and clusters.csv): cluster count
-(`cluster_count` at `cluster_threshold`), Booleanness of `field.attention(t1, z(t1))`,
-leaders, rank of that attention matrix, and whether the cluster centres are vertices of
-their convex hull.
+Cluster statistics at t1 (summary.json and clusters.csv), computed by the library's
+`token_set_stats` on the final tokens of both studies: cluster count (`cluster_count` at
+`cluster_threshold`), Booleanness of `field.attention(t1, z(t1))`, leaders, rank of that
+attention matrix, and whether the cluster centres are vertices of their convex hull. The
+checks of the A = 0 and rank-1 predictions use the library functions next to it
+(`offset_from_initial_mean`, `distance_from_uniform`, `leaders_at_extremes`).
 """
 
 from __future__ import annotations
@@ -41,13 +43,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._clusters import (
+    TokenSetStats,
+    attention_matrices,
+    cluster_counts_by_rank,
+    distance_from_uniform,
+    final_motion,
+    first_time_above,
+    hull_directions,
+    leaders_at_extremes,
+    offset_from_initial_mean,
+    token_set_stats,
+)
 from .._fields import RescaledField
 from .._io import check_output_dir, write_atomic, write_json, write_npz
 from .._lora import LoRA
-from .._metrics import booleanness, divergence, leaders
+from .._metrics import cluster_count, divergence
 from .._simulate import simulate
 from ._config import ExperimentConfig
-from .geometries import cluster_batch, directions, hull_vertex_mask
 
 NAME = "low-rank"
 DESCRIPTION = (
@@ -191,61 +204,8 @@ def rank_lora(scales, dtype) -> LoRA:
     return LoRA(jnp.asarray(As, dtype), jnp.asarray(Bs, dtype), 2.0, "K")
 
 
-# -- statistics ----------------------------------------------------------------------
-def _final_attention(Qs, Ks, finals, t1, beta, dtype):
-    """`field.attention(t1, z)` for every weight pair (Q_m, K_m) and seed: (M, S, n, n)."""
-
-    def one(Q, K, z):
-        return RescaledField(Q, K, None, beta=beta, dtype=dtype).attention(t1, z)
-
-    f = jax.vmap(jax.vmap(one, in_axes=(None, None, 0)))
-    return np.asarray(f(jnp.asarray(Qs, dtype), jnp.asarray(Ks, dtype), jnp.asarray(finals)))
-
-
-@jax.jit
-def _attention_stats(P):
-    """Booleanness and leaders of a batch of attention matrices `(B, n, n)`."""
-    return jax.vmap(booleanness)(P), jax.vmap(leaders)(P)
-
-
-def batch_stats(finals, P, thr, dirs) -> list[dict]:
-    """Per token set of `finals (B, n, d)` with attention `P (B, n, n)`: cluster count (at
-    thr and 10·thr), leaders, Booleanness, rank of P, centres and how many of them are
-    vertices of their convex hull. A few compiled calls for the whole batch."""
-    finals = jnp.asarray(finals)
-    _, centres, mask = (np.asarray(a) for a in cluster_batch(finals, thr))
-    _, _, mask10 = (np.asarray(a) for a in cluster_batch(finals, 10 * thr))
-    boo, lead = (np.asarray(a) for a in _attention_stats(jnp.asarray(P)))
-    out = []
-    for b in range(finals.shape[0]):
-        c = centres[b][mask[b]]
-        ld = np.nonzero(lead[b])[0]
-        out.append(
-            {
-                "clusters": int(mask[b].sum()),
-                "clusters_10x_threshold": int(mask10[b].sum()),
-                "leaders": ld.tolist(),
-                "n_leaders": int(ld.size),
-                "booleanness": float(boo[b]),
-                "rank_P": int(np.linalg.matrix_rank(P[b], tol=1e-9)),
-                "centres_on_hull": int(hull_vertex_mask(c, dirs).sum()),
-                "centres": c,
-            }
-        )
-    return out
-
-
-def _departure(ts, e, sep):
-    above = np.nonzero(e > sep)[0]
-    return float(ts[above[0]]) if above.size else None
-
-
-def _motion(xs, ts, span=1.0):
-    k = int(np.argmin(np.abs(ts - (ts[-1] - span))))
-    return float(np.max(np.abs(xs[..., -1, :, :] - xs[..., k, :, :])))
-
-
 def _every(ts, per_unit: int = 2) -> int:
+    """Stride that keeps about `per_unit` saved frames per unit of time."""
     dt = float(ts[1] - ts[0]) if ts.size > 1 else 1.0
     return max(1, round(1.0 / (per_unit * dt)))
 
@@ -261,9 +221,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
-    n, d, S, thr = cfg.n, cfg.d, cfg.seeds, cfg.cluster_threshold
+    n, d, S = cfg.n, cfg.d, cfg.seeds
     x0 = jax.random.normal(jax.random.key(cfg.seed), (S, n, d), dtype)
-    dirs = directions(d, cfg.n_dirs, seed=cfg.seed)
 
     # 1. rank study: all weight members × all seeds in one solve
     members = weight_members(d, cfg.weight_seeds, cfg.seed)
@@ -274,18 +233,11 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         f"rescaled, V=I, T={cfg.t1}, dt={cfg.dt} ({cfg.solver}) ..."
     )
     t0 = time.perf_counter()
-    sol = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
-    sol.xs.block_until_ready()
+    sol = _solve(field, x0, cfg, "rank-study solve")
     solve_s = time.perf_counter() - t0
-    if not sol.ok:
-        raise RuntimeError(f"rank-study solve failed: {'; '.join(sol.messages())}")
     ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)  # (M, S, T, n, d)
-    Qs = np.stack([m["Q"] for m in members])
-    Ks = np.stack([m["K"] for m in members])
-    x0n = np.asarray(x0)
-    motion = _motion(xs, ts)
 
-    # 2. LoRA study
+    # 2. LoRA study: base Q = I, K = e1e1ᵀ with the stacked rank-2 LoRA of K
     scales = list(cfg.lora_scales)
     E = np.zeros((d, d))
     E[0, 0] = 1.0
@@ -294,171 +246,202 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     log(
         f"[2/4] LoRA of K raising rank(A) from 1: ΔK = diag(0, s2, s3) for (s2, s3) in {scales} ..."
     )
-    lsol = simulate(base.with_lora(lora), x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
-    if not lsol.ok:
-        raise RuntimeError(f"LoRA solve failed: {'; '.join(lsol.messages())}")
-    lxs = np.asarray(lsol.xs)  # (L, S, T, n, d)
+    lxs = np.asarray(_solve(base.with_lora(lora), x0, cfg, "LoRA solve").xs)  # (L, S, T, n, d)
     K_eff = E[None] + np.asarray(lora.delta())  # (L, d, d): K + ΔK
 
-    # 3. statistics of both studies in a few compiled calls
+    # 3. library analysis of both studies' final tokens, in a few compiled calls
     log("[3/4] statistics and checks ...")
+    Qs, Ks = (np.stack([m[w] for m in members]) for w in "QK")
     allQ = np.concatenate([Qs, np.broadcast_to(np.eye(d), K_eff.shape)])
     allK = np.concatenate([Ks, K_eff])
     finals = np.concatenate([xs[:, :, -1], lxs[:, :, -1]])  # (M + L, S, n, d)
-    P_all = _final_attention(allQ, allK, finals, ts[-1], cfg.beta, dtype)
-    stats_all = batch_stats(finals.reshape(-1, n, d), P_all.reshape(-1, n, n), thr, dirs)
-    P, lP = P_all[:M], P_all[M:]
-    rows = []
+    P = attention_matrices(allQ, allK, finals, ts[-1], beta=cfg.beta, dtype=dtype)
+    dirs = hull_directions(d, cfg.n_dirs, seed=cfg.seed)
+    stats = token_set_stats(
+        finals.reshape(-1, n, d), P.reshape(-1, n, n), cfg.cluster_threshold, dirs
+    )
+    runs = _per_run(stats)
     for mi, m in enumerate(members):
-        stats = stats_all[mi * S : (mi + 1) * S]
-        m["stats"] = stats
-        for s, st in enumerate(stats):
-            rows.append(
-                [
-                    mi,
-                    m["label"],
-                    m["family"],
-                    m["rank_A"],
-                    m["weight_seed"],
-                    s,
-                    st["clusters"],
-                    st["clusters_10x_threshold"],
-                    st["n_leaders"],
-                    st["booleanness"],
-                    st["rank_P"],
-                    st["centres_on_hull"],
-                ]
-            )
+        m["stats"] = runs[mi * S : (mi + 1) * S]
+    lora_runs = [runs[(M + li) * S : (M + li + 1) * S] for li in range(len(scales))]
+    dt_check = _dt_check(field, x0, cfg, xs[:, :, -1], stats.clusters[: M * S], log)
+    ref = 0 if scales[0] == (0.0, 0.0) else None  # the rank-1 LoRA run, if there is one
+    lora_out, e_all = _lora_members(ts, lxs, K_eff, E, lora_runs, ref, cfg)
+    rank1_ref = next(i for i, m in enumerate(members) if m["family"] == "e1")
+    lora_zero_matches = float(np.max(np.abs(lxs[ref] - xs[rank1_ref]))) if ref is not None else None
+    motion = final_motion(ts, xs)
+    leader_masks = stats.leaders[: M * S].reshape(M, S, n)
+    checks, zero = _checks(members, xs, P[:M], np.asarray(x0), leader_masks, d)
+    checks.update(_convergence_checks(motion, lora_zero_matches, dt_check))
+    by_family = {fam: _counts_by_rank(members, fam, d) for fam in ("psd", "gen", "proj")}
+    summary = _summary(cfg, quick, dtype, checks, members, rank1_ref, zero, by_family)
+    summary.update(
+        lora=_lora_summary(lora_out, lora_zero_matches),
+        final_motion_last_unit=motion,
+        dt_check=dt_check,
+        solve_seconds_incl_compile=round(solve_s, 3),
+        notes=NOTES.format(n_dirs=cfg.n_dirs),
+    )
 
-    dt_check = None
-    if cfg.dt_check:
-        log(f"[3b] the rank study again at dt = {cfg.dt / 2:g} (convergence in dt) ...")
-        sol2 = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt / 2)
-        fin2 = np.asarray(sol2.final)
-        _, _, mask2 = cluster_batch(jnp.asarray(fin2.reshape(-1, n, d)), thr)
-        counts2 = np.asarray(mask2).sum(-1)
-        same = all(int(counts2[b]) == stats_all[b]["clusters"] for b in range(M * S))
-        dt_check = {
-            "dt_half": cfg.dt / 2,
-            "max_final_difference": float(np.max(np.abs(fin2 - xs[:, :, -1]))),
-            "same_cluster_counts": bool(same),
-        }
+    # 4. outputs
+    log("[4/4] figures, data and summary ...")
+    from .. import plotting
 
-    ref = 0 if scales[0] == (0.0, 0.0) else None
-    lora_out = []
-    e_all = []
-    for li, sc in enumerate(scales):
-        stats = stats_all[(M + li) * S : (M + li + 1) * S]
-        A = np.eye(d).T @ K_eff[li]
+    path = lambda name: os.path.join(out_dir, name)
+    step = _every(ts, 4)
+    plotting.low_rank_cases(xs, members, path("cases.png"), step=step, n=cfg.n, t1=cfg.t1)
+    plotting.low_rank_cluster_counts(members, path("cluster_counts.png"), d=cfg.d)
+    plotting.low_rank_lora(
+        ts, lxs, scales, lora_out, e_all, path("lora.png"), step=step, separation=cfg.separation
+    )
+    _write_npz(out_dir, ts, xs, lxs, np.asarray(x0), members, P, K_eff, scales, e_all)
+    _write_csv(path("clusters.csv"), _csv_rows(members, lora_out, lora_runs, scales))
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    write_json(path("summary.json"), summary)
+    failed = [c for c, v in checks.items() if not v]
+    log(
+        f"done in {summary['wall_seconds']:.1f} s: A = e1e1ᵀ → clusters "
+        f"{summary['e1e1']['clusters']}; projection A, mean clusters by rank "
+        f"{[by_family['proj'][r]['clusters_mean'] for r in by_family['proj']]}; "
+        f"LoRA clusters {[lo['clusters'] for lo in lora_out]}; "
+        f"{len(checks) - len(failed)}/{len(checks)} checks pass"
+        + (f" (FAILED: {', '.join(failed)})" if failed else "")
+    )
+    return summary
+
+
+# -- orchestration helpers of run() ---------------------------------------------------
+def _solve(field, x0, cfg: Config, what: str):
+    sol = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
+    sol.xs.block_until_ready()
+    if not sol.ok:
+        raise RuntimeError(f"{what} failed: {'; '.join(sol.messages())}")
+    return sol
+
+
+def _per_run(stats: TokenSetStats) -> list[dict]:
+    """`token_set_stats` as one dict per run (the rows of clusters.csv and the figures)."""
+    out = []
+    for b in range(stats.clusters.shape[0]):
+        ld = np.nonzero(stats.leaders[b])[0]
+        out.append(
+            {
+                "clusters": int(stats.clusters[b]),
+                "clusters_10x_threshold": int(stats.clusters_coarse[b]),
+                "leaders": ld.tolist(),
+                "n_leaders": int(ld.size),
+                "booleanness": float(stats.booleanness[b]),
+                "rank_P": int(stats.rank_P[b]),
+                "centres_on_hull": int(stats.centres_on_hull[b]),
+                "centres": stats.centres[b][stats.centre_mask[b]],
+            }
+        )
+    return out
+
+
+def _dt_check(field, x0, cfg: Config, final, clusters, log) -> dict | None:
+    """With `cfg.dt_check`, the rank study again at dt / 2: same cluster counts?"""
+    if not cfg.dt_check:
+        return None
+    log(f"[3b] the rank study again at dt = {cfg.dt / 2:g} (convergence in dt) ...")
+    sol2 = simulate(field, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt / 2)
+    fin2 = np.asarray(sol2.final)
+    counts2 = np.asarray(cluster_count(jnp.asarray(fin2), cfg.cluster_threshold)).reshape(-1)
+    return {
+        "dt_half": cfg.dt / 2,
+        "max_final_difference": float(np.max(np.abs(fin2 - final))),
+        "same_cluster_counts": bool(np.array_equal(counts2, clusters)),
+    }
+
+
+def _lora_members(ts, lxs, K_eff, E, lora_runs, ref, cfg: Config) -> tuple[list[dict], list]:
+    """Per LoRA scale: rank of A = K + ΔK, cluster statistics and, with a reference run
+    `ref` (scale (0, 0)), the divergence from it and when that first exceeds `separation`."""
+    out, e_all = [], []
+    for li, (sc, runs) in enumerate(zip(cfg.lora_scales, lora_runs)):
         entry = {
             "s2_s3": sc,
             "delta_K_norm": float(np.linalg.norm(K_eff[li] - E, 2)),
-            "rank_A": int(np.linalg.matrix_rank(A, tol=1e-10)),
-            "clusters": [st["clusters"] for st in stats],
-            "leaders": [st["n_leaders"] for st in stats],
-            "booleanness": [st["booleanness"] for st in stats],
+            "rank_A": int(np.linalg.matrix_rank(K_eff[li], tol=1e-10)),  # A = IᵀK_eff
+            "clusters": [st["clusters"] for st in runs],
+            "leaders": [st["n_leaders"] for st in runs],
+            "booleanness": [st["booleanness"] for st in runs],
         }
         if ref is not None:
             e = np.asarray(divergence(jnp.asarray(lxs[li]), jnp.asarray(lxs[ref])))  # (S, T)
             e_all.append(e)
             entry["final_divergence_from_rank1"] = e[:, -1].tolist()
             entry["first_time_divergence_above_separation"] = [
-                _departure(ts, e[s], cfg.separation) for s in range(S)
+                first_time_above(ts, es, cfg.separation) for es in e
             ]
-        lora_out.append(entry)
-        for s, st in enumerate(stats):
-            rows.append(
-                [
-                    f"lora{li}",
-                    f"LoRA K s=({sc[0]:g},{sc[1]:g})",
-                    "lora",
-                    entry["rank_A"],
-                    None,
-                    s,
-                    st["clusters"],
-                    st["clusters_10x_threshold"],
-                    st["n_leaders"],
-                    st["booleanness"],
-                    st["rank_P"],
-                    st["centres_on_hull"],
-                ]
-            )
-    rank1_ref = next(i for i, m in enumerate(members) if m["family"] == "e1")
-    lora_zero_matches = float(np.max(np.abs(lxs[ref] - xs[rank1_ref]))) if ref is not None else None
+        out.append(entry)
+    return out, e_all
 
-    # summary numbers and checks
-    by_family = {}
-    for fam in ("psd", "gen", "proj"):
-        by_family[fam] = {}
-        for r in range(1, d + 1):
-            cs = [
-                st["clusters"]
-                for m in members
-                if m["family"] == fam and m["rank_A"] == r
-                for st in m["stats"]
-            ]
-            if cs:
-                by_family[fam][str(r)] = {
-                    "clusters_mean": float(np.mean(cs)),
-                    "clusters_min": int(min(cs)),
-                    "clusters_max": int(max(cs)),
-                    "runs": len(cs),
-                }
-    zero = [m for m in members if m["family"] == "zero"]
-    mean_err = max(
-        float(np.max(np.abs(st["centres"][0] - x0n[s].mean(axis=0))))
-        for m in zero
-        for s, st in enumerate(m["stats"])
-    )
-    uniform_err = max(
-        float(np.max(np.abs(P[mi] - 1.0 / n)))
-        for mi, m in enumerate(members)
-        if m["family"] == "zero"
-    )
+
+def _checks(members, xs, P, x0, leader_masks, d) -> tuple[dict, dict]:
+    """The predictions for A = 0, rank-1 and full-rank PSD A, checked on every run."""
+    zero_idx = [mi for mi, m in enumerate(members) if m["family"] == "zero"]
+    zero = [members[mi] for mi in zero_idx]
+    centre0 = lambda m: np.stack([st["centres"][0] for st in m["stats"]])  # token 0's cluster
+    mean_err = max(float(np.max(offset_from_initial_mean(centre0(m), x0))) for m in zero)
+    uniform_err = max(float(np.max(distance_from_uniform(P[mi]))) for mi in zero_idx)
     rank1 = [m for m in members if m["rank_A"] == 1]
-    rank1_psd = [m for m in members if m["rank_A"] == 1 and m["family"] in ("e1", "psd", "proj")]
+    rank1_psd_idx = [
+        mi
+        for mi, m in enumerate(members)
+        if m["rank_A"] == 1 and m["family"] in ("e1", "psd", "proj")
+    ]
+    rank1_psd = [members[mi] for mi in rank1_psd_idx]
     full_psd = [m for m in members if m["family"] in ("psd", "proj") and m["rank_A"] == d]
-    lead_extreme = True
-    for m in rank1_psd:
-        a = np.linalg.svd(m["A"])[0][:, 0]
-        mi = members.index(m)
-        for s, st in enumerate(m["stats"]):
-            c = xs[mi, s, -1] @ a
-            ext = {int(np.argmax(c)), int(np.argmin(c))}
-            lead_extreme &= bool(st["leaders"]) and set(st["leaders"]) <= ext
+    lead_extreme = all(
+        leaders_at_extremes(members[mi]["A"], xs[mi, s, -1], leader_masks[mi, s])
+        for mi in rank1_psd_idx
+        for s in range(xs.shape[1])
+    )
+    runs = lambda ms: [st for m in ms for st in m["stats"]]
     checks = {
         "zero_one_cluster_at_the_mean": bool(
-            all(st["clusters"] == 1 for m in zero for st in m["stats"]) and mean_err < 1e-6
+            all(st["clusters"] == 1 for st in runs(zero)) and mean_err < 1e-6
         ),
         "zero_uniform_attention_no_leaders": bool(
-            uniform_err < 1e-12 and all(st["n_leaders"] == 0 for m in zero for st in m["stats"])
+            uniform_err < 1e-12 and all(st["n_leaders"] == 0 for st in runs(zero))
         ),
-        "rank1_psd_at_most_2_clusters": bool(
-            all(st["clusters"] <= 2 for m in rank1_psd for st in m["stats"])
-        ),
+        "rank1_psd_at_most_2_clusters": all(st["clusters"] <= 2 for st in runs(rank1_psd)),
         "rank1_psd_leaders_are_extreme_along_a": bool(lead_extreme),
-        "rank1_any_at_most_2_clusters": bool(
-            all(st["clusters"] <= 2 for m in rank1 for st in m["stats"])
+        "rank1_any_at_most_2_clusters": all(st["clusters"] <= 2 for st in runs(rank1)),
+        "full_rank_psd_centres_are_hull_vertices": all(
+            st["centres_on_hull"] == st["clusters"] for st in runs(full_psd)
         ),
-        "full_rank_psd_centres_are_hull_vertices": bool(
-            all(st["centres_on_hull"] == st["clusters"] for m in full_psd for st in m["stats"])
+        "nonzero_A_boolean_attention": all(
+            st["booleanness"] < 1e-6 for st in runs(m for m in members if m["family"] != "zero")
         ),
-        "nonzero_A_boolean_attention": bool(
-            all(
-                st["booleanness"] < 1e-6
-                for m in members
-                if m["family"] != "zero"
-                for st in m["stats"]
-            )
-        ),
-        "converged_at_t1": bool(motion < 1e-4),
     }
+    zero_summary = {
+        "members": [_member_summary(m) for m in zero],
+        "max_centre_minus_initial_mean": mean_err,
+        "max_abs_P_minus_1_over_n": uniform_err,
+    }
+    return checks, zero_summary
+
+
+def _convergence_checks(motion, lora_zero_matches, dt_check) -> dict:
+    """Converged at t1; the LoRA with s = (0, 0) is the rank-1 run; dt / 2 agrees."""
+    checks = {"converged_at_t1": bool(motion < 1e-4)}
     if lora_zero_matches is not None:
         checks["lora_zero_reproduces_rank1_run"] = bool(lora_zero_matches < 1e-10)
     if dt_check is not None:
         checks["dt_halved_same_clusters"] = dt_check["same_cluster_counts"]
+    return checks
 
-    summary = {
+
+def _counts_by_rank(members, family: str, d: int) -> dict:
+    ms = [m for m in members if m["family"] == family]
+    ranks = [m["rank_A"] for m in ms for _ in m["stats"]]
+    return cluster_counts_by_rank(ranks, [st["clusters"] for m in ms for st in m["stats"]], d)
+
+
+def _summary(cfg: Config, quick, dtype, checks, members, rank1_ref, zero, by_family) -> dict:
+    return {
         "experiment": NAME,
         "quick": quick,
         "config": cfg.to_dict(),
@@ -467,94 +450,80 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "checks": checks,
         "all_checks_pass": bool(all(checks.values())),
         "e1e1": _member_summary(members[rank1_ref]),
-        "zero": {
-            "members": [_member_summary(m) for m in zero],
-            "max_centre_minus_initial_mean": mean_err,
-            "max_abs_P_minus_1_over_n": uniform_err,
-        },
+        "zero": zero,
         "rank1_all_families_clusters_max": int(
-            max(st["clusters"] for m in rank1 for st in m["stats"])
+            max(st["clusters"] for m in members if m["rank_A"] == 1 for st in m["stats"])
         ),
         "clusters_by_rank": by_family,
         "members": [_member_summary(m) for m in members],
-        "lora": {
-            "base": "Q = I, K = e1e1ᵀ (A = e1e1ᵀ)",
-            "target": "K",
-            "rank": 2,
-            "alpha": 2.0,
-            "factors": "A_lora = [e2ᵀ; e3ᵀ], B_lora = [[0,0],[s2,0],[0,s3]]",
-            "members": lora_out,
-            "max_difference_s0_vs_rank1_run": lora_zero_matches,
-        },
-        "final_motion_last_unit": motion,
-        "dt_check": dt_check,
-        "solve_seconds_incl_compile": round(solve_s, 3),
-        "notes": (
-            "clusters: connected components at distance <= cluster_threshold of z(t1); "
-            "leaders: {j : max_i P_ij > 1/2}; booleanness: max_ij min(P_ij, 1 - P_ij) of "
-            "P = field.attention(t1, z(t1)) (0 = a 0/1 matrix; 1/n for uniform attention); "
-            "centres_on_hull: cluster centres that are vertices of their convex hull "
-            f"(tested on {cfg.n_dirs} directions). Per-run rows are in clusters.csv. "
-            "final_motion_last_unit: max |z(t1) - z(t1 - 1)|. t1 is chosen so that tokens "
-            "have converged (motion ~1e-8) but are still resolved in float64: at t ~ 40 "
-            "the tokens of one cluster coincide to the last bit and attention splits "
-            "evenly between them, which would make Booleanness 1/2 for numerical reasons."
-        ),
     }
 
-    # 4. outputs
-    log("[4/4] figures, data and summary ...")
-    from .. import plotting
 
-    step = _every(ts, 4)
-    plotting.low_rank_cases(
-        xs, members, os.path.join(out_dir, "cases.png"), step=step, n=cfg.n, t1=cfg.t1
-    )
-    plotting.low_rank_cluster_counts(members, os.path.join(out_dir, "cluster_counts.png"), d=cfg.d)
-    plotting.low_rank_lora(
-        ts,
-        lxs,
-        scales,
-        lora_out,
-        e_all,
-        os.path.join(out_dir, "lora.png"),
-        step=step,
-        separation=cfg.separation,
-    )
+def _lora_summary(lora_out, lora_zero_matches) -> dict:
+    return {
+        "base": "Q = I, K = e1e1ᵀ (A = e1e1ᵀ)",
+        "target": "K",
+        "rank": 2,
+        "alpha": 2.0,
+        "factors": "A_lora = [e2ᵀ; e3ᵀ], B_lora = [[0,0],[s2,0],[0,s3]]",
+        "members": lora_out,
+        "max_difference_s0_vs_rank1_run": lora_zero_matches,
+    }
+
+
+NOTES = (
+    "clusters: connected components at distance <= cluster_threshold of z(t1); "
+    "leaders: {{j : max_i P_ij > 1/2}}; booleanness: max_ij min(P_ij, 1 - P_ij) of "
+    "P = field.attention(t1, z(t1)) (0 = a 0/1 matrix; 1/n for uniform attention); "
+    "centres_on_hull: cluster centres that are vertices of their convex hull "
+    "(tested on {n_dirs} directions). Per-run rows are in clusters.csv. "
+    "final_motion_last_unit: max |z(t1) - z(t1 - 1)|. t1 is chosen so that tokens "
+    "have converged (motion ~1e-8) but are still resolved in float64: at t ~ 40 "
+    "the tokens of one cluster coincide to the last bit and attention splits "
+    "evenly between them, which would make Booleanness 1/2 for numerical reasons."
+)
+
+
+def _write_npz(out_dir, ts, xs, lxs, x0, members, P, K_eff, scales, e_all) -> None:
+    """Trajectories of x0 seed 0 only (every seed's start and end are kept): docs-sized."""
     k = _every(ts)
-    # trajectories of x0 seed 0 only (every seed's start and end are kept): docs-sized file
+    M = len(members)
     write_npz(
         os.path.join(out_dir, "low_rank.npz"),
         ts=ts[::k],
         t1=ts[-1],
         xs_seed0=xs[:, 0, ::k],
         final=xs[:, :, -1],
-        x0=x0n,
-        Q=Qs,
-        K=Ks,
+        x0=x0,
+        Q=np.stack([m["Q"] for m in members]),
+        K=np.stack([m["K"] for m in members]),
         labels=np.array([m["label"] for m in members]),
-        P_final_seed0=P[:, 0],
+        P_final_seed0=P[:M, 0],
         lora_scales=np.array(scales),
         lora_K=K_eff,
         lora_xs_seed0=lxs[:, 0, ::k],
         lora_final=lxs[:, :, -1],
         lora_divergence=np.array(e_all)[:, :, ::k] if e_all else np.zeros((0,)),
-        lora_P_final_seed0=lP[:, 0],
+        lora_P_final_seed0=P[M:, 0],
     )
-    _write_csv(os.path.join(out_dir, "clusters.csv"), rows)
-    summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    failed = [c for c, v in checks.items() if not v]
-    e1c = summary["e1e1"]["clusters"]
-    log(
-        f"done in {summary['wall_seconds']:.1f} s: A = e1e1ᵀ → clusters {e1c}; "
-        f"projection A, mean clusters by rank "
-        f"{[by_family['proj'][r]['clusters_mean'] for r in by_family['proj']]}; "
-        f"LoRA clusters {[lo['clusters'] for lo in lora_out]}; "
-        f"{len(checks) - len(failed)}/{len(checks)} checks pass"
-        + (f" (FAILED: {', '.join(failed)})" if failed else "")
-    )
-    return summary
+
+
+def _csv_rows(members, lora_out, lora_runs, scales) -> list[list]:
+    """One row per run (rank study, then LoRA study) in the columns of `_write_csv`."""
+    keys = ("clusters", "clusters_10x_threshold", "n_leaders", "booleanness", "rank_P")
+    cols = lambda st: [st[k] for k in (*keys, "centres_on_hull")]
+    rows = [
+        [mi, m["label"], m["family"], m["rank_A"], m["weight_seed"], s, *cols(st)]
+        for mi, m in enumerate(members)
+        for s, st in enumerate(m["stats"])
+    ]
+    for li, (sc, lo, stats) in enumerate(zip(scales, lora_out, lora_runs)):
+        label = f"LoRA K s=({sc[0]:g},{sc[1]:g})"
+        rows += [
+            [f"lora{li}", label, "lora", lo["rank_A"], None, s, *cols(st)]
+            for s, st in enumerate(stats)
+        ]
+    return rows
 
 
 def _rank_lora_d(scales, d, dtype) -> LoRA:
