@@ -14,6 +14,7 @@ import pytest
 from scipy.spatial import ConvexHull
 
 import jaxattn
+from jaxattn._clusters import hull_directions, hull_vertex_mask
 from jaxattn.cli import main
 from jaxattn.experiments import geometries, low_rank
 
@@ -56,19 +57,19 @@ def lowrank(tmp_path_factory):
 # -- helpers: the geometry checks themselves can fail ---------------------------------
 def test_hull_vertex_mask_square_with_interior_and_edge_points():
     pts = np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5], [0.5, 0.0]], float)
-    mask = geometries.hull_vertex_mask(pts, geometries.directions(2, 720))
+    mask = hull_vertex_mask(pts, hull_directions(2, 720))
     assert mask.tolist() == [True, True, True, True, False, False]
 
 
 @pytest.mark.parametrize("d", [2, 3])
 def test_hull_vertex_mask_matches_scipy(d):
     rng = np.random.default_rng(d)
-    dirs = geometries.directions(d, 20000, seed=1)
+    dirs = hull_directions(d, 20000, seed=1)
     for _ in range(5):
         pts = rng.standard_normal((12, d))
         ref = np.zeros(len(pts), bool)
         ref[ConvexHull(pts).vertices] = True
-        got = geometries.hull_vertex_mask(pts, dirs)
+        got = hull_vertex_mask(pts, dirs)
         assert not np.any(got & ~ref)  # never a false positive
         assert got.sum() >= ref.sum() - 1  # dense directions find (almost) all
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._clusters import final_motion, hull_directions, hull_vertex_mask
 from .._fields import PlainField, RescaledField
 from .._io import check_output_dir, write_atomic, write_json, write_npz
 from .._metrics import (
@@ -122,46 +123,6 @@ class Config(ExperimentConfig):
 
 
 # -- geometry helpers ----------------------------------------------------------------
-def directions(d: int, m: int, *, seed: int = 0) -> np.ndarray:
-    """`m` unit directions in R^d: evenly spaced angles for d = 2 (offset by a random
-    phase), Gaussian directions otherwise, plus ±e_k."""
-    rng = np.random.default_rng(seed)
-    if d == 1:
-        return np.array([[1.0], [-1.0]])
-    if d == 2:
-        a = rng.uniform(0, 2 * np.pi / m) + 2 * np.pi * np.arange(m) / m
-        w = np.stack([np.cos(a), np.sin(a)], axis=1)
-    else:
-        w = rng.standard_normal((m, d))
-        w /= np.linalg.norm(w, axis=1, keepdims=True)
-    return np.concatenate([w, np.eye(d), -np.eye(d)])
-
-
-def hull_vertex_mask(points, dirs, *, margin: float = 1e-9) -> np.ndarray:
-    """Which points are vertices of their convex hull, tested by exposing directions.
-
-    Point k is a vertex iff some direction w has `⟨w, p_k⟩ > max_{j≠k} ⟨w, p_j⟩`; we
-    test the given directions with a relative `margin` (× the diameter). A point inside
-    the hull (or in the middle of an edge) is never the strict maximiser, so the test has
-    no false positives; a vertex whose normal cone misses every direction would be a
-    false negative (densely sampled directions make that unlikely). Duplicated points
-    are not vertices (no strict maximum); pass distinct cluster centres.
-    """
-    p = np.asarray(points, dtype=np.float64)
-    k = p.shape[0]
-    if k == 1:
-        return np.ones(1, bool)
-    diam = float(np.max(np.linalg.norm(p[:, None] - p[None], axis=-1)))
-    s = np.asarray(dirs, np.float64) @ p.T  # (m, k)
-    top = np.argmax(s, axis=1)
-    srt = np.sort(s, axis=1)
-    gap = srt[:, -1] - srt[:, -2]
-    exposed = gap > margin * max(diam, 1e-300)
-    mask = np.zeros(k, bool)
-    mask[np.unique(top[exposed])] = True
-    return mask
-
-
 def count_levels(values, rtol: float) -> tuple[int, np.ndarray]:
     """Distinct values of a 1-D array: sort, split at gaps > `rtol · max(1, range)`.
     Returns the count and the mean of each level."""
@@ -218,12 +179,6 @@ def clusters_np(x, threshold) -> list[dict]:
     ]
 
 
-def _motion(xs, ts, span=1.0):
-    """max |z(t1) − z(t1 − span)| over tokens and seeds: how far from converged."""
-    k = int(np.argmin(np.abs(ts - (ts[-1] - span))))
-    return float(np.max(np.abs(xs[..., -1, :, :] - xs[..., k, :, :])))
-
-
 def _tokens(key, shape, low, high, dtype):
     return jax.random.uniform(key, shape, dtype, low, high)
 
@@ -236,7 +191,7 @@ def _polytope(cfg: Config, x0s, dtype, log):
         field = RescaledField(None, K, None, beta=cfg.beta, dtype=dtype)
         sol = _solve(field, x0s[d], cfg)
         ts, xs = np.asarray(sol.ts), np.asarray(sol.xs)
-        dirs = directions(d, cfg.n_dirs, seed=cfg.seed + d)
+        dirs = hull_directions(d, cfg.n_dirs, seed=cfg.seed + d)
         per_seed = []
         cl = clusters_np(xs[:, -1], cfg.cluster_threshold)
         w = jnp.asarray(dirs, dtype)
@@ -266,7 +221,7 @@ def _polytope(cfg: Config, x0s, dtype, log):
             "min_eig_QtK": float(np.linalg.eigvalsh(K)[0]),
             "per_seed": per_seed,
             "clusters": [p["clusters"] for p in per_seed],
-            "final_motion_last_unit": _motion(xs, ts),
+            "final_motion_last_unit": final_motion(ts, xs),
             "check_centres_are_hull_vertices": bool(ok),
         }
         arrays[f"polytope_d{d}_xs"] = xs[:, :: _every(ts), :, :]
@@ -326,7 +281,7 @@ def _polygon_line(cfg: Config, x0s, dtype, log):
     ts, zs = np.asarray(sol.ts), np.asarray(sol.xs)
     lam3 = V_POLYGON_LINE[2]
     x3 = zs[..., 2] * np.exp(lam3 * ts)[None, :, None]  # original variable x₃
-    dirs = directions(2, cfg.n_dirs, seed=cfg.seed + 7)
+    dirs = hull_directions(2, cfg.n_dirs, seed=cfg.seed + 7)
     thr = cfg.cluster_threshold
     per_seed, growth = [], []
     half = ts >= ts[-1] / 2
