@@ -13,6 +13,11 @@ case with random Q, K) and each target Q, K, V:
    Grönwall bound (docs/theory.md, 'Stability bound');
 4. the smallest rank-1 LoRA of V that changes the cluster partition at the last T
    (optax on a smooth surrogate, bisection on the norm) against the norm the bound needs.
+
+The analysis is library code: `jaxattn._sensitivity_checks` (`worst_vs_random`,
+`brute_force_check`, `linear_response_check`, `first_order_norm`, `direction_spectrum`)
+on top of the sensitivity API; this module builds the problems, calls it, draws the
+figures and writes the data and summary.
 """
 
 from __future__ import annotations
@@ -26,17 +31,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._bounds import bound_a_posteriori
 from .._fields import make_field
 from .._io import check_output_dir, write_json, write_npz
-from .._metrics import divergence
 from .._sensitivity import (
     ResponseOperator,
-    linear_response,
     perturbed,
     random_directions,
     smallest_cluster_change,
-    worst_case,
+)
+from .._sensitivity_checks import (
+    JacobianCheck,
+    LinearResponseCheck,
+    WorstVsRandom,
+    brute_force_check,
+    direction_spectrum,
+    first_order_norm,
+    linear_response_check,
+    worst_vs_random,
 )
 from .._simulate import simulate
 from ._config import ExperimentConfig
@@ -125,188 +136,263 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     t1 = float(times[-1])
     solve: dict[str, Any] = dict(solver="rk4", dt=cfg.dt)
     data: dict[str, np.ndarray] = {"times": times}
-    summary_settings = {}
-    plots = {}
-
+    summary_settings, plots = {}, {}
     for si, sname in enumerate(cfg.settings):
         setting = _setting(cfg, sname)
-        n, d = setting.n, setting.d
-        Q, K, V = _weights(setting, cfg.weight_seed, dtype)
-        field = make_field(cfg.dynamics, Q, K, V, beta=cfg.beta, d=d, dtype=dtype)
-        x0s = [
-            jax.random.uniform(jax.random.key(s), (n, d), dtype, cfg.low, cfg.high)
-            for s in range(cfg.seeds)
-        ]
-        S, T, G = cfg.seeds, len(times), len(cfg.targets)
-        sig = np.zeros((S, G, T))
-        sig_r = np.zeros((S, G, T))
-        rnd = np.zeros((S, G, cfg.n_random, T))
-        rnd_r = np.zeros((S, G, cfg.n_random, T))
-        dirs = np.zeros((G, T, d, d))
-        resp = np.zeros((G, T, n, d))
-        base = None
-        brute = None
+        field, x0s = _problem(cfg, setting, dtype)
         log(
-            f"[{sname}] n={n}, d={d}, {cfg.dynamics}, T up to {t1}, {S} initial "
-            f"conditions, targets {', '.join(cfg.targets)}"
+            f"[{sname}] n={setting.n}, d={setting.d}, {cfg.dynamics}, T up to {t1}, "
+            f"{cfg.seeds} initial conditions, targets {', '.join(cfg.targets)}"
         )
-        for g, target in enumerate(cfg.targets):
-            t0 = time.perf_counter()
-            op = ResponseOperator(field, x0s[0], t1, cfg.times, target, **solve)
-            R = random_directions(jax.random.key(1000 + g), cfg.n_random, d)
-            Rr = random_directions(jax.random.key(2000 + g), cfg.n_random, d, rank=cfg.rank)
-            for s in range(S):
-                op.set_x0(x0s[s])
-                wc = worst_case(op, method="lobpcg", iters=cfg.eig_iters, key=jax.random.key(s))
-                wr = worst_case(
-                    op,
-                    rank=cfg.rank,
-                    iters=cfg.eig_iters,
-                    power_iters=cfg.power_iters,
-                    tol=1e-8,
-                    key=jax.random.key(s),
-                )
-                sig[s, g], sig_r[s, g] = wc.sigma, wr.sigma
-                rnd[s, g] = np.linalg.norm(op.apply_all(R).reshape(R.shape[0], T, -1), axis=-1)
-                rnd_r[s, g] = np.linalg.norm(op.apply_all(Rr).reshape(Rr.shape[0], T, -1), axis=-1)
-                if s == 0:
-                    dirs[g], resp[g] = wc.directions, wc.response
-                    if base is None:
-                        base = op.base()
-                if s == 0 and g == 0 and si == 0:
-                    brute = _brute_force(field, x0s[0], t1, times, target, solve, wc, wr, d)
-            log(
-                f"  target {target}: worst/random (mean over directions) at T = "
-                f"{', '.join(f'{t:g}' for t in times)}: "
-                f"{', '.join(f'{v:.2f}' for v in (sig[:, g] / rnd[:, g].mean(1)).mean(0))} "
-                f"({time.perf_counter() - t0:.1f} s)"
+        results = _worst_vs_random(cfg, field, x0s, setting.d, times, solve, log)
+        plots[sname] = _stacked(results, setting)
+        data.update({f"{sname}_{k}": v for k, v in _setting_arrays(plots[sname]).items()})
+        data[f"{sname}_x0"] = np.asarray(x0s[0])
+        summary_settings[sname] = dict(
+            n=setting.n, d=setting.d, weights=setting.weights, targets=_targets_summary(results)
+        )
+        if si == 0:
+            field0, x0 = field, x0s[0]
+            r = results[cfg.targets[0]]
+            chk = brute_force_check(
+                field, x0, t1, times, cfg.targets[0], r.worst, r.worst_rank, **solve
             )
-        assert base is not None  # set at the first target (seeds, targets ≥ 1)
-        ratio = sig / rnd.mean(axis=2)
-        ratio_r = sig_r / rnd_r.mean(axis=2)
-        ratio_max = sig / rnd.max(axis=2)
-        data.update(
-            {
-                f"{sname}_sigma": sig,
-                f"{sname}_sigma_rank": sig_r,
-                f"{sname}_random": rnd,
-                f"{sname}_random_rank": rnd_r,
-                f"{sname}_directions": dirs,
-                f"{sname}_response": resp,
-                f"{sname}_base": base,
-                f"{sname}_x0": np.asarray(x0s[0]),
-            }
-        )
-        summary_settings[sname] = {
-            "n": n,
-            "d": d,
-            "weights": setting.weights,
-            "targets": {
-                t: {
-                    "ratio_worst_over_mean_random": {
-                        "mean_over_T_and_x0": float(ratio[:, g].mean()),
-                        "min": float(ratio[:, g].min()),
-                        "max": float(ratio[:, g].max()),
-                        "by_T_mean_over_x0": ratio[:, g].mean(0).round(4).tolist(),
-                    },
-                    "ratio_worst_over_max_random": float(ratio_max[:, g].mean()),
-                    "ratio_rank1_worst_over_mean_random_rank1": float(ratio_r[:, g].mean()),
-                    "rank1_over_full_worst": float((sig_r[:, g] / sig[:, g]).mean()),
-                    "sigma_worst_by_T_mean_over_x0": sig[:, g].mean(0).round(6).tolist(),
-                    "worst_direction_singular_values_at_T_last": np.linalg.svd(
-                        dirs[g, -1], compute_uv=False
-                    )
-                    .round(4)
-                    .tolist(),
-                }
-                for g, t in enumerate(cfg.targets)
-            },
-        }
-        if brute is not None:
-            summary_settings[sname]["brute_force_check"] = brute
-        plots[sname] = dict(
-            sig=sig, sig_r=sig_r, rnd=rnd, rnd_r=rnd_r, dirs=dirs, resp=resp, base=base, d=d, n=n
-        )
+            summary_settings[sname]["brute_force_check"] = _brute_summary(chk)
 
     # -- linear response vs measured divergence vs bound (first setting, seed 0)
     sname = cfg.settings[0]
-    setting = _setting(cfg, sname)
-    Q, K, V = _weights(setting, cfg.weight_seed, dtype)
-    field = make_field(cfg.dynamics, Q, K, V, beta=cfg.beta, d=setting.d, dtype=dtype)
-    x0 = jax.random.uniform(jax.random.key(0), (setting.n, setting.d), dtype, cfg.low, cfg.high)
     tv = "V" if "V" in cfg.targets else cfg.targets[0]
-    g = list(cfg.targets).index(tv)
-    k_mid = len(times) // 2
-    dW = plots[sname]["dirs"][g, k_mid]
+    g, k_mid = list(cfg.targets).index(tv), len(times) // 2
     log(
         f"[linear response] worst {tv}-direction at T = {times[k_mid]:g}, ε = "
         f"{', '.join(f'{e:g}' for e in cfg.eps)}"
     )
-    lr = linear_response(field, x0, t1, dW, tv, **solve)
-    lin = np.max(np.linalg.norm(lr.dxs, axis=-1), axis=-1)
-    lin_res = {}
-    for eps in cfg.eps:
-        fe = perturbed(field, tv, jnp.asarray(eps * dW, dtype))
-        sol = simulate(fe, x0, t1, **solve)
-        e = np.asarray(divergence(jnp.asarray(lr.xs), sol.xs))
-        b = bound_a_posteriori(field, fe, lr.ts, lr.xs, np.asarray(sol.xs)).bound
-        rem = np.max(np.linalg.norm(np.asarray(sol.xs) - lr.xs - eps * lr.dxs, axis=-1), axis=-1)
-        lin_res[eps] = dict(e=e, bound=b, remainder=rem)
-    eps_list = list(cfg.eps)
-    rems = [float(lin_res[e]["remainder"].max()) for e in eps_list]
-    orders = [
-        float(np.log(rems[i] / rems[i + 1]) / np.log(eps_list[i] / eps_list[i + 1]))
-        for i in range(len(eps_list) - 1)
-    ]
-    viol = [float(np.max(lin_res[e]["e"] - lin_res[e]["bound"])) for e in eps_list]
-    data.update(
-        {
-            "lr_ts": lr.ts,
-            "lr_dx_max": lin,
-            **{f"lr_e_{e:g}": lin_res[e]["e"] for e in eps_list},
-            **{f"lr_bound_{e:g}": lin_res[e]["bound"] for e in eps_list},
-        }
+    lrc = linear_response_check(
+        field0, x0, t1, plots[sname]["dirs"][g, k_mid], tv, cfg.eps, **solve
+    )
+    data.update({"lr_ts": lrc.response.ts, "lr_dx_max": lrc.linear})
+    data.update({f"lr_e_{e:g}": lrc.divergence[i] for i, e in enumerate(cfg.eps)})
+    data.update({f"lr_bound_{e:g}": lrc.bound[i] for i, e in enumerate(cfg.eps)})
+
+    # -- smallest cluster-changing LoRA, started from the worst direction at the last T
+    cc, cc_s = _cluster_change(cfg, field0, x0, t1, tv, plots[sname]["dirs"][g, -1], solve, log)
+    x_before, x_after = _final_tokens(field0, x0, t1, tv, cc, solve)
+    data.update(_cluster_arrays(cc, x_before, x_after))
+    first_order = first_order_norm(
+        field0, x0, t1, cc.direction, cc.needed_displacement, tv, **solve
     )
 
-    # -- smallest cluster-changing LoRA
+    log("[figures] ...")
+    _figures(out_dir, cfg, times, plots, lrc, cc, x_before, x_after, tv, k_mid)
+    write_npz(os.path.join(out_dir, "worst_case_lora.npz"), **data)
+    summary = {
+        "experiment": NAME,
+        "quick": quick,
+        "config": cfg.to_dict(),
+        "dtype": jnp.dtype(dtype).name,
+        "settings": summary_settings,
+        "linear_response": _linear_response_summary(lrc, tv, float(times[k_mid])),
+        "cluster_change": _cluster_summary(cfg, cc, tv, t1, first_order, cc_s),
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "notes": _NOTES,
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    first = summary_settings[cfg.settings[0]]["targets"][tv]["ratio_worst_over_mean_random"]
     log(
-        f"[cluster change] smallest rank-{cfg.rank} LoRA of {tv} changing the clusters at "
-        f"T = {t1:g} (threshold {cfg.cluster_threshold})"
+        f"done in {summary['wall_seconds']:.1f} s: worst/random ({cfg.settings[0]}, {tv}) "
+        f"= {first['mean_over_T_and_x0']:.2f}; cluster change at ‖ΔW‖ = {cc.norm:.3g} "
+        f"(bound needs ≥ {cc.bound_norm:.3g})"
+    )
+    return summary
+
+
+_NOTES = (
+    "norms of ΔW are Frobenius (= operator norm for rank 1); |δx(T)| is the "
+    "Frobenius norm over all tokens. ratio_worst_over_mean_random: top singular "
+    "value of J_T over the mean |J_T R| of random unit Gaussian R, averaged over "
+    "T and initial conditions. bound_norm: smallest norm along the found "
+    "direction at which the a-priori Grönwall bound allows the displacement "
+    "needed to change the partition (a certified lower bound for that "
+    "direction); norm_found is an upper estimate of the true minimum."
+)
+
+
+def _problem(cfg: Config, setting: _Setting, dtype):
+    """The field of a setting and its `cfg.seeds` initial conditions (uniform tokens)."""
+    Q, K, V = _weights(setting, cfg.weight_seed, dtype)
+    field = make_field(cfg.dynamics, Q, K, V, beta=cfg.beta, d=setting.d, dtype=dtype)
+    x0s = [
+        jax.random.uniform(jax.random.key(s), (setting.n, setting.d), dtype, cfg.low, cfg.high)
+        for s in range(cfg.seeds)
+    ]
+    return field, x0s
+
+
+def _worst_vs_random(
+    cfg: Config, field, x0s, d: int, times, solve, log
+) -> dict[str, WorstVsRandom]:
+    """`worst_vs_random` for each target, against `cfg.n_random` random unit directions
+    (Gaussian and rank-`cfg.rank`, the same for every initial condition)."""
+    results = {}
+    for g, target in enumerate(cfg.targets):
+        t0 = time.perf_counter()
+        results[target] = r = worst_vs_random(
+            ResponseOperator(field, x0s[0], float(times[-1]), cfg.times, target, **solve),
+            x0s,
+            random_directions(jax.random.key(1000 + g), cfg.n_random, d),
+            random_directions(jax.random.key(2000 + g), cfg.n_random, d, cfg.rank),
+            rank=cfg.rank,
+            iters=cfg.eig_iters,
+            power_iters=cfg.power_iters,
+            tol=1e-8,
+        )
+        log(
+            f"  target {target}: worst/random (mean over directions) at T = "
+            f"{', '.join(f'{t:g}' for t in times)}: "
+            f"{', '.join(f'{v:.2f}' for v in r.ratio_to_mean_random().mean(0))} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+    return results
+
+
+def _cluster_change(cfg: Config, field, x0, t1: float, target, init, solve, log):
+    """`smallest_cluster_change` with the config's options, and the seconds it took."""
+    log(
+        f"[cluster change] smallest rank-{cfg.rank} LoRA of {target} changing the clusters "
+        f"at T = {t1:g} (threshold {cfg.cluster_threshold})"
     )
     t0 = time.perf_counter()
     cc = smallest_cluster_change(
         field,
         x0,
         t1,
-        tv,
+        target,
         rank=cfg.rank,
         threshold=cfg.cluster_threshold,
         steps=cfg.cluster_steps,
         bisections=cfg.cluster_bisections,
-        init_direction=plots[sname]["dirs"][g, -1],
+        init_direction=init,
         log=log,
         **solve,
     )
-    cc_s = time.perf_counter() - t0
-    fc = perturbed(field, tv, jnp.asarray(cc.norm * cc.direction, dtype))
-    x_after = np.asarray(simulate(fc, x0, t1, **solve).final)
-    x_before = np.asarray(simulate(field, x0, t1, **solve).final)
-    data.update(
-        {
-            "cluster_direction": cc.direction,
-            "cluster_x_before": x_before,
-            "cluster_x_after": x_after,
-            "cluster_labels_before": cc.labels_before,
-            "cluster_labels_after": cc.labels_after,
-        }
-    )
-    # First-order estimate of the same norm: needed displacement / |J_T u| (max over tokens).
-    lr_cc = linear_response(field, x0, t1, cc.direction, tv, **solve)
-    first_order = float(
-        cc.needed_displacement / max(np.max(np.linalg.norm(lr_cc.dxs[-1], axis=-1)), 1e-300)
+    return cc, time.perf_counter() - t0
+
+
+def _cluster_arrays(cc, x_before, x_after) -> dict[str, np.ndarray]:
+    return {
+        "cluster_direction": cc.direction,
+        "cluster_x_before": x_before,
+        "cluster_x_after": x_after,
+        "cluster_labels_before": cc.labels_before,
+        "cluster_labels_after": cc.labels_after,
+    }
+
+
+def _stacked(results: dict[str, WorstVsRandom], setting: _Setting) -> dict:
+    """The per-target results stacked along a target axis (after the initial conditions),
+    as the figures take them."""
+    rs = list(results.values())
+    f64 = lambda a: np.asarray(a, np.float64)
+    return dict(
+        sig=np.stack([r.sigma for r in rs], axis=1),
+        sig_r=np.stack([r.sigma_rank for r in rs], axis=1),
+        rnd=np.stack([r.random for r in rs], axis=1),
+        rnd_r=np.stack([r.random_rank for r in rs], axis=1),
+        dirs=f64(np.stack([r.worst.directions for r in rs])),
+        resp=f64(np.stack([r.worst.response for r in rs])),
+        base=rs[0].base,
+        d=setting.d,
+        n=setting.n,
     )
 
-    log("[figures] ...")
+
+def _setting_arrays(p: dict) -> dict[str, np.ndarray]:
+    keys = {"sig": "sigma", "sig_r": "sigma_rank", "rnd": "random", "rnd_r": "random_rank"}
+    keys.update(dirs="directions", resp="response", base="base")
+    return {name: p[k] for k, name in keys.items()}
+
+
+def _targets_summary(results: dict[str, WorstVsRandom]) -> dict:
+    return {t: _target_summary(r) for t, r in results.items()}
+
+
+def _target_summary(r: WorstVsRandom) -> dict:
+    ratio = r.ratio_to_mean_random()
+    return {
+        "ratio_worst_over_mean_random": {
+            "mean_over_T_and_x0": float(ratio.mean()),
+            "min": float(ratio.min()),
+            "max": float(ratio.max()),
+            "by_T_mean_over_x0": ratio.mean(0).round(4).tolist(),
+        },
+        "ratio_worst_over_max_random": float(r.ratio_to_max_random().mean()),
+        "ratio_rank1_worst_over_mean_random_rank1": float(r.rank_ratio_to_mean_random().mean()),
+        "rank1_over_full_worst": float(r.rank_over_full().mean()),
+        "sigma_worst_by_T_mean_over_x0": r.sigma.mean(0).round(6).tolist(),
+        "worst_direction_singular_values_at_T_last": direction_spectrum(
+            np.asarray(r.worst.directions[-1], np.float64)
+        )
+        .round(4)
+        .tolist(),
+    }
+
+
+def _brute_summary(chk: JacobianCheck) -> dict:
+    out = {
+        "sigma_svd": chk.sigma_svd.tolist(),
+        "sigma_lobpcg": chk.sigma.tolist(),
+        "alignment": chk.alignment.tolist(),
+        "max_rel_sigma_error": chk.max_rel_sigma_error,
+    }
+    if chk.rank1_grid is not None and chk.rank1 is not None:
+        out.update(rank1_grid_best=chk.rank1_grid.tolist(), rank1_power=chk.rank1.tolist())
+    return out
+
+
+def _linear_response_summary(lrc: LinearResponseCheck, target: str, at: float) -> dict:
+    viol = lrc.max_measured_minus_bound()
+    return {
+        "target": target,
+        "direction_time": at,
+        "eps": [float(e) for e in lrc.eps],
+        "max_remainder": lrc.max_remainder(),
+        "remainder_order_in_eps": lrc.remainder_order(),
+        "max_e_over_eps": lrc.max_divergence_over_eps(),
+        "max_linear_response": float(lrc.linear.max()),
+        "max_measured_minus_bound": viol,
+        "bound_holds": lrc.bound_holds(1e-8),
+    }
+
+
+def _cluster_summary(cfg: Config, cc, target: str, t1: float, first_order: float, secs) -> dict:
+    return {
+        "target": target,
+        "rank": cfg.rank,
+        "T": t1,
+        "threshold": cfg.cluster_threshold,
+        "norm_found": cc.norm,
+        "kind": cc.kind,
+        "clusters_before": cc.clusters_before,
+        "clusters_after": cc.clusters_after,
+        "needed_displacement": cc.needed_displacement,
+        "bound_norm": cc.bound_norm,
+        "bound_certified_horizon_at_norm_found": cc.bound_horizon,
+        "found_over_bound": (cc.norm / cc.bound_norm if cc.bound_norm > 0 else None),
+        "first_order_estimate": first_order,
+        "evaluations": len(cc.history["norm"]),
+        "seconds": round(secs, 2),
+    }
+
+
+def _final_tokens(field, x0, t1, target, cc, solve):
+    """Tokens at t1 without and with the cluster-changing LoRA `cc.norm · cc.direction`."""
+    dW = jnp.asarray(cc.norm * cc.direction, field.V.dtype)
+    x_after = np.asarray(simulate(perturbed(field, target, dW), x0, t1, **solve).final)
+    x_before = np.asarray(simulate(field, x0, t1, **solve).final)
+    return x_before, x_after
+
+
+def _figures(out_dir, cfg: Config, times, plots, lrc, cc, x_before, x_after, tv, k_mid):
     from .. import plotting
 
     for name, pdata in plots.items():
@@ -322,9 +408,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             times, pdata, cfg.targets, os.path.join(out_dir, f"worst_direction_{name}.png")
         )
     plotting.linear_response_figure(
-        lr.ts,
-        lin,
-        {e: (lin_res[e]["e"], lin_res[e]["bound"]) for e in eps_list},
+        lrc.response.ts,
+        lrc.linear,
+        {e: (lrc.divergence[i], lrc.bound[i]) for i, e in enumerate(cfg.eps)},
         os.path.join(out_dir, "linear_response.png"),
         title=f"Linear response to the worst {tv}-direction (T = {times[k_mid]:g})",
     )
@@ -339,82 +425,3 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         f"{cc.clusters_after} clusters, {cc.kind}); bound certifies "
         f"no change up to t = {cc.bound_horizon:.3g}",
     )
-    write_npz(os.path.join(out_dir, "worst_case_lora.npz"), **data)
-    summary = {
-        "experiment": NAME,
-        "quick": quick,
-        "config": cfg.to_dict(),
-        "dtype": jnp.dtype(dtype).name,
-        "settings": summary_settings,
-        "linear_response": {
-            "target": tv,
-            "direction_time": float(times[k_mid]),
-            "eps": eps_list,
-            "max_remainder": rems,
-            "remainder_order_in_eps": orders,
-            "max_e_over_eps": [float(lin_res[e]["e"].max() / e) for e in eps_list],
-            "max_linear_response": float(lin.max()),
-            "max_measured_minus_bound": viol,
-            "bound_holds": bool(all(v <= 1e-8 for v in viol)),
-        },
-        "cluster_change": {
-            "target": tv,
-            "rank": cfg.rank,
-            "T": t1,
-            "threshold": cfg.cluster_threshold,
-            "norm_found": cc.norm,
-            "kind": cc.kind,
-            "clusters_before": cc.clusters_before,
-            "clusters_after": cc.clusters_after,
-            "needed_displacement": cc.needed_displacement,
-            "bound_norm": cc.bound_norm,
-            "bound_certified_horizon_at_norm_found": cc.bound_horizon,
-            "found_over_bound": (cc.norm / cc.bound_norm if cc.bound_norm > 0 else None),
-            "first_order_estimate": first_order,
-            "evaluations": len(cc.history["norm"]),
-            "seconds": round(cc_s, 2),
-        },
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "notes": "norms of ΔW are Frobenius (= operator norm for rank 1); |δx(T)| is the "
-        "Frobenius norm over all tokens. ratio_worst_over_mean_random: top singular "
-        "value of J_T over the mean |J_T R| of random unit Gaussian R, averaged over "
-        "T and initial conditions. bound_norm: smallest norm along the found "
-        "direction at which the a-priori Grönwall bound allows the displacement "
-        "needed to change the partition (a certified lower bound for that "
-        "direction); norm_found is an upper estimate of the true minimum.",
-    }
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    first = summary_settings[cfg.settings[0]]["targets"][tv]["ratio_worst_over_mean_random"]
-    log(
-        f"done in {summary['wall_seconds']:.1f} s: worst/random ({cfg.settings[0]}, {tv}) "
-        f"= {first['mean_over_T_and_x0']:.2f}; cluster change at ‖ΔW‖ = {cc.norm:.3g} "
-        f"(bound needs ≥ {cc.bound_norm:.3g})"
-    )
-    return summary
-
-
-def _brute_force(field, x0, t1, times, target, solve, wc, wr, d) -> dict:
-    """Full Jacobian by forward mode (d² JVPs), SVD; rank-1 grid search when d = 2."""
-    op_fn = lambda w: (
-        simulate(perturbed(field, target, w), x0, t1, ts=times, adjoint="forward", **solve).xs
-    )
-    J = np.asarray(jax.jacfwd(op_fn)(jnp.zeros((d, d), field.V.dtype)))  # (T, n, d, d, d)
-    J = J.reshape(J.shape[0], -1, d * d)
-    out = {"sigma_svd": [], "sigma_lobpcg": wc.sigma.tolist(), "alignment": []}
-    for k in range(J.shape[0]):
-        _, s, Wt = np.linalg.svd(J[k])
-        out["sigma_svd"].append(float(s[0]))
-        out["alignment"].append(float(abs(Wt[0] @ wc.directions[k].ravel())))
-    out["max_rel_sigma_error"] = float(
-        np.max(np.abs(np.asarray(out["sigma_svd"]) - wc.sigma) / np.asarray(out["sigma_svd"]))
-    )
-    if d == 2:
-        a = np.linspace(0.0, np.pi, 181)
-        b = np.linspace(0.0, 2 * np.pi, 361)
-        u = np.stack([np.cos(a), np.sin(a)], -1)
-        v = np.stack([np.cos(b), np.sin(b)], -1)
-        M = np.einsum("ai,bj->abij", u, v).reshape(-1, 4)  # unit rank-1 matrices
-        best = np.max(np.linalg.norm(np.einsum("knm,gm->kgn", J, M), axis=-1), axis=-1)
-        out["rank1_grid_best"] = best.tolist()
-        out["rank1_power"] = wr.sigma.tolist()
-    return out
