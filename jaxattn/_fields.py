@@ -187,8 +187,9 @@ class AbstractField(eqx.Module):
             raise ValueError(f"stacked LoRAs of one field must share a batch shape, got {shapes}")
         return shapes.pop() if shapes else ()
 
-    def weight(self, name: str) -> Float[Array, "d d"]:
-        """Effective weight `W + Σ ΔW` (materialised; cheap, d×d)."""
+    def weight(self, name: str) -> Float[Array, "*batch d d"]:
+        """Effective weight `W + Σ ΔW` (materialised; cheap, d×d; one per member of a
+        stacked LoRA)."""
         W = getattr(self, name)
         for lo in self.loras:
             if lo.target == name:
@@ -226,14 +227,20 @@ class AbstractField(eqx.Module):
         return self.with_lora(None)
 
     # -- dynamics -----------------------------------------------------------------
-    def attention(self, t, y: Float[Array, "n d"]) -> Float[Array, "n n"]:
+    def attention(self, t: ScalarLike, y: Float[Array, "n d"]) -> Float[Array, "n n"]:
         """The attention matrix P at state y and time t."""
         q, k, log_scale = self._queries_keys(t, y)
         if not self.normalised:
             return unnormalised_weights(attention_scores(q, k), self.beta)
         return softmax_weights(attention_scores(q, k), self.beta, log_scale)
 
-    def attend(self, t, y, values, args=None):
+    def attend(
+        self,
+        t: ScalarLike,
+        y: Float[Array, "n d"],
+        values: Float[Array, "n f"],
+        args: PyTree | None = None,
+    ) -> Float[Array, "n f"]:
         """`Σ_j P_ij values_j` with the field's kernel (dense or blockwise)."""
         q, k, log_scale = self._queries_keys(t, y, args)
         return attend(

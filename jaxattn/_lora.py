@@ -8,6 +8,8 @@ batch of perturbations is passed to `simulate`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -125,7 +127,7 @@ class LoRA(eqx.Module):
         return cls(As, Bs, alpha, target)
 
     @classmethod
-    def stack(cls, loras) -> LoRA:
+    def stack(cls, loras: Iterable[LoRA]) -> LoRA:
         """Stack LoRAs of equal shapes, target and α into one batched LoRA."""
         loras = list(loras)
         if not loras:
@@ -160,7 +162,7 @@ class LoRA(eqx.Module):
         """The materialised change `ΔW = (α/r) B A`."""
         return self.scale * (self.B @ self.A)
 
-    def merged(self, W: Float[Array, "d_out d_in"]) -> Float[Array, "d_out d_in"]:
+    def merged(self, W: Float[Array, "d_out d_in"]) -> Float[Array, "*batch d_out d_in"]:
         """`W + ΔW` (for a stacked LoRA, one merged weight per batch member)."""
         delta = self.delta()
         return jnp.broadcast_to(W, delta.shape) + delta

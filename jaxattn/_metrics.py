@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from ._custom_types import Array, Bool, Float, Int
+from ._custom_types import Array, ArrayLike, Bool, Float, Int, ScalarLike
 
 
 def _batched(signature: str):
@@ -92,7 +92,9 @@ def gram(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n n"]:
     return u @ u.T
 
 
-def chord_from_cosine_gap(delta):
+def chord_from_cosine_gap(
+    delta: ScalarLike | Float[Array, "*shape"],
+) -> float | Float[Array, "*shape"]:
     """The cluster threshold (a chord length) equivalent to `1 − cos(x_i, x_j) ≤ delta`:
     `sqrt(2·delta)`, since `|u − v|² = 2 − 2<u, v>` for unit vectors."""
     if isinstance(delta, jax.Array):
@@ -108,7 +110,10 @@ def _adjacency(x, threshold, sphere: bool):
 
 @_batched("(n,d),()->(n)")
 def cluster_labels(
-    x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+    x: Float[Array, "*batch n d"],
+    threshold: ScalarLike | Float[Array, "*batch"],
+    *,
+    sphere: bool = False,
 ) -> Int[Array, "*batch n"]:
     """Connected components of the graph `{|x_i − x_j| ≤ threshold}`. Label = smallest
     token index in the component.
@@ -141,7 +146,10 @@ def cluster_labels(
 
 @_batched("(n,d),()->()")
 def cluster_count(
-    x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+    x: Float[Array, "*batch n d"],
+    threshold: ScalarLike | Float[Array, "*batch"],
+    *,
+    sphere: bool = False,
 ) -> Int[Array, "*batch"]:
     """Number of clusters (connected components at `threshold`)."""
     labels = cluster_labels(x, threshold, sphere=sphere)
@@ -150,7 +158,10 @@ def cluster_count(
 
 @_batched("(n,d),()->(n,d),(n)")
 def cluster_centres_masked(
-    x: Float[Array, "*batch n d"], threshold, *, sphere: bool = False
+    x: Float[Array, "*batch n d"],
+    threshold: ScalarLike | Float[Array, "*batch"],
+    *,
+    sphere: bool = False,
 ) -> tuple[Float[Array, "*batch n d"], Bool[Array, "*batch n"]]:
     """Jittable centres: row `k` is the mean of component `k`, valid where `mask[k]`."""
     n = x.shape[0]
@@ -161,7 +172,9 @@ def cluster_centres_masked(
     return centres, counts > 0
 
 
-def cluster_centres(x, threshold, *, sphere: bool = False) -> np.ndarray:
+def cluster_centres(
+    x: Float[ArrayLike, "n d"], threshold: ScalarLike, *, sphere: bool = False
+) -> Float[np.ndarray, "k d"]:
     """Centres of the clusters as a compact NumPy array `(k, d)` (eager only; one
     configuration `(n, d)`: `k` depends on the data, use `cluster_centres_masked` for
     batches)."""
@@ -202,7 +215,9 @@ def divergence(
 
 @_batched("(T),(T),()->(),()")
 def approach_departure(
-    ts: Float[Array, "*batch T"], dist: Float[Array, "*batch T"], delta
+    ts: Float[Array, "*batch T"],
+    dist: Float[Array, "*batch T"],
+    delta: ScalarLike | Float[Array, "*batch"],
 ) -> tuple[Float[Array, "*batch"], Float[Array, "*batch"]]:
     """First time `dist ≤ delta` (approach) and first later time `dist > delta`
     (departure); `inf` when it never happens. A NaN in `dist` up to the decision gives NaN
@@ -240,7 +255,12 @@ def cluster_distance(
 
 
 def approach_departure_times(
-    ts, xs, centres, delta, *, metric: str = "hausdorff"
+    ts: Float[ArrayLike, " T"],
+    xs: Float[ArrayLike, "T n d"],
+    centres: Float[ArrayLike, "m d"],
+    delta: ScalarLike,
+    *,
+    metric: str = "hausdorff",
 ) -> tuple[float, float]:
     """Eager, checked: approach and departure times of trajectory `xs (T, n, d)` relative
     to reference `centres (m, d)` at tolerance `delta`. Raises on NaN/inf tokens."""
@@ -252,19 +272,21 @@ def approach_departure_times(
 
 
 @_batched("(n,m)->()")
-def booleanness(P: Float[Array, "*batch n n"]) -> Float[Array, "*batch"]:
+def booleanness(P: Float[Array, "*batch n m"]) -> Float[Array, "*batch"]:
     """`max_ij min(P_ij, 1 − P_ij)`: 0 exactly when P is a 0/1 matrix."""
     return jnp.max(jnp.minimum(P, 1.0 - P))
 
 
 @_batched("(n,m)->(m)")
-def leaders(P: Float[Array, "*batch n n"]) -> Bool[Array, "*batch n"]:
+def leaders(P: Float[Array, "*batch n m"]) -> Bool[Array, "*batch m"]:
     """Leaders `{j : max_i P_ij > 1/2}` (columns that some token mostly attends to)."""
     return jnp.max(P, axis=0) > 0.5
 
 
 @_batched("(n,d),()->()")
-def energy(x: Float[Array, "*batch n d"], beta) -> Float[Array, "*batch"]:
+def energy(
+    x: Float[Array, "*batch n d"], beta: ScalarLike | Float[Array, "*batch"]
+) -> Float[Array, "*batch"]:
     """`E = (1/(2βn²)) Σ_ij exp(β<x_i, x_j>)` (Q = K = V = I; see docs/theory.md,
     'Sphere dynamics')."""
     n = x.shape[0]
@@ -280,7 +302,9 @@ def support(
 
 
 @_batched("(n,d),()->()")
-def fraction_close_pairs(x: Float[Array, "*batch n d"], delta) -> Float[Array, "*batch"]:
+def fraction_close_pairs(
+    x: Float[Array, "*batch n d"], delta: ScalarLike | Float[Array, "*batch"]
+) -> Float[Array, "*batch"]:
     """Fraction of pairs `i < j` with `G_ij ≥ 1 − delta` (normalised tokens)."""
     n = x.shape[0]
     G = gram(x)

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import diffrax
 import jax
+import numpy as np
 
+from ._custom_types import Array, ArrayLike, Bool, PyTree, Real, Shaped
 from ._validate import SOLVERS, check_choice
+
+# diffrax's own aliases for the solver interface (`diffrax._custom_types`, private there):
+# a time, the state `y` (any pytree of arrays; `"Y"` names its structure so that the new
+# state is checked to have the old one's), the vector field's value and the dense output.
+if TYPE_CHECKING:  # as diffrax: what static checkers can follow
+    _Time = int | float | Array | np.ndarray
+    _Flag = bool | Array | np.ndarray
+else:
+    _Time = Real[ArrayLike, ""]
+    _Flag = Bool[ArrayLike, ""]
+_Y = PyTree[Shaped[ArrayLike, "?*y"], "Y"]
+_VF = PyTree[Shaped[ArrayLike, "?*vf"], "VF"]
+_DenseInfo = dict[str, PyTree[Array]]
 
 
 def _axpy(y, a, k):
@@ -40,15 +55,26 @@ class RK4(diffrax.AbstractSolver):
         diffrax.ThirdOrderHermitePolynomialInterpolation
     )
 
-    def order(self, terms):
+    def order(self, terms: PyTree[diffrax.AbstractTerm]) -> int:
         del terms
         return 4
 
-    def init(self, terms, t0, t1, y0, args):
+    def init(
+        self, terms: diffrax.AbstractTerm, t0: _Time, t1: _Time, y0: _Y, args: PyTree[Any]
+    ) -> None:
         del terms, t0, t1, y0, args
         return None
 
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+    def step(
+        self,
+        terms: diffrax.AbstractTerm,
+        t0: _Time,
+        t1: _Time,
+        y0: _Y,
+        args: PyTree[Any],
+        solver_state: None,
+        made_jump: _Flag,
+    ) -> tuple[_Y, None, _DenseInfo, None, diffrax.RESULTS]:
         del solver_state, made_jump
         tm = t0 + 0.5 * (t1 - t0)
         control = terms.contr(t0, t1)  # k_i = f(t_i, y_i)·(t1 − t0), as in diffrax's ERKs
@@ -62,7 +88,7 @@ class RK4(diffrax.AbstractSolver):
         dense_info = dict(y0=y0, y1=y1, k0=k1, k1=k4)
         return y1, None, dense_info, None, diffrax.RESULTS.successful
 
-    def func(self, terms, t0, y0, args):
+    def func(self, terms: diffrax.AbstractTerm, t0: _Time, y0: _Y, args: PyTree[Any]) -> _VF:
         return terms.vf(t0, y0, args)
 
 
