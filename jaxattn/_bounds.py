@@ -15,10 +15,12 @@ NumPy float64; `inf` means the bound has become vacuous (it never turns into NaN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from ._custom_types import ArrayLike, Float, ScalarLike
 from ._fields import AbstractField
 
 
@@ -26,10 +28,10 @@ class Bound(NamedTuple):
     """`ts (T,)`, `bound (*batch, T)`, and the interval constants `lipschitz`, `gap`
     (`(*batch, T−1)`, for interval `[t_k, t_{k+1}]`)."""
 
-    ts: np.ndarray
-    bound: np.ndarray
-    lipschitz: np.ndarray
-    gap: np.ndarray
+    ts: Float[np.ndarray, " T"]
+    bound: Float[np.ndarray, "*batch T"]
+    lipschitz: Float[np.ndarray, "*batch T-1"]
+    gap: Float[np.ndarray, "*batch T-1"]
 
 
 def _expm(M: np.ndarray) -> np.ndarray:
@@ -202,7 +204,13 @@ def as_grid(ts):
     return ts
 
 
-def bound_a_posteriori(field: AbstractField, field_p: AbstractField, ts, xs, xs_p) -> Bound:
+def bound_a_posteriori(
+    field: AbstractField,
+    field_p: AbstractField,
+    ts: Float[ArrayLike, " T"] | Sequence[float],
+    xs: Float[ArrayLike, "*batch T n d"],
+    xs_p: Float[ArrayLike, "*batch T n d"],
+) -> Bound:
     """Bound on `max_i |x_i(t) − x̃_i(t)|` using radii read off the computed trajectories
     `xs`, `xs_p` of shape `(*batch, T, n, d)` at the times `ts` (T,)."""
     check_field_pair(field, field_p)
@@ -226,7 +234,13 @@ def bound_a_posteriori(field: AbstractField, field_p: AbstractField, ts, xs, xs_
     return Bound(ts, gronwall(ts, e0, L, delta), L, delta)
 
 
-def bound_a_priori(field: AbstractField, field_p: AbstractField, ts, x0, x0_p=None) -> Bound:
+def bound_a_priori(
+    field: AbstractField,
+    field_p: AbstractField,
+    ts: Float[ArrayLike, " T"] | Sequence[float],
+    x0: Float[ArrayLike, "*batch n d"],
+    x0_p: Float[ArrayLike, "*batch n d"] | None = None,
+) -> Bound:
     """Bound using only the initial tokens: `R(t) ≤ R(0) e^{max(‖V‖,‖Ṽ‖) t}` (plain),
     `ρ(t) ≤ ρ(0) e^{2 max(‖V‖,‖Ṽ‖) t}` (rescaled), `R = 1` (sphere)."""
     check_field_pair(field, field_p)
@@ -247,7 +261,11 @@ def bound_a_priori(field: AbstractField, field_p: AbstractField, ts, x0, x0_p=No
     return Bound(ts, gronwall(ts, e0, L, delta), L, delta)
 
 
-def certified_horizon(ts, bound, eta) -> np.ndarray:
+def certified_horizon(
+    ts: Float[ArrayLike, " T"] | Sequence[float],
+    bound: Float[ArrayLike, "*batch T"],
+    eta: ScalarLike,
+) -> Float[np.ndarray, "*batch"]:
     """Largest grid time `t_k` with `bound(s) ≤ eta` at every grid time `s ≤ t_k`
     (`nan` if already `bound(t_0) > eta`). Works over leading batch axes of `bound`."""
     ts = np.asarray(ts, np.float64)

@@ -14,14 +14,15 @@ LoRA-perturbed flow (`ladder_distances`, `measure_divergence`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
-from ._custom_types import Array, ArrayLike, Float
+from ._custom_types import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike
 from ._fields import AbstractField
 from ._simulate import simulate
 from ._validate import check_choice
@@ -59,7 +60,12 @@ class InitialMeasure(eqx.Module):
         return cls("uniform", d, (low, high))
 
     @classmethod
-    def gaussian(cls, d: int, mean=0.0, std: float = 1.0) -> InitialMeasure:
+    def gaussian(
+        cls,
+        d: int,
+        mean: ScalarLike | Float[ArrayLike, " d"] | Sequence[float] = 0.0,
+        std: float = 1.0,
+    ) -> InitialMeasure:
         d = _check_dim(d)
         mean = np.broadcast_to(np.asarray(mean, np.float64), (d,))
         if not np.all(np.isfinite(mean)):
@@ -75,7 +81,11 @@ class InitialMeasure(eqx.Module):
         return cls("sphere", d, ())
 
     @classmethod
-    def mixture(cls, components: Sequence[InitialMeasure], weights=None) -> InitialMeasure:
+    def mixture(
+        cls,
+        components: Sequence[InitialMeasure],
+        weights: Float[ArrayLike, " k"] | Sequence[float] | None = None,
+    ) -> InitialMeasure:
         components = tuple(components)
         if not components or not all(isinstance(c, InitialMeasure) for c in components):
             raise ValueError("a mixture needs a non-empty sequence of InitialMeasure")
@@ -114,7 +124,9 @@ class InitialMeasure(eqx.Module):
         points = jnp.stack([c._point(k_point, dtype) for c in self.components])
         return points[pick]
 
-    def sample(self, key, n: int, dtype=None) -> Float[Array, "n d"]:
+    def sample(
+        self, key: PRNGKeyArray, n: int, dtype: DTypeLike | None = None
+    ) -> Float[Array, "n d"]:
         """`n` i.i.d. points; the first `k` points do not depend on `n` (to the last bit)."""
         if isinstance(n, bool) or int(n) < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -140,14 +152,14 @@ def simulate_ladder(
     field: AbstractField,
     measure: InitialMeasure,
     ns: Sequence[int],
-    t1,
+    t1: ScalarLike,
     *,
-    key,
-    ts,
-    dtype=None,
-    progress=None,
+    key: PRNGKeyArray,
+    ts: Float[ArrayLike, " T"] | Sequence[float] | None,
+    dtype: DTypeLike | None = None,
+    progress: Callable[[int], object] | None = None,
     **simulate_kw,
-) -> dict[int, np.ndarray]:
+) -> dict[int, Float[np.ndarray, "T _n d"]]:
     """Simulate the same dynamics from nested samples of `measure` at each size in `ns`.
 
     **Arguments:**
@@ -196,7 +208,7 @@ def _distance_fn(
 
 def measure_divergence(
     xs: Float[ArrayLike, "T n d"], ys: Float[ArrayLike, "T m d"], *, distance: str = "exact", **kw
-) -> np.ndarray:
+) -> Float[np.ndarray, " T"]:
     """`W(μ_t, ν_t)` at each saved time between two runs (tokens `(T, n, d)`, `(T, m, d)`).
 
     `distance`: `"exact"` (`wasserstein2`, equal sizes), `"sliced"`
@@ -217,8 +229,12 @@ def measure_divergence(
 
 
 def ladder_distances(
-    ladder: dict[int, np.ndarray], *, reference: int | None = None, distance: str = "sliced", **kw
-) -> tuple[list[int], np.ndarray]:
+    ladder: dict[int, Float[np.ndarray, "T _n d"]],
+    *,
+    reference: int | None = None,
+    distance: str = "sliced",
+    **kw,
+) -> tuple[list[int], Float[np.ndarray, "k T"]]:
     """`W(μⁿ_t, μ^{N}_t)` for each size n of a ladder against the reference size N
     (default: the largest), at every saved time.
 

@@ -16,7 +16,7 @@ from jax.core import Tracer
 from jax.typing import DTypeLike
 
 from ._attention import exact_row_max, use_blockwise
-from ._custom_types import Array, ArrayLike, Float, Int, PyTree, ScalarLike
+from ._custom_types import Array, ArrayLike, Float, Int, PyTree, ScalarLike, Shaped
 from ._fields import AbstractField, expm
 from ._lora import LoRA
 from ._metrics import unit_rows
@@ -63,7 +63,8 @@ class Solution(eqx.Module):
     """
 
     ts: Float[Array, " T"]
-    xs: Float[Array, "*batch T n d"]
+    # the tokens, or `summary`'s values (any pytree, leaves `(*batch, T, …)`)
+    xs: Float[Array, "*batch T n d"] | PyTree[Shaped[Array, "*_"]]
     status: Int[Array, "*batch"]
     num_steps: Int[Array, "*batch"]
     norm_drift: Float[Array, "*batch"] | None

@@ -38,7 +38,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
-from ._custom_types import Array, ArrayLike, Float, Int
+from ._custom_types import Array, ArrayLike, Float, Int, PRNGKeyArray, ScalarLike
 from ._validate import check_choice
 
 COSTS = ("euclidean", "geodesic")
@@ -140,10 +140,11 @@ def _safe_sqrt(s: Array) -> Array:
 
 
 def geodesic_distance(
-    x: Float[Array, "*batch d"], y: Float[Array, "*batch d"]
-) -> Float[Array, "*batch"]:
+    x: Float[Array, "*#batch d"], y: Float[Array, "*#batch d"]
+) -> Float[Array, "*#batch"]:
     """Great-circle distance `arccos⟨x, y⟩ ∈ [0, π]` between unit vectors, computed as
-    `2·atan2(|x − y|, |x + y|)` (exact for unit vectors, stable near 0 and π)."""
+    `2·atan2(|x − y|, |x + y|)` (exact for unit vectors, stable near 0 and π). The batch
+    axes broadcast (`cost_matrix` pairs `(n, 1, d)` with `(1, m, d)`)."""
     return 2.0 * jnp.arctan2(_safe_norm(x - y), _safe_norm(x + y))
 
 
@@ -234,8 +235,9 @@ def _ott_cost(cost: str):
 
 
 # -- exact W2 -------------------------------------------------------------------------
-def _lsa_host(C: np.ndarray) -> np.ndarray:
-    """Optimal assignment (row i → column σ(i)) for each matrix of a batch, on the host."""
+def _lsa_host(C: Float[ArrayLike, "*batch n n"]) -> Int[np.ndarray, "*batch n"]:
+    """Optimal assignment (row i → column σ(i)) for each matrix of a batch, on the host.
+    (`jax.pure_callback` passes `C` as a `jax.Array` on the host, not a NumPy array.)"""
     from scipy.optimize import linear_sum_assignment
 
     C = np.asarray(C, np.float64)
@@ -367,7 +369,7 @@ def sliced_wasserstein2(
     b: Float[Array, " m"] | None = None,
     *,
     n_projections: int = 128,
-    key,
+    key: PRNGKeyArray,
 ) -> Float[Array, ""]:
     """Sliced `W₂`: `SW₂² = E_θ W₂²(θ#μ, θ#ν)` over directions θ uniform on the sphere,
     estimated with `n_projections` random directions drawn from `key`.
@@ -419,7 +421,7 @@ def entropic_ot(
     a: Float[Array, " n"] | None = None,
     b: Float[Array, " m"] | None = None,
     *,
-    epsilon=None,
+    epsilon: ScalarLike | None = None,
     cost: str = "euclidean",
     threshold: float = 1e-3,
     max_iterations: int = 2000,
@@ -461,7 +463,7 @@ def sinkhorn_divergence(
     a: Float[Array, " n"] | None = None,
     b: Float[Array, " m"] | None = None,
     *,
-    epsilon=None,
+    epsilon: ScalarLike | None = None,
     cost: str = "euclidean",
     threshold: float = 1e-3,
     max_iterations: int = 2000,

@@ -27,6 +27,7 @@ is the smaller of the two at each time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +43,7 @@ from ._bounds import (
     opnorm,
     rescaled_interval_norms,
 )
+from ._custom_types import ArrayLike, Float
 from ._fields import AbstractField
 
 
@@ -49,13 +51,13 @@ class WassersteinBound(NamedTuple):
     """`ts (T,)`; `bound (T,)` = min of `dobrushin` and `coupling` (both `(T,)`);
     `w0` = `W₂(μ₀, μ̃₀)`; the interval constants `lipschitz` and `gap` `(T−1,)`."""
 
-    ts: np.ndarray
-    bound: np.ndarray
-    dobrushin: np.ndarray
-    coupling: np.ndarray
+    ts: Float[np.ndarray, " T"]
+    bound: Float[np.ndarray, " T"]
+    dobrushin: Float[np.ndarray, " T"]
+    coupling: Float[np.ndarray, " T"]
     w0: float
-    lipschitz: np.ndarray
-    gap: np.ndarray
+    lipschitz: Float[np.ndarray, " T-1"]
+    gap: Float[np.ndarray, " T-1"]
 
 
 def _union_extent(xs, xs_p):
@@ -123,7 +125,11 @@ def _w_constants(field, field_p, ts, R, Dm):
 
 
 def wasserstein_bound(
-    field: AbstractField, field_p: AbstractField, ts, xs, xs_p
+    field: AbstractField,
+    field_p: AbstractField,
+    ts: Float[ArrayLike, " T"] | Sequence[float],
+    xs: Float[ArrayLike, "T n d"],
+    xs_p: Float[ArrayLike, "T n d"],
 ) -> WassersteinBound:
     """Upper bound on `W₂(μ_t, μ̃_t)` between two computed runs, a posteriori.
 
