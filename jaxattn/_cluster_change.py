@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, Float
+from ._custom_types import Array, ArrayLike, Float, Int, PRNGKeyArray
 from ._fields import AbstractField
 from ._gradients import check_status, final_state, solve_kwargs
 from ._response import perturbed
@@ -65,9 +65,9 @@ class ClusterChange:
     """Result of `smallest_cluster_change` (norms are Frobenius = operator for rank 1)."""
 
     norm: float  # smallest norm found that changes the partition (upper estimate)
-    direction: np.ndarray  # unit ΔW (d×d)
-    labels_before: np.ndarray
-    labels_after: np.ndarray
+    direction: Float[np.ndarray, "d d"]  # unit ΔW
+    labels_before: Int[np.ndarray, " n"]
+    labels_after: Int[np.ndarray, " n"]
     clusters_before: int
     clusters_after: int
     kind: str  # "merge", "split" or "both"
@@ -95,7 +95,7 @@ def _same_partition(a, b) -> bool:
 
 def smallest_cluster_change(
     field: AbstractField,
-    x0,
+    x0: Float[ArrayLike, "n d"],
     t1: float,
     target: str = "V",
     *,
@@ -107,9 +107,9 @@ def smallest_cluster_change(
     bisections: int = 8,
     grow: float = 1.6,
     max_norm: float = 10.0,
-    key=None,
-    init_direction=None,
-    log: Callable | None = None,
+    key: PRNGKeyArray | None = None,
+    init_direction: Float[ArrayLike, "d d"] | None = None,
+    log: Callable[[str], object] | None = None,
     **solve,
 ) -> ClusterChange:
     """Smallest LoRA of `W_target` (rank `rank`, by Frobenius norm) whose run has a

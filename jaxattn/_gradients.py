@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, Float
+from ._custom_types import Array, ArrayLike, Float
 from ._fields import AbstractField
 from ._simulate import ADJOINTS, STATUS_MESSAGES, simulate
 from ._validate import check_choice
@@ -62,7 +62,7 @@ def check_objective(objective: str) -> str:
 
 
 # --------------------------------------------------------------------------- parameters
-def field_params(field: AbstractField, x0) -> dict[str, Array]:
+def field_params(field: AbstractField, x0: Float[ArrayLike, "n d"]) -> dict[str, Array]:
     """The differentiable inputs of a run as a flat dict: `Q, K, V, beta, x0` and, for a
     field with exactly one LoRA, `lora_A`, `lora_B`."""
     p = {
@@ -187,7 +187,7 @@ def objective_fn(
 
 def value_and_grad(
     field: AbstractField,
-    x0,
+    x0: Float[ArrayLike, "n d"],
     t1: float,
     objective: str | Callable = "mean_sq",
     *,

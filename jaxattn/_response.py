@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, PRNGKeyArray
+from ._custom_types import Array, ArrayLike, Float, PRNGKeyArray
 from ._fields import AbstractField
 from ._gradients import check_status, solve_kwargs
 from ._lora import LoRA
@@ -26,7 +26,7 @@ from ._simulate import simulate
 from ._validate import TARGETS, check_choice
 
 
-def perturbed(field: AbstractField, target: str, dW) -> AbstractField:
+def perturbed(field: AbstractField, target: str, dW: Float[ArrayLike, "d d"]) -> AbstractField:
     """`field` with its base weight `W_target` replaced by `W_target + dW` (LoRAs kept)."""
     target = check_choice(target, "target", TARGETS)
     W = getattr(field, target)
@@ -47,13 +47,18 @@ class LinearResponse:
     """`ts (T,)`, the unperturbed trajectory `xs (T, n, d)` and the tangent
     `dxs (T, n, d) = ∂x(t)/∂ε` at ε = 0 for `W ← W + ε ΔW`."""
 
-    ts: np.ndarray
-    xs: np.ndarray
-    dxs: np.ndarray
+    ts: Float[np.ndarray, " T"]
+    xs: Float[np.ndarray, "T n d"]
+    dxs: Float[np.ndarray, "T n d"]
 
 
 def linear_response(
-    field: AbstractField, x0, t1: float, direction, target: str = "V", **solve
+    field: AbstractField,
+    x0: Float[ArrayLike, "n d"],
+    t1: float,
+    direction: Float[ArrayLike, "d d"] | LoRA,
+    target: str = "V",
+    **solve,
 ) -> LinearResponse:
     """First-order change of the whole trajectory under `W_target ← W_target + ε·direction`.
 
@@ -90,12 +95,12 @@ class ResponseOperator:
     def __init__(
         self,
         field: AbstractField,
-        x0,
+        x0: Float[ArrayLike, "n d"],
         t1: float,
         times: Sequence[float] | None = None,
         target: str = "V",
         **solve,
-    ):
+    ) -> None:
         if field.batch_shape:
             raise ValueError("the response operator takes a single field")
         self.field = field
@@ -165,23 +170,23 @@ class ResponseOperator:
 
         return F
 
-    def set_x0(self, x0) -> None:
+    def set_x0(self, x0: Float[ArrayLike, "n d"]) -> None:
         self.x0 = jnp.asarray(x0, self.dtype)
 
-    def base(self) -> np.ndarray:
+    def base(self) -> Float[np.ndarray, "k n d"]:
         """Unperturbed tokens at the times, `(k, n, d)`."""
         return np.asarray(self._all(self.x0, jnp.zeros((self._k, self.d, self.d), self.dtype))[0])
 
-    def matvec(self, V) -> np.ndarray:
+    def matvec(self, V: Float[ArrayLike, "k d d"]) -> Float[np.ndarray, "k n d"]:
         """`J_k V[k]` for each time k: `(k, d, d) -> (k, n, d)`."""
         tang = np.asarray(self._all(self.x0, jnp.asarray(V, self.dtype))[1])
         return tang[np.arange(self._k), np.arange(self._k)]
 
-    def rmatvec(self, U) -> np.ndarray:
+    def rmatvec(self, U: Float[ArrayLike, "k n d"]) -> Float[np.ndarray, "k d d"]:
         """`J_kᵀ U[k]`: `(k, n, d) -> (k, d, d)`."""
         return np.asarray(self._rmatvec(self.x0, jnp.asarray(U, self.dtype)))
 
-    def apply_all(self, V) -> np.ndarray:
+    def apply_all(self, V: Float[ArrayLike, "j d d"]) -> Float[np.ndarray, "j k n d"]:
         """`J_k V[j]` for all times k and all directions j: `(j, k, n, d)`."""
         V = np.asarray(V)
         m = V.shape[0]
@@ -193,11 +198,13 @@ class ResponseOperator:
         ]
         return np.concatenate(out)[:m]
 
-    def normal(self, V) -> np.ndarray:
+    def normal(self, V: Float[ArrayLike, "k d d"]) -> Float[np.ndarray, "k d d"]:
         """`J_kᵀ J_k V[k]`."""
         return self.rmatvec(self.matvec(V))
 
-    def top_eigenpairs(self, V0, iters: int = 30) -> tuple[np.ndarray, np.ndarray, int]:
+    def top_eigenpairs(
+        self, V0: Float[ArrayLike, "k d d"], iters: int = 30
+    ) -> tuple[Float[np.ndarray, " k"], Float[np.ndarray, "k d d"], int]:
         """Top eigenpair of each `J_kᵀJ_k` from the start `V0 (k, d, d)`: LOBPCG
         (`jax.experimental.sparse.linalg.lobpcg_standard`, at most `iters` iterations, to
         the dtype's rounding) for every time at once, inside one compiled function. For
@@ -266,10 +273,10 @@ class WorstCase:
     - `response (k, n, d)`: `δx(T_k) = J_k ΔW`.
     """
 
-    times: np.ndarray
-    directions: np.ndarray
-    sigma: np.ndarray
-    response: np.ndarray
+    times: Float[np.ndarray, " k"]
+    directions: Float[np.ndarray, "k d d"]
+    sigma: Float[np.ndarray, " k"]
+    response: Float[np.ndarray, "k n d"]
     rank: int | None
     iterations: int
 
@@ -328,7 +335,7 @@ def worst_case(
 
 def worst_case_direction(
     field: AbstractField,
-    x0,
+    x0: Float[ArrayLike, "n d"],
     t1: float,
     target: str = "V",
     *,
@@ -344,7 +351,9 @@ def worst_case_direction(
     return worst_case(op, rank=rank, method=method, iters=iters, key=key)
 
 
-def random_directions(key, num: int, d: int, rank: int | None = None) -> np.ndarray:
+def random_directions(
+    key: PRNGKeyArray, num: int, d: int, rank: int | None = None
+) -> Float[np.ndarray, "num d d"]:
     """`num` random unit-Frobenius `d×d` directions: Gaussian matrices, or products
     `B A` of Gaussian factors of rank `rank` (a random LoRA)."""
     if rank is None or rank >= d:

@@ -4,13 +4,14 @@ the sweeps compile for."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from ._attention import exact_row_max
+from ._custom_types import Device
 
 
 def _shard_map():
@@ -25,7 +26,11 @@ DEFAULT_BATCH = 64
 
 
 def map_sharded(
-    fn: Callable, devices=None, batch: int = DEFAULT_BATCH, *, batched: bool = False
+    fn: Callable,
+    devices: Sequence[Device] | None = None,
+    batch: int | np.integer = DEFAULT_BATCH,
+    *,
+    batched: bool = False,
 ) -> Callable:
     """`fn` applied point by point to arguments with a leading points axis, split across
     `devices` (default: all local devices) with `shard_map`.

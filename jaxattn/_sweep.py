@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._chunks import MANIFEST, SweepError, resolve_process, run_chunks, sweep_id
+from ._custom_types import Device
 from ._fields import AbstractField
 from ._grid import NEEDS_REFERENCE, SweepPlan, parse_sweep
 from ._io import (
@@ -196,9 +197,9 @@ class _PointBuilder:
 
 def sweep(
     spec: dict | SweepPlan,
-    out_dir,
+    out_dir: str | os.PathLike,
     *,
-    devices=None,
+    devices: Sequence[Device] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     process_index: int | None = None,
