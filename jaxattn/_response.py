@@ -267,7 +267,8 @@ class WorstCase:
     """Worst-case directions at the times `times (k,)`.
 
     - `directions (k, d, d)`: unit Frobenius norm `ΔW` maximising `|J_k ΔW|_F` (over all
-      directions, or over rank ≤ `rank` ones).
+      directions, or over rank ≤ `rank` ones), signed so that its largest-magnitude entry
+      is positive (a singular vector is defined up to its sign).
     - `sigma (k,)`: `|J_k ΔW|_F` at that direction (the top singular value when
       `rank` is None).
     - `response (k, n, d)`: `δx(T_k) = J_k ΔW`.
@@ -328,6 +329,10 @@ def worst_case(
             op.normal, v, power_iters, tol, project=lambda V: truncate_rank(V, rank)
         )
         it += it3
+    # A singular vector is defined up to its sign: fix it (largest-magnitude entry
+    # positive), so the direction does not depend on the solver or its start.
+    flat = v.reshape(v.shape[0], -1)
+    v = v * np.sign(flat[np.arange(flat.shape[0]), np.argmax(np.abs(flat), axis=1)])[:, None, None]
     resp = op.matvec(v)
     sigma = np.sqrt(np.sum(resp * resp, axis=(-2, -1)))
     return WorstCase(op.times, v, sigma, resp, rank, it)

@@ -176,6 +176,23 @@ def test_jvp_and_vjp_are_transposes(small_operator):
     )
 
 
+def test_worst_case_sign_does_not_depend_on_solver_or_start(small_operator):
+    """A singular vector is defined up to its sign; the returned direction has its
+    largest-magnitude entry positive, so LOBPCG, power iteration and different random
+    starts give the same direction (not its negative)."""
+    op, _ = small_operator
+    runs = [
+        S.worst_case(op, method="lobpcg", key=jax.random.key(0)),
+        S.worst_case(op, method="lobpcg", key=jax.random.key(5)),
+        S.worst_case(op, method="power", key=jax.random.key(7)),
+    ]
+    for wc in runs:
+        flat = wc.directions.reshape(wc.directions.shape[0], -1)
+        assert np.all(flat[np.arange(flat.shape[0]), np.argmax(np.abs(flat), axis=1)] > 0)
+    for wc in runs[1:]:
+        np.testing.assert_allclose(wc.directions, runs[0].directions, atol=1e-5)
+
+
 def test_lobpcg_worst_case_matches_full_jacobian_svd_in_d3():
     """d = 3 (9 unknowns: the LOBPCG path, not the dense one of d = 2): the top singular
     value and vector at each time equal those of the full forward-mode Jacobian."""
