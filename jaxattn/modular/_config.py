@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from .._validate import check_int, check_memory, check_number, check_seed
@@ -115,7 +116,7 @@ class ModularConfig:
             d[k] = list(d[k])
         return d
 
-    def subset(self, keys) -> dict[str, Any]:
+    def subset(self, keys: Iterable[str]) -> dict[str, Any]:
         d = self.as_dict()
         return {k: d[k] for k in keys}
 

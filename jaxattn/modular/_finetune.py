@@ -10,14 +10,17 @@ forgetting metric, the accuracy on all p² addition pairs (`add_all_acc`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
+from .._custom_types import Array, Real
 from .._io import check_output_dir, write_json
 from ._config import FINETUNE_KEYS, ModularConfig
 from ._data import make_split
-from ._model import trainable_filter
+from ._model import ModularTransformer, trainable_filter
 from ._train import (
     adamw,
     as_device_sets,
@@ -27,8 +30,11 @@ from ._train import (
     train,
 )
 
+#: a logged series, one value per metrics row (a list of the rows' values, or an array)
+Series = Sequence[int | float] | Real[np.ndarray, " rows"] | Real[Array, " rows"]
 
-def half_life(steps, add_acc, *, frac: float = 0.5):
+
+def half_life(steps: Series, add_acc: Series, *, frac: float = 0.5) -> float | None:
     """First step at which the addition accuracy is ≤ `frac` × its value at step 0
     (linear interpolation between logged steps); None if it never gets there."""
     steps = np.asarray(steps, float)
@@ -47,7 +53,9 @@ def half_life(steps, add_acc, *, frac: float = 0.5):
 SUB_LEVELS = (0.5, 0.9)
 
 
-def at_learning(steps, sub_acc, add_acc, levels=SUB_LEVELS) -> dict[str, dict]:
+def at_learning(
+    steps: Series, sub_acc: Series, add_acc: Series, levels: Sequence[float] = SUB_LEVELS
+) -> dict[str, dict[str, Any]]:
     """Forgetting read against learning: for each level, the first logged step at which
     the new task's accuracy `sub_acc` reaches it and the old task's accuracy `add_acc`
     at that step (both None if the level is never reached)."""
@@ -62,8 +70,13 @@ def at_learning(steps, sub_acc, add_acc, levels=SUB_LEVELS) -> dict[str, dict]:
 
 
 def finetune(
-    config: ModularConfig, out_dir: str, base_path: str, *, progress: bool = False, on_log=None
-):
+    config: ModularConfig,
+    out_dir: str,
+    base_path: str,
+    *,
+    progress: bool = False,
+    on_log: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[ModularTransformer, list[dict[str, Any]], dict[str, Any]]:
     """Fine-tune the model in `base_path` with LoRA; outputs in `out_dir` (resumable).
 
     **Returns:** `(model_with_lora, rows, summary)`; `summary` has the forgetting

@@ -17,13 +17,15 @@ particle dynamics (SPEC §1.1, §1.5) with `β = 1/√d`, weights `(Q, K, O V)`:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .._attention import attention_scores, softmax_weights
-from .._custom_types import Array, Float, Int
+from .._custom_types import Array, Float, Int, PRNGKeyArray, PyTree
 from .._lora import LoRA
 from ._config import TARGETS, ModularConfig
 from ._data import vocab_size
@@ -75,7 +77,7 @@ class ModularTransformer(eqx.Module):
     tied: bool = eqx.field(static=True)
     fused: bool = eqx.field(static=True)
 
-    def __init__(self, config: ModularConfig, *, key):
+    def __init__(self, config: ModularConfig, *, key: PRNGKeyArray) -> None:
         dtype = jnp.dtype(config.dtype)
         d, p = config.d_model, config.p
         ke, kp, kb, ku = jax.random.split(key, 4)
@@ -100,7 +102,9 @@ class ModularTransformer(eqx.Module):
         return self.block.Q.shape[0]
 
     # -- LoRA ---------------------------------------------------------------------
-    def with_loras(self, targets, *, rank: int, alpha: float, key) -> ModularTransformer:
+    def with_loras(
+        self, targets: Sequence[str], *, rank: int, alpha: float, key: PRNGKeyArray
+    ) -> ModularTransformer:
         """The same model with fresh LoRA adapters (`B = 0`, so unchanged outputs)."""
         loras = []
         for t, k in zip(targets, jax.random.split(key, len(targets))):
@@ -167,8 +171,10 @@ class ModularTransformer(eqx.Module):
         out = jnp.einsum("hij,hjd->hid", P, split(v)).transpose(1, 0, 2).reshape(n, d)
         return self._project("O", b, out)
 
-    def residual_stream(self, tokens: Int[Array, " 4"]) -> Float[Array, "depth+1 4 d"]:
-        """Token states after 0, 1, …, depth layers (the particle trajectory)."""
+    def residual_stream(self, tokens: Int[Array, " 4"]) -> Float[Array, "depth_plus_1 4 d"]:
+        """Token states after 0, 1, …, depth layers (the particle trajectory): `depth + 1`
+        states. (The axis is not written `depth+1`: a symbolic axis may only use axes of
+        the arguments, and jaxtyping's runtime check rejects it.)"""
         x = self.embed[tokens] + self.pos
         xs = [x]
         for layer in range(self.depth):
@@ -188,7 +194,9 @@ class ModularTransformer(eqx.Module):
         return self.unembed @ x_last
 
     # -- particle model -------------------------------------------------------------
-    def particle_weights(self, layer: int = 0):
+    def particle_weights(
+        self, layer: int = 0
+    ) -> tuple[Float[Array, "d d"], Float[Array, "d d"], Float[Array, "d d"], float]:
         """`(Q, K, V_eff = O V, β = 1/√d)` such that one layer is an Euler step (h = 1)
         of `x_i' = Σ_j P_ij V_eff x_j` (SPEC §1.1, §1.5). One head, no LayerNorm only."""
         if self.heads != 1 or self.layernorm:
@@ -197,7 +205,9 @@ class ModularTransformer(eqx.Module):
         return (self.weight("Q", layer), self.weight("K", layer), V_eff, 1.0 / math.sqrt(self.d))
 
 
-def trainable_filter(model: ModularTransformer, *, lora_only: bool):
+def trainable_filter(
+    model: ModularTransformer, *, lora_only: bool
+) -> Callable[[Any], bool] | PyTree[bool]:
     """Boolean pytree for `eqx.partition`: everything (pre-training) or only the LoRA
     factors `A`, `B` (fine-tuning; α and the base weights stay frozen)."""
     if not lora_only:

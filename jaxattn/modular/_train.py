@@ -24,14 +24,16 @@ import io
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import DTypeLike
 
+from .._custom_types import Array, Int, PyTree
 from .._io import atomic_path, check_output_dir, write_json
 from ._config import PRETRAIN_KEYS, ModularConfig
 from ._data import make_split
@@ -120,7 +122,7 @@ def adamw(
     b2: float,
     weight_decay: float,
     warmup: int,
-    dtype,
+    dtype: DTypeLike,
     *,
     schedule: str = "constant",
     total_steps: int | None = None,
@@ -233,13 +235,16 @@ chunk_fn = eqx.filter_jit(_chunk)
 
 
 # -- the loop -------------------------------------------------------------------------
+_Model = TypeVar("_Model", bound=eqx.Module)
+
+
 def train(
-    model,
-    filter_spec,
-    optimizer,
+    model: _Model,
+    filter_spec: Callable[[Any], bool] | PyTree[bool],
+    optimizer: optax.GradientTransformation,
     *,
-    train_set,
-    eval_sets,
+    train_set: tuple[Int[Array, "N 4"], Int[Array, " N"]],
+    eval_sets: dict[str, tuple[Int[Array, "_M 4"], Int[Array, " _M"]]],
     steps: int,
     log_every: int,
     checkpoint_every: int,
@@ -250,7 +255,7 @@ def train(
     on_log: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
-):
+) -> tuple[_Model, list[dict[str, Any]], dict[str, Any]]:
     """Train the `filter_spec` leaves of `model` full-batch; resume from `out_dir`.
 
     **Arguments:**
@@ -395,7 +400,13 @@ def pretrain_optimizer(config: ModularConfig) -> optax.GradientTransformation:
     )
 
 
-def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_log=None):
+def pretrain(
+    config: ModularConfig,
+    out_dir: str,
+    *,
+    progress: bool = False,
+    on_log: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[ModularTransformer, list[dict[str, Any]], dict[str, Any]]:
     """Pre-train on `(x + y) mod p` for `max_steps`, or until the metrics meet the bar
     (`meets_bar`) when `stop_at_target`. Writes `metrics.{csv,json}`, `checkpoint.eqx`,
     `model.eqx`, `summary.json` in `out_dir`; resumes from `checkpoint.eqx` if present.
@@ -442,7 +453,7 @@ def pretrain(config: ModularConfig, out_dir: str, *, progress: bool = False, on_
     return model, rows, summary
 
 
-def load_pretrained(config: ModularConfig, path: str):
+def load_pretrained(config: ModularConfig, path: str) -> ModularTransformer:
     """The pre-trained model in `path` (`model.eqx`), checked against `config`."""
     if not os.path.exists(path):
         raise ValueError(
