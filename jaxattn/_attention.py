@@ -34,9 +34,10 @@ def attention_scores(q: Float[Array, "n e"], k: Float[Array, "m e"]) -> Float[Ar
 
 
 def softmax_weights(
-    u: Float[Array, "n m"], beta: ScalarLike, log_scale: ScalarLike = 0.0
-) -> Float[Array, "n m"]:
-    """Row-stochastic `P = softmax_j(β e^{log_scale} u_ij)`, stable for any scale.
+    u: Float[Array, "*batch n m"], beta: ScalarLike, log_scale: ScalarLike = 0.0
+) -> Float[Array, "*batch n m"]:
+    """Row-stochastic `P = softmax_j(β e^{log_scale} u_ij)`, stable for any scale (over
+    the last axis: leading axes, e.g. heads, are a batch).
 
     `beta ≥ 0` multiplies the scale directly (β = 0 gives uniform attention);
     `log_scale` is the logarithm of an extra positive factor that may be huge.
@@ -46,15 +47,17 @@ def softmax_weights(
 
 
 def _shifted_exp(
-    u: Float[Array, "n m"], beta: ScalarLike, log_scale: ScalarLike
-) -> Float[Array, "n m"]:
+    u: Float[Array, "*batch n m"], beta: ScalarLike, log_scale: ScalarLike
+) -> Float[Array, "*batch n m"]:
     """`exp(s (u_ij − max_j u_ij))` with `s = β e^{log_scale}`: centre first, then scale
     (the unnormalised softmax; rows are normalised by the caller)."""
     s = beta * _scale_from_log(log_scale, u.dtype)
     return jnp.exp(s * (u - jnp.max(u, axis=-1, keepdims=True)))
 
 
-def unnormalised_weights(u: Float[Array, "n m"], beta: ScalarLike) -> Float[Array, "n m"]:
+def unnormalised_weights(
+    u: Float[Array, "*batch n m"], beta: ScalarLike
+) -> Float[Array, "*batch n m"]:
     """USA weights `exp(β u_ij) / m`: no normalisation, no max-shift."""
     return jnp.exp(beta * u) / u.shape[-1]
 

@@ -87,9 +87,9 @@ class AbstractField(eqx.Module):
 
     def __init__(
         self,
-        Q: Float[ArrayLike, "d d"] | None = None,
-        K: Float[ArrayLike, "d d"] | None = None,
-        V: Float[ArrayLike, "d d"] | None = None,
+        Q: Float[ArrayLike, "d d"] | Sequence[Sequence[float]] | None = None,
+        K: Float[ArrayLike, "d d"] | Sequence[Sequence[float]] | None = None,
+        V: Float[ArrayLike, "d d"] | Sequence[Sequence[float]] | None = None,
         *,
         beta: ScalarLike = 1.0,
         lora: LoRA | Sequence[LoRA] | None = None,
@@ -459,9 +459,9 @@ FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField,
 
 def make_field(
     dynamics: str,
-    Q: Float[ArrayLike, "d d"] | None = None,
-    K: Float[ArrayLike, "d d"] | None = None,
-    V: Float[ArrayLike, "d d"] | None = None,
+    Q: Float[ArrayLike, "d d"] | Sequence[Sequence[float]] | None = None,
+    K: Float[ArrayLike, "d d"] | Sequence[Sequence[float]] | None = None,
+    V: Float[ArrayLike, "d d"] | Sequence[Sequence[float]] | None = None,
     *,
     beta: ScalarLike = 1.0,
     lora: LoRA | Sequence[LoRA] | None = None,
