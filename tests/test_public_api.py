@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import unchecked
 
 import jaxattn as ja
 from jaxattn import _chunks, _grid, _io, _sensitivity, _spec, cli
@@ -266,7 +267,8 @@ def test_load_and_parse_spec_round_trip(tmp_path):
     ],
 )
 def test_bad_spec_raises_spec_error_in_one_line(spec, match):
-    with pytest.raises(ja.SpecError, match=match) as info:
+    # parse_spec's own checks (a spec that is not a dict is refused by its annotation too)
+    with unchecked(), pytest.raises(ja.SpecError, match=match) as info:
         ja.parse_spec(spec)
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -369,3 +371,25 @@ def test_no_private_names_imported_between_package_modules(tmp_path):
         ("a.py", "_b._hidden"),
         ("a.py", "c._x"),
     ]
+
+
+# ------------------------------------------------------------------ runtime type checks
+def test_runtime_type_checks_are_on():
+    """pyproject's `addopts` has jaxtyping's import hook instrument `jaxattn` with beartype
+    (`--jaxtyping-packages=jaxattn,beartype.beartype(...)`), so the test suite checks
+    every annotated call, shapes included. Both calls below run silently without it."""
+    import jax.numpy as jnp
+    from jaxtyping import TypeCheckError
+
+    from jaxattn import _metrics
+
+    assert type(_metrics.__loader__).__name__ == "_JaxtypingLoader", (
+        "jaxattn was imported without jaxtyping's import hook (is --jaxtyping-packages "
+        "missing from addopts, or was jaxattn imported before the plugin ran?)"
+    )
+    # wrong shape: an attention matrix is (*batch, n, m), not a vector
+    with pytest.raises(TypeCheckError, match="P"):
+        ja.booleanness(jnp.zeros(3))
+    # wrong type: a threshold is a number, not a string
+    with pytest.raises(TypeCheckError, match="delta"):
+        ja.chord_from_cosine_gap("0.1")

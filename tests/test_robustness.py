@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import unchecked
 
 from jaxattn import cli
 from jaxattn._chunks import SweepError, load_chunks
@@ -374,16 +375,18 @@ def test_simulate_rejects_values_that_used_to_pass(kw, match):
     import jaxattn as ja
 
     args = {"x0": np.arange(6.0).reshape(3, 2), "t1": 1.0, **kw}
-    with pytest.raises((ValueError, TypeError), match=match):
+    # simulate's own checks (the annotations refuse the strings and booleans first)
+    with unchecked(), pytest.raises((ValueError, TypeError), match=match):
         ja.simulate(ja.RescaledField(d=2), args.pop("x0"), args.pop("t1"), **args)
 
 
 def test_fields_reject_non_integer_dimension_and_string_beta():
     import jaxattn as ja
 
-    with pytest.raises(ValueError, match="d must be an integer"):
+    # the constructor's own checks (the annotations refuse both values first)
+    with unchecked(), pytest.raises(ValueError, match="d must be an integer"):
         ja.RescaledField(d=2.5)
-    with pytest.raises(ValueError, match="beta must be a number"):
+    with unchecked(), pytest.raises(ValueError, match="beta must be a number"):
         ja.RescaledField(d=2, beta="1.0")
 
 
