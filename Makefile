@@ -40,10 +40,10 @@ $(LINT_STAMP): $(STAMP)
 lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright --project pyproject.toml
 
 typecheck: $(LINT_STAMP)
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright --project pyproject.toml
 
 # The documentation site in site/ (strict: a broken link, a missing reference or a
 # docstring warning fails the build). The notebooks are executed in their quick form
