@@ -206,9 +206,10 @@ def one_sided_distance(
 
 
 def divergence(
-    x: Float[Array, "*batch n d"], y: Float[Array, "*batch n d"]
-) -> Float[Array, "*batch"]:
-    """`e = max_i |x_i − y_i|` between two runs (same token order), over leading axes."""
+    x: Float[Array, "*#batch n d"], y: Float[Array, "*#batch n d"]
+) -> Float[Array, "*#batch"]:
+    """`e = max_i |x_i − y_i|` between two runs (same token order), over leading axes
+    (which broadcast, e.g. one reference run against a batch of perturbed ones)."""
     diff = x - y
     return jnp.max(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), axis=-1)
 

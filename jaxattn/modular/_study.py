@@ -22,11 +22,14 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
+from .._custom_types import ArrayLike, Int
 from .._io import check_output_dir, write_json, write_text
 from ._config import ModularConfig
 from ._data import all_pairs
 from ._finetune import finetune
+from ._model import ModularTransformer
 from ._train import pretrain
 
 
@@ -34,7 +37,13 @@ def run_dir(out_dir: str, depth: int, seed: int) -> str:
     return os.path.join(out_dir, "runs", f"d{depth}_s{seed}")
 
 
-def particle_divergence(base, tuned, tokens, *, dtype=jnp.float32) -> dict[str, float]:
+def particle_divergence(
+    base: ModularTransformer,
+    tuned: ModularTransformer,
+    tokens: Int[ArrayLike, "m 4"],
+    *,
+    dtype: DTypeLike = jnp.float32,
+) -> dict[str, float]:
     """Divergence at `T = depth` between the particle dynamics with the base and the
     LoRA-perturbed weights, from the embedded `tokens (m, 4)`; Euler with h = 1 (the
     model itself) and RK4 with h = 0.05 (the continuous-depth limit)."""
