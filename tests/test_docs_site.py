@@ -78,3 +78,18 @@ def test_architecture_page_names_every_module():
     names += [f"{p.name}/" for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
     missing = [n for n in names if n not in text]
     assert not missing, f"docs/architecture.md does not place: {missing}"
+
+
+def test_no_references_to_files_outside_the_repository():
+    """Code, docs and notebooks cite docs/theory.md and papers, never the research notes
+    or the tracker this package was built from ("SPEC §n", "issue N")."""
+    pattern = re.compile(r"SPEC §|issue [0-9]")
+    paths = [*(ROOT / "jaxattn").rglob("*.py"), *(ROOT / "notebooks").glob("*.ipynb")]
+    paths += [*DOCS.rglob("*.md"), ROOT / "README.md"]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in paths
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not hits, hits

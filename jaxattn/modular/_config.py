@@ -1,4 +1,5 @@
-"""Configuration of the modular-arithmetic experiments (SPEC §4) and its validation.
+"""Configuration of the modular-arithmetic experiments and its validation (background:
+docs/theory.md, 'Modular-arithmetic forgetting').
 
 One frozen dataclass holds every hyper-parameter; `load_config` reads TOML/JSON, refuses
 unknown keys and bad values with a one-line `ValueError`, and `quick=True` swaps in the

@@ -1,4 +1,5 @@
-"""Modular-arithmetic data (SPEC §4): all p² pairs `[x, op, y, =]`, a seeded split.
+"""Modular-arithmetic data: all p² pairs `[x, op, y, =]`, a seeded split (background:
+docs/theory.md, 'Modular-arithmetic forgetting').
 
 Tokens `0..p-1` are the residues, `=` is `p`, `+` is `p+1`, `−` is `p+2` (vocabulary
 `p+3`; for p = 113: 113, 114, 115 and 116 tokens, as in the paper). The answer is read at

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning on `(x − y) mod p` with the base weights frozen (SPEC §2, §3.7, §4).
+"""LoRA fine-tuning on `(x − y) mod p` with the base weights frozen (background:
+docs/theory.md, 'LoRA as a perturbation' and 'Modular-arithmetic forgetting').
 
 The pre-trained model gets fresh adapters (`B = 0`: the outputs are unchanged at step 0)
 on the configured targets; `eqx.partition` with `trainable_filter(lora_only=True)` makes

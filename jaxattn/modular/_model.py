@@ -1,4 +1,5 @@
-"""The paper's toy transformer (SPEC §4) as an Equinox module.
+"""The paper's toy transformer as an Equinox module (background: docs/theory.md,
+'Modular-arithmetic forgetting').
 
 Token and learned positional embeddings, one attention block (Q, K, V without bias, an
 output projection O, scores scaled by `1/√d_head`, no mask, no MLP) applied `depth` times
@@ -10,8 +11,8 @@ function with two token × d×d products instead of four (different float roundi
 The attention goes through the package's one softmax (`_attention.softmax_weights`) and
 LoRA adapters are the package's one `LoRA` (`_lora.py`), on any of Q, K, V, O. With one
 head and no LayerNorm the residual stream is exactly forward Euler (step 1) of the plain
-particle dynamics (SPEC §1.1, §1.5) with `β = 1/√d`, weights `(Q, K, O V)`: see
-`particle_weights`.
+particle dynamics with `β = 1/√d`, weights `(Q, K, O V)` (docs/theory.md, 'Particle
+dynamics' and 'Residual layers as Euler steps'): see `particle_weights`.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class ModularTransformer(eqx.Module):
         """`O · concat_h(P_h V_h x)` for block `b`, `P_h = softmax(q_h k_hᵀ / √d_head)`."""
         h = x if not self.layernorm else self._layer_norm(x, b)
         if self.heads == 1 and self.fused:
-            # One head: only `A = Qᵀ K` and `W_OV = O V` matter (SPEC §1.1), so a layer
+            # One head: only `A = Qᵀ K` and `W_OV = O V` matter (docs/theory.md, 'Particle
+            # dynamics'), so a layer
             # costs two token × d×d products instead of four. The d×d products are
             # computed once per call (outside `vmap` they are not batched).
             A = self.weight("Q", b).T @ self.weight("K", b)
@@ -198,7 +200,8 @@ class ModularTransformer(eqx.Module):
         self, layer: int = 0
     ) -> tuple[Float[Array, "d d"], Float[Array, "d d"], Float[Array, "d d"], float]:
         """`(Q, K, V_eff = O V, β = 1/√d)` such that one layer is an Euler step (h = 1)
-        of `x_i' = Σ_j P_ij V_eff x_j` (SPEC §1.1, §1.5). One head, no LayerNorm only."""
+        of `x_i' = Σ_j P_ij V_eff x_j` (docs/theory.md, 'Particle dynamics' and 'Residual
+        layers as Euler steps'). One head, no LayerNorm only."""
         if self.heads != 1 or self.layernorm:
             raise ValueError("the particle model needs one head and no LayerNorm")
         V_eff = self.weight("O", layer) @ self.weight("V", layer)

@@ -1,11 +1,13 @@
-"""The forgetting study (SPEC §3.7, §4): depths × seeds, LoRA ranks, spectra, particles.
+"""The forgetting study: depths × seeds, LoRA ranks, spectra, particles (background:
+docs/theory.md, 'Modular-arithmetic forgetting').
 
 Every model uses the same hyper-parameters; only `depth` (and the seed) change. Each run
 lives in `out/runs/d{depth}_s{seed}/{pretrain, finetune_r{rank}}` and is resumable, so an
 interrupted study restarted with the same command continues where it stopped (finished
 runs are re-read, not re-trained). Figures are drawn at the end from the runs' metrics.
 
-Particle-model connection (SPEC §1.5): with one head and no LayerNorm, one layer of the
+Particle-model connection (docs/theory.md, 'Residual layers as Euler steps'): with one
+head and no LayerNorm, one layer of the
 model is one Euler step (h = 1) of `x_i' = Σ_j P_ij V_eff x_j`, `V_eff = O V`,
 `β = 1/√d`. We embed addition prompts, run the particle dynamics to `T = depth` with the
 pre-trained and with the LoRA-perturbed weights (`V → V + (α/r) B A`), and compare the
