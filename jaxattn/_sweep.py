@@ -10,6 +10,7 @@ The sweep is split by job: `_chunks` (the engine: resumable atomic chunks), `_sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -195,6 +196,50 @@ class _PointBuilder:
         return {k: np.asarray(v, self.dtype) for k, v in cols.items()}
 
 
+# Shared references are used while their saved tokens (every reference × save time)
+# stay below this; above it each point solves its own reference beside its run.
+REFERENCE_BYTES = 256 * 2**20
+
+
+class _References:
+    """The LoRA-free runs that reference summaries (divergence, Hausdorff) compare each
+    point with. A point's reference depends only on its initial condition and β, so a
+    sweep over LoRAs needs far fewer of them than it has points (the docs example: 128
+    for 3072 points). With fixed steps they are solved once, their tokens saved at the
+    save times, and each point's reference summaries are computed from them after its
+    own solve: the same arithmetic as solving each reference beside its point (the
+    values agree to rounding), for about half the work."""
+
+    def __init__(self, plan: SweepPlan, builder: _PointBuilder):
+        self.plan, self.builder = plan, builder
+        names = list(plan.axes)
+        self.keys = [k for k in ("init.seed", "beta") if k in plan.axes]
+        self.pos = [names.index(k) for k in self.keys]
+        self.shape = tuple(len(plan.axes[k]) for k in self.keys)
+        self.count = int(np.prod(self.shape, dtype=np.int64))
+
+    def worth_it(self, save_times: int) -> bool:
+        n, d = self.builder.sim0.x0.shape
+        size = self.count * save_times * int(n) * int(d) * np.dtype(self.builder.dtype).itemsize
+        return self.count < self.plan.n_points and size <= REFERENCE_BYTES
+
+    def index(self, indices: np.ndarray) -> np.ndarray:
+        """The reference of each point."""
+        if not self.keys:
+            return np.zeros(indices.size, np.int64)
+        idx = np.unravel_index(indices, self.plan.shape)
+        return np.ravel_multi_index([idx[i] for i in self.pos], self.shape)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        x0, beta = [], []
+        for r in range(self.count):
+            sub = np.unravel_index(r, self.shape)
+            a = {k: self.plan.axes[k][i] for k, i in zip(self.keys, sub)}
+            x0.append(self.builder.x0(a))
+            beta.append(a.get("beta", self.plan.spec.get("beta", 1.0)))
+        return {k: np.asarray(v, self.builder.dtype) for k, v in (("x0", x0), ("beta", beta))}
+
+
 def sweep(
     spec: dict | SweepPlan,
     out_dir: str | os.PathLike,
@@ -258,11 +303,22 @@ def _sweep_locked(
     sim0 = builder.sim0
     sphere = sim0.field.on_sphere
     names = plan.options["summaries"]
+    threshold = plan.options["cluster_threshold"]
     pair = any(s in NEEDS_REFERENCE for s in names)
-    save_fn = _summary_fn(names, plan.options["cluster_threshold"], sphere, pair)
+    save_fn = _summary_fn(names, threshold, sphere, pair)
     cfg, ts = _solve_config(
         sim0.solve, sphere, sim0.t1, plan.options["save_points"], save_fn, builder.dtype
     )
+    # Fixed steps: the unperturbed runs are solved once per (initial condition, β) and
+    # shared (`_References`); each point saves its tokens for the reference summaries.
+    refs = _References(plan, builder)
+    shared = pair and cfg.stacked and refs.worth_it(ts.size)
+    if shared:
+        own = [k for k in names if k not in NEEDS_REFERENCE]
+        own_fn = _summary_fn(
+            own + ([] if "tokens" in own else ["tokens"]), threshold, sphere, False
+        )
+        cfg = dataclasses.replace(cfg, save_fn=own_fn)
     t1 = sim0.t1
     base = sim0.field.without_lora()
     targets = builder.targets
@@ -277,6 +333,10 @@ def _sweep_locked(
     def where(f):  # index by the static slot count: an empty tuple is no node
         los = [f.loras[i] for i in range(len(targets))]
         return [f.beta] + [lo.alpha for lo in los] + [a for lo in los for a in (lo.A, lo.B)]
+
+    def solve_span(field, y0, cfg, members):  # from 0 to t1, saved at `ts`
+        t0, t_end = jnp.asarray(0.0, dtype), jnp.asarray(t1, dtype)
+        return solve_one(field, y0, t0, t_end, None, ts_arr, cfg, members=members)
 
     def point(inp, stacked: bool = False):
         """One point's solve; `stacked`: a chunk of points (leading axis) as one solve of
@@ -296,44 +356,51 @@ def _sweep_locked(
         y0 = inp["x0"]
         if sphere:
             y0 = unit_rows(y0)
-        if pair:
+        if pair and not shared:
             no_lora = lambda f: eqx.tree_at(lambda f: f.loras, f, ())
             field = _PairField(no_lora(field), field)
             axes = _PairField(no_lora(axes), axes)
             y0 = jnp.stack([y0, y0], axis=-3)
         if stacked:
             field = Members(field, axes, 1, 0)
-        ys, status, steps, _ = solve_one(
-            field,
-            y0,
-            jnp.asarray(0.0, dtype),
-            jnp.asarray(t1, dtype),
-            None,
-            ts_arr,
-            cfg,
-            members=int(stacked),
-        )
+        ys, status, steps, _ = solve_span(field, y0, cfg, int(stacked))
+        if shared:  # the reference summaries, from the shared run's saved tokens
+            ys = _reference_summaries(ys, inp["ref"], names, lead=int(stacked))
+            status = jnp.where(status == STATUS_OK, inp["ref_status"], status)
         return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
+
+    ref_cfg = dataclasses.replace(cfg, save_fn=lambda t, y, args: y)
+
+    def reference(inp):
+        """A group of unperturbed runs (fixed steps, one stacked solve): their tokens at
+        the save times and their status."""
+        beta = lambda f: f.beta
+        field = eqx.tree_at(beta, base, inp["beta"])
+        axes = eqx.tree_at(beta, jax.tree.map(lambda _: None, base), 0, is_leaf=lambda x: x is None)
+        y0 = unit_rows(inp["x0"]) if sphere else inp["x0"]
+        ys, status, _, _ = solve_span(Members(field, axes, 1, 0), y0, ref_cfg, 1)
+        return {"tokens": ys, "status": status}
 
     # The compiled chunk solve is kept for the process, keyed by everything it closes
     # over (the sweep's identity) and the devices: a second sweep of the same spec in one
     # process (a notebook, a benchmark) does not compile again.
     devices = list(jax.local_devices() if devices is None else devices)
-    key = (sweep_id({**plan.identity(), "ts": ts}), tuple(str(dv) for dv in devices))
-    solve = _SOLVES.get(key)
-    if solve is None:
+    key = (sweep_id({**plan.identity(), "ts": ts}), tuple(str(dv) for dv in devices), shared)
+    solves = _SOLVES.get(key)
+    if solves is None:
+        batch = plan.options["batch"]
         if cfg.stacked:
             solve = map_sharded(
-                lambda inp: point(inp, stacked=True),
-                devices,
-                batch=plan.options["batch"],
-                batched=True,
+                lambda inp: point(inp, stacked=True), devices, batch=batch, batched=True
             )
         else:  # adaptive steps: one solve per point, each with its own step control
-            solve = map_sharded(point, devices, batch=plan.options["batch"])
+            solve = map_sharded(point, devices, batch=batch)
+        ref_solve = map_sharded(reference, devices, batch=batch, batched=True) if shared else None
         if len(_SOLVES) >= 8:
             _SOLVES.clear()
-        _SOLVES[key] = solve
+        solves = _SOLVES[key] = (solve, ref_solve)
+    solve, ref_solve = solves
+    shared_runs: dict[str, np.ndarray] = {}  # solved at the first chunk that needs them
 
     def compute(indices):
         # A short last chunk is padded (repeating its last point) only up to the next
@@ -342,7 +409,16 @@ def _sweep_locked(
         # resumed sweep computes every chunk exactly as an uninterrupted one.
         n, size = indices.size, padded_size(indices.size, plan.options["chunk"])
         idx = np.concatenate([indices, np.repeat(indices[-1:], size - n)]) if n < size else indices
-        return {k: v[:n] for k, v in solve(builder.inputs(idx)).items()}
+        inputs = builder.inputs(idx)
+        if ref_solve is not None:
+            if not shared_runs:
+                if log:
+                    log(f"sweep: {refs.count} unperturbed reference run(s), shared by the points")
+                shared_runs.update(ref_solve(refs.inputs()))
+            j = refs.index(idx)
+            inputs["ref"] = shared_runs["tokens"][j]
+            inputs["ref_status"] = shared_runs["status"][j]
+        return {k: v[:n] for k, v in solve(inputs).items()}
 
     identity = {**plan.identity(), "ts": ts}
     if not force:
@@ -421,6 +497,25 @@ def _sweep_locked(
             f"({plan.n_points - sum(failed.values())} ok, {sum(failed.values())} failed)"
         )
     return result
+
+
+def _reference_summaries(ys: dict, ref, names, lead: int) -> dict:
+    """`ys` (the point's own summaries and its `tokens`, each with `lead` leading point
+    axes and a save-time axis) with the reference summaries of `names` added, computed
+    against `ref`, the reference's tokens at the same save times; `tokens` is kept only
+    when asked for."""
+    fns = {
+        "divergence": lambda x, r: divergence(r, x),
+        "hausdorff": lambda x, r: hausdorff(x, r),
+    }
+    out = {k: v for k, v in ys.items() if k in names}
+    for name in names:
+        if name in fns:
+            fn = fns[name]
+            for _ in range(lead + 1):
+                fn = jax.vmap(fn)
+            out[name] = fn(ys["tokens"], ref)
+    return {k: out[k] for k in names}
 
 
 def _check_previous_result(out_dir: str, sid: str) -> None:

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,3 +369,74 @@ def test_short_chunks_are_padded_to_a_few_sizes_only(tmp_path):
     np.testing.assert_allclose(
         res["mean"][0], np.asarray(a.xs[idx].mean(axis=1)), rtol=0, atol=1e-13
     )
+
+
+def test_shared_references_equal_paired_solves(tmp_path, monkeypatch):
+    # With fixed steps each distinct (initial condition, β) is solved once without its
+    # LoRA and shared by the points (here 2 seeds × 2 β = 4 references for 24 points);
+    # with the budget at 0 each point solves its own reference beside its run. Both are
+    # the same RK4 arithmetic on the same grid: equal to rounding. A sphere spec with
+    # renormalisation exercises the projected steps and the Hausdorff summary.
+    import jaxattn._sweep as sw
+
+    for spec in (
+        {
+            **SPEC,
+            "grid": {
+                "beta": [0.5, 2.0],
+                "lora.norm": [0.05, 0.3],
+                "lora.target": ["Q", "K", "V"],
+                "init.seed": [0, 1],
+            },
+            "sweep": {**SPEC["sweep"], "summaries": ["divergence", "hausdorff", "clusters"]},
+        },
+        {
+            "dynamics": "sphere",
+            "init": {"kind": "sphere", "n": 8, "d": 3},
+            "lora": {"rank": 1, "seed": 1},
+            "solve": {"t1": 2.0, "dt": 0.1, "renormalise": True},
+            "grid": {"lora.norm": [0.01, 0.1, 0.5], "init.seed": [0, 1]},
+            "sweep": {"summaries": ["tokens", "hausdorff", "divergence"], "save_points": 5},
+        },
+    ):
+        logs = []
+        shared = sweep(spec, str(tmp_path / "shared"), progress=False, log=logs.append)
+        refs = sw._References(parse_sweep(spec), sw._PointBuilder(parse_sweep(spec)))
+        assert any(f"{refs.count} unperturbed reference run" in m for m in logs)
+        monkeypatch.setattr(sw, "REFERENCE_BYTES", 0)
+        logs.clear()
+        paired = sweep(spec, str(tmp_path / "paired"), progress=False, log=logs.append)
+        monkeypatch.undo()
+        assert not any("reference run" in m for m in logs)
+        assert set(shared) == set(paired)
+        for k in shared:
+            if k.startswith("grid_") or k in ("status", "num_steps"):
+                np.testing.assert_array_equal(shared[k], paired[k])
+            else:
+                np.testing.assert_allclose(shared[k], paired[k], rtol=0, atol=1e-13)
+        assert np.max(shared["divergence"][..., -1]) > 1e-3  # the LoRAs moved the runs
+        for d in ("shared", "paired"):
+            shutil.rmtree(tmp_path / d)
+
+
+def test_references_are_indexed_by_initial_condition_and_beta():
+    import jaxattn._sweep as sw
+
+    spec = {**SPEC, "grid": {"init.seed": [0, 1, 2], "lora.norm": [0.01, 0.1], "beta": [1, 2]}}
+    plan = parse_sweep(spec)
+    refs = sw._References(plan, sw._PointBuilder(plan))
+    assert refs.count == 6 and refs.worth_it(7)
+    # C order over (seed, norm, beta): the reference is (seed, beta), whatever the norm.
+    idx = refs.index(np.arange(plan.n_points))
+    for p in range(plan.n_points):
+        s, _, b = np.unravel_index(p, plan.shape)
+        assert idx[p] == 2 * s + b
+    inp = refs.inputs()
+    np.testing.assert_array_equal(inp["beta"], [1, 2] * 3)
+    for r in range(6):  # each reference starts from its points' tokens
+        p = int(np.flatnonzero(idx == r)[0])
+        np.testing.assert_array_equal(inp["x0"][r], parse_spec(plan.point_spec(p)).x0)
+    # One point per reference: sharing saves nothing, so each point pairs its own.
+    lora = {**SPEC["lora"], "norm": 0.1}
+    only_seeds = parse_sweep({**SPEC, "lora": lora, "grid": {"init.seed": [0, 1, 2]}})
+    assert not sw._References(only_seeds, sw._PointBuilder(only_seeds)).worth_it(7)
