@@ -12,10 +12,11 @@ import numpy as np
 
 from ._attention import use_blockwise
 from ._chunks import SweepError
-from ._sharding import DEFAULT_BATCH
 from ._spec import SpecError, parse_spec
 from ._validate import SEED_MAX, TARGETS, check_int, check_memory, check_positive
 
+DEFAULT_CHUNK = 64
+MAX_DEFAULT_BATCH = 256
 GRID_KEYS = ("beta", "init.seed", "lora.norm", "lora.seed", "lora.target", "lora.alpha")
 SWEEP_KEYS = {"chunk", "batch", "summaries", "save_points", "cluster_threshold"}
 SUMMARIES = ("divergence", "hausdorff", "clusters", "diameter", "mean", "tokens")
@@ -223,9 +224,12 @@ def parse_sweep(raw: dict) -> SweepPlan:
             "summaries divergence/hausdorff compare with the unperturbed run "
             "and need a [lora] section"
         )
+    chunk = _pos_int(opts_raw.get("chunk", DEFAULT_CHUNK), "sweep chunk")
     options = {
-        "chunk": _pos_int(opts_raw.get("chunk", 64), "sweep chunk"),
-        "batch": _pos_int(opts_raw.get("batch", DEFAULT_BATCH), "sweep batch"),
+        "chunk": chunk,
+        # Default: groups as wide as the chunk, up to 256 points (wider vmaps amortise
+        # XLA's per-operation cost for small systems; 64 for the default chunk).
+        "batch": _pos_int(opts_raw.get("batch", min(chunk, MAX_DEFAULT_BATCH)), "sweep batch"),
         "summaries": list(dict.fromkeys(summaries)),
         "save_points": _pos_int(opts_raw.get("save_points", 101), "sweep save_points", 2),
         "cluster_threshold": _pos_float(

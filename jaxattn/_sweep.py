@@ -395,7 +395,10 @@ def _sweep_locked(
             )
         else:  # adaptive steps: one solve per point, each with its own step control
             solve = map_sharded(point, devices, batch=batch)
-        ref_solve = map_sharded(reference, devices, batch=batch, batched=True) if shared else None
+        ref_solve = None
+        if shared:  # groups no wider than the references need (a few are padded)
+            ref_batch = padded_size(refs.count, batch)
+            ref_solve = map_sharded(reference, devices, batch=ref_batch, batched=True)
         if len(_SOLVES) >= 8:
             _SOLVES.clear()
         solves = _SOLVES[key] = (solve, ref_solve)
