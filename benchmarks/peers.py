@@ -358,7 +358,7 @@ def scan_sweep(spec, shared=False):
     assert k * (opts["save_points"] - 1) == steps, "save times must fall every k steps"
     assert "beta" not in plan.axes, "the hand-written peer keeps β = 1"
     eye = np.eye(b.d)
-    x0, W, ref_of, refs = [], [], [], {}
+    x0, W, ref_of, refs = [], [], [], {}  # refs: initial condition → (index, first point)
     for p in range(plan.n_points):
         a = plan.assignment(p)
         lo = b.lora(a)
@@ -368,11 +368,10 @@ def scan_sweep(spec, shared=False):
         }
         x0.append(b.x0(a))
         W.append([pert["Q"], pert["K"], pert["V"]])
-        ref_of.append(refs.setdefault(a.get("init.seed"), len(refs)))
+        ref_of.append(refs.setdefault(a.get("init.seed"), (len(refs), p))[0])
     P = plan.n_points
     if shared:  # state (R + P, n, d): the R distinct references first
-        first = {r: ref_of.index(r) for r in range(len(refs))}
-        y0 = np.concatenate([np.stack([x0[first[r]] for r in range(len(refs))]), x0])
+        y0 = np.concatenate([np.stack([x0[p] for _, p in refs.values()]), x0])
         W = np.concatenate([np.broadcast_to(eye, (len(refs), 3) + eye.shape), W])
         R = len(refs)
     else:  # state (2P, n, d): reference p, then point p

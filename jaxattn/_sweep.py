@@ -174,6 +174,9 @@ class _PointBuilder:
             self._lora[key] = lora_from_table(table, self.d, self.dtype)
         return self._lora[key]
 
+    def beta(self, assignment) -> float:
+        return assignment.get("beta", self.plan.spec.get("beta", 1.0))
+
     def inputs(self, indices) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {"x0": [], "beta": []}
         for t in self.targets:
@@ -182,7 +185,7 @@ class _PointBuilder:
         for p in indices:
             a = self.plan.assignment(int(p))
             cols["x0"].append(self.x0(a))
-            cols["beta"].append(a.get("beta", self.plan.spec.get("beta", 1.0)))
+            cols["beta"].append(self.beta(a))
             if self.targets:
                 lo = self.lora(a)
                 for t in self.targets:  # the point's target gets its LoRA, others zero
@@ -236,7 +239,7 @@ class _References:
             sub = np.unravel_index(r, self.shape)
             a = {k: self.plan.axes[k][i] for k, i in zip(self.keys, sub)}
             x0.append(self.builder.x0(a))
-            beta.append(a.get("beta", self.plan.spec.get("beta", 1.0)))
+            beta.append(self.builder.beta(a))
         return {k: np.asarray(v, self.builder.dtype) for k, v in (("x0", x0), ("beta", beta))}
 
 
@@ -319,6 +322,9 @@ def _sweep_locked(
             own + ([] if "tokens" in own else ["tokens"]), threshold, sphere, False
         )
         cfg = dataclasses.replace(cfg, save_fn=own_fn)
+        # The reference summaries by the paired solve's own formulas, on (reference, run).
+        ref_names = [k for k in names if k in NEEDS_REFERENCE]
+        pair_fn = _summary_fn(ref_names, threshold, sphere, True)
     t1 = sim0.t1
     base = sim0.field.without_lora()
     targets = builder.targets
@@ -365,7 +371,7 @@ def _sweep_locked(
             field = Members(field, axes, 1, 0)
         ys, status, steps, _ = solve_span(field, y0, cfg, int(stacked))
         if shared:  # the reference summaries, from the shared run's saved tokens
-            ys = _reference_summaries(ys, inp["ref"], names, lead=int(stacked))
+            ys = _reference_summaries(ys, inp["ref"], names, pair_fn, lead=int(stacked))
             status = jnp.where(status == STATUS_OK, inp["ref_status"], status)
         return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
 
@@ -502,22 +508,15 @@ def _sweep_locked(
     return result
 
 
-def _reference_summaries(ys: dict, ref, names, lead: int) -> dict:
+def _reference_summaries(ys: dict, ref, names, pair_fn, lead: int) -> dict:
     """`ys` (the point's own summaries and its `tokens`, each with `lead` leading point
-    axes and a save-time axis) with the reference summaries of `names` added, computed
-    against `ref`, the reference's tokens at the same save times; `tokens` is kept only
-    when asked for."""
-    fns = {
-        "divergence": lambda x, r: divergence(r, x),
-        "hausdorff": lambda x, r: hausdorff(x, r),
-    }
-    out = {k: v for k, v in ys.items() if k in names}
-    for name in names:
-        if name in fns:
-            fn = fns[name]
-            for _ in range(lead + 1):
-                fn = jax.vmap(fn)
-            out[name] = fn(ys["tokens"], ref)
+    axes and a save-time axis) with the reference summaries added: `pair_fn` (the paired
+    solve's summary function) on the stacked (reference, run) tokens at each save time;
+    `tokens` is kept only when asked for."""
+    fn = lambda x, r: pair_fn(None, jnp.stack([r, x]), None)
+    for _ in range(lead + 1):
+        fn = jax.vmap(fn)
+    out = {**{k: v for k, v in ys.items() if k in names}, **fn(ys["tokens"], ref)}
     return {k: out[k] for k in names}
 
 
