@@ -100,7 +100,7 @@ def main(argv=None):
             flush=True,
         )
     if a.out:
-        from jaxattn._io import write_json
+        from jaxattn._base.io import write_json
 
         write_json(a.out, res)
     return res

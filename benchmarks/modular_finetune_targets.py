@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     if a.json:
-        from jaxattn._io import write_json
+        from jaxattn._base.io import write_json
 
         write_json(
             a.json,

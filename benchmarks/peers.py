@@ -348,7 +348,7 @@ def scan_sweep(spec, shared=False):
     import jax.scipy.linalg as jsl
 
     from jaxattn import cluster_count, divergence, pairwise_distances, parse_sweep
-    from jaxattn._sweep import _PointBuilder  # the sweep's own LoRAs and tokens per point
+    from jaxattn._sweep.runner import _PointBuilder  # the sweep's own LoRAs and tokens per point
 
     plan = parse_sweep(spec)
     b = _PointBuilder(plan)

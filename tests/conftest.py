@@ -30,7 +30,8 @@ hypothesis.settings.load_profile("ci")
 # `vm.max_map_count` (65,530 here) the next compile fails inside LLVM (measured: ~20,000
 # mappings after two test files; a worker crashed with a segfault in compile ~25 minutes
 # into the suite). When a process holds many mappings, drop JAX's caches of compiled
-# programs (and the sweep's) so their code is unmapped; later tests recompile what they use.
+# programs and the package's own (`jaxattn.clear_caches`) so their code is unmapped;
+# later tests recompile what they use.
 _MAX_MAPPINGS = 20_000
 
 
@@ -48,8 +49,7 @@ def _release_compiled_code():
     if _mappings() > _MAX_MAPPINGS:
         import gc
 
-        from jaxattn import _sweep
+        import jaxattn
 
-        _sweep._SOLVES.clear()
-        jax.clear_caches()
+        jaxattn.clear_caches()
         gc.collect()

@@ -1,4 +1,4 @@
-"""The cluster statistics of `jaxattn._clusters` against independent references: SciPy's
+"""The cluster statistics of `jaxattn.experiments._clusters` against independent references: SciPy's
 convex hull and connected components, the NumPy/SciPy float64 attention of
 tests/reference.py, and hand-built token sets whose clusters, leaders and hulls are known.
 """
@@ -11,7 +11,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import cdist
 
-from jaxattn._clusters import (
+from jaxattn.experiments._clusters import (
     attention_matrices,
     cluster_counts_by_rank,
     distance_from_uniform,

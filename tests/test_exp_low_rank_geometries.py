@@ -14,9 +14,9 @@ import pytest
 from scipy.spatial import ConvexHull
 
 import jaxattn
-from jaxattn._clusters import hull_directions, hull_vertex_mask
 from jaxattn.cli import main
 from jaxattn.experiments import geometries, low_rank
+from jaxattn.experiments._clusters import hull_directions, hull_vertex_mask
 
 GEO_FILES = (
     "polytope.png",

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pytest
 
 from jaxattn import experiments
-from jaxattn.experiments._config import ExperimentConfig, coerce
+from jaxattn._base.config import ExperimentConfig, coerce
 
 NAMES = list(experiments.available())
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jaxattn as ja
-from jaxattn._attention import AUTO_DENSE_MAX_SCORES, attend_blockwise, use_blockwise
-from jaxattn._spec import SpecError, parse_spec
+from jaxattn._model.attention import AUTO_DENSE_MAX_SCORES, attend_blockwise, use_blockwise
+from jaxattn._spec.spec import SpecError, parse_spec
 
 DYN = ["plain", "rescaled", "sphere", "usa"]
 
@@ -173,7 +173,7 @@ def test_every_kernel_gradient_wrt_every_input(kernel, block, normalise):
     # of 4 and 5 leave padded query and key rows (13 queries, 11 keys); the first key
     # block starts from an empty running maximum. Once a NaN gradient in β: the
     # blockwise kernel took exp(s·(−inf − m)) in the unselected branch of a `where`.
-    from jaxattn._attention import attend
+    from jaxattn._model.attention import attend
 
     inp = _attend_inputs(13, 11, 3, 2, seed=5)
     if not normalise:
@@ -242,7 +242,7 @@ def test_blockwise_both_shifts_equal_the_softmax(beta, width):
     softmax, in a regime where the fast path is taken (β = 1), one near its limit
     (β = 20: s·(bound − row max) up to ≈ 60) and one where the bound would underflow
     every weight (β = 400: the running maximum must be taken, or the rows would be 0/0)."""
-    from jaxattn._attention import exact_row_max
+    from jaxattn._model.attention import exact_row_max
 
     rng = np.random.default_rng(3)
     n, m = 70, 45  # padded queries and keys with block 16
@@ -272,8 +272,8 @@ def test_blockwise_falls_back_where_the_bound_shift_would_underflow(monkeypatch)
     `exact_row_max`). It is needed: at β = 400 in float32, forcing the bound shift for
     every block (gap limit = ∞) underflows whole rows to 0/0, while the default choice
     falls back to the running maximum and matches the float64 softmax."""
-    from jaxattn import _attention
-    from jaxattn._attention import exact_row_max
+    import jaxattn._model.attention as _attention
+    from jaxattn._model.attention import exact_row_max
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (64, 2)), jnp.float32)

@@ -53,7 +53,7 @@ def test_sphere_cluster_threshold_is_a_chord_between_normalised_tokens():
     assert int(ja.cluster_count(x, 0.011, sphere=True)) == 2
     assert int(ja.cluster_count(x, 0.009, sphere=True)) == 3
     # 1 − cos ≤ δ is the chord sqrt(2δ): 1 − cos(0.01) ≈ 5e-5
-    from jaxattn._metrics import chord_from_cosine_gap
+    from jaxattn._analysis.metrics import chord_from_cosine_gap
 
     assert int(ja.cluster_count(x, chord_from_cosine_gap(6e-5), sphere=True)) == 2
     assert int(ja.cluster_count(x, chord_from_cosine_gap(4e-5), sphere=True)) == 3

@@ -27,9 +27,9 @@ def test_importing_the_plotting_modules_keeps_the_users_backend():
     out = _run("""
         import matplotlib
         matplotlib.use("svg")  # stands for a notebook's inline backend
-        import jaxattn, jaxattn.plotting, jaxattn.plotting_sensitivity
+        import jaxattn, jaxattn.plotting
         import jaxattn.plotting._real_model, jaxattn.plotting._mean_field
-        import jaxattn._sweep
+        import jaxattn._sweep.runner
         print(matplotlib.get_backend())
     """)
     assert out.lower() == "svg"

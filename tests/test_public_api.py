@@ -12,7 +12,12 @@ import pytest
 from helpers import unchecked
 
 import jaxattn as ja
-from jaxattn import _chunks, _grid, _io, _sensitivity, _spec, cli
+import jaxattn._base.io as _io
+import jaxattn._sensitivity as _sensitivity
+import jaxattn._spec.spec as _spec
+import jaxattn._sweep.chunks as _chunks
+import jaxattn._sweep.grid as _grid
+from jaxattn import cli
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -157,7 +162,7 @@ def _user_facing_texts():
             yield f"notebooks/{p.name} cell {i}", src if isinstance(src, str) else "".join(src)
 
 
-_FROM_PRIVATE = re.compile(r"from\s+jaxattn\.(_\w+)\s+import\s+\(?([\w\s,]+)\)?")
+_FROM_PRIVATE = re.compile(r"from\s+jaxattn\.(_[\w.]+)\s+import\s+\(?([\w\s,]+)\)?")
 
 
 def _private_uses(text):
@@ -207,10 +212,10 @@ def test_setup_jax_comes_from_jaxattn_in_docs_and_notebooks():
 
 def test_private_use_detector():
     assert _private_uses("from jaxattn import _sensitivity as S")
-    assert _private_uses("import jaxattn._metrics")
+    assert _private_uses("import jaxattn._analysis.metrics")
     assert _private_uses("`jaxattn._sensitivity` differentiates")
-    assert _private_uses("from jaxattn._sweep import _PointBuilder, parse_sweep")
-    assert not _private_uses("from jaxattn._sweep import _PointBuilder")
+    assert _private_uses("from jaxattn._sweep.runner import _PointBuilder, parse_sweep")
+    assert not _private_uses("from jaxattn._sweep.runner import _PointBuilder")
     assert not _private_uses("from jaxattn import load_spec, parse_spec")
     assert not _private_uses("`jaxattn.__all__` lists them; from jaxattn import __version__")
 
@@ -310,7 +315,7 @@ def test_fields_abstract_or_final():
 
     import equinox as eqx
 
-    from jaxattn._fields import FIELDS
+    from jaxattn._model.fields import FIELDS
 
     for cls in FIELDS.values():
         assert not inspect.isabstract(cls), cls
@@ -381,7 +386,7 @@ def test_runtime_type_checks_are_on():
     import jax.numpy as jnp
     from jaxtyping import TypeCheckError
 
-    from jaxattn import _metrics
+    import jaxattn._analysis.metrics as _metrics
 
     assert type(_metrics.__loader__).__name__ == "_JaxtypingLoader", (
         "jaxattn was imported without jaxtyping's import hook (is --jaxtyping-packages "

@@ -13,14 +13,14 @@ import pytest
 from helpers import unchecked
 
 from jaxattn import cli
-from jaxattn._chunks import SweepError, load_chunks
-from jaxattn._io import (
+from jaxattn._base.io import (
     OutputBusyError,
     check_output_file,
     output_lock,
     remove_stale_temporaries,
 )
-from jaxattn._sweep import sweep
+from jaxattn._sweep.chunks import SweepError, load_chunks
+from jaxattn._sweep.runner import sweep
 
 SIM = {
     "dynamics": "rescaled",
@@ -141,7 +141,7 @@ class _Holder:
 
     def __init__(self, folder, name=""):
         code = (
-            "import time; from jaxattn._io import output_lock\n"
+            "import time; from jaxattn._base.io import output_lock\n"
             f"with output_lock({str(folder)!r}, {name!r}):\n"
             "    print('held', flush=True); time.sleep(120)\n"
         )
@@ -460,7 +460,7 @@ NON_NORMAL_V = [[1.0, 0.5], [0.0, 0.5]]
 def test_exponential_shift_is_the_spectral_abscissa():
     import jax.numpy as jnp
 
-    from jaxattn._fields import _exponential_shift
+    from jaxattn._model.fields import _exponential_shift
 
     rng = np.random.default_rng(0)
     for V in (np.asarray(NON_NORMAL_V), rng.normal(size=(4, 4)), rng.normal(size=(3, 3))):

@@ -22,7 +22,7 @@ import pytest
 from helpers import random_weights
 
 import jaxattn as ja
-from jaxattn import _sensitivity as S
+import jaxattn._sensitivity as S
 from jaxattn.cli import main
 
 N, D, T1 = 4, 3, 1.0

@@ -1,4 +1,4 @@
-"""`jaxattn._sensitivity_checks` (the analysis of `worst-case-lora`) against references
+"""`jaxattn.experiments._sensitivity_checks` (the analysis of `worst-case-lora`) against references
 computed independently of the library.
 
 The reference system: plain dynamics with β = 0. The attention is then exactly uniform,
@@ -25,7 +25,7 @@ import pytest
 from scipy.linalg import expm, expm_frechet
 
 import jaxattn as ja
-from jaxattn import _sensitivity_checks as C
+import jaxattn.experiments._sensitivity_checks as C
 
 N, D = 4, 3
 TIMES = (0.5, 1.0)

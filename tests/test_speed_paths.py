@@ -20,7 +20,9 @@ import pytest
 import scipy.linalg
 
 import jaxattn as ja
-from jaxattn import _attention, _fields, _simulate
+import jaxattn._model.attention as _attention
+import jaxattn._model.fields as _fields
+import jaxattn._simulate.integrate as _simulate
 
 
 def _rand(shape, seed, scale=1.0, dtype=jnp.float64):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxattn._stats import loglog_fit, nanmedian
+from jaxattn._base.stats import loglog_fit, nanmedian
 
 
 def test_nanmedian_skips_inf_and_nan():

@@ -15,10 +15,10 @@ import pytest
 
 import jaxattn as ja
 from jaxattn import cli
-from jaxattn._chunks import SweepError, load_chunks, run_chunks
-from jaxattn._grid import parse_sweep
-from jaxattn._spec import parse_spec
-from jaxattn._sweep import sweep
+from jaxattn._spec.spec import parse_spec
+from jaxattn._sweep.chunks import SweepError, load_chunks, run_chunks
+from jaxattn._sweep.grid import parse_sweep
+from jaxattn._sweep.runner import sweep
 
 SPEC = {
     "dynamics": "rescaled",
@@ -345,7 +345,7 @@ def test_float32_adaptive_sweep_over_beta_seed_alpha(tmp_path):
 
 
 def test_short_chunks_are_padded_to_a_few_sizes_only(tmp_path):
-    from jaxattn._sharding import padded_size
+    from jaxattn._sweep.sharding import padded_size
 
     assert [padded_size(n, 4096) for n in (1, 2, 3, 5, 100, 4095, 4096)] == [
         1,
@@ -377,7 +377,7 @@ def test_shared_references_equal_paired_solves(tmp_path, monkeypatch):
     # with the budget at 0 each point solves its own reference beside its run. Both are
     # the same RK4 arithmetic on the same grid: equal to rounding. A sphere spec with
     # renormalisation exercises the projected steps and the Hausdorff summary.
-    import jaxattn._sweep as sw
+    import jaxattn._sweep.runner as sw
 
     for spec in (
         {
@@ -420,7 +420,7 @@ def test_shared_references_equal_paired_solves(tmp_path, monkeypatch):
 
 
 def test_references_are_indexed_by_initial_condition_and_beta():
-    import jaxattn._sweep as sw
+    import jaxattn._sweep.runner as sw
 
     spec = {**SPEC, "grid": {"init.seed": [0, 1, 2], "lora.norm": [0.01, 0.1], "beta": [1, 2]}}
     plan = parse_sweep(spec)

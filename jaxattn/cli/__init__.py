@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 
-from .._setup import setup_jax as setup_jax  # also public as jaxattn.setup_jax
+from .._base import setup_jax as setup_jax  # also public as jaxattn.setup_jax
 
 #: the subcommands, in the order `jaxattn --help` lists them (module names in this package)
 COMMANDS = ("simulate", "demo", "modular", "real_model", "reproduce", "sensitivity", "sweep")

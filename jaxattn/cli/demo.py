@@ -3,7 +3,7 @@ divergence and the stability bound (the lora-divergence experiment without its e
 
 from __future__ import annotations
 
-from .._setup import setup_jax
+from .._base import setup_jax
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .._io import check_output_dir
+    from .._base import check_output_dir
 
     out = check_output_dir(args.out)
     setup_jax("float64")

@@ -36,8 +36,8 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .._io import check_output_dir, output_lock
-    from ..modular._config import load_config
+    from .._base import check_output_dir, output_lock
+    from ..modular import load_config
 
     config = load_config(args.config, quick=args.quick)  # validates: fail before any work
     check_output_dir(args.out)
@@ -48,7 +48,7 @@ def handle(args) -> int:
 def _run(args, config) -> int:
     import os
 
-    from .._setup import setup_jax
+    from .._base import setup_jax
 
     setup_jax(config.dtype)
     from .. import modular

@@ -42,8 +42,7 @@ def _parse_repeat(text: str) -> int:
 
 
 def handle(args) -> int:
-    from .._io import check_output_dir
-    from .._setup import setup_jax
+    from .._base import check_output_dir, setup_jax
 
     repeat = _parse_repeat(args.repeat)
     check_output_dir(args.out, create=False)  # fail before any work

@@ -80,8 +80,7 @@ def handle(args) -> int:
         if given["metric"] not in ("hausdorff", "paper"):
             raise ValueError(f"unknown metric {given['metric']!r}; choose hausdorff or paper")
         overrides["metric"] = given["metric"]
-    from .._io import check_output_dir
-    from .._setup import setup_jax
+    from .._base import check_output_dir, setup_jax
 
     check_output_dir(args.out, create=False)  # fail before any work; run() creates it
     setup_jax("float64")

@@ -108,8 +108,7 @@ def parse_objective(raw: dict) -> tuple[dict, dict]:
 
 
 def handle(args) -> int:
-    from .._io import check_output_file, write_npz
-    from .._setup import setup_jax
+    from .._base import check_output_file, setup_jax, write_npz
     from .._spec import load_spec_file, parse_spec
 
     out = check_output_file(
@@ -177,7 +176,7 @@ OBJECTIVE_FORMULAS = {"mean_sq": "½·mean_i |x_i|²", "squared_distance": "½·
 def lora_divergence(field, x0, t1: float, solve: dict) -> float:
     """`e(t1) = max_i |x_i(t1) − x̃_i(t1)|` (`jaxattn.divergence`) between the run of
     `field` and the same run without its LoRA, `Δx = x − x̃`."""
-    from .._metrics import divergence
+    from .._analysis import divergence
     from .._sensitivity import check_status, final_state, solve_kwargs
 
     kw = solve_kwargs(solve, "checkpoint", None)
@@ -189,8 +188,7 @@ def lora_divergence(field, x0, t1: float, solve: dict) -> float:
 
 
 def handle_experiment(args) -> int:
-    from .._io import check_output_dir
-    from .._setup import setup_jax
+    from .._base import check_output_dir, setup_jax
 
     check_output_dir(args.out, create=False)  # fail before any work; run() creates it
     setup_jax("float64")

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .._setup import setup_jax
+from .._base import setup_jax
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .._io import check_output_file, write_npz
+    from .._base import check_output_file, write_npz
     from .._spec import load_spec_file, parse_spec
 
     out = check_output_file(

@@ -40,14 +40,13 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .._setup import setup_jax
+    from .._base import setup_jax
     from .._spec import load_spec_file
 
     raw = load_spec_file(args.spec)
     dtype = raw.get("dtype", "float64")
     setup_jax(dtype if isinstance(dtype, str) else "float64")
-    from .._grid import parse_sweep
-    from .._sweep import sweep
+    from .._sweep import parse_sweep, sweep
 
     plan = parse_sweep(raw)  # every spec/grid error surfaces here, before any output
     if (args.process_index is None) != (args.process_count is None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._config import ExperimentConfig as ExperimentConfig
+from .._base import ExperimentConfig as ExperimentConfig
 
 __all__ = ["ExperimentConfig", "available", "get"]
 

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._stats import loglog_fit as loglog_fit
-from .._stats import nanmedian as nanmedian
-from ._config import ExperimentConfig
+from .._base import ExperimentConfig, loglog_fit as loglog_fit, nanmedian as nanmedian
+from .._model import LoRA
 
 
 def default_dtype():
@@ -36,3 +35,11 @@ def config_key(cfg: Mapping[str, Any] | ExperimentConfig, keys, parts=(), arrays
     for a in arrays:
         h.update(np.ascontiguousarray(np.asarray(a, np.float64)).tobytes())
     return h.hexdigest()[:16]
+
+
+def perturbation(eps, dtype) -> LoRA:
+    """Stacked exact LoRAs `ΔV = diag(0, −ε)` (A = e₂ᵀ, B = −ε e₂, α = r = 1)."""
+    eps = jnp.asarray(eps, dtype)
+    A = jnp.broadcast_to(jnp.asarray([[0.0, 1.0]], dtype), (eps.shape[0], 1, 2))
+    B = jnp.stack([jnp.zeros_like(eps), -eps], axis=-1)[:, :, None]
+    return LoRA(A, B, 1.0, "V")

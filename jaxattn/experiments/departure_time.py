@@ -25,14 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._chunks import run_chunks, sweep_id
-from .._fields import RescaledField
-from .._io import check_output_dir, write_json, write_npz
-from .._lora import LoRA
-from .._metrics import approach_departure, hausdorff, one_sided_distance
+from .._analysis import approach_departure, hausdorff, one_sided_distance
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._model import RescaledField
 from .._simulate import fixed_step_grid, simulate
-from ._common import config_key, default_dtype, loglog_fit, nanmedian, uniform_tokens
-from ._config import ExperimentConfig
+from .._sweep import run_chunks, sweep_id
+from ._common import (
+    config_key,
+    default_dtype,
+    loglog_fit,
+    nanmedian,
+    perturbation,
+    uniform_tokens,
+)
 
 NAME = "departure-time"
 DESCRIPTION = "approach/departure times vs ε to t = 1000, log-log fit, three phases"
@@ -75,14 +80,6 @@ class Config(ExperimentConfig):
 
 
 PAPER_PREFACTOR = 0.54  # paper: T_dep ≈ 0.54/ε for ε ≤ 0.015 (its first-order scheme)
-
-
-def perturbation(eps, dtype) -> LoRA:
-    """Stacked exact LoRAs `ΔV = diag(0, −ε)` (A = e₂ᵀ, B = −ε e₂, α = r = 1)."""
-    eps = jnp.asarray(eps, dtype)
-    A = jnp.broadcast_to(jnp.asarray([[0.0, 1.0]], dtype), (eps.shape[0], 1, 2))
-    B = jnp.stack([jnp.zeros_like(eps), -eps], axis=-1)[:, :, None]
-    return LoRA(A, B, 1.0, "V")
 
 
 def _output_grid(t1, dt, dense_until, coarse_every):
@@ -286,7 +283,7 @@ def _paper_comparison(x0, cfg: Config, dtype) -> dict:
 
 
 def _write_csv(path, eps, med_app, med_dep, t_dep):
-    from .._io import write_atomic
+    from .._base import write_atomic
 
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -35,18 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._clusters import final_motion, hull_directions, hull_vertex_mask
-from .._fields import PlainField, RescaledField
-from .._io import check_output_dir, write_atomic, write_json, write_npz
-from .._metrics import (
-    booleanness,
-    cluster_centres_masked,
-    cluster_labels,
-    leaders,
-    support,
-)
+from .._analysis import booleanness, cluster_centres_masked, cluster_labels, leaders, support
+from .._base import ExperimentConfig, check_output_dir, write_atomic, write_json, write_npz
+from .._model import PlainField, RescaledField
 from .._simulate import simulate
-from ._config import ExperimentConfig
+from ._clusters import final_motion, hull_directions, hull_vertex_mask
 
 NAME = "geometries"
 DESCRIPTION = (

@@ -16,13 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._analysis import cluster_count, divergence
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
 from .._bounds import bound_a_posteriori, bound_a_priori, certified_horizon
-from .._fields import RescaledField
-from .._io import check_output_dir, write_json, write_npz
-from .._lora import LoRA
-from .._metrics import cluster_count, divergence
+from .._model import LoRA, RescaledField
 from .._simulate import simulate
-from ._config import ExperimentConfig
 
 NAME = "lora-divergence"
 DESCRIPTION = "original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"

@@ -43,7 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._clusters import (
+from .._analysis import cluster_count, divergence
+from .._base import ExperimentConfig, check_output_dir, write_atomic, write_json, write_npz
+from .._model import LoRA, RescaledField
+from .._simulate import simulate
+from ._clusters import (
     TokenSetStats,
     attention_matrices,
     cluster_counts_by_rank,
@@ -55,12 +59,6 @@ from .._clusters import (
     offset_from_initial_mean,
     token_set_stats,
 )
-from .._fields import RescaledField
-from .._io import check_output_dir, write_atomic, write_json, write_npz
-from .._lora import LoRA
-from .._metrics import cluster_count, divergence
-from .._simulate import simulate
-from ._config import ExperimentConfig
 
 NAME = "low-rank"
 DESCRIPTION = (

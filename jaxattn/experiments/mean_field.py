@@ -22,22 +22,29 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fields import RescaledField
-from .._io import check_output_dir, write_json, write_npz
-from .._lora import LoRA
-from .._meanfield import InitialMeasure, measure_divergence, simulate_ladder
-from .._metrics import approach_departure, cluster_labels, hausdorff
+from .._analysis import (
+    BoundCheck,
+    Clusters,
+    InitialMeasure,
+    Ladder,
+    LoraW2,
+    approach_departure,
+    cluster_labels,
+    hausdorff,
+    measure_divergence,
+    simulate_ladder,
+)
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._bounds import wasserstein_bound
+from .._model import LoRA, RescaledField
 from .._simulate import simulate
-from .._wbounds import wasserstein_bound
-from ._common import default_dtype, loglog_fit, nanmedian
-from ._config import ExperimentConfig
-from .departure_time import perturbation
+from ._common import default_dtype, loglog_fit, nanmedian, perturbation
 
 NAME = "mean-field"
 DESCRIPTION = (
@@ -94,59 +101,6 @@ class Config(ExperimentConfig):
         bound_t1=1.0,
         bound_every=0.05,
     )
-
-
-class Clusters(TypedDict):
-    """Cluster statistics at the last time of a ladder."""
-
-    ns: list[int]
-    count: np.ndarray  #: (seeds, len(ns)) number of clusters
-    masses: list[list[np.ndarray]]  #: per seed, per n: cluster masses, descending
-
-
-class Ladder(TypedDict):
-    """Part 1 for one dimension: sliced W₂ to the largest run, exact W₂ between seeds."""
-
-    ns: list[int]
-    ts: np.ndarray
-    N: int
-    sliced: np.ndarray  #: (seeds, len(ns) − 1, T)
-    exact_ns: list[int]
-    exact: np.ndarray  #: (pairs, len(exact_ns), T)
-    pairs: list[tuple[int, int]]
-    clusters: Clusters
-    sim_seconds: float
-    exact_seconds: float
-    ladders: list[dict[int, np.ndarray]]  #: per seed: tokens (T, n, d) by n
-
-
-class LoraW2(TypedDict):
-    """Part 3: W₂ divergence and departures, arrays (len(ns), len(eps), ...)."""
-
-    eps: np.ndarray  #: descending
-    ts: np.ndarray
-    ns: list[int]
-    W: np.ndarray
-    D_W: np.ndarray
-    t_app_W: np.ndarray
-    t_dep_W: np.ndarray
-    t_app_tok: np.ndarray
-    t_dep_tok: np.ndarray
-    fits: list[dict[str, Any]]
-    fits_token: list[dict[str, Any]]
-
-
-class BoundCheck(TypedDict):
-    """Part 4: measured W₂ and the bound, arrays (len(eps), T)."""
-
-    ts: np.ndarray
-    eps: np.ndarray
-    measured: np.ndarray
-    bound: np.ndarray
-    dobrushin: np.ndarray
-    coupling: np.ndarray
-    worst_ratio: float
-    certified_horizon: list[float]
 
 
 def _progress(total, desc):

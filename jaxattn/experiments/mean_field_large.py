@@ -23,20 +23,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, ClassVar, Literal, TypedDict
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fields import RescaledField
-from .._io import check_output_dir, write_json, write_npz
-from .._meanfield import InitialMeasure, measure_divergence
+from .._analysis import Departures, InitialMeasure, LargeLadder, measure_divergence
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._model import RescaledField
 from .._simulate import simulate
 from ._common import config_key, loglog_fit, nanmedian
-from ._config import ExperimentConfig
-from .mean_field import Config as MeanFieldConfig
-from .mean_field import lora_departures
+from .mean_field import Config as MeanFieldConfig, lora_departures
 
 NAME = "mean-field-large"
 DESCRIPTION = (
@@ -83,28 +81,6 @@ class Config(ExperimentConfig):
         eps=(0.1, 0.05),
         lora_t1=30.0,
     )
-
-
-class LargeLadder(TypedDict):
-    """Part 1: sliced W₂ of each rung to the largest, slopes per saved time."""
-
-    ns: list[int]
-    ts: np.ndarray
-    N: int
-    sliced: np.ndarray  #: (len(ns) − 1, T)
-    fits: dict[str, dict[str, Any]]  #: `loglog_fit` by saved time
-    seconds: dict[int, float]  #: solve time by n
-
-
-class Departures(TypedDict):
-    """Part 2: departures in W₂ (and token Hausdorff), arrays (len(ns), seeds, len(eps))."""
-
-    eps: np.ndarray  #: descending
-    ns: list[int]
-    t_dep: np.ndarray
-    t_dep_tok: np.ndarray
-    prefactor: np.ndarray  #: T_dep·ε
-    stats: list[dict[str, Any]]  #: per n: prefactor mean, sd, counts, slope over ε
 
 
 _LADDER_KEYS = (

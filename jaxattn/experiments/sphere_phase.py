@@ -25,13 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._chunks import run_chunks, sweep_id
-from .._fields import SphereField
-from .._io import check_output_dir, write_json, write_npz
-from .._metrics import chord_from_cosine_gap, cluster_count, gram
+from .._analysis import chord_from_cosine_gap, cluster_count, gram
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._model import SphereField
 from .._simulate import simulate
+from .._sweep import run_chunks, sweep_id
 from ._common import config_key, default_dtype
-from ._config import ExperimentConfig
 
 NAME = "sphere-phase"
 DESCRIPTION = "sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"

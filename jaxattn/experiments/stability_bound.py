@@ -17,14 +17,12 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
+from .._analysis import divergence
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
 from .._bounds import bound_a_posteriori, certified_horizon
-from .._fields import RescaledField
-from .._io import check_output_dir, write_json, write_npz
-from .._lora import LoRA
-from .._metrics import divergence
+from .._model import LoRA, RescaledField
 from .._simulate import simulate
 from ._common import default_dtype, uniform_tokens
-from ._config import ExperimentConfig
 
 NAME = "stability-bound"
 DESCRIPTION = "divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"

@@ -31,15 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fields import make_field
-from .._io import check_output_dir, write_json, write_npz
-from .._sensitivity import (
-    ResponseOperator,
-    perturbed,
-    random_directions,
-    smallest_cluster_change,
-)
-from .._sensitivity_checks import (
+from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._model import make_field
+from .._sensitivity import ResponseOperator, perturbed, random_directions, smallest_cluster_change
+from .._simulate import simulate
+from ._sensitivity_checks import (
     JacobianCheck,
     LinearResponseCheck,
     WorstVsRandom,
@@ -49,8 +45,6 @@ from .._sensitivity_checks import (
     linear_response_check,
     worst_vs_random,
 )
-from .._simulate import simulate
-from ._config import ExperimentConfig
 
 NAME = "worst-case-lora"
 DESCRIPTION = "worst-case vs random LoRA directions, linear response, smallest cluster change"

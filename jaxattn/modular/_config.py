@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .._validate import check_int, check_memory, check_number, check_seed
+from .._base import check_int, check_memory, check_number, check_seed
 
 TARGETS = ("Q", "K", "V", "O")
 

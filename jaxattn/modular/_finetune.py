@@ -17,19 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._custom_types import Array, Real
-from .._io import check_output_dir, write_json
+from .._base import Array, Real, check_output_dir, write_json
 from ._config import FINETUNE_KEYS, ModularConfig
 from ._data import make_split
 from ._model import ModularTransformer, trainable_filter
-from ._train import (
-    adamw,
-    as_device_sets,
-    file_digest,
-    load_pretrained,
-    save_tree,
-    train,
-)
+from ._train import adamw, as_device_sets, file_digest, load_pretrained, save_tree, train
 
 #: a logged series, one value per metrics row (a list of the rows' values, or an array)
 Series = Sequence[int | float] | Real[np.ndarray, " rows"] | Real[Array, " rows"]

@@ -25,9 +25,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._attention import attention_scores, softmax_weights
-from .._custom_types import Array, Float, Int, PRNGKeyArray, PyTree
-from .._lora import LoRA
+from .._base import Array, Float, Int, PRNGKeyArray, PyTree
+from .._model import LoRA, attention_scores, softmax_weights
 from ._config import TARGETS, ModularConfig
 from ._data import vocab_size
 

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from .._custom_types import ArrayLike, Int
-from .._io import check_output_dir, write_json, write_text
+from .._base import ArrayLike, Int, check_output_dir, write_json, write_text
 from ._config import ModularConfig
 from ._data import all_pairs
 from ._finetune import finetune
@@ -49,8 +48,8 @@ def particle_divergence(
     """Divergence at `T = depth` between the particle dynamics with the base and the
     LoRA-perturbed weights, from the embedded `tokens (m, 4)`; Euler with h = 1 (the
     model itself) and RK4 with h = 0.05 (the continuous-depth limit)."""
-    from .._fields import PlainField
-    from .._metrics import divergence
+    from .._analysis import divergence
+    from .._model import PlainField
     from .._simulate import simulate
 
     x0 = (base.embed[tokens] + base.pos[None]).astype(dtype)

@@ -33,8 +33,7 @@ import numpy as np
 import optax
 from jax.typing import DTypeLike
 
-from .._custom_types import Array, Int, PyTree
-from .._io import atomic_path, check_output_dir, write_json
+from .._base import Array, Int, PyTree, atomic_path, check_output_dir, write_json
 from ._config import PRETRAIN_KEYS, ModularConfig
 from ._data import make_split
 from ._model import ModularTransformer, trainable_filter

@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .._io import save_figure
+from .._base import save_figure
 
 
 # -- stability-bound ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .._io import save_figure
+from .._base import save_figure
 
 
 def _save(fig, path):

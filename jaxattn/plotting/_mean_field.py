@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .._io import save_figure
+from .._base import save_figure
 
 if TYPE_CHECKING:
-    from ..experiments import mean_field as mf
-    from ..experiments import mean_field_large as mfl
+    from .._analysis import BoundCheck, Departures, Ladder, LargeLadder, LoraW2
 
 
 def _save(fig, path):
@@ -30,10 +29,10 @@ def _label(ax, xlabel, ylabel, title, legend_size: float = 7, ncol: int = 1):
     ax.legend(fontsize=legend_size, ncol=ncol)
 
 
-def mean_field_convergence(ladders: dict[int, mf.Ladder], summary: dict[str, Any], path):
+def mean_field_convergence(ladders: dict[int, Ladder], summary: dict[str, Any], path):
     """Convergence in n, one panel per dimension: sliced W2 against the largest run and
     exact W2 between seeds, with the n^-1/2 and n^-1/d rates."""
-    from .._stats import nanmedian
+    from .._base import nanmedian
 
     dims = list(ladders)
     fig, axes = plt.subplots(1, len(dims), figsize=(5.6 * len(dims), 4.4), squeeze=False)
@@ -70,7 +69,7 @@ def mean_field_convergence(ladders: dict[int, mf.Ladder], summary: dict[str, Any
     _save(fig, path)
 
 
-def mean_field_clusters(ladders: dict[int, mf.Ladder], path, *, cluster_delta):
+def mean_field_clusters(ladders: dict[int, Ladder], path, *, cluster_delta):
     """Number of clusters and the largest cluster masses against n, one row per
     dimension."""
     dims = list(ladders)
@@ -99,7 +98,7 @@ def mean_field_clusters(ladders: dict[int, mf.Ladder], path, *, cluster_delta):
     _save(fig, path)
 
 
-def mean_field_lora_w2(lora: mf.LoraW2, path):
+def mean_field_lora_w2(lora: LoraW2, path):
     """W2 between the original and the LoRA flow over t, for each ε and n."""
     eps, ts, ns = lora["eps"], lora["ts"], lora["ns"]
     fig, ax = plt.subplots(figsize=(7, 4.6))
@@ -121,7 +120,7 @@ def mean_field_lora_w2(lora: mf.LoraW2, path):
     _save(fig, path)
 
 
-def mean_field_departure(lora: mf.LoraW2, path, *, delta):
+def mean_field_departure(lora: LoraW2, path, *, delta):
     """Departure times in W2 (and in the token Hausdorff distance) against ε."""
     eps, ns = lora["eps"], lora["ns"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -137,7 +136,7 @@ def mean_field_departure(lora: mf.LoraW2, path, *, delta):
     _save(fig, path)
 
 
-def mean_field_bound(bound: mf.BoundCheck, path, *, delta, n):
+def mean_field_bound(bound: BoundCheck, path, *, delta, n):
     """The W2 stability bound (and Dobrushin's) against the measured W2, for each ε."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = plt.cm.plasma(np.linspace(0, 0.85, bound["eps"].size))
@@ -160,8 +159,8 @@ def mean_field_bound(bound: mf.BoundCheck, path, *, delta, n):
 
 
 def mean_field_large_n(
-    lad: mfl.LargeLadder,
-    dep: mfl.Departures,
+    lad: LargeLadder,
+    dep: Departures,
     path,
     *,
     d,

@@ -9,7 +9,7 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .._io import save_figure
+from .._base import save_figure
 
 
 def _band(ax, steps, curves, label, color):

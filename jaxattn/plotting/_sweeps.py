@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .._io import save_figure
+from .._base import save_figure
 
 
 def sweep_overview(result: dict, axes: list[str], summaries: list[str], path, *, title=None):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .._io import save_figure
+from .._base import save_figure
 
 
 def snapshots_side_by_side(
@@ -140,7 +140,7 @@ def animate_side_by_side(ts, runs: dict[str, np.ndarray], path, *, frames: int =
     """Animated GIF of 2-D token runs side by side (Pillow writer, written atomically)."""
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    from .._io import atomic_path
+    from .._base import atomic_path
 
     ts = np.asarray(ts)
     names = list(runs)

@@ -11,62 +11,34 @@ subpackage.
 
 from ._analysis import (
     CLUSTER_DELTA as CLUSTER_DELTA,
-)
-from ._analysis import (
     default_corpus as default_corpus,
-)
-from ._analysis import (
     head_field as head_field,
-)
-from ._analysis import (
     head_spectrum as head_spectrum,
-)
-from ._analysis import (
     lora_deltas as lora_deltas,
-)
-from ._analysis import (
     random_sequences as random_sequences,
 )
 from ._bert import (
     BertEncoder as BertEncoder,
-)
-from ._bert import (
     BertLayers as BertLayers,
-)
-from ._bert import (
     Checkpoint as Checkpoint,
-)
-from ._bert import (
     hidden_states as hidden_states,
-)
-from ._bert import (
     load as load,
 )
 from ._load import (
     BertConfig as BertConfig,
-)
-from ._load import (
     default_model_dir as default_model_dir,
-)
-from ._load import (
     encode as encode,
-)
-from ._load import (
     load_config as load_config,
-)
-from ._load import (
     load_tokenizer as load_tokenizer,
-)
-from ._load import (
     load_weights as load_weights,
-)
-from ._load import (
     read_text as read_text,
 )
-from ._run import FULL as FULL
-from ._run import QUICK as QUICK
-from ._run import RealModelConfig as RealModelConfig
-from ._run import analyze as analyze
+from ._run import (
+    FULL as FULL,
+    QUICK as QUICK,
+    RealModelConfig as RealModelConfig,
+    analyze as analyze,
+)
 
 __all__ = [
     "BertConfig",

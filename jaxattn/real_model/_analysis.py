@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from .._custom_types import Array, ArrayLike, Float, Int, ScalarLike
-from .._fields import SphereField
-from .._lora import LoRA
-from .._metrics import chord_from_cosine_gap, cluster_count, divergence, gram, mean_cosine
+from .._analysis import chord_from_cosine_gap, cluster_count, divergence, gram, mean_cosine
+from .._base import Array, ArrayLike, Float, Int, ScalarLike
+from .._model import LoRA, SphereField
 from .._simulate import simulate
 from ._bert import BertEncoder, Checkpoint, hidden_states
 from ._load import encode

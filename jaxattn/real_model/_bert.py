@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from .._attention import softmax_weights
-from .._custom_types import Array, ArrayLike, Float, Int
+from .._base import Array, ArrayLike, Float, Int
+from .._model import softmax_weights
 
 # An optional dependency (the `real` extra), imported where it is used; for the static
 # checker only here (the tests' runtime checks, which cannot resolve the name, read it as

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._custom_types import Float, Int
-from .._validate import check_int
+from .._base import Float, Int, check_int
 
 if TYPE_CHECKING:  # optional (the `real` extra), imported where it is used; see _bert.py
     from tokenizers import Tokenizer

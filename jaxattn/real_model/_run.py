@@ -16,9 +16,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from .._io import check_output_dir, write_json, write_npz
-from .._validate import check_memory
-from ..experiments._config import ExperimentConfig
+from .._base import ExperimentConfig, check_memory, check_output_dir, write_json, write_npz
 from . import _analysis as an
 from ._bert import load
 from ._load import encode, read_text

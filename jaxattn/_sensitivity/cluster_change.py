@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, ArrayLike, Float, Int, PRNGKeyArray
-from ._fields import AbstractField
-from ._gradients import check_status, final_state, solve_kwargs
-from ._response import perturbed
-from ._simulate import simulate
-from ._validate import TARGETS, check_choice
+from .._base import TARGETS, Array, ArrayLike, Float, Int, PRNGKeyArray, check_choice
+from .._model import AbstractField
+from .._simulate import simulate
+from .gradients import check_status, final_state, solve_kwargs
+from .response import perturbed
 
 
 def _pair_distances(x):
@@ -78,7 +77,7 @@ class ClusterChange:
 
 
 def _labels(x, threshold, sphere):
-    from ._metrics import cluster_labels
+    from .._analysis import cluster_labels
 
     return np.asarray(cluster_labels(jnp.asarray(x), threshold, sphere=sphere))
 
@@ -274,7 +273,7 @@ def bound_needed_norm(
     representable `s > 0` (the bound is vacuous at `t1`). `horizon`: at `s = s_max`, the
     last output time up to which the bound certifies `e ≤ needed`.
     """
-    from ._bounds import bound_a_posteriori, certified_horizon
+    from .._bounds import bound_a_posteriori, certified_horizon
 
     kw = {k: v for k, v in (solve or {}).items() if k not in ("ts", "adjoint", "progress")}
     direction = np.asarray(direction, np.float64)

@@ -9,8 +9,7 @@ import diffrax
 import jax
 import numpy as np
 
-from ._custom_types import Array, ArrayLike, Bool, PyTree, Real, Shaped
-from ._validate import SOLVERS, check_choice
+from .._base import SOLVERS, Array, ArrayLike, Bool, PyTree, Real, Shaped, check_choice
 
 # diffrax's own aliases for the solver interface (`diffrax._custom_types`, private there):
 # a time, the state `y` (any pytree of arrays; `"Y"` names its structure so that the new

@@ -16,11 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._attention import KERNELS
-from ._fields import FIELDS, AbstractField, make_field
-from ._lora import LoRA
-from ._metrics import unit_rows
-from ._validate import (
+from .._base import (
     DTYPES,
     DYNAMICS,
     SOLVERS,
@@ -34,6 +30,7 @@ from ._validate import (
     check_seed,
     check_tokens,
 )
+from .._model import FIELDS, KERNELS, AbstractField, LoRA, make_field, unit_rows
 
 
 class SpecError(ValueError):
@@ -100,7 +97,7 @@ def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
 
     **Raises:** `SpecError` (one line) if the file cannot be read or parsed.
     """
-    from ._io import read_regular_file
+    from .._base import read_regular_file
 
     path = os.fspath(path)
     if os.path.isdir(path):

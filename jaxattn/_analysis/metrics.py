@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from ._custom_types import Array, ArrayLike, Bool, Float, Int, ScalarLike
+from .._base import Array, ArrayLike, Bool, Float, Int, ScalarLike
+from .._model import unit_rows as unit_rows
 
 
 def _batched(signature: str):
@@ -73,16 +74,6 @@ def pairwise_distances(
 def _pairwise_distances(x, y):
     diff = x[:, None, :] - y[None, :, :]
     return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
-
-
-def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
-    """`x_i / |x_i|` without overflow or underflow: each row is first divided by its
-    largest absolute entry, so `|x_i|` is computed from numbers in [−1, 1] (a token of
-    norm 1e200 in float64, or 3e19 in float32, would otherwise square to inf and become
-    0). A zero row gives NaN; callers reject zero tokens first."""
-    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    y = x / m
-    return y / jnp.linalg.norm(y, axis=-1, keepdims=True)
 
 
 @_batched("(n,d)->(n,n)")

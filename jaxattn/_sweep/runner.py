@@ -22,22 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._chunks import MANIFEST, SweepError, resolve_process, run_chunks, sweep_id
-from ._custom_types import Device
-from ._fields import AbstractField
-from ._grid import NEEDS_REFERENCE, SweepPlan, parse_sweep
-from ._io import (
+from .._analysis import cluster_count, divergence, hausdorff, pairwise_distances, unit_rows
+from .._base import (
+    TARGETS,
+    Device,
     check_output_dir,
     json_default,
     output_lock,
+    register_cache,
     remove_stale_temporaries,
     write_json,
     write_npz,
 )
-from ._lora import LoRA
-from ._metrics import cluster_count, divergence, hausdorff, pairwise_distances, unit_rows
-from ._sharding import map_sharded, padded_size
-from ._simulate import (
+from .._model import AbstractField, LoRA
+from .._simulate import (
     STATUS_MESSAGES,
     STATUS_OK,
     Members,
@@ -46,10 +44,12 @@ from ._simulate import (
     solve_one,
     stepping,
 )
-from ._spec import initial_tokens, lora_from_table, parse_spec
-from ._validate import TARGETS
+from .._spec import initial_tokens, lora_from_table, parse_spec
+from .chunks import MANIFEST, SweepError, resolve_process, run_chunks, sweep_id
+from .grid import NEEDS_REFERENCE, SweepPlan, parse_sweep
+from .sharding import map_sharded, padded_size
 
-_SOLVES: dict = {}
+_SOLVES: dict = register_cache({})
 
 
 class _PairField(eqx.Module):
@@ -495,7 +495,7 @@ def _sweep_locked(
         "wall_seconds_this_run": round(time.perf_counter() - t_start, 3),
         "final": {k: _final_stats(result[k]) for k in names if k not in ("tokens", "mean")},
     }
-    from . import plotting
+    from .. import plotting
 
     if plotting.sweep_overview(result, list(plan.axes), names, os.path.join(out_dir, "sweep.png")):
         summary["figure"] = "sweep.png"

@@ -18,12 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, ArrayLike, Float, PRNGKeyArray
-from ._fields import AbstractField
-from ._gradients import check_status, solve_kwargs
-from ._lora import LoRA
-from ._simulate import simulate
-from ._validate import TARGETS, check_choice
+from .._base import TARGETS, Array, ArrayLike, Float, PRNGKeyArray, check_choice
+from .._model import AbstractField, LoRA
+from .._simulate import simulate
+from .gradients import check_status, solve_kwargs
 
 
 def perturbed(field: AbstractField, target: str, dW: Float[ArrayLike, "d d"]) -> AbstractField:

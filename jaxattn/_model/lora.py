@@ -17,8 +17,16 @@ import numpy as np
 from jax.core import Tracer
 from jax.typing import DTypeLike
 
-from ._custom_types import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike
-from ._validate import as_float_array, check_finite, check_positive
+from .._base import (
+    Array,
+    ArrayLike,
+    Float,
+    PRNGKeyArray,
+    ScalarLike,
+    as_float_array,
+    check_finite,
+    check_positive,
+)
 
 
 class LoRA(eqx.Module):

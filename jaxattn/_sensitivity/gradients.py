@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, ArrayLike, Float
-from ._fields import AbstractField
-from ._simulate import ADJOINTS, STATUS_MESSAGES, simulate
-from ._validate import check_choice
+from .._base import Array, ArrayLike, Float, check_choice
+from .._model import AbstractField
+from .._simulate import ADJOINTS, STATUS_MESSAGES, simulate
 
 OBJECTIVES = ("mean_sq", "squared_distance")
 #: old objective names still accepted (with a one-line FutureWarning) and what they mean

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._custom_types import ArrayLike, Float, ScalarLike
-from ._fields import AbstractField
+from .._base import ArrayLike, Float, ScalarLike
+from .._model import AbstractField
 
 
 class Bound(NamedTuple):

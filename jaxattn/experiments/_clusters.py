@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from ._custom_types import ArrayLike, Bool, Float, Int, ScalarLike
-from ._fields import RescaledField
-from ._metrics import booleanness, cluster_centres_masked, leaders
+from .._analysis import booleanness, cluster_centres_masked, leaders
+from .._base import ArrayLike, Bool, Float, Int, ScalarLike
+from .._model import RescaledField
 
 
 # -- convex hull -----------------------------------------------------------------------

@@ -38,8 +38,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
-from ._custom_types import Array, ArrayLike, Float, Int, PRNGKeyArray, ScalarLike
-from ._validate import check_choice
+from .._base import Array, ArrayLike, Float, Int, PRNGKeyArray, ScalarLike, check_choice
 
 COSTS = ("euclidean", "geodesic")
 # Above this many cost entries n·m, the Sinkhorn geometry is evaluated in row blocks

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from ._io import (
+from .._base import (
     create_exclusive_json,
     json_default,
     output_lock,

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._attention import exact_row_max
-from ._custom_types import Device
+from .._base import Device
+from .._model import exact_row_max
 
 
 def _shard_map():

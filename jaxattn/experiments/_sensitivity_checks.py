@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._bounds import bound_a_posteriori
-from ._custom_types import ArrayLike, Float, PRNGKeyArray
-from ._fields import AbstractField
-from ._metrics import divergence
-from ._response import (
+from .._analysis import divergence
+from .._base import ArrayLike, Float, PRNGKeyArray
+from .._bounds import bound_a_posteriori
+from .._model import AbstractField
+from .._sensitivity import (
     LinearResponse,
     ResponseOperator,
     WorstCase,
@@ -42,7 +42,7 @@ from ._response import (
     perturbed,
     worst_case,
 )
-from ._simulate import simulate
+from .._simulate import simulate
 
 
 def response_norms(

@@ -15,6 +15,7 @@ LoRA-perturbed flow (`ladder_distances`, `measure_divergence`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
 
 import equinox as eqx
 import jax
@@ -22,11 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from ._custom_types import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike
-from ._fields import AbstractField
-from ._simulate import simulate
-from ._validate import check_choice
-from ._wasserstein import sinkhorn_divergence, sliced_wasserstein2, wasserstein2
+from .._base import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike, check_choice
+from .._model import AbstractField
+from .._simulate import simulate
+from .wasserstein import sinkhorn_divergence, sliced_wasserstein2, wasserstein2
 
 MEASURES = ("uniform", "gaussian", "sphere", "mixture")
 DISTANCES = ("exact", "sliced", "sinkhorn")
@@ -247,3 +247,83 @@ def ladder_distances(
     return ns, np.stack(
         [measure_divergence(ladder[n], ladder[N], distance=distance, **kw) for n in ns]
     ) if ns else np.zeros((0, ladder[N].shape[0]))
+
+
+# ------------------------------------------------------------------ result records
+# What the mean-field studies (`mean-field`, `mean-field-large`) compute and their figures
+# draw: typed dictionaries of NumPy arrays.
+
+
+class Clusters(TypedDict):
+    """Cluster statistics at the last time of a ladder."""
+
+    ns: list[int]
+    count: np.ndarray  #: (seeds, len(ns)) number of clusters
+    masses: list[list[np.ndarray]]  #: per seed, per n: cluster masses, descending
+
+
+class Ladder(TypedDict):
+    """Part 1 for one dimension: sliced W₂ to the largest run, exact W₂ between seeds."""
+
+    ns: list[int]
+    ts: np.ndarray
+    N: int
+    sliced: np.ndarray  #: (seeds, len(ns) − 1, T)
+    exact_ns: list[int]
+    exact: np.ndarray  #: (pairs, len(exact_ns), T)
+    pairs: list[tuple[int, int]]
+    clusters: Clusters
+    sim_seconds: float
+    exact_seconds: float
+    ladders: list[dict[int, np.ndarray]]  #: per seed: tokens (T, n, d) by n
+
+
+class LoraW2(TypedDict):
+    """Part 3: W₂ divergence and departures, arrays (len(ns), len(eps), ...)."""
+
+    eps: np.ndarray  #: descending
+    ts: np.ndarray
+    ns: list[int]
+    W: np.ndarray
+    D_W: np.ndarray
+    t_app_W: np.ndarray
+    t_dep_W: np.ndarray
+    t_app_tok: np.ndarray
+    t_dep_tok: np.ndarray
+    fits: list[dict[str, Any]]
+    fits_token: list[dict[str, Any]]
+
+
+class BoundCheck(TypedDict):
+    """Part 4: measured W₂ and the bound, arrays (len(eps), T)."""
+
+    ts: np.ndarray
+    eps: np.ndarray
+    measured: np.ndarray
+    bound: np.ndarray
+    dobrushin: np.ndarray
+    coupling: np.ndarray
+    worst_ratio: float
+    certified_horizon: list[float]
+
+
+class LargeLadder(TypedDict):
+    """Part 1: sliced W₂ of each rung to the largest, slopes per saved time."""
+
+    ns: list[int]
+    ts: np.ndarray
+    N: int
+    sliced: np.ndarray  #: (len(ns) − 1, T)
+    fits: dict[str, dict[str, Any]]  #: `loglog_fit` by saved time
+    seconds: dict[int, float]  #: solve time by n
+
+
+class Departures(TypedDict):
+    """Part 2: departures in W₂ (and token Hausdorff), arrays (len(ns), seeds, len(eps))."""
+
+    eps: np.ndarray  #: descending
+    ns: list[int]
+    t_dep: np.ndarray
+    t_dep_tok: np.ndarray
+    prefactor: np.ndarray  #: T_dep·ε
+    stats: list[dict[str, Any]]  #: per n: prefactor mean, sd, counts, slope over ε

@@ -21,18 +21,14 @@ import numpy as np
 from jax.core import Tracer
 from jax.typing import DTypeLike
 
-from ._attention import (
-    KERNELS,
-    attend,
-    attention_scores,
-    softmax_weights,
-    unnormalised_weights,
-)
-from ._custom_types import Array, ArrayLike, Float, PyTree, ScalarLike
-from ._lora import LoRA
-from ._validate import (
+from .._base import (
     DYNAMICS,
     TARGETS,
+    Array,
+    ArrayLike,
+    Float,
+    PyTree,
+    ScalarLike,
     as_float_array,
     check_choice,
     check_dtype,
@@ -41,6 +37,18 @@ from ._validate import (
     check_positive,
     check_square,
 )
+from .attention import KERNELS, attend, attention_scores, softmax_weights, unnormalised_weights
+from .lora import LoRA
+
+
+def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
+    """`x_i / |x_i|` without overflow or underflow: each row is first divided by its
+    largest absolute entry, so `|x_i|` is computed from numbers in [−1, 1] (a token of
+    norm 1e200 in float64, or 3e19 in float32, would otherwise square to inf and become
+    0). A zero row gives NaN; callers reject zero tokens first."""
+    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    y = x / m
+    return y / jnp.linalg.norm(y, axis=-1, keepdims=True)
 
 
 class AbstractField(eqx.Module):

@@ -15,13 +15,14 @@ import numpy as np
 from jax.core import Tracer
 from jax.typing import DTypeLike
 
-from ._attention import exact_row_max, use_blockwise
-from ._custom_types import Array, ArrayLike, Float, Int, PyTree, ScalarLike, Shaped
-from ._fields import AbstractField, expm
-from ._lora import LoRA
-from ._metrics import unit_rows
-from ._solvers import ADAPTIVE, RK4, get_solver
-from ._validate import (
+from .._base import (
+    Array,
+    ArrayLike,
+    Float,
+    Int,
+    PyTree,
+    ScalarLike,
+    Shaped,
     as_float_array,
     check_choice,
     check_dtype,
@@ -31,7 +32,10 @@ from ._validate import (
     check_positive,
     check_tokens,
     is_number,
+    register_cache,
 )
+from .._model import AbstractField, LoRA, exact_row_max, expm, unit_rows, use_blockwise
+from .solvers import ADAPTIVE, RK4, get_solver
 
 STATUS_OK = 0
 STATUS_MAX_STEPS = 1
@@ -187,7 +191,7 @@ def fixed_step_grid(t0: float, t1: float, dt: float) -> np.ndarray:
 # cached by value: building them with `jnp.asarray` costs a dispatch each (~40 µs), which
 # for short solves of small systems was a large part of a call. Arrays are immutable, so
 # sharing them is safe; values computed under a trace are never cached.
-_CONST_CACHE: dict = {}
+_CONST_CACHE: dict = register_cache({})
 _CONST_CACHE_MAX = 256
 
 
@@ -393,7 +397,7 @@ def _cast_field(field: AbstractField, dtype) -> AbstractField:
     return jax.tree.map(cast, field)
 
 
-_DEFAULT_ADJOINTS: dict = {}
+_DEFAULT_ADJOINTS: dict = register_cache({})
 
 
 def get_adjoint(adjoint, checkpoints):
@@ -465,7 +469,7 @@ class Float32PrecisionWarning(UserWarning):
 _F32_LOG_RESOLUTION = float(-np.log(np.finfo(np.float32).eps))
 
 
-_SPREADS: dict = {}
+_SPREADS: dict = register_cache({})
 
 
 def _eigen_spread(Vs) -> float:

@@ -10,10 +10,10 @@ import math
 import equinox as eqx
 import numpy as np
 
-from ._attention import use_blockwise
-from ._chunks import SweepError
-from ._spec import SpecError, parse_spec
-from ._validate import SEED_MAX, TARGETS, check_int, check_memory, check_positive
+from .._base import SEED_MAX, TARGETS, check_int, check_memory, check_positive
+from .._model import use_blockwise
+from .._spec import SpecError, parse_spec
+from .chunks import SweepError
 
 DEFAULT_CHUNK = 64
 MAX_DEFAULT_BATCH = 256

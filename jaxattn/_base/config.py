@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from .._validate import check_int, check_number
+from .validate import check_int, check_number
 
 C = TypeVar("C", bound="ExperimentConfig")
 

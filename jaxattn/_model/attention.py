@@ -15,7 +15,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, ScalarLike
+from .._base import Array, Float, ScalarLike
 
 # Largest log-scale applied to the centred logits. Beyond it, centred logits that are
 # non-zero are below -e^{cap}·(resolution of u), i.e. the softmax is already a hard max up

@@ -32,7 +32,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._bounds import (
+from .._base import ArrayLike, Float
+from .._model import AbstractField
+from .gronwall import (
     as_grid,
     bound_a_posteriori,
     check_field_pair,
@@ -43,8 +45,6 @@ from ._bounds import (
     opnorm,
     rescaled_interval_norms,
 )
-from ._custom_types import ArrayLike, Float
-from ._fields import AbstractField
 
 
 class WassersteinBound(NamedTuple):
