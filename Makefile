@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= demo_out
 
-.PHONY: venv demo test test-fast lint typecheck docs clean
+.PHONY: venv demo test test-fast test-slow lint typecheck docs clean
 
 venv: $(STAMP)
 
@@ -22,11 +22,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/jaxattn demo --out $(OUT)
 
+# `make test`: the fast suite (every test not marked slow), a few minutes on 2 cores.
+# `make test-slow`: the tests marked `@pytest.mark.slow`, the long end-to-end runs (quick
+# forms of the experiments, CLI runs with subprocesses, the benchmark scripts). CI runs
+# both. The notebooks are executed by `make docs` (CI's docs step), not by either.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q --durations=15
+	$(PY) -m pytest -n 2 -q -m "not slow" --durations=15
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m "not slow"
+test-fast: test
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "slow and not notebook" --durations=15
 
 # ruff (lint and format check) and pyright (types, on jaxattn/), configured in
 # pyproject.toml; .pre-commit-config.yaml runs the same. Their tools come from the `lint`
@@ -47,7 +53,9 @@ typecheck: $(LINT_STAMP)
 
 # The documentation site in site/ (strict: a broken link, a missing reference or a
 # docstring warning fails the build). The notebooks are executed in their quick form
-# while building (about 4 minutes on 2 cores; a notebook error fails the build).
+# while building (about 4 minutes on 2 cores; a notebook error fails the build): this is
+# the one place CI executes them (tests/test_notebooks.py, marked `notebook`, runs them
+# outside the docs build: `pytest -m notebook`). Every notebook page must show a figure.
 DOCS_STAMP := $(VENV)/.docs-installed
 $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[docs]'
@@ -55,6 +63,7 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	$(PY) -c 'import pathlib, sys; bad = [p.stem for p in sorted(pathlib.Path("notebooks").glob("*.ipynb")) if "data:image/png" not in pathlib.Path("site/notebooks", p.stem, "index.html").read_text()]; sys.exit(f"notebook pages without a figure: {bad}" if bad else 0)'
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache site

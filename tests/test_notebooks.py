@@ -1,4 +1,10 @@
-"""Every notebook in notebooks/ executes top to bottom (quick forms) without error."""
+"""Every notebook in notebooks/ executes top to bottom (quick forms) without error.
+
+CI executes each notebook once, in the documentation build (`make docs`: mkdocs-jupyter
+with `execute: true`, `allow_errors: false`, `cache: false`; the Makefile then checks
+that each notebook page shows a figure). These tests do the same outside mkdocs, for a
+checkout without the docs extra: `pytest -m notebook` (neither `make test` nor
+`make test-slow` runs them)."""
 
 import pathlib
 
@@ -11,6 +17,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 
 
 @pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
