@@ -1,8 +1,9 @@
 """Smoke tests of benchmarks/exp_floor.py and benchmarks/gpu.py (subprocess, CPU, tiny n).
 
-Fast by design (about 30 s together on the 2-core machine; each subprocess is capped so a
-hang fails the test rather than the suite). They check that the scripts run, print their
-table rows and reject bad flag values with a one-line error — not the numbers.
+Each subprocess is capped so a hang fails the test rather than the suite. They check that
+the scripts run, print their table rows and reject bad flag values with a one-line error —
+not the numbers. The runs of the scripts (about 150 s together on the 2-core machine) are
+marked slow (`make test-slow`); the bad-flag checks are in `make test`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _run(script, *args, timeout=90, pythonpath=None):
     )
 
 
+@pytest.mark.slow
 def test_exp_floor_quick():
     r = _run("exp_floor.py", "--quick", "--n", "512", "--blocks", "256")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -52,6 +54,7 @@ def test_exp_floor_quick():
     assert out.rstrip().splitlines()[-1].startswith("Conclusion: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,isolate", [((), True), (("--dtype", "bf16"), False)])
 def test_gpu_script_cpu_smoke(extra, isolate):
     args = ["--n", "64,128", "--steps", "2", "--repeat", "1", *extra]
@@ -70,6 +73,7 @@ def test_gpu_script_cpu_smoke(extra, isolate):
     assert "failed" not in out
 
 
+@pytest.mark.slow
 def test_gpu_script_small_batch():
     r = _run(
         "gpu.py",
@@ -91,6 +95,7 @@ def test_gpu_script_small_batch():
     ), r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_script_sphere_blockwise():
     r = _run(
         "gpu.py",
@@ -133,6 +138,7 @@ def test_gpu_script_bad_flag_one_line_error(args):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.slow
 def test_peers_quick_smoke():
     # The side-by-side peers at tiny sizes: rows for every size, the batch line with the
     # hand-written scan, and the docs sweep against its hand-written scan.
@@ -165,6 +171,7 @@ def test_peers_bad_flag():
     assert r.returncode != 0 and "error" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_modular_finetune_targets_smoke(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(

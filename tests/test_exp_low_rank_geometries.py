@@ -86,6 +86,7 @@ def test_count_levels_and_left_eigenvector():
 
 
 # -- geometries -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_geometries_writes_files_and_summary(geo):
     out, summary, lines = geo
     for name in GEO_FILES:
@@ -101,6 +102,7 @@ def test_geometries_writes_files_and_summary(geo):
     assert not list(out.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_geometries_checks_hold(geo):
     _, s, _ = geo
     failed = [k for k, v in s["checks"].items() if not v]
@@ -123,6 +125,7 @@ def test_geometries_checks_hold(geo):
         assert 1 <= len(p["leaders"]) <= 2 and set(p["leaders"]) <= set(p["extreme_tokens"])
 
 
+@pytest.mark.slow
 def test_geometries_data_against_independent_references(geo):
     out, s, _ = geo
     data = np.load(out / "geometries.npz")
@@ -151,6 +154,7 @@ def test_geometries_data_against_independent_references(geo):
     assert np.all(np.diff(R, axis=1) <= 1e-12)
 
 
+@pytest.mark.slow
 def test_cli_reproduce_geometries(tmp_path, capsys):
     out = tmp_path / "geo"
     assert main(["reproduce", "geometries", "--quick", "--out", str(out)]) == 0
@@ -170,6 +174,7 @@ def test_unknown_override_is_rejected(tmp_path):
 
 
 # -- low-rank -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_low_rank_writes_files_and_summary(lowrank):
     out, summary, lines = lowrank
     for name in LOW_RANK_FILES:
@@ -183,6 +188,7 @@ def test_low_rank_writes_files_and_summary(lowrank):
     assert "checks pass" in lines[-1]
 
 
+@pytest.mark.slow
 def test_low_rank_checks_hold(lowrank):
     _, s, _ = lowrank
     failed = [k for k, v in s["checks"].items() if not v]
@@ -213,6 +219,7 @@ def test_low_rank_checks_hold(lowrank):
     assert all(e > 0.1 for e in lo[(1.0, 1.0)]["final_divergence_from_rank1"])
 
 
+@pytest.mark.slow
 def test_low_rank_zero_attention_matches_exact_solution(lowrank):
     """A = 0: z_i(t) = m + e^{-t}(z_i(0) − m) exactly (m = mean, conserved)."""
     out, _, _ = lowrank

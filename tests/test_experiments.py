@@ -25,6 +25,7 @@ def test_reproduce_list(capsys):
         assert name in out
 
 
+@pytest.mark.slow
 def test_lora_divergence_quick(tmp_path):
     out = tmp_path / "ld"
     assert main(["reproduce", "lora-divergence", "--quick", "--out", str(out)]) == 0
@@ -43,6 +44,7 @@ def test_lora_divergence_quick(tmp_path):
     assert _no_temp_files(out)
 
 
+@pytest.mark.slow
 def test_stability_bound_quick(tmp_path):
     out = tmp_path / "sb"
     assert main(["reproduce", "stability-bound", "--quick", "--out", str(out)]) == 0
@@ -56,6 +58,7 @@ def test_stability_bound_quick(tmp_path):
     assert {"bound_vs_eps.png", "horizon_vs_eps.png"} <= set(os.listdir(out))
 
 
+@pytest.mark.slow
 def test_departure_time_quick_and_resume(tmp_path, capsys):
     out = tmp_path / "dt"
     assert main(["reproduce", "departure-time", "--quick", "--out", str(out)]) == 0
@@ -74,6 +77,7 @@ def test_departure_time_quick_and_resume(tmp_path, capsys):
     assert _summary(out)["t_departure"] == s["t_departure"]
 
 
+@pytest.mark.slow
 def test_departure_time_from_x0_file_and_eps(tmp_path):
     x0 = np.random.default_rng(3).uniform(-1, 1, size=(6, 2))
     np.save(tmp_path / "x0.npy", x0)
@@ -129,6 +133,7 @@ def test_reproduce_errors(tmp_path, capsys, monkeypatch, args, match):
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.slow
 def test_sphere_phase_quick_and_equiangular_curve(tmp_path):
     from jaxattn.experiments.sphere_phase import equiangular_time
 

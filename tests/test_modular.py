@@ -369,6 +369,7 @@ def test_trend_test_against_numpy_and_scipy_definitions():
     assert trend_test([2, 4, 6], [5.0, 5.0, 5.0])["p_value"] is None
 
 
+@pytest.mark.slow
 def test_study_summary_trend_and_capacity(tmp_path):
     from jaxattn.modular import run_study
 

@@ -276,6 +276,7 @@ def test_loader_validates_shapes(tmp_path, raw):
 
 
 # -- quick analysis of one text ---------------------------------------------------------------
+@pytest.mark.slow
 def test_quick_analysis_of_one_text(tmp_path, raw, capsys):
     text = "The cat sat on the mat. " + SHORT + "\nÜber naïve café."  # UTF-8, two lines
     src = _text(tmp_path, text.encode("utf-8"))

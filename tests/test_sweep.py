@@ -84,6 +84,7 @@ def test_four_devices_give_identical_results(tmp_path):
     assert _sha(tmp_path / "one" / "result.npz") == _sha(tmp_path / "four" / "result.npz")
 
 
+@pytest.mark.slow
 def test_device_count_does_not_change_a_long_chaotic_sweep(tmp_path):
     # 1000 RK4 steps of 32 tokens, LoRAs of Q, K and V up to ε = 0.3: rounding
     # differences grow to 1e-4 here. Before each device ran its share as one vmap, the
@@ -153,6 +154,7 @@ def test_processes_share_chunks_round_robin(tmp_path):
     assert _sha(shared / "result.npz") == _sha(tmp_path / "single" / "result.npz")
 
 
+@pytest.mark.slow
 def test_killed_cli_sweep_resumes_to_the_same_file(tmp_path):
     spec = dict(
         SPEC,
