@@ -101,7 +101,7 @@ BAD = [
         "V=[[1.0,0.0,0.0],[0.0,1.0,0.0],[0.0,0.0,1.0]]\n[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0",
         "d = 2",
     ),
-    ("[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndt=0.0", "dt must be > 0"),
+    ("[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\ndt=0.0", "dt must be finite and > 0"),
     ("[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=-1.0", "t1 must be ≥ 0"),
     ('[init]\nx0=[[0.0,1.0]]\n[solve]\nt1=1.0\nsolver="rk9"', "unknown solver 'rk9'"),
     (
@@ -157,7 +157,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
-    assert "dt must be > 0" in r.stderr
+    assert "dt must be finite and > 0" in r.stderr
     r = subprocess.run(
         [sys.executable, "-m", "jaxattn", "frobnicate"], capture_output=True, text=True
     )

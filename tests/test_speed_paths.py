@@ -23,6 +23,7 @@ import jaxattn as ja
 import jaxattn._model.attention as _attention
 import jaxattn._model.fields as _fields
 import jaxattn._simulate.integrate as _simulate
+import jaxattn._simulate.options as _options
 
 
 def _rand(shape, seed, scale=1.0, dtype=jnp.float64):
@@ -147,25 +148,25 @@ def test_fixed_steps_land_exactly_on_the_grid(t0, t1, dt, dtype):
     f = ja.RescaledField(d=2, dtype=dtype)
     x0 = _rand((4, 2), 0).astype(dtype)
     sol = ja.simulate(f, x0, t1, t0=t0, dt=dt, summary=lambda t, x: t)
-    grid = np.asarray(_simulate.fixed_step_grid(t0, t1, dt), dtype)
+    grid = np.asarray(_options.fixed_step_grid(t0, t1, dt), dtype)
     np.testing.assert_array_equal(np.asarray(sol.xs), grid)  # diffrax's own step times
     np.testing.assert_array_equal(np.asarray(sol.ts), grid)
     assert int(sol.num_steps) == grid.size - 1
     # The cached constants equal a fresh jnp.asarray, and a different grid is not stale.
-    np.testing.assert_array_equal(_simulate._const(grid, dtype), jnp.asarray(grid, dtype))
+    np.testing.assert_array_equal(_options.const(grid, dtype), jnp.asarray(grid, dtype))
     other = ja.simulate(f, x0, t1, t0=t0, dt=dt / 2, summary=lambda t, x: t)
     np.testing.assert_array_equal(
-        np.asarray(other.xs), np.asarray(_simulate.fixed_step_grid(t0, t1, dt / 2), dtype)
+        np.asarray(other.xs), np.asarray(_options.fixed_step_grid(t0, t1, dt / 2), dtype)
     )
 
 
 def test_const_cache_never_holds_tracers():
     @jax.jit
     def g(x):
-        return _simulate._const(np.asarray([1.25, 2.5]), jnp.float32) * x
+        return _options.const(np.asarray([1.25, 2.5]), jnp.float32) * x
 
     np.testing.assert_array_equal(g(jnp.float32(2.0)), [2.5, 5.0])
-    assert not any(isinstance(v, jax.core.Tracer) for v in _simulate._CONST_CACHE.values())
+    assert not any(isinstance(v, jax.core.Tracer) for v in _options._CONST_CACHE.values())
 
 
 def test_rescaled_float32_finite_at_t_1000():

@@ -5,7 +5,11 @@ by `jaxattn`.
 """
 
 from .caches import clear_caches as clear_caches, register_cache as register_cache
-from .config import ExperimentConfig as ExperimentConfig
+from .config import (
+    ExperimentConfig as ExperimentConfig,
+    coerce as coerce,
+    plain_hints as plain_hints,
+)
 from .custom_types import (
     Array as Array,
     ArrayLike as ArrayLike,
@@ -39,10 +43,7 @@ from .setup import setup_jax as setup_jax
 from .stats import loglog_fit as loglog_fit, nanmedian as nanmedian
 from .validate import (
     DTYPES as DTYPES,
-    DYNAMICS as DYNAMICS,
     SEED_MAX as SEED_MAX,
-    SOLVERS as SOLVERS,
-    TARGETS as TARGETS,
     as_float_array as as_float_array,
     check_choice as check_choice,
     check_dtype as check_dtype,

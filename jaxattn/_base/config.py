@@ -17,6 +17,8 @@ array).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import types
 import typing
 from typing import Any, ClassVar, Literal, TypeVar
@@ -112,3 +114,22 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             raise ValueError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {name}")  # a bug, not user input
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def plain_hints(cls: type) -> dict[str, Any]:
+    """The field types of a dataclass with the members plain data cannot hold (objects,
+    arrays) left out of each union: what `coerce` checks a value read from a file against
+    (`str | AbstractSolver` → `str`; `tuple[float, ...] | ArrayLike | None` →
+    `tuple[float, ...] | None`)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if typing.get_origin(hint) is typing.ClassVar:
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = typing.get_args(hint) if union else (hint,)
+        keep = [a for a in args if a in _PLAIN or typing.get_origin(a) is tuple]
+        out[name] = functools.reduce(operator.or_, keep)
+    return out

@@ -16,9 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-DYNAMICS = ("plain", "rescaled", "sphere", "usa")
-SOLVERS = ("euler", "heun", "rk4", "tsit5", "dopri5", "dopri8")
-TARGETS = ("Q", "K", "V")
 DTYPES = ("float32", "float64")
 
 

@@ -9,7 +9,7 @@ and let `D(t)² = E_{π₀}|x(t) − x̃(t)|²`, so that `W₂(μ_t, μ̃_t) ≤
 
 with a Lipschitz constant `L_x` in the point, `L_μ` in the measure (for W₁ ≤ W₂) and a
 field gap δ gives `D' ≤ (L_x + L_μ) D + δ` (a Dobrushin-type estimate), integrated on the
-output grid by the same exact recursion as the token-level bound (`_bounds._gronwall`).
+output grid by the same exact recursion as the token-level bound (`gronwall.gronwall`).
 With `R` the radius and `Dm` the diameter of the union of both supports on an interval,
 `a` the norm of the logit matrix and `κ = β a R Dm` (R = 1 on the sphere):
 

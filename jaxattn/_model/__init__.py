@@ -14,6 +14,7 @@ from .attention import (
     use_blockwise as use_blockwise,
 )
 from .fields import (
+    DYNAMICS as DYNAMICS,
     FIELDS as FIELDS,
     AbstractField as AbstractField,
     PlainField as PlainField,
@@ -24,4 +25,4 @@ from .fields import (
     make_field as make_field,
     unit_rows as unit_rows,
 )
-from .lora import LoRA as LoRA
+from .lora import TARGETS as TARGETS, LoRA as LoRA

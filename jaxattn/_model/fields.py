@@ -22,8 +22,6 @@ from jax.core import Tracer
 from jax.typing import DTypeLike
 
 from .._base import (
-    DYNAMICS,
-    TARGETS,
     Array,
     ArrayLike,
     Float,
@@ -38,7 +36,7 @@ from .._base import (
     check_square,
 )
 from .attention import KERNELS, attend, attention_scores, softmax_weights, unnormalised_weights
-from .lora import LoRA
+from .lora import TARGETS, LoRA
 
 
 def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
@@ -430,7 +428,22 @@ class RescaledField(AbstractField):
         return self.attend(t, y, vz, args) - vz
 
 
-class SphereField(AbstractTokenFrameField):
+class AbstractSphereField(AbstractTokenFrameField):
+    """Dynamics on the unit sphere `S^{d-1}`: `x_i' = Π_{x_i}(Σ_j P_ij V x_j)`, the
+    attention average projected onto the tangent space at `x_i` (`P` softmax-normalised
+    or not, by the subclass's `normalised` trait)."""
+
+    if TYPE_CHECKING:  # equinox inherits __init__; static checkers would synthesise one
+        __init__ = AbstractField.__init__
+
+    on_sphere = True
+    frame = "x"
+
+    def __call__(self, t, y, args=None):
+        return _tangent(y, self.attend(t, y, self.project("V", y), args))
+
+
+class SphereField(AbstractSphereField):
     """SA (post-LayerNorm): `x_i' = Π_{x_i}(Σ_j P_ij V x_j)` on `S^{d-1}` (see
     docs/theory.md, 'Sphere dynamics')."""
 
@@ -438,15 +451,10 @@ class SphereField(AbstractTokenFrameField):
         __init__ = AbstractField.__init__
 
     dynamics = "sphere"
-    on_sphere = True
     normalised = True
-    frame = "x"
-
-    def __call__(self, t, y, args=None):
-        return _tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
-class USAField(AbstractTokenFrameField):
+class USAField(AbstractSphereField):
     """USA: like `SphereField` with `P_ij = exp(β<Q x_i, K x_j>) / n` (see docs/theory.md,
     'Sphere dynamics')."""
 
@@ -454,15 +462,12 @@ class USAField(AbstractTokenFrameField):
         __init__ = AbstractField.__init__
 
     dynamics = "usa"
-    on_sphere = True
     normalised = False
-    frame = "x"
-
-    def __call__(self, t, y, args=None):
-        return _tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
 FIELDS = {"plain": PlainField, "rescaled": RescaledField, "sphere": SphereField, "usa": USAField}
+#: the dynamics `make_field` and spec files name
+DYNAMICS = tuple(FIELDS)
 
 
 def make_field(

@@ -28,6 +28,9 @@ from .._base import (
     check_positive,
 )
 
+#: the attention matrices a LoRA can perturb
+TARGETS = ("Q", "K", "V")
+
 
 class LoRA(eqx.Module):
     """Low-rank adapter `ΔW = (alpha / r) · B @ A` for the weight named `target`.

@@ -30,10 +30,16 @@ from .gradients import (
     final_state as final_state,
     mean_sq as mean_sq,
     objective_fn as objective_fn,
-    solve_kwargs as solve_kwargs,
+    solve_options as solve_options,
     squared_distance as squared_distance,
     value_and_grad as value_and_grad,
     with_params as with_params,
+)
+from .objective import (
+    OBJECTIVE_KEYS as OBJECTIVE_KEYS,
+    Objective as Objective,
+    ObjectiveError as ObjectiveError,
+    split_objective as split_objective,
 )
 from .response import (
     LinearResponse as LinearResponse,

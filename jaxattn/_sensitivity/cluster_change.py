@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._base import TARGETS, Array, ArrayLike, Float, Int, PRNGKeyArray, check_choice
-from .._model import AbstractField
+from .._base import Array, ArrayLike, Float, Int, PRNGKeyArray, check_choice
+from .._model import TARGETS, AbstractField
 from .._simulate import simulate
-from .gradients import check_status, final_state, solve_kwargs
+from .gradients import check_status, final_state, solve_options
 from .response import perturbed
 
 
@@ -136,7 +136,7 @@ def smallest_cluster_change(
     d = field.d
     sphere = field.on_sphere
     x0 = jnp.asarray(x0, dtype)
-    kw = solve_kwargs(solve, "checkpoint", None)
+    kw = solve_options(solve, "checkpoint", None)
     x_base, status = final_state(field, x0, t1, **kw)
     check_status(status)
     x_base = np.asarray(x_base)

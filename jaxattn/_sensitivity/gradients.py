@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -21,7 +21,7 @@ import numpy as np
 
 from .._base import Array, ArrayLike, Float, check_choice
 from .._model import AbstractField
-from .._simulate import ADJOINTS, STATUS_MESSAGES, simulate
+from .._simulate import ADJOINTS, STATUS_MESSAGES, SolveOptions, simulate
 
 OBJECTIVES = ("mean_sq", "squared_distance")
 #: old objective names still accepted (with a one-line FutureWarning) and what they mean
@@ -93,18 +93,13 @@ def _strip_lora(field: AbstractField) -> AbstractField:
     return field.with_lora(None)
 
 
-def solve_kwargs(solve: dict[str, Any] | None, adjoint, checkpoints) -> dict[str, Any]:
-    kw = dict(solve or {})
-    kw.pop("ts", None)  # objectives read x(t1) only
-    kw.pop("progress", None)
-    kw["adjoint"] = adjoint
-    if checkpoints is not None:
-        if adjoint != "checkpoint":
-            raise ValueError("checkpoints applies to adjoint checkpoint only")
-        if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
-            raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
-        kw["checkpoints"] = checkpoints
-    return kw
+def solve_options(
+    solve: SolveOptions | Mapping[str, Any] | None, adjoint, checkpoints
+) -> SolveOptions:
+    """The options of a gradient's solves: `solve` (a `SolveOptions` or a mapping of
+    `simulate` options) with `adjoint` and `checkpoints`, without output times or a
+    progress bar (objectives read `x(t1)` only). Checked by `SolveOptions`."""
+    return SolveOptions.of(solve, ts=None, progress=False, adjoint=adjoint, checkpoints=checkpoints)
 
 
 def final_state(field: AbstractField, x0, t1: float, **solve_kw):
@@ -153,7 +148,7 @@ def objective_fn(
     *,
     adjoint: str = "checkpoint",
     checkpoints: int | None = None,
-    solve: dict[str, Any] | None = None,
+    solve: SolveOptions | Mapping[str, Any] | None = None,
 ) -> Callable:
     """`f(params) -> (value, status)` for the params of `field_params`.
 
@@ -169,7 +164,7 @@ def objective_fn(
                 "objective squared_distance compares runs with and without the "
                 "LoRA, but the field has no LoRA"
             )
-    kw = solve_kwargs(solve, check_choice(adjoint, "adjoint", ADJOINTS), checkpoints)
+    kw = solve_options(solve, check_choice(adjoint, "adjoint", ADJOINTS), checkpoints)
 
     def f(p):
         fld = with_params(field, p)

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._base import TARGETS, Array, ArrayLike, Float, PRNGKeyArray, check_choice
-from .._model import AbstractField, LoRA
+from .._base import Array, ArrayLike, Float, PRNGKeyArray, check_choice
+from .._model import TARGETS, AbstractField, LoRA
 from .._simulate import simulate
-from .gradients import check_status, solve_kwargs
+from .gradients import check_status, solve_options
 
 
 def perturbed(field: AbstractField, target: str, dW: Float[ArrayLike, "d d"]) -> AbstractField:
@@ -66,12 +66,11 @@ def linear_response(
     `x(ε) = x + ε δx + O(ε²)`.
     """
     dW = _unit_direction(direction, field.d, field.V.dtype)
-    kw = solve_kwargs(solve, "forward", None)
-    kw["ts"] = solve.get("ts")
+    kw = solve_options(solve, "forward", None).replace(ts=solve.get("ts"))
     x0 = jnp.asarray(x0, field.V.dtype)
 
     def F(eps):
-        sol = simulate(perturbed(field, target, eps * dW), x0, t1, **kw)
+        sol = simulate(perturbed(field, target, eps * dW), x0, t1, options=kw)
         return sol.xs, (sol.ts, sol.status)
 
     eps0 = jnp.zeros((), field.V.dtype)

@@ -24,18 +24,14 @@ from .._base import (
     ScalarLike,
     Shaped,
     as_float_array,
-    check_choice,
     check_dtype,
-    check_finite,
-    check_int,
     check_memory,
-    check_positive,
     check_tokens,
     is_number,
     register_cache,
 )
 from .._model import AbstractField, LoRA, exact_row_max, expm, unit_rows, use_blockwise
-from .solvers import ADAPTIVE, RK4, get_solver
+from .options import SolveConfig, SolveOptions, const, solve_config
 
 STATUS_OK = 0
 STATUS_MAX_STEPS = 1
@@ -47,7 +43,6 @@ STATUS_MESSAGES = {
     STATUS_SOLVER_FAILED: "the solver failed (step size underflow or internal error)",
     STATUS_NONFINITE: "the trajectory became NaN or inf",
 }
-ADJOINTS = ("checkpoint", "backsolve", "forward")
 
 
 class Solution(eqx.Module):
@@ -122,125 +117,6 @@ def rescaled_to_x(
     E = jax.vmap(lambda v: jax.vmap(lambda t: expm(t * v))(ts))(flat)  # (m, T, d, d)
     E = E.reshape(lead + (1,) * (zs.ndim - 3 - len(lead)) + E.shape[1:])
     return zs @ jnp.swapaxes(E, -1, -2)
-
-
-class _Projected(diffrax.AbstractWrappedSolver):
-    """Wrap a solver so that each accepted step is renormalised onto the sphere.
-
-    The FSAL state of Tsit5/Dopri (the field at the unprojected end point) is kept as is:
-    it differs from the field at the projected point by O(norm drift of one step).
-    """
-
-    solver: diffrax.AbstractSolver
-
-    @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
-    def interpolation_cls(self):  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    @property
-    def term_compatible_contr_kwargs(self):
-        return self.solver.term_compatible_contr_kwargs
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def strong_order(self, terms):
-        return self.solver.strong_order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
-
-    def init(self, terms, t0, t1, y0, args):
-        return self.solver.init(terms, t0, t1, y0, args)
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        y1, err, dense, state, result = self.solver.step(
-            terms, t0, t1, y0, args, solver_state, made_jump
-        )
-        y1 = y1 / jnp.linalg.norm(y1, axis=-1, keepdims=True)
-        return y1, err, dense, state, result
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)
-
-
-# Diffrax's adaptive `_Projected` needs the adaptive marker when the inner solver is.
-class _ProjectedAdaptive(_Projected, diffrax.AbstractAdaptiveSolver):
-    pass
-
-
-def fixed_step_grid(t0: float, t1: float, dt: float) -> np.ndarray:
-    """`t0, t0+dt, …, t1` in float64; a last short step when `(t1−t0)/dt` is fractional."""
-    span = t1 - t0
-    k = math.floor(span / dt + 1e-9)
-    grid = t0 + dt * np.arange(k + 1, dtype=np.float64)
-    if span - k * dt > 1e-9 * max(1.0, abs(span)):
-        grid = np.append(grid, t1)
-    else:
-        grid[-1] = t1
-    if grid.size == 1:  # t1 == t0
-        grid = np.array([t0, t1])
-    return grid
-
-
-# Per-call constants of `simulate` (step grids, output times, t0/t1) as device arrays,
-# cached by value: building them with `jnp.asarray` costs a dispatch each (~40 µs), which
-# for short solves of small systems was a large part of a call. Arrays are immutable, so
-# sharing them is safe; values computed under a trace are never cached.
-_CONST_CACHE: dict = register_cache({})
-_CONST_CACHE_MAX = 256
-
-
-def _const(values, dtype) -> Array:
-    """`jnp.asarray(values, dtype)` (same rounding: numpy's round-to-nearest cast), cached."""
-    a = np.asarray(values, dtype=np.dtype(dtype))
-    key = ("a", a.dtype.str, a.shape, a.tobytes())
-    hit = _CONST_CACHE.get(key)
-    if hit is not None:
-        return hit
-    arr = jnp.asarray(a)
-    if not isinstance(arr, Tracer):
-        if len(_CONST_CACHE) >= _CONST_CACHE_MAX:
-            _CONST_CACHE.clear()
-        _CONST_CACHE[key] = arr
-    return arr
-
-
-def _step_to(grid: np.ndarray, dtype) -> diffrax.StepTo:
-    """`diffrax.StepTo` on `grid` cast to `dtype` (cached like `_const`)."""
-    arr = _const(grid, dtype)
-    key = ("StepTo", id(arr))
-    hit = _CONST_CACHE.get(key)
-    if hit is not None and hit.ts is arr:
-        return hit
-    ctrl = diffrax.StepTo(ts=arr)
-    if not isinstance(arr, Tracer) and ctrl.ts is arr:
-        _CONST_CACHE[key] = ctrl
-    return ctrl
-
-
-class SolveConfig(eqx.Module):
-    solver: diffrax.AbstractSolver
-    controller: diffrax.AbstractStepSizeController
-    saveat_steps: bool
-    max_steps: int
-    adjoint: diffrax.AbstractAdjoint
-    progress: bool
-    sphere: bool
-    renormalise: bool
-    n_field_batch: int
-    n_x_batch: int
-    # Optional `fn(t, y, args) -> pytree` saved instead of the state (diffrax
-    # `SaveAt(fn=...)`): summaries keep memory flat in long sweeps. With `renormalise`
-    # it sees the renormalised state.
-    save_fn: Callable[..., PyTree] | None = None
-    # Fixed steps: the whole batch is one solve of the stacked state (`Members`), not a
-    # vmap of solves (see `_solve_batch`).
-    stacked: bool = False
 
 
 def _vmap_members(fn, axes, n_field_batch: int, n_x_batch: int):
@@ -397,69 +273,6 @@ def _cast_field(field: AbstractField, dtype) -> AbstractField:
     return jax.tree.map(cast, field)
 
 
-_DEFAULT_ADJOINTS: dict = register_cache({})
-
-
-def get_adjoint(adjoint, checkpoints):
-    if adjoint is None or adjoint == "checkpoint":
-        if not (checkpoints is None or type(checkpoints) is int):
-            return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
-        if checkpoints not in _DEFAULT_ADJOINTS:  # immutable modules: one per value
-            _DEFAULT_ADJOINTS[checkpoints] = diffrax.RecursiveCheckpointAdjoint(
-                checkpoints=checkpoints
-            )
-        return _DEFAULT_ADJOINTS[checkpoints]
-    if isinstance(adjoint, diffrax.AbstractAdjoint):
-        return adjoint
-    name = check_choice(adjoint, "adjoint", ADJOINTS)
-    if name == "backsolve":
-        return diffrax.BacksolveAdjoint()
-    return diffrax.ForwardMode()
-
-
-def stepping(solver, dt, rtol, atol, max_steps, project: bool, t0, t1, dtype):
-    """Solver, step controller, step budget, fixed grid and fixed step (both None when
-    adaptive), as `simulate` documents its options; the sweep engine resolves its solves
-    here too."""
-    solver_obj = get_solver(solver) if isinstance(solver, str) else solver
-    solver_name = solver.lower() if isinstance(solver, str) else type(solver).__name__
-    adaptive_ok = isinstance(solver_obj, diffrax.AbstractAdaptiveSolver) and (
-        solver_name in ADAPTIVE if isinstance(solver, str) else not isinstance(solver, RK4)
-    )
-    if dt is not None and (rtol is not None or atol is not None):
-        raise ValueError("give either dt (fixed step) or rtol/atol (adaptive), not both")
-    if dt is None and rtol is None and atol is None:
-        if adaptive_ok:
-            rtol, atol = 1e-6, 1e-9
-        else:
-            dt = 0.1
-    if project:
-        wrap = _ProjectedAdaptive if adaptive_ok else _Projected
-        solver_obj = wrap(solver_obj)
-    if dt is not None:
-        dt = check_positive(dt, "dt")
-        if max_steps is not None:
-            raise ValueError(
-                "max_steps applies to adaptive steps (rtol/atol); with a fixed "
-                "dt the number of steps is (t1 − t0)/dt"
-            )
-        n_steps = (t1 - t0) / dt
-        if not math.isfinite(n_steps) or n_steps > 2**62:
-            raise ValueError(f"t1 − t0 = {t1 - t0:g} with dt = {dt:g} is too many steps")
-        check_memory(8.0 * (n_steps + 2), f"a grid of {n_steps:.3g} fixed steps")
-        grid = fixed_step_grid(t0, t1, dt)
-        return solver_obj, _step_to(grid, dtype), grid.size - 1, grid, dt
-    if not adaptive_ok:
-        raise ValueError(
-            f"solver {solver_name!r} has no error estimate: give dt for "
-            "fixed steps, or use heun, tsit5, dopri5 or dopri8"
-        )
-    rtol = check_positive(1e-6 if rtol is None else rtol, "rtol")
-    atol = check_positive(1e-9 if atol is None else atol, "atol")
-    max_steps = 100_000 if max_steps is None else check_int(max_steps, "max_steps", 1)
-    return solver_obj, diffrax.PIDController(rtol=rtol, atol=atol), max_steps, None, None
-
-
 class Float32PrecisionWarning(UserWarning):
     """A float32 solve whose attention logits cannot resolve what the dynamics need."""
 
@@ -568,6 +381,7 @@ def simulate(
     checkpoints: int | None = None,
     progress: bool = False,
     summary: Callable[[Array, Array], PyTree] | None = None,
+    options: SolveOptions | None = None,
 ) -> Solution:
     """Integrate `x' = field(t, x)` from `t0` to `t1` for one or many initial conditions.
 
@@ -593,6 +407,8 @@ def simulate(
     - `adjoint`: `"checkpoint"` (default, reverse mode with `checkpoints`), `"backsolve"`
       or `"forward"` (forward-mode AD), or any `diffrax.AbstractAdjoint`.
     - `progress`: show a tqdm progress bar.
+    - `options`: the step options above as one `SolveOptions` (checked when it was
+      made), instead of as keywords; giving both is an error.
     - `summary`: `fn(t, x) -> array or pytree`, saved at the output times instead of the
       tokens (diffrax `SaveAt(fn=...)`): `Solution.xs` then holds its values with the
       leading axes `(*batch, T)`, and memory stays O(T × summary size) however many
@@ -604,6 +420,20 @@ def simulate(
     """
     if not isinstance(field, AbstractField):
         raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
+    # the step options given as keywords (the parameters named like `SolveOptions`'s fields)
+    given = {k: v for k, v in locals().items() if k in SolveOptions.defaults()}
+    if options is None:
+        opts = SolveOptions.of(given)
+    elif not isinstance(options, SolveOptions):
+        raise TypeError(f"options must be a SolveOptions, got {type(options).__name__}")
+    else:
+        both = [k for k, v in given.items() if not _is_default(k, v)]
+        if both:
+            raise TypeError(
+                f"give the solve options either as keywords or as options=, not both "
+                f"({', '.join(both)})"
+            )
+        opts = options
     if dtype is None:
         x0_dtype = getattr(x0, "dtype", None)
         if x0_dtype is not None and jnp.issubdtype(x0_dtype, jnp.floating):
@@ -623,8 +453,6 @@ def simulate(
         if not isinstance(x0, Tracer) and bool(jnp.any(jnp.all(x0 == 0, axis=-1))):
             raise ValueError("x0 has a zero token, which cannot be put on the sphere")
         x0 = unit_rows(x0)
-    elif renormalise:
-        raise ValueError("renormalise applies to sphere dynamics (sphere, usa) only")
 
     if not isinstance(t0, Tracer):
         if not is_number(t0) or not math.isfinite(float(t0)):
@@ -638,59 +466,19 @@ def simulate(
     if t1 < t0:
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
-    solver_obj, controller, max_steps, grid, dt = stepping(
-        solver, dt, rtol, atol, max_steps, bool(renormalise and sphere), t0, t1, dtype
-    )
-    fixed = grid is not None
-    dt0 = None
-
-    if ts is not None:
-        ts = np.asarray(as_float_array(ts, "ts"), dtype=np.float64).ravel()
-        if ts.size == 0:
-            raise ValueError("ts is empty")
-        check_finite(ts, "ts")
-        if np.any(np.diff(ts) < 0):
-            raise ValueError("ts must be non-decreasing")
-        if ts[0] < t0 - 1e-12 or ts[-1] > t1 + 1e-12:
-            raise ValueError(f"ts must lie in [t0, t1] = [{t0}, {t1}]")
-        ts = np.clip(ts, t0, t1)
-        saveat_steps = False
-    elif fixed:
-        saveat_steps = True
-    else:
-        ts = np.linspace(t0, t1, 101)
-        saveat_steps = False
-
-    backsolve = adjoint == "backsolve" or isinstance(adjoint, diffrax.BacksolveAdjoint)
-    if backsolve and renormalise and sphere:
-        raise ValueError(
-            "renormalise is not available with the backsolve adjoint (the "
-            "projection acts on forward steps, which backsolve does not "
-            "retrace); use adjoint checkpoint or forward"
-        )
+    stepping = opts.resolve(t0, t1, dtype, sphere=sphere)
+    ts = stepping.ts
     if not field.normalised:
         _check_usa_overflow(field, x0, dtype)
     if jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
         _warn_float32_resolution(field, t0, t1)
-    if backsolve:
-        # diffrax's BacksolveAdjoint rejects SaveAt(steps=True): save at the grid times
-        # instead (the same outputs), and it fails on an empty tuple of LoRAs among the
+    if opts.backsolve and not field.loras:
+        # diffrax's BacksolveAdjoint fails on an empty tuple of LoRAs among the
         # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V (the
         # same vector field, the same gradients).
-        if saveat_steps:
-            ts, saveat_steps = grid, False
-        if not field.loras:
-            z = jnp.zeros((1, field.d), field.V.dtype)
-            field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
-        if adjoint == "backsolve" and fixed:
-            assert dt is not None  # a fixed grid comes from dt
-            # The forward StepTo grid cannot be walked backwards: the adjoint ODE takes
-            # constant steps −dt from t1 (the same step size; the same grid unless
-            # (t1 − t0)/dt is fractional).
-            adjoint = diffrax.BacksolveAdjoint(
-                stepsize_controller=diffrax.ConstantStepSize(), dt0=-dt
-            )
-    n_out = grid.size if grid is not None and saveat_steps else len(ts) if ts is not None else 1
+        z = jnp.zeros((1, field.d), field.V.dtype)
+        field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
+    n_out = stepping.out_times.size
     _check_solve_memory(field, x0, n_out, summary is None, dtype)
     if t1 == t0:
         # Nothing to integrate: diffrax rejects a zero-length interval.
@@ -714,38 +502,34 @@ def simulate(
             field.frame,
         )
 
-    cfg = SolveConfig(
-        solver=solver_obj,
-        controller=controller,
-        saveat_steps=saveat_steps,
-        max_steps=max_steps,
-        adjoint=get_adjoint(adjoint, checkpoints),
-        progress=bool(progress),
-        sphere=sphere,
-        renormalise=bool(renormalise and sphere),
+    cfg = solve_config(
+        stepping,
         n_field_batch=len(field.batch_shape),
         n_x_batch=x0.ndim - 2,
         save_fn=None if summary is None else _SummaryFn(summary),
-        stacked=fixed,
     )
-    ts_arr = None if ts is None else _const(ts, dtype)
+    ts_arr = None if ts is None else const(ts, dtype)
     if summary is not None and not callable(summary):
         raise TypeError(f"summary must be a function fn(t, x), got {type(summary).__name__}")
     ys, status, steps, drift = _solve_batch(
         field,
         x0,
-        jnp.asarray(t0, dtype) if isinstance(t0, Tracer) else _const(t0, dtype),
-        _const(t1, dtype),
-        dt0,
+        jnp.asarray(t0, dtype) if isinstance(t0, Tracer) else const(t0, dtype),
+        const(t1, dtype),
+        None,
         ts_arr,
         cfg,
     )
-    out_ts = _const(grid, dtype) if grid is not None and saveat_steps else ts_arr
-    assert out_ts is not None  # saveat_steps without a grid, or neither ts nor grid: impossible
+    out_ts = const(stepping.out_times, dtype)
     keep_drift = sphere and summary is None
     return Solution(
         out_ts, ys, status, steps, drift if keep_drift else None, field.dynamics, field.frame
     )
+
+
+def _is_default(name: str, value) -> bool:
+    default = SolveOptions.defaults()[name]
+    return value is default or (isinstance(value, (str, bool)) and value == default)
 
 
 class _SummaryFn(eqx.Module):

@@ -9,7 +9,7 @@ import diffrax
 import jax
 import numpy as np
 
-from .._base import SOLVERS, Array, ArrayLike, Bool, PyTree, Real, Shaped, check_choice
+from .._base import Array, ArrayLike, Bool, PyTree, Real, Shaped, check_choice
 
 # diffrax's own aliases for the solver interface (`diffrax._custom_types`, private there):
 # a time, the state `y` (any pytree of arrays; `"Y"` names its structure so that the new
@@ -91,7 +91,7 @@ class RK4(diffrax.AbstractSolver):
         return terms.vf(t0, y0, args)
 
 
-ADAPTIVE = ("heun", "tsit5", "dopri5", "dopri8")
+SOLVERS = ("euler", "heun", "rk4", "tsit5", "dopri5", "dopri8")
 ORDERS = {"euler": 1, "heun": 2, "rk4": 4, "tsit5": 5, "dopri5": 5, "dopri8": 8}
 
 

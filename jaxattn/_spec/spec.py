@@ -18,9 +18,6 @@ import numpy as np
 
 from .._base import (
     DTYPES,
-    DYNAMICS,
-    SOLVERS,
-    TARGETS,
     as_float_array,
     check_choice,
     check_dtype,
@@ -30,7 +27,8 @@ from .._base import (
     check_seed,
     check_tokens,
 )
-from .._model import FIELDS, KERNELS, AbstractField, LoRA, make_field, unit_rows
+from .._model import DYNAMICS, FIELDS, KERNELS, TARGETS, AbstractField, LoRA, make_field, unit_rows
+from .._simulate import SolveOptions
 
 
 class SpecError(ValueError):
@@ -57,7 +55,7 @@ LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed"}
 SOLVE_KEYS = {"t1", "solver", "dt", "rtol", "atol", "ts", "max_steps", "renormalise"}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Simulation:
     """A parsed spec (what `parse_spec` returns): what `simulate` needs, plus the
     resolved spec as plain data.
@@ -65,7 +63,8 @@ class Simulation:
     - `field`: the vector field (with the spec's LoRA, if any); `base_field` is the same
       field without it.
     - `x0 (n, d)`: the initial tokens; `t1`: the final time.
-    - `solve`: the remaining `simulate` options (`solver`, `dt`, `rtol`, `ts`, ...).
+    - `solve`: the `[solve]` options besides `t1`, as a `SolveOptions` (a mapping of
+      the options given: `simulate(field, x0, t1, **sim.solve)` runs it).
     - `resolved`: the spec with defaults filled in and random draws written out
       (JSON-ready; a random `[init]` also keeps the keys that drew it, for the record).
     """
@@ -73,7 +72,7 @@ class Simulation:
     field: AbstractField
     x0: jax.Array
     t1: float
-    solve: dict[str, Any]
+    solve: SolveOptions
     resolved: dict[str, Any]
 
     @property
@@ -267,9 +266,7 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
         target = check_choice(lo.get("target", "V"), "lora target", TARGETS)
     except ValueError as e:
         raise SpecError(str(e)) from None
-    alpha = _num(lo.get("alpha", 1.0), "lora alpha")
-    if alpha <= 0:
-        raise SpecError(f"lora alpha must be > 0, got {alpha}")
+    alpha = _num(lo.get("alpha", 1.0), "lora alpha")  # > 0: the LoRA constructor checks
     explicit = "A" in lo or "B" in lo
     if explicit:
         if not ("A" in lo and "B" in lo):
@@ -288,8 +285,6 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
                 f"lora A is {A.shape[0]}×{A.shape[1]} and B {B.shape[0]}×{B.shape[1]}, "
                 f"but d = {d}: A must be r×{d}, B {d}×r"
             )
-        if A.shape[0] != B.shape[1]:
-            raise SpecError(f"lora rank mismatch: A has {A.shape[0]} rows, B {B.shape[1]} columns")
         if A.shape[0] > d:
             raise SpecError(f"lora rank {A.shape[0]} exceeds the dimension d = {d}")
         try:
@@ -305,9 +300,18 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
     if norm < 0:
         raise SpecError(f"lora norm must be ≥ 0, got {norm}")
     seed = _seed(lo.get("seed", 0), "lora seed")
-    return LoRA.random(
-        d, rank=rank, norm=norm, target=target, alpha=alpha, key=jax.random.key(seed), dtype=dtype
-    )
+    try:
+        return LoRA.random(
+            d,
+            rank=rank,
+            norm=norm,
+            target=target,
+            alpha=alpha,
+            key=jax.random.key(seed),
+            dtype=dtype,
+        )
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
 
 def parse_spec(spec: dict[str, Any]) -> Simulation:
@@ -322,7 +326,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
       default) needs 64-bit JAX: call `setup_jax("float64")` first.
 
     **Returns:** a `Simulation`: run it with
-    `simulate(sim.field, sim.x0, sim.t1, **sim.solve)`. `sim.resolved` is the spec with
+    `simulate(sim.field, sim.x0, sim.t1, options=sim.solve)`. `sim.resolved` is the spec with
     every default filled in and the drawn tokens and LoRA written out (JSON-ready).
 
     **Raises:** `SpecError`, whose message is one line naming the offending key.
@@ -336,9 +340,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         dtype = check_dtype(dtype_name)
     except ValueError as e:
         raise SpecError(str(e)) from None
-    beta = _num(spec.get("beta", 1.0), "beta")
-    if beta < 0:
-        raise SpecError(f"beta must be ≥ 0, got {beta}")
+    beta = spec.get("beta", 1.0)  # checked once, by the field's constructor below
     mats = {k: _matrix(spec[k], k, dtype) for k in ("Q", "K", "V") if k in spec}
     for k, W in mats.items():
         if W.ndim != 2 or W.shape[0] != W.shape[1]:
@@ -389,61 +391,13 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
     if t1 < 0:
         raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
     try:
-        solver = check_choice(solve.get("solver", "rk4"), "solver", SOLVERS)
-    except ValueError as e:
-        raise SpecError(str(e)) from None
-    kw: dict[str, Any] = {"solver": solver}
-    if "dt" in solve:
-        if "rtol" in solve or "atol" in solve:
-            raise SpecError("[solve] give either dt (fixed step) or rtol/atol (adaptive), not both")
-        dt = _num(solve["dt"], "solve dt")
-        if dt <= 0:
-            raise SpecError(f"solve dt must be > 0, got {dt}")
-        kw["dt"] = dt
-    for key in ("rtol", "atol"):
-        if key in solve:
-            val = _num(solve[key], f"solve {key}")
-            if val <= 0:
-                raise SpecError(f"solve {key} must be > 0, got {val}")
-            kw[key] = val
-    if ("rtol" in kw or "atol" in kw) and solver in ("euler", "rk4"):
-        raise SpecError(
-            f"solver {solver} has no error estimate: give dt, or use heun, tsit5, "
-            "dopri5 or dopri8 with rtol/atol"
-        )
-    if "ts" in solve:
-        ts = solve["ts"]
-        if (
-            not isinstance(ts, list)
-            or not ts
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ts)
-        ):
-            raise SpecError("solve ts must be a non-empty list of numbers")
-        ts_arr = np.asarray(ts, np.float64)
-        if not np.all(np.isfinite(ts_arr)):
-            raise SpecError("solve ts must be finite numbers")
-        if np.any(np.diff(ts_arr) < 0):
-            raise SpecError("solve ts must be non-decreasing")
-        if ts_arr[0] < 0 or ts_arr[-1] > t1:
-            raise SpecError(f"solve ts must lie in [0, t1] = [0, {t1}]")
-        kw["ts"] = ts_arr
-    if "max_steps" in solve:
-        kw["max_steps"] = _int(solve["max_steps"], "solve max_steps", 1)
-        if "dt" in kw or ("rtol" not in kw and "atol" not in kw and solver in ("euler", "rk4")):
-            raise SpecError(
-                "solve max_steps applies to adaptive steps (rtol/atol); with a "
-                "fixed dt the number of steps is t1/dt"
-            )
-    if "renormalise" in solve:
-        if not isinstance(solve["renormalise"], bool):
-            raise SpecError("solve renormalise must be true or false")
-        if solve["renormalise"] and not FIELDS[dynamics].on_sphere:
-            raise SpecError("solve renormalise applies to sphere dynamics (sphere, usa) only")
-        kw["renormalise"] = solve["renormalise"]
-
+        options = SolveOptions.from_table({k: v for k, v in solve.items() if k != "t1"})
+        options.check(0.0, t1, sphere=FIELDS[dynamics].on_sphere)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"[solve] {e}") from None
     resolved = {
         "dynamics": dynamics,
-        "beta": beta,
+        "beta": float(beta),
         "dtype": dtype_name,
         "attention": kernel,
         "block": block,
@@ -458,10 +412,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
                 else {k: v for k, v in init.items() if k != "x0"}
             ),
         },
-        "solve": {
-            "t1": t1,
-            **{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in kw.items()},
-        },
+        "solve": {"t1": t1, "solver": options.solver, **options.as_record()},
     }
     if lora is not None:
         resolved["lora"] = {
@@ -470,4 +421,4 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
             "B": np.asarray(lora.B).tolist(),
             "alpha": float(lora.alpha),
         }
-    return Simulation(field=field, x0=x0, t1=t1, solve=kw, resolved=resolved)
+    return Simulation(field=field, x0=x0, t1=t1, solve=options, resolved=resolved)

@@ -1,26 +1,27 @@
-"""A sweep's plan: a simulation spec (`_spec.py`) plus a `[grid]` section (the axes and
-their values) and a `[sweep]` section (chunking and summaries), parsed and checked before
-anything runs (`parse_sweep` → `SweepPlan`)."""
+"""A sweep's plan: a simulation spec (`_spec`) plus a `[grid]` section (the axes and their
+values) and a `[sweep]` section (chunking and summaries), parsed and checked once, before
+anything runs (`parse_sweep` → `SweepPlan`). The axes and summaries are rows of
+`tables.py`."""
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any
 
-import equinox as eqx
 import numpy as np
 
-from .._base import SEED_MAX, TARGETS, check_int, check_memory, check_positive
+from .._base import check_int, check_memory, check_positive, coerce
 from .._model import use_blockwise
-from .._spec import SpecError, parse_spec
+from .._spec import Simulation, SpecError, parse_spec
 from .chunks import SweepError
+from .tables import AXES, NEEDS_REFERENCE, SUMMARIES
 
 DEFAULT_CHUNK = 64
 MAX_DEFAULT_BATCH = 256
-GRID_KEYS = ("beta", "init.seed", "lora.norm", "lora.seed", "lora.target", "lora.alpha")
-SWEEP_KEYS = {"chunk", "batch", "summaries", "save_points", "cluster_threshold"}
-SUMMARIES = ("divergence", "hausdorff", "clusters", "diameter", "mean", "tokens")
-NEEDS_REFERENCE = ("divergence", "hausdorff")
+GRID_KEYS = tuple(AXES)
 
 
 def _expand(key: str, value) -> list:
@@ -80,48 +81,136 @@ def _axis_len(key: str, count: int) -> int:
 def _check_values(key: str, values: list) -> list:
     if not values:
         raise SweepError(f"the grid has no points: grid {key} is empty")
-    if key in ("init.seed", "lora.seed"):
-        if not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values
-        ):
-            raise SweepError(f"grid {key} values must be integers ≥ 0")
-        if any(v > SEED_MAX for v in values):
-            raise SweepError(f"grid {key} values must be ≤ 2**63 − 1")
-        return [int(v) for v in values]
-    if key == "lora.target":
-        bad = [v for v in values if v not in TARGETS]
-        if bad:
-            raise SweepError(f"grid lora.target values must be Q, K or V, got {bad[0]!r}")
-        return list(values)
-    if not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
-    ):
-        raise SweepError(f"grid {key} values must be finite numbers")
-    lo = {"beta": 0.0, "lora.norm": 0.0, "lora.alpha": None}[key]
-    if key == "lora.alpha" and any(v <= 0 for v in values):
-        raise SweepError("grid lora.alpha values must be > 0")
-    if lo is not None and any(v < lo for v in values):
-        raise SweepError(f"grid {key} values must be ≥ 0")
-    return [float(v) for v in values]
+    return AXES[key].check(key, values)
 
 
-def _substitute(spec: dict, assignment: dict) -> dict:
+def _check_requirements(key: str, spec: dict) -> None:
+    """What the spec must hold for an axis (its `requires`), and the axis's key given
+    once (in the spec or in the grid)."""
+    axis = AXES[key]
+    init_table = spec.get("init")
+    init = init_table if isinstance(init_table, dict) else {}
+    lora = spec.get("lora")
+    if axis.requires == "random init" and "x0" in init:
+        raise SweepError(
+            f"grid {key} needs a random [init] (kind, n, d), but the spec gives explicit x0"
+        )
+    if axis.requires in ("lora", "random lora") and not isinstance(lora, dict):
+        raise SweepError(f"grid {key} needs a [lora] section in the spec")
+    if axis.requires == "random lora" and isinstance(lora, dict) and ("A" in lora or "B" in lora):
+        raise SweepError(
+            f"grid {key} needs a random [lora] (rank, norm, seed), "
+            "but the spec gives explicit A and B"
+        )
+    if axis.section is not None and axis.name in (spec.get(axis.section) or {}):
+        raise SweepError(f"{key} is given both in [{axis.section}] and in [grid]; keep one")
+    if axis.section is None and key in spec:
+        raise SweepError(f"{key} is given both at the top level and in [grid]; keep one")
+
+
+def _substitute(spec: dict, assignment: Mapping[str, Any]) -> dict:
     out = copy.deepcopy(spec)
     for key, value in assignment.items():
         if "." in key:
             sec, sub = key.split(".", 1)
-            out[sec][sub] = value
+            out.setdefault(sec, {})[sub] = value
         else:
             out[key] = value
     return out
 
 
-class SweepPlan(eqx.Module):
-    """A parsed sweep spec: grid axes, options, and the pieces to build any point."""
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """The `[sweep]` section: points per chunk (the unit of work, resumption and output),
+    points per vmapped group (`batch`; default the chunk, up to 256), the summaries saved,
+    the number of save times and the clusters' distance threshold."""
 
-    spec: dict = eqx.field(static=True)
-    axes: dict = eqx.field(static=True)
-    options: dict = eqx.field(static=True)
+    chunk: int = DEFAULT_CHUNK
+    batch: int | None = None
+    summaries: tuple[str, ...] | None = None
+    save_points: int = 101
+    cluster_threshold: float = 0.1
+
+    @classmethod
+    def from_table(cls, table: Any, *, has_lora: bool) -> SweepOptions:
+        """`[sweep]` (plain data) → options; every value checked once (`SweepError`)."""
+        if not isinstance(table, dict):
+            raise SweepError("[sweep] must be a table/object")
+        names = [f.name for f in dataclasses.fields(cls)]
+        extra = sorted(set(table) - set(names))
+        if extra:
+            raise SweepError(
+                f"unknown key in [sweep]: {extra[0]} (allowed: {', '.join(sorted(names))})"
+            )
+        summaries = table.get("summaries")
+        if summaries is not None and (
+            not isinstance(summaries, list)
+            or not summaries
+            or not all(isinstance(s, str) for s in summaries)
+        ):
+            raise SweepError(
+                f"sweep summaries must be a non-empty list of names from {', '.join(SUMMARIES)}"
+            )
+        hints = typing.get_type_hints(cls)
+        try:
+            values = {k: coerce(v, hints[k], f"sweep {k}") for k, v in table.items()}
+            opts = cls(**values)
+            object.__setattr__(opts, "chunk", check_int(opts.chunk, "sweep chunk", 1))
+            batch = min(opts.chunk, MAX_DEFAULT_BATCH) if opts.batch is None else opts.batch
+            object.__setattr__(opts, "batch", check_int(batch, "sweep batch", 1))
+            check_int(opts.save_points, "sweep save_points", 2)
+            check_positive(opts.cluster_threshold, "sweep cluster_threshold")
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+        names_ = opts.summaries
+        if names_ is None:
+            names_ = ("divergence", "clusters") if has_lora else ("clusters", "diameter")
+        for s in names_:
+            if s not in SUMMARIES:
+                raise SweepError(f"unknown summary {s!r} (choose from {', '.join(SUMMARIES)})")
+        if any(SUMMARIES[s].needs_reference for s in names_) and not has_lora:
+            raise SweepError(
+                "summaries divergence/hausdorff compare with the unperturbed run "
+                "and need a [lora] section"
+            )
+        object.__setattr__(opts, "summaries", tuple(dict.fromkeys(names_)))
+        return opts
+
+    @property
+    def pair(self) -> bool:
+        """Some summary compares each point with its unperturbed reference run."""
+        return any(s in NEEDS_REFERENCE for s in self.names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        assert self.summaries is not None  # set by from_table
+        return self.summaries
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as plain data (what names the sweep, with `summaries` a list)."""
+        return {
+            "chunk": self.chunk,
+            "batch": self.batch,
+            "summaries": list(self.names),
+            "save_points": self.save_points,
+            "cluster_threshold": self.cluster_threshold,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """A parsed sweep spec: the simulation spec, the grid axes (key → checked values, in
+    the order written; points are their Cartesian product in C order), the `[sweep]`
+    options and the first point, parsed (every other point differs from it only in
+    values the axes checked)."""
+
+    spec: dict
+    axes: dict
+    options: SweepOptions
+    first: Simulation = dataclasses.field(repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -145,7 +234,7 @@ class SweepPlan(eqx.Module):
             "kind": "jaxattn-sweep",
             "spec": self.spec,
             "grid": self.axes,
-            "options": self.options,
+            "options": self.options.as_dict(),
         }
 
 
@@ -168,101 +257,31 @@ def parse_sweep(raw: dict) -> SweepPlan:
     if unknown:
         raise SweepError(f"unknown grid key {unknown[0]!r} (allowed: {', '.join(GRID_KEYS)})")
     axes = {k: _check_values(k, _expand(k, v)) for k, v in grid.items()}
-
-    # Compatibility of grid and spec.
-    init_table = spec.get("init")
-    init = init_table if isinstance(init_table, dict) else {}
-    if "init.seed" in axes and "x0" in init:
-        raise SweepError(
-            "grid init.seed needs a random [init] (kind, n, d), but the spec gives explicit x0"
-        )
-    lora_keys = [k for k in axes if k.startswith("lora.")]
-    if lora_keys:
-        lo = spec.get("lora")
-        if not isinstance(lo, dict):
-            raise SweepError(f"grid {lora_keys[0]} needs a [lora] section in the spec")
-        if "A" in lo or "B" in lo:
-            bad = [k for k in lora_keys if k in ("lora.norm", "lora.seed")]
-            if bad:
-                raise SweepError(
-                    f"grid {bad[0]} needs a random [lora] (rank, norm, seed), "
-                    "but the spec gives explicit A and B"
-                )
     for key in axes:
-        sec, _, sub = key.partition(".")
-        if sub and sub in (spec.get(sec) or {}):
-            raise SweepError(f"{key} is given both in [{sec}] and in [grid]; keep one")
-        if not sub and key in spec:
-            raise SweepError(f"{key} is given both at the top level and in [grid]; keep one")
-    if "init.seed" in axes:
-        spec.setdefault("init", {})
-
-    opts_raw = raw.get("sweep", {})
-    if not isinstance(opts_raw, dict):
-        raise SweepError("[sweep] must be a table/object")
-    extra = sorted(set(opts_raw) - SWEEP_KEYS)
-    if extra:
-        raise SweepError(
-            f"unknown key in [sweep]: {extra[0]} (allowed: {', '.join(sorted(SWEEP_KEYS))})"
-        )
-    has_lora = "lora" in spec
-    default_summaries = ["divergence", "clusters"] if has_lora else ["clusters", "diameter"]
-    summaries = opts_raw.get("summaries", default_summaries)
-    if (
-        not isinstance(summaries, list)
-        or not summaries
-        or not all(isinstance(s, str) for s in summaries)
-    ):
-        raise SweepError(
-            f"sweep summaries must be a non-empty list of names from {', '.join(SUMMARIES)}"
-        )
-    for s in summaries:
-        if s not in SUMMARIES:
-            raise SweepError(f"unknown summary {s!r} (choose from {', '.join(SUMMARIES)})")
-    if any(s in NEEDS_REFERENCE for s in summaries) and not has_lora:
-        raise SweepError(
-            "summaries divergence/hausdorff compare with the unperturbed run "
-            "and need a [lora] section"
-        )
-    chunk = _pos_int(opts_raw.get("chunk", DEFAULT_CHUNK), "sweep chunk")
-    options = {
-        "chunk": chunk,
-        # Default: groups as wide as the chunk, up to 256 points (wider vmaps amortise
-        # XLA's per-operation cost for small systems; 64 for the default chunk).
-        "batch": _pos_int(opts_raw.get("batch", min(chunk, MAX_DEFAULT_BATCH)), "sweep batch"),
-        "summaries": list(dict.fromkeys(summaries)),
-        "save_points": _pos_int(opts_raw.get("save_points", 101), "sweep save_points", 2),
-        "cluster_threshold": _pos_float(
-            opts_raw.get("cluster_threshold", 0.1), "sweep cluster_threshold"
-        ),
-    }
-    plan = SweepPlan(spec=spec, axes=axes, options=options)
-    # Every point must be a valid simulation spec: check the first one fully (the grid
+        _check_requirements(key, spec)
+    options = SweepOptions.from_table(raw.get("sweep", {}), has_lora="lora" in spec)
+    # Every point must be a valid simulation spec: parse the first one fully (the grid
     # values were checked above, so the others differ only in valid values).
+    first_spec = _substitute(spec, {k: v[0] for k, v in axes.items()})
     try:
-        sim = parse_spec(plan.point_spec(0))
+        sim = parse_spec(first_spec)
     except SpecError as e:
         raise SweepError(f"the spec with the grid's first point is invalid: {e}") from None
     if not sim.t1 > 0:
         raise SweepError("solve t1 must be > 0 in a sweep (nothing to integrate)")
-    _check_sweep_memory(plan, sim)
+    plan = SweepPlan(spec=spec, axes=axes, options=options, first=sim)
+    _check_sweep_memory(plan)
     return plan
 
 
-def _check_sweep_memory(plan: SweepPlan, sim) -> None:
+def _check_sweep_memory(plan: SweepPlan) -> None:
     """The assembled result (every point × save time × summary), and one chunk's saved
-    values, must fit before anything runs (`sim`: the first point, parsed)."""
+    values, must fit before anything runs."""
+    sim = plan.first
     n, d = (int(s) for s in sim.x0.shape)
-    per = {
-        "divergence": 1,
-        "hausdorff": 1,
-        "clusters": 1,
-        "diameter": 1,
-        "mean": d,
-        "tokens": n * d,
-    }
-    values = sum(per[s] for s in plan.options["summaries"])
-    T = plan.options["save_points"]
+    values = sum(SUMMARIES[s].size(n, d) for s in plan.options.names)
+    T = plan.options.save_points
+    chunk = plan.options.chunk
     try:
         check_memory(
             8.0 * plan.n_points * T * values * 2,
@@ -270,22 +289,8 @@ def _check_sweep_memory(plan: SweepPlan, sim) -> None:
         )
         attn = 0 if use_blockwise(sim.field.kernel, n, n) else 4 * n * n
         check_memory(
-            8.0 * min(plan.n_points, plan.options["chunk"]) * (T * (values + n * d) + attn),
-            f"one chunk of {plan.options['chunk']} points with n = {n} tokens",
+            8.0 * min(plan.n_points, chunk) * (T * (values + n * d) + attn),
+            f"one chunk of {chunk} points with n = {n} tokens",
         )
-    except ValueError as e:
-        raise SweepError(str(e)) from None
-
-
-def _pos_int(v, name, minimum=1):
-    try:
-        return check_int(v, name, minimum)
-    except ValueError as e:
-        raise SweepError(str(e)) from None
-
-
-def _pos_float(v, name):
-    try:
-        return check_positive(v, name)
     except ValueError as e:
         raise SweepError(str(e)) from None

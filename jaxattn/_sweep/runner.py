@@ -1,11 +1,13 @@
-"""`sweep`: run a sweep's plan (`_grid.py`) — the Cartesian product of the grid values,
+"""`sweep`: run a sweep's plan (`grid.py`) — the Cartesian product of the grid values,
 each point one solve whose summaries (diffrax `SaveAt(fn=...)`, not whole trajectories)
-are saved at fixed times — as resumable chunks (`_chunks.py`), each chunk one
-`map_sharded` (`_sharding.py`) over its points; then the result, `summary.json` and the
+are saved at fixed times — as resumable chunks (`chunks.py`), each chunk one
+`map_sharded` (`sharding.py`) over its points; then the result, `summary.json` and the
 overview figure.
 
-The sweep is split by job: `_chunks` (the engine: resumable atomic chunks), `_sharding`
-(points across devices), `_grid` (spec + grid → plan), and this runner.
+Three pieces: the inputs of each point (`_PointBuilder`, and `_References` for the shared
+unperturbed runs), the compiled program (`_Program`: fields, solves, summaries) and the
+runner (`sweep`: checks, chunks, assembly, outputs). The axes and summaries are the rows
+of `tables.py`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._analysis import cluster_count, divergence, hausdorff, pairwise_distances, unit_rows
+from .._analysis import unit_rows
 from .._base import (
-    TARGETS,
     Device,
     check_output_dir,
     json_default,
@@ -34,20 +35,21 @@ from .._base import (
     write_json,
     write_npz,
 )
-from .._model import AbstractField, LoRA
+from .._model import TARGETS, AbstractField, LoRA
 from .._simulate import (
     STATUS_MESSAGES,
     STATUS_OK,
     Members,
     SolveConfig,
-    get_adjoint,
+    SolveOptions,
+    solve_config,
     solve_one,
-    stepping,
 )
-from .._spec import initial_tokens, lora_from_table, parse_spec
+from .._spec import initial_tokens, lora_from_table
 from .chunks import MANIFEST, SweepError, resolve_process, run_chunks, sweep_id
-from .grid import NEEDS_REFERENCE, SweepPlan, parse_sweep
+from .grid import SweepPlan, parse_sweep
 from .sharding import map_sharded, padded_size
+from .tables import AXES, NEEDS_REFERENCE, summary_fn
 
 _SOLVES: dict = register_cache({})
 
@@ -71,132 +73,146 @@ class _PairField(eqx.Module):
         return jnp.stack([self.ref(t, y[0], a0), self.pert(t, y[1], a1)])
 
 
-def _summary_fn(names, threshold, sphere, pair):
-    def fn(t, y, args):
-        x = y[1] if pair else y
-        out = {}
-        for name in names:
-            if name == "divergence":
-                out[name] = divergence(y[0], y[1])
-            elif name == "hausdorff":
-                out[name] = hausdorff(y[1], y[0])
-            elif name == "clusters":
-                # float: diffrax pre-fills outputs with inf, which an int cannot hold
-                out[name] = cluster_count(x, threshold, sphere=sphere).astype(x.dtype)
-            elif name == "diameter":
-                out[name] = jnp.max(pairwise_distances(x))
-            elif name == "mean":
-                out[name] = jnp.mean(x, axis=0)
-            elif name == "tokens":
-                out[name] = x
-        return out
-
-    return fn
-
-
-def _solve_config(solve: dict, sphere: bool, t1: float, save_points: int, save_fn, dtype):
-    """diffrax configuration of one point's solve, resolved by `simulate`'s own rules."""
-    project = bool(solve.get("renormalise") and sphere)
-    solver, controller, max_steps, grid, _ = stepping(
-        solve.get("solver", "rk4"),
-        solve.get("dt"),
-        solve.get("rtol"),
-        solve.get("atol"),
-        solve.get("max_steps"),
-        project,
-        0.0,
-        t1,
-        dtype,
-    )
-    if "ts" in solve:
-        ts = np.asarray(solve["ts"], np.float64)
-    elif grid is not None:  # every k-th step: save times lie exactly on the grid
+def _solve_config(
+    solve: SolveOptions, sphere: bool, t1: float, save_points: int, save_fn, dtype
+) -> tuple[SolveConfig, np.ndarray]:
+    """The traced configuration of one point's solve (resolved by `simulate`'s own rules,
+    `SolveOptions.resolve`) and its save times: the spec's `ts`, else `save_points` times
+    (every k-th step of a fixed grid, so that they lie exactly on it)."""
+    stepping = solve.resolve(0.0, t1, dtype, sphere=sphere)
+    if solve.ts is not None:
+        ts = np.asarray(solve.ts, np.float64)
+    elif stepping.grid is not None:
+        grid = stepping.grid
         keep = np.unique(np.round(np.linspace(0, grid.size - 1, save_points)).astype(int))
         ts = grid[keep]
     else:
         ts = np.linspace(0.0, t1, save_points)
-    cfg = SolveConfig(
-        solver=solver,
-        controller=controller,
-        saveat_steps=False,
-        max_steps=int(max_steps),
-        adjoint=get_adjoint(None, None),
-        progress=False,
-        sphere=sphere,
-        renormalise=project,
-        n_field_batch=0,
-        n_x_batch=0,
-        save_fn=save_fn,
-        stacked=grid is not None,
-    )
-    return cfg, ts
+    return solve_config(stepping, save_fn=save_fn, saveat_steps=False), ts
+
+
+#: the field leaves the grid can set per point (the `"field"` axes of `tables.AXES`)
+FIELD_LEAVES = tuple(dict.fromkeys(str(a.leaf) for a in AXES.values() if a.part == "field"))
 
 
 def _lora_slot_targets(plan: SweepPlan) -> tuple[str, ...]:
+    """One LoRA slot per target the sweep can perturb (a point's LoRA fills its target's
+    slot, the others are zero)."""
     if "lora" not in plan.spec:
         return ()
     if "lora.target" in plan.axes:
         return tuple(t for t in TARGETS if t in plan.axes["lora.target"])
-    return (str(plan.spec["lora"].get("target", "V")).upper(),)
+    lora = plan.first.field.loras[0]
+    return (lora.target,)
+
+
+class _Part:
+    """The axes of the plan that change one part of a point (`tables.Axis.part`), and the
+    index of each point's combination of their values (C order over those axes)."""
+
+    def __init__(self, plan: SweepPlan, part: str, keys: list[str] | None = None):
+        names = list(plan.axes)
+        self.plan = plan
+        self.keys = keys if keys is not None else [k for k in names if AXES[k].part == part]
+        self.pos = [names.index(k) for k in self.keys]
+        self.shape = tuple(len(plan.axes[k]) for k in self.keys)
+        self.count = int(np.prod(self.shape, dtype=np.int64))
+
+    def index(self, indices: np.ndarray) -> np.ndarray:
+        if not self.keys:
+            return np.zeros(np.size(indices), np.int64)
+        idx = np.unravel_index(indices, self.plan.shape)
+        return np.ravel_multi_index([idx[i] for i in self.pos], self.shape)
+
+    def values(self, c: int) -> dict[str, Any]:
+        """The axis values of combination `c`."""
+        sub = np.unravel_index(c, self.shape)
+        return {k: self.plan.axes[k][i] for k, i in zip(self.keys, sub)}
 
 
 class _PointBuilder:
     """Per-point inputs, built with the spec parser's own functions (so point `p` is
-    exactly the simulation of `plan.point_spec(p)`), cached per distinct value."""
+    exactly the simulation of `plan.point_spec(p)`): each distinct initial condition and
+    LoRA is built once, and a chunk's inputs are gathered from them by index."""
 
     def __init__(self, plan: SweepPlan):
         self.plan = plan
-        self.sim0 = parse_spec(plan.point_spec(0))
+        self.sim0 = plan.first
         self.dtype = self.sim0.x0.dtype
         self.d = int(self.sim0.x0.shape[1])
         self.targets = _lora_slot_targets(plan)
+        self.init = _Part(plan, "init")
+        self.lora_part = _Part(plan, "lora")
         self._x0: dict = {}
         self._lora: dict = {}
+        self._tables: dict[str, np.ndarray] = {}
 
-    def x0(self, assignment):
-        seed = assignment.get("init.seed")
-        if seed not in self._x0:
+    def x0(self, assignment) -> np.ndarray:
+        """The initial tokens of a point (its `"init"` axis values)."""
+        key = tuple(assignment.get(k) for k in self.init.keys)
+        if key not in self._x0:
             init = dict(self.plan.spec["init"])
-            if seed is not None:
-                init["seed"] = seed
-            self._x0[seed] = np.asarray(initial_tokens(init, self.dtype, self.d))
-        return self._x0[seed]
+            init.update({AXES[k].name: assignment[k] for k in self.init.keys})
+            self._x0[key] = np.asarray(initial_tokens(init, self.dtype, self.d))
+        return self._x0[key]
 
     def lora(self, assignment) -> LoRA:
-        key = tuple(
-            assignment.get(k) for k in ("lora.norm", "lora.seed", "lora.target", "lora.alpha")
-        )
+        """The LoRA of a point (its `"lora"` axis values)."""
+        key = tuple(assignment.get(k) for k in self.lora_part.keys)
         if key not in self._lora:
             table = dict(self.plan.spec["lora"])
-            for k in ("lora.norm", "lora.seed", "lora.target", "lora.alpha"):
-                if k in assignment:
-                    table[k.split(".")[1]] = assignment[k]
+            table.update({AXES[k].name: assignment[k] for k in self.lora_part.keys})
             self._lora[key] = lora_from_table(table, self.d, self.dtype)
         return self._lora[key]
 
-    def beta(self, assignment) -> float:
-        return assignment.get("beta", self.plan.spec.get("beta", 1.0))
+    def leaf(self, name: str, assignment) -> float:
+        """A field leaf of a point: its axis value, else the spec's (the first point's)."""
+        for k, a in AXES.items():
+            if a.part == "field" and a.leaf == name and k in assignment:
+                return float(assignment[k])
+        return float(getattr(self.sim0.field, name))
+
+    def _leaf_part(self, name: str) -> _Part:
+        return _Part(self.plan, "field", [k for k in self.plan.axes if AXES[k].leaf == name])
+
+    def _table(self, name: str) -> np.ndarray:
+        """Each distinct value of a part, stacked (built at the first chunk)."""
+        if name not in self._tables:
+            dt = self.dtype
+            if name == "x0":
+                rows = [self.x0(self.init.values(c)) for c in range(self.init.count)]
+                self._tables[name] = np.asarray(rows, dt)
+            elif name in FIELD_LEAVES:
+                part = _Part(
+                    self.plan, "field", [k for k in self.plan.axes if AXES[k].leaf == name]
+                )
+                vals = [self.leaf(name, part.values(c)) for c in range(part.count)]
+                self._tables[name] = np.asarray(vals, dt)
+            else:  # the LoRA slots: alpha, A_t, B_t
+                los = [self.lora(self.lora_part.values(c)) for c in range(self.lora_part.count)]
+                self._tables["alpha"] = np.asarray([float(lo.alpha) for lo in los], dt)
+                for t in self.targets:  # the point's target gets its LoRA, others zero
+                    self._tables[f"A_{t}"] = np.asarray([np.asarray(lo.A) for lo in los], dt)
+                    self._tables[f"B_{t}"] = np.asarray(
+                        [np.asarray(lo.B) if lo.target == t else np.zeros_like(lo.B) for lo in los],
+                        dt,
+                    )
+        return self._tables[name]
 
     def inputs(self, indices) -> dict[str, np.ndarray]:
-        cols: dict[str, list] = {"x0": [], "beta": []}
-        for t in self.targets:
-            cols[f"A_{t}"], cols[f"B_{t}"] = [], []
-        cols["alpha"] = []
-        for p in indices:
-            a = self.plan.assignment(int(p))
-            cols["x0"].append(self.x0(a))
-            cols["beta"].append(self.beta(a))
-            if self.targets:
-                lo = self.lora(a)
-                for t in self.targets:  # the point's target gets its LoRA, others zero
-                    cols[f"A_{t}"].append(np.asarray(lo.A))
-                    cols[f"B_{t}"].append(
-                        np.asarray(lo.B) if lo.target == t else np.zeros_like(np.asarray(lo.B))
-                    )
-                cols["alpha"].append(float(lo.alpha))
-            else:
-                cols["alpha"].append(1.0)
-        return {k: np.asarray(v, self.dtype) for k, v in cols.items()}
+        """The inputs of the points `indices`: `x0`, each field leaf, and with a LoRA its
+        `alpha` and the slots' factors `A_t`, `B_t`."""
+        indices = np.asarray(indices, np.int64)
+        out = {"x0": self._table("x0")[self.init.index(indices)]}
+        for name in FIELD_LEAVES:
+            out[name] = self._table(name)[self._leaf_part(name).index(indices)]
+        if self.targets:
+            j = self.lora_part.index(indices)
+            out["alpha"] = self._table("alpha")[j]
+            for t in self.targets:
+                out[f"A_{t}"] = self._table(f"A_{t}")[j]
+                out[f"B_{t}"] = self._table(f"B_{t}")[j]
+        return out
 
 
 # Shared references are used while their saved tokens (every reference × save time)
@@ -206,20 +222,21 @@ REFERENCE_BYTES = 256 * 2**20
 
 class _References:
     """The LoRA-free runs that reference summaries (divergence, Hausdorff) compare each
-    point with. A point's reference depends only on its initial condition and β, so a
-    sweep over LoRAs needs far fewer of them than it has points (the docs example: 128
-    for 3072 points). With fixed steps they are solved once, their tokens saved at the
-    save times, and each point's reference summaries are computed from them after its
-    own solve: the same arithmetic as solving each reference beside its point (the
-    values agree to rounding), for about half the work."""
+    point with. A point's reference depends only on the axes that key it
+    (`tables.Axis.keys_reference`: the initial condition and β), so a sweep over LoRAs
+    needs far fewer of them than it has points (the docs example: 128 for 3072 points).
+    With fixed steps they are solved once, their tokens saved at the save times, and each
+    point's reference summaries are computed from them after its own solve: the same
+    arithmetic as solving each reference beside its point (the values agree to
+    rounding), for about half the work."""
 
     def __init__(self, plan: SweepPlan, builder: _PointBuilder):
         self.plan, self.builder = plan, builder
-        names = list(plan.axes)
-        self.keys = [k for k in ("init.seed", "beta") if k in plan.axes]
-        self.pos = [names.index(k) for k in self.keys]
-        self.shape = tuple(len(plan.axes[k]) for k in self.keys)
-        self.count = int(np.prod(self.shape, dtype=np.int64))
+        # the initial condition's axes first, then the field's (each in table order)
+        order = [k for part in ("init", "field") for k, a in AXES.items() if a.part == part]
+        keys = [k for k in order if AXES[k].keys_reference and k in plan.axes]
+        self.part = _Part(plan, "reference", keys)
+        self.keys, self.count = self.part.keys, self.part.count
 
     def worth_it(self, save_times: int) -> bool:
         n, d = self.builder.sim0.x0.shape
@@ -228,19 +245,181 @@ class _References:
 
     def index(self, indices: np.ndarray) -> np.ndarray:
         """The reference of each point."""
-        if not self.keys:
-            return np.zeros(indices.size, np.int64)
-        idx = np.unravel_index(indices, self.plan.shape)
-        return np.ravel_multi_index([idx[i] for i in self.pos], self.shape)
+        return self.part.index(indices)
 
     def inputs(self) -> dict[str, np.ndarray]:
-        x0, beta = [], []
-        for r in range(self.count):
-            sub = np.unravel_index(r, self.shape)
-            a = {k: self.plan.axes[k][i] for k, i in zip(self.keys, sub)}
-            x0.append(self.builder.x0(a))
-            beta.append(self.builder.beta(a))
-        return {k: np.asarray(v, self.builder.dtype) for k, v in (("x0", x0), ("beta", beta))}
+        b = self.builder
+        rows = [self.part.values(r) for r in range(self.count)]
+        out = {"x0": np.asarray([b.x0(a) for a in rows], b.dtype)}
+        for name in FIELD_LEAVES:
+            out[name] = np.asarray([b.leaf(name, a) for a in rows], b.dtype)
+        return out
+
+
+class _Program:
+    """What a sweep computes, compiled once per process and sweep: each chunk's points as
+    one vmapped (and, with fixed steps, stacked) solve whose summaries are saved at the
+    save times, and the shared reference runs."""
+
+    def __init__(self, plan: SweepPlan, builder: _PointBuilder):
+        sim0 = builder.sim0
+        self.plan, self.builder = plan, builder
+        self.sphere = sphere = sim0.field.on_sphere
+        self.names = names = list(plan.options.names)
+        threshold = plan.options.cluster_threshold
+        self.pair = pair = plan.options.pair
+        cfg, self.ts = _solve_config(
+            sim0.solve,
+            sphere,
+            sim0.t1,
+            plan.options.save_points,
+            summary_fn(names, threshold, sphere, pair),
+            builder.dtype,
+        )
+        # Fixed steps: the unperturbed runs are solved once per reference key (initial
+        # condition, β) and shared (`_References`); each point saves its tokens for the
+        # reference summaries.
+        self.refs = _References(plan, builder)
+        self.shared = pair and cfg.stacked and self.refs.worth_it(self.ts.size)
+        self.pair_fn = None
+        if self.shared:
+            own = [k for k in names if k not in NEEDS_REFERENCE]
+            own_fn = summary_fn(
+                own + ([] if "tokens" in own else ["tokens"]), threshold, sphere, False
+            )
+            cfg = dataclasses.replace(cfg, save_fn=own_fn)
+            # The reference summaries by the paired solve's own formulas, on (reference, run).
+            ref_names = [k for k in names if k in NEEDS_REFERENCE]
+            self.pair_fn = summary_fn(ref_names, threshold, sphere, True)
+        self.cfg = cfg
+        self.ref_cfg = dataclasses.replace(cfg, save_fn=lambda t, y, args: y)
+        self.t1 = sim0.t1
+        self.base = sim0.field.without_lora()
+        targets = builder.targets
+        self.targets = targets
+        r = sim0.field.loras[0].rank if sim0.field.loras else 0
+        template_loras = tuple(
+            LoRA(np.zeros((r, builder.d)), np.zeros((builder.d, r)), 1.0, t) for t in targets
+        )
+        self.template = self.base.with_lora(template_loras or None)
+        self.ts_arr = jnp.asarray(self.ts, builder.dtype)
+
+    def _where(self, f):
+        """The leaves a point sets: the field leaves, then each LoRA slot's α, then the
+        slots' factors (by the static slot count: an empty tuple is no node)."""
+        los = [f.loras[i] for i in range(len(self.targets))]
+        return (
+            [getattr(f, leaf) for leaf in FIELD_LEAVES]
+            + [lo.alpha for lo in los]
+            + [a for lo in los for a in (lo.A, lo.B)]
+        )
+
+    def _leaves(self, inp) -> list:
+        leaves = [inp[leaf] for leaf in FIELD_LEAVES]
+        leaves += [inp["alpha"] for _ in self.targets]
+        for t in self.targets:
+            leaves += [inp[f"A_{t}"], inp[f"B_{t}"]]
+        return leaves
+
+    def _solve_span(self, field, y0, cfg, members):  # from 0 to t1, saved at `ts`
+        dtype = self.builder.dtype
+        t0, t_end = jnp.asarray(0.0, dtype), jnp.asarray(self.t1, dtype)
+        return solve_one(field, y0, t0, t_end, None, self.ts_arr, cfg, members=members)
+
+    def point(self, inp, stacked: bool = False):
+        """One point's solve; `stacked`: a chunk of points (leading axis) as one solve of
+        the stacked state (fixed steps, `_simulate.Members`)."""
+        leaves = self._leaves(inp)
+        field = eqx.tree_at(self._where, self.template, leaves)
+        axes = eqx.tree_at(
+            self._where,
+            jax.tree.map(lambda _: None, self.template),
+            [0] * len(leaves),
+            is_leaf=lambda x: x is None,
+        )
+        y0 = unit_rows(inp["x0"]) if self.sphere else inp["x0"]
+        if self.pair and not self.shared:
+            no_lora = lambda f: eqx.tree_at(lambda f: f.loras, f, ())
+            field = _PairField(no_lora(field), field)
+            axes = _PairField(no_lora(axes), axes)
+            y0 = jnp.stack([y0, y0], axis=-3)
+        if stacked:
+            field = Members(field, axes, 1, 0)
+        ys, status, steps, _ = self._solve_span(field, y0, self.cfg, int(stacked))
+        if self.shared:  # the reference summaries, from the shared run's saved tokens
+            ys = _reference_summaries(ys, inp["ref"], self.names, self.pair_fn, lead=int(stacked))
+            status = jnp.where(status == STATUS_OK, inp["ref_status"], status)
+        return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
+
+    def reference(self, inp):
+        """A group of unperturbed runs (fixed steps, one stacked solve): their tokens at
+        the save times and their status."""
+        where = lambda f: [getattr(f, leaf) for leaf in FIELD_LEAVES]
+        field = eqx.tree_at(where, self.base, [inp[leaf] for leaf in FIELD_LEAVES])
+        axes = eqx.tree_at(
+            where,
+            jax.tree.map(lambda _: None, self.base),
+            [0] * len(FIELD_LEAVES),
+            is_leaf=lambda x: x is None,
+        )
+        y0 = unit_rows(inp["x0"]) if self.sphere else inp["x0"]
+        ys, status, _, _ = self._solve_span(Members(field, axes, 1, 0), y0, self.ref_cfg, 1)
+        return {"tokens": ys, "status": status}
+
+    def compile(self, devices: list) -> tuple:
+        """The sharded chunk solve and reference solve, kept for the process, keyed by
+        everything they close over (the sweep's identity) and the devices: a second sweep
+        of the same spec in one process (a notebook, a benchmark) does not compile again."""
+        key = (
+            sweep_id({**self.plan.identity(), "ts": self.ts}),
+            tuple(str(dv) for dv in devices),
+            self.shared,
+        )
+        solves = _SOLVES.get(key)
+        if solves is None:
+            batch = self.plan.options.batch
+            assert batch is not None  # set by SweepOptions.from_table
+            if self.cfg.stacked:
+                solve = map_sharded(
+                    lambda inp: self.point(inp, stacked=True), devices, batch=batch, batched=True
+                )
+            else:  # adaptive steps: one solve per point, each with its own step control
+                solve = map_sharded(self.point, devices, batch=batch)
+            ref_solve = None
+            if self.shared:  # groups no wider than the references need (a few are padded)
+                ref_batch = padded_size(self.refs.count, batch)
+                ref_solve = map_sharded(self.reference, devices, batch=ref_batch, batched=True)
+            if len(_SOLVES) >= 8:
+                _SOLVES.clear()
+            solves = _SOLVES[key] = (solve, ref_solve)
+        return solves
+
+
+def _chunk_computer(program: _Program, solve, ref_solve, log):
+    """`compute(indices)` of the chunk engine: the chunk's inputs, its solve and, at the
+    first chunk that needs them, the shared reference runs."""
+    plan, builder, refs = program.plan, program.builder, program.refs
+    shared_runs: dict[str, np.ndarray] = {}
+
+    def compute(indices):
+        # A short last chunk is padded (repeating its last point) only up to the next
+        # power of two below the chunk size: a few shapes to compile, and a 1-point
+        # sweep does not cost a full chunk. Chunks are always cut the same way, so a
+        # resumed sweep computes every chunk exactly as an uninterrupted one.
+        n, size = indices.size, padded_size(indices.size, plan.options.chunk)
+        idx = np.concatenate([indices, np.repeat(indices[-1:], size - n)]) if n < size else indices
+        inputs = builder.inputs(idx)
+        if ref_solve is not None:
+            if not shared_runs:
+                if log:
+                    log(f"sweep: {refs.count} unperturbed reference run(s), shared by the points")
+                shared_runs.update(ref_solve(refs.inputs()))
+            j = refs.index(idx)
+            inputs["ref"] = shared_runs["tokens"][j]
+            inputs["ref_status"] = shared_runs["status"][j]
+        return {k: v[:n] for k, v in solve(inputs).items()}
+
+    return compute
 
 
 def sweep(
@@ -302,133 +481,10 @@ def _sweep_locked(
 ):
     _check_foreign_files(out_dir, force)
     remove_stale_temporaries(out_dir)
-    builder = _PointBuilder(plan)
-    sim0 = builder.sim0
-    sphere = sim0.field.on_sphere
-    names = plan.options["summaries"]
-    threshold = plan.options["cluster_threshold"]
-    pair = any(s in NEEDS_REFERENCE for s in names)
-    save_fn = _summary_fn(names, threshold, sphere, pair)
-    cfg, ts = _solve_config(
-        sim0.solve, sphere, sim0.t1, plan.options["save_points"], save_fn, builder.dtype
-    )
-    # Fixed steps: the unperturbed runs are solved once per (initial condition, β) and
-    # shared (`_References`); each point saves its tokens for the reference summaries.
-    refs = _References(plan, builder)
-    shared = pair and cfg.stacked and refs.worth_it(ts.size)
-    if shared:
-        own = [k for k in names if k not in NEEDS_REFERENCE]
-        own_fn = _summary_fn(
-            own + ([] if "tokens" in own else ["tokens"]), threshold, sphere, False
-        )
-        cfg = dataclasses.replace(cfg, save_fn=own_fn)
-        # The reference summaries by the paired solve's own formulas, on (reference, run).
-        ref_names = [k for k in names if k in NEEDS_REFERENCE]
-        pair_fn = _summary_fn(ref_names, threshold, sphere, True)
-    t1 = sim0.t1
-    base = sim0.field.without_lora()
-    targets = builder.targets
-    r = sim0.field.loras[0].rank if sim0.field.loras else 0
-    template_loras = tuple(
-        LoRA(np.zeros((r, builder.d)), np.zeros((builder.d, r)), 1.0, t) for t in targets
-    )
-    template = base.with_lora(template_loras or None)
-    dtype = builder.dtype
-    ts_arr = jnp.asarray(ts, dtype)
-
-    def where(f):  # index by the static slot count: an empty tuple is no node
-        los = [f.loras[i] for i in range(len(targets))]
-        return [f.beta] + [lo.alpha for lo in los] + [a for lo in los for a in (lo.A, lo.B)]
-
-    def solve_span(field, y0, cfg, members):  # from 0 to t1, saved at `ts`
-        t0, t_end = jnp.asarray(0.0, dtype), jnp.asarray(t1, dtype)
-        return solve_one(field, y0, t0, t_end, None, ts_arr, cfg, members=members)
-
-    def point(inp, stacked: bool = False):
-        """One point's solve; `stacked`: a chunk of points (leading axis) as one solve of
-        the stacked state (fixed steps, `_simulate._Members`)."""
-        leaves = [inp["beta"]]
-        for _ in targets:
-            leaves.append(inp["alpha"])
-        for t in targets:
-            leaves += [inp[f"A_{t}"], inp[f"B_{t}"]]
-        field = eqx.tree_at(where, template, leaves)
-        axes = eqx.tree_at(
-            where,
-            jax.tree.map(lambda _: None, template),
-            [0] * len(leaves),
-            is_leaf=lambda x: x is None,
-        )
-        y0 = inp["x0"]
-        if sphere:
-            y0 = unit_rows(y0)
-        if pair and not shared:
-            no_lora = lambda f: eqx.tree_at(lambda f: f.loras, f, ())
-            field = _PairField(no_lora(field), field)
-            axes = _PairField(no_lora(axes), axes)
-            y0 = jnp.stack([y0, y0], axis=-3)
-        if stacked:
-            field = Members(field, axes, 1, 0)
-        ys, status, steps, _ = solve_span(field, y0, cfg, int(stacked))
-        if shared:  # the reference summaries, from the shared run's saved tokens
-            ys = _reference_summaries(ys, inp["ref"], names, pair_fn, lead=int(stacked))
-            status = jnp.where(status == STATUS_OK, inp["ref_status"], status)
-        return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
-
-    ref_cfg = dataclasses.replace(cfg, save_fn=lambda t, y, args: y)
-
-    def reference(inp):
-        """A group of unperturbed runs (fixed steps, one stacked solve): their tokens at
-        the save times and their status."""
-        beta = lambda f: f.beta
-        field = eqx.tree_at(beta, base, inp["beta"])
-        axes = eqx.tree_at(beta, jax.tree.map(lambda _: None, base), 0, is_leaf=lambda x: x is None)
-        y0 = unit_rows(inp["x0"]) if sphere else inp["x0"]
-        ys, status, _, _ = solve_span(Members(field, axes, 1, 0), y0, ref_cfg, 1)
-        return {"tokens": ys, "status": status}
-
-    # The compiled chunk solve is kept for the process, keyed by everything it closes
-    # over (the sweep's identity) and the devices: a second sweep of the same spec in one
-    # process (a notebook, a benchmark) does not compile again.
+    program = _Program(plan, _PointBuilder(plan))
     devices = list(jax.local_devices() if devices is None else devices)
-    key = (sweep_id({**plan.identity(), "ts": ts}), tuple(str(dv) for dv in devices), shared)
-    solves = _SOLVES.get(key)
-    if solves is None:
-        batch = plan.options["batch"]
-        if cfg.stacked:
-            solve = map_sharded(
-                lambda inp: point(inp, stacked=True), devices, batch=batch, batched=True
-            )
-        else:  # adaptive steps: one solve per point, each with its own step control
-            solve = map_sharded(point, devices, batch=batch)
-        ref_solve = None
-        if shared:  # groups no wider than the references need (a few are padded)
-            ref_batch = padded_size(refs.count, batch)
-            ref_solve = map_sharded(reference, devices, batch=ref_batch, batched=True)
-        if len(_SOLVES) >= 8:
-            _SOLVES.clear()
-        solves = _SOLVES[key] = (solve, ref_solve)
-    solve, ref_solve = solves
-    shared_runs: dict[str, np.ndarray] = {}  # solved at the first chunk that needs them
-
-    def compute(indices):
-        # A short last chunk is padded (repeating its last point) only up to the next
-        # power of two below the chunk size: a few shapes to compile, and a 1-point
-        # sweep does not cost a full chunk. Chunks are always cut the same way, so a
-        # resumed sweep computes every chunk exactly as an uninterrupted one.
-        n, size = indices.size, padded_size(indices.size, plan.options["chunk"])
-        idx = np.concatenate([indices, np.repeat(indices[-1:], size - n)]) if n < size else indices
-        inputs = builder.inputs(idx)
-        if ref_solve is not None:
-            if not shared_runs:
-                if log:
-                    log(f"sweep: {refs.count} unperturbed reference run(s), shared by the points")
-                shared_runs.update(ref_solve(refs.inputs()))
-            j = refs.index(idx)
-            inputs["ref"] = shared_runs["tokens"][j]
-            inputs["ref_status"] = shared_runs["status"][j]
-        return {k: v[:n] for k, v in solve(inputs).items()}
-
+    solve, ref_solve = program.compile(devices)
+    ts, names = program.ts, program.names
     identity = {**plan.identity(), "ts": ts}
     if not force:
         _check_previous_result(out_dir, sweep_id(identity))
@@ -436,7 +492,7 @@ def _sweep_locked(
         log(
             f"sweep: {plan.n_points} points "
             f"({' × '.join(f'{k} {len(v)}' for k, v in plan.axes.items())}), "
-            f"chunks of {plan.options['chunk']}, {len(solve.devices)} device(s), "
+            f"chunks of {plan.options.chunk}, {len(solve.devices)} device(s), "
             f"summaries {', '.join(names)} at {ts.size} times"
         )
     t_start = time.perf_counter()
@@ -444,8 +500,8 @@ def _sweep_locked(
         os.path.join(out_dir, "chunks"),
         identity,
         plan.n_points,
-        plan.options["chunk"],
-        compute,
+        plan.options.chunk,
+        _chunk_computer(program, solve, ref_solve, log),
         progress=progress,
         log=log,
         desc="sweep",
@@ -457,6 +513,14 @@ def _sweep_locked(
         if log:
             log("sweep: this process is done; other processes still have chunks to finish")
         return None
+    result = _assemble(plan, flat, ts, names)
+    _write_outputs(plan, out_dir, result, identity, names, len(solve.devices), t_start, log)
+    return result
+
+
+def _assemble(plan: SweepPlan, flat: dict, ts: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """The chunks' flat arrays as the result: each summary `(*grid_shape, T, …)`, status
+    and steps `grid_shape`, and each axis's values."""
     shape = plan.shape
     result: dict[str, Any] = {"ts": np.asarray(ts, np.float64)}
     for k in names:
@@ -466,11 +530,16 @@ def _sweep_locked(
     result["num_steps"] = flat["num_steps"].reshape(shape)
     for k, v in plan.axes.items():
         result[f"grid_{k}"] = np.asarray(v)
+    return result
+
+
+def _write_outputs(plan, out_dir, result, identity, names, n_devices, t_start, log) -> None:
+    """`result.npz` (with the sweep's description), `summary.json` and `sweep.png`."""
     meta = json.dumps(
         {
             "spec": plan.spec,
             "grid": plan.axes,
-            "options": plan.options,
+            "options": plan.options.as_dict(),
             "axes": list(plan.axes),
             "sweep_id": sweep_id(identity),
         },
@@ -486,12 +555,12 @@ def _sweep_locked(
     }
     summary = {
         "points": plan.n_points,
-        "grid_shape": list(shape),
+        "grid_shape": list(plan.shape),
         "axes": plan.axes,
         "summaries": names,
-        "save_times": int(ts.size),
+        "save_times": int(result["ts"].size),
         "failed": failed,
-        "devices": len(solve.devices),
+        "devices": n_devices,
         "wall_seconds_this_run": round(time.perf_counter() - t_start, 3),
         "final": {k: _final_stats(result[k]) for k in names if k not in ("tokens", "mean")},
     }
@@ -505,7 +574,6 @@ def _sweep_locked(
             f"sweep: wrote {os.path.join(out_dir, 'result.npz')} "
             f"({plan.n_points - sum(failed.values())} ok, {sum(failed.values())} failed)"
         )
-    return result
 
 
 def _reference_summaries(ys: dict, ref, names, pair_fn, lead: int) -> dict:

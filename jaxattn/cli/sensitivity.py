@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
-OBJECTIVE_KEYS = {"kind", "adjoint", "checkpoints", "wrt"}
+if TYPE_CHECKING:
+    from .._simulate import SolveOptions
 
 
 def register(sub) -> None:
@@ -49,79 +51,22 @@ def register(sub) -> None:
     e.set_defaults(func=handle_experiment)
 
 
-def parse_objective(raw: dict) -> tuple[dict, dict]:
-    """Split the `[objective]` table off a raw spec; validate it (one-line errors)."""
-    from .._sensitivity import OBJECTIVE_ALIASES, OBJECTIVES, WRT
-    from .._simulate import ADJOINTS
-
-    if "objective" not in raw:
-        raise ValueError("the spec needs an [objective] table (kind = mean_sq | squared_distance)")
-    obj = raw["objective"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"[objective] must be a table/object, got {type(obj).__name__}")
-    extra = sorted(set(obj) - OBJECTIVE_KEYS)
-    if extra:
-        raise ValueError(
-            f"unknown key{'s' if len(extra) > 1 else ''} in [objective]: "
-            f"{', '.join(extra)} (allowed: {', '.join(sorted(OBJECTIVE_KEYS))})"
-        )
-    if "kind" not in obj:
-        raise ValueError("[objective] needs kind = mean_sq | squared_distance")
-    kind = obj["kind"]
-    if kind in OBJECTIVE_ALIASES:
-        import warnings
-
-        warnings.warn(
-            f"objective kind {kind!r} is deprecated, use "
-            f"{OBJECTIVE_ALIASES[kind]!r} (½·Σ_i |Δx_i|²; e(T) = max_i |Δx_i| is "
-            f"printed as well)",
-            FutureWarning,
-            stacklevel=2,
-        )
-        kind = OBJECTIVE_ALIASES[kind]
-    if kind not in OBJECTIVES:
-        raise ValueError(f"unknown objective kind {kind!r}; choose {' | '.join(OBJECTIVES)}")
-    adjoint = obj.get("adjoint", "checkpoint")
-    if adjoint not in ADJOINTS:
-        raise ValueError(f"unknown adjoint {adjoint!r}; choose checkpoint | forward | backsolve")
-    checkpoints = obj.get("checkpoints")
-    if checkpoints is not None:
-        if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
-            raise ValueError(
-                f"objective checkpoints must be a positive integer, got {checkpoints!r}"
-            )
-        if adjoint != "checkpoint":
-            raise ValueError("objective checkpoints applies to adjoint checkpoint only")
-    wrt = obj.get("wrt")
-    if wrt is not None:
-        if isinstance(wrt, str):
-            wrt = [wrt]
-        if not isinstance(wrt, list) or not wrt or not all(isinstance(w, str) for w in wrt):
-            raise ValueError(f"objective wrt must be a non-empty list of names ({', '.join(WRT)})")
-        bad = sorted(set(wrt) - set(WRT))
-        if bad:
-            raise ValueError(
-                f"unknown objective wrt {', '.join(bad)}; choose from {', '.join(WRT)}"
-            )
-    rest = {k: v for k, v in raw.items() if k != "objective"}
-    return rest, {"kind": kind, "adjoint": adjoint, "checkpoints": checkpoints, "wrt": wrt}
-
-
 def handle(args) -> int:
     from .._base import check_output_file, setup_jax, write_npz
+    from .._sensitivity import split_objective
     from .._spec import load_spec_file, parse_spec
 
     out = check_output_file(
         args.out, inputs=[args.spec], own=("value", "objective"), force=args.force
     )
     raw = load_spec_file(args.spec)
-    rest, obj = parse_objective(raw)
+    rest, obj = split_objective(raw)
     setup_jax("float64")
     sim = parse_spec(rest)
     field = sim.field
-    if obj["wrt"] is not None and "lora" in obj["wrt"] and not field.loras:
+    if obj.wrt is not None and "lora" in obj.wrt and not field.loras:
         raise ValueError("objective wrt asks for a LoRA gradient but the spec has no [lora]")
-    if obj["kind"] == "squared_distance" and not field.loras:
+    if obj.kind == "squared_distance" and not field.loras:
         raise ValueError(
             "objective squared_distance compares the runs with and without the "
             "LoRA; the spec has no [lora]"
@@ -136,10 +81,10 @@ def handle(args) -> int:
             field,
             sim.x0,
             sim.t1,
-            obj["kind"],
-            adjoint=obj["adjoint"],
-            wrt=obj["wrt"],
-            checkpoints=obj["checkpoints"],
+            obj.kind,
+            adjoint=obj.adjoint,
+            wrt=obj.wrt,
+            checkpoints=obj.checkpoints,
             **sim.solve,
         )
     except RuntimeError as e:  # the solve itself failed (status), not a usage error
@@ -155,16 +100,16 @@ def handle(args) -> int:
     write_npz(
         out,
         value=np.asarray(res.value),
-        objective=obj["kind"],
-        adjoint=obj["adjoint"],
+        objective=obj.kind,
+        adjoint=obj.adjoint,
         spec=json.dumps(sim.resolved),
         **extra,
         **arrays,
     )
     names = ", ".join(sorted(arrays))
     print(
-        f"wrote {out}: {obj['kind']} {OBJECTIVE_FORMULAS[obj['kind']]} = {res.value:.10g}"
-        f"{e_text}; and {names} ({obj['adjoint']} adjoint, {wall:.2f} s)"
+        f"wrote {out}: {obj.kind} {OBJECTIVE_FORMULAS[obj.kind]} = {res.value:.10g}"
+        f"{e_text}; and {names} ({obj.adjoint} adjoint, {wall:.2f} s)"
     )
     return 0
 
@@ -173,13 +118,13 @@ def handle(args) -> int:
 OBJECTIVE_FORMULAS = {"mean_sq": "½·mean_i |x_i|²", "squared_distance": "½·Σ_i |Δx_i|²"}
 
 
-def lora_divergence(field, x0, t1: float, solve: dict) -> float:
+def lora_divergence(field, x0, t1: float, solve: SolveOptions) -> float:
     """`e(t1) = max_i |x_i(t1) − x̃_i(t1)|` (`jaxattn.divergence`) between the run of
     `field` and the same run without its LoRA, `Δx = x − x̃`."""
     from .._analysis import divergence
-    from .._sensitivity import check_status, final_state, solve_kwargs
+    from .._sensitivity import check_status, final_state, solve_options
 
-    kw = solve_kwargs(solve, "checkpoint", None)
+    kw = solve_options(solve, "checkpoint", None)
     x, s1 = final_state(field, x0, t1, **kw)
     x_ref, s2 = final_state(field.without_lora(), x0, t1, **kw)
     check_status(s1)

@@ -37,7 +37,8 @@ def handle(args) -> int:
     from .._simulate import simulate
 
     t0 = time.perf_counter()
-    sol = simulate(sim.field, sim.x0, sim.t1, progress=args.progress, **sim.solve)
+    options = sim.solve.replace(progress=True) if args.progress else sim.solve
+    sol = simulate(sim.field, sim.x0, sim.t1, options=options)
     xs = sol.xs.block_until_ready()
     wall = time.perf_counter() - t0
     import numpy as np
