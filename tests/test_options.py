@@ -265,3 +265,29 @@ def test_beta_and_dt_meet_one_validation_from_spec_to_kernel(monkeypatch):
     sim = ja.parse_spec(spec)
     ja.simulate(sim.field, sim.x0, sim.t1, options=sim.solve)
     assert seen.count("beta") == 1 and seen.count("dt") == 1, seen
+
+
+def test_a_grid_axis_is_one_row_init_scale():
+    """`init.scale` is one row of `AXES`: its values are checked, each point draws its
+    tokens with its own scale (and the same seed), the references are keyed by it, and a
+    spec it does not fit is refused."""
+    spec = {
+        "dynamics": "plain",
+        "init": {"kind": "normal", "n": 4, "d": 2, "seed": 1},
+        "lora": {"rank": 1, "seed": 0},
+        "solve": {"t1": 0.5, "dt": 0.25},
+        "grid": {"init.scale": [0.5, 2.0], "lora.norm": [0.1, 0.3]},
+        "sweep": {"summaries": ["divergence"], "save_points": 3},
+    }
+    plan = ja.parse_sweep(spec)
+    builder = runner._PointBuilder(plan)
+    inp = builder.inputs(np.arange(plan.n_points))
+    for p in range(plan.n_points):
+        np.testing.assert_array_equal(inp["x0"][p], ja.parse_spec(plan.point_spec(p)).x0)
+    np.testing.assert_allclose(inp["x0"][2], 4.0 * inp["x0"][0], rtol=1e-15)
+    assert runner._References(plan, builder).count == 2
+    with pytest.raises(ja.SweepError, match="values must be > 0"):
+        ja.parse_sweep({**spec, "grid": {"init.scale": [0.0]}})
+    uniform = {**spec, "init": {"kind": "uniform", "n": 4, "d": 2}}
+    with pytest.raises(ja.SweepError, match="takes low/high, not scale"):
+        ja.parse_sweep(uniform)

@@ -96,6 +96,7 @@ AXES: dict[str, Axis] = {a.key: a for a in (
     #     key            check                  part     leaf    requires       keys_reference
     Axis("beta",        _numbers(minimum=0.0), "field", "beta", None,          True),
     Axis("init.seed",   _seeds,                "init",  None,   "random init", True),
+    Axis("init.scale",  _numbers(positive=True), "init", None,  "random init", True),
     Axis("lora.norm",   _numbers(minimum=0.0), "lora",  None,   "random lora", False),
     Axis("lora.seed",   _seeds,                "lora",  None,   "random lora", False),
     Axis("lora.target", _targets,              "lora",  None,   "lora",        False),
