@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Iterable
 from typing import Any
 
-from .._base import check_int, check_memory, check_number, check_seed
+from .._base import check_int, check_memory, check_number, check_seed, coerce
 
 TARGETS = ("Q", "K", "V", "O")
 
@@ -277,21 +278,20 @@ def make_config(
     raw: dict[str, Any] | None = None, *, quick: bool = False, **overrides
 ) -> ModularConfig:
     """Defaults, then the `--quick` size, then `raw` (from a file), then `overrides`."""
-    fields = {f.name for f in dataclasses.fields(ModularConfig)}
+    hints = typing.get_type_hints(ModularConfig)
     merged: dict[str, Any] = dict(QUICK) if quick else {}
     for src in (raw or {}, overrides):
         for k, v in src.items():
-            if k not in fields:
+            if k not in hints:
                 raise ValueError(f"unknown config key {k!r}")
-            if k in _TUPLES:
-                if isinstance(v, str):
-                    v = [v]
-                if not isinstance(v, (list, tuple)):
-                    raise ValueError(f"{k} must be a list, got {v!r}")
-                v = tuple(v)
-            merged[k] = v
+            if k in _TUPLES and isinstance(v, str):
+                v = [v]
+            # the configs' one type check (`coerce`); the value is kept as written (a
+            # tuple for a list), since the checkpoints' names hash the values as given
+            coerce(v, hints[k], k)
+            merged[k] = tuple(v) if k in _TUPLES else v
     if "targets" in merged:
-        merged["targets"] = tuple(t.upper() if isinstance(t, str) else t for t in merged["targets"])
+        merged["targets"] = tuple(t.upper() for t in merged["targets"])
     return ModularConfig(**merged)
 
 
