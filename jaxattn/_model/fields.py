@@ -1,7 +1,7 @@
 """Self-attention vector fields (see docs/theory.md, 'Particle dynamics' to
 'Sphere dynamics') as Equinox modules.
 
-All four share the attention kernel of `_attention.py` and the LoRA of `_lora.py`. Each
+All four share the attention kernel of `attention.py` and the LoRA of `lora.py`. Each
 field is a diffrax-compatible callable `field(t, y, args)`; its weights are pytree
 leaves, so `jax.grad` differentiates through them.
 """

@@ -4,7 +4,7 @@ Each finished chunk is one `.npz` written atomically under `chunk_dir`, next to 
 `manifest.json` naming the sweep. A rerun skips finished chunks, so a killed sweep resumes,
 and the assembled arrays are identical to those of an uninterrupted run (every chunk is the
 same computation on the same inputs, whoever ran it). Several processes (`jax.distributed`)
-share the chunks round-robin. The experiments and the grid sweep (`_sweep.py`) use it.
+share the chunks round-robin. The experiments and the grid sweep (`runner.py`) use it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Statistics of the clusters that token sets end in, and the geometry checks built on
 them (see docs/theory.md, 'Clustering' and 'Low-rank attention').
 
-The metrics of `_metrics.py` are defined on one token set; what a study of many final
+The metrics of `_analysis/metrics.py` are defined on one token set; what a study of many final
 token sets needs on top of them lives here, as NumPy results of a few compiled calls:
 
 - `hull_directions` and `hull_vertex_mask`: which points (cluster centres) are vertices

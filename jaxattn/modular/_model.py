@@ -9,7 +9,7 @@ head, `fused` (default) computes a layer from `A = Qᵀ K` and `W_OV = O V`: the
 function with two token × d×d products instead of four (different float rounding).
 
 The attention goes through the package's one softmax (`_attention.softmax_weights`) and
-LoRA adapters are the package's one `LoRA` (`_lora.py`), on any of Q, K, V, O. With one
+LoRA adapters are the package's one `LoRA` (`_model/lora.py`), on any of Q, K, V, O. With one
 head and no LayerNorm the residual stream is exactly forward Euler (step 1) of the plain
 particle dynamics with `β = 1/√d`, weights `(Q, K, O V)` (docs/theory.md, 'Particle
 dynamics' and 'Residual layers as Euler steps'): see `particle_weights`.
