@@ -285,6 +285,8 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
                 f"lora A is {A.shape[0]}×{A.shape[1]} and B {B.shape[0]}×{B.shape[1]}, "
                 f"but d = {d}: A must be r×{d}, B {d}×r"
             )
+        if A.shape[0] != B.shape[1]:  # before the constructor: shapes its annotations check
+            raise SpecError(f"lora rank mismatch: A has {A.shape[0]} rows, B {B.shape[1]} columns")
         if A.shape[0] > d:
             raise SpecError(f"lora rank {A.shape[0]} exceeds the dimension d = {d}")
         try:
