@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .._base import coerce
+from .._base import coerce, plain_hints
 from .._simulate import SolveOptions
 from .gradients import OBJECTIVE_ALIASES, OBJECTIVES, WRT
 
@@ -83,17 +83,9 @@ class Objective:
             )
         if "kind" not in table:
             raise ObjectiveError("[objective] needs kind = mean_sq | squared_distance")
-        values = dict(table)
-        if isinstance(values.get("wrt"), str):
-            values["wrt"] = [values["wrt"]]
-        hints = {
-            "kind": str,
-            "adjoint": str,
-            "checkpoints": int | None,
-            "wrt": tuple[str, ...] | None,
-        }
+        hints = plain_hints(cls)
         try:  # plain data checked by the configs' mechanism, then the rules as a whole
-            values = {k: coerce(v, hints[k], f"objective {k}") for k, v in values.items()}
+            values = {k: coerce(v, hints[k], f"objective {k}") for k, v in table.items()}
         except ValueError as e:
             raise ObjectiveError(str(e)) from None
         return cls(**values)

@@ -421,7 +421,7 @@ def simulate(
     if not isinstance(field, AbstractField):
         raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
     # the step options given as keywords (the parameters named like `SolveOptions`'s fields)
-    given = {k: v for k, v in locals().items() if k in SolveOptions.defaults()}
+    given = {k: v for k, v in locals().items() if k in _OPTION_DEFAULTS}
     if options is None:
         opts = SolveOptions.of(given)
     elif not isinstance(options, SolveOptions):
@@ -527,8 +527,11 @@ def simulate(
     )
 
 
+_OPTION_DEFAULTS = SolveOptions.defaults()
+
+
 def _is_default(name: str, value) -> bool:
-    default = SolveOptions.defaults()[name]
+    default = _OPTION_DEFAULTS[name]
     return value is default or (isinstance(value, (str, bool)) and value == default)
 
 

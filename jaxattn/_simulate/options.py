@@ -53,8 +53,26 @@ DEFAULT_SAVE_POINTS = 101
 
 def is_adaptive(solver: str | diffrax.AbstractSolver) -> bool:
     """Whether a solver (name or object) has an error estimate for adaptive steps."""
-    obj = get_solver(solver) if isinstance(solver, str) else solver
-    return isinstance(obj, diffrax.AbstractAdaptiveSolver)
+    if isinstance(solver, str):  # a name: looked up, not built (simulate asks per call)
+        return check_choice(solver, "solver", SOLVERS) in _ADAPTIVE_NAMES
+    return isinstance(solver, diffrax.AbstractAdaptiveSolver)
+
+
+_ADAPTIVE_NAMES = frozenset(
+    name for name in SOLVERS if isinstance(get_solver(name), diffrax.AbstractAdaptiveSolver)
+)
+
+
+def _unknown_options(names) -> str | None:
+    """The one-line message for option names `SolveOptions` does not have (None if all
+    are known)."""
+    unknown = sorted(set(names) - set(_FIELDS))
+    if not unknown:
+        return None
+    return (
+        f"unknown solve option{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(unknown)} (options: {', '.join(_FIELDS)})"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +126,7 @@ class SolveOptions(Mapping[str, Any]):
         for name in ("rtol", "atol"):
             if getattr(self, name) is not None:
                 set_(name, check_positive(getattr(self, name), name))
-        adaptive = is_adaptive(self.solver)
-        if (self.rtol is not None or self.atol is not None) and not adaptive:
+        if (self.rtol is not None or self.atol is not None) and not is_adaptive(self.solver):
             raise ValueError(
                 f"solver {self.solver_name!r} has no error estimate: give dt for fixed "
                 "steps, or use heun, tsit5, dopri5 or dopri8"
@@ -173,6 +190,12 @@ class SolveOptions(Mapping[str, Any]):
         return self.rtol is None and self.atol is None and not is_adaptive(self.solver)
 
     @property
+    def step(self) -> float:
+        """The fixed step: `dt`, or `DEFAULT_DT` for a solver without an error estimate
+        (meaningful when `fixed`)."""
+        return DEFAULT_DT if self.dt is None else self.dt
+
+    @property
     def times(self) -> tuple[float, ...] | None:
         """`ts` as the tuple of floats it is after construction."""
         return typing.cast("tuple[float, ...] | None", self.ts)
@@ -196,12 +219,9 @@ class SolveOptions(Mapping[str, Any]):
         """Options from plain data (a spec file's `[solve]` table without `t1`): each
         value is checked against its field's plain type by the configs' `coerce` (a
         number, a string, a boolean, a list of numbers), then as a whole."""
-        unknown = sorted(set(table) - set(_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"unknown solve option{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(unknown)} (options: {', '.join(_FIELDS)})"
-            )
+        message = _unknown_options(table)
+        if message:
+            raise ValueError(message)
         hints = plain_hints(cls)
         return cls(**{k: coerce(v, hints[k], k) for k, v in table.items()})
 
@@ -212,12 +232,9 @@ class SolveOptions(Mapping[str, Any]):
         if isinstance(options, SolveOptions):
             return options.replace(**changes) if changes else options
         kw = dict(options or {})
-        unknown = sorted(set(kw) - set(_FIELDS))
-        if unknown:
-            raise TypeError(
-                f"unknown solve option{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(unknown)} (options: {', '.join(_FIELDS)})"
-            )
+        message = _unknown_options(kw)
+        if message:
+            raise TypeError(message)
         return cls(**{**kw, **changes})
 
     def __getitem__(self, key: str) -> Any:
@@ -253,7 +270,7 @@ class SolveOptions(Mapping[str, Any]):
         if ts is not None and (ts[0] < t0 - 1e-12 or ts[-1] > t1 + 1e-12):
             raise ValueError(f"ts must lie in [t0, t1] = [{t0}, {t1}]")
         if self.fixed and not isinstance(t0, Tracer):
-            dt = DEFAULT_DT if self.dt is None else self.dt
+            dt = self.step
             n_steps = (t1 - t0) / dt
             if not math.isfinite(n_steps) or n_steps > 2**62:
                 raise ValueError(f"t1 − t0 = {t1 - t0:g} with dt = {dt:g} is too many steps")
@@ -263,15 +280,14 @@ class SolveOptions(Mapping[str, Any]):
         """The diffrax objects of a solve from `t0` to `t1` (after `check`)."""
         self.check(t0, t1, sphere=sphere)
         solver = get_solver(self.solver) if isinstance(self.solver, str) else self.solver
-        adaptive = is_adaptive(solver)
-        if self.renormalise and sphere:
-            solver = (_ProjectedAdaptive if adaptive else _Projected)(solver)
+        if self.renormalise:  # on the sphere: `check` refused it elsewhere
+            solver = (_ProjectedAdaptive if is_adaptive(solver) else _Projected)(solver)
         adjoint = get_adjoint(self.adjoint, self.checkpoints)
         ts = None if self.ts is None else np.clip(np.asarray(self.ts, np.float64), t0, t1)
         if self.fixed:
-            dt = DEFAULT_DT if self.dt is None else self.dt
+            dt = self.step
             grid = fixed_step_grid(t0, t1, dt)
-            if self.adjoint == "backsolve":
+            if self.adjoint == "backsolve":  # by name; a user's adjoint object is kept
                 # The forward StepTo grid cannot be walked backwards: the adjoint ODE takes
                 # constant steps −dt from t1 (the same step size; the same grid unless
                 # (t1 − t0)/dt is fractional).
@@ -323,7 +339,7 @@ class Stepping:
 
     @property
     def renormalise(self) -> bool:
-        return self.options.renormalise and self.sphere
+        return self.options.renormalise  # only on the sphere (`SolveOptions.check`)
 
     @property
     def out_times(self) -> np.ndarray:

@@ -27,7 +27,7 @@ from .._base import (
     check_seed,
     check_tokens,
 )
-from .._model import DYNAMICS, FIELDS, KERNELS, TARGETS, AbstractField, LoRA, make_field, unit_rows
+from .._model import DYNAMICS, KERNELS, TARGETS, AbstractField, LoRA, make_field, unit_rows
 from .._simulate import SolveOptions
 
 
@@ -394,7 +394,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
     try:
         options = SolveOptions.from_table({k: v for k, v in solve.items() if k != "t1"})
-        options.check(0.0, t1, sphere=FIELDS[dynamics].on_sphere)
+        options.check(0.0, t1, sphere=field.on_sphere)
     except (ValueError, TypeError) as e:
         raise SpecError(f"[solve] {e}") from None
     resolved = {

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .._base import check_int, check_memory, check_positive, coerce
+from .._base import check_int, check_memory, check_positive, coerce, plain_hints
 from .._model import use_blockwise
 from .._spec import Simulation, SpecError, parse_spec
 from .chunks import SweepError
@@ -136,11 +135,11 @@ class SweepOptions:
         """`[sweep]` (plain data) → options; every value checked once (`SweepError`)."""
         if not isinstance(table, dict):
             raise SweepError("[sweep] must be a table/object")
-        names = [f.name for f in dataclasses.fields(cls)]
-        extra = sorted(set(table) - set(names))
+        fields = [f.name for f in dataclasses.fields(cls)]
+        extra = sorted(set(table) - set(fields))
         if extra:
             raise SweepError(
-                f"unknown key in [sweep]: {extra[0]} (allowed: {', '.join(sorted(names))})"
+                f"unknown key in [sweep]: {extra[0]} (allowed: {', '.join(sorted(fields))})"
             )
         summaries = table.get("summaries")
         if summaries is not None and (
@@ -151,30 +150,30 @@ class SweepOptions:
             raise SweepError(
                 f"sweep summaries must be a non-empty list of names from {', '.join(SUMMARIES)}"
             )
-        hints = typing.get_type_hints(cls)
+        hints = plain_hints(cls)
         try:
-            values = {k: coerce(v, hints[k], f"sweep {k}") for k, v in table.items()}
-            opts = cls(**values)
-            object.__setattr__(opts, "chunk", check_int(opts.chunk, "sweep chunk", 1))
-            batch = min(opts.chunk, MAX_DEFAULT_BATCH) if opts.batch is None else opts.batch
-            object.__setattr__(opts, "batch", check_int(batch, "sweep batch", 1))
+            opts = cls(**{k: coerce(v, hints[k], f"sweep {k}") for k, v in table.items()})
+            chunk = check_int(opts.chunk, "sweep chunk", 1)
+            batch = min(chunk, MAX_DEFAULT_BATCH) if opts.batch is None else opts.batch
+            batch = check_int(batch, "sweep batch", 1)
             check_int(opts.save_points, "sweep save_points", 2)
             check_positive(opts.cluster_threshold, "sweep cluster_threshold")
         except ValueError as e:
             raise SweepError(str(e)) from None
-        names_ = opts.summaries
-        if names_ is None:
-            names_ = ("divergence", "clusters") if has_lora else ("clusters", "diameter")
-        for s in names_:
+        names = opts.summaries
+        if names is None:
+            names = ("divergence", "clusters") if has_lora else ("clusters", "diameter")
+        for s in names:
             if s not in SUMMARIES:
                 raise SweepError(f"unknown summary {s!r} (choose from {', '.join(SUMMARIES)})")
-        if any(SUMMARIES[s].needs_reference for s in names_) and not has_lora:
+        if any(SUMMARIES[s].needs_reference for s in names) and not has_lora:
             raise SweepError(
-                "summaries divergence/hausdorff compare with the unperturbed run "
+                f"summaries {'/'.join(NEEDS_REFERENCE)} compare with the unperturbed run "
                 "and need a [lora] section"
             )
-        object.__setattr__(opts, "summaries", tuple(dict.fromkeys(names_)))
-        return opts
+        return dataclasses.replace(
+            opts, chunk=chunk, batch=batch, summaries=tuple(dict.fromkeys(names))
+        )
 
     @property
     def pair(self) -> bool:

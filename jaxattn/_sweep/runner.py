@@ -107,13 +107,14 @@ def _lora_slot_targets(plan: SweepPlan) -> tuple[str, ...]:
 
 
 class _Part:
-    """The axes of the plan that change one part of a point (`tables.Axis.part`), and the
-    index of each point's combination of their values (C order over those axes)."""
+    """Some axes of the plan (those that change one part of a point, or key the reference
+    runs), and the index of each point's combination of their values (C order over those
+    axes)."""
 
-    def __init__(self, plan: SweepPlan, part: str, keys: list[str] | None = None):
+    def __init__(self, plan: SweepPlan, keys: list[str]):
         names = list(plan.axes)
         self.plan = plan
-        self.keys = keys if keys is not None else [k for k in names if AXES[k].part == part]
+        self.keys = keys
         self.pos = [names.index(k) for k in self.keys]
         self.shape = tuple(len(plan.axes[k]) for k in self.keys)
         self.count = int(np.prod(self.shape, dtype=np.int64))
@@ -141,8 +142,12 @@ class _PointBuilder:
         self.dtype = self.sim0.x0.dtype
         self.d = int(self.sim0.x0.shape[1])
         self.targets = _lora_slot_targets(plan)
-        self.init = _Part(plan, "init")
-        self.lora_part = _Part(plan, "lora")
+        axes_of = lambda match: _Part(plan, [k for k in plan.axes if match(AXES[k])])
+        self.init = axes_of(lambda a: a.part == "init")
+        self.lora_part = axes_of(lambda a: a.part == "lora")
+        self.leaves = {
+            n: axes_of(lambda a, n=n: a.part == "field" and a.leaf == n) for n in FIELD_LEAVES
+        }
         self._x0: dict = {}
         self._lora: dict = {}
         self._tables: dict[str, np.ndarray] = {}
@@ -172,9 +177,6 @@ class _PointBuilder:
                 return float(assignment[k])
         return float(getattr(self.sim0.field, name))
 
-    def _leaf_part(self, name: str) -> _Part:
-        return _Part(self.plan, "field", [k for k in self.plan.axes if AXES[k].leaf == name])
-
     def _table(self, name: str) -> np.ndarray:
         """Each distinct value of a part, stacked (built at the first chunk)."""
         if name not in self._tables:
@@ -183,9 +185,7 @@ class _PointBuilder:
                 rows = [self.x0(self.init.values(c)) for c in range(self.init.count)]
                 self._tables[name] = np.asarray(rows, dt)
             elif name in FIELD_LEAVES:
-                part = _Part(
-                    self.plan, "field", [k for k in self.plan.axes if AXES[k].leaf == name]
-                )
+                part = self.leaves[name]
                 vals = [self.leaf(name, part.values(c)) for c in range(part.count)]
                 self._tables[name] = np.asarray(vals, dt)
             else:  # the LoRA slots: alpha, A_t, B_t
@@ -205,7 +205,7 @@ class _PointBuilder:
         indices = np.asarray(indices, np.int64)
         out = {"x0": self._table("x0")[self.init.index(indices)]}
         for name in FIELD_LEAVES:
-            out[name] = self._table(name)[self._leaf_part(name).index(indices)]
+            out[name] = self._table(name)[self.leaves[name].index(indices)]
         if self.targets:
             j = self.lora_part.index(indices)
             out["alpha"] = self._table("alpha")[j]
@@ -233,9 +233,8 @@ class _References:
     def __init__(self, plan: SweepPlan, builder: _PointBuilder):
         self.plan, self.builder = plan, builder
         # the initial condition's axes first, then the field's (each in table order)
-        order = [k for part in ("init", "field") for k, a in AXES.items() if a.part == part]
-        keys = [k for k in order if AXES[k].keys_reference and k in plan.axes]
-        self.part = _Part(plan, "reference", keys)
+        order = sorted(AXES.values(), key=lambda a: a.part != "init")
+        self.part = _Part(plan, [a.key for a in order if a.keys_reference and a.key in plan.axes])
         self.keys, self.count = self.part.keys, self.part.count
 
     def worth_it(self, save_times: int) -> bool:

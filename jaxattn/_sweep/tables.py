@@ -71,8 +71,9 @@ class Axis:
     - `requires`: what the spec must hold: `"lora"` (a `[lora]` table), `"random lora"`
       (a `[lora]` drawn from rank/norm/seed, not explicit A, B) or `"random init"` (an
       `[init]` drawn from kind/n/d, not explicit x0).
-    - `keys_reference`: the unperturbed reference runs differ along this axis (everything
-      but the LoRA does).
+    - `keys_reference` (derived): the unperturbed reference runs differ along this axis.
+      The reference is the point's run without its LoRA, so every axis but a LoRA's
+      keys it.
     """
 
     key: str
@@ -80,7 +81,10 @@ class Axis:
     part: str
     leaf: str | None = None
     requires: str | None = None
-    keys_reference: bool = True
+
+    @property
+    def keys_reference(self) -> bool:
+        return self.part != "lora"
 
     @property
     def section(self) -> str | None:
@@ -93,14 +97,14 @@ class Axis:
 
 # fmt: off
 AXES: dict[str, Axis] = {a.key: a for a in (
-    #     key            check                  part     leaf    requires       keys_reference
-    Axis("beta",        _numbers(minimum=0.0), "field", "beta", None,          True),
-    Axis("init.seed",   _seeds,                "init",  None,   "random init", True),
-    Axis("init.scale",  _numbers(positive=True), "init", None,  "random init", True),
-    Axis("lora.norm",   _numbers(minimum=0.0), "lora",  None,   "random lora", False),
-    Axis("lora.seed",   _seeds,                "lora",  None,   "random lora", False),
-    Axis("lora.target", _targets,              "lora",  None,   "lora",        False),
-    Axis("lora.alpha",  _numbers(positive=True), "lora", None,  "lora",        False),
+    #     key            check                    part     leaf    requires
+    Axis("beta",        _numbers(minimum=0.0),   "field", "beta", None),
+    Axis("init.seed",   _seeds,                  "init",  None,   "random init"),
+    Axis("init.scale",  _numbers(positive=True), "init",  None,   "random init"),
+    Axis("lora.norm",   _numbers(minimum=0.0),   "lora",  None,   "random lora"),
+    Axis("lora.seed",   _seeds,                  "lora",  None,   "random lora"),
+    Axis("lora.target", _targets,                "lora",  None,   "lora"),
+    Axis("lora.alpha",  _numbers(positive=True), "lora",  None,   "lora"),
 )}
 # fmt: on
 
