@@ -1,8 +1,19 @@
-"""Test configuration: float64, strict promotion, 4 fake CPU devices (for sharding tests)."""
+"""Test configuration: float64, strict promotion, 4 fake CPU devices (for sharding tests),
+LLVM's optimiser off (small programs compile faster)."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Compiling is two thirds of this suite's time on a 2-core machine: XLA compiles each
+# distinct program (shape, dtype, static option) once per process, and a diffrax solve is
+# 1-3 s of XLA and LLVM passes. The tests run small problems, for which LLVM's optimiser
+# buys nothing, so it is off (`--xla_backend_optimization_level=0`: the same HLO program,
+# less optimised machine code; about a third less compile time). The docs build and the
+# benchmark scripts run with XLA's defaults, and `test_simulate.py` checks that a solve
+# gives the same numbers at both levels. Set XLA_FLAGS yourself to choose otherwise.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+)
 
 import jax
 import pytest

@@ -296,3 +296,54 @@ def test_float64_field_without_x64_is_the_same_error_as_a_float64_x0(make):
     finally:
         jax.config.update("jax_enable_x64", True)
     assert ja.PlainField(d=2, dtype="float64").V.dtype == jnp.float64
+
+
+_OPT_LEVEL_CASE = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import jaxattn as ja
+
+def run():
+    x0 = jax.random.uniform(jax.random.key(3), (7, 3), jnp.float64, -1.0, 1.0)
+    lo = ja.LoRA.random(3, rank=1, norm=0.3, key=jax.random.key(4), target="V")
+    out = {}
+    for dyn, kw in (("rescaled", dict(dt=0.05)), ("sphere", dict(solver="dopri5"))):
+        f = ja.make_field(dyn, d=3, beta=1.5).with_lora(lo)
+        sol = ja.simulate(f, x0, 3.0, ts=[1.0, 3.0], **kw)
+        out[dyn], out[dyn + "_steps"] = np.asarray(sol.xs), np.asarray(sol.num_steps)
+    return out
+
+if __name__ == "__main__":
+    import sys
+    np.savez(sys.argv[1], **run())
+"""
+
+
+def test_xla_optimisation_level_does_not_change_the_numbers(tmp_path):
+    # The suite compiles with LLVM's optimiser off (conftest.py); users run XLA's
+    # defaults. The same solves at the default level, in a fresh process, agree with this
+    # process's to rounding: a fixed-step RK4 solve and an adaptive Dopri5 one (same
+    # accepted steps).
+    import os
+    import subprocess
+    import sys
+
+    assert "--xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", "")
+    script = tmp_path / "case.py"
+    script.write_text(_OPT_LEVEL_CASE)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "default.npz"
+    r = subprocess.run(
+        [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    default = np.load(out)
+    scope: dict = {}
+    exec(compile(_OPT_LEVEL_CASE, "case.py", "exec"), scope)
+    suite = scope["run"]()
+    assert sorted(default.files) == sorted(suite)
+    for key, a in suite.items():
+        if key.endswith("_steps"):
+            np.testing.assert_array_equal(default[key], a)
+        else:
+            np.testing.assert_allclose(default[key], a, rtol=0, atol=1e-12)

@@ -31,6 +31,12 @@ def _rand(shape, seed, scale=1.0, dtype=jnp.float64):
 
 
 # ------------------------------------------------------------------ expm
+# Compiled once per shape: called eagerly, the `lax.cond`s inside would compile anew on
+# every call (fresh branch functions each time).
+_expm_jit = jax.jit(_fields.expm)
+_jsl_expm_jit = jax.jit(jsl.expm)
+
+
 @pytest.mark.parametrize("d", [1, 2, 3, 8, 64])
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 0.1, 0.5, 2.0, 30.0, 400.0])
 def test_float32_expm_matches_scipy(d, scale):
@@ -41,8 +47,8 @@ def test_float32_expm_matches_scipy(d, scale):
         ref = scipy.linalg.expm(M)
         if not np.abs(ref).max() < 1e30:  # beyond float32 for any algorithm
             continue
-        got = np.asarray(_fields.expm(jnp.asarray(M, jnp.float32)), np.float64)
-        old = np.asarray(jsl.expm(jnp.asarray(M, jnp.float32)), np.float64)
+        got = np.asarray(_expm_jit(jnp.asarray(M, jnp.float32)), np.float64)
+        old = np.asarray(_jsl_expm_jit(jnp.asarray(M, jnp.float32)), np.float64)
         scale_ref = max(np.abs(ref).max(), 1e-30)
         err_new = np.abs(got - ref).max() / scale_ref
         err_old = np.abs(old - ref).max() / scale_ref
@@ -103,9 +109,22 @@ def _lora(d, target, seed):
     return ja.LoRA(_rand((1, d), seed, 0.3), _rand((d, 1), seed + 1, 0.3), 1.0, target)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("dynamics", ["rescaled", "plain", "sphere", "usa"])
-@pytest.mark.parametrize("n,d", [(3, 4), (9, 4), (40, 3)])  # n ≤ 2d and n > 2d paths
+# Every pair of (dynamics, size) — n ≤ 2d and n > 2d take different paths — with the
+# dtype alternating, so each dynamics and each size meets both dtypes (pairwise coverage).
+_FOLDED_CASES = [
+    pytest.param(
+        dyn,
+        n,
+        d,
+        [jnp.float32, jnp.float64][(i + j) % 2],
+        id=f"{dyn}-{n}-{d}-{'f32' if (i + j) % 2 == 0 else 'f64'}",
+    )
+    for i, dyn in enumerate(["rescaled", "plain", "sphere", "usa"])
+    for j, (n, d) in enumerate([(3, 4), (9, 4), (40, 3)])
+]
+
+
+@pytest.mark.parametrize("dynamics,n,d,dtype", _FOLDED_CASES)
 def test_folded_logits_match_textbook(dynamics, n, d, dtype):
     Q, K = _rand((d, d), 1, 0.5), _rand((d, d), 2, 0.5)
     V = jnp.eye(d) + _rand((d, d), 3, 0.2)
@@ -286,9 +305,22 @@ def _members_case(dyn, dtype, d=3):
     return x0, base.with_lora(lo), members
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("dyn", ["rescaled", "sphere", "plain", "usa"])
-@pytest.mark.parametrize("how", [{}, {"ts": [0.05, 0.33, 0.7]}, {"summary": "mean"}])
+_HOWS = {"final": {}, "ts": {"ts": [0.05, 0.33, 0.7]}, "summary": {"summary": "mean"}}
+# Every pair of (dynamics, output) with the dtype alternating: each dynamics and each
+# output meets both dtypes (pairwise coverage; each case compiles three solves).
+_MEMBER_CASES = [
+    pytest.param(
+        dyn,
+        [jnp.float32, jnp.float64][(i + j) % 2],
+        how,
+        id=f"{dyn}-{name}-{'f32' if (i + j) % 2 == 0 else 'f64'}",
+    )
+    for i, dyn in enumerate(["rescaled", "sphere", "plain", "usa"])
+    for j, (name, how) in enumerate(_HOWS.items())
+]
+
+
+@pytest.mark.parametrize("dyn,dtype,how", _MEMBER_CASES)
 def test_fixed_step_batches_equal_a_loop_of_single_solves(dyn, dtype, how):
     # A batch with fixed steps is one solve of the stacked state; each member's arithmetic
     # is that of its own solve, but XLA may vectorise the batched products differently
