@@ -218,7 +218,9 @@ def test_every_kernel_gradient_wrt_every_input(kernel, block, normalise):
         np.testing.assert_allclose(np.ravel(g[name]), fd, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+@pytest.mark.parametrize(
+    "adjoint", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)]
+)
 def test_beta_gradient_through_a_blockwise_solve_is_finite(adjoint):
     # The same through `simulate` (kernel "blockwise", and "auto" would pick it above
     # 2048² scores): ∂/∂β of a trajectory loss equals the dense kernel's.

@@ -67,13 +67,33 @@ def _directional(grad: S.Gradient, direction) -> float:
     return float(sum(np.sum(grad.grads[k] * np.asarray(direction[k])) for k in grad.grads))
 
 
-@pytest.mark.parametrize("dynamics", DYNAMICS)
-def test_fixed_step_gradients_match_finite_differences(dynamics):
+# Every dynamics with the default adjoint (checkpoint) and one other; every adjoint with
+# two dynamics. The other four pairs are in the slow suite (a gradient program each).
+_FD_CASES = [
+    ("plain", ("checkpoint", "forward")),
+    ("rescaled", ("checkpoint", "backsolve")),
+    ("sphere", ("checkpoint", "forward")),
+    ("usa", ("checkpoint", "backsolve")),
+]
+_FD_CASES_SLOW = [
+    ("plain", ("backsolve",)),
+    ("rescaled", ("forward",)),
+    ("sphere", ("backsolve",)),
+    ("usa", ("forward",)),
+]
+
+
+@pytest.mark.parametrize(
+    "dynamics,adjoints",
+    [pytest.param(d, a, id=d) for d, a in _FD_CASES]
+    + [pytest.param(d, a, id=f"{d}-{a[0]}", marks=pytest.mark.slow) for d, a in _FD_CASES_SLOW],
+)
+def test_fixed_step_gradients_match_finite_differences(dynamics, adjoints):
     field, x0 = _case(dynamics)
     obj = _objective()
     solve = dict(solver="rk4", dt=0.02)
     fd, direction = _fd(field, x0, obj, 1e-5, solve)
-    for adjoint in ("checkpoint", "forward", "backsolve"):
+    for adjoint in adjoints:
         g = S.value_and_grad(field, x0, T1, obj, adjoint=adjoint, **solve)
         assert set(g.grads) == {"Q", "K", "V", "beta", "x0", "lora_A", "lora_B"}
         ad = _directional(g, direction)

@@ -204,7 +204,9 @@ def test_summary_saves_fn_of_state_instead_of_tokens():
         ja.simulate(f, x, 1.0, dt=0.1, summary=3)  # simulate's own check
 
 
-@pytest.mark.parametrize("save_every_step", [True, False])
+# Output at given times in the slow suite: backsolve with `ts` is also differentiated by
+# test_speed_paths.py (float32) and test_sensitivity.py (against finite differences).
+@pytest.mark.parametrize("save_every_step", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_backsolve_works_on_any_field_and_saveat(save_every_step):
     # BacksolveAdjoint needs three things diffrax does not do by itself, which `simulate`
     # supplies: no SaveAt(steps=True), a backward controller for a fixed grid, and no

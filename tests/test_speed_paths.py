@@ -222,7 +222,10 @@ def test_float32_simulate_matches_textbook_rk4():
     np.testing.assert_allclose(got, z, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+# float64 in the slow suite: the three adjoints' float64 gradients are checked against
+# finite differences by test_sensitivity.py, and jax.grad through `simulate` by
+# test_simulate.py's backsolve test; float32 is this test's own case.
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])
 def test_gradients_agree_across_adjoints(dtype):
     d = 3
     x0 = _rand((6, d), 0, 0.8).astype(dtype)
@@ -376,7 +379,16 @@ def test_fixed_step_batch_keeps_per_member_status():
         np.testing.assert_array_equal(sol.xs[j], ja.simulate(f, x0[j], 2.0, dt=0.5).xs)
 
 
-@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve", "forward"])
+# The default adjoint here; the other two in the slow suite (each is a new gradient
+# program of a batched solve, ~10 s of compilation).
+@pytest.mark.parametrize(
+    "adjoint",
+    [
+        "checkpoint",
+        pytest.param("backsolve", marks=pytest.mark.slow),
+        pytest.param("forward", marks=pytest.mark.slow),
+    ],
+)
 def test_fixed_step_batch_gradients_equal_the_sum_of_single_solves(adjoint):
     x0, _, _ = _members_case("rescaled", jnp.float64)
 
