@@ -77,6 +77,7 @@ from ._analysis import (
 )
 from ._base import (
     OutputBusyError as OutputBusyError,
+    OutputLockError as OutputLockError,
     clear_caches as clear_caches,
     setup_jax as setup_jax,
 )
@@ -200,6 +201,7 @@ __all__ = [
     "sweep",
     "SweepError",
     "OutputBusyError",
+    "OutputLockError",
     "run_chunks",
     "map_sharded",
     # optimal transport

@@ -63,6 +63,7 @@ EXPECTED = {
     "SweepPlan": _grid.SweepPlan,
     "SweepError": _chunks.SweepError,
     "OutputBusyError": _io.OutputBusyError,
+    "OutputLockError": _io.OutputLockError,
     "Simulation": _spec.Simulation,
     "SpecError": _spec.SpecError,
     # functions under one public name each

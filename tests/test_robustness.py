@@ -181,6 +181,37 @@ def test_a_held_modular_folder_refuses_a_second_writer(tmp_path, capsys):
     assert not (out / "pretrain").exists()
 
 
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "hardlink", "fifo"])
+def test_the_lock_never_follows_a_link_or_writes_a_user_file(tmp_path, capsys, kind):
+    # Before the fix the lock opened its path following links, then truncated it and
+    # wrote the holder's line: a link to the spec at the lock's path overwrote the spec
+    # (sweep and modular alike), a dangling link created a file outside --out.
+    spec = _write(tmp_path / "spec.json", SWEEP)
+    cfg = _write(tmp_path / "cfg.json", {"p": 5, "d_model": 16, "max_steps": 2})
+    before = {p: open(p, "rb").read() for p in (spec, cfg)}
+    for command, lock, user in (
+        (["sweep", spec], ".jaxattn-lock-p0", spec),
+        (["modular", "pretrain", "--config", cfg], ".jaxattn-lock", cfg),
+    ):
+        out = tmp_path / f"out-{command[0]}"
+        out.mkdir()
+        target = tmp_path / "elsewhere"
+        if kind == "symlink":
+            os.symlink(user, out / lock)
+        elif kind == "dangling":
+            os.symlink(target, out / lock)
+        elif kind == "hardlink":
+            os.link(user, out / lock)
+        else:
+            os.mkfifo(out / lock)
+        assert cli.main([*command, "--out", str(out)]) == 2
+        err = _err(capsys)
+        assert "is not a jaxattn lock file" in err and lock in err, err
+        assert not target.exists()
+        assert sorted(p.name for p in out.iterdir()) == [lock]
+    assert {p: open(p, "rb").read() for p in (spec, cfg)} == before
+
+
 def test_two_sweeps_racing_into_one_folder_never_both_succeed(tmp_path):
     # Before the fix, both could pass the manifest check and mix their chunks.
     a = _write(tmp_path / "a.json", SWEEP)

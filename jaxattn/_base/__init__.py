@@ -25,6 +25,7 @@ from .custom_types import (
 )
 from .io import (
     OutputBusyError as OutputBusyError,
+    OutputLockError as OutputLockError,
     atomic_path as atomic_path,
     check_output_dir as check_output_dir,
     check_output_file as check_output_file,

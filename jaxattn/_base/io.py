@@ -129,6 +129,40 @@ class OutputBusyError(ValueError):
     """Another process holds the output folder's lock."""
 
 
+class OutputLockError(ValueError):
+    """The lock file's path holds something that is not jaxattn's lock file."""
+
+
+def _open_lock_file(path: str) -> int:
+    """Open (creating) the lock file without following a link at its path, and refuse
+    anything but a regular file with one name: the lock is truncated and rewritten, so
+    a link to a user's file would overwrite that file."""
+    import stat
+
+    refuse = f"{path} is not a jaxattn lock file ({{}}); remove it or choose another output folder"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if os.path.islink(path):
+            raise OutputLockError(refuse.format("a symbolic link")) from None
+        raise OutputLockError(refuse.format(e.strerror or type(e).__name__)) from None
+    info = os.fstat(fd)
+    kind = (
+        None
+        if stat.S_ISREG(info.st_mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(info.st_mode)
+        else "a device or special file"
+    )
+    if kind is None and info.st_nlink != 1:
+        kind = f"a file with {info.st_nlink} hard links"
+    if kind is not None:
+        os.close(fd)
+        raise OutputLockError(refuse.format(kind))
+    return fd
+
+
 @contextlib.contextmanager
 def output_lock(folder: str | os.PathLike, name: str = "") -> Iterator[None]:
     """Hold an exclusive lock on `folder` for the duration of the block.
@@ -136,7 +170,9 @@ def output_lock(folder: str | os.PathLike, name: str = "") -> Iterator[None]:
     The lock is `fcntl.flock` on `folder/.jaxattn-lock{name}`: the kernel drops it when
     the holder exits, even by SIGKILL, so a killed run never leaves a stale lock. A
     second writer gets `OutputBusyError` naming the holder (pid, host, start time,
-    command). Re-entrant within one process.
+    command). Re-entrant within one process. The lock file must be jaxattn's own: a
+    regular file with one name. A symbolic link, a hard link to another file, a FIFO or a
+    device at its path is refused (`OutputLockError`), never followed or truncated.
     """
     import fcntl
     import socket
@@ -152,7 +188,7 @@ def output_lock(folder: str | os.PathLike, name: str = "") -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
