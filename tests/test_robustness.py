@@ -212,6 +212,54 @@ def test_the_lock_never_follows_a_link_or_writes_a_user_file(tmp_path, capsys, k
     assert {p: open(p, "rb").read() for p in (spec, cfg)} == before
 
 
+def test_reproduce_and_demo_never_replace_files_they_did_not_write(tmp_path, capsys, monkeypatch):
+    # Before the fix `reproduce` and `demo` wrote into any --out: a user's summary.json
+    # (or figure of the same name) was replaced, and a second experiment replaced the
+    # first's summary. The run is a stub here (the rule is the CLI's, checked before it).
+    from jaxattn.experiments import lora_divergence, stability_bound
+
+    runs = []
+
+    def fake_run(name):
+        def run(out, quick=False, **kw):
+            runs.append(name)
+            with open(os.path.join(out, "summary.json"), "w") as fh:
+                json.dump({"experiment": name}, fh)
+            return {}
+
+        return run
+
+    monkeypatch.setattr(stability_bound, "run", fake_run(stability_bound.NAME))
+    monkeypatch.setattr(lora_divergence, "run", fake_run(lora_divergence.NAME))
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / "summary.json").write_bytes(b"precious\n")
+    (r / "bound.png").write_bytes(b"mine")
+    for args in (["reproduce", "stability-bound"], ["demo", "--quick"]):
+        assert cli.main([*args, "--out", str(r)]) == 2
+        err = _err(capsys)
+        assert "files that jaxattn" in err and "--force" in err, err
+    assert (r / "summary.json").read_bytes() == b"precious\n" and runs == []
+    assert sorted(p.name for p in r.iterdir()) == ["bound.png", "summary.json"]
+    # --force writes; a rerun of the same experiment needs no --force; another
+    # experiment (the demo is lora-divergence) into that folder is refused.
+    assert cli.main(["reproduce", "stability-bound", "--out", str(r), "--force"]) == 0
+    assert cli.main(["reproduce", "stability-bound", "--out", str(r)]) == 0
+    assert runs == ["stability-bound"] * 2
+    capsys.readouterr()
+    assert cli.main(["demo", "--out", str(r)]) == 2
+    assert "results of experiment 'stability-bound'" in _err(capsys)
+    # A new folder, and one holding only a killed run's resumable chunks, are fine.
+    (tmp_path / "k" / "chunks").mkdir(parents=True)
+    for out in (tmp_path / "new", tmp_path / "k"):
+        assert cli.main(["demo", "--out", str(out)]) == 0
+        assert (out / ".jaxattn-lock").is_file()  # it held the folder's lock
+    # The lock: a second writer is refused while one holds the folder.
+    with _Holder(tmp_path / "new"):
+        assert cli.main(["demo", "--out", str(tmp_path / "new")]) == 2
+        assert "in use by another jaxattn run" in _err(capsys)
+
+
 def test_two_sweeps_racing_into_one_folder_never_both_succeed(tmp_path):
     # Before the fix, both could pass the manifest check and mix their chunks.
     a = _write(tmp_path / "a.json", SWEEP)

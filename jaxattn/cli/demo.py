@@ -10,17 +10,27 @@ def register(sub) -> None:
     d = sub.add_parser("demo", help="original vs LoRA run, divergence and bound")
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     d.add_argument("--quick", action="store_true", help="smaller, faster version")
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds files the demo did not write there",
+    )
     d.set_defaults(func=handle)
 
 
 def handle(args) -> int:
-    from .._base import check_output_dir
-
-    out = check_output_dir(args.out)
-    setup_jax("float64")
+    from .._base import check_output_dir, output_lock
     from ..experiments import lora_divergence
+    from .reproduce import check_experiment_out
 
-    summary = lora_divergence.run(out, quick=args.quick, compare_targets=False, gif=False)
+    name = lora_divergence.NAME  # the demo is that experiment without its extras
+    check_output_dir(args.out, create=False)  # fail before any work
+    check_experiment_out(args.out, name, "jaxattn demo", args.force)
+    out = check_output_dir(args.out)
+    with output_lock(out):  # one writer per folder
+        check_experiment_out(out, name, "jaxattn demo", args.force)
+        setup_jax("float64")
+        summary = lora_divergence.run(out, quick=args.quick, compare_targets=False, gif=False)
     print(f"figures and summary.json in {out}")
     del summary
     return 0

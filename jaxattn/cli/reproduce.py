@@ -15,7 +15,49 @@ def register(sub) -> None:
     p.add_argument("--eps", help="comma-separated perturbation sizes, e.g. 0.01,0.002")
     p.add_argument("--x0", help="initial tokens from a .npy file, shape (n, d)")
     p.add_argument("--metric", help="departure-time metric: hausdorff (default) | paper")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds files this experiment did not write there",
+    )
     p.set_defaults(func=handle)
+
+
+def check_experiment_out(out: str, name: str, command: str, force: bool) -> None:
+    """The `--out` rule of `reproduce` and `demo`: an empty or new folder, an earlier
+    output of the same experiment (its `summary.json` names it), a killed run's resumable
+    state only (`chunks/`, `checkpoints/`: keyed by the settings that made them, so a
+    resume never mixes runs), or `--force`. Anything else is refused before any work, so
+    that no file of the user's (nor another experiment's results) is replaced by one of
+    the same name."""
+    import json
+
+    if force or not os.path.isdir(out):
+        return
+    entries = sorted(e for e in os.listdir(out) if not e.startswith((".jaxattn-lock", ".tmp-")))
+    if set(entries) <= {"chunks", "checkpoints"}:
+        return
+    owner = None
+    summary = os.path.join(out, "summary.json")
+    if os.path.isfile(summary) and not os.path.islink(summary):
+        try:
+            with open(summary, encoding="utf-8") as fh:
+                data = json.load(fh)
+            owner = data.get("experiment") if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            owner = None
+    if owner == name:
+        return
+    what = (
+        f"the results of experiment {owner!r}"
+        if isinstance(owner, str)
+        else f"files that {command} did not write ({', '.join(entries[:3])}"
+        + (", …)" if len(entries) > 3 else ")")
+    )
+    raise ValueError(
+        f"--out {out} holds {what}; choose another folder, or pass --force to replace "
+        "files of the same names"
+    )
 
 
 def parse_eps(text: str) -> list[float]:
@@ -80,10 +122,14 @@ def handle(args) -> int:
         if given["metric"] not in ("hausdorff", "paper"):
             raise ValueError(f"unknown metric {given['metric']!r}; choose hausdorff or paper")
         overrides["metric"] = given["metric"]
-    from .._base import check_output_dir, setup_jax
+    from .._base import check_output_dir, output_lock, setup_jax
 
-    check_output_dir(args.out, create=False)  # fail before any work; run() creates it
-    setup_jax("float64")
-    mod.run(args.out, quick=args.quick, **overrides)
+    check_output_dir(args.out, create=False)  # fail before any work
+    check_experiment_out(args.out, mod.NAME, f"jaxattn reproduce {mod.NAME}", args.force)
+    check_output_dir(args.out)
+    with output_lock(args.out):  # one writer per folder
+        check_experiment_out(args.out, mod.NAME, f"jaxattn reproduce {mod.NAME}", args.force)
+        setup_jax("float64")
+        mod.run(args.out, quick=args.quick, **overrides)
     print(f"figures, data and summary.json in {args.out}")
     return 0
