@@ -92,6 +92,25 @@ def test_sliced_w2_properties():
 
 
 # -- entropic OT through OTT-JAX -----------------------------------------------------
+def test_distances_of_unmeasurable_input_are_nan_under_jit_and_vmap():
+    # Before the fix, a NaN (or inf) point gave a distance of exactly 0 under jit/vmap
+    # (where the eager check cannot look): the square root mapped NaN to 0.
+    x, y = _cloud(0, 5, 2), _cloud(1, 6, 2)
+    xn = x.at[2, 0].set(jnp.nan)
+    sw = jax.jit(lambda u, v: ja.sliced_wasserstein2(u, v, n_projections=8, key=jax.random.key(0)))
+    both = jax.vmap(sw, in_axes=(0, None))(jnp.stack([x, xn]), y)
+    assert float(both[0]) > 0 and bool(jnp.isnan(both[1]))
+    assert bool(jnp.isnan(sw(xn, y)))
+    line = jax.jit(ja.wasserstein2_line)
+    ref = line(jnp.asarray([0.0, 1.0]), jnp.asarray([0.0, 2.0]))
+    assert float(ref) == pytest.approx(np.sqrt(0.5), rel=1e-14)
+    for bad in (jnp.nan, jnp.inf):
+        assert bool(jnp.isnan(line(jnp.asarray([0.0, 1.0, bad]), jnp.asarray([0.0, 2.0]))))
+    geo = jax.jit(ja.geodesic_distance)
+    assert bool(jnp.isnan(geo(jnp.asarray([jnp.nan, 0.0]), jnp.asarray([1.0, 0.0]))))
+    assert float(geo(jnp.asarray([1.0, 0.0]), jnp.asarray([1.0, 0.0]))) == 0.0
+
+
 def test_sinkhorn_divergence_tends_to_w2_squared_and_vmaps():
     n = 30
     x, y = _cloud(8, n, 2), _cloud(9, n, 2, 0.7)

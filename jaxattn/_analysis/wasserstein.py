@@ -126,16 +126,16 @@ def _check_pair(x, y, a, b, cost: str):
 
 
 # -- ground costs ---------------------------------------------------------------------
-def _safe_norm(v: Array) -> Array:
-    """|v| along the last axis with gradient 0 (not NaN) at v = 0."""
-    s = jnp.sum(v * v, axis=-1)
-    pos = s > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
-
-
 def _safe_sqrt(s: Array) -> Array:
+    """`√s` with a finite gradient at 0 (rounding may leave `s` slightly below 0: 0). A
+    NaN stays NaN: a distance is never 0 for input it could not measure."""
     pos = s > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), jnp.where(jnp.isnan(s), s, 0.0))
+
+
+def _safe_norm(v: Array) -> Array:
+    """|v| along the last axis with gradient 0 (not NaN) at v = 0; NaN for NaN."""
+    return _safe_sqrt(jnp.sum(v * v, axis=-1))
 
 
 def geodesic_distance(
