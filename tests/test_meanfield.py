@@ -230,6 +230,20 @@ def test_geodesic_cost_on_the_sphere():
         (lambda: ja.wasserstein2(jnp.ones((2, 2)), jnp.ones((2, 2)), cost="manhattan"), "cost"),
         (lambda: ja.wasserstein2(jnp.ones(3), jnp.ones(3)), r"\(n, d\)"),
         (lambda: ja.wasserstein2_line(jnp.ones((3, 2)), jnp.ones((3, 2))), "line"),
+        # Complex points lost their imaginary part, half precision failed deep in SciPy/OTT.
+        (lambda: ja.wasserstein2(jnp.ones((2, 2), jnp.complex128), jnp.ones((2, 2))), "real array"),
+        (
+            lambda: ja.sinkhorn_divergence(jnp.ones((2, 2)), jnp.ones((2, 2), jnp.complex128)),
+            "real array",
+        ),
+        (
+            lambda: ja.wasserstein2(jnp.ones((2, 2), jnp.float16), jnp.ones((2, 2))),
+            "float32 or float64",
+        ),
+        (
+            lambda: ja.sinkhorn_divergence(jnp.ones((2, 2)), jnp.ones((2, 2), jnp.bfloat16)),
+            "float32 or float64",
+        ),
     ],
 )
 def test_bad_input_is_one_line_value_error(call, match):

@@ -56,13 +56,25 @@ def _concrete(*xs) -> bool:
 
 
 def _as_cloud(x, name: str) -> Array:
+    """Points as a float32/float64 array: integers and booleans are converted; complex
+    numbers (whose imaginary part a cast would drop) and half precisions are refused."""
     if isinstance(x, jax.Array):
         arr = x
+        if not (
+            jnp.issubdtype(arr.dtype, jnp.integer)
+            or jnp.issubdtype(arr.dtype, jnp.bool_)
+            or jnp.issubdtype(arr.dtype, jnp.floating)
+        ):
+            raise ValueError(f"{name} must be a real array of points, got dtype {arr.dtype}")
     else:
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiub":
             raise ValueError(f"{name} must be a numeric array of points, got dtype {arr.dtype}")
         arr = jnp.asarray(arr, dtype=jnp.result_type(float))
+    if jnp.issubdtype(arr.dtype, jnp.floating) and jnp.finfo(arr.dtype).bits < 32:
+        raise ValueError(
+            f"{name} has dtype {arr.dtype}; the transport distances need float32 or float64"
+        )
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
     if arr.ndim != 2:
