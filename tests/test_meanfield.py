@@ -111,6 +111,14 @@ def test_distances_of_unmeasurable_input_are_nan_under_jit_and_vmap():
     assert float(geo(jnp.asarray([1.0, 0.0]), jnp.asarray([1.0, 0.0]))) == 0.0
 
 
+def test_unconverged_sinkhorn_is_nan_and_says_so():
+    x, y = _cloud(0, 6, 2), _cloud(1, 5, 2, shift=1.0)
+    for fn in (ja.entropic_ot, ja.sinkhorn_divergence):
+        with pytest.warns(RuntimeWarning, match="did not converge within max_iterations = 1"):
+            v = fn(x, y, epsilon=1e-4, max_iterations=1)
+        assert bool(jnp.isnan(v))
+
+
 def test_sinkhorn_divergence_tends_to_w2_squared_and_vmaps():
     n = 30
     x, y = _cloud(8, n, 2), _cloud(9, n, 2, 0.7)
@@ -244,6 +252,16 @@ def test_geodesic_cost_on_the_sphere():
             lambda: ja.sinkhorn_divergence(jnp.ones((2, 2)), jnp.ones((2, 2), jnp.bfloat16)),
             "float32 or float64",
         ),
+        # Truncated silently before; overflowing costs failed inside SciPy or gave NaN.
+        (lambda: ja.entropic_ot(jnp.ones((2, 2)), jnp.ones((2, 2)), max_iterations=2.7), "integer"),
+        (
+            lambda: ja.sliced_wasserstein2(
+                jnp.ones((2, 2)), jnp.ones((2, 2)), n_projections=2.5, key=jax.random.key(0)
+            ),
+            "integer",
+        ),
+        (lambda: ja.wasserstein2(jnp.ones((2, 2)) * 1e160, -jnp.ones((2, 2))), "overflow"),
+        (lambda: ja.sinkhorn_divergence(jnp.ones((2, 2)) * 1e160, jnp.ones((2, 2))), "overflow"),
     ],
 )
 def test_bad_input_is_one_line_value_error(call, match):

@@ -38,7 +38,16 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
-from .._base import Array, ArrayLike, Float, Int, PRNGKeyArray, ScalarLike, check_choice
+from .._base import (
+    Array,
+    ArrayLike,
+    Float,
+    Int,
+    PRNGKeyArray,
+    ScalarLike,
+    check_choice,
+    check_int,
+)
 
 COSTS = ("euclidean", "geodesic")
 # Above this many cost entries n·m, the Sinkhorn geometry is evaluated in row blocks
@@ -132,6 +141,15 @@ def _check_pair(x, y, a, b, cost: str):
                         f"the geodesic cost needs points on the unit sphere; "
                         f"{name} has norms in [{r.min():.6g}, {r.max():.6g}]"
                     )
+    elif _concrete(x, y):
+        # |x_i − y_j|² ≤ (max|x| + max|y|)²: beyond the dtype's largest number the costs
+        # overflow (SciPy then calls the problem infeasible, Sinkhorn returns NaN).
+        r = sum(float(np.max(np.linalg.norm(np.asarray(p, np.float64), axis=-1))) for p in (x, y))
+        if r * r > float(jnp.finfo(x.dtype).max):
+            raise ValueError(
+                f"the squared distances between x and y overflow {x.dtype} (points of norm "
+                f"up to {r:.3g}); rescale the clouds"
+            )
     a = _as_weights(a, x.shape[0], "a", "x", x.dtype)
     b = _as_weights(b, y.shape[0], "b", "y", y.dtype)
     return x, y, a, b, cost
@@ -391,9 +409,8 @@ def sliced_wasserstein2(
     **Returns:** the estimate of `SW₂` (not squared).
     """
     x, y, a, b, _ = _check_pair(x, y, a, b, "euclidean")
-    if isinstance(n_projections, bool) or int(n_projections) < 1:
-        raise ValueError(f"n_projections must be a positive integer, got {n_projections!r}")
-    theta = _unit_directions(key, int(n_projections), x.shape[1], x.dtype)
+    n_projections = check_int(n_projections, "n_projections", 1)
+    theta = _unit_directions(key, n_projections, x.shape[1], x.dtype)
     px, py = x @ theta.T, y @ theta.T  # (n, P), (m, P)
     per = jax.vmap(lambda u, v: _w2sq_line(u, a, v, b), in_axes=(1, 1))(px, py)
     return _safe_sqrt(jnp.mean(per))
@@ -422,8 +439,22 @@ def _check_solver_args(epsilon, threshold, max_iterations):
             raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
     if not (math.isfinite(float(threshold)) and float(threshold) > 0):
         raise ValueError(f"threshold must be finite and > 0, got {threshold!r}")
-    if isinstance(max_iterations, bool) or int(max_iterations) < 1:
-        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+    check_int(max_iterations, "max_iterations", 1)
+
+
+def _warn_unconverged(value: Array, max_iterations: int) -> Array:
+    """Sinkhorn's NaN for a solve that did not converge, said out loud when the value is
+    concrete (under `jit` the NaN alone carries it)."""
+    if _concrete(value) and bool(jnp.isnan(value)):
+        import warnings
+
+        warnings.warn(
+            f"Sinkhorn did not converge within max_iterations = {max_iterations} (the "
+            "result is NaN): raise max_iterations, epsilon or threshold",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return value
 
 
 def entropic_ot(
@@ -450,8 +481,8 @@ def entropic_ot(
     - `batch_size`: evaluate the cost in row blocks (memory O(batch·m)); chosen
       automatically above 2048² entries.
 
-    **Returns:** OTT's regularised cost `⟨P, C⟩ + ε KL(P | a⊗b)` (NaN if Sinkhorn did not
-    converge within `max_iterations`).
+    **Returns:** OTT's regularised cost `⟨P, C⟩ + ε KL(P | a⊗b)`; NaN if Sinkhorn did not
+    converge within `max_iterations` (with a `RuntimeWarning` when called outside `jit`).
     """
     x, y, a, b, cost = _check_pair(x, y, a, b, cost)
     _check_solver_args(epsilon, threshold, max_iterations)
@@ -465,7 +496,7 @@ def entropic_ot(
         out = solver(linear_problem.LinearProblem(geom, a, b))
         return jnp.where(out.converged, out.reg_ot_cost, jnp.nan).astype(x.dtype)
 
-    return _promoting(solve)(x, y, a, b)
+    return _warn_unconverged(_promoting(solve)(x, y, a, b), max_iterations)
 
 
 def sinkhorn_divergence(
@@ -487,7 +518,8 @@ def sinkhorn_divergence(
     `sqrt(S_ε)` is the entropic stand-in for `W₂` between clouds of any sizes and weights.
     Arguments as `entropic_ot`; the same ε is used in the three problems.
 
-    **Returns:** `S_ε` (in squared-length units; NaN if a Sinkhorn solve did not converge).
+    **Returns:** `S_ε` (in squared-length units); NaN if a Sinkhorn solve did not converge
+    (with a `RuntimeWarning` when called outside `jit`).
     """
     x, y, a, b, cost = _check_pair(x, y, a, b, cost)
     _check_solver_args(epsilon, threshold, max_iterations)
@@ -515,4 +547,4 @@ def sinkhorn_divergence(
         ok = jnp.all(jnp.asarray([c for c in out.converged if c is not None]))
         return jnp.where(ok, value, jnp.nan).astype(x.dtype)
 
-    return _promoting(solve)(x, y, a, b)
+    return _warn_unconverged(_promoting(solve)(x, y, a, b), max_iterations)
