@@ -577,3 +577,42 @@ def test_float32_non_normal_v_keeps_the_float64_clustering_and_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # V = I: no warning
         ja.simulate(ja.RescaledField(d=2, dtype="float32"), x0.astype(jnp.float32), 100.0, dt=0.1)
+
+
+# ------------------------------------------------------ one line, not JAX's internals
+def _bad_calls():
+    import jax
+    import jax.numpy as jnp
+
+    import jaxattn as ja
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)))
+    k = jax.random.key(0)
+    lo = lambda r: ja.LoRA.random(2, rank=r, norm=0.1, key=k)
+    return [
+        ("stack", lambda: ja.LoRA.stack([lo(1), lo(2)]), "different shapes"),
+        (
+            "ts-2d",
+            lambda: ja.simulate(ja.PlainField(d=2), x, 1.0, dt=0.1, ts=[[0.5], [1.0]]),
+            "1-D",
+        ),
+        ("field-d", lambda: ja.PlainField(d=3)(0.0, x), "d = 3"),
+        ("attention-d", lambda: ja.SphereField(d=3).attention(0.0, x), "d = 3"),
+        ("threshold<0", lambda: ja.cluster_count(x, -1.0), "threshold"),
+        ("threshold-nan", lambda: ja.cluster_labels(x, float("nan")), "threshold"),
+        ("tokens-1d", lambda: ja.cluster_count(x[:, 0], 0.1), r"\(\.\.\., n, d\)"),
+        ("divergence", lambda: ja.divergence(x, x[:4]), "same"),
+        ("hausdorff", lambda: ja.hausdorff(x, jnp.ones((5, 3))), "disagree on d"),
+        ("float16", lambda: ja.RescaledField(d=2, dtype="float16"), "dtype"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_bad_python_calls_are_one_line_value_errors(case):
+    # Each raised from inside JAX or equinox (a TypeError or IndexError naming shapes of
+    # internals) or was accepted (ts flattened, a negative threshold, a float16 field
+    # nothing else takes) before its check.
+    name, call, match = _bad_calls()[case]
+    with unchecked(), pytest.raises(ValueError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value), name

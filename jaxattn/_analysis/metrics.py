@@ -25,18 +25,47 @@ from .._base import Array, ArrayLike, Bool, Float, Int, ScalarLike
 from .._model import unit_rows as unit_rows
 
 
-def _batched(signature: str):
+def _batched(signature: str, check=None):
     """Let `fn(*arrays, **static)`, written for one configuration, take leading batch
     axes: `jnp.vectorize(fn, signature=signature)`, with the arrays' batch axes first
     padded to the same number (so one configuration against a batch, e.g. fixed centres
     against a trajectory, is explicit broadcasting, never rank promotion). Keyword
-    arguments are static (not batched); without batch axes `fn` is called directly."""
+    arguments are static (not batched); without batch axes `fn` is called directly.
+
+    The shapes are checked against the signature first (each array has its core axes,
+    and axes of one name agree, e.g. the `d` of `(n,d),(m,d)`), so a mismatch is one
+    line naming the function rather than an error from inside JAX; `check(*args)`, if
+    given, validates the arguments' values."""
     inputs = signature.split("->")[0]
-    core = [len([c for c in g.split(",") if c.strip()]) for g in re.findall(r"\(([^)]*)\)", inputs)]
+    names = [
+        [c.strip() for c in g.split(",") if c.strip()] for g in re.findall(r"\(([^)]*)\)", inputs)
+    ]
+    core = [len(g) for g in names]
+
+    def check_shapes(fn_name, args):
+        sizes: dict[str, int] = {}
+        for i, (a, axes) in enumerate(zip(args, names)):
+            if a is None or not axes:
+                continue
+            shape = jnp.shape(a)
+            if len(shape) < len(axes):
+                raise ValueError(
+                    f"{fn_name}: argument {i + 1} must have shape (..., {', '.join(axes)}), "
+                    f"got {tuple(shape)}"
+                )
+            for name, size in zip(axes, shape[len(shape) - len(axes) :]):
+                if sizes.setdefault(name, size) != size:
+                    raise ValueError(
+                        f"{fn_name}: the arguments disagree on {name} ({sizes[name]} and "
+                        f"{size}; shapes {[tuple(jnp.shape(b)) for b in args if b is not None]})"
+                    )
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            check_shapes(fn.__name__, args)
+            if check is not None:
+                check(*args)
             f = functools.partial(fn, **kwargs) if kwargs else fn
             ranks = [max(jnp.ndim(a) - c, 0) if a is not None else 0 for a, c in zip(args, core)]
             batch = max(ranks, default=0)
@@ -99,7 +128,16 @@ def _adjacency(x, threshold, sphere: bool):
     return pairwise_distances(x) <= threshold
 
 
-@_batched("(n,d),()->(n)")
+def _check_threshold(x, threshold, *_) -> None:
+    """A cluster threshold is a distance: ≥ 0 (checked when concrete)."""
+    if threshold is None or isinstance(threshold, Tracer):
+        return
+    t = np.asarray(threshold)
+    if t.dtype.kind not in "fiu" or np.any(np.isnan(t)) or np.any(t < 0):
+        raise ValueError(f"the cluster threshold must be a distance ≥ 0, got {threshold!r}")
+
+
+@_batched("(n,d),()->(n)", check=_check_threshold)
 def cluster_labels(
     x: Float[Array, "*batch n d"],
     threshold: ScalarLike | Float[Array, "*batch"],
@@ -135,7 +173,7 @@ def cluster_labels(
     return labels
 
 
-@_batched("(n,d),()->()")
+@_batched("(n,d),()->()", check=_check_threshold)
 def cluster_count(
     x: Float[Array, "*batch n d"],
     threshold: ScalarLike | Float[Array, "*batch"],
@@ -147,7 +185,7 @@ def cluster_count(
     return jnp.sum(labels == jnp.arange(x.shape[0], dtype=jnp.int32))
 
 
-@_batched("(n,d),()->(n,d),(n)")
+@_batched("(n,d),()->(n,d),(n)", check=_check_threshold)
 def cluster_centres_masked(
     x: Float[Array, "*batch n d"],
     threshold: ScalarLike | Float[Array, "*batch"],
@@ -201,6 +239,11 @@ def divergence(
 ) -> Float[Array, "*#batch"]:
     """`e = max_i |x_i − y_i|` between two runs (same token order), over leading axes
     (which broadcast, e.g. one reference run against a batch of perturbed ones)."""
+    if jnp.ndim(x) < 2 or jnp.ndim(y) < 2 or jnp.shape(x)[-2:] != jnp.shape(y)[-2:]:
+        raise ValueError(
+            f"divergence compares two runs of the same (n, d) tokens, got shapes "
+            f"{tuple(jnp.shape(x))} and {tuple(jnp.shape(y))}"
+        )
     diff = x - y
     return jnp.max(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), axis=-1)
 

@@ -105,10 +105,10 @@ class AbstractField(eqx.Module):
         block: int = 1024,
     ):
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-        if dtype == jnp.float64:
-            # The same one-line error as a float64 x0: without x64, JAX would silently
-            # make every weight float32.
-            check_dtype(dtype)
+        # float32 or float64 (the solvers and every analysis take these two); float64
+        # without x64 is the same one-line error as a float64 x0 (JAX would silently make
+        # every weight float32).
+        check_dtype(dtype)
         mats = {"Q": Q, "K": K, "V": V}
         given = {
             k: jnp.asarray(as_float_array(v, k, dtype)) for k, v in mats.items() if v is not None
@@ -202,8 +202,17 @@ class AbstractField(eqx.Module):
                 W = lo.merged(W)
         return W
 
+    def _check_tokens(self, x) -> None:
+        """Tokens of the field's dimension (a static shape check: free under jit)."""
+        if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != self.d:
+            raise ValueError(
+                f"the field has d = {self.d}; tokens must have shape (..., n, {self.d}), "
+                f"got {tuple(jnp.shape(x))}"
+            )
+
     def project(self, name: str, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
         """`x W_effᵀ` for W in {Q, K, V}, factored when that is cheaper."""
+        self._check_tokens(x)
         mine = [lo for lo in self.loras if lo.target == name]
         W = getattr(self, name)
         if len(mine) == 1:
@@ -235,6 +244,7 @@ class AbstractField(eqx.Module):
     # -- dynamics -----------------------------------------------------------------
     def attention(self, t: ScalarLike, y: Float[Array, "n d"]) -> Float[Array, "n n"]:
         """The attention matrix P at state y and time t."""
+        self._check_tokens(y)
         q, k, log_scale = self._queries_keys(t, y)
         if not self.normalised:
             return unnormalised_weights(attention_scores(q, k), self.beta)

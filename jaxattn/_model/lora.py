@@ -149,6 +149,12 @@ class LoRA(eqx.Module):
         alphas = {float(lo.alpha) for lo in loras}
         if len(alphas) != 1:
             raise ValueError("cannot stack LoRAs with different alpha")
+        shapes = sorted({(lo.A.shape, lo.B.shape) for lo in loras})
+        if len(shapes) != 1:
+            raise ValueError(
+                "cannot stack LoRAs of different shapes (rank, d or batch): "
+                + ", ".join(f"A {a}, B {b}" for a, b in shapes)
+            )
         return cls(
             jnp.stack([lo.A for lo in loras]),
             jnp.stack([lo.B for lo in loras]),

@@ -139,7 +139,10 @@ class SolveOptions(Mapping[str, Any]):
                     "dt the number of steps is (t1 − t0)/dt"
                 )
         if self.ts is not None:
-            ts = np.asarray(as_float_array(self.ts, "ts"), dtype=np.float64).ravel()
+            ts = np.asarray(as_float_array(self.ts, "ts"), dtype=np.float64)
+            if ts.ndim > 1:  # was flattened silently
+                raise ValueError(f"ts must be a 1-D sequence of times, got shape {ts.shape}")
+            ts = ts.ravel()
             if ts.size == 0:
                 raise ValueError("ts is empty")
             check_finite(ts, "ts")
