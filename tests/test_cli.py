@@ -114,6 +114,8 @@ BAD = [
         "rank mismatch",
     ),
     ('[init]\nkind="gaussian"\nn=3\nd=2\n[solve]\nt1=1.0', "unknown init kind"),
+    # was "contains NaN or inf" after a NumPy overflow warning
+    ('dtype="float32"\n[init]\nx0=[[1e39,0.0]]\n[solve]\nt1=1.0', "beyond float32's largest"),
     ("[init]\nx0=[[0.0,1.0]]", r"needs t1"),
     ("this is = = not toml", "cannot parse"),
 ]

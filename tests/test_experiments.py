@@ -114,6 +114,8 @@ def test_departure_time_from_x0_file_and_eps(tmp_path):
         (["reproduce", "stability-bound", "--out", "X", "--x0", "x0.npy"], "does not take --x0"),
         (["reproduce", "departure-time", "--out", "X", "--x0", "missing.npy"], "not found"),
         (["reproduce", "departure-time", "--out", "X", "--x0", "bad.npy"], "shape"),
+        # an .npz archive was an AttributeError traceback
+        (["reproduce", "departure-time", "--out", "X", "--x0", "x0s.npz"], "archive"),
         (
             ["reproduce", "departure-time", "--out", "/proc/x/y", "--quick"],
             "cannot create|writable",
@@ -127,6 +129,7 @@ def test_reproduce_errors(tmp_path, capsys, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4)))
     np.save(tmp_path / "x0.npy", np.zeros((3, 2)))
+    np.savez(tmp_path / "x0s.npz", x=np.zeros((3, 2)))
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(match, err), err

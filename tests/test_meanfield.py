@@ -106,6 +106,10 @@ def test_distances_of_unmeasurable_input_are_nan_under_jit_and_vmap():
     assert float(ref) == pytest.approx(np.sqrt(0.5), rel=1e-14)
     for bad in (jnp.nan, jnp.inf):
         assert bool(jnp.isnan(line(jnp.asarray([0.0, 1.0, bad]), jnp.asarray([0.0, 2.0]))))
+    w2 = jax.jit(ja.wasserstein2)  # SciPy raised "infeasible" inside the callback
+    vals = jax.vmap(w2, in_axes=(0, None))(jnp.stack([x[:5], xn[:5]]), y[:5])
+    assert float(vals[0]) > 0 and bool(jnp.isnan(vals[1]))
+    assert not np.isfinite(float(w2(x[:5].at[0, 1].set(jnp.inf), y[:5])))
     geo = jax.jit(ja.geodesic_distance)
     assert bool(jnp.isnan(geo(jnp.asarray([jnp.nan, 0.0]), jnp.asarray([1.0, 0.0]))))
     assert float(geo(jnp.asarray([1.0, 0.0]), jnp.asarray([1.0, 0.0]))) == 0.0

@@ -273,6 +273,13 @@ def _lsa_host(C: Float[ArrayLike, "*batch n n"]) -> Int[np.ndarray, "*batch n"]:
     flat = C.reshape((-1,) + C.shape[-2:])
     out = np.empty(flat.shape[:-1], np.int32)
     for k in range(flat.shape[0]):
+        if not np.all(np.isfinite(flat[k])):
+            # A NaN or infinite point (seen only under jit/vmap: eagerly it is refused)
+            # makes its whole row or column non-finite, and every row and column is
+            # matched: any matching gives the value NaN or inf. SciPy would raise
+            # "cost matrix is infeasible" from inside the callback.
+            out[k] = np.arange(flat.shape[-1])
+            continue
         _, cols = linear_sum_assignment(flat[k])
         out[k] = cols
     return out.reshape(C.shape[:-1])

@@ -46,6 +46,14 @@ def as_float_array(value, name: str, dtype=None):
         if arr.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
         arr = arr.astype(np.float64)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            big = np.abs(arr[np.isfinite(arr)]) if arr.size else arr
+            limit = float(jnp.finfo(dtype).max)
+            if big.size and float(big.max()) > limit:  # the cast would make it inf
+                raise ValueError(
+                    f"{name} holds values up to {float(big.max()):.3g}, beyond "
+                    f"{jnp.dtype(dtype).name}'s largest number {limit:.3g}"
+                )
     if dtype is not None:
         arr = jnp.asarray(arr, dtype=dtype)
     return arr

@@ -89,6 +89,9 @@ def load_x0(path: str):
         raise ValueError(
             f"--x0 {path} is not a readable .npy array ({str(e).splitlines()[0]})"
         ) from None
+    if not isinstance(x0, np.ndarray):  # an .npz archive of several arrays
+        x0.close()
+        raise ValueError(f"--x0 {path} is an .npz archive; give a .npy file of one (n, d) array")
     if x0.ndim != 2 or x0.shape[0] < 1 or x0.shape[1] < 1:
         raise ValueError(f"--x0 must hold an (n, d) array of tokens, got shape {x0.shape}")
     if x0.dtype.kind not in "fi" or not np.all(np.isfinite(x0)):
