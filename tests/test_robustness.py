@@ -260,6 +260,23 @@ def test_reproduce_and_demo_never_replace_files_they_did_not_write(tmp_path, cap
         assert "in use by another jaxattn run" in _err(capsys)
 
 
+def test_a_refused_sweep_leaves_the_folder_as_it_was(tmp_path):
+    # Before the fix the lock file was created first, then the folder's contents refused.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(SweepError, match="not written by a sweep"):
+        sweep(SWEEP, str(out), progress=False, log=None)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    other = tmp_path / "other"
+    sweep(dict(SWEEP, beta=2.0), str(other), progress=False, log=None)
+    (out / "summary.json").unlink()
+    os.replace(other / "result.npz", out / "result.npz")
+    with pytest.raises(SweepError, match="different sweep"):
+        sweep(SWEEP, str(out), progress=False, log=None)
+    assert sorted(p.name for p in out.iterdir()) == ["result.npz"]
+
+
 def test_two_sweeps_racing_into_one_folder_never_both_succeed(tmp_path):
     # Before the fix, both could pass the manifest check and mix their chunks.
     a = _write(tmp_path / "a.json", SWEEP)

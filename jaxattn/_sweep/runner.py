@@ -458,9 +458,25 @@ def sweep(
     """
     plan = spec if isinstance(spec, SweepPlan) else parse_sweep(spec)
     pi, pc = resolve_process(process_index, process_count)
+    program = _Program(plan, _PointBuilder(plan))
+    # Refusals that the folder's contents decide come before the folder and its lock
+    # are created, so a refused run leaves nothing behind; they are checked again
+    # under the lock (another run may have written in between).
+    check_output_dir(out_dir, create=False)
+    if os.path.isdir(out_dir):
+        _check_folder(program, out_dir, force)
     out_dir = check_output_dir(out_dir)
     with output_lock(out_dir, f"-p{pi}"):
-        return _sweep_locked(plan, out_dir, devices, progress, log, pi, pc, on_chunk, force)
+        return _sweep_locked(
+            plan, program, out_dir, devices, progress, log, pi, pc, on_chunk, force
+        )
+
+
+def _check_folder(program: _Program, out_dir: str, force: bool) -> None:
+    """Files of the user's, or another sweep's result, in `out_dir`: `SweepError`."""
+    _check_foreign_files(out_dir, force)
+    if not force:
+        _check_previous_result(out_dir, sweep_id({**program.plan.identity(), "ts": program.ts}))
 
 
 def _check_foreign_files(out_dir: str, force: bool) -> None:
@@ -476,17 +492,14 @@ def _check_foreign_files(out_dir: str, force: bool) -> None:
 
 
 def _sweep_locked(
-    plan, out_dir, devices, progress, log, process_index, process_count, on_chunk, force
+    plan, program, out_dir, devices, progress, log, process_index, process_count, on_chunk, force
 ):
-    _check_foreign_files(out_dir, force)
+    _check_folder(program, out_dir, force)
     remove_stale_temporaries(out_dir)
-    program = _Program(plan, _PointBuilder(plan))
     devices = list(jax.local_devices() if devices is None else devices)
     solve, ref_solve = program.compile(devices)
     ts, names = program.ts, program.names
     identity = {**plan.identity(), "ts": ts}
-    if not force:
-        _check_previous_result(out_dir, sweep_id(identity))
     if log:
         log(
             f"sweep: {plan.n_points} points "
