@@ -462,7 +462,7 @@ def sweep(
     # Refusals that the folder's contents decide come before the folder and its lock
     # are created, so a refused run leaves nothing behind; they are checked again
     # under the lock (another run may have written in between).
-    check_output_dir(out_dir, create=False)
+    out_dir = check_output_dir(out_dir, create=False)
     if os.path.isdir(out_dir):
         _check_folder(program, out_dir, force)
     out_dir = check_output_dir(out_dir)
