@@ -117,6 +117,10 @@ def test_departure_time_from_x0_file_and_eps(tmp_path):
         # an .npz archive was an AttributeError traceback
         (["reproduce", "departure-time", "--out", "X", "--x0", "x0s.npz"], "archive"),
         (
+            ["reproduce", "departure-time", "--out", "X", "--x0", "."],
+            "is a folder",
+        ),  # was "not found"
+        (
             ["reproduce", "departure-time", "--out", "/proc/x/y", "--quick"],
             "cannot create|writable",
         ),

@@ -82,6 +82,9 @@ def load_x0(path: str):
     import numpy as np
 
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a folder (or a FIFO, a device): not "not found"
+            kind = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise ValueError(f"--x0 {path} is {kind}; give a .npy file")
         raise ValueError(f"--x0 file not found: {path}")
     try:
         x0 = np.load(path, allow_pickle=False)

@@ -243,6 +243,9 @@ def read_text(path: str | os.PathLike) -> str:
     """Read a UTF-8 text file; empty (or whitespace-only) and non-UTF-8 files are errors."""
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a folder (or a FIFO, a device): not "not found"
+            kind = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise ValueError(f"text file {path} is {kind}; give a UTF-8 text file")
         raise ValueError(f"text file not found: {path}")
     with open(path, "rb") as fh:
         data = fh.read()
