@@ -393,9 +393,10 @@ def test_runtime_type_checks_are_on():
         "jaxattn was imported without jaxtyping's import hook (is --jaxtyping-packages "
         "missing from addopts, or was jaxattn imported before the plugin ran?)"
     )
-    # wrong shape: an attention matrix is (*batch, n, m), not a vector
+    # wrong dtype: an attention matrix holds floats, not integers (shapes are checked
+    # by the metrics themselves, `_batched`)
     with pytest.raises(TypeCheckError, match="P"):
-        ja.booleanness(jnp.zeros(3))
+        ja.booleanness(jnp.zeros((3, 3), jnp.int32))
     # wrong type: a threshold is a number, not a string
     with pytest.raises(TypeCheckError, match="delta"):
         ja.chord_from_cosine_gap("0.1")
