@@ -137,8 +137,6 @@ def _open_lock_file(path: str) -> int:
     """Open (creating) the lock file without following a link at its path, and refuse
     anything but a regular file with one name: the lock is truncated and rewritten, so
     a link to a user's file would overwrite that file."""
-    import stat
-
     refuse = f"{path} is not a jaxattn lock file ({{}}); remove it or choose another output folder"
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -148,19 +146,13 @@ def _open_lock_file(path: str) -> int:
             raise OutputLockError(refuse.format("a symbolic link")) from None
         raise OutputLockError(refuse.format(e.strerror or type(e).__name__)) from None
     info = os.fstat(fd)
-    kind = (
-        None
-        if stat.S_ISREG(info.st_mode)
-        else "a FIFO"
-        if stat.S_ISFIFO(info.st_mode)
-        else "a device or special file"
-    )
-    if kind is None and info.st_nlink != 1:
-        kind = f"a file with {info.st_nlink} hard links"
-    if kind is not None:
-        os.close(fd)
-        raise OutputLockError(refuse.format(kind))
-    return fd
+    kind = _file_kind(info.st_mode)
+    if kind == "regular file" and info.st_nlink == 1:
+        return fd
+    os.close(fd)
+    if kind == "regular file":
+        raise OutputLockError(refuse.format(f"a file with {info.st_nlink} hard links"))
+    raise OutputLockError(refuse.format(f"a {kind}"))
 
 
 @contextlib.contextmanager
