@@ -19,16 +19,11 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .._base import check_output_dir, output_lock
     from ..experiments import lora_divergence
-    from .reproduce import check_experiment_out
+    from .reproduce import experiment_out
 
-    name = lora_divergence.NAME  # the demo is that experiment without its extras
-    check_output_dir(args.out, create=False)  # fail before any work
-    check_experiment_out(args.out, name, "jaxattn demo", args.force)
-    out = check_output_dir(args.out)
-    with output_lock(out):  # one writer per folder
-        check_experiment_out(out, name, "jaxattn demo", args.force)
+    # the demo is the lora-divergence experiment without its extras
+    with experiment_out(args.out, lora_divergence.NAME, "jaxattn demo", args.force) as out:
         setup_jax("float64")
         summary = lora_divergence.run(out, quick=args.quick, compare_targets=False, gif=False)
     print(f"figures and summary.json in {out}")

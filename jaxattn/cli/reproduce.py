@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 def register(sub) -> None:
@@ -58,6 +60,21 @@ def check_experiment_out(out: str, name: str, command: str, force: bool) -> None
         f"--out {out} holds {what}; choose another folder, or pass --force to replace "
         "files of the same names"
     )
+
+
+@contextlib.contextmanager
+def experiment_out(out: str, name: str, command: str, force: bool) -> Iterator[str]:
+    """Hold `out` for one experiment run: the `--out` rule checked before anything is
+    created (a refused run leaves nothing), then the folder created and locked, and the
+    rule checked again under the lock (another run may have written in between)."""
+    from .._base import check_output_dir, output_lock
+
+    check_output_dir(out, create=False)  # fail before any work
+    check_experiment_out(out, name, command, force)
+    out = check_output_dir(out)
+    with output_lock(out):  # one writer per folder
+        check_experiment_out(out, name, command, force)
+        yield out
 
 
 def parse_eps(text: str) -> list[float]:
@@ -128,13 +145,9 @@ def handle(args) -> int:
         if given["metric"] not in ("hausdorff", "paper"):
             raise ValueError(f"unknown metric {given['metric']!r}; choose hausdorff or paper")
         overrides["metric"] = given["metric"]
-    from .._base import check_output_dir, output_lock, setup_jax
+    from .._base import setup_jax
 
-    check_output_dir(args.out, create=False)  # fail before any work
-    check_experiment_out(args.out, mod.NAME, f"jaxattn reproduce {mod.NAME}", args.force)
-    check_output_dir(args.out)
-    with output_lock(args.out):  # one writer per folder
-        check_experiment_out(args.out, mod.NAME, f"jaxattn reproduce {mod.NAME}", args.force)
+    with experiment_out(args.out, mod.NAME, f"jaxattn reproduce {mod.NAME}", args.force):
         setup_jax("float64")
         mod.run(args.out, quick=args.quick, **overrides)
     print(f"figures, data and summary.json in {args.out}")
