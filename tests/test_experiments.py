@@ -118,7 +118,7 @@ def test_departure_time_from_x0_file_and_eps(tmp_path):
         (["reproduce", "departure-time", "--out", "X", "--x0", "x0s.npz"], "archive"),
         (
             ["reproduce", "departure-time", "--out", "X", "--x0", "."],
-            "is a folder",
+            "is a directory",
         ),  # was "not found"
         (
             ["reproduce", "departure-time", "--out", "/proc/x/y", "--quick"],

@@ -226,7 +226,7 @@ BAD = [
         r"is not UTF-8 \(byte 0xe9 at offset 3\)",
     ),
     ("no_text_file", lambda t, c: ["--text", str(t / "none.txt")], "text file not found"),
-    ("text_is_a_folder", lambda t, c: ["--text", str(t)], "is a folder"),  # was "not found"
+    ("text_is_a_folder", lambda t, c: ["--text", str(t)], "is a directory"),  # was "not found"
     ("bad_repeat", lambda t, c: ["--repeat", "0"], "--repeat must be an integer"),
 ]
 

@@ -27,6 +27,7 @@ from .io import (
     OutputBusyError as OutputBusyError,
     OutputLockError as OutputLockError,
     atomic_path as atomic_path,
+    check_input_file as check_input_file,
     check_output_dir as check_output_dir,
     check_output_file as check_output_file,
     create_exclusive_json as create_exclusive_json,

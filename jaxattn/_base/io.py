@@ -92,11 +92,9 @@ def _holds_members(path: str, members: Sequence[str]) -> bool:
 MAX_INPUT_BYTES = 256 * 2**20
 
 
-def read_regular_file(
-    path: str | os.PathLike, what: str, max_bytes: int = MAX_INPUT_BYTES
-) -> bytes:
-    """The bytes of a regular file of at most `max_bytes`; FIFOs, devices and larger files
-    are refused with one line (a FIFO would block forever, `/dev/zero` never ends)."""
+def check_input_file(path: str | os.PathLike, what: str) -> os.stat_result:
+    """The `stat` of an input that must be a regular file: a missing path, a folder, a
+    FIFO or a device is refused with one line naming `what` and the path."""
     path = os.fspath(path)
     try:
         st = os.stat(path)
@@ -107,6 +105,16 @@ def read_regular_file(
     kind = _file_kind(st.st_mode)
     if kind != "regular file":
         raise ValueError(f"{what} {path} is a {kind}, not a regular file")
+    return st
+
+
+def read_regular_file(
+    path: str | os.PathLike, what: str, max_bytes: int = MAX_INPUT_BYTES
+) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; FIFOs, devices and larger files
+    are refused with one line (a FIFO would block forever, `/dev/zero` never ends)."""
+    path = os.fspath(path)
+    st = check_input_file(path, what)
     if st.st_size > max_bytes:
         raise ValueError(
             f"{what} {path} is {st.st_size} bytes, over the limit of {max_bytes} bytes"

@@ -98,11 +98,9 @@ def parse_eps(text: str) -> list[float]:
 def load_x0(path: str):
     import numpy as np
 
-    if not os.path.isfile(path):
-        if os.path.exists(path):  # a folder (or a FIFO, a device): not "not found"
-            kind = "a folder" if os.path.isdir(path) else "not a regular file"
-            raise ValueError(f"--x0 {path} is {kind}; give a .npy file")
-        raise ValueError(f"--x0 file not found: {path}")
+    from .._base import check_input_file
+
+    check_input_file(path, "--x0 file")
     try:
         x0 = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._base import Float, Int, check_int
+from .._base import Float, Int, check_input_file, check_int
 
 if TYPE_CHECKING:  # optional (the `real` extra), imported where it is used; see _bert.py
     from tokenizers import Tokenizer
@@ -242,11 +242,7 @@ def load_tokenizer(model_dir: str | os.PathLike) -> tuple[Tokenizer, int | None]
 def read_text(path: str | os.PathLike) -> str:
     """Read a UTF-8 text file; empty (or whitespace-only) and non-UTF-8 files are errors."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        if os.path.exists(path):  # a folder (or a FIFO, a device): not "not found"
-            kind = "a folder" if os.path.isdir(path) else "not a regular file"
-            raise ValueError(f"text file {path} is {kind}; give a UTF-8 text file")
-        raise ValueError(f"text file not found: {path}")
+    check_input_file(path, "text file")
     with open(path, "rb") as fh:
         data = fh.read()
     try:
