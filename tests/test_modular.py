@@ -19,7 +19,8 @@ from jaxattn.modular import (
     split_indices,
     trainable_filter,
 )
-from jaxattn.modular._train import adamw
+from jaxattn.modular._config import pretrain_fingerprint
+from jaxattn.modular._train import adamw, save_tree
 
 TINY = {
     "p": 7,
@@ -247,6 +248,13 @@ def test_cli_pretrain_finetune_and_foreign_checkpoint(tmp_path, capsys):
         assert main(["modular", action, "--config", other, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert "another configuration" in err and err.count("\n") == 1
+    # a rerun asking for fewer steps than its checkpoint holds cannot go back: refused,
+    # instead of a summary recording max_steps = 20 beside steps = 40
+    for action, key in (("pretrain", "max_steps"), ("finetune", "ft_steps")):
+        fewer = _cfg(tmp_path, "fewer.json", **({"max_steps": 40} | {key: 20}))
+        assert main(["modular", action, "--config", fewer, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"past {key} = 20" in err and err.count("\n") == 1
     assert {
         p: p.read_bytes()
         for p in out.rglob("*")
@@ -255,6 +263,52 @@ def test_cli_pretrain_finetune_and_foreign_checkpoint(tmp_path, capsys):
     # fine-tuning without a pre-trained model
     assert main(["modular", "finetune", "--config", cfg, "--out", str(tmp_path / "e")]) == 2
     assert "no pre-trained model" in capsys.readouterr().err
+
+
+def _fake_checkpoint(folder, kind, fingerprint, step):
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"kind": kind, "fingerprint": fingerprint, "step": step, "metrics": []}
+    save_tree(str(folder / "checkpoint.eqx"), header | {"stopped_at": None}, jnp.zeros(1))
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cli_refuses_before_creating_anything(tmp_path, capsys):
+    """Refusals that need no training: each leaves the folder exactly as it was (no
+    lock file, no sub-folder) and says why in one line."""
+    out = tmp_path / "out"
+
+    def refused(action, cfg, msg, quick=False):
+        before = _tree(out) if out.exists() else None
+        argv = ["modular", action, "--config", cfg, "--out", str(out)]
+        assert main(argv + (["--quick"] if quick else [])) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+        assert (_tree(out) if out.exists() else None) == before
+
+    c = tiny()
+    # sizes and rules that a single config does not show
+    refused("pretrain", _cfg(tmp_path, d_model=200_000), "full-batch training")
+    refused("pretrain", _cfg(tmp_path, max_steps=20), "needs max_steps (20) > warmup", True)
+    wide = _cfg(tmp_path, capacity_widths=[300_000], capacity_lrs=[1e-3])
+    refused("study", wide, "d_model = 300000")
+    # checkpoints already there: garbage, past the steps asked for, another schedule
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / "checkpoint.eqx").write_bytes(b"garbage\n")
+    refused("pretrain", _cfg(tmp_path), "is not a jaxattn modular checkpoint")
+    _fake_checkpoint(out / "pretrain", "pretrain", pretrain_fingerprint(c), 400)
+    refused("pretrain", _cfg(tmp_path), "at step 400, past max_steps = 120")
+    # a cosine decay spans max_steps: another max_steps is another run from step 0
+    cos = tiny(schedule="cosine", warmup=10)
+    _fake_checkpoint(out / "pretrain", "pretrain", pretrain_fingerprint(cos), 100)
+    refused("pretrain", _cfg(tmp_path, schedule="cosine", warmup=10, max_steps=240), "max_steps")
+    # the study checks every run's checkpoint before it starts the first
+    run = out / "runs" / "d2_s0" / "pretrain"
+    _fake_checkpoint(run, "pretrain", pretrain_fingerprint(c.replace(depth=2)), 400)
+    refused("study", _cfg(tmp_path, depths=[1, 2], seeds=[0]), "at step 400")
+    assert not any(p.name.startswith(".jaxattn-lock") for p in out.rglob("*"))
 
 
 # -- the study protocol: schedule, clipping, the bar, reading forgetting, the trend test ----

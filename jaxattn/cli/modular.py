@@ -37,9 +37,13 @@ def register(sub) -> None:
 
 def handle(args) -> int:
     from .._base import check_output_dir, output_lock
-    from ..modular import load_config
+    from ..modular import check_run, load_config
 
-    config = load_config(args.config, quick=args.quick)  # validates: fail before any work
+    # Everything that can be checked is checked before anything is created: the config
+    # (every run of a study), the folder, and the checkpoints already there.
+    config = load_config(args.config, quick=args.quick)
+    check_output_dir(args.out, create=False)
+    check_run(config, args.action, args.out)
     check_output_dir(args.out)
     with output_lock(args.out):  # one writer per folder for the whole run
         return _run(args, config)

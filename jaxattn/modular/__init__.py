@@ -19,6 +19,7 @@ from ._data import (
 from ._finetune import at_learning as at_learning, finetune as finetune, half_life as half_life
 from ._model import ModularTransformer as ModularTransformer, trainable_filter as trainable_filter
 from ._study import (
+    check_run as check_run,
     particle_divergence as particle_divergence,
     run_study as run_study,
     trend_test as trend_test,

@@ -261,14 +261,29 @@ def validate(c: ModularConfig) -> None:
             raise ValueError(f"heads ({c.heads}) must divide capacity width {v}")
     if not c.depths or not c.seeds or not c.ranks:
         raise ValueError("depths, seeds and ranks must be non-empty lists")
-    # Full-batch training holds the logits of all p² pairs over the p + 3 tokens, with
-    # their gradients (about three copies), and the activations of every layer.
+    if c.schedule == "cosine" and c.max_steps <= c.warmup:
+        raise ValueError(f"a cosine schedule needs max_steps ({c.max_steps}) > warmup ({c.warmup})")
+    check_memory(training_bytes(c), f"full-batch training at p = {c.p}, d_model = {c.d_model}")
+
+
+def training_bytes(c: ModularConfig) -> float:
+    """Estimated peak memory of full-batch pre-training: the logits of all p² pairs over
+    the p + 3 tokens with their gradients (about three copies), the activations of every
+    layer, and five copies of the weights (parameters, gradients, the two AdamW moments,
+    the update), 4·d_model² per block plus the embeddings."""
     itemsize = 8 if c.dtype == "float64" else 4
     pairs = c.p * c.p
-    check_memory(
-        itemsize * pairs * (3.0 * (c.p + 3) + 4 * c.d_model * (c.depth + 2)),
-        f"full-batch training at p = {c.p}, d_model = {c.d_model}",
-    )
+    blocks = 1 if c.tied else c.depth
+    weights = 4.0 * c.d_model**2 * blocks + (2 * c.p + 7) * c.d_model
+    return itemsize * (pairs * (3.0 * (c.p + 3) + 4 * c.d_model * (c.depth + 2)) + 5 * weights)
+
+
+def pretrain_fingerprint(c: ModularConfig) -> dict[str, Any]:
+    """What a pre-training checkpoint must agree on to be resumed: the model and the
+    optimiser, and with a cosine schedule also `max_steps` (the decay spans it, so a
+    different value is a different run from step 0)."""
+    keys = PRETRAIN_KEYS + (("max_steps",) if c.schedule == "cosine" else ())
+    return c.subset(keys)
 
 
 _TUPLES = ("targets", "depths", "seeds", "ranks", "capacity_lrs", "capacity_widths", "sub_levels")

@@ -62,6 +62,12 @@ def at_learning(
     return out
 
 
+def finetune_fingerprint(config: ModularConfig, base_path: str) -> dict[str, Any]:
+    """What a fine-tuning checkpoint must agree on: the LoRA and optimiser settings and
+    the bytes of the pre-trained model it started from."""
+    return dict(config.subset(FINETUNE_KEYS), base=file_digest(base_path))
+
+
 def finetune(
     config: ModularConfig,
     out_dir: str,
@@ -98,7 +104,7 @@ def finetune(
         config.dtype,
         clip=config.ft_clip,
     )
-    fp = dict(config.subset(FINETUNE_KEYS), base=file_digest(base_path))
+    fp = finetune_fingerprint(config, base_path)
     model, rows, info = train(
         model,
         trainable_filter(model, lora_only=True),
@@ -113,6 +119,7 @@ def finetune(
         fingerprint=fp,
         on_log=on_log,
         progress=progress,
+        steps_name="ft_steps",
     )
     steps = [r["step"] for r in rows]
     acc = [r["add_all_acc"] for r in rows]

@@ -27,15 +27,74 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from .._base import ArrayLike, Int, check_output_dir, write_json, write_text
-from ._config import ModularConfig
+from ._config import ModularConfig, pretrain_fingerprint
 from ._data import all_pairs
-from ._finetune import finetune
+from ._finetune import finetune, finetune_fingerprint
 from ._model import ModularTransformer
-from ._train import pretrain
+from ._train import check_pretrained, check_resume, pretrain
 
 
 def run_dir(out_dir: str, depth: int, seed: int) -> str:
     return os.path.join(out_dir, "runs", f"d{depth}_s{seed}")
+
+
+def study_jobs(config: ModularConfig) -> list[ModularConfig]:
+    """The study's runs, one config each: every depth × seed at `config.rank`, then the
+    ranks at `rank_depth` (each built, hence validated, here)."""
+    keys = [(d, s, config.rank) for d in config.depths for s in config.seeds]
+    keys += [
+        (config.rank_depth, s, r)
+        for r in config.ranks
+        for s in config.seeds
+        if (config.rank_depth, s, r) not in keys
+    ]
+    return [config.replace(depth=d, seed=s, rank=r) for d, s, r in keys]
+
+
+def capacity_configs(config: ModularConfig) -> list[ModularConfig]:
+    """The capacity runs: `capacity_depth` with the first seed at every width × lr."""
+    return [
+        config.replace(
+            depth=config.capacity_depth,
+            seed=config.seeds[0],
+            lr=lr,
+            d_model=width,
+            stop_at_target=False,
+        )
+        for width in config.capacity_widths
+        for lr in config.capacity_lrs
+    ]
+
+
+def capacity_dir(out_dir: str, c: ModularConfig) -> str:
+    return os.path.join(out_dir, "capacity", f"d{c.depth}_w{c.d_model}_lr{c.lr:g}")
+
+
+def check_run(config: ModularConfig, action: str, out_dir: str) -> None:
+    """Every check of a `pretrain`, `finetune` or `study` run into `out_dir` that can be
+    made before anything is written: each run's config (the study's depths, ranks and
+    capacity widths included), and each checkpoint already there (its format, its
+    configuration, its step against the steps asked for). A refused run leaves nothing."""
+    pre, base, ft = "pretrain", os.path.join("pretrain", "model.eqx"), "finetune"
+    if action == "pretrain":
+        runs = [(config, out_dir, pre, None)]
+    elif action == "finetune":
+        check_pretrained(config, os.path.join(out_dir, base))  # it must be there
+        runs = [(config, out_dir, None, ft)]
+    else:
+        runs = [
+            (c, run_dir(out_dir, c.depth, c.seed), pre, f"finetune_r{c.rank}")
+            for c in study_jobs(config)
+        ]
+        runs += [(c, capacity_dir(out_dir, c), "", None) for c in capacity_configs(config)]
+    for c, rd, pre_dir, ft_dir in runs:  # (config, run folder, its sub-folders)
+        if pre_dir is not None:
+            fp = pretrain_fingerprint(c)
+            check_resume(os.path.join(rd, pre_dir), "pretrain", fp, c.max_steps, "max_steps")
+        if ft_dir is not None and os.path.exists(os.path.join(rd, base)):
+            check_pretrained(c, os.path.join(rd, base))
+            fp = finetune_fingerprint(c, os.path.join(rd, base))
+            check_resume(os.path.join(rd, ft_dir), "finetune", fp, c.ft_steps, "ft_steps")
 
 
 def particle_divergence(
@@ -106,16 +165,11 @@ def run_study(
     t_start = time.perf_counter()
     runs: dict[tuple[int, int, int], dict[str, Any]] = {}
     models = {}
-    jobs = [(d, s, config.rank) for d in config.depths for s in config.seeds]
-    jobs += [
-        (config.rank_depth, s, r)
-        for r in config.ranks
-        for s in config.seeds
-        if (config.rank_depth, s, r) not in jobs
-    ]
+    jobs = study_jobs(config)  # every run's config, validated before any work
+    capacity_configs(config)
     prompts = _prompt_tokens(config)
-    for depth, seed, rank in jobs:
-        c = config.replace(depth=depth, seed=seed, rank=rank)
+    for c in jobs:
+        depth, seed, rank = c.depth, c.seed, c.rank
         rd = run_dir(out_dir, depth, seed)
         t0 = time.perf_counter()
         base, pre_rows, pre = pretrain(c, os.path.join(rd, "pretrain"), progress=progress)
@@ -180,33 +234,26 @@ def _capacity(config: ModularConfig, out_dir: str, *, progress: bool, log) -> li
     seed 0 at every `capacity_lrs` × `capacity_widths` (same schedule and steps as the
     study) and keep the training-accuracy curves."""
     out = []
-    for width in config.capacity_widths:
-        for lr in config.capacity_lrs:
-            c = config.replace(
-                depth=config.capacity_depth,
-                seed=config.seeds[0],
-                lr=lr,
-                d_model=width,
-                stop_at_target=False,
-            )
-            rd = os.path.join(out_dir, "capacity", f"d{c.depth}_w{width}_lr{lr:g}")
-            _, rows, pre = pretrain(c, rd, progress=progress)
-            out.append(
-                {
-                    "depth": c.depth,
-                    "d_model": width,
-                    "lr": lr,
-                    "steps": [r["step"] for r in rows],
-                    "train_acc": [r["train_acc"] for r in rows],
-                    "final_train_acc": rows[-1]["train_acc"],
-                    "max_train_acc": max(r["train_acc"] for r in rows),
-                }
-            )
-            log(
-                f"capacity: depth {c.depth}, d_model {width}, lr {lr:g}: train acc "
-                f"{out[-1]['final_train_acc']:.3f} after {pre['steps']} steps "
-                f"(best {out[-1]['max_train_acc']:.3f})"
-            )
+    for c in capacity_configs(config):
+        width, lr = c.d_model, c.lr
+        rd = capacity_dir(out_dir, c)
+        _, rows, pre = pretrain(c, rd, progress=progress)
+        out.append(
+            {
+                "depth": c.depth,
+                "d_model": width,
+                "lr": lr,
+                "steps": [r["step"] for r in rows],
+                "train_acc": [r["train_acc"] for r in rows],
+                "final_train_acc": rows[-1]["train_acc"],
+                "max_train_acc": max(r["train_acc"] for r in rows),
+            }
+        )
+        log(
+            f"capacity: depth {c.depth}, d_model {width}, lr {lr:g}: train acc "
+            f"{out[-1]['final_train_acc']:.3f} after {pre['steps']} steps "
+            f"(best {out[-1]['max_train_acc']:.3f})"
+        )
     return out
 
 

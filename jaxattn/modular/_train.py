@@ -34,7 +34,7 @@ import optax
 from jax.typing import DTypeLike
 
 from .._base import Array, Int, PyTree, atomic_path, check_output_dir, write_json
-from ._config import PRETRAIN_KEYS, ModularConfig
+from ._config import ModularConfig, pretrain_fingerprint
 from ._data import make_split
 from ._model import ModularTransformer, trainable_filter
 
@@ -94,6 +94,27 @@ def check_fingerprint(path: str, kind: str, fingerprint: dict[str, Any]) -> dict
                 f"{old.get(k)!r} there, {fingerprint.get(k)!r} now); use "
                 f"another --out or remove it"
             )
+    return header
+
+
+def check_resume(
+    out_dir: str, kind: str, fingerprint: dict[str, Any], steps: int, steps_name: str
+) -> dict[str, Any] | None:
+    """Header of `out_dir/checkpoint.eqx` if a run can resume from it (None if there is
+    none); a one-line error if it belongs to another run or is already past `steps`
+    (a resumed run cannot go back, and its summary would disagree with the config)."""
+    ckpt = os.path.join(out_dir, "checkpoint.eqx")
+    if not os.path.exists(ckpt):
+        return None
+    header = check_fingerprint(ckpt, kind, fingerprint)
+    step = header.get("step")
+    if type(step) is not int or not isinstance(header.get("metrics"), list):
+        raise ValueError(f"{ckpt} is not a jaxattn modular checkpoint")
+    if step > steps:
+        raise ValueError(
+            f"checkpoint {ckpt} is at step {step}, past {steps_name} = {steps}; raise "
+            f"{steps_name} to at least {step} or use another --out"
+        )
     return header
 
 
@@ -254,6 +275,7 @@ def train(
     on_log: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
+    steps_name: str = "steps",
 ) -> tuple[_Model, list[dict[str, Any]], dict[str, Any]]:
     """Train the `filter_spec` leaves of `model` full-batch; resume from `out_dir`.
 
@@ -269,6 +291,8 @@ def train(
     - `stop(row) -> bool`: end early after the first row where it is true (recorded
       as `stopped_at`; a stopped run is not continued on restart).
     - `on_log(step, row)`: called after each metrics row (and checkpoint).
+    - `steps_name`: the config key of `steps`, for the error when a checkpoint is
+      already past it (`check_resume`).
 
     **Returns:** `(model, rows, info)` with `info = {"step", "stopped_at", "resumed_from"}`.
     """
@@ -278,8 +302,8 @@ def train(
     ckpt = os.path.join(out_dir, "checkpoint.eqx")
     rows: list[dict[str, Any]] = []
     step, stopped_at, resumed_from = 0, None, None
-    if os.path.exists(ckpt):
-        header = check_fingerprint(ckpt, kind, fingerprint)
+    header = check_resume(out_dir, kind, fingerprint, steps, steps_name)
+    if header is not None:
         params, opt_state = load_tree(ckpt, (params, opt_state))
         step, rows, stopped_at = int(header["step"]), header["metrics"], header["stopped_at"]
         resumed_from = step
@@ -417,7 +441,7 @@ def pretrain(
     names = ("train", "test", "all") if config.target_all_acc > 0 else ("train", "test")
     sets = as_device_sets(split, names)
     opt = pretrain_optimizer(config)
-    fp = config.subset(PRETRAIN_KEYS)
+    fp = pretrain_fingerprint(config)
     model, rows, info = train(
         model,
         trainable_filter(model, lora_only=False),
@@ -433,6 +457,7 @@ def pretrain(
         stop=(lambda r: meets_bar(r, config)) if config.stop_at_target else None,
         on_log=on_log,
         progress=progress,
+        steps_name="max_steps",
     )
     first = next((r["step"] for r in rows if meets_bar(r, config)), None)
     summary = {
@@ -452,13 +477,18 @@ def pretrain(
     return model, rows, summary
 
 
-def load_pretrained(config: ModularConfig, path: str) -> ModularTransformer:
-    """The pre-trained model in `path` (`model.eqx`), checked against `config`."""
+def check_pretrained(config: ModularConfig, path: str) -> None:
+    """A one-line error unless `path` holds a pre-trained model of `config`."""
     if not os.path.exists(path):
         raise ValueError(
             f"no pre-trained model at {path}; run `jaxattn modular pretrain` "
             f"with the same --out first"
         )
-    check_fingerprint(path, "model", config.subset(PRETRAIN_KEYS))
+    check_fingerprint(path, "model", pretrain_fingerprint(config))
+
+
+def load_pretrained(config: ModularConfig, path: str) -> ModularTransformer:
+    """The pre-trained model in `path` (`model.eqx`), checked against `config`."""
+    check_pretrained(config, path)
     like = ModularTransformer(config, key=jax.random.key(0))
     return load_tree(path, like)
