@@ -91,6 +91,45 @@ def test_sliced_w2_properties():
     )
 
 
+def test_sliced_w2_in_groups_of_projections_equals_all_at_once(monkeypatch):
+    # Large clouds sort their projections in groups (memory O(n + m) at any number of
+    # projections); forcing groups of 3 on a small cloud must give the same number.
+    import jaxattn._analysis.wasserstein as W
+
+    x, y = _cloud(6, 20, 3), _cloud(7, 13, 3, 0.3)
+    key = jax.random.key(2)
+    whole = float(ja.sliced_wasserstein2(x, y, key=key, n_projections=10))
+    monkeypatch.setattr(W, "SLICED_GROUP_ENTRIES", 3 * 33)
+    grouped = float(ja.sliced_wasserstein2(x, y, key=key, n_projections=10))
+    assert grouped == pytest.approx(whole, rel=1e-14, abs=0)
+    # NaN stays NaN through the grouped path under jit as well
+    sw = jax.jit(lambda u: ja.sliced_wasserstein2(u, y, key=key, n_projections=10))
+    assert bool(jnp.isnan(sw(x.at[0, 0].set(jnp.nan))))
+
+
+def test_transport_sizes_are_checked_before_allocating(monkeypatch):
+    # Before: exact W2 of 20,000 points and sliced W2 of 2·10⁶ failed inside XLA
+    # ("Error dispatching computation"), Sinkhorn ran on with no estimate.
+    big = jnp.zeros((10_001, 2))
+    with pytest.raises(ValueError, match=r"exact W2 of 10001 points needs an O\(n³\)"):
+        ja.wasserstein2(big, big)
+    with pytest.raises(ValueError, match="over max_points = 10000"):
+        ja.optimal_assignment(big, big)
+    x, y = _cloud(0, 300, 2), _cloud(1, 300, 2)
+    monkeypatch.setenv("JAXATTN_MAX_MEMORY", "1M")
+    with pytest.raises(ValueError, match=r"exact W2 of 300 points in d = 2 needs 3\.43 MiB"):
+        ja.wasserstein2(x, y)
+    with pytest.raises(ValueError, match="entropic OT of 300 and 300 points"):
+        ja.entropic_ot(x, y)
+    with pytest.raises(ValueError, match="Sinkhorn divergence of 300 and 300 points"):
+        ja.sinkhorn_divergence(x, y)
+    monkeypatch.setenv("JAXATTN_MAX_MEMORY", "10K")
+    with pytest.raises(ValueError, match="sliced W2 of 300 and 300 points"):
+        ja.sliced_wasserstein2(x, y, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="batch_size must be"):
+        ja.entropic_ot(x, y, batch_size=0)
+
+
 # -- entropic OT through OTT-JAX -----------------------------------------------------
 def test_distances_of_unmeasurable_input_are_nan_under_jit_and_vmap():
     # Before the fix, a NaN (or inf) point gave a distance of exactly 0 under jit/vmap

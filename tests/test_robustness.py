@@ -277,6 +277,39 @@ def test_a_refused_sweep_leaves_the_folder_as_it_was(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["result.npz"]
 
 
+def test_sweep_batch_beyond_the_chunk_is_refused_and_a_changed_sweep_says_what(tmp_path):
+    # Before: batch = 10⁷ passed validation, padded every chunk to 10⁷ points, ran out of
+    # memory and left a manifest; the corrected rerun then blamed a "different spec or grid".
+    out = tmp_path / "out"
+    big = dict(SWEEP, sweep=dict(SWEEP["sweep"], batch=10**7))
+    with pytest.raises(SweepError, match=r"sweep batch \(10000000\) must be ≤ sweep chunk \(2\)"):
+        sweep(big, str(out), progress=False, log=None)
+    assert not out.exists()
+    # a manifest left by a run that stopped (here: killed after its first chunk is
+    # simulated by removing the result) names what changed in the rerun
+    sweep(SWEEP, str(out), progress=False, log=None)
+    (out / "result.npz").unlink()
+    other = dict(SWEEP, sweep=dict(SWEEP["sweep"], batch=1))
+    with pytest.raises(SweepError, match=r"\(options.batch: 2 there, 1 here\)"):
+        sweep(other, str(out), progress=False, log=None)
+    moved = dict(SWEEP, solve={"t1": 2.0, "dt": 0.1})
+    with pytest.raises(SweepError, match=r"\(spec.solve.t1: 1.0 there, 2.0 here\)"):
+        sweep(moved, str(out), progress=False, log=None)
+
+
+def test_departure_time_sizes_and_x0_shape_are_checked_before_out_is_made(tmp_path, capsys):
+    # Before: 200,000 tokens started a reference solve of hours before any check, and a
+    # wrong --x0 shape left an empty --out.
+    out = tmp_path / "r"
+    for shape, msg in (((200_000, 2), "departure-time with 200000 tokens"), ((20, 3), "(n, 2)")):
+        path = tmp_path / "x0.npy"
+        np.save(path, np.zeros(shape))
+        argv = ["reproduce", "departure-time", "--x0", str(path), "--out", str(out)]
+        assert cli.main(argv) == 2
+        assert msg in _err(capsys)
+        assert not out.exists()
+
+
 def test_two_sweeps_racing_into_one_folder_never_both_succeed(tmp_path):
     # Before the fix, both could pass the manifest check and mix their chunks.
     a = _write(tmp_path / "a.json", SWEEP)

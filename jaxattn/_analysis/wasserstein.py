@@ -47,6 +47,7 @@ from .._base import (
     ScalarLike,
     check_choice,
     check_int,
+    check_memory,
 )
 
 COSTS = ("euclidean", "geodesic")
@@ -57,6 +58,13 @@ SINKHORN_DENSE_MAX = 2048 * 2048
 # d = 2, float32, on the 2-core CPU (second call, another job running): 32 rows 12.9 s,
 # 64 rows 12.2 s, 128 rows 12.7 s, 256 rows 21.8 s, 512 rows 31.8 s, 2048 rows 88 s.
 SINKHORN_BLOCK = 128
+# Exact W2 solves an assignment problem on the host, O(n³): SciPy took 1.2 s at n = 2000,
+# 4.2 s at 4000 and 21 s at 8000 (random points in d = 2, the 2-core CPU). Larger clouds
+# are refused unless `max_points` is raised; sliced or entropic transport serves there.
+EXACT_MAX_POINTS = 10_000
+# Projections per group in `sliced_wasserstein2`: a group sorts `group × (n + m)` values,
+# with about a dozen arrays of that size alive; groups are run one after another.
+SLICED_GROUP_ENTRIES = 1 << 24
 
 
 # -- validation -----------------------------------------------------------------------
@@ -119,6 +127,28 @@ def _as_weights(a, n: int, name: str, cloud: str, dtype) -> Array:
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"weights {name} sum to {total:.6g}, not 1 (normalise them)")
     return a
+
+
+def _check_exact(x: Array, y: Array, max_points: int) -> None:
+    """Exact transport between same-size clouds, within its size and memory limits."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"exact W2 needs clouds of the same size with uniform weights, got "
+            f"n = {x.shape[0]} and m = {y.shape[0]} (use sinkhorn_divergence, "
+            "wasserstein2_line or sliced_wasserstein2)"
+        )
+    n, d = x.shape
+    max_points = check_int(max_points, "max_points", 1)
+    if n > max_points:
+        raise ValueError(
+            f"exact W2 of {n} points needs an O(n³) assignment (about 20 s at 8000 "
+            f"points on 2 CPU cores, ×8 per doubling), over max_points = {max_points}; "
+            "raise max_points, or use sliced_wasserstein2 or sinkhorn_divergence"
+        )
+    # the differences (n, n, d) and the cost matrix in the dtype, its float64 copy on
+    # the host, and SciPy's own float64 copy
+    item = x.dtype.itemsize
+    check_memory(float(n) * n * ((d + 1) * item + 16), f"exact W2 of {n} points in d = {d}")
 
 
 def _check_pair(x, y, a, b, cost: str):
@@ -293,24 +323,30 @@ def _assign(C: Array) -> Array:
 
 
 def optimal_assignment(
-    x: Float[Array, "n d"], y: Float[Array, "n d"], *, cost: str = "euclidean"
+    x: Float[Array, "n d"],
+    y: Float[Array, "n d"],
+    *,
+    cost: str = "euclidean",
+    max_points: int = EXACT_MAX_POINTS,
 ) -> Int[Array, " n"]:
     """Optimal matching `σ` between two clouds of the same size with uniform weights:
     `x_i ↔ y_σ(i)` minimises `Σ_i c(x_i, y_σ(i))`. Computed on the host by SciPy's
     `linear_sum_assignment` (a shortest-augmenting-path solver, O(n³)); jittable and
     vmappable through `jax.pure_callback`, not differentiable (it is piecewise constant).
+    Clouds above `max_points` points, or whose cost matrix does not fit in memory
+    (`JAXATTN_MAX_MEMORY`), are refused before anything is allocated.
     """
     x, y, _, _, cost = _check_pair(x, y, None, None, cost)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"an assignment needs clouds of the same size, got n = {x.shape[0]} "
-            f"and m = {y.shape[0]}"
-        )
+    _check_exact(x, y, max_points)
     return _assign(cost_matrix(x, y, cost))
 
 
 def wasserstein2(
-    x: Float[Array, "n d"], y: Float[Array, "n d"], *, cost: str = "euclidean"
+    x: Float[Array, "n d"],
+    y: Float[Array, "n d"],
+    *,
+    cost: str = "euclidean",
+    max_points: int = EXACT_MAX_POINTS,
 ) -> Float[Array, ""]:
     """Exact `W₂(μ, ν)` between `μ = (1/n) Σ δ_{x_i}` and `ν = (1/n) Σ δ_{y_j}`.
 
@@ -322,18 +358,15 @@ def wasserstein2(
     - `x`, `y`: clouds `(n, d)` of the same size.
     - `cost`: `"euclidean"` (`c = |x − y|²`) or `"geodesic"` (squared great-circle
       distance; points on the unit sphere).
+    - `max_points`: larger clouds are refused (the assignment is O(n³); see
+      `EXACT_MAX_POINTS`), as are clouds whose n × n cost matrix does not fit in memory.
 
     **Returns:** `W₂` (not squared), a scalar. The assignment is found on the host
     (`optimal_assignment`); the value and its gradient are JAX (the gradient is exact
     where the optimal assignment is unique, and 0 at `x = y`).
     """
     x, y, _, _, cost = _check_pair(x, y, None, None, cost)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"exact W2 needs clouds of the same size with uniform weights, got "
-            f"n = {x.shape[0]} and m = {y.shape[0]} (use sinkhorn_divergence, "
-            "wasserstein2_line or sliced_wasserstein2)"
-        )
+    _check_exact(x, y, max_points)
     C = cost_matrix(x, y, cost)
     sigma = _assign(C)
     matched = jnp.take_along_axis(C, sigma[:, None], axis=1)[:, 0]
@@ -411,16 +444,30 @@ def sliced_wasserstein2(
     estimated with `n_projections` random directions drawn from `key`.
 
     Cost O(P·(n + m) log(n + m)) for P projections, so it serves at any n. It is a
-    different metric from `W₂`: `SW₂ ≤ W₂`, and both vanish together.
+    different metric from `W₂`: `SW₂ ≤ W₂`, and both vanish together. The projections
+    are sorted in groups of about `SLICED_GROUP_ENTRIES / (n + m)` (all at once for
+    small clouds), so memory stays O(n + m) beside the clouds at any `n_projections`.
 
     **Returns:** the estimate of `SW₂` (not squared).
     """
     x, y, a, b, _ = _check_pair(x, y, a, b, "euclidean")
     n_projections = check_int(n_projections, "n_projections", 1)
-    theta = _unit_directions(key, n_projections, x.shape[1], x.dtype)
-    px, py = x @ theta.T, y @ theta.T  # (n, P), (m, P)
-    per = jax.vmap(lambda u, v: _w2sq_line(u, a, v, b), in_axes=(1, 1))(px, py)
-    return _safe_sqrt(jnp.mean(per))
+    (n, d), m = x.shape, y.shape[0]
+    group = max(1, min(n_projections, SLICED_GROUP_ENTRIES // (n + m)))
+    check_memory(
+        x.dtype.itemsize * (n + m) * (d + 12.0 * group),
+        f"sliced W2 of {n} and {m} points ({group} projections at a time)",
+    )
+    theta = _unit_directions(key, n_projections, d, x.dtype)
+
+    def per(t):  # W₂² of the projections on directions `t (k, d)`
+        return jax.vmap(lambda u, v: _w2sq_line(u, a, v, b), in_axes=(1, 1))(x @ t.T, y @ t.T)
+
+    if group >= n_projections:
+        per_direction = per(theta)
+    else:
+        per_direction = jax.lax.map(lambda t: per(t[None])[0], theta, batch_size=group)
+    return _safe_sqrt(jnp.mean(per_direction))
 
 
 # -- entropic OT through OTT-JAX --------------------------------------------------------
@@ -436,6 +483,18 @@ def _geometry(pointcloud, x, y, cost, epsilon, batch_size):
         batch_size = SINKHORN_BLOCK
     return pointcloud.PointCloud(
         x, y, cost_fn=_ott_cost(cost), epsilon=epsilon, batch_size=batch_size
+    )
+
+
+def _check_sinkhorn_memory(what: str, n: int, m: int, d: int, item: int, batch_size) -> None:
+    """Sinkhorn holds the n × m cost and kernel (dense), or one block of rows of them
+    (`batch_size`), beside the points and the dual potentials."""
+    if batch_size is not None:
+        batch_size = check_int(batch_size, "batch_size", 1)
+    rows = n if batch_size is None and n * m <= SINKHORN_DENSE_MAX else batch_size or SINKHORN_BLOCK
+    check_memory(
+        item * (3.0 * min(rows, n) * m + (n + m) * (d + 4)),
+        f"{what} of {n} and {m} points in d = {d}",
     )
 
 
@@ -493,6 +552,8 @@ def entropic_ot(
     """
     x, y, a, b, cost = _check_pair(x, y, a, b, cost)
     _check_solver_args(epsilon, threshold, max_iterations)
+    (n, d), m = x.shape, y.shape[0]
+    _check_sinkhorn_memory("entropic OT", n, m, d, x.dtype.itemsize, batch_size)
     _, pointcloud, linear_problem, sinkhorn, _ = _ott()
 
     def solve(x, y, a, b):
@@ -531,9 +592,11 @@ def sinkhorn_divergence(
     x, y, a, b, cost = _check_pair(x, y, a, b, cost)
     _check_solver_args(epsilon, threshold, max_iterations)
     _, pointcloud, _, _, sdiv = _ott()
-    n, m = x.shape[0], y.shape[0]
+    (n, d), m = x.shape, y.shape[0]
     if batch_size is None and max(n, m) ** 2 > SINKHORN_DENSE_MAX:
         batch_size = SINKHORN_BLOCK
+    k = max(n, m)  # the largest of its three problems
+    _check_sinkhorn_memory("a Sinkhorn divergence", k, k, d, x.dtype.itemsize, batch_size)
 
     def solve(x, y, a, b):
         value, out = sdiv.sinkhorn_divergence(

@@ -51,7 +51,13 @@ class ExperimentConfig:
         hints = typing.get_type_hints(cls)
         values = {**(cls.QUICK if quick else {}), **overrides}
         checked = {k: coerce(v, hints[k], k) for k, v in values.items()}
-        return cls(**checked)
+        cfg = cls(**checked)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Checks across options (sizes, shapes), run by `build` before any work: a
+        one-line `ValueError`. Experiments override it; the base checks nothing."""
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (tuples kept), e.g. for `summary.json`."""

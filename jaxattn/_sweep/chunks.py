@@ -66,7 +66,7 @@ def prepare_chunk_dir(chunk_dir: str, identity: dict, n_points: int, chunk: int)
     path = os.path.join(chunk_dir, MANIFEST)
     for _ in range(2):
         if os.path.exists(path):
-            _check_manifest(path, chunk_dir, manifest, chunk, n_points)
+            _check_manifest(path, chunk_dir, manifest, identity, chunk, n_points)
             return manifest
         if _existing_chunks(chunk_dir):
             raise SweepError(
@@ -89,7 +89,29 @@ def _check_chunking(n_points: int, chunk) -> None:
         raise SweepError(f"chunk size must be a positive integer, got {chunk!r}")
 
 
-def _check_manifest(path, chunk_dir, manifest, chunk, n_points) -> None:
+def _difference(old, new, where: str = "") -> str | None:
+    """The first entry in which two sweep identities (as JSON reads them back) differ,
+    as `what: A there, B here`, looking into nested tables; None if none is found."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            name = f"{where}.{k}" if where else k
+            if k not in old or k not in new:
+                return f"{name} only {'here' if k in new else 'there'}"
+            found = _difference(old[k], new[k], name)
+            if found:
+                return found
+        return None
+    if old == new:
+        return None
+
+    def show(v):
+        t = json.dumps(v)
+        return t if len(t) <= 40 else t[:37] + "..."
+
+    return f"{where or 'identity'}: {show(old)} there, {show(new)} here"
+
+
+def _check_manifest(path, chunk_dir, manifest, identity, chunk, n_points) -> None:
     try:
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
@@ -100,11 +122,11 @@ def _check_manifest(path, chunk_dir, manifest, chunk, n_points) -> None:
             f"{path} is not a readable sweep manifest; use another output folder"
         ) from None
     if old.get("sweep_id") != manifest["sweep_id"]:
-        why = (
-            f"chunk size {old.get('chunk')} there, {chunk} here"
-            if old.get("chunk") != chunk and old.get("n_points") == n_points
-            else "different spec or grid"
-        )
+        if old.get("chunk") != chunk and old.get("n_points") == n_points:
+            why = f"chunk size {old.get('chunk')} there, {chunk} here"
+        else:
+            new = json.loads(json.dumps(identity, default=json_default))
+            why = _difference(old.get("identity"), new) or "different spec or grid"
         raise SweepError(
             f"{chunk_dir} holds chunks of a different sweep ({why}); choose "
             "another output folder or remove it"

@@ -156,6 +156,8 @@ class SweepOptions:
             chunk = check_int(opts.chunk, "sweep chunk", 1)
             batch = min(chunk, MAX_DEFAULT_BATCH) if opts.batch is None else opts.batch
             batch = check_int(batch, "sweep batch", 1)
+            if batch > chunk:  # a group is part of one chunk (it was padded to `batch`)
+                raise ValueError(f"sweep batch ({batch}) must be ≤ sweep chunk ({chunk})")
             check_int(opts.save_points, "sweep save_points", 2)
             check_positive(opts.cluster_threshold, "sweep cluster_threshold")
         except ValueError as e:

@@ -145,6 +145,7 @@ def handle(args) -> int:
         overrides["metric"] = given["metric"]
     from .._base import setup_jax
 
+    mod.Config.build(args.quick, **overrides)  # every option checked before --out is made
     with experiment_out(args.out, mod.NAME, f"jaxattn reproduce {mod.NAME}", args.force):
         setup_jax("float64")
         mod.run(args.out, quick=args.quick, **overrides)

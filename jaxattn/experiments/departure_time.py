@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import approach_departure, hausdorff, one_sided_distance
-from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._base import ExperimentConfig, check_memory, check_output_dir, write_json, write_npz
 from .._model import RescaledField
 from .._simulate import fixed_step_grid, simulate
 from .._sweep import run_chunks, sweep_id
@@ -77,6 +77,25 @@ class Config(ExperimentConfig):
         paper_eps=(0.05,),
         fit_max_eps=0.1,
     )
+
+    def check(self) -> None:
+        if self.x0 is not None:
+            shape = np.shape(self.x0)
+            if len(shape) != 2 or shape[-1] != 2:
+                raise ValueError(
+                    f"--x0 must hold 2-D tokens (n, 2) for this experiment, got shape {shape}"
+                )
+        n = self.n if self.x0 is None else int(np.shape(self.x0)[0])
+        b = self.n_ic if self.x0 is None else 1
+        T = _output_grid(self.t1, self.dt, self.dense_until, self.coarse_every).size
+        chunk = min(self.chunk, len(self.eps))
+        # One chunk's perturbed runs saved at every output time, and their distances to
+        # the reference clusters (an n × n matrix per run and time), in float64.
+        check_memory(
+            8.0 * chunk * b * T * n * (2 + n),
+            f"departure-time with {n} tokens ({chunk} ε × {b} initial conditions × "
+            f"{T} saved times per chunk)",
+        )
 
 
 PAPER_PREFACTOR = 0.54  # paper: T_dep ≈ 0.54/ε for ε ≤ 0.015 (its first-order scheme)
@@ -155,12 +174,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    if cfg.x0 is not None:
+    if cfg.x0 is not None:  # its shape is checked by `Config.check`
         x0 = jnp.asarray(np.asarray(cfg.x0, np.float64)[None], dtype)
-        if x0.shape[-1] != 2:
-            raise ValueError(
-                f"--x0 must hold 2-D tokens (n, 2) for this experiment, got shape {x0.shape[1:]}"
-            )
         cfg = dataclasses.replace(cfg, n=int(x0.shape[1]), n_ic=1)
     else:
         x0 = uniform_tokens(cfg.seed, cfg.n_ic, cfg.n, 2, cfg.low, cfg.high, dtype)
