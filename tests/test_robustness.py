@@ -61,6 +61,26 @@ def test_out_equal_to_the_spec_is_refused(tmp_path, capsys):
     assert json.loads(open(spec2).read()) == obj
 
 
+def test_an_over_long_out_is_refused_before_the_run_naming_it(tmp_path, capsys):
+    # Before: the run went to the end, then failed renaming its temporary file, and the
+    # one-line error named that temporary file instead of --out.
+    spec = _write(tmp_path / "spec.json", SIM)
+    swept = _write(tmp_path / "sweep.json", SWEEP)
+    long = "a" * 300
+    for argv in (
+        ["simulate", spec, "--out", str(tmp_path / f"{long}.npz")],
+        ["sweep", swept, "--out", str(tmp_path / long)],
+        ["reproduce", "lora-divergence", "--quick", "--out", str(tmp_path / long)],
+    ):
+        assert cli.main(argv) == 2
+        err = _err(capsys)
+        assert "over the file system's limit of 255" in err and ".tmp-" not in err, err
+    deep = tmp_path.joinpath(*["b" * 200] * 25, "x.npz")
+    assert cli.main(["simulate", spec, "--out", str(deep)]) == 2
+    assert "output path is" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json", "sweep.json"]
+
+
 def test_foreign_file_needs_force_and_own_output_is_replaced(tmp_path, capsys):
     spec = _write(tmp_path / "spec.json", SIM)
     out = tmp_path / "notes.npz"

@@ -30,6 +30,7 @@ def check_output_file(
     path = os.fspath(path)
     if not path:
         raise ValueError("the output path is empty")
+    _check_name_lengths(path)
     if os.path.isdir(path):
         raise ValueError(f"output {path} is a directory, not a file")
     parent = os.path.dirname(os.path.abspath(path))
@@ -57,6 +58,33 @@ def check_output_file(
         raise ValueError(f"output file {path} is not writable")
     remove_stale_temporaries(parent)  # left by a writer killed mid-write
     return path
+
+
+def _check_name_lengths(path: str) -> None:
+    """A one-line error, before any work, for a path the file system cannot hold: a
+    name longer than its NAME_MAX, or a whole path longer than its PATH_MAX (a long
+    output name used to fail at the end, naming the temporary file instead)."""
+    full = os.path.abspath(path)
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):  # pragma: no cover - a system without pathconf
+        name_max, path_max = 255, 4096
+    for name in full.split(os.sep):
+        if len(os.fsencode(name)) > name_max:
+            short = name if len(name) <= 40 else name[:20] + "…" + name[-10:]
+            raise ValueError(
+                f"output name {short} is {len(os.fsencode(name))} bytes long, over the "
+                f"file system's limit of {name_max}"
+            )
+    if len(os.fsencode(full)) >= path_max:
+        raise ValueError(
+            f"output path is {len(os.fsencode(full))} bytes long, over the file "
+            f"system's limit of {path_max - 1}"
+        )
 
 
 def _file_kind(mode: int) -> str:
@@ -286,6 +314,7 @@ def check_output_dir(path: str | os.PathLike, *, create: bool = True) -> str:
     path = os.fspath(path)
     if not path:
         raise ValueError("the output folder is empty")
+    _check_name_lengths(os.path.join(path, "x" * 40))  # room for the files written in it
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"output {path} exists and is not a folder")
     if not os.path.exists(path):
