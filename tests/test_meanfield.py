@@ -305,6 +305,8 @@ def test_geodesic_cost_on_the_sphere():
         ),
         (lambda: ja.wasserstein2(jnp.ones((2, 2)) * 1e160, -jnp.ones((2, 2))), "overflow"),
         (lambda: ja.sinkhorn_divergence(jnp.ones((2, 2)) * 1e160, jnp.ones((2, 2))), "overflow"),
+        # the size is reported without overflowing itself (it said "norm up to inf")
+        (lambda: ja.wasserstein2(jnp.ones((2, 2)) * 1e300, jnp.ones((2, 2))), r"up to 1\.41e\+300"),
     ],
 )
 def test_bad_input_is_one_line_value_error(call, match):

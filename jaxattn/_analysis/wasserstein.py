@@ -151,6 +151,12 @@ def _check_exact(x: Array, y: Array, max_points: int) -> None:
     check_memory(float(n) * n * ((d + 1) * item + 16), f"exact W2 of {n} points in d = {d}")
 
 
+def _largest_norm(p: np.ndarray) -> float:
+    """`max_i |p_i|` without overflow in the squares (scaled by the largest entry)."""
+    m = float(np.max(np.abs(p)))
+    return m * float(np.max(np.linalg.norm(p / m, axis=-1))) if m > 0 else 0.0
+
+
 def _check_pair(x, y, a, b, cost: str):
     x = _as_cloud(x, "x")
     y = _as_cloud(y, "y")
@@ -174,8 +180,8 @@ def _check_pair(x, y, a, b, cost: str):
     elif _concrete(x, y):
         # |x_i − y_j|² ≤ (max|x| + max|y|)²: beyond the dtype's largest number the costs
         # overflow (SciPy then calls the problem infeasible, Sinkhorn returns NaN).
-        r = sum(float(np.max(np.linalg.norm(np.asarray(p, np.float64), axis=-1))) for p in (x, y))
-        if r * r > float(jnp.finfo(x.dtype).max):
+        r = sum(_largest_norm(np.asarray(p, np.float64)) for p in (x, y))
+        if r > math.sqrt(float(jnp.finfo(x.dtype).max)):
             raise ValueError(
                 f"the squared distances between x and y overflow {x.dtype} (points of norm "
                 f"up to {r:.3g}); rescale the clouds"
