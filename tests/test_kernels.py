@@ -299,6 +299,102 @@ def test_blockwise_falls_back_where_the_bound_shift_would_underflow(monkeypatch)
     assert not np.all(np.isfinite(forced))
 
 
+def _masked_reference(q, k, v, s, lam, normalise):
+    """Causal attention with ALiBi (`lam`; None: causal only) in float64 NumPy, from the
+    definition: exponent `s u_ij − λ(i − j)` on j ≤ i, −inf above; softmax rows shifted by
+    their maximum, or USA's `exp(·)/m`."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    i, j = np.arange(q.shape[0])[:, None], np.arange(k.shape[0])[None, :]
+    e = s * (q @ k.T) - (0.0 if lam is None else lam * (i - j))
+    e = np.where(j <= i, e, -np.inf)
+    if not normalise:
+        return (np.exp(e) @ v) / k.shape[0]
+    w = np.exp(e - e.max(axis=1, keepdims=True))
+    return (w @ v) / w.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("lam", [None, 0.0, 0.7])
+@pytest.mark.parametrize("normalise", [True, False])
+@pytest.mark.parametrize("kernel,block", [("dense", 1024), ("blockwise", 5), ("blockwise", 16)])
+def test_causal_and_alibi_masks_equal_numpy(kernel, block, normalise, lam):
+    # 13 queries and keys: blocks of 5 leave padded rows and key blocks that are wholly
+    # above the diagonal for the first query block (they must add nothing).
+    from jaxattn._model.attention import attend, softmax_weights, unnormalised_weights
+
+    inp = _attend_inputs(13, 13, 3, 2, seed=11)
+    beta = 1.3
+    out = attend(
+        inp["q"], inp["k"], inp["v"], beta, kernel=kernel, block=block,
+        normalise=normalise, causal=True, alibi=lam,
+    )  # fmt: skip
+    ref = _masked_reference(inp["q"], inp["k"], inp["v"], beta, lam, normalise)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-12, atol=1e-13)
+    # the first token sees itself only: its output is its own value (softmax)
+    if normalise:
+        np.testing.assert_allclose(np.asarray(out[0]), np.asarray(inp["v"][0]), rtol=1e-14)
+    u = inp["q"] @ inp["k"].T
+    P = (
+        softmax_weights(u, beta, causal=True, alibi=lam)
+        if normalise
+        else unnormalised_weights(u, beta, causal=True, alibi=lam)
+    )
+    assert float(jnp.max(jnp.abs(jnp.triu(P, 1)))) == 0.0  # exact zeros above
+    np.testing.assert_allclose(np.asarray(P @ inp["v"]), ref, rtol=1e-12, atol=1e-13)
+
+
+def test_alibi_rows_never_underflow_and_its_gradients_are_finite():
+    # A hard-max scale with a steep ALiBi slope: the biased exponent of every key is far
+    # below 0 for late rows (s·(u − max u) ≪ 0 where the bias is 0, bias ≪ 0 where u is
+    # largest). Shifting once (by max u) would underflow whole rows to 0/0; the second
+    # shift keeps them. Gradients (q, k, v, β, λ) through dense and blockwise agree and
+    # match central differences.
+    from jaxattn._model.attention import attend
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.uniform(-1, 1, (12, 2)))
+    ref = _masked_reference(x, x, x, 900.0, 60.0, True)
+    assert np.all(np.isfinite(ref))
+    for kernel in ("dense", "blockwise"):
+        got = attend(x, x, x, 900.0, kernel=kernel, block=5, causal=True, alibi=60.0)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-12)
+
+    inp = _attend_inputs(9, 9, 3, 2, seed=4) | {"lam": jnp.asarray(0.4)}
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def loss(p, kern):
+        out = attend(
+            p["q"], p["k"], p["v"], p["beta"], p["log_scale"], kernel=kern, block=4,
+            causal=True, alibi=p["lam"],
+        )  # fmt: skip
+        return jnp.sum(jnp.sin(out))
+
+    g, g_dense = jax.grad(loss)(inp, "blockwise"), jax.grad(loss)(inp, "dense")
+    eps = 1e-6
+    for name in ("beta", "lam", "q"):
+        assert bool(jnp.all(jnp.isfinite(g[name]))), name
+        np.testing.assert_allclose(g[name], g_dense[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        flat = np.asarray(inp[name], np.float64).ravel()
+        fd = np.empty_like(flat)
+        for i in range(flat.size):
+            hi, lo = flat.copy(), flat.copy()
+            hi[i] += eps
+            lo[i] -= eps
+            at = lambda a: {**inp, name: jnp.asarray(a.reshape(np.shape(inp[name])))}
+            fd[i] = (loss(at(hi), "dense") - loss(at(lo), "dense")) / (2 * eps)
+        np.testing.assert_allclose(np.ravel(g[name]), fd, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_dot_product_kernel_takes_the_masks():
+    from jaxattn._model.attention import attend
+
+    inp = _attend_inputs(10, 10, 4, 4, seed=3)
+    q, k, v = (inp[n].astype(jnp.float32) for n in "qkv")
+    for lam in (None, 0.5):
+        got = attend(q, k, v, 1.1, kernel="dot_product", causal=True, alibi=lam)
+        ref = _masked_reference(q, k, v, 1.1, lam, True)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=2e-6)
+
+
 def test_batched_simulate_traces_no_cond_in_the_blockwise_kernel():
     """A batched solve (vmapped field) uses the running maximum only: under `vmap` a
     `cond` would run both branches. The single solve keeps the choice."""

@@ -5,6 +5,11 @@ The logits are `scale * <q_i, k_j>`; the scale may be astronomically large (the 
 dynamics multiply the logits by `β e^{2ct}`), so it is passed as a logarithm and the row
 maximum is subtracted *before* scaling: `softmax(s·u) = softmax(s·(u − max u))`, and
 `s·(u − max u) ≤ 0` can only overflow towards `-inf`, whose exponential is an exact 0.
+
+Masks: with `causal=True` query i attends to the keys j ≤ i only (positions are the row
+indices); `alibi=λ` (λ ≥ 0, implies causal) adds the bias `−λ (i − j)` to the scaled logits,
+as in ALiBi (Press, Smith and Lewis, ICLR 2022). The biased exponent `s·(u_ij − max u) − λ(i − j)`
+is ≤ 0 and is shifted once more by its own row maximum, so rows never underflow whole.
 """
 
 from __future__ import annotations
@@ -34,16 +39,50 @@ def attention_scores(q: Float[Array, "n e"], k: Float[Array, "m e"]) -> Float[Ar
 
 
 def softmax_weights(
-    u: Float[Array, "*batch n m"], beta: ScalarLike, log_scale: ScalarLike = 0.0
+    u: Float[Array, "*batch n m"],
+    beta: ScalarLike,
+    log_scale: ScalarLike = 0.0,
+    *,
+    causal: bool = False,
+    alibi: ScalarLike | None = None,
 ) -> Float[Array, "*batch n m"]:
     """Row-stochastic `P = softmax_j(β e^{log_scale} u_ij)`, stable for any scale (over
     the last axis: leading axes, e.g. heads, are a batch).
 
     `beta ≥ 0` multiplies the scale directly (β = 0 gives uniform attention);
     `log_scale` is the logarithm of an extra positive factor that may be huge.
+    `causal`, `alibi`: the masks of the module docstring (masked weights are exact 0s).
     """
-    w = _shifted_exp(u, beta, log_scale)
+    allowed, bias = _mask(u.shape[-2], u.shape[-1], causal, alibi, u.dtype)
+    if allowed is None:
+        w = _shifted_exp(u, beta, log_scale)
+    else:
+        w = _masked_exp(u, beta * _scale_from_log(log_scale, u.dtype), allowed, bias)
     return w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def _mask(n: int, m: int, causal: bool, alibi, dtype, row0=0, col0=0):
+    """`(allowed, bias)` for queries `row0 + (0…n−1)` against keys `col0 + (0…m−1)`:
+    `allowed_ij = j ≤ i` and `bias_ij = −λ (i − j)` (`(None, None)` without a mask)."""
+    if not causal and alibi is None:
+        return None, None
+    i = row0 + jnp.arange(n)[:, None]
+    j = col0 + jnp.arange(m)[None, :]
+    allowed = j <= i
+    bias = None if alibi is None else -jnp.asarray(alibi, dtype) * (i - j).astype(dtype)
+    return allowed, bias
+
+
+def _masked_exp(u, s, allowed, bias):
+    """`exp(L_ij − max_j L_ij)` with `L_ij = s (u_ij − max_{allowed} u) + bias_ij` on the
+    allowed entries, exact 0 elsewhere. Masked entries get a finite argument before the
+    `where` (double where): their gradient is 0, never NaN."""
+    mx = jnp.max(jnp.where(allowed, u, -jnp.inf), axis=-1, keepdims=True)
+    L = s * (jnp.where(allowed, u, mx) - mx)
+    if bias is not None:
+        L = L + bias
+        L = L - jnp.max(jnp.where(allowed, L, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(allowed, jnp.exp(jnp.where(allowed, L, 0.0)), 0.0)
 
 
 def _shifted_exp(
@@ -56,10 +95,23 @@ def _shifted_exp(
 
 
 def unnormalised_weights(
-    u: Float[Array, "*batch n m"], beta: ScalarLike
+    u: Float[Array, "*batch n m"],
+    beta: ScalarLike,
+    *,
+    causal: bool = False,
+    alibi: ScalarLike | None = None,
 ) -> Float[Array, "*batch n m"]:
-    """USA weights `exp(β u_ij) / m`: no normalisation, no max-shift."""
-    return jnp.exp(beta * u) / u.shape[-1]
+    """USA weights `exp(β u_ij) / m`: no normalisation, no max-shift (with a mask:
+    `exp(β u_ij − λ(i − j)) / m` on the allowed entries, 0 elsewhere)."""
+    allowed, bias = _mask(u.shape[-2], u.shape[-1], causal, alibi, u.dtype)
+    return _usa_exp(u, beta, allowed, bias) / u.shape[-1]
+
+
+def _usa_exp(u, beta, allowed, bias):
+    if allowed is None:
+        return jnp.exp(beta * u)
+    e = beta * jnp.where(allowed, u, 0.0) + (0.0 if bias is None else bias)
+    return jnp.where(allowed, jnp.exp(jnp.where(allowed, e, 0.0)), 0.0)
 
 
 KERNELS = ("auto", "dense", "blockwise", "dot_product", "dot_product_bf16")
@@ -86,10 +138,13 @@ def attend(
     kernel: str = "dense",
     block: int = 1024,
     normalise: bool = True,
+    causal: bool = False,
+    alibi: ScalarLike | None = None,
 ) -> Float[Array, "n f"]:
     """`Σ_j P_ij v_j`, the one place that picks the attention path: `kernel` is
     `"dense"` (materialised P), `"blockwise"` (`attend_blockwise`) or `"auto"`
-    (`use_blockwise`). `normalise=False` gives USA's `exp(β u_ij)/m` weights."""
+    (`use_blockwise`). `normalise=False` gives USA's `exp(β u_ij)/m` weights.
+    `causal`, `alibi`: the masks of the module docstring, on every path."""
     if kernel.startswith("dot_product"):
         if not normalise:
             raise ValueError(
@@ -97,17 +152,38 @@ def attend(
                 "unnormalised weights need dense or blockwise"
             )
         return attend_dot_product(
-            q, k, v, beta, log_scale, low_precision=kernel == "dot_product_bf16"
+            q,
+            k,
+            v,
+            beta,
+            log_scale,
+            low_precision=kernel == "dot_product_bf16",
+            causal=causal,
+            alibi=alibi,
         )
     if use_blockwise(kernel, q.shape[0], k.shape[0]):
-        return attend_blockwise(q, k, v, beta, log_scale, block=block, normalise=normalise)
+        return attend_blockwise(
+            q,
+            k,
+            v,
+            beta,
+            log_scale,
+            block=block,
+            normalise=normalise,
+            causal=causal,
+            alibi=alibi,
+        )
     u = attention_scores(q, k)
+    allowed, bias = _mask(q.shape[0], k.shape[0], causal, alibi, u.dtype)
     # The weights are normalised after the product with v: n·f divisions instead of n·m
     # (same result up to rounding as `softmax_weights(u) @ v`).
     if normalise:
-        w = _shifted_exp(u, beta, log_scale)
+        if allowed is None:
+            w = _shifted_exp(u, beta, log_scale)
+        else:
+            w = _masked_exp(u, beta * _scale_from_log(log_scale, u.dtype), allowed, bias)
         return (w @ v) / jnp.sum(w, axis=-1, keepdims=True)
-    return (jnp.exp(beta * u) @ v) / u.shape[-1]
+    return (_usa_exp(u, beta, allowed, bias) @ v) / u.shape[-1]
 
 
 def attend_dot_product(
@@ -118,9 +194,12 @@ def attend_dot_product(
     log_scale: ScalarLike = 0.0,
     *,
     low_precision: bool = False,
+    causal: bool = False,
+    alibi: ScalarLike | None = None,
 ) -> Float[Array, "n f"]:
     """`Σ_j P_ij v_j` through `jax.nn.dot_product_attention` (one head), the scale `β e^{log_scale}`
-    passed explicitly (never its default `1/√e`).
+    passed explicitly (never its default `1/√e`). `causal` is its `is_causal`; `alibi`
+    its additive `bias` (added after the scale, as in ALiBi).
 
     On the CPU this is XLA's fused attention. With `low_precision`, q, k, v are cast to
     bfloat16 (the output back to the state's dtype) and, on a GPU, cuDNN's flash
@@ -138,12 +217,14 @@ def attend_dot_product(
     s = beta * _scale_from_log(log_scale, q.dtype)
     # JAX's implementation promotes float64 against float32 internally; allow that here
     # even when the caller runs with strict promotion.
+    _, bias = _mask(q.shape[0], k.shape[0], causal, alibi, jnp.float32)
+    is_causal = causal or alibi is not None
     with jax.numpy_dtype_promotion("standard"):
-        out = _dot_product(q, k, v, s, low_precision)
+        out = _dot_product(q, k, v, s, low_precision, is_causal, bias)
     return out[:, 0, :].astype(out_dtype)
 
 
-def _dot_product(q, k, v, s, low_precision):
+def _dot_product(q, k, v, s, low_precision, is_causal: bool, bias):
     if low_precision:
         cudnn = jax.default_backend() == "gpu"
         width = v.shape[-1]
@@ -159,9 +240,18 @@ def _dot_product(q, k, v, s, low_precision):
             v[:, None, :],
             scale=1.0 if cudnn else s.astype(jnp.float32),
             implementation="cudnn" if cudnn else None,
+            is_causal=is_causal,
+            bias=None if bias is None else bias[None].astype(jnp.bfloat16),
         )
         return out[..., :width]
-    return jax.nn.dot_product_attention(q[:, None, :], k[:, None, :], v[:, None, :], scale=s)
+    return jax.nn.dot_product_attention(
+        q[:, None, :],
+        k[:, None, :],
+        v[:, None, :],
+        scale=s,
+        is_causal=is_causal,
+        bias=None if bias is None else bias[None].astype(q.dtype),
+    )
 
 
 def _pad_rows(x, multiple: int):
@@ -219,6 +309,8 @@ def attend_blockwise(
     *,
     block: int = 1024,
     normalise: bool = True,
+    causal: bool = False,
+    alibi: ScalarLike | None = None,
 ) -> Float[Array, "n f"]:
     """`Σ_j P_ij v_j` without materialising the `n × m` attention matrix.
 
@@ -240,7 +332,13 @@ def attend_blockwise(
     `jax.checkpoint`-ed, so reverse-mode gradients stay memory-bounded too.
     `normalise=False` gives the USA weights `exp(β u_ij)/m` (no shift, like
     `unnormalised_weights`). Inside `exact_row_max()` only the running maximum is traced.
+
+    With a mask (`causal`, `alibi`) every query block runs the running maximum
+    (`_attend_masked_blocks`): the masked keys are excluded like padded ones and, with
+    ALiBi, the running maximum of the biased exponent is carried as well.
     """
+    if causal or alibi is not None:
+        return _attend_masked_blocks(q, k, v, beta, log_scale, block, normalise, alibi)
     n, m = q.shape[0], k.shape[0]
     dtype = q.dtype
     s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
@@ -332,4 +430,67 @@ def attend_blockwise(
         return finish(jax.lax.cond(fast, bounded, lambda qq, _: online(qq), qq, up))
 
     out = jax.lax.map(query_block, (qp, upper, lower))
+    return out.reshape(-1, v.shape[1])[:n]
+
+
+def _attend_masked_blocks(q, k, v, beta, log_scale, block, normalise, alibi):
+    """The blockwise kernel with the causal mask (and ALiBi's bias): one pass of the
+    running maximum over the key blocks of each query block.
+
+    The accumulator holds `Σ_j exp(e_ij − R_i) [v_j, 1]` for the exponent `e_ij = s u_ij −
+    λ(i − j)` and the reference `R_i = s M_i + C_i`, where `M_i` is the running maximum of
+    the allowed scores `u_ij` and `C_i ≤ 0` that of `s (u_ij − M_i) − λ(i − j)` (0 without
+    a bias). Both are updated per key block and the accumulator is rescaled by
+    `exp(R_old − R_new) ≤ 1`, so no exponent is ever positive.
+    """
+    n, m = q.shape[0], k.shape[0]
+    dtype = q.dtype
+    s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
+    kb, qb = min(block, m), min(block, n)
+    kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
+    valid = (jnp.arange(kp.shape[0]) < m).reshape(-1, kb)
+    kblocks = kp.reshape(-1, kb, k.shape[1])
+    if normalise:
+        vp = jnp.concatenate([vp, jnp.ones((vp.shape[0], 1), dtype)], axis=1)
+    vblocks = vp.reshape(-1, kb, vp.shape[1])
+    k0s = jnp.arange(kblocks.shape[0]) * kb
+    qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
+    q0s = jnp.arange(qp.shape[0]) * qb
+    lam = None if alibi is None else jnp.asarray(alibi, dtype)
+
+    def query_block(args):
+        qq, q0 = args
+
+        @jax.checkpoint
+        def key_step(carry, blk):
+            mx, cmax, acc = carry
+            kk, vv, ok, k0 = blk
+            allowed, bias = _mask(qb, kb, True, lam, dtype, q0, k0)
+            allowed = allowed & ok[None, :]
+            u = qq @ kk.T
+            if not normalise:  # USA: exp(β u − λ(i − j)), no shift
+                return (mx, cmax, acc + _weighted_sum(_usa_exp(u, s, allowed, bias), vv)), None
+            new_mx = jnp.maximum(mx, jnp.max(jnp.where(allowed, u, -jnp.inf), axis=-1))
+            seen, seen_new = jnp.isfinite(mx), jnp.isfinite(new_mx)
+            ref = jnp.where(seen_new, new_mx, 0.0)  # finite for the arithmetic below
+            c = s * (jnp.where(allowed, u, ref[:, None]) - ref[:, None])
+            if bias is not None:
+                c = c + bias
+            # the previous C in the new reference, then the new C (finite once seen)
+            old = jnp.where(seen, cmax + s * (jnp.where(seen, mx, ref) - ref), -jnp.inf)
+            new_c = jnp.maximum(old, jnp.max(jnp.where(allowed, c, -jnp.inf), axis=-1))
+            c_ref = jnp.where(jnp.isfinite(new_c), new_c, 0.0)
+            fix = jnp.where(seen, jnp.exp(jnp.where(seen, old - c_ref, 0.0)), 0.0)
+            w = jnp.where(allowed, jnp.exp(jnp.where(allowed, c - c_ref[:, None], 0.0)), 0.0)
+            return (new_mx, new_c, acc * fix[:, None] + _weighted_sum(w, vv)), None
+
+        init = (
+            jnp.full((qb,), -jnp.inf, dtype),
+            jnp.full((qb,), -jnp.inf, dtype),
+            jnp.zeros((qb, vblocks.shape[-1]), dtype),
+        )
+        (_, _, acc), _ = jax.lax.scan(key_step, init, (kblocks, vblocks, valid, k0s))
+        return acc[:, :-1] / acc[:, -1:] if normalise else acc / m
+
+    out = jax.lax.map(query_block, (qp, q0s))
     return out.reshape(-1, v.shape[1])[:n]
