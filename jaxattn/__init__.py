@@ -12,10 +12,12 @@ grouped by topic; each has a docstring. Modules whose names start with `_` are p
 
 from ._model import (
     AbstractField as AbstractField,
+    FeedForward as FeedForward,
     LoRA as LoRA,
     PlainField as PlainField,
     RescaledField as RescaledField,
     SphereField as SphereField,
+    TransformerField as TransformerField,
     USAField as USAField,
     attend as attend,
     attention_scores as attention_scores,
@@ -130,6 +132,8 @@ __all__ = [
     "SphereField",
     "USAField",
     "make_field",
+    "TransformerField",
+    "FeedForward",
     "LoRA",
     "attend",
     "attention_scores",

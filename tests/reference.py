@@ -16,6 +16,8 @@ Notation: tokens `x` have shape `(n, d)`, row `i` is token `x_i`. Logits
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.integrate
 import scipy.linalg
@@ -165,3 +167,106 @@ def solve_reference(rhs, x0, t_eval, rtol=1e-12, atol=1e-12, t0=0.0) -> np.ndarr
     if not res.success:  # pragma: no cover - a reference failure is a test-setup bug
         raise RuntimeError(f"reference solve failed: {res.message}")
     return res.y.T.reshape((t_eval.size,) + shape)
+
+
+# ---------------------------------------------------------------------------------
+# The model family (docs/theory.md, 'The model family'), from its equations: heads
+# (mean over heads without output maps, Σ_h O_h … with them), the causal mask and ALiBi
+# (`−λ_h (i − j)` on j ≤ i), a feed-forward term, the normalisation schemes and
+# piecewise-constant weights. Plain loops over heads and tokens.
+
+
+def family_head(x, Q, K, V, beta, causal, lam):
+    """`Σ_j P_ij V x_j` for one head, P the softmax of `β<Q x_i, K x_j> − λ(i − j)` over
+    the allowed j (j ≤ i when causal)."""
+    x = _as64(x)
+    n = x.shape[0]
+    out = np.zeros((n, _as64(V).shape[0]))
+    for i in range(n):
+        js = range(i + 1) if causal else range(n)
+        e = np.array(
+            [
+                float(beta) * float((_as64(Q) @ x[i]) @ (_as64(K) @ x[j]))
+                - (0.0 if lam is None else float(lam) * (i - j))
+                for j in js
+            ]
+        )
+        w = np.exp(e - e.max())
+        w /= w.sum()
+        out[i] = sum(wj * (_as64(V) @ x[j]) for wj, j in zip(w, js))
+    return out
+
+
+def _unit_or_zero_rows(s):
+    s = _as64(s)
+    r = np.linalg.norm(s, axis=1, keepdims=True)
+    return np.where(r > 0, s / np.where(r > 0, r, 1.0), 0.0)
+
+
+def family_rhs(layers, beta, norm="none", causal=False, alibi=None, alpha=1.0, times=()):
+    """`layers`: one dict per layer with `Q, K, V` lists over heads, optional `O` (list
+    over heads, `d×f`) and optional `ffn = (W1, b1, W2, b2, act)`; layer ℓ acts on
+    `[times[ℓ−1], times[ℓ])`."""
+
+    def sublayers(lay, y):
+        H = len(lay["Q"])
+        lams = [None] * H if alibi is None else list(alibi)
+        outs = [
+            family_head(y, lay["Q"][h], lay["K"][h], lay["V"][h], beta, causal, lams[h])
+            for h in range(H)
+        ]
+        if lay.get("O") is None:
+            att = sum(outs) / H
+        else:
+            att = sum(o @ _as64(lay["O"][h]).T for h, o in enumerate(outs))
+        subs = [att]
+        if lay.get("ffn") is not None:
+            W1, b1, W2, b2, act = lay["ffn"]
+            h = y @ _as64(W1).T + _as64(b1)
+            if act == "relu":
+                h = np.maximum(h, 0.0)
+            else:  # GELU, tanh approximation
+                h = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h**3)))
+            subs.append(h @ _as64(W2).T + _as64(b2))
+        return subs
+
+    def rhs(t, x):
+        lay = layers[int(np.searchsorted(np.asarray(times, float), t, side="right"))]
+        x = _as64(x)
+        if norm == "none":
+            return sum(sublayers(lay, x))
+        if norm == "post":
+            return tangent_projection(x, sum(sublayers(lay, x)))
+        if norm == "ngpt":
+            return float(alpha) * tangent_projection(
+                x, sum(_unit_or_zero_rows(s) for s in sublayers(lay, x))
+            )
+        theta = _unit_or_zero_rows(x)
+        subs = sublayers(lay, theta)
+        if norm == "pre":
+            return sum(subs)
+        return sum(_unit_or_zero_rows(s) for s in subs)  # peri
+
+    return rhs
+
+
+def rk4_segments(rhs, x0, grid):
+    """Classical RK4 on `grid` (layer times must be grid points);
+    within a step the layer is that of the step's start, so no step straddles a change."""
+    x = _as64(x0)
+    out = [x.copy()]
+    for a, b in itertools.pairwise(grid):
+        h = b - a
+        tm = a + 0.5 * h
+
+        # every stage with the layer of [a, b): the end time is nudged inside it
+        def f(t, y, a=a, b=b):
+            return rhs(min(max(t, a), np.nextafter(b, a)), y)
+
+        k1 = f(a, x)
+        k2 = f(tm, x + 0.5 * h * k1)
+        k3 = f(tm, x + 0.5 * h * k2)
+        k4 = f(b, x + h * k3)
+        x = x + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+        out.append(x.copy())
+    return np.stack(out)

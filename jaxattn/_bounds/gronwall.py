@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._base import ArrayLike, Float, ScalarLike
-from .._model import AbstractField
+from .._model import FIELDS, AbstractField
 
 
 class Bound(NamedTuple):
@@ -63,7 +63,34 @@ def field_weights(field: AbstractField):
     return V, A, float(field.beta)
 
 
+# What a field's velocity is computed from: a subclass that overrides any of these is
+# another model.
+_DYNAMICS_METHODS = ("__call__", "_queries_keys", "solve_args", "attend", "project", "weight")
+
+
+def _check_bounded_model(field) -> None:
+    """The bounds are derived for the plain, rescaled, sphere and usa dynamics: a field
+    must be one of those classes, or a subclass that changes none of their dynamics (a
+    renamed one, one with extra data). A subclass with another velocity (more heads, a
+    mask, another normalisation) or a family member would get a certificate for a model
+    it is not: refused in one line."""
+    base = next((c for c in type(field).__mro__ if c in FIELDS.values()), None)
+    changed = (
+        []
+        if base is None
+        else [m for m in _DYNAMICS_METHODS if getattr(type(field), m) is not getattr(base, m)]
+    )
+    if base is None or changed:
+        why = f" (it overrides {', '.join(changed)})" if changed else ""
+        raise ValueError(
+            f"the stability bounds are derived for the plain, rescaled, sphere and usa "
+            f"dynamics only; {type(field).__name__} is not one of them{why}"
+        )
+
+
 def check_field_pair(field, field_p):
+    for f in (field, field_p):
+        _check_bounded_model(f)
     if type(field) is not type(field_p):
         raise ValueError(
             f"both fields must have the same dynamics, got {field.dynamics} and {field_p.dynamics}"

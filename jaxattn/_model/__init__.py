@@ -13,6 +13,11 @@ from .attention import (
     unnormalised_weights as unnormalised_weights,
     use_blockwise as use_blockwise,
 )
+from .family import (
+    NORMS as NORMS,
+    FeedForward as FeedForward,
+    TransformerField as TransformerField,
+)
 from .fields import (
     DYNAMICS as DYNAMICS,
     FIELDS as FIELDS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import equinox as eqx
 import jax
@@ -38,6 +38,8 @@ from .._base import (
 from .attention import KERNELS, attend, attention_scores, softmax_weights, unnormalised_weights
 from .lora import TARGETS, LoRA
 
+_Self = TypeVar("_Self", bound="AbstractField")
+
 
 def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
     """`x_i / |x_i|` without overflow or underflow: each row is first divided by its
@@ -47,6 +49,32 @@ def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
     m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
     y = x / m
     return y / jnp.linalg.norm(y, axis=-1, keepdims=True)
+
+
+def _checked_loras(lora: LoRA | Sequence[LoRA] | None, dim: int, dtype) -> tuple[LoRA, ...]:
+    """`lora` (a LoRA, a sequence or None) as a checked tuple in the field's dtype."""
+    if lora is None:
+        loras = ()
+    elif isinstance(lora, LoRA):
+        loras = (lora,)
+    else:
+        loras = tuple(lora)
+    fixed = []
+    for lo in loras:
+        if not isinstance(lo, LoRA):
+            raise TypeError(f"lora must be a LoRA or a sequence of LoRA, got {type(lo).__name__}")
+        check_choice(lo.target, "lora target", TARGETS)
+        if lo.A.shape[-1] != dim or lo.B.shape[-2] != dim:
+            raise ValueError(
+                f"lora on {lo.target} has A {tuple(lo.A.shape[-2:])} and B "
+                f"{tuple(lo.B.shape[-2:])} but the tokens have d = {dim}"
+            )
+        if lo.rank > dim:
+            raise ValueError(f"lora rank {lo.rank} exceeds the dimension d = {dim}")
+        fixed.append(
+            LoRA(lo.A.astype(dtype), lo.B.astype(dtype), lo.alpha.astype(dtype), lo.target.upper())
+        )
+    return tuple(fixed)
 
 
 class AbstractField(eqx.Module):
@@ -135,35 +163,7 @@ class AbstractField(eqx.Module):
             self.beta = beta.astype(dtype)
         else:
             self.beta = jnp.asarray(check_positive(beta, "beta", allow_zero=True), dtype)
-        if lora is None:
-            loras = ()
-        elif isinstance(lora, LoRA):
-            loras = (lora,)
-        else:
-            loras = tuple(lora)
-        fixed = []
-        for lo in loras:
-            if not isinstance(lo, LoRA):
-                raise TypeError(
-                    f"lora must be a LoRA or a sequence of LoRA, got {type(lo).__name__}"
-                )
-            check_choice(lo.target, "lora target", TARGETS)
-            if lo.A.shape[-1] != dim or lo.B.shape[-2] != dim:
-                raise ValueError(
-                    f"lora on {lo.target} has A {tuple(lo.A.shape[-2:])} and B "
-                    f"{tuple(lo.B.shape[-2:])} but the tokens have d = {dim}"
-                )
-            if lo.rank > dim:
-                raise ValueError(f"lora rank {lo.rank} exceeds the dimension d = {dim}")
-            fixed.append(
-                LoRA(
-                    lo.A.astype(dtype),
-                    lo.B.astype(dtype),
-                    lo.alpha.astype(dtype),
-                    lo.target.upper(),
-                )
-            )
-        self.loras = tuple(fixed)
+        self.loras = _checked_loras(lora, dim, dtype)
         self.kernel = check_choice(kernel, "attention kernel", KERNELS)
         if self.kernel.startswith("dot_product") and not type(self).normalised:
             raise ValueError(
@@ -225,18 +225,11 @@ class AbstractField(eqx.Module):
         stacked LoRA)."""
         return jnp.swapaxes(self.weight("Q"), -1, -2) @ self.weight("K")
 
-    def with_lora(self, lora: LoRA | Sequence[LoRA] | None) -> AbstractField:
-        """The same field with `lora` (LoRA, sequence or None) replacing its LoRAs."""
-        return type(self)(
-            self.Q,
-            self.K,
-            self.V,
-            beta=self.beta,
-            lora=lora,
-            dtype=self.V.dtype,
-            kernel=self.kernel,
-            block=self.block,
-        )
+    def with_lora(self: _Self, lora: LoRA | Sequence[LoRA] | None) -> _Self:
+        """The same field with `lora` (LoRA, sequence or None) replacing its LoRAs. Every
+        other leaf is kept, so a subclass with fields of its own keeps them."""
+        loras = _checked_loras(lora, self.d, self.V.dtype)
+        return eqx.tree_at(lambda f: f.loras, self, loras)
 
     def without_lora(self) -> AbstractField:
         return self.with_lora(None)

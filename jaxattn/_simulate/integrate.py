@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +31,15 @@ from .._base import (
     is_number,
     register_cache,
 )
-from .._model import AbstractField, LoRA, exact_row_max, expm, unit_rows, use_blockwise
+from .._model import (
+    AbstractField,
+    LoRA,
+    TransformerField,
+    exact_row_max,
+    expm,
+    unit_rows,
+    use_blockwise,
+)
 from .options import SolveConfig, SolveOptions, const, solve_config
 
 STATUS_OK = 0
@@ -264,13 +273,16 @@ def _lora_axes(field: AbstractField):
     return eqx.tree_at(where, axes, [0] * (2 * len(field.loras)), is_leaf=lambda x: x is None)
 
 
-def _cast_field(field: AbstractField, dtype) -> AbstractField:
+def _cast_field(field: _F, dtype) -> _F:
     def cast(x):
         if eqx.is_inexact_array(x) and x.dtype != dtype:
             return x.astype(dtype)
         return x
 
     return jax.tree.map(cast, field)
+
+
+_F = typing.TypeVar("_F", bound=eqx.Module)
 
 
 class Float32PrecisionWarning(UserWarning):
@@ -356,7 +368,8 @@ def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None
     item = jnp.dtype(dtype).itemsize
     traj = float(members) * n_out * n * d * item if save_tokens else 0.0
     # Dense attention: logits and weights of every member and stage live at once.
-    attn = 4.0 * members * n * n * item if not use_blockwise(field.kernel, n, n) else 0.0
+    heads = getattr(field, "heads", 1)
+    attn = 4.0 * heads * members * n * n * item if not use_blockwise(field.kernel, n, n) else 0.0
     check_memory(
         traj + attn,
         f"a solve of {members} member(s) × {n} tokens in d = {d} saved at {n_out} times",
@@ -364,7 +377,7 @@ def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None
 
 
 def simulate(
-    field: AbstractField,
+    field: AbstractField | TransformerField,
     x0: Float[ArrayLike, "*batch n d"] | Sequence[Any],
     t1: ScalarLike,
     *,
@@ -418,8 +431,9 @@ def simulate(
     variable `z` for rescaled dynamics, `x` otherwise). Members whose solve fails get a
     non-zero `status`; the batch still returns.
     """
-    if not isinstance(field, AbstractField):
+    if not isinstance(field, (AbstractField, TransformerField)):
         raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
+    classic = isinstance(field, AbstractField)
     # the step options given as keywords (the parameters named like `SolveOptions`'s fields)
     given = {k: v for k, v in locals().items() if k in _OPTION_DEFAULTS}
     if options is None:
@@ -466,13 +480,13 @@ def simulate(
     if t1 < t0:
         raise ValueError(f"t1 = {t1} is before t0 = {t0}")
 
-    stepping = opts.resolve(t0, t1, dtype, sphere=sphere)
+    stepping = opts.resolve(t0, t1, dtype, sphere=sphere, jumps=getattr(field, "jump_times", ()))
     ts = stepping.ts
-    if not field.normalised:
+    if classic and not field.normalised:
         _check_usa_overflow(field, x0, dtype)
-    if jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
+    if classic and jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
         _warn_float32_resolution(field, t0, t1)
-    if opts.backsolve and not field.loras:
+    if classic and opts.backsolve and not field.loras:
         # diffrax's BacksolveAdjoint fails on an empty tuple of LoRAs among the
         # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V (the
         # same vector field, the same gradients).

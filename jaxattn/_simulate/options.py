@@ -279,9 +279,19 @@ class SolveOptions(Mapping[str, Any]):
                 raise ValueError(f"t1 − t0 = {t1 - t0:g} with dt = {dt:g} is too many steps")
             check_memory(8.0 * (n_steps + 2), f"a grid of {n_steps:.3g} fixed steps")
 
-    def resolve(self, t0: float | Any, t1: float, dtype, *, sphere: bool) -> Stepping:
-        """The diffrax objects of a solve from `t0` to `t1` (after `check`)."""
+    def resolve(
+        self, t0: float | Any, t1: float, dtype, *, sphere: bool, jumps: Sequence[float] = ()
+    ) -> Stepping:
+        """The diffrax objects of a solve from `t0` to `t1` (after `check`). `jumps`:
+        times where the vector field is discontinuous (a field's layer times): steps end
+        exactly there, so no step straddles one."""
         self.check(t0, t1, sphere=sphere)
+        inner = _inner_jumps(t0, t1, jumps)
+        if inner and self.backsolve:
+            raise ValueError(
+                "the backsolve adjoint steps backwards over the field's layer times; use "
+                "adjoint='checkpoint' for depth-dependent weights"
+            )
         solver = get_solver(self.solver) if isinstance(self.solver, str) else self.solver
         if self.renormalise:  # on the sphere: `check` refused it elsewhere
             solver = (_ProjectedAdaptive if is_adaptive(solver) else _Projected)(solver)
@@ -300,8 +310,20 @@ class SolveOptions(Mapping[str, Any]):
             if ts is None and self.backsolve:
                 # BacksolveAdjoint rejects SaveAt(steps=True): the grid times instead.
                 ts = grid
+            steps = grid
+            if inner:
+                # Each layer time b joins the grid, preceded by the last number below it
+                # in the solve's dtype: the step ending there evaluates the earlier layer
+                # at every stage, a step of one ulp crosses to b (as diffrax does for
+                # `jump_ts`), and the next step starts on the later layer. The outputs
+                # stay on the grid and the layer times.
+                grid = np.union1d(grid, inner)
+                below = [float(np.nextafter(np.asarray(b, dtype), -np.inf)) for b in inner]
+                steps = np.union1d(grid, [b for b in below if b > t0])
+                if ts is None:
+                    ts = grid
             return Stepping(
-                solver, _step_to(grid, dtype), grid.size - 1, grid, dt, ts, adjoint, sphere, self
+                solver, _step_to(steps, dtype), steps.size - 1, grid, dt, ts, adjoint, sphere, self
             )
         rtol = DEFAULT_RTOL if self.rtol is None else self.rtol
         atol = DEFAULT_ATOL if self.atol is None else self.atol
@@ -309,10 +331,19 @@ class SolveOptions(Mapping[str, Any]):
         if ts is None:
             ts = np.linspace(t0, t1, DEFAULT_SAVE_POINTS)
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        if inner:  # steps end on the layer times (diffrax restarts the step after each)
+            controller = diffrax.ClipStepSizeController(controller, jump_ts=tuple(inner))
         return Stepping(solver, controller, max_steps, None, None, ts, adjoint, sphere, self)
 
 
 _FIELDS = {f.name: f.default for f in dataclasses.fields(SolveOptions)}
+
+
+def _inner_jumps(t0, t1: float, jumps: Sequence[float]) -> list[float]:
+    """The discontinuities strictly inside `(t0, t1)` (none for a traced `t0`)."""
+    if isinstance(t0, Tracer):
+        return []
+    return [float(b) for b in jumps if float(t0) < b < t1]
 
 
 def _plain(v) -> bool:

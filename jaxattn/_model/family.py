@@ -1,0 +1,405 @@
+"""The model family: several heads, causal and ALiBi masks, the normalisation schemes, a
+feed-forward term and depth-dependent weights, as choices of one field (background:
+docs/theory.md, 'The model family').
+
+`TransformerField` is one Equinox module whose options are data, not subclasses:
+
+- **heads** `H`: `Q_h, K_h` of shape `(e, d)` and `V_h` of shape `(f, d)`. Without output
+  maps (`O=None`, the convention of the particle papers: `f = d`, full matrices) the
+  attention term is the mean over heads, `A_i = (1/H) Σ_h Σ_j P^h_ij V_h y_j`; with output
+  maps `O_h (d, f)` it is their sum, `A_i = Σ_h O_h Σ_j P^h_ij V_h y_j`, as in a real block.
+  `P^h_ij ∝ exp(β ⟨Q_h y_i, K_h y_j⟩)`.
+- **mask** `"causal"` (token i attends to j ≤ i) and **ALiBi** slopes `λ_h ≥ 0` per head
+  (bias `−λ_h (i − j)` on the scaled logits; implies causal).
+- **feed-forward** `FeedForward`: `F(y) = W₂ act(W₁ y + b₁) + b₂` per token, added as a
+  second sub-layer.
+- **normalisation** `norm`, after Karagodin, Ge, Polyanskiy and Rigollet (*Normalization
+  in attention dynamics*, NeurIPS 2025), with LayerNorm read as the projection
+  `y ↦ y/|y|` and `θ = x/|x|`; for each sub-layer output `S` (attention, feed-forward):
+
+  | norm | velocity `ẋ_i` | tokens |
+  |---|---|---|
+  | `"none"` | `Σ S_i(x)` | free (the plain dynamics) |
+  | `"post"` | `Π_{x_i} Σ S_i(x)` | on the sphere (today's sphere field) |
+  | `"pre"` | `Σ S_i(θ)` | free; `ṙ = ⟨θ, S⟩`, angular speed divided by `r` |
+  | `"peri"` | `Σ S_i(θ)/|S_i(θ)|` | free; angular speed divided by `r |S|` |
+  | `"ngpt"` | `α Π_{x_i} Σ S_i(x)/|S_i(x)|` | on the sphere; speed `α/|S|` |
+
+- **depth-dependent weights**: every weight may carry a leading layer axis `L`; layer ℓ
+  acts on `[t_ℓ, t_{ℓ+1})` with `layer_times = (t_1, …, t_{L−1})` (layer 0 before `t_1`,
+  the last after `t_{L−1}`). `simulate` steps exactly onto these times
+  (`jump_times`).
+
+With one head, no mask and no feed-forward, `norm="none"` is `PlainField` and
+`norm="post"` is `SphereField` (tested).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.core import Tracer
+from jax.typing import DTypeLike
+
+from .._base import (
+    Array,
+    Float,
+    ScalarLike,
+    as_float_array,
+    check_choice,
+    check_dtype,
+    check_int,
+    check_memory,
+    check_positive,
+)
+from .attention import KERNELS, attend
+from .fields import _tangent
+
+NORMS = ("none", "post", "pre", "peri", "ngpt")
+MASKS = ("none", "causal")
+ACTIVATIONS = ("gelu", "relu")
+
+
+def _unit_or_zero(s: Float[Array, "n d"]) -> Float[Array, "n d"]:
+    """Rows `s_i/|s_i|`, and 0 for a zero row (a zero sub-layer adds nothing), with a
+    finite gradient there."""
+    sq = jnp.sum(s * s, axis=-1, keepdims=True)
+    ok = sq > 0
+    return jnp.where(ok, s / jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
+
+
+class FeedForward(eqx.Module):
+    """The per-token feed-forward term `F(y) = W₂ act(W₁ y + b₁) + b₂`.
+
+    **Arguments:** `W1 (h, d)`, `W2 (d, h)`, optional `b1 (h,)`, `b2 (d,)` (zeros), each
+    with an optional leading layer axis `L` (as the field's attention weights);
+    `activation`: `"gelu"` (tanh approximation, as GPT-2) or `"relu"`.
+    """
+
+    W1: Float[Array, "L h d"]
+    b1: Float[Array, "L h"]
+    W2: Float[Array, "L d h"]
+    b2: Float[Array, "L d"]
+    activation: str = eqx.field(static=True)
+
+    def __init__(self, W1, W2, b1=None, b2=None, *, activation: str = "gelu", dtype=None):
+        dtype = check_dtype(jnp.dtype(dtype) if dtype is not None else jnp.result_type(float))
+        W1 = jnp.asarray(as_float_array(W1, "W1", dtype))
+        W2 = jnp.asarray(as_float_array(W2, "W2", dtype))
+        if W1.ndim == 2:
+            W1 = W1[None]
+        if W2.ndim == 2:
+            W2 = W2[None]
+        if W1.ndim != 3 or W2.ndim != 3:
+            raise ValueError(
+                f"feed-forward W1 and W2 must be (h, d) and (d, h), with an optional "
+                f"leading layer axis, got {tuple(W1.shape)} and {tuple(W2.shape)}"
+            )
+        L, h, d = W1.shape
+        if W2.shape[1:] != (d, h):
+            raise ValueError(f"feed-forward W2 must be ({d}, {h}) for W1 {(h, d)}, got {W2.shape}")
+        if W2.shape[0] != L:
+            raise ValueError(f"feed-forward W1 and W2 have {L} and {W2.shape[0]} layers")
+        self.W1, self.W2 = W1, W2
+        self.b1 = self._bias(b1, "b1", (L, h), dtype)
+        self.b2 = self._bias(b2, "b2", (L, d), dtype)
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+
+    @staticmethod
+    def _bias(b, name, shape, dtype):
+        if b is None:
+            return jnp.zeros(shape, dtype)
+        b = jnp.asarray(as_float_array(b, name, dtype))
+        if b.ndim == 1:
+            b = b[None]
+        if b.shape != shape:
+            raise ValueError(f"feed-forward {name} must be {shape[1:]} per layer, got {b.shape}")
+        return b
+
+    @property
+    def layers(self) -> int:
+        return self.W1.shape[0]
+
+    def __call__(self, layer, y: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        act = jax.nn.relu if self.activation == "relu" else jax.nn.gelu
+        h = act(y @ self.W1[layer].T + self.b1[layer][None, :])
+        return h @ self.W2[layer].T + self.b2[layer][None, :]
+
+
+class TransformerField(eqx.Module):
+    """A member of the model family (module docstring): heads, masks, normalisation,
+    feed-forward term and depth-dependent weights.
+
+    **Arguments:**
+
+    - `Q`, `K`, `V`: per-head weights `(H, e, d)`, `(H, e, d)`, `(H, f, d)`, or with a
+      leading layer axis `(L, H, ·, d)`; a `d×d` matrix is one head; `None` is the
+      identity (`d=` then needed if all are `None`). Heads and layers must agree.
+    - `O`: output maps `(H, d, f)` (or `(L, H, d, f)`); `None`: the mean over heads with
+      `f = d`.
+    - `beta`: β ≥ 0. `mask`: `"none"` or `"causal"`. `alibi`: slopes `λ_h ≥ 0`, one per
+      head (a number: the same for every head); implies the causal mask.
+    - `norm`: `"none"`, `"post"`, `"pre"`, `"peri"` or `"ngpt"`; `alpha` > 0: nGPT's
+      step scale.
+    - `ffn`: a `FeedForward` or `None`.
+    - `layer_times`: the `L − 1` increasing times where the layer changes (needed when
+      any weight has `L > 1` layers).
+    - `dtype`, `kernel`, `block`: as for the other fields.
+    """
+
+    Q: Float[Array, "L H e d"]
+    K: Float[Array, "L H e d"]
+    V: Float[Array, "L H f d"]
+    O: Float[Array, "L H d f"] | None
+    beta: Float[Array, ""]
+    alibi: Float[Array, " H"] | None
+    alpha: Float[Array, ""]
+    ffn: FeedForward | None
+    norm: str = eqx.field(static=True)
+    mask: str = eqx.field(static=True)
+    layer_times: tuple[float, ...] = eqx.field(static=True)
+    kernel: str = eqx.field(static=True)
+    block: int = eqx.field(static=True)
+
+    frame = "x"
+    normalised = True
+
+    def __init__(
+        self,
+        Q=None,
+        K=None,
+        V=None,
+        O=None,
+        *,
+        beta: ScalarLike = 1.0,
+        mask: str | None = None,
+        alibi: ScalarLike | Sequence[float] | None = None,
+        norm: str = "none",
+        alpha: ScalarLike = 1.0,
+        ffn: FeedForward | None = None,
+        layer_times: Sequence[float] | None = None,
+        d: int | None = None,
+        dtype: DTypeLike | None = None,
+        kernel: str = "auto",
+        block: int = 1024,
+    ):
+        dtype = check_dtype(jnp.dtype(dtype) if dtype is not None else jnp.result_type(float))
+        given = {}
+        for name, W in (("Q", Q), ("K", K), ("V", V)):
+            if W is None:
+                continue
+            W = jnp.asarray(as_float_array(W, name, dtype))
+            if W.ndim == 2:
+                W = W[None, None]
+            elif W.ndim == 3:
+                W = W[None]
+            if W.ndim != 4:
+                raise ValueError(
+                    f"{name} must be (d, d), (heads, ·, d) or (layers, heads, ·, d), "
+                    f"got shape {tuple(W.shape)}"
+                )
+            given[name] = W
+        dims = {W.shape[-1] for W in given.values()}
+        if d is not None:
+            dims.add(check_int(d, "dimension d", 1))
+        if len(dims) != 1:
+            shapes = ", ".join(f"{k} {tuple(W.shape)}" for k, W in given.items())
+            raise ValueError(
+                "give Q, K or V, or the dimension d"
+                if not dims
+                else f"Q, K, V and d disagree on the token dimension: {shapes}, d={d}"
+            )
+        (dim,) = dims
+        heads = {W.shape[1] for W in given.values()} or {1}
+        if len(heads) != 1:
+            shapes = ", ".join(f"{k} {tuple(W.shape)}" for k, W in given.items())
+            raise ValueError(f"Q, K, V disagree on the number of heads: {shapes}")
+        (H,) = heads
+        eye = jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (1, H, dim, dim))
+        Qw, Kw, Vw = (given.get(n, eye) for n in ("Q", "K", "V"))
+        if Qw.shape[-2] != Kw.shape[-2]:
+            raise ValueError(
+                f"Q and K must map to the same width, got {Qw.shape[-2]} and {Kw.shape[-2]}"
+            )
+        if O is None:
+            if Vw.shape[-2] != dim:
+                raise ValueError(
+                    f"without output maps O, V must be d×d per head (mean over heads), "
+                    f"got {tuple(Vw.shape[-2:])}"
+                )
+            Ow = None
+        else:
+            Ow = jnp.asarray(as_float_array(O, "O", dtype))
+            if Ow.ndim == 2:
+                Ow = Ow[None, None]
+            elif Ow.ndim == 3:
+                Ow = Ow[None]
+            if Ow.ndim != 4 or Ow.shape[1:] != (H, dim, Vw.shape[-2]):
+                raise ValueError(
+                    f"O must be (heads, d, f) = ({H}, {dim}, {Vw.shape[-2]}), with an "
+                    f"optional leading layer axis, got {tuple(Ow.shape)}"
+                )
+        layer_counts = {W.shape[0] for W in (Qw, Kw, Vw) + (() if Ow is None else (Ow,))}
+        if ffn is not None:
+            if not isinstance(ffn, FeedForward):
+                raise TypeError(f"ffn must be a FeedForward, got {type(ffn).__name__}")
+            if ffn.W1.shape[-1] != dim:
+                raise ValueError(f"the feed-forward term acts on d = {ffn.W1.shape[-1]}, not {dim}")
+            layer_counts.add(ffn.layers)
+            ffn = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, ffn)
+        layer_counts.discard(1)
+        if len(layer_counts) > 1:
+            raise ValueError(
+                f"the weights disagree on the number of layers: {sorted(layer_counts)}"
+            )
+        L = layer_counts.pop() if layer_counts else 1
+        times = () if layer_times is None else tuple(float(t) for t in layer_times)
+        if len(times) != L - 1:
+            raise ValueError(
+                f"{L} layer(s) need {L - 1} layer time(s) (where each next layer starts), "
+                f"got {len(times)}"
+            )
+        if any(not math.isfinite(t) for t in times) or any(
+            b <= a for a, b in itertools.pairwise(times)
+        ):
+            raise ValueError(f"layer_times must be finite and increasing, got {list(times)}")
+        check_memory(
+            dtype.itemsize * sum(W.size for W in (Qw, Kw, Vw)), "the family field's weights"
+        )
+        self.Q, self.K, self.V, self.O = Qw, Kw, Vw, Ow
+        self.layer_times = times
+        self.beta = (
+            beta.astype(dtype)
+            if isinstance(beta, Tracer)
+            else jnp.asarray(check_positive(beta, "beta", allow_zero=True), dtype)
+        )
+        self.norm = check_choice(norm, "norm", NORMS)
+        if isinstance(alpha, Tracer):
+            self.alpha = alpha.astype(dtype)
+        else:
+            self.alpha = jnp.asarray(check_positive(alpha, "alpha"), dtype)
+        if alibi is None:
+            self.alibi = None
+        else:
+            lam = jnp.asarray(as_float_array(alibi, "alibi", dtype))
+            lam = jnp.broadcast_to(lam, (H,)) if lam.ndim == 0 else lam
+            if lam.shape != (H,):
+                raise ValueError(f"alibi needs one slope per head ({H}), got {lam.shape[0]}")
+            if not isinstance(lam, Tracer) and bool(jnp.any(lam < 0)):
+                raise ValueError(f"ALiBi slopes must be ≥ 0, got {np.asarray(lam).tolist()}")
+            self.alibi = lam
+        if mask is None:
+            mask = "causal" if alibi is not None else "none"
+        self.mask = check_choice(mask, "mask", MASKS)
+        if self.alibi is not None and self.mask != "causal":
+            raise ValueError("ALiBi is a causal mask: give mask='causal' (or leave it out)")
+        self.ffn = ffn
+        self.kernel = check_choice(kernel, "attention kernel", KERNELS)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"attention block must be a positive integer, got {block!r}")
+        self.block = int(block)
+
+    # -- the contract `simulate` reads ---------------------------------------------
+    @property
+    def dynamics(self) -> str:
+        return f"family/{self.norm}"
+
+    @property
+    def on_sphere(self) -> bool:
+        """Tokens live on the unit sphere (post-LN, nGPT)."""
+        return self.norm in ("post", "ngpt")
+
+    @property
+    def d(self) -> int:
+        return self.Q.shape[-1]
+
+    @property
+    def heads(self) -> int:
+        return self.Q.shape[1]
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_times) + 1
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def jump_times(self) -> tuple[float, ...]:
+        """Times where the weights change: the solver steps exactly onto them."""
+        return self.layer_times
+
+    @property
+    def loras(self) -> tuple:
+        return ()
+
+    def solve_args(self) -> None:
+        return None
+
+    # -- dynamics -------------------------------------------------------------------
+    def layer(self, t: ScalarLike) -> Array:
+        """Index of the layer acting at time t (a layer starts at its own time)."""
+        if not self.layer_times:
+            return jnp.asarray(0)
+        times = jnp.asarray(self.layer_times, jnp.result_type(t, self.beta.dtype))
+        return jnp.searchsorted(times, t, side="right")
+
+    @staticmethod
+    def _at(W, layer):
+        return W[0] if W.shape[0] == 1 else W[layer]
+
+    def attention_term(self, t: ScalarLike, y: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        """`A_i`: the heads' attention outputs on tokens `y` (mean or summed through O)."""
+        layer = self.layer(t)
+        Q, K, V = (self._at(W, layer) for W in (self.Q, self.K, self.V))
+        causal = self.mask == "causal"
+
+        def head(Qh, Kh, Vh, lam):
+            return attend(
+                y @ Qh.T,
+                y @ Kh.T,
+                y @ Vh.T,
+                self.beta,
+                kernel=self.kernel,
+                block=self.block,
+                causal=causal,
+                alibi=lam,
+            )
+
+        lam = self.alibi
+        outs = jax.vmap(head, in_axes=(0, 0, 0, None if lam is None else 0))(Q, K, V, lam)
+        if self.O is None:
+            return jnp.mean(outs, axis=0)
+        return jnp.einsum("hnf,hdf->nd", outs, self._at(self.O, layer))
+
+    def sublayers(self, t: ScalarLike, y: Float[Array, "n d"]) -> list[Array]:
+        """The sub-layer outputs at tokens `y`: attention, then the feed-forward term."""
+        out = [self.attention_term(t, y)]
+        if self.ffn is not None:
+            out.append(self.ffn(self.layer(t) if self.ffn.layers > 1 else 0, y))
+        return out
+
+    def __call__(self, t, y, args=None):
+        if jnp.ndim(y) < 2 or jnp.shape(y)[-1] != self.d:
+            raise ValueError(
+                f"the field has d = {self.d}; tokens must have shape (n, {self.d}), "
+                f"got {tuple(jnp.shape(y))}"
+            )
+        if self.norm == "none":
+            return sum(self.sublayers(t, y))
+        if self.norm == "post":
+            return _tangent(y, sum(self.sublayers(t, y)))
+        if self.norm == "ngpt":
+            return self.alpha * _tangent(y, sum(_unit_or_zero(s) for s in self.sublayers(t, y)))
+        theta = _unit_or_zero(y)
+        subs = self.sublayers(t, theta)
+        if self.norm == "pre":
+            return sum(subs)
+        return sum(_unit_or_zero(s) for s in subs)  # peri

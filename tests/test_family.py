@@ -1,0 +1,305 @@
+"""The model family (`TransformerField`): heads, causal and ALiBi masks, normalisation
+schemes, feed-forward term, depth-dependent weights — against an independent float64
+NumPy RK4 of the equations (tests/reference.py), exact properties, and the equiangular
+reduction of Karagodin, Ge, Polyanskiy and Rigollet (NeurIPS 2025)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+from helpers import unchecked
+from reference import family_rhs, rk4_segments
+
+import jaxattn as ja
+from jaxattn._model import FeedForward, TransformerField
+
+
+def _rng_weights(rng, H, e, d, f=None, scale=0.6):
+    f = d if f is None else f
+    return (
+        rng.normal(size=(H, e, d)) * scale / np.sqrt(d),
+        rng.normal(size=(H, e, d)) * scale / np.sqrt(d),
+        rng.normal(size=(H, f, d)) * scale / np.sqrt(d),
+    )
+
+
+def _layer_dicts(Q, K, V, O=None, ffn=None):
+    """The reference's per-layer dicts from `(L, H, ·, ·)` weights."""
+    out = []
+    for ell in range(Q.shape[0]):
+        lay = {"Q": list(Q[ell]), "K": list(K[ell]), "V": list(V[ell])}
+        lay["O"] = None if O is None else list(O[ell])
+        if ffn is not None:
+            W1, b1, W2, b2, act = ffn
+            lay["ffn"] = (W1[ell], b1[ell], W2[ell], b2[ell], act)
+        out.append(lay)
+    return out
+
+
+def _ffn_arrays(rng, L, h, d, act):
+    return (
+        rng.normal(size=(L, h, d)) / np.sqrt(d),
+        rng.normal(size=(L, h)) * 0.1,
+        rng.normal(size=(L, d, h)) / np.sqrt(h),
+        rng.normal(size=(L, d)) * 0.1,
+        act,
+    )
+
+
+# Random members: heads × masks × ALiBi × schemes × feed-forward × layers. Each is one
+# compiled solve; the reference is NumPy RK4 on the same grid (layer times on it).
+CASES = [
+    dict(H=2, norm="none", causal=False, alibi=None, O=False, ffn=None, L=1),
+    dict(H=2, norm="pre", causal=True, alibi=[0.3, 0.0], O=True, ffn="relu", L=1),
+    dict(H=1, norm="peri", causal=True, alibi=None, O=False, ffn="gelu", L=2),
+    dict(H=3, norm="ngpt", causal=True, alibi=[0.5, 0.1, 0.0], O=False, ffn=None, L=2),
+    dict(H=2, norm="post", causal=True, alibi=None, O=True, ffn="gelu", L=3),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['norm']}-H{c['H']}-L{c['L']}")
+def test_family_matches_numpy_rk4(case):
+    rng = np.random.default_rng(len(str(case)))
+    n, d, e, L, H = 6, 3, 2, case["L"], case["H"]
+    f = 2 if case["O"] else d
+    Q, K, V = (np.stack(w) for w in zip(*[_rng_weights(rng, H, e, d, f) for _ in range(L)]))
+    O = rng.normal(size=(L, H, d, f)) / np.sqrt(f) if case["O"] else None
+    ffn = None if case["ffn"] is None else _ffn_arrays(rng, L, 4, d, case["ffn"])
+    times = [0.35, 0.6][: L - 1]
+    x0 = rng.normal(size=(n, d))
+    if case["norm"] in ("post", "ngpt"):
+        x0 /= np.linalg.norm(x0, axis=1, keepdims=True)
+    field = TransformerField(
+        Q,
+        K,
+        V,
+        O,
+        beta=1.4,
+        mask="causal" if case["causal"] else "none",
+        alibi=case["alibi"],
+        norm=case["norm"],
+        alpha=0.7,
+        ffn=None if ffn is None else FeedForward(ffn[0], ffn[2], ffn[1], ffn[3], activation=ffn[4]),
+        layer_times=times,
+    )
+    sol = ja.simulate(field, jnp.asarray(x0), 1.0, dt=0.05)
+    rhs = family_rhs(
+        _layer_dicts(Q, K, V, O, ffn),
+        1.4,
+        norm=case["norm"],
+        causal=case["causal"],
+        alibi=case["alibi"],
+        alpha=0.7,
+        times=times,
+    )
+    grid = np.asarray(sol.ts)
+    assert all(np.any(np.isclose(grid, t, rtol=0, atol=1e-15)) for t in times)
+    ref = rk4_segments(rhs, x0, grid)
+    # Same scheme and grid; float64 rounding over 20-odd steps (and the one-ulp step
+    # onto each layer time, which moves the state by ~1e-16): 1e-12.
+    np.testing.assert_allclose(np.asarray(sol.xs), ref, rtol=0, atol=1e-12)
+    # the velocity itself, at a time in each layer
+    for t in [0.1, 0.5, 0.9][:L]:
+        np.testing.assert_allclose(np.asarray(field(t, jnp.asarray(x0))), rhs(t, x0), atol=1e-13)
+
+
+def test_identical_heads_equal_one_head_and_the_classic_fields():
+    rng = np.random.default_rng(3)
+    Q, K, V = (rng.normal(size=(3, 3)) / 2 for _ in range(3))
+    x = jnp.asarray(rng.normal(size=(7, 3)))
+    one = TransformerField(Q, K, V, beta=0.9)
+    three = TransformerField(*(np.stack([W] * 3) for W in (Q, K, V)), beta=0.9)
+    np.testing.assert_allclose(np.asarray(three(0.0, x)), np.asarray(one(0.0, x)), atol=1e-15)
+    # one head, no mask: the plain field; post-LN: the sphere field (same trajectories)
+    np.testing.assert_allclose(
+        np.asarray(one(0.0, x)), np.asarray(ja.PlainField(Q, K, V, beta=0.9)(0.0, x)), atol=1e-15
+    )
+    xs = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    post = TransformerField(Q, K, V, beta=0.9, norm="post")
+    a = ja.simulate(post, xs, 2.0, dt=0.1).xs
+    b = ja.simulate(ja.SphereField(Q, K, V, beta=0.9), xs, 2.0, dt=0.1).xs
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-14)
+
+
+def test_causal_tokens_never_feel_later_ones_and_alibi_zero_is_causal():
+    rng = np.random.default_rng(4)
+    Q, K, V = _rng_weights(rng, 2, 3, 3)
+    x0 = jnp.asarray(rng.normal(size=(9, 3)))
+    field = TransformerField(Q, K, V, beta=2.0, mask="causal", norm="pre")
+    full = ja.simulate(field, x0, 1.5, dt=0.05).xs
+    first = ja.simulate(field, x0[:4], 1.5, dt=0.05).xs
+    np.testing.assert_allclose(np.asarray(full[:, :4]), np.asarray(first), rtol=0, atol=1e-14)
+    zero = TransformerField(Q, K, V, beta=2.0, alibi=[0.0, 0.0], norm="pre")
+    np.testing.assert_allclose(
+        np.asarray(zero(0.0, x0)), np.asarray(field(0.0, x0)), rtol=0, atol=1e-15
+    )
+    # the first token sees only itself: with V = I and no normalisation x₀' = x₀, which
+    # RK4 with step h multiplies by 1 + h + h²/2 + h³/6 + h⁴/24 per step
+    alone = TransformerField(Q, K, None, beta=2.0, mask="causal")
+    xs = ja.simulate(alone, x0, 1.0, dt=0.1).xs
+    h = 0.1
+    growth = (1 + h + h**2 / 2 + h**3 / 6 + h**4 / 24) ** np.arange(11)
+    np.testing.assert_allclose(
+        np.asarray(xs[:, 0]), growth[:, None] * np.asarray(x0[0])[None], rtol=1e-14
+    )
+
+
+def test_depth_dependent_weights_equal_chained_solves_fixed_and_adaptive():
+    rng = np.random.default_rng(5)
+    W = [_rng_weights(rng, 2, 3, 3) for _ in range(2)]
+    Q, K, V = (np.stack(w) for w in zip(*W))
+    x0 = jnp.asarray(rng.normal(size=(5, 3)))
+    layered = TransformerField(Q, K, V, beta=1.2, norm="peri", layer_times=[0.63])
+    first = TransformerField(*W[0], beta=1.2, norm="peri")
+    second = TransformerField(*W[1], beta=1.2, norm="peri")
+    # fixed steps, a layer time on the grid: the same steps as two chained solves
+    on_grid = TransformerField(Q, K, V, beta=1.2, norm="peri", layer_times=[0.6])
+    sol = ja.simulate(on_grid, x0, 1.0, dt=0.1)
+    a = ja.simulate(first, x0, 0.6, dt=0.1)
+    b = ja.simulate(second, a.xs[-1], 1.0, t0=0.6, dt=0.1)
+    np.testing.assert_allclose(np.asarray(sol.xs[-1]), np.asarray(b.xs[-1]), atol=1e-15)
+    # off the grid (0.63): the solver steps onto it, each step within one layer (the
+    # NumPy RK4 on the same times, evaluating each step with its starting layer)
+    sol = ja.simulate(layered, x0, 1.0, dt=0.1)
+    assert np.isclose(np.asarray(sol.ts), 0.63, rtol=0, atol=1e-15).sum() == 1
+    rhs = family_rhs(
+        [{"Q": list(w[0]), "K": list(w[1]), "V": list(w[2])} for w in W],
+        1.2,
+        norm="peri",
+        times=[0.63],
+    )
+    ref = rk4_segments(rhs, np.asarray(x0), np.asarray(sol.ts))
+    np.testing.assert_allclose(np.asarray(sol.xs), ref, rtol=0, atol=1e-13)
+    # adaptive steps: diffrax's jump_ts; the chained solves give the same answer to tol
+    kw = dict(solver="tsit5", rtol=1e-10, atol=1e-10)
+    sol = ja.simulate(layered, x0, 1.0, **kw)
+    a = ja.simulate(first, x0, 0.63, **kw)
+    b = ja.simulate(second, a.xs[-1], 1.0, t0=0.63, **kw)
+    np.testing.assert_allclose(np.asarray(sol.xs[-1]), np.asarray(b.xs[-1]), atol=1e-8)
+
+
+@pytest.mark.parametrize("norm", ["none", "post", "pre", "peri", "ngpt"])
+def test_a_zero_feed_forward_adds_nothing(norm):
+    rng = np.random.default_rng(6)
+    Q, K, V = _rng_weights(rng, 2, 3, 3)
+    x = jnp.asarray(rng.normal(size=(5, 3)))
+    x = x / jnp.linalg.norm(x, axis=1, keepdims=True) if norm in ("post", "ngpt") else x
+    zero = FeedForward(np.zeros((4, 3)), np.zeros((3, 4)))
+    a = TransformerField(Q, K, V, norm=norm, ffn=zero)(0.0, x)
+    b = TransformerField(Q, K, V, norm=norm)(0.0, x)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0)
+    g = jax.grad(lambda W: jnp.sum(TransformerField(Q, K, V, norm=norm, ffn=W)(0.0, x)))(zero)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
+
+
+def _equiangular(norm, beta, n, t_eval, alpha=1.0):
+    """The closed ODE of the common cosine γ (and radius r) of n orthonormal tokens
+    with Q = K = V = I, derived from the scheme's velocity: A_j = Σ_k w_jk θ_k with
+    w_jj = e^β/Z, w_jk = e^{βγ}/Z, Z = e^β + (n−1)e^{βγ}; then
+    γ' = (2/s)(⟨A_j, θ_k⟩ − γ⟨A_j, θ_j⟩) and r' = ⟨θ, A⟩ (pre) or ⟨θ, A⟩/|A| (peri),
+    with speed factor s = 1 (post), r (pre), r|A| (peri), |A|/α (nGPT)."""
+
+    def rhs(t, y):
+        g, r = y
+        Z = np.exp(beta) + (n - 1) * np.exp(beta * g)
+        on = (np.exp(beta) + (n - 1) * g * np.exp(beta * g)) / Z  # ⟨θ_j, A_j⟩
+        off = (np.exp(beta) * g + np.exp(beta * g) * (1 + (n - 2) * g)) / Z  # ⟨θ_k, A_j⟩
+        norm_a = (
+            np.sqrt(
+                np.exp(2 * beta)
+                + 2 * (n - 1) * g * np.exp(beta * (1 + g))
+                + (n - 1) * np.exp(2 * beta * g) * (1 + (n - 2) * g)
+            )
+            / Z
+        )
+        s = {"post": 1.0, "pre": r, "peri": r * norm_a, "ngpt": norm_a / alpha}[norm]
+        dr = {"pre": on, "peri": on / norm_a}.get(norm, 0.0)
+        return [2.0 / s * (off - g * on), dr]
+
+    out = scipy.integrate.solve_ivp(
+        rhs, (0.0, t_eval[-1]), [0.0, 1.0], t_eval=t_eval, rtol=1e-12, atol=1e-12
+    )
+    return out.y
+
+
+@pytest.mark.parametrize("norm", ["post", "pre", "peri", "ngpt"])
+def test_equiangular_reduction_of_each_scheme(norm):
+    # Karagodin, Ge, Polyanskiy, Rigollet (2025), §4.1: from orthonormal tokens with
+    # Q = K = V = I every pair keeps one common cosine γ(t). The simulated tokens follow
+    # the scalar ODE; at t = 0 its speed is the paper's table: 2/(e^β + n − 1) (post),
+    # the same over r₀ = 1 (pre), 2/√(e^{2β} + n − 1) (peri), 2α/√(e^{2β} + n − 1) (nGPT).
+    n, beta, alpha = 4, 1.5, 0.7
+    x0 = jnp.eye(n)
+    field = TransformerField(d=n, beta=beta, norm=norm, alpha=alpha)
+    sol = ja.simulate(field, x0, 3.0, dt=0.01, ts=np.linspace(0, 3, 7))
+    xs = np.asarray(sol.xs)
+    r = np.linalg.norm(xs, axis=-1)
+    theta = xs / r[..., None]
+    gram = np.einsum("tid,tjd->tij", theta, theta)
+    off = gram[:, ~np.eye(n, dtype=bool)]
+    assert np.ptp(off, axis=1).max() < 1e-12  # one common cosine
+    g_ref, r_ref = _equiangular(norm, beta, n, np.asarray(sol.ts), alpha)
+    np.testing.assert_allclose(off[:, 0], g_ref, rtol=0, atol=1e-9)  # RK4 dt = 0.01
+    np.testing.assert_allclose(r[:, 0], r_ref, rtol=0, atol=1e-9)
+    speed0 = {
+        "post": 2 / (np.exp(beta) + n - 1),
+        "pre": 2 / (np.exp(beta) + n - 1),
+        "peri": 2 / np.sqrt(np.exp(2 * beta) + n - 1),
+        "ngpt": 2 * alpha / np.sqrt(np.exp(2 * beta) + n - 1),
+    }[norm]
+    v = np.asarray(field(0.0, x0))
+    assert abs(2 * float(v[0] @ np.asarray(x0[1])) - speed0) < 1e-14
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(Q=np.zeros((2, 3, 3)), K=np.zeros((3, 3, 3))), "number of heads"),
+        (dict(Q=np.zeros((2, 2, 3, 3)), layer_times=[]), "need 1 layer time"),
+        (dict(Q=np.zeros((3, 1, 3, 3)), layer_times=[0.5, 0.2]), "increasing"),
+        (dict(d=3, alibi=[0.1, 0.2]), "one slope per head"),
+        (dict(d=3, alibi=-0.5), "≥ 0"),
+        (dict(d=3, alibi=0.5, mask="none"), "ALiBi is a causal mask"),
+        (dict(d=3, norm="rms"), "norm"),
+        (dict(V=np.zeros((1, 2, 3))), "without output maps O"),
+        (dict(d=3, O=np.zeros((1, 3, 2))), "O must be"),
+    ],
+)
+def test_bad_members_are_one_line_errors(kw, match):
+    with pytest.raises(ValueError, match=match) as e:
+        TransformerField(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_tools_refuse_what_they_do_not_understand_and_with_lora_keeps_a_subclass():
+    # A researcher's two-head field as a subclass of PlainField: the bounds used to read
+    # only the parent's Q, K, V and certify 0.084 where the divergence was 0.618.
+    class TwoHeads(ja.PlainField):
+        Q2: jax.Array
+
+        def __init__(self, Q2, **kw):
+            super().__init__(**kw)
+            self.Q2 = Q2
+
+        def __call__(self, t, y, args=None):
+            return super().__call__(t, y, args) + 0.5 * y @ self.Q2.T
+
+    rng = np.random.default_rng(8)
+    base = ja.PlainField(d=2)
+    sub = TwoHeads(jnp.asarray(rng.normal(size=(2, 2))), d=2)
+    lora = ja.LoRA(jnp.ones((1, 2)), jnp.ones((2, 1)) * 0.1, 1.0, "V")
+    tuned = sub.with_lora(lora)
+    assert type(tuned) is TwoHeads and tuned.Q2 is sub.Q2 and len(tuned.loras) == 1
+    x0 = jnp.asarray(rng.normal(size=(4, 2)))
+    sols = [ja.simulate(f, x0, 0.5, dt=0.1) for f in (sub, tuned)]
+    with pytest.raises(ValueError, match=r"TwoHeads is not one of them \(it overrides __call__\)"):
+        ja.bound_a_posteriori(sub, tuned, sols[0].ts, sols[0].xs, sols[1].xs)
+    # a family member, as users run it (without the test suite's runtime type checks,
+    # which refuse it at the annotation already)
+    fam = TransformerField(d=2, norm="pre")
+    with unchecked(), pytest.raises(ValueError, match="TransformerField is not one of them"):
+        ja.bound_a_priori(fam, fam, [0.0, 1.0], x0)
+    with unchecked(), pytest.raises(TypeError, match="jaxattn field"):
+        ja.objective_value_and_grad(fam, x0, 1.0, dt=0.1)
+    assert base.with_lora(lora).with_lora(None).loras == ()
