@@ -12,6 +12,7 @@ grouped by topic; each has a docstring. Modules whose names start with `_` are p
 
 from ._model import (
     AbstractField as AbstractField,
+    AbstractVectorField as AbstractVectorField,
     FeedForward as FeedForward,
     LoRA as LoRA,
     PlainField as PlainField,
@@ -134,6 +135,7 @@ __all__ = [
     "make_field",
     "TransformerField",
     "FeedForward",
+    "AbstractVectorField",
     "LoRA",
     "attend",
     "attention_scores",

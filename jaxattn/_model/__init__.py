@@ -15,6 +15,7 @@ from .attention import (
 )
 from .family import (
     NORMS as NORMS,
+    AbstractVectorField as AbstractVectorField,
     FeedForward as FeedForward,
     TransformerField as TransformerField,
 )

@@ -36,6 +36,7 @@ With one head, no mask and no feed-forward, `norm="none"` is `PlainField` and
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 from collections.abc import Sequence
@@ -49,7 +50,9 @@ from jax.typing import DTypeLike
 
 from .._base import (
     Array,
+    ArrayLike,
     Float,
+    PyTree,
     ScalarLike,
     as_float_array,
     check_choice,
@@ -59,7 +62,7 @@ from .._base import (
     check_positive,
 )
 from .attention import KERNELS, attend
-from .fields import _tangent
+from .fields import tangent
 
 NORMS = ("none", "post", "pre", "peri", "ngpt")
 MASKS = ("none", "causal")
@@ -132,7 +135,62 @@ class FeedForward(eqx.Module):
         return h @ self.W2[layer].T + self.b2[layer][None, :]
 
 
-class TransformerField(eqx.Module):
+class AbstractVectorField(eqx.Module):
+    """The extension point: a token vector field `simulate` integrates, for a model the
+    package does not have. Subclass it, give the weights as fields (pytree leaves:
+    `jax.grad` and LoRA-style perturbations reach them) and implement `__call__(t, y,
+    args) -> dy/dt` for tokens `y (n, d)` and the property `d`. The defaults below are
+    what the other fields declare; override them when they differ:
+
+    - `on_sphere` (False): `simulate` puts `x0` on the unit sphere and allows
+      `renormalise`;
+    - `frame` (`"x"`): the state is the tokens;
+    - `jump_times` (none): times where the velocity jumps (the solver steps onto them);
+    - `heads` (1): dense attention matrices per token pair, for the memory estimate;
+    - `kernel` (`"auto"`): the attention path, for the memory estimate;
+    - `solve_args()` (None): constants computed once per solve, passed as `args`.
+
+    Tools derived for particular dynamics (the stability bounds, the sensitivity tools,
+    spec files and sweeps) do not take such a field: they refuse it in one line.
+    docs/own_field.md has an example.
+    """
+
+    on_sphere = False
+    frame = "x"
+    normalised = True
+    heads = 1
+    kernel = "auto"
+
+    @property
+    def dynamics(self) -> str:
+        return type(self).__name__
+
+    @property
+    @abc.abstractmethod
+    def d(self) -> int:
+        """The token dimension."""
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def jump_times(self) -> tuple[float, ...]:
+        return ()
+
+    @property
+    def loras(self) -> tuple:
+        return ()
+
+    def solve_args(self) -> PyTree:
+        return None
+
+    @abc.abstractmethod
+    def __call__(self, t, y: Float[Array, "n d"], args=None) -> Float[Array, "n d"]:
+        """The velocity `dy/dt` of tokens `y (n, d)` at time `t`."""
+
+
+class TransformerField(AbstractVectorField):
     """A member of the model family (module docstring): heads, masks, normalisation,
     feed-forward term and depth-dependent weights.
 
@@ -167,9 +225,6 @@ class TransformerField(eqx.Module):
     kernel: str = eqx.field(static=True)
     block: int = eqx.field(static=True)
 
-    frame = "x"
-    normalised = True
-
     def __init__(
         self,
         Q=None,
@@ -179,7 +234,7 @@ class TransformerField(eqx.Module):
         *,
         beta: ScalarLike = 1.0,
         mask: str | None = None,
-        alibi: ScalarLike | Sequence[float] | None = None,
+        alibi: ScalarLike | Float[ArrayLike, " H"] | Sequence[float] | None = None,
         norm: str = "none",
         alpha: ScalarLike = 1.0,
         ffn: FeedForward | None = None,
@@ -328,20 +383,9 @@ class TransformerField(eqx.Module):
         return len(self.layer_times) + 1
 
     @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return ()
-
-    @property
     def jump_times(self) -> tuple[float, ...]:
         """Times where the weights change: the solver steps exactly onto them."""
         return self.layer_times
-
-    @property
-    def loras(self) -> tuple:
-        return ()
-
-    def solve_args(self) -> None:
-        return None
 
     # -- dynamics -------------------------------------------------------------------
     def layer(self, t: ScalarLike) -> Array:
@@ -395,9 +439,9 @@ class TransformerField(eqx.Module):
         if self.norm == "none":
             return sum(self.sublayers(t, y))
         if self.norm == "post":
-            return _tangent(y, sum(self.sublayers(t, y)))
+            return tangent(y, sum(self.sublayers(t, y)))
         if self.norm == "ngpt":
-            return self.alpha * _tangent(y, sum(_unit_or_zero(s) for s in self.sublayers(t, y)))
+            return self.alpha * tangent(y, sum(_unit_or_zero(s) for s in self.sublayers(t, y)))
         theta = _unit_or_zero(y)
         subs = self.sublayers(t, theta)
         if self.norm == "pre":

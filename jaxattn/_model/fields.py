@@ -366,7 +366,7 @@ def _exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
     return jax.lax.cond(jnp.all(V == V.T), lambda V: sym, spectral, V)
 
 
-def _tangent(x, y):
+def tangent(x, y):
     """Π_x y = y − <x, y> x, row by row (x assumed on the unit sphere)."""
     return y - jnp.sum(x * y, axis=-1, keepdims=True) * x
 
@@ -443,7 +443,7 @@ class AbstractSphereField(AbstractTokenFrameField):
     frame = "x"
 
     def __call__(self, t, y, args=None):
-        return _tangent(y, self.attend(t, y, self.project("V", y), args))
+        return tangent(y, self.attend(t, y, self.project("V", y), args))
 
 
 class SphereField(AbstractSphereField):

@@ -33,8 +33,8 @@ from .._base import (
 )
 from .._model import (
     AbstractField,
+    AbstractVectorField,
     LoRA,
-    TransformerField,
     exact_row_max,
     expm,
     unit_rows,
@@ -377,7 +377,7 @@ def _check_solve_memory(field, x0, n_out: int, save_tokens: bool, dtype) -> None
 
 
 def simulate(
-    field: AbstractField | TransformerField,
+    field: AbstractField | AbstractVectorField,
     x0: Float[ArrayLike, "*batch n d"] | Sequence[Any],
     t1: ScalarLike,
     *,
@@ -431,9 +431,10 @@ def simulate(
     variable `z` for rescaled dynamics, `x` otherwise). Members whose solve fails get a
     non-zero `status`; the batch still returns.
     """
-    if not isinstance(field, (AbstractField, TransformerField)):
-        raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
-    classic = isinstance(field, AbstractField)
+    if not isinstance(field, (AbstractField, AbstractVectorField)):
+        raise TypeError(
+            f"field must be a jaxattn field (or an AbstractVectorField), got {type(field).__name__}"
+        )
     # the step options given as keywords (the parameters named like `SolveOptions`'s fields)
     given = {k: v for k, v in locals().items() if k in _OPTION_DEFAULTS}
     if options is None:
@@ -482,16 +483,17 @@ def simulate(
 
     stepping = opts.resolve(t0, t1, dtype, sphere=sphere, jumps=getattr(field, "jump_times", ()))
     ts = stepping.ts
-    if classic and not field.normalised:
-        _check_usa_overflow(field, x0, dtype)
-    if classic and jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
-        _warn_float32_resolution(field, t0, t1)
-    if classic and opts.backsolve and not field.loras:
-        # diffrax's BacksolveAdjoint fails on an empty tuple of LoRAs among the
-        # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V (the
-        # same vector field, the same gradients).
-        z = jnp.zeros((1, field.d), field.V.dtype)
-        field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
+    if isinstance(field, AbstractField):  # checks of the classic fields' own weights
+        if not field.normalised:
+            _check_usa_overflow(field, x0, dtype)
+        if jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
+            _warn_float32_resolution(field, t0, t1)
+        if opts.backsolve and not field.loras:
+            # diffrax's BacksolveAdjoint fails on an empty tuple of LoRAs among the
+            # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V
+            # (the same vector field, the same gradients).
+            z = jnp.zeros((1, field.d), field.V.dtype)
+            field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
     n_out = stepping.out_times.size
     _check_solve_memory(field, x0, n_out, summary is None, dtype)
     if t1 == t0:
