@@ -158,3 +158,27 @@ def test_sphere_phase_quick_and_equiangular_curve(tmp_path):
     n, delta = 32, 1e-3
     exact = 0.5 * np.log((1 + (n - 1) * (1 - delta)) / delta)
     assert equiangular_time(0.0, n, delta, 100.0, dt=1e-3) == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_normalisation_quick(tmp_path):
+    out = tmp_path / "norm"
+    assert main(["reproduce", "normalisation", "--quick", "--out", str(out)]) == 0
+    z = np.load(out / "normalisation.npz")
+    s = json.loads((out / "summary.json").read_text())
+    for scheme in ("post", "pre", "peri", "ngpt"):
+        mc, r = z[f"{scheme}_mean_cosine"], z[f"{scheme}_radius"]
+        assert np.all(np.isfinite(mc)) and np.all(np.abs(mc) <= 1 + 1e-9)
+        if scheme in ("post", "ngpt"):  # on the sphere (RK4 drift only)
+            assert np.abs(r - 1).max() < 1e-3
+        else:  # the radii grow: ṙ = ⟨θ, S⟩ (pre) or ⟨θ, S⟩/|S| (peri), > 0 here
+            assert np.all(np.diff(r, axis=1) > 0)
+    # causal: the first token attends to itself only, so it never moves
+    theta = z["causal_angles"]
+    assert np.ptp(theta[:, 0]) < 1e-12 and np.ptp(theta[:, -1]) > 1e-3
+    assert set(s["ordering"]) == {
+        "early_fastest_two",
+        "peri_and_ngpt_faster_early_than_post_and_pre",
+        "post_most_collapsed_at_the_end",
+    }
+    assert (out / "normalisation.png").stat().st_size > 0 and (out / "causal.png").exists()

@@ -364,3 +364,12 @@ def test_family_gradients_match_finite_differences_and_batches_equal_a_loop():
     batched = ja.simulate(f, x0, 1.0, dt=0.1).xs
     loop = jnp.stack([ja.simulate(f, x, 1.0, dt=0.1).xs for x in x0])
     np.testing.assert_allclose(np.asarray(batched), np.asarray(loop), rtol=0, atol=1e-14)
+
+
+def test_the_experiments_equiangular_curves_equal_the_tests_ode():
+    from jaxattn.experiments.normalisation import equiangular_curves
+
+    t = np.linspace(0.0, 3.0, 7)
+    curves = equiangular_curves(4, 1.5, t, alpha=0.7)
+    for norm in ("post", "pre", "peri", "ngpt"):
+        np.testing.assert_allclose(curves[norm], _equiangular(norm, 1.5, 4, t, 0.7)[0], atol=1e-8)

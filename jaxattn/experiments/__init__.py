@@ -26,6 +26,7 @@ _MODULES = {
     "worst-case-lora": "worst_case_lora",
     "mean-field": "mean_field",
     "mean-field-large": "mean_field_large",
+    "normalisation": "normalisation",
 }
 
 

@@ -16,7 +16,8 @@ Submodules by subject: `_trajectories` (token snapshots and LoRA divergence), `_
 (the sweep overview), `_sensitivity` (worst-case LoRA), `_experiments` (stability bound,
 sphere phase diagram, departure time), `_geometries` (geometries, low rank),
 `_mean_field` (mean-field experiments), `_real_model` (real-model analyses), `_modular`
-(modular-arithmetic forgetting study).
+(modular-arithmetic forgetting study), `_family` (the normalisation schemes and causal
+attention).
 """
 
 from ._experiments import (
@@ -27,6 +28,7 @@ from ._experiments import (
     sphere_phase_diagram,
     sphere_plateaus,
 )
+from ._family import causal_clusters, normalisation_schemes
 from ._geometries import (
     geometries_collapse,
     geometries_hyperplanes,
@@ -69,6 +71,7 @@ from ._trajectories import (
 __all__ = [
     "animate_side_by_side",
     "bound_vs_eps",
+    "causal_clusters",
     "cluster_change_figure",
     "departure_phases",
     "departure_vs_eps",
@@ -91,6 +94,7 @@ __all__ = [
     "mean_field_large_n",
     "mean_field_lora_w2",
     "modular_study_figures",
+    "normalisation_schemes",
     "real_model_clustering",
     "real_model_lora_drift",
     "real_model_particle",
