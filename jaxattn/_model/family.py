@@ -399,16 +399,33 @@ class TransformerField(AbstractVectorField):
     def _at(W, layer):
         return W[0] if W.shape[0] == 1 else W[layer]
 
-    def attention_term(self, t: ScalarLike, y: Float[Array, "n d"]) -> Float[Array, "n d"]:
-        """`A_i`: the heads' attention outputs on tokens `y` (mean or summed through O)."""
+    def solve_args(self) -> Float[Array, "L H d d"] | None:
+        """Per solve: the logit matrices `A_h = Q_hᵀ K_h` of every layer and head when
+        the heads are not narrower than d (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes
+        one n×d×d product instead of two); None for narrow heads."""
+        if self.Q.shape[-2] < self.Q.shape[-1]:
+            return None
+        return jnp.swapaxes(self.Q, -1, -2) @ self.K
+
+    def attention_term(
+        self, t: ScalarLike, y: Float[Array, "n d"], args=None
+    ) -> Float[Array, "n d"]:
+        """`A_i`: the heads' attention outputs on tokens `y` (mean or summed through O);
+        `args`: `solve_args()` (computed here when not given)."""
         layer = self.layer(t)
-        Q, K, V = (self._at(W, layer) for W in (self.Q, self.K, self.V))
+        A = self.solve_args() if args is None else args
+        if A is None:
+            Q, K = (self._at(W, layer) for W in (self.Q, self.K))
+        else:  # queries y A_h against the keys y themselves (K is not read)
+            Q = K = jnp.swapaxes(self._at(A, layer), -1, -2)
+        V = self._at(self.V, layer)
         causal = self.mask == "causal"
+        shared_keys = A is not None
 
         def head(Qh, Kh, Vh, lam):
             return attend(
                 y @ Qh.T,
-                y @ Kh.T,
+                y if shared_keys else y @ Kh.T,
                 y @ Vh.T,
                 self.beta,
                 kernel=self.kernel,
@@ -423,9 +440,9 @@ class TransformerField(AbstractVectorField):
             return jnp.mean(outs, axis=0)
         return jnp.einsum("hnf,hdf->nd", outs, self._at(self.O, layer))
 
-    def sublayers(self, t: ScalarLike, y: Float[Array, "n d"]) -> list[Array]:
+    def sublayers(self, t: ScalarLike, y: Float[Array, "n d"], args=None) -> list[Array]:
         """The sub-layer outputs at tokens `y`: attention, then the feed-forward term."""
-        out = [self.attention_term(t, y)]
+        out = [self.attention_term(t, y, args)]
         if self.ffn is not None:
             out.append(self.ffn(self.layer(t) if self.ffn.layers > 1 else 0, y))
         return out
@@ -437,13 +454,14 @@ class TransformerField(AbstractVectorField):
                 f"got {tuple(jnp.shape(y))}"
             )
         if self.norm == "none":
-            return sum(self.sublayers(t, y))
+            return sum(self.sublayers(t, y, args))
         if self.norm == "post":
-            return tangent(y, sum(self.sublayers(t, y)))
+            return tangent(y, sum(self.sublayers(t, y, args)))
         if self.norm == "ngpt":
-            return self.alpha * tangent(y, sum(_unit_or_zero(s) for s in self.sublayers(t, y)))
+            subs = self.sublayers(t, y, args)
+            return self.alpha * tangent(y, sum(_unit_or_zero(s) for s in subs))
         theta = _unit_or_zero(y)
-        subs = self.sublayers(t, theta)
+        subs = self.sublayers(t, theta, args)
         if self.norm == "pre":
             return sum(subs)
         return sum(_unit_or_zero(s) for s in subs)  # peri
