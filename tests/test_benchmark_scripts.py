@@ -205,3 +205,18 @@ def test_modular_finetune_targets_smoke(tmp_path):
     res = json.loads(out.read_text())["results"]
     assert [x["setting"] for x in res] == ["V:1e-3:4:0.01", "ALL:1e-3:0:0.01"]
     assert all(len(x["sub_test_acc"]) == 2 and 0 <= min(x["sub_test_acc"]) for x in res)
+
+
+@pytest.mark.slow
+def test_family_benchmark_smoke():
+    # Tiny sizes: a row per variant, and jaxattn agreeing with the hand-written scan of
+    # the same maths (the last column, float32 rounding).
+    r = _run(
+        "family.py", "--n", "16", "--d", "4", "--steps", "6", "--repeat", "1",
+        timeout=300, pythonpath=str(BENCH.parent),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if re.match(r"^\| \d heads?,", line)]
+    assert len(rows) == 3, r.stdout
+    for line in rows:
+        assert float(line.rstrip(" |").split("|")[-1]) < 1e-5, line
