@@ -373,3 +373,72 @@ def test_the_experiments_equiangular_curves_equal_the_tests_ode():
     curves = equiangular_curves(4, 1.5, t, alpha=0.7)
     for norm in ("post", "pre", "peri", "ngpt"):
         np.testing.assert_allclose(curves[norm], _equiangular(norm, 1.5, 4, t, 0.7)[0], atol=1e-8)
+
+
+# -- spec files ------------------------------------------------------------------------
+_EYE = np.eye(3).tolist()
+_SPEC = {
+    "beta": 1.5,
+    "norm": "peri",
+    "alibi": [0.4, 0.0],
+    "init": {"kind": "sphere", "n": 5, "d": 3, "seed": 2},
+    "layer": [
+        {"t0": 0.0, "Q": [_EYE, (2 * np.eye(3)).tolist()], "ffn": {"W1": _EYE, "W2": _EYE}},
+        {"t0": 0.4, "Q": [(0.5 * np.eye(3)).tolist(), _EYE], "ffn": {"W1": _EYE, "W2": _EYE}},
+    ],
+    "solve": {"t1": 1.0, "dt": 0.1},
+}
+
+
+def test_a_family_spec_builds_the_field_its_keys_name():
+    from jaxattn._spec import parse_spec
+
+    sim = parse_spec(_SPEC)
+    Q = np.asarray([[np.eye(3), 2 * np.eye(3)], [0.5 * np.eye(3), np.eye(3)]])
+    ffn = FeedForward(np.stack([np.eye(3)] * 2), np.stack([np.eye(3)] * 2))
+    ref = TransformerField(Q, beta=1.5, norm="peri", alibi=[0.4, 0.0], ffn=ffn, layer_times=[0.4])
+    for t in (0.1, 0.7):
+        np.testing.assert_allclose(
+            np.asarray(sim.field(t, sim.x0)), np.asarray(ref(t, sim.x0)), rtol=0, atol=1e-15
+        )
+    assert sim.resolved["norm"] == "peri" and len(sim.resolved["init"]["x0"]) == 5
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"layer": [dict(_SPEC["layer"][0], t0=0.2)]}, "must start at t0 = 0"),
+        ({"layer": [_SPEC["layer"][0], dict(_SPEC["layer"][1], t0=0.0)]}, "must increase"),
+        ({"layer": [_SPEC["layer"][0], dict(_SPEC["layer"][1], t0=1.5)]}, "not before t1"),
+        ({"alibi": [0.4, 0.0, 0.1]}, "one slope per head"),
+        ({"heads": 3}, "has 2 head"),
+        ({"alpha": 0.5}, "nGPT's step scale"),
+        ({"dynamics": "rescaled"}, "no member in the model family"),
+        ({"dynamics": "sphere"}, "dynamics sphere is norm = 'post'"),
+        ({"lora": {"rank": 1, "norm": 0.1}}, "LoRA of the model family"),
+        ({"Q": _EYE}, "the weights go in the layers"),
+        ({"layer": [dict(_SPEC["layer"][0], W=1)]}, "unknown key in \\[\\[layer\\]\\] 0"),
+    ],
+)
+def test_bad_family_specs_are_one_line_errors(change, match):
+    from jaxattn._spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match=match) as e:
+        parse_spec(_SPEC | change)
+    assert "\n" not in str(e.value)
+
+
+def test_family_spec_through_the_cli_and_refused_by_sweeps(tmp_path, capsys):
+    import json
+
+    from jaxattn import cli
+    from jaxattn._sweep.chunks import SweepError
+
+    spec = tmp_path / "family.json"
+    spec.write_text(json.dumps(_SPEC))
+    assert cli.main(["simulate", str(spec), "--out", str(tmp_path / "out.npz")]) == 0
+    z = np.load(tmp_path / "out.npz")
+    assert z["xs"].shape == (11, 5, 3)  # the grid times; the layer time 0.4 is one of them
+    with pytest.raises(SweepError, match="sweeps over the model family"):
+        no_beta = {k: v for k, v in _SPEC.items() if k != "beta"}
+        ja.parse_sweep(no_beta | {"grid": {"beta": [1.0, 2.0]}})

@@ -387,6 +387,10 @@ class TransformerField(AbstractVectorField):
         """Times where the weights change: the solver steps exactly onto them."""
         return self.layer_times
 
+    def without_lora(self) -> TransformerField:
+        """The field itself (a family member carries no LoRA yet)."""
+        return self
+
     # -- dynamics -------------------------------------------------------------------
     def layer(self, t: ScalarLike) -> Array:
         """Index of the layer acting at time t (a layer starts at its own time)."""

@@ -5,6 +5,7 @@ by `jaxattn`.
 """
 
 from .spec import (
+    FAMILY_KEYS as FAMILY_KEYS,
     Simulation as Simulation,
     SpecError as SpecError,
     initial_tokens as initial_tokens,

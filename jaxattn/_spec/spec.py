@@ -7,6 +7,7 @@ Unknown keys are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import tomllib
@@ -27,7 +28,17 @@ from .._base import (
     check_seed,
     check_tokens,
 )
-from .._model import DYNAMICS, KERNELS, TARGETS, AbstractField, LoRA, make_field, unit_rows
+from .._model import (
+    DYNAMICS,
+    KERNELS,
+    TARGETS,
+    AbstractField,
+    FeedForward,
+    LoRA,
+    TransformerField,
+    make_field,
+    unit_rows,
+)
 from .._simulate import SolveOptions
 
 
@@ -36,7 +47,12 @@ class SpecError(ValueError):
     the offending key. Raised by `load_spec` and `parse_spec`; a `ValueError`."""
 
 
-TOP_KEYS = {
+# The model family (`TransformerField`): any of these makes the spec a family member.
+FAMILY_KEYS = {"heads", "mask", "alibi", "norm", "alpha", "O", "ffn", "layer"}
+FFN_KEYS = {"W1", "W2", "b1", "b2", "activation"}
+LAYER_KEYS = {"t0", "Q", "K", "V", "O", "ffn"}
+
+TOP_KEYS = FAMILY_KEYS | {
     "dynamics",
     "beta",
     "dtype",
@@ -69,14 +85,14 @@ class Simulation:
       (JSON-ready; a random `[init]` also keeps the keys that drew it, for the record).
     """
 
-    field: AbstractField
+    field: AbstractField | TransformerField
     x0: jax.Array
     t1: float
     solve: SolveOptions
     resolved: dict[str, Any]
 
     @property
-    def base_field(self) -> AbstractField:
+    def base_field(self) -> AbstractField | TransformerField:
         """`field` without its LoRA (the unperturbed run)."""
         return self.field.without_lora()
 
@@ -343,6 +359,8 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
     except ValueError as e:
         raise SpecError(str(e)) from None
     beta = spec.get("beta", 1.0)  # checked once, by the field's constructor below
+    if FAMILY_KEYS & set(spec):
+        return _parse_family(spec, dtype, dtype_name)
     mats = {k: _matrix(spec[k], k, dtype) for k in ("Q", "K", "V") if k in spec}
     for k, W in mats.items():
         if W.ndim != 2 or W.shape[0] != W.shape[1]:
@@ -423,4 +441,181 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
             "B": np.asarray(lora.B).tolist(),
             "alpha": float(lora.alpha),
         }
+    return Simulation(field=field, x0=x0, t1=t1, solve=options, resolved=resolved)
+
+
+def _family_weights(table: dict, where: str, dtype, heads: int | None) -> dict[str, jax.Array]:
+    """`Q`, `K`, `V`, `O` of one layer: a matrix (one head) or `(heads, ·, ·)`."""
+    out = {}
+    for k in ("Q", "K", "V", "O"):
+        if k not in table:
+            continue
+        W = _matrix(table[k], f"{where}{k}", dtype)
+        if W.ndim == 2:
+            W = W[None]
+        if W.ndim != 3:
+            raise SpecError(
+                f"{where}{k} must be a matrix or a list of one matrix per head, got "
+                f"shape {tuple(W.shape)}"
+            )
+        if heads is not None and W.shape[0] != heads:
+            raise SpecError(f"{where}{k} has {W.shape[0]} head(s) but heads = {heads}")
+        out[k] = W
+    counts = {W.shape[0] for W in out.values()}
+    if len(counts) > 1:
+        raise SpecError(
+            f"{where}Q, K, V, O disagree on the number of heads: "
+            + ", ".join(f"{k} {W.shape[0]}" for k, W in out.items())
+        )
+    return out
+
+
+def _ffn_table(table, where: str, dtype) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}ffn must be a table (W1, W2, b1, b2, activation)")
+    _unknown(table, FFN_KEYS, f"{where}ffn")
+    if "W1" not in table or "W2" not in table:
+        raise SpecError(f"{where}ffn needs W1 (h×d) and W2 (d×h)")
+    out: dict[str, Any] = {
+        k: _matrix(table[k], f"{where}ffn {k}", dtype)
+        for k in ("W1", "W2", "b1", "b2")
+        if k in table
+    }
+    out["activation"] = table.get("activation", "gelu")
+    return out
+
+
+def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
+    """A spec with any of `FAMILY_KEYS`: a `TransformerField` (heads, mask, ALiBi, norm,
+    feed-forward, `[[layer]]` tables with their start times `t0`)."""
+    if "lora" in spec:
+        raise SpecError(
+            "[lora] applies to the classic fields; a LoRA of the model family (heads, "
+            "masks, norm, layers) is not available in spec files yet"
+        )
+    dyn = spec.get("dynamics")
+    implied = {None: None, "plain": "none", "sphere": "post"}
+    if dyn not in implied:
+        raise SpecError(
+            f"dynamics {dyn!r} has no member in the model family (heads, mask, alibi, norm, "
+            "O, ffn, layer); use plain or sphere, or give norm"
+        )
+    norm = spec.get("norm", implied[dyn] or "none")
+    if implied[dyn] is not None and norm != implied[dyn]:
+        raise SpecError(f"dynamics {dyn} is norm = {implied[dyn]!r}, not {norm!r}")
+    if "alpha" in spec and norm != "ngpt":
+        raise SpecError(f"alpha is nGPT's step scale; norm = {norm!r} does not use it")
+    heads = _int(spec["heads"], "heads", 1) if "heads" in spec else None
+    layers = spec.get("layer")
+    if layers is not None:
+        if (
+            not isinstance(layers, list)
+            or not layers
+            or not all(isinstance(t, dict) for t in layers)
+        ):
+            raise SpecError("layer must be an array of tables ([[layer]] with t0 and weights)")
+        bad = sorted({"Q", "K", "V", "O", "ffn"} & set(spec))
+        if bad:
+            raise SpecError(
+                f"with [[layer]] tables the weights go in the layers; remove {', '.join(bad)}"
+            )
+        for k, lay in enumerate(layers):
+            _unknown(lay, LAYER_KEYS, f"[[layer]] {k}")
+            if "t0" not in lay:
+                raise SpecError(f"[[layer]] {k} needs t0 (the time it starts)")
+        starts = [_num(lay["t0"], f"[[layer]] {k} t0") for k, lay in enumerate(layers)]
+        if starts[0] != 0.0:
+            raise SpecError(f"the first [[layer]] must start at t0 = 0, got {starts[0]}")
+        if any(b <= a for a, b in itertools.pairwise(starts)):
+            raise SpecError(f"[[layer]] start times must increase, got {starts}")
+        tables = layers
+    else:
+        starts, tables = [0.0], [spec]
+    per = [_family_weights(t, "" if layers is None else f"[[layer]] {k} ", dtype, heads)
+           for k, t in enumerate(tables)]  # fmt: skip
+    ffns = [t.get("ffn") for t in tables]
+    if any(f is not None for f in ffns) and not all(f is not None for f in ffns):
+        raise SpecError("give ffn in every [[layer]] or in none")
+    present = [sorted(w) for w in per]
+    if any(p != present[0] for p in present):
+        raise SpecError("every [[layer]] must give the same weights (Q, K, V, O)")
+
+    def stack(name):
+        if name not in per[0]:
+            return None
+        try:
+            return jnp.stack([w[name] for w in per]) if layers is not None else per[0][name]
+        except ValueError:
+            raise SpecError(f"the [[layer]] tables' {name} have different shapes") from None
+
+    init = _table(spec, "init")
+    if not init:
+        raise SpecError("the spec needs an [init] table (x0, or kind/n/d/seed)")
+    d_hint = next((int(W.shape[-1]) for w in per for W in w.values()), None)
+    x0 = initial_tokens(init, dtype, d_hint)
+    d = int(x0.shape[1])
+    if d_hint is not None and d != d_hint:
+        raise SpecError(f"the tokens have d = {d} but the weights act on d = {d_hint}")
+    ffn = None
+    if ffns[0] is not None:
+        tabs = [_ffn_table(f, "" if layers is None else f"[[layer]] {k} ", dtype)
+                for k, f in enumerate(ffns)]  # fmt: skip
+        acts = {t["activation"] for t in tabs}
+        if len(acts) > 1:
+            raise SpecError(
+                f"the [[layer]] feed-forward terms use different activations: {sorted(acts)}"
+            )
+        try:
+            ffn = FeedForward(
+                *(jnp.stack([t[k] for t in tabs]) for k in ("W1", "W2")),
+                *(jnp.stack([t[k] for t in tabs]) if k in tabs[0] else None for k in ("b1", "b2")),
+                activation=acts.pop(),
+                dtype=dtype,
+            )
+        except (ValueError, TypeError) as e:
+            raise SpecError(str(e)) from None
+    try:
+        kernel = check_choice(spec.get("attention", "auto"), "attention", KERNELS)
+        field = TransformerField(
+            stack("Q"),
+            stack("K"),
+            stack("V"),
+            stack("O"),
+            beta=spec.get("beta", 1.0),
+            mask=spec.get("mask"),
+            alibi=spec.get("alibi"),
+            norm=norm,
+            alpha=spec.get("alpha", 1.0),
+            ffn=ffn,
+            layer_times=starts[1:],
+            d=d,
+            dtype=dtype,
+            kernel=kernel,
+            block=_int(spec.get("block", 1024), "block", 1),
+        )
+    except (ValueError, TypeError) as e:
+        raise SpecError(str(e)) from None
+    if heads is not None and field.heads != heads:
+        raise SpecError(f"heads = {heads} but the weights give {field.heads}")
+    solve = _table(spec, "solve")
+    _unknown(solve, SOLVE_KEYS, "[solve]")
+    if "t1" not in solve:
+        raise SpecError("[solve] needs t1 (final time)")
+    t1 = _num(solve["t1"], "solve t1")
+    if t1 < 0:
+        raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
+    if starts[-1] >= t1 and len(starts) > 1:
+        raise SpecError(f"[[layer]] starting at t0 = {starts[-1]} is not before t1 = {t1}")
+    try:
+        options = SolveOptions.from_table({k: v for k, v in solve.items() if k != "t1"})
+        options.check(0.0, t1, sphere=field.on_sphere)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"[solve] {e}") from None
+    resolved = {k: v for k, v in spec.items() if k not in ("init", "solve")}
+    resolved.update(
+        norm=norm,
+        dtype=dtype_name,
+        init={"x0": np.asarray(x0).tolist(), **({"drawn": dict(init)} if "x0" not in init else {})},
+        solve={"t1": t1, "solver": options.solver, **options.as_record()},
+    )
     return Simulation(field=field, x0=x0, t1=t1, solve=options, resolved=resolved)

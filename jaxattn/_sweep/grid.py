@@ -14,7 +14,7 @@ import numpy as np
 
 from .._base import check_int, check_memory, check_positive, coerce, plain_hints
 from .._model import use_blockwise
-from .._spec import Simulation, SpecError, parse_spec
+from .._spec import FAMILY_KEYS, Simulation, SpecError, parse_spec
 from .chunks import SweepError
 from .tables import AXES, NEEDS_REFERENCE, SUMMARIES
 
@@ -263,6 +263,12 @@ def parse_sweep(raw: dict) -> SweepPlan:
     options = SweepOptions.from_table(raw.get("sweep", {}), has_lora="lora" in spec)
     # Every point must be a valid simulation spec: parse the first one fully (the grid
     # values were checked above, so the others differ only in valid values).
+    family = sorted(FAMILY_KEYS & set(spec))
+    if family:
+        raise SweepError(
+            f"sweeps over the model family ({', '.join(family)}) are not available yet; "
+            "run `jaxattn simulate` on each spec"
+        )
     first_spec = _substitute(spec, {k: v[0] for k, v in axes.items()})
     try:
         sim = parse_spec(first_spec)

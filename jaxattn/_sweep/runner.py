@@ -293,6 +293,7 @@ class _Program:
         self.cfg = cfg
         self.ref_cfg = dataclasses.replace(cfg, save_fn=lambda t, y, args: y)
         self.t1 = sim0.t1
+        assert isinstance(sim0.field, AbstractField)  # `parse_sweep` refuses the family
         self.base = sim0.field.without_lora()
         targets = builder.targets
         self.targets = targets

@@ -53,6 +53,7 @@ def register(sub) -> None:
 
 def handle(args) -> int:
     from .._base import check_output_file, setup_jax, write_npz
+    from .._model import AbstractField
     from .._sensitivity import split_objective
     from .._spec import load_spec_file, parse_spec
 
@@ -64,6 +65,11 @@ def handle(args) -> int:
     setup_jax("float64")
     sim = parse_spec(rest)
     field = sim.field
+    if not isinstance(field, AbstractField):
+        raise ValueError(
+            "jaxattn sensitivity takes the classic fields (plain, rescaled, sphere, usa); "
+            "this spec is a member of the model family"
+        )
     if obj.wrt is not None and "lora" in obj.wrt and not field.loras:
         raise ValueError("objective wrt asks for a LoRA gradient but the spec has no [lora]")
     if obj.kind == "squared_distance" and not field.loras:
