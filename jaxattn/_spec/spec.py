@@ -332,6 +332,23 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
         raise SpecError(str(e)) from None
 
 
+def _solve_table(spec: dict, sphere: bool) -> tuple[float, SolveOptions]:
+    """`[solve]`: the final time `t1` and the step options, checked for the span."""
+    solve = _table(spec, "solve")
+    _unknown(solve, SOLVE_KEYS, "[solve]")
+    if "t1" not in solve:
+        raise SpecError("[solve] needs t1 (final time)")
+    t1 = _num(solve["t1"], "solve t1")
+    if t1 < 0:
+        raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
+    try:
+        options = SolveOptions.from_table({k: v for k, v in solve.items() if k != "t1"})
+        options.check(0.0, t1, sphere=sphere)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"[solve] {e}") from None
+    return t1, options
+
+
 def parse_spec(spec: dict[str, Any]) -> Simulation:
     """Validate a simulation spec and build what `simulate` needs.
 
@@ -403,18 +420,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
     except (ValueError, TypeError) as e:
         raise SpecError(str(e)) from None
 
-    solve = _table(spec, "solve")
-    _unknown(solve, SOLVE_KEYS, "[solve]")
-    if "t1" not in solve:
-        raise SpecError("[solve] needs t1 (final time)")
-    t1 = _num(solve["t1"], "solve t1")
-    if t1 < 0:
-        raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
-    try:
-        options = SolveOptions.from_table({k: v for k, v in solve.items() if k != "t1"})
-        options.check(0.0, t1, sphere=field.on_sphere)
-    except (ValueError, TypeError) as e:
-        raise SpecError(f"[solve] {e}") from None
+    t1, options = _solve_table(spec, field.on_sphere)
     resolved = {
         "dynamics": dynamics,
         "beta": float(beta),
@@ -597,20 +603,9 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
         raise SpecError(str(e)) from None
     if heads is not None and field.heads != heads:
         raise SpecError(f"heads = {heads} but the weights give {field.heads}")
-    solve = _table(spec, "solve")
-    _unknown(solve, SOLVE_KEYS, "[solve]")
-    if "t1" not in solve:
-        raise SpecError("[solve] needs t1 (final time)")
-    t1 = _num(solve["t1"], "solve t1")
-    if t1 < 0:
-        raise SpecError(f"solve t1 must be ≥ 0, got {t1}")
+    t1, options = _solve_table(spec, field.on_sphere)
     if starts[-1] >= t1 and len(starts) > 1:
         raise SpecError(f"[[layer]] starting at t0 = {starts[-1]} is not before t1 = {t1}")
-    try:
-        options = SolveOptions.from_table({k: v for k, v in solve.items() if k != "t1"})
-        options.check(0.0, t1, sphere=field.on_sphere)
-    except (ValueError, TypeError) as e:
-        raise SpecError(f"[solve] {e}") from None
     resolved = {k: v for k, v in spec.items() if k not in ("init", "solve")}
     resolved.update(
         norm=norm,
