@@ -416,3 +416,14 @@ def test_wasserstein_bound_rejects_mismatch():
     with pytest.raises(ValueError, match="USA"):
         g = ja.USAField(d=2)
         ja.wasserstein_bound(g, g, [0.0, 1.0], np.ones((2, 4, 2)), np.ones((2, 4, 2)))
+
+
+def test_sinkhorn_progress_lines(capfd):
+    x, y = _cloud(0, 30, 2), _cloud(1, 20, 2, 0.5)
+    quiet = ja.entropic_ot(x, y, epsilon=0.05)
+    loud = ja.entropic_ot(x, y, epsilon=0.05, progress=True)
+    assert float(loud) == float(quiet)
+    err = capfd.readouterr().err
+    assert "entropic OT: iteration 10 of at most 2000, marginal error" in err, err
+    ja.sinkhorn_divergence(x, y, epsilon=0.05, progress=True)
+    assert "Sinkhorn divergence: iteration 10" in capfd.readouterr().err

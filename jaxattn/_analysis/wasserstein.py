@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from collections.abc import Sequence
 
 import jax
@@ -504,6 +505,20 @@ def _check_sinkhorn_memory(what: str, n: int, m: int, d: int, item: int, batch_s
     )
 
 
+def _progress_fn(what: str):
+    """OTT's progress callback: one line to stderr each time Sinkhorn measures its
+    marginal error (every 10 iterations)."""
+    import sys
+
+    from ott import utils
+
+    stream: typing.Any = sys.stderr  # OTT annotates io.TextIOBase
+    return utils.default_progress_fn(
+        fmt=what + ": iteration {iter} of at most {max_iter}, marginal error {error:.3g}",
+        stream=stream,
+    )
+
+
 def _check_solver_args(epsilon, threshold, max_iterations):
     if epsilon is not None and not isinstance(epsilon, Tracer):
         e = float(epsilon)
@@ -540,6 +555,7 @@ def entropic_ot(
     threshold: float = 1e-3,
     max_iterations: int = 2000,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> Float[Array, ""]:
     """Entropic optimal transport cost `OT_ε(μ, ν)` solved by OTT-JAX's Sinkhorn.
 
@@ -551,7 +567,11 @@ def entropic_ot(
     - `cost`: `"euclidean"` or `"geodesic"` (squared distances).
     - `threshold`, `max_iterations`: Sinkhorn's stopping rule (marginal error in ℓ1).
     - `batch_size`: evaluate the cost in row blocks (memory O(batch·m)); chosen
-      automatically above 2048² entries.
+      automatically above 2048² entries. The memory is checked before the solve
+      (`JAXATTN_MAX_MEMORY`); the time is not bounded: each iteration evaluates all n·m
+      costs (4·10¹⁰ at n = m = 2·10⁵).
+    - `progress`: print the iteration and the marginal error to stderr every 10
+      iterations (for long solves).
 
     **Returns:** OTT's regularised cost `⟨P, C⟩ + ε KL(P | a⊗b)`; NaN if Sinkhorn did not
     converge within `max_iterations` (with a `RuntimeWarning` when called outside `jit`).
@@ -565,7 +585,10 @@ def entropic_ot(
     def solve(x, y, a, b):
         geom = _geometry(pointcloud, x, y, cost, epsilon, batch_size)
         solver = sinkhorn.Sinkhorn(
-            threshold=threshold, max_iterations=int(max_iterations), **_DANSKIN
+            threshold=threshold,
+            max_iterations=int(max_iterations),
+            progress_fn=_progress_fn("entropic OT") if progress else None,
+            **_DANSKIN,
         )
         out = solver(linear_problem.LinearProblem(geom, a, b))
         return jnp.where(out.converged, out.reg_ot_cost, jnp.nan).astype(x.dtype)
@@ -584,6 +607,7 @@ def sinkhorn_divergence(
     threshold: float = 1e-3,
     max_iterations: int = 2000,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> Float[Array, ""]:
     """Debiased Sinkhorn divergence `S_ε(μ, ν) = OT_ε(μ, ν) − ½OT_ε(μ, μ) − ½OT_ε(ν, ν)`,
     through `ott.tools.sinkhorn_divergence`.
@@ -617,6 +641,7 @@ def sinkhorn_divergence(
             solve_kwargs={
                 "threshold": threshold,
                 "max_iterations": int(max_iterations),
+                "progress_fn": _progress_fn("Sinkhorn divergence") if progress else None,
                 **_DANSKIN,
             },
         )
