@@ -442,3 +442,27 @@ def test_family_spec_through_the_cli_and_refused_by_sweeps(tmp_path, capsys):
     with pytest.raises(SweepError, match="sweeps over the model family"):
         no_beta = {k: v for k, v in _SPEC.items() if k != "beta"}
         ja.parse_sweep(no_beta | {"grid": {"beta": [1.0, 2.0]}})
+
+
+def test_random_members_are_drawn_as_the_papers_draw_them():
+    key = jax.random.key(3)
+    d = 48
+    a = TransformerField.random(d, key=key, heads=2, layers=2, layer_times=[1.0], qk="goe")
+    b = TransformerField.random(d, key=key, heads=2, layers=2, layer_times=[1.0], qk="goe")
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip((a.Q, a.K, a.V), (b.Q, b.K, b.V)))
+    A = np.asarray(jnp.swapaxes(a.Q, -1, -2) @ a.K)  # (L, H, d, d)
+    np.testing.assert_array_equal(A, np.swapaxes(A, -1, -2))  # GOE: symmetric
+    off = A[..., ~np.eye(d, dtype=bool)]
+    # off-diagonal variance 1/d (2·2·48·47 samples: relative sd of the estimate ≈ 1.5 %)
+    assert abs(off.var() * d - 1.0) < 0.08
+    assert not np.allclose(A[0, 0], A[0, 1]) and not np.allclose(A[0, 0], A[1, 0])
+    g = TransformerField.random(d, key=key, qk="gpt2", value="gpt2")
+    for W in (g.Q, g.K, g.V):
+        assert abs(float(jnp.std(W)) / 0.02 - 1.0) < 0.05  # 2304 samples: sd ≈ 1.5 %
+    for sign, value in ((1, "plus_A"), (-1, "minus_A")):
+        f = TransformerField.random(6, key=key, value=value, norm="post")
+        np.testing.assert_allclose(
+            np.asarray(f.V), sign * np.asarray(jnp.swapaxes(f.Q, -1, -2) @ f.K), atol=1e-15
+        )
+    with pytest.raises(ValueError, match="unknown qk 'wishart'"):
+        TransformerField.random(4, key=key, qk="wishart")

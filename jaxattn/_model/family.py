@@ -360,6 +360,67 @@ class TransformerField(AbstractVectorField):
             raise ValueError(f"attention block must be a positive integer, got {block!r}")
         self.block = int(block)
 
+    # -- random members -------------------------------------------------------------
+    @classmethod
+    def random(
+        cls,
+        d: int,
+        *,
+        key,
+        heads: int = 1,
+        layers: int = 1,
+        qk: str = "gaussian",
+        value: str = "identity",
+        layer_times: Sequence[float] | None = None,
+        dtype: DTypeLike | None = None,
+        **options,
+    ) -> TransformerField:
+        """A member with weights drawn as the particle papers draw them, one draw per
+        head and layer (layer ℓ, head h from `fold_in(key, ℓ·heads + h)`: the same key
+        gives the same weights).
+
+        - `qk`: `"gaussian"` (`Q_h, K_h` with i.i.d. `N(0, 1/d)` entries),
+          `"goe"` (`Q_hᵀK_h = (G + Gᵀ)/√(2d)`, a GOE matrix, with `K_h = I`), or
+          `"gpt2"` (entries `N(0, 0.02²)`, GPT-2's initialisation).
+        - `value`: `"identity"`, `"gaussian"` (`N(0, 1/d)`), `"gpt2"` (`N(0, 0.02²)`),
+          `"plus_A"` or `"minus_A"` (`V_h = ±Q_hᵀK_h`).
+        - `layers > 1` needs `layer_times` (`L − 1` increasing times); `options`: the
+          other arguments of the constructor (`beta`, `norm`, `mask`, `alibi`, …).
+        """
+        d = check_int(d, "dimension d", 1)
+        heads = check_int(heads, "heads", 1)
+        layers = check_int(layers, "layers", 1)
+        qk = check_choice(qk, "qk", ("gaussian", "goe", "gpt2"))
+        value = check_choice(value, "value", ("identity", "gaussian", "gpt2", "plus_A", "minus_A"))
+        dtype = check_dtype(jnp.dtype(dtype) if dtype is not None else jnp.result_type(float))
+        check_memory(3.0 * layers * heads * d * d * dtype.itemsize, "the random weights")
+        eye = jnp.eye(d, dtype=dtype)
+
+        def draw(k):
+            kq, kk, kv = jax.random.split(k, 3)
+
+            def normal(k_, scale):
+                return scale * jax.random.normal(k_, (d, d), dtype)
+
+            if qk == "goe":
+                G = jax.random.normal(kq, (d, d), dtype)
+                Q, K = (G + G.T) / math.sqrt(2 * d), eye
+            else:
+                scale = 0.02 if qk == "gpt2" else 1 / math.sqrt(d)
+                Q, K = normal(kq, scale), normal(kk, scale)
+            if value in ("plus_A", "minus_A"):
+                V = (1.0 if value == "plus_A" else -1.0) * (Q.T @ K)
+            elif value == "identity":
+                V = eye
+            else:
+                V = normal(kv, 0.02 if value == "gpt2" else 1 / math.sqrt(d))
+            return Q, K, V
+
+        keys = [jax.random.fold_in(key, i) for i in range(layers * heads)]
+        drawn = [draw(k) for k in keys]
+        Q, K, V = (jnp.stack([w[i] for w in drawn]).reshape(layers, heads, d, d) for i in range(3))
+        return cls(Q, K, V, layer_times=layer_times, dtype=dtype, **options)
+
     # -- the contract `simulate` reads ---------------------------------------------
     @property
     def dynamics(self) -> str:
