@@ -77,6 +77,20 @@ def _unit_or_zero(s: Float[Array, "n d"]) -> Float[Array, "n d"]:
     return jnp.where(ok, s / jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
+def _layers_heads(W, name: str, dtype) -> Array:
+    """A weight as `(layers, heads, rows, cols)`: a matrix is one head of one layer, a
+    3-D array the heads of one layer."""
+    W = jnp.asarray(as_float_array(W, name, dtype))
+    if W.ndim in (2, 3):
+        W = W.reshape((1,) * (4 - W.ndim) + W.shape)
+    if W.ndim != 4:
+        raise ValueError(
+            f"{name} must be a matrix, (heads, ·, ·) or (layers, heads, ·, ·), "
+            f"got shape {tuple(jnp.shape(W))}"
+        )
+    return W
+
+
 class FeedForward(eqx.Module):
     """The per-token feed-forward term `F(y) = W₂ act(W₁ y + b₁) + b₂`.
 
@@ -245,21 +259,11 @@ class TransformerField(AbstractVectorField):
         block: int = 1024,
     ):
         dtype = check_dtype(jnp.dtype(dtype) if dtype is not None else jnp.result_type(float))
-        given = {}
-        for name, W in (("Q", Q), ("K", K), ("V", V)):
-            if W is None:
-                continue
-            W = jnp.asarray(as_float_array(W, name, dtype))
-            if W.ndim == 2:
-                W = W[None, None]
-            elif W.ndim == 3:
-                W = W[None]
-            if W.ndim != 4:
-                raise ValueError(
-                    f"{name} must be (d, d), (heads, ·, d) or (layers, heads, ·, d), "
-                    f"got shape {tuple(W.shape)}"
-                )
-            given[name] = W
+        given = {
+            name: _layers_heads(W, name, dtype)
+            for name, W in (("Q", Q), ("K", K), ("V", V))
+            if W is not None
+        }
         dims = {W.shape[-1] for W in given.values()}
         if d is not None:
             dims.add(check_int(d, "dimension d", 1))
@@ -290,12 +294,8 @@ class TransformerField(AbstractVectorField):
                 )
             Ow = None
         else:
-            Ow = jnp.asarray(as_float_array(O, "O", dtype))
-            if Ow.ndim == 2:
-                Ow = Ow[None, None]
-            elif Ow.ndim == 3:
-                Ow = Ow[None]
-            if Ow.ndim != 4 or Ow.shape[1:] != (H, dim, Vw.shape[-2]):
+            Ow = _layers_heads(O, "O", dtype)
+            if Ow.shape[1:] != (H, dim, Vw.shape[-2]):
                 raise ValueError(
                     f"O must be (heads, d, f) = ({H}, {dim}, {Vw.shape[-2]}), with an "
                     f"optional leading layer axis, got {tuple(Ow.shape)}"
