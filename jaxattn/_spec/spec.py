@@ -332,6 +332,24 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
         raise SpecError(str(e)) from None
 
 
+def _spec_tokens(spec: dict, dtype, d_hint: int | None, weights: str) -> tuple[dict, jax.Array]:
+    """`[init]` and its tokens, whose d must be the weights' (`weights` says what they
+    are, for the error)."""
+    init = _table(spec, "init")
+    if not init:
+        raise SpecError("the spec needs an [init] table (x0, or kind/n/d/seed)")
+    x0 = initial_tokens(init, dtype, d_hint)
+    if d_hint is not None and int(x0.shape[1]) != d_hint:
+        raise SpecError(f"the tokens have d = {int(x0.shape[1])} but {weights}")
+    return init, x0
+
+
+def _resolved_init(init: dict, x0) -> dict[str, Any]:
+    """`[init]` with the tokens written out; a random draw's keys are kept as `drawn`."""
+    rest = {k: v for k, v in init.items() if k != "x0"}
+    return {"x0": np.asarray(x0).tolist(), **({"drawn": rest} if "x0" not in init else rest)}
+
+
 def _solve_table(spec: dict, sphere: bool) -> tuple[float, SolveOptions]:
     """`[solve]`: the final time `t1` and the step options, checked for the span."""
     solve = _table(spec, "solve")
@@ -389,13 +407,8 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
             + ", ".join(f"{k} {W.shape[0]}×{W.shape[1]}" for k, W in mats.items())
         )
     d_hint = dims.pop() if dims else None
-    init = _table(spec, "init")
-    if not init:
-        raise SpecError("the spec needs an [init] table (x0, or kind/n/d/seed)")
-    x0 = initial_tokens(init, dtype, d_hint)
+    init, x0 = _spec_tokens(spec, dtype, d_hint, f"Q/K/V are {d_hint}×{d_hint}")
     d = int(x0.shape[1])
-    if d_hint is not None and d != d_hint:
-        raise SpecError(f"the tokens have d = {d} but Q/K/V are {d_hint}×{d_hint}")
     lora = None
     if "lora" in spec:
         lora = lora_from_table(_table(spec, "lora"), d, dtype)
@@ -430,14 +443,7 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         "Q": np.asarray(field.Q).tolist(),
         "K": np.asarray(field.K).tolist(),
         "V": np.asarray(field.V).tolist(),
-        "init": {
-            "x0": np.asarray(x0).tolist(),
-            **(
-                {"drawn": {k: v for k, v in init.items() if k != "x0"}}
-                if "x0" not in init
-                else {k: v for k, v in init.items() if k != "x0"}
-            ),
-        },
+        "init": _resolved_init(init, x0),
         "solve": {"t1": t1, "solver": options.solver, **options.as_record()},
     }
     if lora is not None:
@@ -554,14 +560,9 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
         except ValueError:
             raise SpecError(f"the [[layer]] tables' {name} have different shapes") from None
 
-    init = _table(spec, "init")
-    if not init:
-        raise SpecError("the spec needs an [init] table (x0, or kind/n/d/seed)")
     d_hint = next((int(W.shape[-1]) for w in per for W in w.values()), None)
-    x0 = initial_tokens(init, dtype, d_hint)
+    init, x0 = _spec_tokens(spec, dtype, d_hint, f"the weights act on d = {d_hint}")
     d = int(x0.shape[1])
-    if d_hint is not None and d != d_hint:
-        raise SpecError(f"the tokens have d = {d} but the weights act on d = {d_hint}")
     ffn = None
     if ffns[0] is not None:
         tabs = [_ffn_table(f, "" if layers is None else f"[[layer]] {k} ", dtype)
@@ -610,7 +611,7 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
     resolved.update(
         norm=norm,
         dtype=dtype_name,
-        init={"x0": np.asarray(x0).tolist(), **({"drawn": dict(init)} if "x0" not in init else {})},
+        init=_resolved_init(init, x0),
         solve={"t1": t1, "solver": options.solver, **options.as_record()},
     )
     return Simulation(field=field, x0=x0, t1=t1, solve=options, resolved=resolved)
