@@ -308,6 +308,21 @@ def exact_row_max():
         _EXACT_MAX_ONLY.reset(token)
 
 
+def _blocked(q, k, v, block: int, normalise: bool):
+    """The blockwise kernels' layout: queries `(blocks, qb, e)`, keys `(blocks, kb, e)`,
+    values `(blocks, kb, f [+1])` (a last column of ones when normalising: the row sums
+    come out of the same product) and the keys' validity `(blocks, kb)` (False on the
+    padding of the last block)."""
+    n, m = q.shape[0], k.shape[0]
+    kb, qb = min(block, m), min(block, n)
+    kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
+    if normalise:
+        vp = jnp.concatenate([vp, jnp.ones((vp.shape[0], 1), vp.dtype)], axis=1)
+    valid = (jnp.arange(kp.shape[0]) < m).reshape(-1, kb)
+    qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
+    return qp, kp.reshape(-1, kb, k.shape[1]), vp.reshape(-1, kb, vp.shape[1]), valid
+
+
 def _weighted_sum(w, vv):
     """`w @ vv`; for narrow `vv` as one fused multiply-reduce over the keys."""
     if vv.shape[1] <= _REDUCE_MAX_WIDTH:
@@ -357,19 +372,11 @@ def attend_blockwise(
     n, m = q.shape[0], k.shape[0]
     dtype = q.dtype
     s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
-    kb = min(block, m)
-    qb = min(block, n)
+    qp, kblocks, vblocks, vmask = _blocked(q, k, v, block, normalise)
+    qb, kb = qp.shape[1], kblocks.shape[1]
     # The masks of padded keys are static: without padding (m a multiple of the block)
     # the key loop does no selects at all (three passes over each block fewer).
     padded = m % kb != 0
-    kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
-    valid = jnp.arange(kp.shape[0]) < m
-    kblocks = kp.reshape(-1, kb, k.shape[1])
-    if normalise:
-        vp = jnp.concatenate([vp, jnp.ones((vp.shape[0], 1), dtype)], axis=1)
-    vblocks = vp.reshape(-1, kb, vp.shape[1])
-    vmask = valid.reshape(-1, kb)
-    qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
 
     def online(qq):
         @jax.checkpoint
@@ -461,15 +468,9 @@ def _attend_masked_blocks(q, k, v, beta, log_scale, block, normalise, alibi):
     n, m = q.shape[0], k.shape[0]
     dtype = q.dtype
     s = beta * _scale_from_log(log_scale, dtype) if normalise else beta
-    kb, qb = min(block, m), min(block, n)
-    kp, vp = _pad_rows(k, kb), _pad_rows(v, kb)
-    valid = (jnp.arange(kp.shape[0]) < m).reshape(-1, kb)
-    kblocks = kp.reshape(-1, kb, k.shape[1])
-    if normalise:
-        vp = jnp.concatenate([vp, jnp.ones((vp.shape[0], 1), dtype)], axis=1)
-    vblocks = vp.reshape(-1, kb, vp.shape[1])
+    qp, kblocks, vblocks, valid = _blocked(q, k, v, block, normalise)
+    qb, kb = qp.shape[1], kblocks.shape[1]
     k0s = jnp.arange(kblocks.shape[0]) * kb
-    qp = _pad_rows(q, qb).reshape(-1, qb, q.shape[1])
     q0s = jnp.arange(qp.shape[0]) * qb
     lam = None if alibi is None else jnp.asarray(alibi, dtype)
 
