@@ -31,6 +31,7 @@ from .._base import ExperimentConfig, check_memory, check_output_dir, write_json
 from .._model import TransformerField
 from .._simulate import simulate
 from ._common import default_dtype
+from .sphere_phase import equiangular_rate
 
 NAME = "normalisation"
 DESCRIPTION = (
@@ -100,7 +101,8 @@ def _sphere_tokens(key, batch: int, n: int, d: int, dtype):
 
 def equiangular_curves(n: int, beta: float, t_eval, alpha: float = 1.0) -> dict[str, np.ndarray]:
     """The common cosine γ(t) of n orthonormal tokens with `Q = K = V = I` under each
-    scheme, from the closed scalar ODE (docs/theory.md, 'The model family'), with unit
+    scheme, from the closed scalar ODE (docs/theory.md, 'The model family'): SA's rate
+    (`sphere_phase.equiangular_rate`) divided by the scheme's speed factor, with unit
     initial radii."""
     import scipy.integrate
 
@@ -109,13 +111,12 @@ def equiangular_curves(n: int, beta: float, t_eval, alpha: float = 1.0) -> dict[
             g, r = y
             e_b, e_g = np.exp(beta), np.exp(beta * g)
             Z = e_b + (n - 1) * e_g
-            on = (e_b + (n - 1) * g * e_g) / Z
-            off = (e_b * g + e_g * (1 + (n - 2) * g)) / Z
+            on = (e_b + (n - 1) * g * e_g) / Z  # ⟨θ_j, A_j⟩
             sq = e_b**2 + 2 * (n - 1) * g * e_b * e_g + (n - 1) * e_g**2 * (1 + (n - 2) * g)
             norm_a = np.sqrt(sq) / Z
             s = {"post": 1.0, "pre": r, "peri": r * norm_a, "ngpt": norm_a / alpha}[scheme]
             dr = {"pre": on, "peri": on / norm_a}.get(scheme, 0.0)
-            return [2.0 / s * (off - g * on), dr]
+            return [equiangular_rate(g, beta, n) / s, dr]
 
         return f
 

@@ -97,18 +97,22 @@ def _close_fraction(xs, delta):
     return jnp.mean(close, axis=(0, 2))
 
 
+def equiangular_rate(rho, beta: float, n: int):
+    """`ρ'` of SA's equiangular ODE: `2 e^{βρ}(1 − ρ)(1 + (n − 1)ρ) / (e^β + (n − 1)e^{βρ})`
+    for the common cosine ρ of n tokens with Q = K = V = I (the other normalisation
+    schemes divide it by their speed factor)."""
+    return (
+        2 * np.exp(beta * rho) * (1 - rho) * ((n - 1) * rho + 1)
+        / (np.exp(beta) + (n - 1) * np.exp(beta * rho))
+    )  # fmt: skip
+
+
 def equiangular_time(beta: float, n: int, delta: float, t_max: float, dt: float = 1e-3) -> float:
     """First t with ρ(t) ≥ 1 − δ for SA's equiangular ODE from ρ(0) = 0
     (classical RK4 on the scalar ODE; inf if not reached by t_max)."""
 
     def f(r):
-        return (
-            2
-            * np.exp(beta * r)
-            * (1 - r)
-            * ((n - 1) * r + 1)
-            / (np.exp(beta) + (n - 1) * np.exp(beta * r))
-        )
+        return equiangular_rate(r, beta, n)
 
     r, t = 0.0, 0.0
     while t < t_max:
