@@ -78,8 +78,7 @@ def check_run(config: ModularConfig, action: str, out_dir: str) -> None:
     pre, base, ft = "pretrain", os.path.join("pretrain", "model.eqx"), "finetune"
     if action == "pretrain":
         runs = [(config, out_dir, pre, None)]
-    elif action == "finetune":
-        check_pretrained(config, os.path.join(out_dir, base))  # it must be there
+    elif action == "finetune":  # the pre-trained model must be there
         runs = [(config, out_dir, None, ft)]
     else:
         runs = [
@@ -91,7 +90,7 @@ def check_run(config: ModularConfig, action: str, out_dir: str) -> None:
         if pre_dir is not None:
             fp = pretrain_fingerprint(c)
             check_resume(os.path.join(rd, pre_dir), "pretrain", fp, c.max_steps, "max_steps")
-        if ft_dir is not None and os.path.exists(os.path.join(rd, base)):
+        if ft_dir is not None and (action == "finetune" or os.path.exists(os.path.join(rd, base))):
             check_pretrained(c, os.path.join(rd, base))
             fp = finetune_fingerprint(c, os.path.join(rd, base))
             check_resume(os.path.join(rd, ft_dir), "finetune", fp, c.ft_steps, "ft_steps")
