@@ -176,9 +176,9 @@ def solve_reference(rhs, x0, t_eval, rtol=1e-12, atol=1e-12, t0=0.0) -> np.ndarr
 # piecewise-constant weights. Plain loops over heads and tokens.
 
 
-def family_head(x, Q, K, V, beta, causal, lam):
+def family_head(x, Q, K, V, beta, causal, lam, normalised=True):
     """`Σ_j P_ij V x_j` for one head, P the softmax of `β<Q x_i, K x_j> − λ(i − j)` over
-    the allowed j (j ≤ i when causal)."""
+    the allowed j (j ≤ i when causal); `normalised=False`: `P_ij = exp(…)/n`."""
     x = _as64(x)
     n = x.shape[0]
     out = np.zeros((n, _as64(V).shape[0]))
@@ -191,8 +191,11 @@ def family_head(x, Q, K, V, beta, causal, lam):
                 for j in js
             ]
         )
-        w = np.exp(e - e.max())
-        w /= w.sum()
+        if normalised:
+            w = np.exp(e - e.max())
+            w /= w.sum()
+        else:
+            w = np.exp(e) / n
         out[i] = sum(wj * (_as64(V) @ x[j]) for wj, j in zip(w, js))
     return out
 
@@ -203,16 +206,34 @@ def _unit_or_zero_rows(s):
     return np.where(r > 0, s / np.where(r > 0, r, 1.0), 0.0)
 
 
-def family_rhs(layers, beta, norm="none", causal=False, alibi=None, alpha=1.0, times=()):
+def family_rhs(
+    layers,
+    beta,
+    norm="none",
+    causal=False,
+    alibi=None,
+    alpha=1.0,
+    times=(),
+    gain=None,
+    bias=None,
+    centre=False,
+    normalised=True,
+):
     """`layers`: one dict per layer with `Q, K, V` lists over heads, optional `O` (list
     over heads, `d×f`) and optional `ffn = (W1, b1, W2, b2, act)`; layer ℓ acts on
-    `[times[ℓ−1], times[ℓ])`."""
+    `[times[ℓ−1], times[ℓ])`. `norm`: one scheme or one per layer; `alpha`: a number or
+    one per layer; `gain`, `bias`: the LayerNorm's affine map, one vector per layer;
+    `centre`: subtract each token's mean first; `normalised=False`: weights
+    `exp(β u_ij − λ(i − j))/n` instead of the softmax."""
+    L = len(layers)
+    norms = [norm] * L if isinstance(norm, str) else list(norm)
+    alphas = np.broadcast_to(np.asarray(alpha, float), (L,))
 
     def sublayers(lay, y):
         H = len(lay["Q"])
         lams = [None] * H if alibi is None else list(alibi)
         outs = [
-            family_head(y, lay["Q"][h], lay["K"][h], lay["V"][h], beta, causal, lams[h])
+            family_head(y, lay["Q"][h], lay["K"][h], lay["V"][h], beta, causal, lams[h], normalised)
             for h in range(H)
         ]
         if lay.get("O") is None:
@@ -230,20 +251,32 @@ def family_rhs(layers, beta, norm="none", causal=False, alibi=None, alpha=1.0, t
             subs.append(h @ _as64(W2).T + _as64(b2))
         return subs
 
-    def rhs(t, x):
-        lay = layers[int(np.searchsorted(np.asarray(times, float), t, side="right"))]
-        x = _as64(x)
-        if norm == "none":
-            return sum(sublayers(lay, x))
-        if norm == "post":
-            return tangent_projection(x, sum(sublayers(lay, x)))
-        if norm == "ngpt":
-            return float(alpha) * tangent_projection(
-                x, sum(_unit_or_zero_rows(s) for s in sublayers(lay, x))
-            )
+    def layer_norm(ell, x):
+        if gain is None and bias is None and not centre and norms[ell] in ("post", "ngpt"):
+            return x  # on the sphere the projection is the identity: read x itself
+        if centre:
+            x = x - x.mean(axis=1, keepdims=True)
         theta = _unit_or_zero_rows(x)
-        subs = sublayers(lay, theta)
-        if norm == "pre":
+        if gain is not None:
+            theta = theta * _as64(gain[ell])[None, :]
+        if bias is not None:
+            theta = theta + _as64(bias[ell])[None, :]
+        return theta
+
+    def rhs(t, x):
+        ell = int(np.searchsorted(np.asarray(times, float), t, side="right"))
+        lay, scheme = layers[ell], norms[ell]
+        x = _as64(x)
+        if scheme == "none":
+            return sum(sublayers(lay, x))
+        if scheme == "post":
+            return tangent_projection(x, sum(sublayers(lay, layer_norm(ell, x))))
+        if scheme == "ngpt":
+            return float(alphas[ell]) * tangent_projection(
+                x, sum(_unit_or_zero_rows(s) for s in sublayers(lay, layer_norm(ell, x)))
+            )
+        subs = sublayers(lay, layer_norm(ell, x))
+        if scheme == "pre":
             return sum(subs)
         return sum(_unit_or_zero_rows(s) for s in subs)  # peri
 

@@ -47,18 +47,60 @@ def _ffn_arrays(rng, L, h, d, act):
     )
 
 
-# Random members: heads × masks × ALiBi × schemes × feed-forward × layers. Each is one
-# compiled solve; the reference is NumPy RK4 on the same grid (layer times on it).
+# Random members: heads × masks × ALiBi × schemes (mix-LN too) × LayerNorm affine maps ×
+# feed-forward × layers × LoRAs. Each is one compiled solve; the reference is NumPy RK4
+# on the same grid (layer times on it), with the LoRAs merged into its weights by NumPy.
 CASES = [
     dict(H=2, norm="none", causal=False, alibi=None, O=False, ffn=None, L=1),
     dict(H=2, norm="pre", causal=True, alibi=[0.3, 0.0], O=True, ffn="relu", L=1),
     dict(H=1, norm="peri", causal=True, alibi=None, O=False, ffn="gelu", L=2),
     dict(H=3, norm="ngpt", causal=True, alibi=[0.5, 0.1, 0.0], O=False, ffn=None, L=2),
     dict(H=2, norm="post", causal=True, alibi=None, O=True, ffn="gelu", L=3),
-]
+    dict(H=2, norm=("post", "pre"), causal=False, alibi=None, O=False, ffn="gelu", L=2,
+         ln=True, centre=True, lora=True),
+    dict(H=1, norm="post", causal=True, alibi=[0.2], O=False, ffn=None, L=1, usa=True),
+    dict(H=2, norm=("ngpt", "peri", "ngpt"), causal=False, alibi=None, O=True, ffn=None,
+         L=3, ln=True, alpha=[0.7, 1.3, 0.9], lora=True),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['norm']}-H{c['H']}-L{c['L']}")
+def _case_loras(rng, case, d, f, L):
+    """LoRAs on a head and a layer of V, on every head of O's first layer and on the
+    last layer's W1: as `LoRA`s and as `(target, head, layer, ΔW)` for NumPy."""
+    out = []
+    specs = [("V", case["H"] - 1, L - 1, (f, d))]
+    if case["O"]:
+        specs.append(("O", None, 0, (d, f)))
+    if case["ffn"]:
+        specs.append(("W1", None, L - 1, (4, d)))
+    for target, head, layer, (rows, cols) in specs:
+        A, B = rng.normal(size=(1, cols)), rng.normal(size=(rows, 1)) * 0.5
+        lo = ja.LoRA(A, B, 2.0, target, head=head, layer=layer)
+        out.append((lo, (target, head, layer, 2.0 * B @ A)))
+    return out
+
+
+def _merge_numpy(weights, ffn, edits):
+    """NumPy `W + ΔW` at each edit's place (`weights`: dict of (L, H, ·, ·) arrays)."""
+    weights = {k: None if W is None else W.copy() for k, W in weights.items()}
+    ffn = None if ffn is None else [a.copy() if isinstance(a, np.ndarray) else a for a in ffn]
+    for target, head, layer, dW in edits:
+        if target == "W1":
+            ffn[0][layer] += dW
+            continue
+        heads = range(weights[target].shape[1]) if head is None else [head]
+        for h in heads:
+            weights[target][layer, h] += dW
+    return weights, ffn
+
+
+def _case_id(c):
+    norm = c["norm"] if isinstance(c["norm"], str) else "+".join(c["norm"])
+    extras = "".join(f"-{k}" for k in ("ln", "lora", "usa") if c.get(k))
+    return f"{norm}-H{c['H']}-L{c['L']}{extras}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_family_matches_numpy_rk4(case):
     rng = np.random.default_rng(len(str(case)))
     n, d, e, L, H = 6, 3, 2, case["L"], case["H"]
@@ -66,9 +108,13 @@ def test_family_matches_numpy_rk4(case):
     Q, K, V = (np.stack(w) for w in zip(*[_rng_weights(rng, H, e, d, f) for _ in range(L)]))
     O = rng.normal(size=(L, H, d, f)) / np.sqrt(f) if case["O"] else None
     ffn = None if case["ffn"] is None else _ffn_arrays(rng, L, 4, d, case["ffn"])
+    gain = 1.0 + 0.3 * rng.normal(size=(L, d)) if case.get("ln") else None
+    bias = 0.2 * rng.normal(size=(L, d)) if case.get("ln") else None
+    alpha = case.get("alpha", 0.7)
+    loras = _case_loras(rng, case, d, f, L) if case.get("lora") else []
     times = [0.35, 0.6][: L - 1]
     x0 = rng.normal(size=(n, d))
-    if case["norm"] in ("post", "ngpt"):
+    if isinstance(case["norm"], str) and case["norm"] in ("post", "ngpt"):
         x0 /= np.linalg.norm(x0, axis=1, keepdims=True)
     field = TransformerField(
         Q,
@@ -79,19 +125,29 @@ def test_family_matches_numpy_rk4(case):
         mask="causal" if case["causal"] else "none",
         alibi=case["alibi"],
         norm=case["norm"],
-        alpha=0.7,
+        alpha=alpha,
         ffn=None if ffn is None else FeedForward(ffn[0], ffn[2], ffn[1], ffn[3], activation=ffn[4]),
         layer_times=times,
+        ln_gain=gain,
+        ln_bias=bias,
+        centre=case.get("centre", False),
+        normalised=not case.get("usa", False),
+        lora=[lo for lo, _ in loras],
     )
     sol = ja.simulate(field, jnp.asarray(x0), 1.0, dt=0.05)
+    merged, ffn_ref = _merge_numpy({"Q": Q, "K": K, "V": V, "O": O}, ffn, [e for _, e in loras])
     rhs = family_rhs(
-        _layer_dicts(Q, K, V, O, ffn),
+        _layer_dicts(merged["Q"], merged["K"], merged["V"], merged["O"], ffn_ref),
         1.4,
         norm=case["norm"],
         causal=case["causal"],
         alibi=case["alibi"],
-        alpha=0.7,
+        alpha=alpha,
         times=times,
+        gain=gain,
+        bias=bias,
+        centre=case.get("centre", False),
+        normalised=not case.get("usa", False),
     )
     grid = np.asarray(sol.ts)
     assert all(np.any(np.isclose(grid, t, rtol=0, atol=1e-15)) for t in times)
@@ -264,12 +320,68 @@ def test_equiangular_reduction_of_each_scheme(norm):
         (dict(d=3, norm="rms"), "norm"),
         (dict(V=np.zeros((1, 2, 3))), "without output maps O"),
         (dict(d=3, O=np.zeros((1, 3, 2))), "O must be"),
+        (dict(d=3, norm=("post", "pre")), "needs 1 scheme"),
+        (dict(Q=np.zeros((2, 1, 3, 3)), layer_times=[1.0], alpha=[1, 2, 3]), "one per layer"),
+        (dict(d=3, norm="ngpt", alpha=0.0), "alpha must be > 0"),
+        (dict(d=3, ln_gain=np.ones(3)), "norm='none' has none"),
+        (dict(d=3, norm="pre", ln_bias=np.ones(2)), "ln_bias must be"),
+        (dict(d=3, normalised=False, kernel="dot_product"), "unnormalised"),
+        (dict(d=3, lora=ja.LoRA(np.ones((1, 3)), np.ones((3, 1)), 1.0, "O")), "no output"),
+        (dict(d=3, lora=ja.LoRA(np.ones((1, 3)), np.ones((3, 1)), 1.0, "W2")), "feed-forward"),
+        (dict(d=3, lora=ja.LoRA(np.ones((1, 3)), np.ones((3, 1)), 1.0, "V", head=1)), "head 1"),
+        (dict(d=3, lora=ja.LoRA(np.ones((1, 3)), np.ones((3, 1)), 1.0, "Q", layer=2)), "layer 2"),
+        (dict(d=3, lora=ja.LoRA(np.ones((1, 2)), np.ones((3, 1)), 1.0, "K")), "K is 3×3"),
+        (dict(d=3, lora=ja.LoRA(np.ones((1, 3)), np.ones((3, 1)), 1.0, "X")), "lora target"),
     ],
 )
 def test_bad_members_are_one_line_errors(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         TransformerField(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_stacked_family_loras_equal_single_solves_and_differentiate():
+    """A stacked LoRA on one head of one layer: each member of the batched solve equals
+    the solve with that member alone (and with ΔW written into the weight by hand);
+    d/d‖ΔW‖ of a loss through the solve matches central differences."""
+    rng = np.random.default_rng(21)
+    Q, K, V = (np.stack([w, w[::-1]]) for w in _rng_weights(rng, 2, 3, 3))
+    x0 = jnp.asarray(rng.normal(size=(5, 3)))
+    field = TransformerField(Q, K, V, beta=1.2, norm="pre", layer_times=[0.4])
+    norms = jnp.asarray([0.0, 0.5, 1.0])
+    lo = ja.LoRA.random(3, rank=1, norm=norms, target="Q", head=1, layer=1, key=jax.random.key(3))
+    batched = ja.simulate(field.with_lora(lo), x0, 1.0, dt=0.1).xs
+    for k in range(3):
+        dW = np.asarray(lo.delta()[k])
+        Qk = Q.copy()
+        Qk[1, 1] += dW
+        by_hand = TransformerField(Qk, K, V, beta=1.2, norm="pre", layer_times=[0.4])
+        np.testing.assert_allclose(
+            np.asarray(batched[k]),
+            np.asarray(ja.simulate(by_hand, x0, 1.0, dt=0.1).xs),
+            rtol=0,
+            atol=1e-13,
+        )
+    assert float(jnp.abs(batched[2] - batched[0]).max()) > 1e-3  # the LoRA acts
+    np.testing.assert_array_equal(np.asarray(batched[0]), np.asarray(
+        ja.simulate(field, x0, 1.0, dt=0.1).xs))  # fmt: skip
+
+    one = ja.LoRA.random(3, rank=1, norm=1.0, target="Q", head=1, layer=1, key=jax.random.key(3))
+
+    def loss(s):
+        lora = ja.LoRA(one.A, s * one.B, one.alpha, "Q", head=1, layer=1)
+        return jnp.sum(jnp.cos(ja.simulate(field.with_lora(lora), x0, 1.0, dt=0.1).xs[-1]))
+
+    g = jax.grad(loss)(jnp.asarray(0.7))
+    eps = 1e-6
+    fd = (loss(0.7 + eps) - loss(0.7 - eps)) / (2 * eps)
+    assert abs(float(g) - float(fd)) < 1e-7 * max(1.0, abs(float(fd)))
+    with pytest.raises(ValueError, match="different \\(head, layer\\)"):
+        ja.LoRA.stack([one, ja.LoRA(one.A, one.B, one.alpha, "Q", head=0, layer=1)])
+    with pytest.raises(ValueError, match="one head and one layer"):
+        ja.PlainField(d=3, lora=one)
+    with pytest.raises(ValueError, match="stacked LoRAs"):
+        field.with_lora(lo)(0.0, x0)
 
 
 def test_tools_refuse_what_they_do_not_understand_and_with_lora_keeps_a_subclass():

@@ -25,10 +25,17 @@ docs/theory.md, 'The model family').
   | `"peri"` | `Σ S_i(θ)/|S_i(θ)|` | free; angular speed divided by `r |S|` |
   | `"ngpt"` | `α Π_{x_i} Σ S_i(x)/|S_i(x)|` | on the sphere; speed `α/|S|` |
 
+  The scheme may change with the layer (mix-LN: post-LN in the first layers, pre-LN
+  after). The projection may centre the token first (LayerNorm rather than RMSNorm) and
+  carry an affine map `γ ⊙ θ + b` (`ln_gain`, `ln_bias`), which the sub-layers read.
+- **unnormalised weights** (`normalised=False`): `exp(β⟨Q_h y_i, K_h y_j⟩)/n` instead of
+  the softmax; with `norm="post"` this is USA.
 - **depth-dependent weights**: every weight may carry a leading layer axis `L`; layer ℓ
   acts on `[t_ℓ, t_{ℓ+1})` with `layer_times = (t_1, …, t_{L−1})` (layer 0 before `t_1`,
   the last after `t_{L−1}`). `simulate` steps exactly onto these times
   (`jump_times`).
+- **LoRA** on any head's `Q, K, V, O` and any layer's weights (`LoRA(…, head=, layer=)`),
+  stacked for batches.
 
 With one head, no mask and no feed-forward, `norm="none"` is `PlainField` and
 `norm="post"` is `SphereField` (tested).
@@ -63,8 +70,11 @@ from .._base import (
 )
 from .attention import KERNELS, attend
 from .fields import tangent
+from .lora import LoRA, lora_tuple
 
 NORMS = ("none", "post", "pre", "peri", "ngpt")
+#: the weights a LoRA can perturb in a `TransformerField`
+FAMILY_TARGETS = ("Q", "K", "V", "O", "W1", "W2")
 MASKS = ("none", "causal")
 ACTIVATIONS = ("gelu", "relu")
 
@@ -217,9 +227,22 @@ class TransformerField(AbstractVectorField):
       `f = d`.
     - `beta`: β ≥ 0. `mask`: `"none"` or `"causal"`. `alibi`: slopes `λ_h ≥ 0`, one per
       head (a number: the same for every head); implies the causal mask.
-    - `norm`: `"none"`, `"post"`, `"pre"`, `"peri"` or `"ngpt"`; `alpha` > 0: nGPT's
-      step scale.
+    - `norm`: `"none"`, `"post"`, `"pre"`, `"peri"` or `"ngpt"`, or one of these per
+      layer (mix-LN, e.g. `("post", "post", "pre", "pre")`: the scheme switches with
+      the weights); `alpha` > 0: nGPT's step scale, a number or one per layer.
+    - `ln_gain`, `ln_bias`: the LayerNorm's affine map `θ ↦ γ ⊙ θ + b` applied to the
+      normalised token a sub-layer reads (`(d,)` or `(L, d)`; default: the identity);
+      `centre=True` subtracts each token's mean over its d coordinates before the
+      projection (LayerNorm; default `False`, RMSNorm). The normalisation is the
+      projection `θ = y/|y|` on the unit sphere: a real LayerNorm's output has norm
+      `√d`, so its gain enters as `ln_gain = √d · γ`. Not for `norm="none"`.
+    - `normalised`: `True` (softmax attention) or `False` (the unnormalised weights
+      `exp(β⟨Q y_i, K y_j⟩)/n` of USA; with `norm="post"` this is the USA field).
     - `ffn`: a `FeedForward` or `None`.
+    - `lora`: a `LoRA` or a sequence of them on `"Q"`, `"K"`, `"V"`, `"O"` (of the head
+      `lora.head` and the layer `lora.layer`; `None`: all of them) or on the
+      feed-forward weights `"W1"`, `"W2"` (of `lora.layer`). Stacked LoRAs make the
+      field a batch of fields, as for the classic fields.
     - `layer_times`: the `L − 1` increasing times where the layer changes (needed when
       any weight has `L > 1` layers).
     - `dtype`, `kernel`, `block`: as for the other fields.
@@ -231,13 +254,19 @@ class TransformerField(AbstractVectorField):
     O: Float[Array, "L H d f"] | None
     beta: Float[Array, ""]
     alibi: Float[Array, " H"] | None
-    alpha: Float[Array, ""]
+    alpha: Float[Array, "*L"]
     ffn: FeedForward | None
-    norm: str = eqx.field(static=True)
+    ln_gain: Float[Array, "L d"] | None
+    ln_bias: Float[Array, "L d"] | None
+    norm: str | tuple[str, ...] = eqx.field(static=True)
+    centre: bool = eqx.field(static=True)
+    normalised: bool = eqx.field(static=True)
     mask: str = eqx.field(static=True)
     layer_times: tuple[float, ...] = eqx.field(static=True)
     kernel: str = eqx.field(static=True)
     block: int = eqx.field(static=True)
+    # a default: the base class's `loras` property must not read as one
+    loras: tuple[LoRA, ...] = ()
 
     def __init__(
         self,
@@ -249,9 +278,14 @@ class TransformerField(AbstractVectorField):
         beta: ScalarLike = 1.0,
         mask: str | None = None,
         alibi: ScalarLike | Float[ArrayLike, " H"] | Sequence[float] | None = None,
-        norm: str = "none",
-        alpha: ScalarLike = 1.0,
+        norm: str | Sequence[str] = "none",
+        alpha: ScalarLike | Sequence[float] = 1.0,
         ffn: FeedForward | None = None,
+        ln_gain=None,
+        ln_bias=None,
+        centre: bool = False,
+        normalised: bool = True,
+        lora: LoRA | Sequence[LoRA] | None = None,
         layer_times: Sequence[float] | None = None,
         d: int | None = None,
         dtype: DTypeLike | None = None,
@@ -334,11 +368,24 @@ class TransformerField(AbstractVectorField):
             if isinstance(beta, Tracer)
             else jnp.asarray(check_positive(beta, "beta", allow_zero=True), dtype)
         )
-        self.norm = check_choice(norm, "norm", NORMS)
-        if isinstance(alpha, Tracer):
-            self.alpha = alpha.astype(dtype)
+        if isinstance(norm, str):
+            self.norm = check_choice(norm, "norm", NORMS)
         else:
-            self.alpha = jnp.asarray(check_positive(alpha, "alpha"), dtype)
+            norms = tuple(check_choice(n, "norm", NORMS) for n in norm)
+            if len(norms) != L:
+                raise ValueError(f"norm per layer needs {L} scheme(s), got {len(norms)}")
+            self.norm = norms[0] if len(set(norms)) == 1 else norms
+        self.alpha = self._alpha(alpha, L, dtype)
+        if not isinstance(centre, bool) or not isinstance(normalised, bool):
+            raise TypeError("centre and normalised must be True or False")
+        self.centre, self.normalised = centre, normalised
+        self.ln_gain = self._ln_affine(ln_gain, "ln_gain", L, dim, dtype)
+        self.ln_bias = self._ln_affine(ln_bias, "ln_bias", L, dim, dtype)
+        uses_ln = self.norm != "none"
+        if not uses_ln and (self.ln_gain is not None or self.ln_bias is not None or centre):
+            raise ValueError(
+                "ln_gain, ln_bias and centre belong to a LayerNorm: norm='none' has none"
+            )
         if alibi is None:
             self.alibi = None
         else:
@@ -356,9 +403,115 @@ class TransformerField(AbstractVectorField):
             raise ValueError("ALiBi is a causal mask: give mask='causal' (or leave it out)")
         self.ffn = ffn
         self.kernel = check_choice(kernel, "attention kernel", KERNELS)
+        if self.kernel.startswith("dot_product") and not normalised:
+            raise ValueError(
+                f"attention kernel {kernel!r} computes a softmax; unnormalised weights "
+                "need dense, blockwise or auto"
+            )
+        self.loras = self._checked_loras(lora)
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"attention block must be a positive integer, got {block!r}")
         self.block = int(block)
+
+    @staticmethod
+    def _alpha(alpha, L: int, dtype) -> Array:
+        if isinstance(alpha, Tracer):
+            return alpha.astype(dtype)
+        a = jnp.asarray(as_float_array(alpha, "alpha", dtype))
+        if a.ndim > 1 or (a.ndim == 1 and a.shape[0] not in (1, L)):
+            raise ValueError(f"alpha must be a number or one per layer ({L}), got shape {a.shape}")
+        if not bool(jnp.all(a > 0)):
+            raise ValueError(f"alpha must be > 0, got {np.asarray(a).tolist()}")
+        return a[0] if a.ndim == 1 and a.shape[0] == 1 else a
+
+    @staticmethod
+    def _ln_affine(w, name: str, L: int, d: int, dtype) -> Array | None:
+        if w is None:
+            return None
+        w = jnp.asarray(as_float_array(w, name, dtype))
+        w = w[None] if w.ndim == 1 else w
+        if w.ndim != 2 or w.shape[1] != d or w.shape[0] not in (1, L):
+            raise ValueError(f"{name} must be ({d},) or ({L}, {d}), got {tuple(w.shape)}")
+        return w
+
+    def _weight(self, target: str) -> Array:
+        """The frozen weight a LoRA on `target` perturbs: `(L', H, out, in)` for the
+        attention weights, `(L', out, in)` for the feed-forward ones."""
+        if target in ("W1", "W2"):
+            return getattr(self.ffn, target)
+        return getattr(self, target)
+
+    def _checked_loras(self, lora) -> tuple[LoRA, ...]:
+        dtype = self.beta.dtype
+        out = []
+        for lo in lora_tuple(lora):
+            target = check_choice(lo.target, "lora target", FAMILY_TARGETS)
+            if target == "O" and self.O is None:
+                raise ValueError("lora on O: this field has no output maps (it averages its heads)")
+            if target in ("W1", "W2") and self.ffn is None:
+                raise ValueError(f"lora on {target}: this field has no feed-forward term")
+            if target in ("W1", "W2") and lo.head is not None:
+                raise ValueError(f"lora on {target}: the feed-forward term has no heads")
+            if lo.head is not None and lo.head >= self.heads:
+                raise ValueError(f"lora head {lo.head} is not one of the {self.heads} head(s)")
+            if lo.layer is not None and lo.layer >= self.layers:
+                raise ValueError(f"lora layer {lo.layer} is not one of the {self.layers} layer(s)")
+            rows, cols = self._weight(target).shape[-2:]
+            if lo.A.shape[-1] != cols or lo.B.shape[-2] != rows:
+                raise ValueError(
+                    f"lora on {target} has A {tuple(lo.A.shape[-2:])} and B "
+                    f"{tuple(lo.B.shape[-2:])}; {target} is {rows}×{cols}"
+                )
+            if lo.rank > min(rows, cols):
+                raise ValueError(f"lora rank {lo.rank} exceeds min{(rows, cols)} of {target}")
+            out.append(lo._placed(lo.A.astype(dtype), lo.B.astype(dtype), lo.alpha.astype(dtype)))
+        if len({lo.batch_shape for lo in out}) > 1:
+            raise ValueError(
+                "stacked LoRAs of one field must share a batch shape, got "
+                f"{sorted({lo.batch_shape for lo in out})}"
+            )
+        return tuple(out)
+
+    def with_lora(self, lora: LoRA | Sequence[LoRA] | None) -> TransformerField:
+        """The same field with `lora` (a LoRA, a sequence or None) replacing its LoRAs."""
+        return eqx.tree_at(lambda f: f.loras, self, self._checked_loras(lora))
+
+    def without_lora(self) -> TransformerField:
+        return self.with_lora(None)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Batch shape of stacked LoRAs (empty for a single field)."""
+        return self.loras[0].batch_shape if self.loras else ()
+
+    def merged(self) -> TransformerField:
+        """The field with its LoRAs added into the weights (`W + ΔW` at each LoRA's head
+        and layer) and no LoRA left. A stacked LoRA must be indexed first (`simulate`
+        vmaps over it)."""
+        if not self.loras:
+            return self
+        if self.batch_shape:
+            raise ValueError(
+                f"the field carries stacked LoRAs (batch {self.batch_shape}): solve it "
+                "with simulate, or index the LoRA factors for one member"
+            )
+        f = self
+        L = self.layers
+        for lo in self.loras:
+            W = f._weight(lo.target)
+            if lo.layer is not None and W.shape[0] == 1 and L > 1:
+                W = jnp.broadcast_to(W, (L,) + W.shape[1:])
+            at = (slice(None) if lo.layer is None else (lo.layer if W.shape[0] > 1 else 0),)
+            if lo.target not in ("W1", "W2"):
+                at += (slice(None) if lo.head is None else lo.head,)
+            W = W.at[at].add(lo.delta())
+            where = (
+                (lambda g, n=lo.target: getattr(g.ffn, n))
+                if lo.target in ("W1", "W2")
+                else (lambda g, n=lo.target: getattr(g, n))
+            )
+            f = eqx.tree_at(where, f, W)
+        return eqx.tree_at(lambda g: g.loras, f, ())
 
     # -- random members -------------------------------------------------------------
     @classmethod
@@ -423,13 +576,19 @@ class TransformerField(AbstractVectorField):
 
     # -- the contract `simulate` reads ---------------------------------------------
     @property
+    def norms(self) -> tuple[str, ...]:
+        """The normalisation scheme of each layer."""
+        return self.norm if isinstance(self.norm, tuple) else (self.norm,) * self.layers
+
+    @property
     def dynamics(self) -> str:
-        return f"family/{self.norm}"
+        name = self.norm if isinstance(self.norm, str) else "mix(" + ",".join(self.norm) + ")"
+        return f"family/{name}" + ("" if self.normalised else "/unnormalised")
 
     @property
     def on_sphere(self) -> bool:
-        """Tokens live on the unit sphere (post-LN, nGPT)."""
-        return self.norm in ("post", "ngpt")
+        """Tokens live on the unit sphere (post-LN, nGPT, in every layer)."""
+        return all(n in ("post", "ngpt") for n in self.norms)
 
     @property
     def d(self) -> int:
@@ -448,10 +607,6 @@ class TransformerField(AbstractVectorField):
         """Times where the weights change: the solver steps exactly onto them."""
         return self.layer_times
 
-    def without_lora(self) -> TransformerField:
-        """The field itself (a family member carries no LoRA yet)."""
-        return self
-
     # -- dynamics -------------------------------------------------------------------
     def layer(self, t: ScalarLike) -> Array:
         """Index of the layer acting at time t (a layer starts at its own time)."""
@@ -464,21 +619,18 @@ class TransformerField(AbstractVectorField):
     def _at(W, layer):
         return W[0] if W.shape[0] == 1 else W[layer]
 
-    def solve_args(self) -> Float[Array, "L H d d"] | None:
-        """Per solve: the logit matrices `A_h = Q_hᵀ K_h` of every layer and head when
-        the heads are not narrower than d (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes
-        one n×d×d product instead of two); None for narrow heads."""
-        if self.Q.shape[-2] < self.Q.shape[-1]:
-            return None
-        return jnp.swapaxes(self.Q, -1, -2) @ self.K
+    def solve_args(self) -> tuple[TransformerField, Float[Array, "L H d d"] | None]:
+        """Per solve: the field with its LoRAs merged (`merged`), and the logit matrices
+        `A_h = Q_hᵀ K_h` of every layer and head when the heads are not narrower than d
+        (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes one n×d×d product instead of
+        two); None for narrow heads."""
+        f = self.merged()
+        if f.Q.shape[-2] < f.Q.shape[-1]:
+            return f, None
+        return f, jnp.swapaxes(f.Q, -1, -2) @ f.K
 
-    def attention_term(
-        self, t: ScalarLike, y: Float[Array, "n d"], args=None
-    ) -> Float[Array, "n d"]:
-        """`A_i`: the heads' attention outputs on tokens `y` (mean or summed through O);
-        `args`: `solve_args()` (computed here when not given)."""
-        layer = self.layer(t)
-        A = self.solve_args() if args is None else args
+    def _attention(self, layer, y: Float[Array, "n d"], A) -> Float[Array, "n d"]:
+        """The heads' attention outputs at `layer` (weights already merged)."""
         if A is None:
             Q, K = (self._at(W, layer) for W in (self.Q, self.K))
         else:  # queries y A_h against the keys y themselves (K is not read)
@@ -497,6 +649,7 @@ class TransformerField(AbstractVectorField):
                 block=self.block,
                 causal=causal,
                 alibi=lam,
+                normalise=self.normalised,
             )
 
         lam = self.alibi
@@ -505,12 +658,56 @@ class TransformerField(AbstractVectorField):
             return jnp.mean(outs, axis=0)
         return jnp.einsum("hnf,hdf->nd", outs, self._at(self.O, layer))
 
+    def _sublayers(self, layer, y, A) -> list[Array]:
+        out = [self._attention(layer, y, A)]
+        if self.ffn is not None:
+            out.append(self.ffn(layer if self.ffn.layers > 1 else 0, y))
+        return out
+
+    def layer_norm(self, layer, y: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        """What a sub-layer reads: `γ ⊙ θ + b` with `θ = y/|y|` (after subtracting each
+        token's mean when `centre`)."""
+        if self.centre:
+            y = y - jnp.mean(y, axis=-1, keepdims=True)
+        theta = _unit_or_zero(y)
+        if self.ln_gain is not None:
+            theta = theta * self._at(self.ln_gain, layer)[None, :]
+        if self.ln_bias is not None:
+            theta = theta + self._at(self.ln_bias, layer)[None, :]
+        return theta
+
+    def _plain_ln(self) -> bool:
+        return self.ln_gain is None and self.ln_bias is None and not self.centre
+
+    def _velocity(self, norm: str, layer, y, A):
+        if norm == "none":
+            return sum(self._sublayers(layer, y, A))
+        if norm in ("post", "ngpt"):
+            # on the sphere y is its own projection: read y itself unless the LayerNorm
+            # centres or has an affine map
+            inp = y if self._plain_ln() else self.layer_norm(layer, y)
+            subs = self._sublayers(layer, inp, A)
+            if norm == "post":
+                return tangent(y, sum(subs))
+            alpha = self.alpha if self.alpha.ndim == 0 else self.alpha[layer]
+            return alpha * tangent(y, sum(_unit_or_zero(s) for s in subs))
+        subs = self._sublayers(layer, self.layer_norm(layer, y), A)
+        if norm == "pre":
+            return sum(subs)
+        return sum(_unit_or_zero(s) for s in subs)  # peri
+
+    def attention_term(
+        self, t: ScalarLike, y: Float[Array, "n d"], args=None
+    ) -> Float[Array, "n d"]:
+        """`A_i`: the heads' attention outputs on tokens `y` at time `t` (mean or summed
+        through O, LoRAs included); `args`: `solve_args()` (computed when not given)."""
+        f, A = self.solve_args() if args is None else args
+        return f._attention(self.layer(t), y, A)
+
     def sublayers(self, t: ScalarLike, y: Float[Array, "n d"], args=None) -> list[Array]:
         """The sub-layer outputs at tokens `y`: attention, then the feed-forward term."""
-        out = [self.attention_term(t, y, args)]
-        if self.ffn is not None:
-            out.append(self.ffn(self.layer(t) if self.ffn.layers > 1 else 0, y))
-        return out
+        f, A = self.solve_args() if args is None else args
+        return f._sublayers(self.layer(t), y, A)
 
     def __call__(self, t, y, args=None):
         if jnp.ndim(y) < 2 or jnp.shape(y)[-1] != self.d:
@@ -518,15 +715,11 @@ class TransformerField(AbstractVectorField):
                 f"the field has d = {self.d}; tokens must have shape (n, {self.d}), "
                 f"got {tuple(jnp.shape(y))}"
             )
-        if self.norm == "none":
-            return sum(self.sublayers(t, y, args))
-        if self.norm == "post":
-            return tangent(y, sum(self.sublayers(t, y, args)))
-        if self.norm == "ngpt":
-            subs = self.sublayers(t, y, args)
-            return self.alpha * tangent(y, sum(_unit_or_zero(s) for s in subs))
-        theta = _unit_or_zero(y)
-        subs = self.sublayers(t, theta, args)
-        if self.norm == "pre":
-            return sum(subs)
-        return sum(_unit_or_zero(s) for s in subs)  # peri
+        f, A = self.solve_args() if args is None else args
+        layer = self.layer(t)
+        if isinstance(self.norm, str):
+            return f._velocity(self.norm, layer, y, A)
+        schemes = sorted(set(self.norm))
+        which = jnp.asarray([schemes.index(n) for n in self.norm])[layer]
+        branches = [lambda y_, n=n: f._velocity(n, layer, y_, A) for n in schemes]
+        return jax.lax.switch(which, branches, y)

@@ -36,7 +36,7 @@ from .._base import (
     check_square,
 )
 from .attention import KERNELS, attend, attention_scores, softmax_weights, unnormalised_weights
-from .lora import TARGETS, LoRA
+from .lora import TARGETS, LoRA, lora_tuple
 
 _Self = TypeVar("_Self", bound="AbstractField")
 
@@ -53,17 +53,14 @@ def unit_rows(x: Float[Array, "*batch n d"]) -> Float[Array, "*batch n d"]:
 
 def _checked_loras(lora: LoRA | Sequence[LoRA] | None, dim: int, dtype) -> tuple[LoRA, ...]:
     """`lora` (a LoRA, a sequence or None) as a checked tuple in the field's dtype."""
-    if lora is None:
-        loras = ()
-    elif isinstance(lora, LoRA):
-        loras = (lora,)
-    else:
-        loras = tuple(lora)
     fixed = []
-    for lo in loras:
-        if not isinstance(lo, LoRA):
-            raise TypeError(f"lora must be a LoRA or a sequence of LoRA, got {type(lo).__name__}")
+    for lo in lora_tuple(lora):
         check_choice(lo.target, "lora target", TARGETS)
+        if lo.head not in (None, 0) or lo.layer not in (None, 0):
+            raise ValueError(
+                f"lora head = {lo.head}, layer = {lo.layer}: this field has one head and "
+                "one layer (several are a TransformerField's)"
+            )
         if lo.A.shape[-1] != dim or lo.B.shape[-2] != dim:
             raise ValueError(
                 f"lora on {lo.target} has A {tuple(lo.A.shape[-2:])} and B "

@@ -41,7 +41,11 @@ class LoRA(eqx.Module):
     - `B`: up-projection, shape `(d_out, r)` (or `(batch, d_out, r)`).
     - `alpha`: LoRA's α; the change is scaled by `alpha / r`.
     - `target`: name of the perturbed weight: `"Q"`, `"K"` or `"V"` for the particle
-      fields; the modular transformer also accepts `"O"`.
+      fields; the modular transformer also accepts `"O"`; a `TransformerField` also
+      `"O"`, `"W1"` and `"W2"` (its feed-forward weights).
+    - `head`, `layer`: for a `TransformerField`, the head and the layer whose weight is
+      perturbed (`None`: every head, every layer, by the same ΔW). The classic fields
+      have one of each and refuse them.
 
     Applying it never needs `W + ΔW` when the factored product is cheaper:
     `x Wᵀ + (α/r)(x Aᵀ) Bᵀ` (see `apply`).
@@ -51,6 +55,8 @@ class LoRA(eqx.Module):
     B: Float[Array, "*batch d_out r"]
     alpha: Float[Array, ""]
     target: str = eqx.field(static=True)
+    head: int | None = eqx.field(static=True)
+    layer: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -58,6 +64,9 @@ class LoRA(eqx.Module):
         B: Float[ArrayLike, "*batch d_out r"],
         alpha: ScalarLike = 1.0,
         target: str = "V",
+        *,
+        head: int | None = None,
+        layer: int | None = None,
     ):
         A = as_float_array(A, "lora A")
         B = as_float_array(B, "lora B")
@@ -84,6 +93,19 @@ class LoRA(eqx.Module):
         if not isinstance(target, str) or not target:
             raise ValueError(f"lora target must be a weight name, got {target!r}")
         self.target = target
+        for name, v in (("head", head), ("layer", layer)):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
+            ):
+                raise ValueError(f"lora {name} must be an index ≥ 0 or None, got {v!r}")
+        self.head = None if head is None else int(head)
+        self.layer = None if layer is None else int(layer)
+
+    def _placed(self, A, B, alpha=None) -> LoRA:
+        """A LoRA with the factors `A`, `B` (and `alpha`) at this one's target, head
+        and layer."""
+        alpha = self.alpha if alpha is None else alpha
+        return LoRA(A, B, alpha, self.target, head=self.head, layer=self.layer)
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -117,11 +139,14 @@ class LoRA(eqx.Module):
         alpha: ScalarLike = 1.0,
         key: PRNGKeyArray,
         dtype: DTypeLike | None = None,
+        head: int | None = None,
+        layer: int | None = None,
     ) -> LoRA:
         """Random Gaussian factors rescaled so that `‖ΔW‖₂ = norm` exactly (operator norm).
 
         `norm` may be an array of shape `(batch,)`: the result is then a stacked LoRA with
-        the same random direction at each size (`batch` perturbations).
+        the same random direction at each size (`batch` perturbations). `head`, `layer`:
+        where it acts in a `TransformerField` (the class docstring).
         """
         _check_rank(rank, d)
         dtype = dtype or jnp.result_type(float)
@@ -131,21 +156,27 @@ class LoRA(eqx.Module):
         scale = jnp.asarray(alpha, dtype) / rank
         sigma = jnp.linalg.norm(scale * (B @ A), ord=2)
         norm = jnp.asarray(norm, dtype)
+        where = {"head": head, "layer": layer}
         if norm.ndim == 0:
-            return cls(A, B * (norm / sigma), alpha, target)
+            return cls(A, B * (norm / sigma), alpha, target, **where)
         Bs = B[None] * (norm / sigma)[:, None, None]
         As = jnp.broadcast_to(A, (norm.shape[0],) + A.shape)
-        return cls(As, Bs, alpha, target)
+        return cls(As, Bs, alpha, target, **where)
 
     @classmethod
     def stack(cls, loras: Iterable[LoRA]) -> LoRA:
-        """Stack LoRAs of equal shapes, target and α into one batched LoRA."""
+        """Stack LoRAs of equal shapes, target, head, layer and α into one batched LoRA."""
         loras = list(loras)
         if not loras:
             raise ValueError("cannot stack an empty list of LoRAs")
         t = {lo.target for lo in loras}
         if len(t) != 1:
             raise ValueError(f"cannot stack LoRAs of different targets {sorted(t)}")
+        places = {(lo.head, lo.layer) for lo in loras}
+        if len(places) != 1:
+            raise ValueError(
+                f"cannot stack LoRAs at different (head, layer) places {sorted(places, key=str)}"
+            )
         alphas = {float(lo.alpha) for lo in loras}
         if len(alphas) != 1:
             raise ValueError("cannot stack LoRAs with different alpha")
@@ -155,11 +186,8 @@ class LoRA(eqx.Module):
                 "cannot stack LoRAs of different shapes (rank, d or batch): "
                 + ", ".join(f"A {a}, B {b}" for a, b in shapes)
             )
-        return cls(
-            jnp.stack([lo.A for lo in loras]),
-            jnp.stack([lo.B for lo in loras]),
-            loras[0].alpha,
-            loras[0].target,
+        return loras[0]._placed(
+            jnp.stack([lo.A for lo in loras]), jnp.stack([lo.B for lo in loras])
         )
 
     # -- properties ---------------------------------------------------------------
@@ -197,6 +225,17 @@ class LoRA(eqx.Module):
         if d_out * d_in <= n * (d_in + d_out):
             return x @ self.merged(W).T
         return x @ W.T + self.scale * ((x @ self.A.T) @ self.B.T)
+
+
+def lora_tuple(lora: LoRA | Iterable[LoRA] | None) -> tuple[LoRA, ...]:
+    """A field's `lora=` argument (a LoRA, a sequence of them or None) as a tuple."""
+    if lora is None:
+        return ()
+    loras = (lora,) if isinstance(lora, LoRA) else tuple(lora)
+    for lo in loras:
+        if not isinstance(lo, LoRA):
+            raise TypeError(f"lora must be a LoRA or a sequence of LoRA, got {type(lo).__name__}")
+    return loras
 
 
 def _check_rank(rank, d: int) -> None:

@@ -265,7 +265,7 @@ def _solve_members(field, x0, t0, t1, dt0, ts, cfg: SolveConfig):
     return fn(field, x0)
 
 
-def _lora_axes(field: AbstractField):
+def _lora_axes(field: AbstractField | AbstractVectorField):
     axes = jax.tree.map(lambda _: None, field)
     if not field.loras:
         return axes
