@@ -280,7 +280,7 @@ def test_run_chunks_engine_resumes_and_rejects_other_sweeps(tmp_path):
         ({"init.seed": {"range": 0}}, {}, "grid init.seed is empty"),
         ({"lora.rank": [1, 2]}, {}, "unknown grid key 'lora.rank'"),
         ({"beta": [1.0, -2.0]}, {}, "grid beta values must be ≥ 0"),
-        ({"lora.target": ["Q", "W"]}, {}, "must be Q, K or V"),
+        ({"lora.target": ["Q", "W"]}, {}, "must be one of Q, K, V, O, W1, W2"),
         ({"beta": [1.0]}, {"summaries": ["entropy"]}, "unknown summary 'entropy'"),
         ({"beta": [1.0]}, {"chunk": 0}, "sweep chunk must be ≥ 1"),
     ],

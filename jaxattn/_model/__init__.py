@@ -14,6 +14,7 @@ from .attention import (
     use_blockwise as use_blockwise,
 )
 from .family import (
+    FAMILY_TARGETS as FAMILY_TARGETS,
     NORMS as NORMS,
     AbstractVectorField as AbstractVectorField,
     FeedForward as FeedForward,

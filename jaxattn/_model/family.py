@@ -223,6 +223,8 @@ class TransformerField(AbstractVectorField):
     - `Q`, `K`, `V`: per-head weights `(H, e, d)`, `(H, e, d)`, `(H, f, d)`, or with a
       leading layer axis `(L, H, ·, d)`; a `d×d` matrix is one head; `None` is the
       identity (`d=` then needed if all are `None`). Heads and layers must agree.
+    - `heads`: the number of heads H (checked against the weights; with no weights
+      given, H identity heads — which differ only in their ALiBi slopes).
     - `O`: output maps `(H, d, f)` (or `(L, H, d, f)`); `None`: the mean over heads with
       `f = d`.
     - `beta`: β ≥ 0. `mask`: `"none"` or `"causal"`. `alibi`: slopes `λ_h ≥ 0`, one per
@@ -288,6 +290,7 @@ class TransformerField(AbstractVectorField):
         lora: LoRA | Sequence[LoRA] | None = None,
         layer_times: Sequence[float] | None = None,
         d: int | None = None,
+        heads: int | None = None,
         dtype: DTypeLike | None = None,
         kernel: str = "auto",
         block: int = 1024,
@@ -309,11 +312,15 @@ class TransformerField(AbstractVectorField):
                 else f"Q, K, V and d disagree on the token dimension: {shapes}, d={d}"
             )
         (dim,) = dims
-        heads = {W.shape[1] for W in given.values()} or {1}
-        if len(heads) != 1:
+        counts = {W.shape[1] for W in given.values()}
+        if heads is not None:
+            counts.add(check_int(heads, "heads", 1))
+        if len(counts) > 1:
             shapes = ", ".join(f"{k} {tuple(W.shape)}" for k, W in given.items())
-            raise ValueError(f"Q, K, V disagree on the number of heads: {shapes}")
-        (H,) = heads
+            raise ValueError(
+                f"Q, K, V and heads disagree on the number of heads: {shapes}, heads={heads}"
+            )
+        (H,) = counts or {1}
         eye = jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (1, H, dim, dim))
         Qw, Kw, Vw = (given.get(n, eye) for n in ("Q", "K", "V"))
         if Qw.shape[-2] != Kw.shape[-2]:

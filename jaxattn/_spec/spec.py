@@ -30,6 +30,7 @@ from .._base import (
 )
 from .._model import (
     DYNAMICS,
+    FAMILY_TARGETS,
     KERNELS,
     TARGETS,
     AbstractField,
@@ -67,7 +68,7 @@ TOP_KEYS = FAMILY_KEYS | {
 }
 INIT_KEYS = {"x0", "kind", "n", "d", "low", "high", "scale", "seed", "drawn"}
 INIT_KINDS = ("uniform", "normal", "sphere")
-LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed"}
+LORA_KEYS = {"target", "A", "B", "alpha", "rank", "norm", "seed", "head", "layer"}
 SOLVE_KEYS = {"t1", "solver", "dt", "rtol", "atol", "ts", "max_steps", "renormalise"}
 
 
@@ -276,12 +277,22 @@ def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
     return scale * x
 
 
-def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
+def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
+    """The `[lora]` table's LoRA; `family`: for a `TransformerField` (targets O, W1, W2
+    too, and the keys `head`, `layer`; its shapes are checked by the field)."""
     _unknown(lo, LORA_KEYS, "[lora]")
     try:
-        target = check_choice(lo.get("target", "V"), "lora target", TARGETS)
+        target = check_choice(
+            lo.get("target", "V"), "lora target", FAMILY_TARGETS if family else TARGETS
+        )
     except ValueError as e:
         raise SpecError(str(e)) from None
+    place = {k: _int(lo[k], f"lora {k}", 0) for k in ("head", "layer") if k in lo}
+    if place and not family:
+        raise SpecError(
+            f"lora {' and '.join(place)}: the classic fields have one head and one layer "
+            "(several are the model family's: give heads, layer, …)"
+        )
     alpha = _num(lo.get("alpha", 1.0), "lora alpha")  # > 0: the LoRA constructor checks
     explicit = "A" in lo or "B" in lo
     if explicit:
@@ -296,7 +307,7 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
             raise SpecError(
                 f"lora A must be r×d and B d×r, got {tuple(A.shape)} and {tuple(B.shape)}"
             )
-        if A.shape[1] != d or B.shape[0] != d:
+        if not family and (A.shape[1] != d or B.shape[0] != d):
             raise SpecError(
                 f"lora A is {A.shape[0]}×{A.shape[1]} and B {B.shape[0]}×{B.shape[1]}, "
                 f"but d = {d}: A must be r×{d}, B {d}×r"
@@ -306,7 +317,7 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
         if A.shape[0] > d:
             raise SpecError(f"lora rank {A.shape[0]} exceeds the dimension d = {d}")
         try:
-            return LoRA(A, B, alpha, target)
+            return LoRA(A, B, alpha, target, **place)
         except ValueError as e:
             raise SpecError(str(e)) from None
     if "rank" not in lo or "norm" not in lo:
@@ -327,6 +338,7 @@ def lora_from_table(lo: dict, d: int, dtype) -> LoRA:
             alpha=alpha,
             key=jax.random.key(seed),
             dtype=dtype,
+            **place,
         )
     except ValueError as e:
         raise SpecError(str(e)) from None
@@ -447,13 +459,20 @@ def parse_spec(spec: dict[str, Any]) -> Simulation:
         "solve": {"t1": t1, "solver": options.solver, **options.as_record()},
     }
     if lora is not None:
-        resolved["lora"] = {
-            "target": lora.target,
-            "A": np.asarray(lora.A).tolist(),
-            "B": np.asarray(lora.B).tolist(),
-            "alpha": float(lora.alpha),
-        }
+        resolved["lora"] = _resolved_lora(lora)
     return Simulation(field=field, x0=x0, t1=t1, solve=options, resolved=resolved)
+
+
+def _resolved_lora(lora: LoRA) -> dict[str, Any]:
+    """A LoRA written out (its drawn factors), as the resolved spec records it."""
+    out = {
+        "target": lora.target,
+        "A": np.asarray(lora.A).tolist(),
+        "B": np.asarray(lora.B).tolist(),
+        "alpha": float(lora.alpha),
+    }
+    out.update({k: v for k, v in (("head", lora.head), ("layer", lora.layer)) if v is not None})
+    return out
 
 
 def _family_weights(table: dict, where: str, dtype, heads: int | None) -> dict[str, jax.Array]:
@@ -500,11 +519,6 @@ def _ffn_table(table, where: str, dtype) -> dict[str, Any]:
 def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
     """A spec with any of `FAMILY_KEYS`: a `TransformerField` (heads, mask, ALiBi, norm,
     feed-forward, `[[layer]]` tables with their start times `t0`)."""
-    if "lora" in spec:
-        raise SpecError(
-            "[lora] applies to the classic fields; a LoRA of the model family (heads, "
-            "masks, norm, layers) is not available in spec files yet"
-        )
     dyn = spec.get("dynamics")
     implied = {None: None, "plain": "none", "sphere": "post"}
     if dyn not in implied:
@@ -563,6 +577,9 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
     d_hint = next((int(W.shape[-1]) for w in per for W in w.values()), None)
     init, x0 = _spec_tokens(spec, dtype, d_hint, f"the weights act on d = {d_hint}")
     d = int(x0.shape[1])
+    lora = None
+    if "lora" in spec:
+        lora = lora_from_table(_table(spec, "lora"), d, dtype, family=True)
     ffn = None
     if ffns[0] is not None:
         tabs = [_ffn_table(f, "" if layers is None else f"[[layer]] {k} ", dtype)
@@ -595,7 +612,9 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
             alpha=spec.get("alpha", 1.0),
             ffn=ffn,
             layer_times=starts[1:],
+            lora=lora,
             d=d,
+            heads=heads,
             dtype=dtype,
             kernel=kernel,
             block=_int(spec.get("block", 1024), "block", 1),
@@ -607,7 +626,9 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
     t1, options = _solve_table(spec, field.on_sphere)
     if starts[-1] >= t1 and len(starts) > 1:
         raise SpecError(f"[[layer]] starting at t0 = {starts[-1]} is not before t1 = {t1}")
-    resolved = {k: v for k, v in spec.items() if k not in ("init", "solve")}
+    resolved = {k: v for k, v in spec.items() if k not in ("init", "solve", "lora")}
+    if lora is not None:
+        resolved["lora"] = _resolved_lora(lora)
     resolved.update(
         norm=norm,
         dtype=dtype_name,

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from .._base import check_int, check_memory, check_positive, coerce, plain_hints
-from .._model import use_blockwise
+from .._model import TARGETS, use_blockwise
 from .._spec import FAMILY_KEYS, Simulation, SpecError, parse_spec
 from .chunks import SweepError
 from .tables import AXES, NEEDS_REFERENCE, SUMMARIES
@@ -83,7 +85,7 @@ def _check_values(key: str, values: list) -> list:
     return AXES[key].check(key, values)
 
 
-def _check_requirements(key: str, spec: dict) -> None:
+def _check_requirements(key: str, spec: dict, family: bool = False) -> None:
     """What the spec must hold for an axis (its `requires`), and the axis's key given
     once (in the spec or in the grid)."""
     axis = AXES[key]
@@ -94,7 +96,11 @@ def _check_requirements(key: str, spec: dict) -> None:
         raise SweepError(
             f"grid {key} needs a random [init] (kind, n, d), but the spec gives explicit x0"
         )
-    if axis.requires in ("lora", "random lora") and not isinstance(lora, dict):
+    if axis.requires in ("family", "family lora") and not family:
+        raise SweepError(
+            f"grid {key} needs a model-family spec (one of {', '.join(sorted(FAMILY_KEYS))})"
+        )
+    if axis.requires in ("lora", "random lora", "family lora") and not isinstance(lora, dict):
         raise SweepError(f"grid {key} needs a [lora] section in the spec")
     if axis.requires == "random lora" and isinstance(lora, dict) and ("A" in lora or "B" in lora):
         raise SweepError(
@@ -107,7 +113,8 @@ def _check_requirements(key: str, spec: dict) -> None:
         raise SweepError(f"{key} is given both at the top level and in [grid]; keep one")
 
 
-def _substitute(spec: dict, assignment: Mapping[str, Any]) -> dict:
+def substitute(spec: dict, assignment: Mapping[str, Any]) -> dict:
+    """`spec` with the grid values `assignment` (`section.key` or top-level keys) set."""
     out = copy.deepcopy(spec)
     for key, value in assignment.items():
         if "." in key:
@@ -212,6 +219,14 @@ class SweepPlan:
     axes: dict
     options: SweepOptions
     first: Simulation = dataclasses.field(repr=False, compare=False)
+    #: `fn(**values) -> field` of a factory sweep (its `field.<name>` axes), else None
+    factory: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def per_point_fields(self) -> bool:
+        """Each point's field is built on its own (a model-family spec or a factory),
+        not set leaf by leaf into one template (the classic fields)."""
+        return self.factory is not None or bool(FAMILY_KEYS & (set(self.spec) | set(self.axes)))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -228,19 +243,41 @@ class SweepPlan:
 
     def point_spec(self, p: int) -> dict:
         """The plain simulation spec of point `p` (what `jaxattn simulate` would run)."""
-        return _substitute(self.spec, self.assignment(p))
+        return substitute(self.spec, self.assignment(p))
 
     def identity(self) -> dict:
-        return {
+        out = {
             "kind": "jaxattn-sweep",
             "spec": self.spec,
             "grid": self.axes,
             "options": self.options.as_dict(),
         }
+        if self.factory is not None:
+            # what can be known of a function: its name, and the field it gives at the
+            # first point (its structure and the bytes of its weights)
+            f = self.factory
+            out["factory"] = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', f)}"
+            out["first_field"] = field_fingerprint(self.first.field)
+        return out
 
 
-def parse_sweep(raw: dict) -> SweepPlan:
-    """Validate a sweep spec: a simulation spec plus `[grid]` (and optional `[sweep]`)."""
+def field_fingerprint(field) -> str:
+    """A digest of a field: its tree structure (static fields included) and every leaf's
+    dtype, shape and bytes."""
+    h = hashlib.sha256(str(jax.tree.structure(field)).encode())
+    for leaf in jax.tree.leaves(field):
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def parse_sweep(raw: dict, factory: Callable[..., Any] | None = None) -> SweepPlan:
+    """Validate a sweep spec: a simulation spec plus `[grid]` (and optional `[sweep]`).
+
+    `factory`: a Python function `fn(**values) -> field` that builds each point's field
+    (any field `simulate` takes) from the grid's `field.<name>` axes; the spec then
+    holds only `[init]`, `[solve]` and `dtype` (the grid may also draw `init.*`)."""
     if not isinstance(raw, dict):
         raise SweepError("a sweep spec must be a table/object")
     spec = {k: v for k, v in raw.items() if k not in ("grid", "sweep")}
@@ -254,22 +291,29 @@ def parse_sweep(raw: dict) -> SweepPlan:
         raise SweepError(f"[grid] must be a table/object, got {type(grid).__name__}")
     if not grid:
         raise SweepError("the grid has no points: [grid] is empty")
+    if factory is not None:
+        return _parse_factory_sweep(raw, spec, grid, factory)
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
         raise SweepError(f"unknown grid key {unknown[0]!r} (allowed: {', '.join(GRID_KEYS)})")
     axes = {k: _check_values(k, _expand(k, v)) for k, v in grid.items()}
+    family = bool(FAMILY_KEYS & (set(spec) | set(axes)))
     for key in axes:
-        _check_requirements(key, spec)
+        _check_requirements(key, spec, family)
+    if not family:
+        bad = [t for t in axes.get("lora.target", []) if t not in TARGETS]
+        if bad:
+            raise SweepError(f"grid lora.target {bad[0]!r}: the classic fields have Q, K, V")
+    norms = axes.get("norm", [])
+    if norms and len({n in SPHERE_NORMS for n in norms}) > 1:
+        raise SweepError(
+            f"grid norm mixes schemes on the sphere ({', '.join(SPHERE_NORMS)}) with free "
+            "ones: their tokens, summaries and solve options differ; sweep them separately"
+        )
     options = SweepOptions.from_table(raw.get("sweep", {}), has_lora="lora" in spec)
     # Every point must be a valid simulation spec: parse the first one fully (the grid
-    # values were checked above, so the others differ only in valid values).
-    family = sorted(FAMILY_KEYS & set(spec))
-    if family:
-        raise SweepError(
-            f"sweeps over the model family ({', '.join(family)}) are not available yet; "
-            "run `jaxattn simulate` on each spec"
-        )
-    first_spec = _substitute(spec, {k: v[0] for k, v in axes.items()})
+    # values were checked above; a model-family point is parsed again when built).
+    first_spec = substitute(spec, {k: v[0] for k, v in axes.items()})
     try:
         sim = parse_spec(first_spec)
     except SpecError as e:
@@ -279,6 +323,83 @@ def parse_sweep(raw: dict) -> SweepPlan:
     plan = SweepPlan(spec=spec, axes=axes, options=options, first=sim)
     _check_sweep_memory(plan)
     return plan
+
+
+#: the normalisation schemes whose tokens live on the unit sphere
+SPHERE_NORMS = ("post", "ngpt")
+#: what a factory sweep's spec may hold besides the grid and the options
+FACTORY_SPEC_KEYS = ("init", "solve", "dtype")
+
+
+def _parse_factory_sweep(raw: dict, spec: dict, grid: dict, factory) -> SweepPlan:
+    if not callable(factory):
+        raise SweepError(f"the field factory must be a function, got {type(factory).__name__}")
+    extra = sorted(set(spec) - set(FACTORY_SPEC_KEYS))
+    if extra:
+        raise SweepError(
+            f"with a field factory the spec holds only {', '.join(FACTORY_SPEC_KEYS)} "
+            f"(the factory builds the field); remove {', '.join(extra)}"
+        )
+    axes = {}
+    for k, v in grid.items():
+        if k.startswith("field.") and len(k) > 6 and k[6:].isidentifier():
+            values = _expand(k, v)
+            if not values:
+                raise SweepError(f"the grid has no points: grid {k} is empty")
+            ok = (bool, int, float, str)
+            if not all(isinstance(x, ok) and not (isinstance(x, float) and not np.isfinite(x))
+                       for x in values):  # fmt: skip
+                raise SweepError(f"grid {k} values must be finite numbers, strings or booleans")
+            axes[k] = list(values)
+        elif k in ("init.seed", "init.scale"):
+            axes[k] = _check_values(k, _expand(k, v))
+            _check_requirements(k, spec)
+        else:
+            raise SweepError(
+                f"grid key {k!r}: a factory sweep's axes are field.<argument> (passed to "
+                "the factory) and init.seed, init.scale"
+            )
+    if not any(k.startswith("field.") for k in axes):
+        axes_names = ", ".join(axes)
+        raise SweepError(
+            f"a factory sweep needs a field.<argument> axis (the grid has {axes_names})"
+        )
+    first = {k[6:]: v[0] for k, v in axes.items() if k.startswith("field.")}
+    field = build_factory_field(factory, first)
+    # divergence/hausdorff (the defaults with a LoRA) compare with the run without it
+    options = SweepOptions.from_table(raw.get("sweep", {}), has_lora=bool(field.loras))
+    first_spec = substitute(spec, {k: v[0] for k, v in axes.items() if k.startswith("init.")})
+    first_spec["dynamics"] = "sphere" if field.on_sphere else "plain"
+    try:
+        sim = parse_spec(first_spec)
+    except SpecError as e:
+        raise SweepError(f"the spec with the grid's first point is invalid: {e}") from None
+    if int(sim.x0.shape[1]) != field.d:
+        raise SweepError(
+            f"the factory's field has d = {field.d} but [init] gives d = {sim.x0.shape[1]}"
+        )
+    if not sim.t1 > 0:
+        raise SweepError("solve t1 must be > 0 in a sweep (nothing to integrate)")
+    sim = dataclasses.replace(sim, field=field)
+    plan = SweepPlan(spec=spec, axes=axes, options=options, first=sim, factory=factory)
+    _check_sweep_memory(plan)
+    return plan
+
+
+def build_factory_field(factory, values: dict):
+    """`factory(**values)`, checked to be a field `simulate` takes (`SweepError`)."""
+    from .._model import AbstractField, AbstractVectorField
+
+    try:
+        field = factory(**values)
+    except (ValueError, TypeError) as e:
+        raise SweepError(f"the field factory refused {values}: {e}") from None
+    if not isinstance(field, (AbstractField, AbstractVectorField)):
+        raise SweepError(
+            f"the field factory returned a {type(field).__name__}, not a field "
+            "(a jaxattn field or an AbstractVectorField)"
+        )
+    return field
 
 
 def _check_sweep_memory(plan: SweepPlan) -> None:

@@ -35,7 +35,7 @@ from .._base import (
     write_json,
     write_npz,
 )
-from .._model import TARGETS, AbstractField, LoRA
+from .._model import TARGETS, AbstractField, AbstractVectorField, LoRA
 from .._simulate import (
     STATUS_MESSAGES,
     STATUS_OK,
@@ -45,9 +45,9 @@ from .._simulate import (
     solve_config,
     solve_one,
 )
-from .._spec import initial_tokens, lora_from_table
+from .._spec import SpecError, initial_tokens, lora_from_table, parse_spec
 from .chunks import MANIFEST, SweepError, resolve_process, run_chunks, sweep_id
-from .grid import SweepPlan, parse_sweep
+from .grid import SweepPlan, build_factory_field, parse_sweep, substitute
 from .sharding import map_sharded, padded_size
 from .tables import AXES, NEEDS_REFERENCE, summary_fn
 
@@ -58,8 +58,8 @@ class _PairField(eqx.Module):
     """The unperturbed and the perturbed field on a stacked state `(2, n, d)`: both runs
     in one solve, so divergence summaries see them at the same times."""
 
-    ref: AbstractField
-    pert: AbstractField
+    ref: AbstractField | AbstractVectorField
+    pert: AbstractField | AbstractVectorField
 
     @property
     def dynamics(self):
@@ -74,12 +74,13 @@ class _PairField(eqx.Module):
 
 
 def _solve_config(
-    solve: SolveOptions, sphere: bool, t1: float, save_points: int, save_fn, dtype
+    solve: SolveOptions, sphere: bool, t1: float, save_points: int, save_fn, dtype, jumps=()
 ) -> tuple[SolveConfig, np.ndarray]:
     """The traced configuration of one point's solve (resolved by `simulate`'s own rules,
-    `SolveOptions.resolve`) and its save times: the spec's `ts`, else `save_points` times
-    (every k-th step of a fixed grid, so that they lie exactly on it)."""
-    stepping = solve.resolve(0.0, t1, dtype, sphere=sphere)
+    `SolveOptions.resolve`, with the field's `jumps` as steps) and its save times: the
+    spec's `ts`, else `save_points` times (every k-th step of a fixed grid, so that they
+    lie exactly on it)."""
+    stepping = solve.resolve(0.0, t1, dtype, sphere=sphere, jumps=jumps)
     if solve.ts is not None:
         ts = np.asarray(solve.ts, np.float64)
     elif stepping.grid is not None:
@@ -142,7 +143,7 @@ class _PointBuilder:
         self.dtype = self.sim0.x0.dtype
         self.d = int(self.sim0.x0.shape[1])
         self.targets = _lora_slot_targets(plan)
-        axes_of = lambda match: _Part(plan, [k for k in plan.axes if match(AXES[k])])
+        axes_of = lambda match: _Part(plan, [k for k in plan.axes if k in AXES and match(AXES[k])])
         self.init = axes_of(lambda a: a.part == "init")
         self.lora_part = axes_of(lambda a: a.part == "lora")
         self.leaves = {
@@ -366,6 +367,11 @@ class _Program:
         ys, status, _, _ = self._solve_span(Members(field, axes, 1, 0), y0, self.ref_cfg, 1)
         return {"tokens": ys, "status": status}
 
+    def computer(self, devices: list, log) -> tuple[Callable, int]:
+        """The chunk engine's `compute(indices)` and the number of devices it uses."""
+        solve, ref_solve = self.compile(devices)
+        return _chunk_computer(self, solve, ref_solve, log), len(solve.devices)
+
     def compile(self, devices: list) -> tuple:
         """The sharded chunk solve and reference solve, kept for the process, keyed by
         everything they close over (the sweep's identity) and the devices: a second sweep
@@ -393,6 +399,150 @@ class _Program:
                 _SOLVES.clear()
             solves = _SOLVES[key] = (solve, ref_solve)
         return solves
+
+
+class _FieldProgram:
+    """A sweep whose points each build their own field — a model-family spec (each point
+    parsed from its spec) or a Python factory (`fn(**field values)`) — where the grid may
+    change what a compiled program fixes (a normalisation scheme, a LoRA's head or
+    layer, a factory's number of heads). A chunk's points are grouped by the structure
+    of their field (its static part and its leaves' shapes): each group is one vmapped,
+    stacked solve, compiled once per structure; with a reference summary each point is
+    solved beside its run without LoRA (`_PairField`)."""
+
+    def __init__(self, plan: SweepPlan, builder: _PointBuilder):
+        sim0 = plan.first
+        self.plan, self.builder = plan, builder
+        self.sphere = sphere = sim0.field.on_sphere
+        self.jumps = tuple(getattr(sim0.field, "jump_times", ()))
+        self.names = names = list(plan.options.names)
+        self.pair = pair = plan.options.pair
+        self.cfg, self.ts = _solve_config(
+            sim0.solve,
+            sphere,
+            sim0.t1,
+            plan.options.save_points,
+            summary_fn(names, plan.options.cluster_threshold, sphere, pair),
+            builder.dtype,
+            self.jumps,
+        )
+        self.ts_arr = jnp.asarray(self.ts, builder.dtype)
+        self.t1 = sim0.t1
+        keys = [k for k in plan.axes if not (k in AXES and AXES[k].part == "init")]
+        self.field_part = _Part(plan, keys)
+        self._fields: dict[int, Any] = {}
+        self._solves: dict = {}
+
+    def field(self, c: int):
+        """The field of combination `c` of the non-initial-condition axes (built once)."""
+        if c not in self._fields:
+            values = self.field_part.values(c)
+            if self.plan.factory is not None:
+                f = build_factory_field(self.plan.factory, {k[6:]: v for k, v in values.items()})
+            else:
+                spec = substitute(self.plan.spec, values)
+                try:
+                    f = parse_spec(spec).field
+                except SpecError as e:
+                    raise SweepError(f"grid point {values}: {e}") from None
+            self._check(f, values)
+            if len(self._fields) >= 4096:
+                self._fields.clear()
+            self._fields[c] = f
+        return self._fields[c]
+
+    def _check(self, f, values) -> None:
+        f0 = self.plan.first.field
+        for what, a, b in (
+            ("d", f.d, f0.d),
+            ("on_sphere", f.on_sphere, f0.on_sphere),
+            ("jump_times", tuple(getattr(f, "jump_times", ())), self.jumps),
+            ("LoRA batch shape", f.batch_shape, ()),
+        ):
+            if a != b:
+                raise SweepError(
+                    f"grid point {values} gives a field with {what} = {a}, the first point "
+                    f"{b}: a sweep's points share these"
+                )
+        if self.pair and not f.loras:
+            raise SweepError(f"grid point {values}: its field has no LoRA to compare without")
+
+    @staticmethod
+    def _structure(f) -> tuple:
+        leaves, tree = jax.tree.flatten(f)
+        return (tree, tuple((jnp.shape(x), jnp.asarray(x).dtype) for x in leaves))
+
+    def _point(self, static, dyn, x0):
+        """One group's stacked solve: `dyn` the fields' arrays (leading point axis)."""
+        field = eqx.combine(dyn, static)
+        axes = jax.tree.map(lambda _: 0, dyn)
+        y0 = unit_rows(x0) if self.sphere else x0
+        if self.pair:
+            field = _PairField(field.without_lora(), field)
+            axes = _PairField(eqx.tree_at(lambda f: f.loras, axes, ()), axes)
+            y0 = jnp.stack([y0, y0], axis=-3)
+        if self.cfg.stacked:
+            dt, t_end = self.builder.dtype, self.t1
+            ys, status, steps, _ = solve_one(
+                Members(field, axes, 1, 0),
+                y0,
+                jnp.asarray(0.0, dt),
+                jnp.asarray(t_end, dt),
+                None,
+                self.ts_arr,
+                self.cfg,
+                members=1,
+            )
+        else:
+            one = lambda f, y: solve_one(
+                f,
+                y,
+                jnp.asarray(0.0, y.dtype),
+                jnp.asarray(self.t1, y.dtype),
+                None,
+                self.ts_arr,
+                self.cfg,
+            )
+            ys, status, steps, _ = eqx.filter_vmap(one, in_axes=(axes, 0))(field, y0)
+        return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
+
+    def computer(self, devices: list, log) -> tuple[Callable, int]:
+        batch = self.plan.options.batch
+        assert batch is not None  # set by SweepOptions.from_table
+        chunk = self.plan.options.chunk
+        builder = self.builder
+
+        def solve_for(key, static):
+            if key not in self._solves:
+                if log and self._solves:
+                    log(f"sweep: a new field structure ({len(self._solves) + 1}): compiling")
+                fn = lambda dyn, x0: self._point(static, dyn, x0)
+                self._solves[key] = map_sharded(fn, devices, batch=batch, batched=True)
+            return self._solves[key]
+
+        def compute(indices):
+            combos = self.field_part.index(indices)
+            x0 = builder._table("x0")[builder.init.index(indices)]
+            groups: dict = {}
+            for i, c in enumerate(combos):
+                groups.setdefault(self._structure(self.field(int(c))), []).append(i)
+            out: dict[str, np.ndarray] = {}
+            for key, pos in groups.items():
+                # a short group is padded (repeating its last point) to a power of two
+                size = padded_size(len(pos), chunk)
+                idx = np.asarray(pos + [pos[-1]] * (size - len(pos)))
+                fields = [self.field(int(combos[i])) for i in idx]
+                parts = [eqx.partition(f, eqx.is_array) for f in fields]
+                dyn = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]),
+                                   *[p[0] for p in parts])  # fmt: skip
+                res = solve_for(key, parts[0][1])(dyn, x0[idx])
+                for k, v in res.items():
+                    if k not in out:
+                        out[k] = np.empty((indices.size,) + v.shape[1:], v.dtype)
+                    out[k][np.asarray(pos)] = v[: len(pos)]
+            return out
+
+        return compute, len(list(devices))
 
 
 def _chunk_computer(program: _Program, solve, ref_solve, log):
@@ -433,6 +583,7 @@ def sweep(
     process_count: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
     force: bool = False,
+    factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run the grid of a sweep spec; write `out_dir/result.npz`, `summary.json` and the
     figure `sweep.png` (each scalar summary against t, per value of the first axis).
@@ -448,6 +599,15 @@ def sweep(
     - `force`: allow a folder that holds a `summary.json`, `sweep.png` or `result.npz`
       this sweep did not write (they are replaced at the end); without it such a folder
       is refused, so no file of the user's is lost.
+    - `factory`: a function `fn(**values) -> field` building each point's field from
+      the grid's `field.<argument>` axes (any field `simulate` takes, e.g. a
+      `TransformerField` or an `AbstractVectorField` of the user's); the spec then holds
+      only `[init]`, `[solve]` and `dtype`. Points whose fields differ in structure
+      (static options, shapes) are compiled once per structure.
+
+    A model-family spec (heads, mask, alibi, norm, …) sweeps too, over the axes of the
+    classic ones and `norm`, `alibi` (one slope for every head), `alpha`, `lora.head`,
+    `lora.layer` (and `lora.target` O, W1, W2).
 
     While it runs, the sweep holds a lock on `out_dir` (one per process index): a second
     sweep into the same folder fails at once with a message naming the holder.
@@ -457,9 +617,10 @@ def sweep(
     `grid_<key>` with each axis's values; None when other processes still have chunks
     to finish (the last process to finish writes the result).
     """
-    plan = spec if isinstance(spec, SweepPlan) else parse_sweep(spec)
+    plan = spec if isinstance(spec, SweepPlan) else parse_sweep(spec, factory)
     pi, pc = resolve_process(process_index, process_count)
-    program = _Program(plan, _PointBuilder(plan))
+    builder = _PointBuilder(plan)
+    program = (_FieldProgram if plan.per_point_fields else _Program)(plan, builder)
     # Refusals that the folder's contents decide come before the folder and its lock
     # are created, so a refused run leaves nothing behind; they are checked again
     # under the lock (another run may have written in between).
@@ -473,7 +634,7 @@ def sweep(
         )
 
 
-def _check_folder(program: _Program, out_dir: str, force: bool) -> None:
+def _check_folder(program: _Program | _FieldProgram, out_dir: str, force: bool) -> None:
     """Files of the user's, or another sweep's result, in `out_dir`: `SweepError`."""
     _check_foreign_files(out_dir, force)
     if not force:
@@ -498,14 +659,14 @@ def _sweep_locked(
     _check_folder(program, out_dir, force)
     remove_stale_temporaries(out_dir)
     devices = list(jax.local_devices() if devices is None else devices)
-    solve, ref_solve = program.compile(devices)
+    compute, n_devices = program.computer(devices, log)
     ts, names = program.ts, program.names
     identity = {**plan.identity(), "ts": ts}
     if log:
         log(
             f"sweep: {plan.n_points} points "
             f"({' × '.join(f'{k} {len(v)}' for k, v in plan.axes.items())}), "
-            f"chunks of {plan.options.chunk}, {len(solve.devices)} device(s), "
+            f"chunks of {plan.options.chunk}, {n_devices} device(s), "
             f"summaries {', '.join(names)} at {ts.size} times"
         )
     t_start = time.perf_counter()
@@ -514,7 +675,7 @@ def _sweep_locked(
         identity,
         plan.n_points,
         plan.options.chunk,
-        _chunk_computer(program, solve, ref_solve, log),
+        compute,
         progress=progress,
         log=log,
         desc="sweep",
@@ -527,7 +688,7 @@ def _sweep_locked(
             log("sweep: this process is done; other processes still have chunks to finish")
         return None
     result = _assemble(plan, flat, ts, names)
-    _write_outputs(plan, out_dir, result, identity, names, len(solve.devices), t_start, log)
+    _write_outputs(plan, out_dir, result, identity, names, n_devices, t_start, log)
     return result
 
 

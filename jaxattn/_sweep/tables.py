@@ -20,7 +20,7 @@ import numpy as np
 
 from .._analysis import cluster_count, divergence, hausdorff, pairwise_distances
 from .._base import SEED_MAX
-from .._model import TARGETS
+from .._model import FAMILY_TARGETS, NORMS
 from .chunks import SweepError
 
 
@@ -51,11 +51,27 @@ def _numbers(*, minimum: float | None = None, positive: bool = False):
     return check
 
 
-def _targets(key: str, values: list) -> list:
-    bad = [v for v in values if v not in TARGETS]
-    if bad:
-        raise SweepError(f"grid {key} values must be Q, K or V, got {bad[0]!r}")
-    return list(values)
+def _choices(options: tuple[str, ...]):
+    def check(key: str, values: list) -> list:
+        bad = [v for v in values if v not in options]
+        if bad:
+            raise SweepError(
+                f"grid {key} values must be one of {', '.join(options)}, got {bad[0]!r}"
+            )
+        return list(values)
+
+    return check
+
+
+_targets = _choices(FAMILY_TARGETS)  # a classic field's Q, K, V: checked by `parse_sweep`
+
+
+def _indices(key: str, values: list) -> list:
+    if not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise SweepError(f"grid {key} values must be integers ≥ 0")
+    return [int(v) for v in values]
 
 
 # ---------------------------------------------------------------------------- the axes
@@ -67,10 +83,12 @@ class Axis:
     - `check(key, values) -> values`: the values, checked (`SweepError`) and normalised.
     - `part`: what of a point it changes: `"init"` (the initial tokens, drawn from the
       spec's `[init]` with this value), `"lora"` (the LoRA, built from `[lora]` with this
-      value) or `"field"` (the field leaf named `leaf`, set per point).
+      value), `"field"` (the field leaf named `leaf`, set per point) or `"family"` (a key
+      of a model-family spec: each point's field is built from its spec).
     - `requires`: what the spec must hold: `"lora"` (a `[lora]` table), `"random lora"`
-      (a `[lora]` drawn from rank/norm/seed, not explicit A, B) or `"random init"` (an
-      `[init]` drawn from kind/n/d, not explicit x0).
+      (a `[lora]` drawn from rank/norm/seed, not explicit A, B), `"random init"` (an
+      `[init]` drawn from kind/n/d, not explicit x0) or `"family"` (a model-family spec;
+      `"family lora"`: and a `[lora]` table).
     - `keys_reference` (derived): the unperturbed reference runs differ along this axis.
       The reference is the point's run without its LoRA, so every axis but a LoRA's
       keys it.
@@ -105,6 +123,11 @@ AXES: dict[str, Axis] = {a.key: a for a in (
     Axis("lora.seed",   _seeds,                  "lora",  None,   "random lora"),
     Axis("lora.target", _targets,                "lora",  None,   "lora"),
     Axis("lora.alpha",  _numbers(positive=True), "lora",  None,   "lora"),
+    Axis("lora.head",   _indices,                "lora",  None,   "family lora"),
+    Axis("lora.layer",  _indices,                "lora",  None,   "family lora"),
+    Axis("norm",        _choices(NORMS),         "family", None,  "family"),
+    Axis("alibi",       _numbers(minimum=0.0),   "family", None,  "family"),
+    Axis("alpha",       _numbers(positive=True), "family", None,  "family"),
 )}
 # fmt: on
 
