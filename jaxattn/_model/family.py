@@ -631,7 +631,11 @@ class TransformerField(AbstractVectorField):
         `A_h = Q_hᵀ K_h` of every layer and head when the heads are not narrower than d
         (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes one n×d×d product instead of
         two); None for narrow heads."""
-        f = self.merged()
+        # the merged field without its (now empty) tuple of LoRAs: diffrax's
+        # BacksolveAdjoint fails on an empty tuple among the arguments it differentiates
+        f = eqx.tree_at(
+            lambda g: g.loras, self.merged(), None, is_leaf=lambda x: isinstance(x, tuple) and not x
+        )
         if f.Q.shape[-2] < f.Q.shape[-1]:
             return f, None
         return f, jnp.swapaxes(f.Q, -1, -2) @ f.K

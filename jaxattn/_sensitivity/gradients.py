@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._base import Array, ArrayLike, Float, check_choice
-from .._model import AbstractField
+from .._model import AbstractField, TransformerField
 from .._simulate import ADJOINTS, STATUS_MESSAGES, SolveOptions, simulate
 
 OBJECTIVES = ("mean_sq", "squared_distance")
@@ -61,7 +61,9 @@ def check_objective(objective: str) -> str:
 
 
 # --------------------------------------------------------------------------- parameters
-def field_params(field: AbstractField, x0: Float[ArrayLike, "n d"]) -> dict[str, Array]:
+def field_params(
+    field: AbstractField | TransformerField, x0: Float[ArrayLike, "n d"]
+) -> dict[str, Array]:
     """The differentiable inputs of a run as a flat dict: `Q, K, V, beta, x0` and, for a
     field with exactly one LoRA, `lora_A`, `lora_B`."""
     p = {
@@ -77,7 +79,9 @@ def field_params(field: AbstractField, x0: Float[ArrayLike, "n d"]) -> dict[str,
     return p
 
 
-def with_params(field: AbstractField, p: dict[str, Array]) -> AbstractField:
+def with_params(
+    field: AbstractField | TransformerField, p: dict[str, Array]
+) -> AbstractField | TransformerField:
     """`field` with the weights named in `p` replaced (works on tracers: no checks)."""
     names = [k for k in ("Q", "K", "V", "beta") if k in p]
     if names:
@@ -89,7 +93,7 @@ def with_params(field: AbstractField, p: dict[str, Array]) -> AbstractField:
     return field
 
 
-def _strip_lora(field: AbstractField) -> AbstractField:
+def _strip_lora(field: AbstractField | TransformerField) -> AbstractField | TransformerField:
     return field.with_lora(None)
 
 
@@ -102,7 +106,7 @@ def solve_options(
     return SolveOptions.of(solve, ts=None, progress=False, adjoint=adjoint, checkpoints=checkpoints)
 
 
-def final_state(field: AbstractField, x0, t1: float, **solve_kw):
+def final_state(field: AbstractField | TransformerField, x0, t1: float, **solve_kw):
     """`(x(t1), status)` of one run, saving only the final time.
 
     Saving only `t1` (`SaveAt(ts=[t1])`) keeps reverse-mode memory at the checkpoints
@@ -124,7 +128,7 @@ class Gradient:
     objective: str
 
 
-def _check_wrt(wrt, field: AbstractField) -> tuple[str, ...]:
+def _check_wrt(wrt, field: AbstractField | TransformerField) -> tuple[str, ...]:
     if isinstance(wrt, str):
         wrt = (wrt,)
     # The canonical spelling of each name: "q" means Q, "BETA" beta.
@@ -142,7 +146,7 @@ def _check_wrt(wrt, field: AbstractField) -> tuple[str, ...]:
 
 
 def objective_fn(
-    field: AbstractField,
+    field: AbstractField | TransformerField,
     t1: float,
     objective: str | Callable = "mean_sq",
     *,
@@ -180,7 +184,7 @@ def objective_fn(
 
 
 def value_and_grad(
-    field: AbstractField,
+    field: AbstractField | TransformerField,
     x0: Float[ArrayLike, "n d"],
     t1: float,
     objective: str | Callable = "mean_sq",
@@ -195,7 +199,9 @@ def value_and_grad(
 
     **Arguments:**
 
-    - `field`, `x0 (n, d)`, `t1`: as for `simulate` (single run, no batches).
+    - `field`, `x0 (n, d)`, `t1`: as for `simulate` (single run, no batches); a classic
+      field or a `TransformerField` (whose `Q, K, V` gradients have its weights' shapes,
+      `(L, H, ·, d)`).
     - `objective`: `"mean_sq"`, `"squared_distance"` (`½ Σ_i |x_i − x̃_i|²`; old name
       `"divergence"`) or a callable of `x(t1)` (see `objective_fn`).
     - `adjoint`: `"checkpoint"` (reverse mode, diffrax recursive checkpointing with
@@ -212,8 +218,12 @@ def value_and_grad(
     For sphere dynamics `simulate` normalises `x0`; `grads["x0"]` differentiates through
     that normalisation (it is orthogonal to each `x0_i`).
     """
-    if not isinstance(field, AbstractField):
-        raise TypeError(f"field must be a jaxattn field, got {type(field).__name__}")
+    if not isinstance(field, (AbstractField, TransformerField)):
+        raise TypeError(
+            f"field must be a jaxattn field (its Q, K, V, beta are the parameters), got "
+            f"{type(field).__name__}: differentiate your own field with jax.grad through "
+            "simulate"
+        )
     if field.batch_shape:
         raise ValueError("gradients take a single field, not a stacked LoRA batch")
     x0 = jnp.asarray(x0, field.V.dtype)

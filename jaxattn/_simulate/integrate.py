@@ -35,6 +35,7 @@ from .._model import (
     AbstractField,
     AbstractVectorField,
     LoRA,
+    TransformerField,
     exact_row_max,
     expm,
     unit_rows,
@@ -488,12 +489,13 @@ def simulate(
             _check_usa_overflow(field, x0, dtype)
         if jnp.dtype(dtype) == jnp.float32 and not field.on_sphere:
             _warn_float32_resolution(field, t0, t1)
-        if opts.backsolve and not field.loras:
-            # diffrax's BacksolveAdjoint fails on an empty tuple of LoRAs among the
-            # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V
-            # (the same vector field, the same gradients).
-            z = jnp.zeros((1, field.d), field.V.dtype)
-            field = eqx.tree_at(lambda f: f.loras, field, (LoRA(z, z.T, 1.0, "V"),))
+    if opts.backsolve and isinstance(field, (AbstractField, TransformerField)) and not field.loras:
+        # diffrax's BacksolveAdjoint fails on an empty tuple of LoRAs among the
+        # differentiated leaves: give such a field an exactly-zero rank-1 LoRA on V
+        # (the same vector field, the same gradients).
+        V = field.V
+        a, b = jnp.zeros((1, V.shape[-1]), V.dtype), jnp.zeros((V.shape[-2], 1), V.dtype)
+        field = eqx.tree_at(lambda f: f.loras, field, (LoRA(a, b, 1.0, "V"),))
     n_out = stepping.out_times.size
     _check_solve_memory(field, x0, n_out, summary is None, dtype)
     if t1 == t0:
