@@ -516,6 +516,26 @@ def test_a_family_spec_builds_the_field_its_keys_name():
             np.asarray(sim.field(t, sim.x0)), np.asarray(ref(t, sim.x0)), rtol=0, atol=1e-15
         )
     assert sim.resolved["norm"] == "peri" and len(sim.resolved["init"]["x0"]) == 5
+    # the classic dynamics as members; mix-LN and the LayerNorm's options as keys
+    x0 = sim.x0
+    for dyn, kw in (("usa", dict(norm="post", normalised=False)), ("rescaled", dict(frame="z"))):
+        s = parse_spec({"dynamics": dyn, "alibi": 0.2, "init": _SPEC["init"], "solve": {"t1": 1}})
+        ref = TransformerField(d=3, alibi=0.2, **kw)
+        np.testing.assert_allclose(
+            np.asarray(s.field(0.3, x0)), np.asarray(ref(0.3, x0)), atol=1e-15
+        )
+    mix = {"norm": ["post", "pre"], "ln_gain": [[1.0, 2.0, 3.0]] * 2, "centre": True}
+    s = parse_spec(_SPEC | mix)
+    ref = TransformerField(
+        Q,
+        beta=1.5,
+        alibi=[0.4, 0.0],
+        ffn=ffn,
+        layer_times=[0.4],
+        **(mix | {"norm": ("post", "pre")}),
+    )
+    for t in (0.1, 0.7):
+        np.testing.assert_allclose(np.asarray(s.field(t, x0)), np.asarray(ref(t, x0)), atol=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -527,9 +547,13 @@ def test_a_family_spec_builds_the_field_its_keys_name():
         ({"alibi": [0.4, 0.0, 0.1]}, "one slope per head"),
         ({"heads": 3}, "has 2 head"),
         ({"alpha": 0.5}, "nGPT's step scale"),
-        ({"dynamics": "rescaled"}, "no member in the model family"),
+        ({"dynamics": "rescaled"}, "dynamics rescaled is norm = 'none'"),
         ({"dynamics": "sphere"}, "dynamics sphere is norm = 'post'"),
-        ({"lora": {"rank": 1, "norm": 0.1}}, "LoRA of the model family"),
+        ({"lora": {"rank": 1, "norm": 0.1, "head": 2}}, "lora head 2 is not one of"),
+        ({"norm": ["peri"]}, "needs 2 scheme"),
+        ({"centre": 1}, "centre must be true or false"),
+        ({"ln_gain": [1.0, 2.0]}, "ln_gain must be"),
+        ({"frame": "z"}, "frame 'z'"),
         ({"Q": _EYE}, "the weights go in the layers"),
         ({"layer": [dict(_SPEC["layer"][0], W=1)]}, "unknown key in \\[\\[layer\\]\\] 0"),
     ],
@@ -701,3 +725,38 @@ def test_the_gradient_tool_takes_a_family_member():
     assert abs(back.grads["beta"] - rev.grads["beta"]) < 1e-5 * max(1.0, abs(rev.grads["beta"]))
     with unchecked(), pytest.raises(TypeError, match=r"your own field with jax\.grad"):
         ja.objective_value_and_grad(_SwitchedV(jnp.eye(3), jnp.eye(3)), x0, 1.0)
+
+
+def test_the_rescaled_frame_member_with_masks_and_heads():
+    """frame 'z': one head is `RescaledField` step for step; two heads sharing V with a
+    causal ALiBi mask, mapped back by `Solution.to_x`, are the x-frame solve (RK4 in two
+    frames: O(dt⁴) apart, 1e-8 at dt = 0.01 here); what has no rescaled frame is refused."""
+    rng = np.random.default_rng(41)
+    Q, K = rng.normal(size=(2, 3, 3))
+    V = 0.5 * rng.normal(size=(3, 3))
+    x0 = jnp.asarray(rng.normal(size=(6, 3)))
+    one = TransformerField(Q, K, V, beta=1.0, frame="z")
+    classic = ja.make_field("rescaled", Q, K, V, beta=1.0)
+    np.testing.assert_allclose(
+        np.asarray(ja.simulate(one, x0, 2.0, dt=0.05).xs),
+        np.asarray(ja.simulate(classic, x0, 2.0, dt=0.05).xs),
+        rtol=0,
+        atol=1e-13,
+    )
+    Qh, Kh = np.stack([Q, K]), np.stack([K, Q])
+    Vh = np.stack([V, V])
+    z = TransformerField(Qh, Kh, Vh, beta=1.0, alibi=[0.3, 0.0], frame="z")
+    x = TransformerField(Qh, Kh, Vh, beta=1.0, alibi=[0.3, 0.0])
+    sol = ja.simulate(z, x0, 2.0, dt=0.01)
+    assert sol.frame == "z"
+    np.testing.assert_allclose(
+        np.asarray(sol.to_x(z)), np.asarray(ja.simulate(x, x0, 2.0, dt=0.01).xs), atol=1e-8
+    )
+    for kw, match in (
+        (dict(norm="pre"), "needs 'none'"),
+        (dict(V=np.stack([V, 2 * V])), "different V per head"),
+        (dict(lora=ja.LoRA(np.ones((1, 3)), np.ones((3, 1)), 1.0, "V", head=0)), "head=None"),
+    ):
+        args = dict(Q=Qh, K=Kh, V=Vh, frame="z") | kw
+        with pytest.raises(ValueError, match=match):
+            TransformerField(**args)

@@ -606,18 +606,18 @@ def test_wrt_in_any_case_gives_the_canonical_gradient():
 NON_NORMAL_V = [[1.0, 0.5], [0.0, 0.5]]
 
 
-def test_exponential_shift_is_the_spectral_abscissa():
+def testexponential_shift_is_the_spectral_abscissa():
     import jax.numpy as jnp
 
-    from jaxattn._model.fields import _exponential_shift
+    from jaxattn._model.fields import exponential_shift
 
     rng = np.random.default_rng(0)
     for V in (np.asarray(NON_NORMAL_V), rng.normal(size=(4, 4)), rng.normal(size=(3, 3))):
         want = np.max(np.linalg.eigvals(V).real)
-        assert abs(float(_exponential_shift(jnp.asarray(V))) - want) < 1e-12
+        assert abs(float(exponential_shift(jnp.asarray(V))) - want) < 1e-12
     S = rng.normal(size=(4, 4))
     S = S + S.T
-    assert float(_exponential_shift(jnp.asarray(S))) == float(jnp.linalg.eigvalsh(S)[-1])
+    assert float(exponential_shift(jnp.asarray(S))) == float(jnp.linalg.eigvalsh(S)[-1])
 
 
 def test_float32_non_normal_v_keeps_the_float64_clustering_and_warns():

@@ -69,7 +69,7 @@ from .._base import (
     check_positive,
 )
 from .attention import KERNELS, attend
-from .fields import tangent
+from .fields import expm, exponential_shift, tangent
 from .lora import LoRA, lora_tuple
 
 NORMS = ("none", "post", "pre", "peri", "ngpt")
@@ -240,6 +240,12 @@ class TransformerField(AbstractVectorField):
       `√d`, so its gain enters as `ln_gain = √d · γ`. Not for `norm="none"`.
     - `normalised`: `True` (softmax attention) or `False` (the unnormalised weights
       `exp(β⟨Q y_i, K y_j⟩)/n` of USA; with `norm="post"` this is the USA field).
+    - `frame`: `"x"` (the state is the tokens) or `"z"`: the rescaled variable
+      `z = e^{−tV} x` of the plain dynamics (`norm="none"`, one layer, no output maps or
+      feed-forward term, one V shared by the heads), in which
+      `ż_i = V((1/H) Σ_h Σ_j P^h_ij z_j − z_i)` with `P^h` computed from `x = e^{tV} z`
+      (docs/theory.md, 'Rescaled dynamics'): clusters stay at bounded positions.
+      `Solution.to_x` maps back.
     - `ffn`: a `FeedForward` or `None`.
     - `lora`: a `LoRA` or a sequence of them on `"Q"`, `"K"`, `"V"`, `"O"` (of the head
       `lora.head` and the layer `lora.layer`; `None`: all of them) or on the
@@ -263,6 +269,7 @@ class TransformerField(AbstractVectorField):
     norm: str | tuple[str, ...] = eqx.field(static=True)
     centre: bool = eqx.field(static=True)
     normalised: bool = eqx.field(static=True)
+    frame: str = eqx.field(static=True)
     mask: str = eqx.field(static=True)
     layer_times: tuple[float, ...] = eqx.field(static=True)
     kernel: str = eqx.field(static=True)
@@ -287,6 +294,7 @@ class TransformerField(AbstractVectorField):
         ln_bias=None,
         centre: bool = False,
         normalised: bool = True,
+        frame: str = "x",
         lora: LoRA | Sequence[LoRA] | None = None,
         layer_times: Sequence[float] | None = None,
         d: int | None = None,
@@ -415,6 +423,9 @@ class TransformerField(AbstractVectorField):
                 f"attention kernel {kernel!r} computes a softmax; unnormalised weights "
                 "need dense, blockwise or auto"
             )
+        self.frame = check_choice(frame, "frame", ("x", "z"))
+        if frame == "z":
+            self._check_rescaled()
         self.loras = self._checked_loras(lora)
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"attention block must be a positive integer, got {block!r}")
@@ -441,6 +452,36 @@ class TransformerField(AbstractVectorField):
             raise ValueError(f"{name} must be ({d},) or ({L}, {d}), got {tuple(w.shape)}")
         return w
 
+    def _check_rescaled(self) -> None:
+        why = []
+        if self.norm != "none":
+            why.append(f"norm = {self.norm!r} (it needs 'none')")
+        if self.O is not None or self.ffn is not None:
+            why.append("output maps or a feed-forward term")
+        if self.layers > 1:
+            why.append(f"{self.layers} layers")
+        V = self.V
+        if V.shape[-2] != V.shape[-1]:
+            why.append("a V that is not d×d")
+        elif not isinstance(V, Tracer) and not bool(jnp.all(V == V[:, :1])):
+            why.append("a different V per head")
+        if why:
+            raise ValueError(
+                "frame 'z' (z = e^{−tV} x) is the plain dynamics with one V shared by the "
+                f"heads; this field has {', '.join(why)}"
+            )
+
+    def weight(self, name: str) -> Array:
+        """The shared `V` of a frame-`"z"` field with its LoRAs (`*batch, d, d`): what
+        defines the frame (`Solution.to_x`)."""
+        if name != "V" or self.frame != "z":
+            raise ValueError("weight('V') is the shared V of a field in frame 'z'")
+        V = self.V[0, 0]
+        for lo in self.loras:
+            if lo.target == "V":
+                V = lo.merged(V)
+        return V
+
     def _weight(self, target: str) -> Array:
         """The frozen weight a LoRA on `target` perturbs: `(L', H, out, in)` for the
         attention weights, `(L', out, in)` for the feed-forward ones."""
@@ -463,6 +504,8 @@ class TransformerField(AbstractVectorField):
                 raise ValueError(f"lora head {lo.head} is not one of the {self.heads} head(s)")
             if lo.layer is not None and lo.layer >= self.layers:
                 raise ValueError(f"lora layer {lo.layer} is not one of the {self.layers} layer(s)")
+            if self.frame == "z" and target == "V" and lo.head is not None:
+                raise ValueError("in frame 'z' the heads share V: a LoRA on V takes head=None")
             rows, cols = self._weight(target).shape[-2:]
             if lo.A.shape[-1] != cols or lo.B.shape[-2] != rows:
                 raise ValueError(
@@ -590,7 +633,11 @@ class TransformerField(AbstractVectorField):
     @property
     def dynamics(self) -> str:
         name = self.norm if isinstance(self.norm, str) else "mix(" + ",".join(self.norm) + ")"
-        return f"family/{name}" + ("" if self.normalised else "/unnormalised")
+        return (
+            f"family/{name}"
+            + ("" if self.normalised else "/unnormalised")
+            + ("/rescaled" if self.frame == "z" else "")
+        )
 
     @property
     def on_sphere(self) -> bool:
@@ -626,25 +673,33 @@ class TransformerField(AbstractVectorField):
     def _at(W, layer):
         return W[0] if W.shape[0] == 1 else W[layer]
 
-    def solve_args(self) -> tuple[TransformerField, Float[Array, "L H d d"] | None]:
+    def solve_args(self) -> tuple:
         """Per solve: the field with its LoRAs merged (`merged`), and the logit matrices
         `A_h = Q_hᵀ K_h` of every layer and head when the heads are not narrower than d
         (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes one n×d×d product instead of
-        two); None for narrow heads."""
+        two); None for narrow heads. In frame `"z"`, also `(c, V − cI)`."""
         # the merged field without its (now empty) tuple of LoRAs: diffrax's
         # BacksolveAdjoint fails on an empty tuple among the arguments it differentiates
         f = eqx.tree_at(
             lambda g: g.loras, self.merged(), None, is_leaf=lambda x: isinstance(x, tuple) and not x
         )
-        if f.Q.shape[-2] < f.Q.shape[-1]:
-            return f, None
-        return f, jnp.swapaxes(f.Q, -1, -2) @ f.K
+        A = None if f.Q.shape[-2] < f.Q.shape[-1] else jnp.swapaxes(f.Q, -1, -2) @ f.K
+        if self.frame == "x":
+            return f, A
+        # the rescaled frame: the shift c (spectral abscissa of V) and V − cI, per solve
+        V = f.V[0, 0]
+        c = jax.lax.stop_gradient(exponential_shift(V))
+        return f, A, (c, V - c * jnp.eye(V.shape[-1], dtype=V.dtype))
 
-    def _attention(self, layer, y: Float[Array, "n d"], A) -> Float[Array, "n d"]:
-        """The heads' attention outputs at `layer` (weights already merged)."""
+    def _attention(
+        self, layer, y: Float[Array, "n d"], A, x=None, log_scale=0.0
+    ) -> Float[Array, "n d"]:
+        """The heads' attention outputs at `layer` (weights already merged): values from
+        `y`, logits from `x` (default `y`) scaled by `e^{log_scale}`."""
+        x = y if x is None else x
         if A is None:
             Q, K = (self._at(W, layer) for W in (self.Q, self.K))
-        else:  # queries y A_h against the keys y themselves (K is not read)
+        else:  # queries x A_h against the keys x themselves (K is not read)
             Q = K = jnp.swapaxes(self._at(A, layer), -1, -2)
         V = self._at(self.V, layer)
         causal = self.mask == "causal"
@@ -652,10 +707,11 @@ class TransformerField(AbstractVectorField):
 
         def head(Qh, Kh, Vh, lam):
             return attend(
-                y @ Qh.T,
-                y if shared_keys else y @ Kh.T,
+                x @ Qh.T,
+                x if shared_keys else x @ Kh.T,
                 y @ Vh.T,
                 self.beta,
+                log_scale,
                 kernel=self.kernel,
                 block=self.block,
                 causal=causal,
@@ -712,12 +768,16 @@ class TransformerField(AbstractVectorField):
     ) -> Float[Array, "n d"]:
         """`A_i`: the heads' attention outputs on tokens `y` at time `t` (mean or summed
         through O, LoRAs included); `args`: `solve_args()` (computed when not given)."""
-        f, A = self.solve_args() if args is None else args
+        if self.frame == "z":
+            raise ValueError("attention_term reads tokens x: this field's state is z")
+        f, A = (self.solve_args() if args is None else args)[:2]
         return f._attention(self.layer(t), y, A)
 
     def sublayers(self, t: ScalarLike, y: Float[Array, "n d"], args=None) -> list[Array]:
         """The sub-layer outputs at tokens `y`: attention, then the feed-forward term."""
-        f, A = self.solve_args() if args is None else args
+        if self.frame == "z":
+            raise ValueError("sublayers read tokens x: this field's state is z")
+        f, A = (self.solve_args() if args is None else args)[:2]
         return f._sublayers(self.layer(t), y, A)
 
     def __call__(self, t, y, args=None):
@@ -726,7 +786,13 @@ class TransformerField(AbstractVectorField):
                 f"the field has d = {self.d}; tokens must have shape (n, {self.d}), "
                 f"got {tuple(jnp.shape(y))}"
             )
-        f, A = self.solve_args() if args is None else args
+        if self.frame == "z":
+            f, A, (c, Vc) = self.solve_args() if args is None else args
+            t = jnp.asarray(t, Vc.dtype)
+            # x = e^{tV} z = e^{ct} S z: logits from S z, scaled by e^{2ct}
+            x = y @ expm(t * Vc).T
+            return f._attention(0, y, A, x, 2.0 * c * t) - y @ f.V[0, 0].T
+        f, A = (self.solve_args() if args is None else args)[:2]
         layer = self.layer(t)
         if isinstance(self.norm, str):
             return f._velocity(self.norm, layer, y, A)

@@ -332,7 +332,7 @@ def expm(M: Float[Array, "d d"]) -> Float[Array, "d d"]:
     return jnp.where(s > _EXPM_MAX_SQUARINGS, jnp.nan, R)
 
 
-def _exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
+def exponential_shift(V: Float[Array, "d d"]) -> Float[Array, ""]:
     """The shift `c` of `e^{tV} = e^{ct} e^{t(V − cI)}`: the spectral abscissa
     `max Re λ(V)`.
 
@@ -389,7 +389,7 @@ class RescaledField(AbstractField):
     `x = e^{tV} z` (see docs/theory.md, 'Rescaled dynamics').
 
     `e^{tV}` is carried as `e^{ct} · e^{t(V − cI)}` with `c` the spectral abscissa
-    `max Re λ(V)` (`_exponential_shift`), and the factor `e^{2ct}` multiplies the logits
+    `max Re λ(V)` (`exponential_shift`), and the factor `e^{2ct}` multiplies the logits
     in log space (`_attention.softmax_weights`). Then `e^{t(V − cI)}` neither grows
     exponentially nor decays to nothing: its norm stays within the eigenvector condition
     number of V (polynomial growth for a defective V). Tokens stay finite for any t.
@@ -408,7 +408,7 @@ class RescaledField(AbstractField):
         eigvalsh per stage costs more than the attention itself for small n), the
         shifted matrix and the logit matrix `A = Qᵀ K` (LoRAs merged)."""
         V = self.weight("V")
-        c = jax.lax.stop_gradient(_exponential_shift(V))
+        c = jax.lax.stop_gradient(exponential_shift(V))
         return c, V - c * jnp.eye(V.shape[-1], dtype=V.dtype), self.A
 
     def _queries_keys(self, t, z, args=None):

@@ -93,7 +93,7 @@ class Solution(eqx.Module):
     def final(self) -> Float[Array, "*batch n d"]:
         return self.xs[..., -1, :, :]
 
-    def to_x(self, field: AbstractField) -> Float[Array, "*batch T n d"]:
+    def to_x(self, field: AbstractField | TransformerField) -> Float[Array, "*batch T n d"]:
         """The tokens `x(t)` at the output times: `xs` itself in frame `"x"`, and
         `x(t) = e^{tV} z(t)` in frame `"z"` (`field`: the field that was solved, whose `V`,
         LoRAs included, defines the frame; a stacked LoRA gives one `V` per member).
@@ -109,7 +109,9 @@ class Solution(eqx.Module):
 
 
 def rescaled_to_x(
-    field: AbstractField, ts: Float[Array, " T"], zs: Float[Array, "*batch T n d"]
+    field: AbstractField | TransformerField,
+    ts: Float[Array, " T"],
+    zs: Float[Array, "*batch T n d"],
 ) -> Float[Array, "*batch T n d"]:
     """`x(t) = e^{tV} z(t)` for a trajectory `zs` of the rescaled variable saved at `ts`
     (`V = field.weight("V")`; with a stacked LoRA, `zs` has the LoRA batch axes first, as

@@ -49,7 +49,21 @@ class SpecError(ValueError):
 
 
 # The model family (`TransformerField`): any of these makes the spec a family member.
-FAMILY_KEYS = {"heads", "mask", "alibi", "norm", "alpha", "O", "ffn", "layer"}
+FAMILY_KEYS = {
+    "heads",
+    "mask",
+    "alibi",
+    "norm",
+    "alpha",
+    "O",
+    "ffn",
+    "layer",
+    "ln_gain",
+    "ln_bias",
+    "centre",
+    "normalised",
+    "frame",
+}
 FFN_KEYS = {"W1", "W2", "b1", "b2", "activation"}
 LAYER_KEYS = {"t0", "Q", "K", "V", "O", "ffn"}
 
@@ -520,17 +534,28 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
     """A spec with any of `FAMILY_KEYS`: a `TransformerField` (heads, mask, ALiBi, norm,
     feed-forward, `[[layer]]` tables with their start times `t0`)."""
     dyn = spec.get("dynamics")
-    implied = {None: None, "plain": "none", "sphere": "post"}
-    if dyn not in implied:
-        raise SpecError(
-            f"dynamics {dyn!r} has no member in the model family (heads, mask, alibi, norm, "
-            "O, ffn, layer); use plain or sphere, or give norm"
-        )
-    norm = spec.get("norm", implied[dyn] or "none")
-    if implied[dyn] is not None and norm != implied[dyn]:
-        raise SpecError(f"dynamics {dyn} is norm = {implied[dyn]!r}, not {norm!r}")
-    if "alpha" in spec and norm != "ngpt":
+    # each classic dynamics is a member: (norm, normalised weights, frame)
+    implied = {
+        None: None,
+        "plain": ("none", True, "x"),
+        "sphere": ("post", True, "x"),
+        "usa": ("post", False, "x"),
+        "rescaled": ("none", True, "z"),
+    }
+    member = implied[dyn] or ("none", True, "x")
+    norm = spec.get("norm", member[0])
+    for key, value in zip(("norm", "normalised", "frame"), member):
+        if dyn is not None and key in spec and spec[key] != value:
+            raise SpecError(f"dynamics {dyn} is {key} = {value!r}, not {spec[key]!r}")
+    if not isinstance(norm, (str, list)):
+        raise SpecError(f"norm must be a scheme or a list of one per layer, got {norm!r}")
+    if "alpha" in spec and "ngpt" not in ([norm] if isinstance(norm, str) else norm):
         raise SpecError(f"alpha is nGPT's step scale; norm = {norm!r} does not use it")
+    flags = {}
+    for key, default in (("centre", False), ("normalised", member[1])):
+        flags[key] = spec.get(key, default)
+        if not isinstance(flags[key], bool):
+            raise SpecError(f"{key} must be true or false, got {flags[key]!r}")
     heads = _int(spec["heads"], "heads", 1) if "heads" in spec else None
     layers = spec.get("layer")
     if layers is not None:
@@ -611,8 +636,12 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
             norm=norm,
             alpha=spec.get("alpha", 1.0),
             ffn=ffn,
+            ln_gain=spec.get("ln_gain"),
+            ln_bias=spec.get("ln_bias"),
+            frame=spec.get("frame", member[2]),
             layer_times=starts[1:],
             lora=lora,
+            **flags,
             d=d,
             heads=heads,
             dtype=dtype,
