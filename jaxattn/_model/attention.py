@@ -83,13 +83,14 @@ def _masked_exp(u, s, allowed, bias, *, direct: bool = False):
     allowed entries, exact 0 elsewhere. Masked entries get a finite argument before the
     `where` (double where): their gradient is 0, never NaN.
 
-    `direct`: the scale is β itself (no log-scale), so `s u + bias` is formed at once and
-    shifted by its row maximum: one reduction instead of two (the same values up to
-    rounding; `s·u` overflows only beyond the dtype's largest number)."""
+    `direct`: the scale is β itself (no log-scale), so `s u + bias` is formed at once,
+    masked with −∞ and shifted by its row maximum: one reduction and one `where` instead
+    of two of each (the same values up to rounding; `s·u` overflows only beyond the
+    dtype's largest number). Every row has an allowed entry (the diagonal), so the
+    maximum is finite, and `exp(−∞) = 0` has the gradient 0."""
     if direct:
-        e = s * u + (0.0 if bias is None else bias)
-        top = jnp.max(jnp.where(allowed, e, -jnp.inf), axis=-1, keepdims=True)
-        return jnp.where(allowed, jnp.exp(jnp.where(allowed, e - top, 0.0)), 0.0)
+        e = jnp.where(allowed, s * u + (0.0 if bias is None else bias), -jnp.inf)
+        return jnp.exp(e - jnp.max(e, axis=-1, keepdims=True))
     mx = jnp.max(jnp.where(allowed, u, -jnp.inf), axis=-1, keepdims=True)
     L = s * (jnp.where(allowed, u, mx) - mx)
     if bias is not None:

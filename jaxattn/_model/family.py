@@ -73,6 +73,9 @@ from .fields import expm, exponential_shift, tangent
 from .lora import LoRA, lora_tuple
 
 NORMS = ("none", "post", "pre", "peri", "ngpt")
+#: up to this many heads the attention is one traced computation per head (a Python loop:
+#: faster on the CPU than one vmapped computation, benchmarks/family.py); above, a vmap
+UNROLL_HEADS = 8
 #: the weights a LoRA can perturb in a `TransformerField`
 FAMILY_TARGETS = ("Q", "K", "V", "O", "W1", "W2")
 MASKS = ("none", "causal")
@@ -84,7 +87,8 @@ def _unit_or_zero(s: Float[Array, "n d"]) -> Float[Array, "n d"]:
     finite gradient there."""
     sq = jnp.sum(s * s, axis=-1, keepdims=True)
     ok = sq > 0
-    return jnp.where(ok, s / jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
+    # the `where`s act on the (n, 1) norms, not on the (n, d) rows
+    return s * jnp.where(ok, jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
 def _layers_heads(W, name: str, dtype) -> Array:
@@ -104,15 +108,15 @@ def _layers_heads(W, name: str, dtype) -> Array:
 class FeedForward(eqx.Module):
     """The per-token feed-forward term `F(y) = W₂ act(W₁ y + b₁) + b₂`.
 
-    **Arguments:** `W1 (h, d)`, `W2 (d, h)`, optional `b1 (h,)`, `b2 (d,)` (zeros), each
+    **Arguments:** `W1 (h, d)`, `W2 (d, h)`, optional `b1 (h,)`, `b2 (d,)` (none), each
     with an optional leading layer axis `L` (as the field's attention weights);
     `activation`: `"gelu"` (tanh approximation, as GPT-2) or `"relu"`.
     """
 
     W1: Float[Array, "L h d"]
-    b1: Float[Array, "L h"]
+    b1: Float[Array, "L h"] | None
     W2: Float[Array, "L d h"]
-    b2: Float[Array, "L d"]
+    b2: Float[Array, "L d"] | None
     activation: str = eqx.field(static=True)
 
     def __init__(self, W1, W2, b1=None, b2=None, *, activation: str = "gelu", dtype=None):
@@ -141,7 +145,7 @@ class FeedForward(eqx.Module):
     @staticmethod
     def _bias(b, name, shape, dtype):
         if b is None:
-            return jnp.zeros(shape, dtype)
+            return None
         b = jnp.asarray(as_float_array(b, name, dtype))
         if b.ndim == 1:
             b = b[None]
@@ -155,8 +159,10 @@ class FeedForward(eqx.Module):
 
     def __call__(self, layer, y: Float[Array, "n d"]) -> Float[Array, "n d"]:
         act = jax.nn.relu if self.activation == "relu" else jax.nn.gelu
-        h = act(y @ self.W1[layer].T + self.b1[layer][None, :])
-        return h @ self.W2[layer].T + self.b2[layer][None, :]
+        h = y @ self.W1[layer].T
+        h = act(h if self.b1 is None else h + self.b1[layer][None, :])
+        out = h @ self.W2[layer].T
+        return out if self.b2 is None else out + self.b2[layer][None, :]
 
 
 class AbstractVectorField(eqx.Module):
@@ -667,7 +673,9 @@ class TransformerField(AbstractVectorField):
         if not self.layer_times:
             return jnp.asarray(0)
         times = jnp.asarray(self.layer_times, jnp.result_type(t, self.beta.dtype))
-        return jnp.searchsorted(times, t, side="right")
+        # the number of layer times ≤ t (searchsorted's "right" side, as one reduction
+        # instead of its loop)
+        return jnp.sum(times <= t).astype(jnp.int32)
 
     @staticmethod
     def _at(W, layer):
@@ -676,14 +684,17 @@ class TransformerField(AbstractVectorField):
     def solve_args(self) -> tuple:
         """Per solve: the field with its LoRAs merged (`merged`), and the logit matrices
         `A_h = Q_hᵀ K_h` of every layer and head when the heads are not narrower than d
-        (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes one n×d×d product instead of
-        two); None for narrow heads. In frame `"z"`, also `(c, V − cI)`."""
+        and there is no mask (then `⟨Q_h y_i, K_h y_j⟩ = y_iᵀ A_h y_j` takes one n×d×d
+        product instead of two); None otherwise. In frame `"z"`, also `(c, V − cI)`."""
         # the merged field without its (now empty) tuple of LoRAs: diffrax's
         # BacksolveAdjoint fails on an empty tuple among the arguments it differentiates
         f = eqx.tree_at(
             lambda g: g.loras, self.merged(), None, is_leaf=lambda x: isinstance(x, tuple) and not x
         )
-        A = None if f.Q.shape[-2] < f.Q.shape[-1] else jnp.swapaxes(f.Q, -1, -2) @ f.K
+        # The fold is measured faster without a mask and slower with one (CPU, n = 256,
+        # d = 16: 0.81× against 1.10× of the hand-written scan; benchmarks/family.py)
+        fold = f.Q.shape[-2] >= f.Q.shape[-1] and self.mask == "none"
+        A = jnp.swapaxes(f.Q, -1, -2) @ f.K if fold else None
         if self.frame == "x":
             return f, A
         # the rescaled frame: the shift c (spectral abscissa of V) and V − cI, per solve
@@ -720,6 +731,13 @@ class TransformerField(AbstractVectorField):
             )
 
         lam = self.alibi
+        H = self.heads
+        if H <= UNROLL_HEADS:
+            outs = [head(Q[h], K[h], V[h], None if lam is None else lam[h]) for h in range(H)]
+            if self.O is None:
+                return sum(outs) / H
+            O = self._at(self.O, layer)
+            return sum(o @ O[h].T for h, o in enumerate(outs))
         outs = jax.vmap(head, in_axes=(0, 0, 0, None if lam is None else 0))(Q, K, V, lam)
         if self.O is None:
             return jnp.mean(outs, axis=0)
