@@ -44,6 +44,7 @@ With one head, no mask and no feed-forward, `norm="none"` is `PlainField` and
 from __future__ import annotations
 
 import abc
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -735,9 +736,9 @@ class TransformerField(AbstractVectorField):
         if H <= UNROLL_HEADS:
             outs = [head(Q[h], K[h], V[h], None if lam is None else lam[h]) for h in range(H)]
             if self.O is None:
-                return sum(outs) / H
+                return functools.reduce(jnp.add, outs) / H
             O = self._at(self.O, layer)
-            return sum(o @ O[h].T for h, o in enumerate(outs))
+            return functools.reduce(jnp.add, [o @ O[h].T for h, o in enumerate(outs)])
         outs = jax.vmap(head, in_axes=(0, 0, 0, None if lam is None else 0))(Q, K, V, lam)
         if self.O is None:
             return jnp.mean(outs, axis=0)
