@@ -100,11 +100,11 @@ from ._sensitivity import (
     WorstCase as WorstCase,
     field_params as field_params,
     linear_response as linear_response,
+    objective_value_and_grad as objective_value_and_grad,
     perturbed as perturbed,
     random_directions as random_directions,
     smallest_cluster_change as smallest_cluster_change,
     squared_distance as squared_distance,
-    value_and_grad as objective_value_and_grad,
     worst_case as worst_case,
     worst_case_direction as worst_case_direction,
 )

@@ -349,3 +349,19 @@ def test_xla_optimisation_level_does_not_change_the_numbers(tmp_path):
             np.testing.assert_array_equal(default[key], a)
         else:
             np.testing.assert_allclose(default[key], a, rtol=0, atol=1e-12)
+
+
+def test_progress_into_a_pipe_is_a_few_plain_lines(capfd):
+    """`simulate(progress=True)` with stderr not a terminal (as under pytest, or in a
+    log file): no carriage-return bar, about one line per 10 % (it was hundreds of
+    updates, 27 kB for one solve)."""
+    import sys
+
+    assert not sys.stderr.isatty()
+    x0 = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)))
+    ja.simulate(ja.PlainField(d=2), x0, 2.0, dt=0.01, progress=True).xs.block_until_ready()
+    out, err = capfd.readouterr()
+    text = out + err
+    assert "\r" not in text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert 3 <= len(lines) <= 15 and lines[-1].strip() == "100.00%"

@@ -238,7 +238,13 @@ def divergence(
     x: Float[Array, "*#batch n d"], y: Float[Array, "*#batch n d"]
 ) -> Float[Array, "*#batch"]:
     """`e = max_i |x_i − y_i|` between two runs (same token order), over leading axes
-    (which broadcast, e.g. one reference run against a batch of perturbed ones)."""
+    (which broadcast, e.g. one reference run against a batch of perturbed ones).
+
+    It compares whatever it is given: two rescaled solutions hold `z = e^{−tV}x`, and a
+    LoRA on V gives the two runs two different V, so `divergence(sol.xs, sol_lora.xs)`
+    compares two different frames (the divergence of the rescaled variables, as in
+    Koubbi–Boussard–Hernandez); `divergence(sol.to_x(f), sol_lora.to_x(f_lora))` is the
+    distance between the tokens themselves."""
     if jnp.ndim(x) < 2 or jnp.ndim(y) < 2 or jnp.shape(x)[-2:] != jnp.shape(y)[-2:]:
         raise ValueError(
             f"divergence compares two runs of the same (n, d) tokens, got shapes "

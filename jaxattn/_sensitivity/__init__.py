@@ -30,6 +30,7 @@ from .gradients import (
     final_state as final_state,
     mean_sq as mean_sq,
     objective_fn as objective_fn,
+    objective_value_and_grad as objective_value_and_grad,
     solve_options as solve_options,
     squared_distance as squared_distance,
     value_and_grad as value_and_grad,

@@ -183,7 +183,7 @@ def objective_fn(
     return f
 
 
-def value_and_grad(
+def objective_value_and_grad(
     field: AbstractField | TransformerField,
     x0: Float[ArrayLike, "n d"],
     t1: float,
@@ -203,7 +203,7 @@ def value_and_grad(
       field or a `TransformerField` (whose `Q, K, V` gradients have its weights' shapes,
       `(L, H, ·, d)`).
     - `objective`: `"mean_sq"`, `"squared_distance"` (`½ Σ_i |x_i − x̃_i|²`; old name
-      `"divergence"`) or a callable of `x(t1)` (see `objective_fn`).
+      `"divergence"`) or a callable `g(x_t1) -> scalar`.
     - `adjoint`: `"checkpoint"` (reverse mode, diffrax recursive checkpointing with
       `checkpoints` checkpoints; default `log(steps)`), `"forward"` (`jax.jacfwd` with
       diffrax `ForwardMode`: one JVP per input entry; refused above
@@ -270,3 +270,7 @@ def check_status(status) -> None:
     codes = sorted({int(c) for c in np.asarray(status).ravel()} - {0})
     if codes:
         raise RuntimeError("the solve failed: " + "; ".join(STATUS_MESSAGES[c] for c in codes))
+
+
+#: the name inside the package (the CLI, the experiments)
+value_and_grad = objective_value_and_grad

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -82,6 +83,8 @@ class Solution(eqx.Module):
 
     @property
     def ok(self) -> bool:
+        """Every member of the batch reached `t1` (all statuses 0); `messages()` says
+        what went wrong otherwise."""
         return bool(jnp.all(self.status == STATUS_OK))
 
     def messages(self) -> list[str]:
@@ -91,6 +94,8 @@ class Solution(eqx.Module):
 
     @property
     def final(self) -> Float[Array, "*batch n d"]:
+        """The state at the last output time, `(*batch, n, d)` (in the solution's
+        `frame`: `z` for rescaled dynamics; `to_x` gives the tokens)."""
         return self.xs[..., -1, :, :]
 
     def to_x(self, field: AbstractField | TransformerField) -> Float[Array, "*batch T n d"]:
@@ -167,6 +172,14 @@ class Members(eqx.Module):
         return _vmap_members(fn, self.axes, self.n_field_batch, self.n_x_batch)(self.field, args, y)
 
 
+def _progress_meter():
+    """A tqdm bar on a terminal; into a file or a pipe a few plain lines instead (a bar
+    there would be hundreds of carriage-return updates): the percentage every 10 %."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return diffrax.TqdmProgressMeter()
+    return diffrax.TextProgressMeter(minimum_increase=0.1)
+
+
 def solve_one(field, y0, t0, t1, dt0, ts, cfg: SolveConfig, members: int = 0):
     """One diffeqsolve; `members` leading axes of `y0` are a batch of independent
     members (`Members`): outputs then carry them in front, statuses per member."""
@@ -187,7 +200,7 @@ def solve_one(field, y0, t0, t1, dt0, ts, cfg: SolveConfig, members: int = 0):
         saveat = diffrax.SaveAt(t0=True, steps=True, **fn_kw)
     else:
         saveat = diffrax.SaveAt(ts=ts, **fn_kw)
-    meter = diffrax.TqdmProgressMeter() if cfg.progress else diffrax.NoProgressMeter()
+    meter = _progress_meter() if cfg.progress else diffrax.NoProgressMeter()
     sol = diffrax.diffeqsolve(
         term,
         cfg.solver,
@@ -422,7 +435,7 @@ def simulate(
     - `renormalise`: sphere dynamics only: project back onto the sphere after each step.
     - `adjoint`: `"checkpoint"` (default, reverse mode with `checkpoints`), `"backsolve"`
       or `"forward"` (forward-mode AD), or any `diffrax.AbstractAdjoint`.
-    - `progress`: show a tqdm progress bar.
+    - `progress`: a tqdm progress bar on a terminal; into a file or a pipe, a line every 10 %.
     - `options`: the step options above as one `SolveOptions` (checked when it was
       made), instead of as keywords; giving both is an error.
     - `summary`: `fn(t, x) -> array or pytree`, saved at the output times instead of the

@@ -90,7 +90,7 @@ class SolveOptions(Mapping[str, Any]):
     - `renormalise`: project onto the sphere after each step (sphere dynamics only).
     - `adjoint`: `"checkpoint"` (default) with `checkpoints`, `"backsolve"`, `"forward"`,
       or a `diffrax.AbstractAdjoint`.
-    - `progress`: a tqdm progress bar.
+    - `progress`: a tqdm progress bar (into a file or a pipe, a line every 10 %).
 
     It is a read-only mapping of the options that differ from their defaults, so
     `simulate(field, x0, t1, **options)` runs with it and `replace(adjoint="forward")`
