@@ -176,9 +176,10 @@ def solve_reference(rhs, x0, t_eval, rtol=1e-12, atol=1e-12, t0=0.0) -> np.ndarr
 # piecewise-constant weights. Plain loops over heads and tokens.
 
 
-def family_head(x, Q, K, V, beta, causal, lam, normalised=True):
-    """`Σ_j P_ij V x_j` for one head, P the softmax of `β<Q x_i, K x_j> − λ(i − j)` over
-    the allowed j (j ≤ i when causal); `normalised=False`: `P_ij = exp(…)/n`."""
+def family_head(x, Q, K, V, beta, causal, lam, normalised=True, bq=0.0, bk=0.0, bv=0.0):
+    """`Σ_j P_ij (V x_j + b_V)` for one head, P the softmax of
+    `β<Q x_i + b_Q, K x_j + b_K> − λ(i − j)` over the allowed j (j ≤ i when causal);
+    `normalised=False`: `P_ij = exp(…)/n`."""
     x = _as64(x)
     n = x.shape[0]
     out = np.zeros((n, _as64(V).shape[0]))
@@ -186,7 +187,7 @@ def family_head(x, Q, K, V, beta, causal, lam, normalised=True):
         js = range(i + 1) if causal else range(n)
         e = np.array(
             [
-                float(beta) * float((_as64(Q) @ x[i]) @ (_as64(K) @ x[j]))
+                float(beta) * float((_as64(Q) @ x[i] + bq) @ (_as64(K) @ x[j] + bk))
                 - (0.0 if lam is None else float(lam) * (i - j))
                 for j in js
             ]
@@ -196,7 +197,7 @@ def family_head(x, Q, K, V, beta, causal, lam, normalised=True):
             w /= w.sum()
         else:
             w = np.exp(e) / n
-        out[i] = sum(wj * (_as64(V) @ x[j]) for wj, j in zip(w, js))
+        out[i] = sum(wj * (_as64(V) @ x[j] + bv) for wj, j in zip(w, js))
     return out
 
 
@@ -232,14 +233,27 @@ def family_rhs(
     def sublayers(lay, y):
         H = len(lay["Q"])
         lams = [None] * H if alibi is None else list(alibi)
+        bias = {k: lay.get(k) or [0.0] * H for k in ("bQ", "bK", "bV")}
         outs = [
-            family_head(y, lay["Q"][h], lay["K"][h], lay["V"][h], beta, causal, lams[h], normalised)
+            family_head(
+                y,
+                lay["Q"][h],
+                lay["K"][h],
+                lay["V"][h],
+                beta,
+                causal,
+                lams[h],
+                normalised,
+                *(_as64(bias[k][h]) for k in ("bQ", "bK", "bV")),
+            )
             for h in range(H)
         ]
         if lay.get("O") is None:
             att = sum(outs) / H
         else:
             att = sum(o @ _as64(lay["O"][h]).T for h, o in enumerate(outs))
+        if lay.get("bO") is not None:
+            att = att + _as64(lay["bO"])
         subs = [att]
         if lay.get("ffn") is not None:
             W1, b1, W2, b2, act = lay["ffn"]

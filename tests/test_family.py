@@ -62,6 +62,8 @@ CASES = [
     dict(H=1, norm="post", causal=True, alibi=[0.2], O=False, ffn=None, L=1, usa=True),
     dict(H=2, norm=("ngpt", "peri", "ngpt"), causal=False, alibi=None, O=True, ffn=None,
          L=3, ln=True, alpha=[0.7, 1.3, 0.9], lora=True),
+    dict(H=2, norm="post", causal=True, alibi=[0.2, 0.0], O=True, ffn="gelu", L=2,
+         ln=True, centre=True, bias=True),
 ]  # fmt: skip
 
 
@@ -97,7 +99,7 @@ def _merge_numpy(weights, ffn, edits):
 
 def _case_id(c):
     norm = c["norm"] if isinstance(c["norm"], str) else "+".join(c["norm"])
-    extras = "".join(f"-{k}" for k in ("ln", "lora", "usa") if c.get(k))
+    extras = "".join(f"-{k}" for k in ("ln", "lora", "usa", "bias") if c.get(k))
     return f"{norm}-H{c['H']}-L{c['L']}{extras}"
 
 
@@ -113,6 +115,13 @@ def test_family_matches_numpy_rk4(case):
     bias = 0.2 * rng.normal(size=(L, d)) if case.get("ln") else None
     alpha = case.get("alpha", 0.7)
     loras = _case_loras(rng, case, d, f, L) if case.get("lora") else []
+    # projection biases per layer and head, and the output bias (a real block's)
+    proj_bias = None
+    if case.get("bias"):
+        proj_bias = {
+            k: 0.3 * rng.normal(size=(L, H, w)) for k, w in (("bQ", e), ("bK", e), ("bV", f))
+        }
+        proj_bias["bO"] = 0.3 * rng.normal(size=(L, d))
     times = [0.35, 0.6][: L - 1]
     x0 = rng.normal(size=(n, d))
     if isinstance(case["norm"], str) and case["norm"] in ("post", "ngpt"):
@@ -134,11 +143,16 @@ def test_family_matches_numpy_rk4(case):
         centre=case.get("centre", False),
         normalised=not case.get("usa", False),
         lora=[lo for lo, _ in loras],
+        **(proj_bias or {}),
     )
     sol = ja.simulate(field, jnp.asarray(x0), 1.0, dt=0.05)
     merged, ffn_ref = _merge_numpy({"Q": Q, "K": K, "V": V, "O": O}, ffn, [e for _, e in loras])
+    layers = _layer_dicts(merged["Q"], merged["K"], merged["V"], merged["O"], ffn_ref)
+    for ell, lay in enumerate(layers if proj_bias else []):
+        lay.update({k: list(b[ell]) for k, b in proj_bias.items() if k != "bO"})
+        lay["bO"] = proj_bias["bO"][ell]
     rhs = family_rhs(
-        _layer_dicts(merged["Q"], merged["K"], merged["V"], merged["O"], ffn_ref),
+        layers,
         1.4,
         norm=case["norm"],
         causal=case["causal"],
@@ -322,6 +336,9 @@ def test_equiangular_reduction_of_each_scheme(norm):
         (dict(V=np.zeros((1, 2, 3))), "without output maps O"),
         (dict(d=3, O=np.zeros((1, 3, 2))), "O must be"),
         (dict(d=3, norm=("post", "pre")), "needs 1 scheme"),
+        (dict(d=3, bQ=np.ones((2, 3))), "bQ must be \\(1, 3\\)"),
+        (dict(d=3, bO=np.ones(2)), "bO must be"),
+        (dict(d=3, bV=np.ones(3), frame="z"), "biases"),
         (dict(Q=np.zeros((2, 1, 3, 3)), layer_times=[1.0], alpha=[1, 2, 3]), "one per layer"),
         (dict(d=3, norm="ngpt", alpha=0.0), "alpha must be > 0"),
         (dict(d=3, ln_gain=np.ones(3)), "norm='none' has none"),
@@ -524,6 +541,13 @@ def test_a_family_spec_builds_the_field_its_keys_name():
         np.testing.assert_allclose(
             np.asarray(s.field(0.3, x0)), np.asarray(ref(0.3, x0)), atol=1e-15
         )
+    biased = parse_spec(
+        {"bQ": [0.1, 0.2, 0.3], "bO": [1.0, 0.0, -1.0], "init": _SPEC["init"], "solve": {"t1": 1}}
+    )
+    ref = TransformerField(d=3, bQ=[[0.1, 0.2, 0.3]], bO=[1.0, 0.0, -1.0])
+    np.testing.assert_allclose(
+        np.asarray(biased.field(0.0, x0)), np.asarray(ref(0.0, x0)), atol=1e-15
+    )
     mix = {"norm": ["post", "pre"], "ln_gain": [[1.0, 2.0, 3.0]] * 2, "centre": True}
     s = parse_spec(_SPEC | mix)
     ref = TransformerField(

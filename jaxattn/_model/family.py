@@ -234,6 +234,9 @@ class TransformerField(AbstractVectorField):
       given, H identity heads — which differ only in their ALiBi slopes).
     - `O`: output maps `(H, d, f)` (or `(L, H, d, f)`); `None`: the mean over heads with
       `f = d`.
+    - `bQ`, `bK`, `bV`: biases of the projections, `(H, e)`, `(H, e)`, `(H, f)` (a vector
+      for one head; optional leading layer axis); `bO`: the output bias `(d,)` (or
+      `(L, d)`), added to the attention term. `None`: no bias (the particle papers).
     - `beta`: β ≥ 0. `mask`: `"none"` or `"causal"`. `alibi`: slopes `λ_h ≥ 0`, one per
       head (a number: the same for every head); implies the causal mask.
     - `norm`: `"none"`, `"post"`, `"pre"`, `"peri"` or `"ngpt"`, or one of these per
@@ -271,6 +274,10 @@ class TransformerField(AbstractVectorField):
     alibi: Float[Array, " H"] | None
     alpha: Float[Array, "*L"]
     ffn: FeedForward | None
+    bQ: Float[Array, "L H e"] | None
+    bK: Float[Array, "L H e"] | None
+    bV: Float[Array, "L H f"] | None
+    bO: Float[Array, "L d"] | None
     ln_gain: Float[Array, "L d"] | None
     ln_bias: Float[Array, "L d"] | None
     norm: str | tuple[str, ...] = eqx.field(static=True)
@@ -297,6 +304,10 @@ class TransformerField(AbstractVectorField):
         norm: str | Sequence[str] = "none",
         alpha: ScalarLike | Sequence[float] = 1.0,
         ffn: FeedForward | None = None,
+        bQ=None,
+        bK=None,
+        bV=None,
+        bO=None,
         ln_gain=None,
         ln_bias=None,
         centre: bool = False,
@@ -356,7 +367,18 @@ class TransformerField(AbstractVectorField):
                     f"O must be (heads, d, f) = ({H}, {dim}, {Vw.shape[-2]}), with an "
                     f"optional leading layer axis, got {tuple(Ow.shape)}"
                 )
+        biases = {
+            name: self._head_bias(b, name, H, rows, dtype)
+            for name, b, rows in (
+                ("bQ", bQ, Qw.shape[-2]),
+                ("bK", bK, Kw.shape[-2]),
+                ("bV", bV, Vw.shape[-2]),
+            )
+        }
+        biases["bO"] = None if bO is None else self._ln_affine(bO, "bO", None, dim, dtype)
+        self.bQ, self.bK, self.bV, self.bO = (biases[k] for k in ("bQ", "bK", "bV", "bO"))
         layer_counts = {W.shape[0] for W in (Qw, Kw, Vw) + (() if Ow is None else (Ow,))}
+        layer_counts |= {b.shape[0] for b in biases.values() if b is not None}
         if ffn is not None:
             if not isinstance(ffn, FeedForward):
                 raise TypeError(f"ffn must be a FeedForward, got {type(ffn).__name__}")
@@ -450,14 +472,31 @@ class TransformerField(AbstractVectorField):
         return a[0] if a.ndim == 1 and a.shape[0] == 1 else a
 
     @staticmethod
-    def _ln_affine(w, name: str, L: int, d: int, dtype) -> Array | None:
+    def _ln_affine(w, name: str, L: int | None, d: int, dtype) -> Array | None:
         if w is None:
             return None
         w = jnp.asarray(as_float_array(w, name, dtype))
         w = w[None] if w.ndim == 1 else w
-        if w.ndim != 2 or w.shape[1] != d or w.shape[0] not in (1, L):
-            raise ValueError(f"{name} must be ({d},) or ({L}, {d}), got {tuple(w.shape)}")
+        if w.ndim != 2 or w.shape[1] != d or (L is not None and w.shape[0] not in (1, L)):
+            raise ValueError(f"{name} must be ({d},) or (layers, {d}), got {tuple(w.shape)}")
         return w
+
+    @staticmethod
+    def _head_bias(b, name: str, H: int, rows: int, dtype) -> Array | None:
+        """A projection bias as `(layers, heads, rows)`."""
+        if b is None:
+            return None
+        b = jnp.asarray(as_float_array(b, name, dtype))
+        if b.ndim == 1:
+            b = b[None]
+        if b.ndim == 2:
+            b = b[None]
+        if b.ndim != 3 or b.shape[1:] != (H, rows):
+            raise ValueError(
+                f"{name} must be ({H}, {rows}) (heads, width), with an optional leading "
+                f"layer axis, got {tuple(b.shape)}"
+            )
+        return b
 
     def _check_rescaled(self) -> None:
         why = []
@@ -465,6 +504,8 @@ class TransformerField(AbstractVectorField):
             why.append(f"norm = {self.norm!r} (it needs 'none')")
         if self.O is not None or self.ffn is not None:
             why.append("output maps or a feed-forward term")
+        if any(b is not None for b in (self.bQ, self.bK, self.bV, self.bO)):
+            why.append("biases")
         if self.layers > 1:
             why.append(f"{self.layers} layers")
         V = self.V
@@ -694,7 +735,12 @@ class TransformerField(AbstractVectorField):
         )
         # The fold is measured faster without a mask and slower with one (CPU, n = 256,
         # d = 16: 0.81× against 1.10× of the hand-written scan; benchmarks/family.py)
-        fold = f.Q.shape[-2] >= f.Q.shape[-1] and self.mask == "none"
+        fold = (
+            f.Q.shape[-2] >= f.Q.shape[-1]
+            and self.mask == "none"
+            and self.bQ is None
+            and self.bK is None
+        )
         A = jnp.swapaxes(f.Q, -1, -2) @ f.K if fold else None
         if self.frame == "x":
             return f, A
@@ -716,12 +762,17 @@ class TransformerField(AbstractVectorField):
         V = self._at(self.V, layer)
         causal = self.mask == "causal"
         shared_keys = A is not None
+        zero = jnp.zeros((self.heads, 1), V.dtype)  # an absent bias (added as 0)
+        bq, bk, bv = (
+            zero if b is None else self._at(b, layer) for b in (self.bQ, self.bK, self.bV)
+        )
 
-        def head(Qh, Kh, Vh, lam):
+        def head(Qh, Kh, Vh, lam, bqh, bkh, bvh):
+            add = lambda u, b, given: u + b[None, :] if given else u
             return attend(
-                x @ Qh.T,
-                x if shared_keys else x @ Kh.T,
-                y @ Vh.T,
+                add(x @ Qh.T, bqh, self.bQ is not None),
+                x if shared_keys else add(x @ Kh.T, bkh, self.bK is not None),
+                add(y @ Vh.T, bvh, self.bV is not None),
                 self.beta,
                 log_scale,
                 kernel=self.kernel,
@@ -734,15 +785,24 @@ class TransformerField(AbstractVectorField):
         lam = self.alibi
         H = self.heads
         if H <= UNROLL_HEADS:
-            outs = [head(Q[h], K[h], V[h], None if lam is None else lam[h]) for h in range(H)]
+            outs = [
+                head(Q[h], K[h], V[h], None if lam is None else lam[h], bq[h], bk[h], bv[h])
+                for h in range(H)
+            ]
             if self.O is None:
-                return functools.reduce(jnp.add, outs) / H
-            O = self._at(self.O, layer)
-            return functools.reduce(jnp.add, [o @ O[h].T for h, o in enumerate(outs)])
-        outs = jax.vmap(head, in_axes=(0, 0, 0, None if lam is None else 0))(Q, K, V, lam)
-        if self.O is None:
-            return jnp.mean(outs, axis=0)
-        return jnp.einsum("hnf,hdf->nd", outs, self._at(self.O, layer))
+                out = functools.reduce(jnp.add, outs) / H
+            else:
+                O = self._at(self.O, layer)
+                out = functools.reduce(jnp.add, [o @ O[h].T for h, o in enumerate(outs)])
+        else:
+            outs = jax.vmap(head, in_axes=(0, 0, 0, None if lam is None else 0, 0, 0, 0))(
+                Q, K, V, lam, bq, bk, bv
+            )
+            if self.O is None:
+                out = jnp.mean(outs, axis=0)
+            else:
+                out = jnp.einsum("hnf,hdf->nd", outs, self._at(self.O, layer))
+        return out if self.bO is None else out + self._at(self.bO, layer)[None, :]
 
     def _sublayers(self, layer, y, A) -> list[Array]:
         out = [self._attention(layer, y, A)]

@@ -63,9 +63,13 @@ FAMILY_KEYS = {
     "centre",
     "normalised",
     "frame",
+    "bQ",
+    "bK",
+    "bV",
+    "bO",
 }
 FFN_KEYS = {"W1", "W2", "b1", "b2", "activation"}
-LAYER_KEYS = {"t0", "Q", "K", "V", "O", "ffn"}
+LAYER_KEYS = {"t0", "Q", "K", "V", "O", "ffn", "bQ", "bK", "bV", "bO"}
 
 TOP_KEYS = FAMILY_KEYS | {
     "dynamics",
@@ -512,6 +516,11 @@ def _family_weights(table: dict, where: str, dtype, heads: int | None) -> dict[s
             f"{where}Q, K, V, O disagree on the number of heads: "
             + ", ".join(f"{k} {W.shape[0]}" for k, W in out.items())
         )
+    for k in ("bQ", "bK", "bV", "bO"):  # shapes: checked by the field
+        if k in table:
+            b = _matrix(table[k], f"{where}{k}", dtype)
+            # a projection bias of one head is a vector: (heads, width) per layer
+            out[k] = b[None] if k != "bO" and b.ndim == 1 else b
     return out
 
 
@@ -565,7 +574,7 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
             or not all(isinstance(t, dict) for t in layers)
         ):
             raise SpecError("layer must be an array of tables ([[layer]] with t0 and weights)")
-        bad = sorted({"Q", "K", "V", "O", "ffn"} & set(spec))
+        bad = sorted({"Q", "K", "V", "O", "ffn", "bQ", "bK", "bV", "bO"} & set(spec))
         if bad:
             raise SpecError(
                 f"with [[layer]] tables the weights go in the layers; remove {', '.join(bad)}"
@@ -630,6 +639,10 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
             stack("K"),
             stack("V"),
             stack("O"),
+            bQ=stack("bQ"),
+            bK=stack("bK"),
+            bV=stack("bV"),
+            bO=stack("bO"),
             beta=spec.get("beta", 1.0),
             mask=spec.get("mask"),
             alibi=spec.get("alibi"),
