@@ -75,13 +75,22 @@ def test_each_point_equals_its_own_simulation(tmp_path):
         np.testing.assert_array_equal(z["grid_lora.target"], ["Q", "V"])
 
 
-def test_four_devices_give_identical_results(tmp_path):
+def test_four_devices_give_identical_results(tmp_path, monkeypatch):
     assert len(jax.local_devices()) == 4  # conftest: 4 simulated CPU devices
     r1 = _run(SPEC, tmp_path / "one", devices=jax.local_devices()[:1])
     r4 = _run(SPEC, tmp_path / "four", devices=jax.local_devices())
     for k in ("divergence", "clusters", "diameter", "mean", "status", "num_steps"):
         np.testing.assert_array_equal(r1[k], r4[k])
     assert _sha(tmp_path / "one" / "result.npz") == _sha(tmp_path / "four" / "result.npz")
+    # in memory (out_dir None): the same arrays, and its temporary folder is gone
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    rm = sweep(SPEC, None, devices=jax.local_devices()[:1], progress=False, log=None)
+    for k in ("divergence", "clusters", "diameter", "mean", "status", "num_steps"):
+        np.testing.assert_array_equal(r1[k], rm[k])
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @pytest.mark.slow

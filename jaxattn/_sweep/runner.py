@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -574,7 +575,7 @@ def _chunk_computer(program: _Program, solve, ref_solve, log):
 
 def sweep(
     spec: dict | SweepPlan,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None,
     *,
     devices: Sequence[Device] | None = None,
     progress: bool = True,
@@ -594,6 +595,8 @@ def sweep(
       or a `SweepPlan` from `parse_sweep`.
     - `out_dir`: output folder; chunks go to `out_dir/chunks/`. A rerun with the same
       spec resumes; a different sweep's chunks there are an error (`SweepError`).
+      `None`: in memory (a notebook's quick grid): the chunks and outputs go to a
+      temporary folder that is removed at the end; nothing resumes, one process only.
     - `devices`: devices to shard each chunk across (default: all local devices).
     - `progress`, `log`, `process_index`, `process_count`, `on_chunk`: see `run_chunks`.
     - `force`: allow a folder that holds a `summary.json`, `sweep.png` or `result.npz`
@@ -619,6 +622,24 @@ def sweep(
     """
     plan = spec if isinstance(spec, SweepPlan) else parse_sweep(spec, factory)
     pi, pc = resolve_process(process_index, process_count)
+    if out_dir is None:
+        if pc > 1:
+            raise SweepError("a sweep over several processes needs an output folder they share")
+        # the temporary folder is removed: its "wrote …" line would name nothing
+        quiet = (
+            None if log is None else (lambda m: None if m.startswith("sweep: wrote") else log(m))
+        )
+        with tempfile.TemporaryDirectory(prefix="jaxattn-sweep-") as tmp:
+            return sweep(
+                plan,
+                os.path.join(tmp, "sweep"),
+                devices=devices,
+                progress=progress,
+                log=quiet,
+                process_index=pi,
+                process_count=pc,
+                on_chunk=on_chunk,
+            )
     builder = _PointBuilder(plan)
     program = (_FieldProgram if plan.per_point_fields else _Program)(plan, builder)
     # Refusals that the folder's contents decide come before the folder and its lock

@@ -42,7 +42,8 @@ def sweep_overview(result: dict, axes: list[str], summaries: list[str], path, *,
         ax.set_xlabel("t")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    panels[0][0].legend(fontsize=7)
+    if panels[0][0].get_legend_handles_labels()[0]:  # a panel with nothing drawn has none
+        panels[0][0].legend(fontsize=7)
     others = list(axes[1:])
     fig.suptitle(
         title or ("median over " + (", ".join(others) if others else "—") + " (band: 25–75 %)"),
