@@ -67,7 +67,7 @@ EXPECTED = {
     "Simulation": _spec.Simulation,
     "SpecError": _spec.SpecError,
     # functions under one public name each
-    "objective_value_and_grad": _sensitivity.value_and_grad,
+    "objective_value_and_grad": _sensitivity.objective_value_and_grad,
     "load_spec": _spec.load_spec_file,
     "parse_spec": _spec.parse_spec,
     "parse_sweep": _grid.parse_sweep,

@@ -94,7 +94,7 @@ def test_fixed_step_gradients_match_finite_differences(dynamics, adjoints):
     solve = dict(solver="rk4", dt=0.02)
     fd, direction = _fd(field, x0, obj, 1e-5, solve)
     for adjoint in adjoints:
-        g = S.value_and_grad(field, x0, T1, obj, adjoint=adjoint, **solve)
+        g = S.objective_value_and_grad(field, x0, T1, obj, adjoint=adjoint, **solve)
         assert set(g.grads) == {"Q", "K", "V", "beta", "x0", "lora_A", "lora_B"}
         ad = _directional(g, direction)
         assert abs(ad - fd) <= 1e-6 * abs(fd), (adjoint, ad, fd)
@@ -115,7 +115,7 @@ def test_adaptive_gradients_match_finite_differences(dynamics):
     solve = dict(solver="tsit5", rtol=1e-10, atol=1e-12)
     fd, direction = _fd(field, x0, obj, 1e-4, solve)
     for adjoint in ("checkpoint", "forward", "backsolve"):
-        g = S.value_and_grad(field, x0, T1, obj, adjoint=adjoint, **solve)
+        g = S.objective_value_and_grad(field, x0, T1, obj, adjoint=adjoint, **solve)
         ad = _directional(g, direction)
         assert abs(ad - fd) <= 1e-5 * abs(fd), (adjoint, ad, fd)
 
@@ -125,17 +125,21 @@ def test_checkpoint_count_and_squared_distance_objective():
     objective differentiates both runs (with and without the LoRA) and is zero-valued
     exactly when the LoRA vanishes."""
     field, x0 = _case("plain")
-    a = S.value_and_grad(field, x0, T1, "squared_distance", solver="rk4", dt=0.1)
-    b = S.value_and_grad(field, x0, T1, "squared_distance", checkpoints=2, solver="rk4", dt=0.1)
+    a = S.objective_value_and_grad(field, x0, T1, "squared_distance", solver="rk4", dt=0.1)
+    b = S.objective_value_and_grad(
+        field, x0, T1, "squared_distance", checkpoints=2, solver="rk4", dt=0.1
+    )
     assert a.value > 0
     for k in a.grads:
         np.testing.assert_allclose(a.grads[k], b.grads[k], rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="no LoRA"):
-        S.value_and_grad(field.without_lora(), x0, T1, "squared_distance", solver="rk4", dt=0.1)
+        S.objective_value_and_grad(
+            field.without_lora(), x0, T1, "squared_distance", solver="rk4", dt=0.1
+        )
     with pytest.raises(ValueError, match="LoRA gradient"):
-        S.value_and_grad(field.without_lora(), x0, T1, wrt=["lora"], solver="rk4", dt=0.1)
+        S.objective_value_and_grad(field.without_lora(), x0, T1, wrt=["lora"], solver="rk4", dt=0.1)
     with pytest.raises(ValueError, match="one JVP per input entry"):
-        S.value_and_grad(
+        S.objective_value_and_grad(
             field,
             jnp.zeros((1100, D), jnp.float64) + 1.0,
             T1,
@@ -144,7 +148,7 @@ def test_checkpoint_count_and_squared_distance_objective():
             dt=0.1,
         )
     with pytest.raises(ValueError, match="adjoint"):
-        S.value_and_grad(field, x0, T1, adjoint="bogus", solver="rk4", dt=0.1)
+        S.objective_value_and_grad(field, x0, T1, adjoint="bogus", solver="rk4", dt=0.1)
 
 
 def test_linear_response_is_the_eps_to_zero_limit_and_below_the_bound():
@@ -346,7 +350,7 @@ def test_cli_sensitivity_writes_value_and_gradients(tmp_path, adjoint):
         d=2,
         lora=ja.LoRA(np.asarray(spec["lora"]["A"]), np.asarray(spec["lora"]["B"])),
     )
-    ref = S.value_and_grad(
+    ref = S.objective_value_and_grad(
         field, np.asarray(spec["init"]["x0"]), 1.0, "squared_distance", solver="rk4", dt=0.1
     )
     np.testing.assert_allclose(float(z["value"]), ref.value, rtol=1e-12)
@@ -360,11 +364,11 @@ def test_squared_distance_is_half_sum_of_squares_and_old_name_maps_to_it():
     solve = dict(solver="rk4", dt=0.1)
     x = ja.simulate(field, x0, T1, **solve).xs[-1]
     xr = ja.simulate(field.without_lora(), x0, T1, **solve).xs[-1]
-    g = S.value_and_grad(field, x0, T1, "squared_distance", wrt=["V"], **solve)
+    g = S.objective_value_and_grad(field, x0, T1, "squared_distance", wrt=["V"], **solve)
     assert g.value == pytest.approx(0.5 * float(jnp.sum((x - xr) ** 2)), rel=1e-12)
     assert g.objective == "squared_distance"
     with pytest.warns(FutureWarning, match="deprecated.*squared_distance"):
-        old = S.value_and_grad(field, x0, T1, "divergence", wrt=["V"], **solve)
+        old = S.objective_value_and_grad(field, x0, T1, "divergence", wrt=["V"], **solve)
     assert old.objective == "squared_distance" and old.value == g.value
 
 

@@ -16,6 +16,7 @@ from .attention import (
 from .family import (
     FAMILY_TARGETS as FAMILY_TARGETS,
     NORMS as NORMS,
+    SPHERE_NORMS as SPHERE_NORMS,
     AbstractVectorField as AbstractVectorField,
     FeedForward as FeedForward,
     TransformerField as TransformerField,

@@ -74,6 +74,8 @@ from .fields import expm, exponential_shift, tangent
 from .lora import LoRA, lora_tuple
 
 NORMS = ("none", "post", "pre", "peri", "ngpt")
+#: the schemes whose tokens live on the unit sphere
+SPHERE_NORMS = ("post", "ngpt")
 #: up to this many heads the attention is one traced computation per head (a Python loop:
 #: faster on the CPU than one vmapped computation, benchmarks/family.py); above, a vmap
 UNROLL_HEADS = 8
@@ -375,7 +377,7 @@ class TransformerField(AbstractVectorField):
                 ("bV", bV, Vw.shape[-2]),
             )
         }
-        biases["bO"] = None if bO is None else self._ln_affine(bO, "bO", None, dim, dtype)
+        biases["bO"] = None if bO is None else self._per_layer_vector(bO, "bO", None, dim, dtype)
         self.bQ, self.bK, self.bV, self.bO = (biases[k] for k in ("bQ", "bK", "bV", "bO"))
         layer_counts = {W.shape[0] for W in (Qw, Kw, Vw) + (() if Ow is None else (Ow,))}
         layer_counts |= {b.shape[0] for b in biases.values() if b is not None}
@@ -423,8 +425,8 @@ class TransformerField(AbstractVectorField):
         if not isinstance(centre, bool) or not isinstance(normalised, bool):
             raise TypeError("centre and normalised must be True or False")
         self.centre, self.normalised = centre, normalised
-        self.ln_gain = self._ln_affine(ln_gain, "ln_gain", L, dim, dtype)
-        self.ln_bias = self._ln_affine(ln_bias, "ln_bias", L, dim, dtype)
+        self.ln_gain = self._per_layer_vector(ln_gain, "ln_gain", L, dim, dtype)
+        self.ln_bias = self._per_layer_vector(ln_bias, "ln_bias", L, dim, dtype)
         uses_ln = self.norm != "none"
         if not uses_ln and (self.ln_gain is not None or self.ln_bias is not None or centre):
             raise ValueError(
@@ -472,7 +474,7 @@ class TransformerField(AbstractVectorField):
         return a[0] if a.ndim == 1 and a.shape[0] == 1 else a
 
     @staticmethod
-    def _ln_affine(w, name: str, L: int | None, d: int, dtype) -> Array | None:
+    def _per_layer_vector(w, name: str, L: int | None, d: int, dtype) -> Array | None:
         if w is None:
             return None
         w = jnp.asarray(as_float_array(w, name, dtype))
@@ -690,7 +692,7 @@ class TransformerField(AbstractVectorField):
     @property
     def on_sphere(self) -> bool:
         """Tokens live on the unit sphere (post-LN, nGPT, in every layer)."""
-        return all(n in ("post", "ngpt") for n in self.norms)
+        return all(n in SPHERE_NORMS for n in self.norms)
 
     @property
     def d(self) -> int:
@@ -828,7 +830,7 @@ class TransformerField(AbstractVectorField):
     def _velocity(self, norm: str, layer, y, A):
         if norm == "none":
             return sum(self._sublayers(layer, y, A))
-        if norm in ("post", "ngpt"):
+        if norm in SPHERE_NORMS:
             # on the sphere y is its own projection: read y itself unless the LayerNorm
             # centres or has an affine map
             inp = y if self._plain_ln() else self.layer_norm(layer, y)

@@ -1,7 +1,7 @@
 """Differentiable sensitivity, gathered under one name. The tools are split by job:
 
 - `gradients`: a scalar objective of `x(t1)` and its gradient through `simulate`
-  (`value_and_grad`, `objective_fn`, `Gradient`; reverse, forward or backsolve mode);
+  (`objective_value_and_grad`, `objective_fn`, `Gradient`; reverse, forward or backsolve mode);
 - `response`: the linear response `δx(t)` to a perturbation of Q, K or V, the response
   operator `J_T : ΔW ↦ δx(T)` (JVPs and VJPs) and its worst-case (LoRA) direction;
 - `cluster_change`: the smallest LoRA that changes the cluster partition at T, and the
@@ -33,7 +33,6 @@ from .gradients import (
     objective_value_and_grad as objective_value_and_grad,
     solve_options as solve_options,
     squared_distance as squared_distance,
-    value_and_grad as value_and_grad,
     with_params as with_params,
 )
 from .objective import (

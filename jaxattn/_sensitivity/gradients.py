@@ -270,7 +270,3 @@ def check_status(status) -> None:
     codes = sorted({int(c) for c in np.asarray(status).ravel()} - {0})
     if codes:
         raise RuntimeError("the solve failed: " + "; ".join(STATUS_MESSAGES[c] for c in codes))
-
-
-#: the name inside the package (the CLI, the experiments)
-value_and_grad = objective_value_and_grad

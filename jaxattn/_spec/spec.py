@@ -543,15 +543,15 @@ def _parse_family(spec: dict, dtype, dtype_name: str) -> Simulation:
     """A spec with any of `FAMILY_KEYS`: a `TransformerField` (heads, mask, ALiBi, norm,
     feed-forward, `[[layer]]` tables with their start times `t0`)."""
     dyn = spec.get("dynamics")
-    # each classic dynamics is a member: (norm, normalised weights, frame)
-    implied = {
-        None: None,
+    # each classic dynamics is a member: (norm, normalised weights, frame); without
+    # `dynamics`, the plain one's defaults
+    members = {
         "plain": ("none", True, "x"),
         "sphere": ("post", True, "x"),
         "usa": ("post", False, "x"),
         "rescaled": ("none", True, "z"),
     }
-    member = implied[dyn] or ("none", True, "x")
+    member = members[dyn] if dyn in members else members["plain"]
     norm = spec.get("norm", member[0])
     for key, value in zip(("norm", "normalised", "frame"), member):
         if dyn is not None and key in spec and spec[key] != value:

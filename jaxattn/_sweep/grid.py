@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from .._base import check_int, check_memory, check_positive, coerce, plain_hints
-from .._model import TARGETS, use_blockwise
+from .._model import SPHERE_NORMS, TARGETS, use_blockwise
 from .._spec import FAMILY_KEYS, Simulation, SpecError, parse_spec
 from .chunks import SweepError
 from .tables import AXES, NEEDS_REFERENCE, SUMMARIES
@@ -325,8 +325,6 @@ def parse_sweep(raw: dict, factory: Callable[..., Any] | None = None) -> SweepPl
     return plan
 
 
-#: the normalisation schemes whose tokens live on the unit sphere
-SPHERE_NORMS = ("post", "ngpt")
 #: what a factory sweep's spec may hold besides the grid and the options
 FACTORY_SPEC_KEYS = ("init", "solve", "dtype")
 

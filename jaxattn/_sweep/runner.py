@@ -97,6 +97,14 @@ def _solve_config(
 FIELD_LEAVES = tuple(dict.fromkeys(str(a.leaf) for a in AXES.values() if a.part == "field"))
 
 
+def _solve_span(field, y0, t1: float, ts_arr, cfg: SolveConfig, members: int):
+    """One point's (or, with `members`, a stacked group's) solve from 0 to `t1`, saved
+    at the sweep's save times `ts_arr`."""
+    dtype = ts_arr.dtype
+    t0, t_end = jnp.asarray(0.0, dtype), jnp.asarray(t1, dtype)
+    return solve_one(field, y0, t0, t_end, None, ts_arr, cfg, members=members)
+
+
 def _lora_slot_targets(plan: SweepPlan) -> tuple[str, ...]:
     """One LoRA slot per target the sweep can perturb (a point's LoRA fills its target's
     slot, the others are zero)."""
@@ -201,11 +209,15 @@ class _PointBuilder:
                     )
         return self._tables[name]
 
+    def x0s(self, indices) -> np.ndarray:
+        """The initial tokens of the points `indices`, stacked."""
+        return self._table("x0")[self.init.index(np.asarray(indices, np.int64))]
+
     def inputs(self, indices) -> dict[str, np.ndarray]:
         """The inputs of the points `indices`: `x0`, each field leaf, and with a LoRA its
         `alpha` and the slots' factors `A_t`, `B_t`."""
         indices = np.asarray(indices, np.int64)
-        out = {"x0": self._table("x0")[self.init.index(indices)]}
+        out = {"x0": self.x0s(indices)}
         for name in FIELD_LEAVES:
             out[name] = self._table(name)[self.leaves[name].index(indices)]
         if self.targets:
@@ -323,10 +335,8 @@ class _Program:
             leaves += [inp[f"A_{t}"], inp[f"B_{t}"]]
         return leaves
 
-    def _solve_span(self, field, y0, cfg, members):  # from 0 to t1, saved at `ts`
-        dtype = self.builder.dtype
-        t0, t_end = jnp.asarray(0.0, dtype), jnp.asarray(self.t1, dtype)
-        return solve_one(field, y0, t0, t_end, None, self.ts_arr, cfg, members=members)
+    def _solve_span(self, field, y0, cfg, members):
+        return _solve_span(field, y0, self.t1, self.ts_arr, cfg, members)
 
     def point(self, inp, stacked: bool = False):
         """One point's solve; `stacked`: a chunk of points (leading axis) as one solve of
@@ -483,27 +493,10 @@ class _FieldProgram:
             axes = _PairField(eqx.tree_at(lambda f: f.loras, axes, ()), axes)
             y0 = jnp.stack([y0, y0], axis=-3)
         if self.cfg.stacked:
-            dt, t_end = self.builder.dtype, self.t1
-            ys, status, steps, _ = solve_one(
-                Members(field, axes, 1, 0),
-                y0,
-                jnp.asarray(0.0, dt),
-                jnp.asarray(t_end, dt),
-                None,
-                self.ts_arr,
-                self.cfg,
-                members=1,
-            )
+            members = Members(field, axes, 1, 0)
+            ys, status, steps, _ = _solve_span(members, y0, self.t1, self.ts_arr, self.cfg, 1)
         else:
-            one = lambda f, y: solve_one(
-                f,
-                y,
-                jnp.asarray(0.0, y.dtype),
-                jnp.asarray(self.t1, y.dtype),
-                None,
-                self.ts_arr,
-                self.cfg,
-            )
+            one = lambda f, y: _solve_span(f, y, self.t1, self.ts_arr, self.cfg, 0)
             ys, status, steps, _ = eqx.filter_vmap(one, in_axes=(axes, 0))(field, y0)
         return {**{f"summary_{k}": v for k, v in ys.items()}, "status": status, "num_steps": steps}
 
@@ -523,7 +516,7 @@ class _FieldProgram:
 
         def compute(indices):
             combos = self.field_part.index(indices)
-            x0 = builder._table("x0")[builder.init.index(indices)]
+            x0 = builder.x0s(indices)
             groups: dict = {}
             for i, c in enumerate(combos):
                 groups.setdefault(self._structure(self.field(int(c))), []).append(i)

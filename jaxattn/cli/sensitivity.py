@@ -79,11 +79,11 @@ def handle(args) -> int:
         )
     import numpy as np
 
-    from .._sensitivity import value_and_grad
+    from .._sensitivity import objective_value_and_grad
 
     t0 = time.perf_counter()
     try:
-        res = value_and_grad(
+        res = objective_value_and_grad(
             field,
             sim.x0,
             sim.t1,
