@@ -22,11 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/jaxattn demo --out $(OUT)
 
-# `make test`: the fast suite (every test not marked slow; 12 min on 2 cores, 60 % of it
-# XLA compiling ~5,500 programs, with LLVM's optimiser off: tests/conftest.py).
+# `make test`: the fast suite (every test not marked slow; about 8 min on 2 cores, most of
+# it XLA compiling, with LLVM's optimiser off and a compilation cache shared by the two
+# workers: tests/conftest.py).
 # `make test-slow`: the tests marked `@pytest.mark.slow`, the long end-to-end runs (quick
-# forms of the experiments, CLI runs with subprocesses, the benchmark scripts) and the
-# gradient cases beyond the fast suite's pairwise cover. CI runs both. The notebooks are
+# forms of the experiments, CLI runs with subprocesses, the benchmark scripts), the
+# gradient cases beyond the fast suite's pairwise cover and the heaviest cross-checks
+# (LOBPCG against SVD, adjoints against each other). CI runs both. The notebooks are
 # executed by `make docs` (CI's docs step), not by either.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" --durations=15

@@ -83,6 +83,7 @@ from ._base import (
     OutputLockError as OutputLockError,
     clear_caches as clear_caches,
     setup_jax as setup_jax,
+    uniform_tokens as uniform_tokens,
 )
 from ._bounds import (
     Bound as Bound,
@@ -143,6 +144,7 @@ __all__ = [
     "unnormalised_weights",
     # solving
     "setup_jax",
+    "uniform_tokens",
     "clear_caches",
     "simulate",
     "SolveOptions",

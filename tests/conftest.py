@@ -19,6 +19,17 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# Both xdist workers compile many of the same programs (the same solve in several test
+# files), and `_release_compiled_code` below makes a worker recompile what it dropped: a
+# persistent compilation cache shared by the workers turns those repeats into a load.
+# It starts empty in a fresh clone (what CI and a newcomer measure) and lives in
+# tests/.jax-cache (git-ignored); JAXATTN_TEST_CACHE= (empty) turns it off.
+_CACHE = os.environ.get("JAXATTN_TEST_CACHE", os.path.join(os.path.dirname(__file__), ".jax-cache"))
+if _CACHE:
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 try:  # newer JAX spells it as a config option

@@ -92,3 +92,74 @@ def test_coerce_rules():
     ]:
         with pytest.raises(ValueError, match="x"):
             coerce(bad, hint, "x")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_run_is_wrapped_to_compute_in_float64(name):
+    """Every experiment's `run()` goes through `in_float64` (the wrapper's own code, the
+    original kept as `__wrapped__`), and `help(run)` says that it computes in float64."""
+    from jaxattn.experiments._common import in_float64
+
+    mod = _module(name)
+    assert mod.run.__code__ is in_float64(lambda: None).__code__
+    assert callable(mod.run.__wrapped__)
+    assert "Computes in float64" in mod.run.__doc__
+    assert "summary.json" in mod.run.__doc__
+
+
+def test_in_float64_from_a_float32_process():
+    """From a float32 Python process the body sees 64-bit JAX (as under the CLI), its
+    random tokens are the float64 draw, and the process's setting is restored, also when
+    the body raises."""
+    import jax
+    import numpy as np
+
+    from jaxattn.experiments._common import in_float64, uniform_tokens
+
+    @in_float64
+    def body(seed):
+        x = uniform_tokens(seed, 2, 3, 2, -5.0, 5.0, jax.numpy.float64)
+        return jax.config.read("jax_enable_x64"), np.asarray(x)
+
+    @in_float64
+    def fails():
+        raise RuntimeError("boom")
+
+    ref = np.asarray(uniform_tokens(7, 2, 3, 2, -5.0, 5.0, jax.numpy.float64))
+    jax.config.update("jax_enable_x64", False)
+    try:
+        x64, x = body(7)
+        assert x64 is True and x.dtype == np.float64
+        assert jax.config.read("jax_enable_x64") is False
+        with pytest.raises(RuntimeError):
+            fails()
+        assert jax.config.read("jax_enable_x64") is False
+        # float32 tokens of the same seed: the float64 ones, rounded
+        x32 = np.asarray(uniform_tokens(7, 2, 3, 2, -5.0, 5.0, jax.numpy.float32))
+        assert x32.dtype == np.float32
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    np.testing.assert_array_equal(x, ref)
+    np.testing.assert_array_equal(x32, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_help_shows_every_option_with_its_description(name):
+    """`help(Config)` (its docstring, also on the docs site) lists every option with its
+    default, its `--quick` value and the description written beside it in the source;
+    no option is left undescribed."""
+    import pydoc
+
+    from jaxattn._base.config import option_docs
+
+    cfg_cls = _module(name).Config
+    docs = option_docs(cfg_cls)
+    text = pydoc.render_doc(cfg_cls, renderer=pydoc.plaintext)
+    for f in dataclasses.fields(cfg_cls):
+        assert f.name in docs, f"{name}: option {f.name} has no #: description"
+        lines = [ln.lstrip(" |") for ln in text.splitlines()]
+        line = next((ln for ln in lines if ln.startswith(f"- `{f.name}`")), None)
+        assert line is not None, f"{name}: {f.name} missing from help()"
+        assert docs[f.name].split()[0] in line
+        if f.name in cfg_cls.QUICK:
+            assert "--quick" in line

@@ -590,6 +590,7 @@ def test_bad_family_specs_are_one_line_errors(change, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_family_spec_through_the_cli_simulate_and_sweep(tmp_path, capsys):
     """`jaxattn simulate` of a family spec, and `jaxattn sweep` over its normalisation
     scheme and the norm of a LoRA on one head of the second layer (two field structures,
@@ -708,6 +709,7 @@ def test_random_members_are_drawn_as_the_papers_draw_them():
         TransformerField.random(4, key=key, qk="wishart")
 
 
+@pytest.mark.slow
 def test_the_gradient_tool_takes_a_family_member():
     """`objective_value_and_grad` on a two-head ALiBi member with a LoRA on one head's K:
     its gradients wrt Q (shape (L, H, e, d)), β and the LoRA factors equal central

@@ -218,6 +218,7 @@ def test_every_kernel_gradient_wrt_every_input(kernel, block, normalise):
         np.testing.assert_allclose(np.ravel(g[name]), fd, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "adjoint", ["checkpoint", pytest.param("backsolve", marks=pytest.mark.slow)]
 )

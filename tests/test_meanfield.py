@@ -184,6 +184,7 @@ def test_sinkhorn_divergence_tends_to_w2_squared_and_vmaps():
     assert abs(s[-1] - w2sq) < abs(s[0] - w2sq)  # closer as ε decreases
 
 
+@pytest.mark.slow
 def test_sinkhorn_sizes_weights_and_gradient():
     # Weighted Diracs on the line: 0.5δ_0 + 0.5δ_2 against δ_1, W2² = 1. With one target
     # point the plan is forced (KL = 0): OT_ε = 1 exactly, and OT_ε(ν, ν) = 0, while
@@ -204,6 +205,7 @@ def test_sinkhorn_sizes_weights_and_gradient():
     assert abs(float(jnp.sum(g * v)) - fd) < 1e-5 * max(1.0, abs(fd))
 
 
+@pytest.mark.slow
 def test_sinkhorn_row_blocks_match_dense():
     # The row-blocked geometry (used automatically for large clouds) gives the same
     # divergence as the dense one, to the solver's tolerance.

@@ -468,3 +468,40 @@ def test_study_summary_trend_and_capacity(tmp_path):
         row = next(r for r in table.splitlines() if r.startswith(f"| {d} |"))
         assert f"| {s['per_depth'][str(d)]['in_trend']}/3 |" in row
     assert f"verdict: {s['trend']['verdict']}" in table
+
+
+@pytest.mark.slow
+def test_particle_divergence_runs_in_float64_without_precision_warnings():
+    """The study's particle step is computed in float64 whatever the model was trained
+    in: a float32 model whose `O V` has a wide eigenvalue spread (here scaled ×8, so that
+    float32 logits cannot resolve it to T = depth) gives no `Float32PrecisionWarning` and
+    the numbers of the same weights in float64, and 64-bit JAX is restored after."""
+    import warnings
+
+    from jaxattn import Float32PrecisionWarning
+    from jaxattn.modular import particle_divergence
+
+    base = ModularTransformer(tiny(dtype="float32", depth=3), key=jax.random.key(0))
+    base = eqx.tree_at(lambda m: m.block.V, base, 8.0 * base.block.V)
+    tuned = eqx.tree_at(lambda m: m.block.Q, base, 1.01 * base.block.Q)
+    tokens, _ = all_pairs(7, "+")
+    tokens = tokens[:6]
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Float32PrecisionWarning)
+            got = particle_divergence(base, tuned, tokens)
+        assert jax.config.read("jax_enable_x64") is False
+        with pytest.warns(Float32PrecisionWarning):  # the float32 step would warn
+            particle_divergence(base, tuned, tokens, dtype=jnp.float32)
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    base64, tuned64 = (
+        jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, m)
+        for m in (base, tuned)
+    )
+    want = particle_divergence(base64, tuned64, tokens)
+    assert set(got) == {"div_euler", "rel_div_euler", "div_rk4", "rel_div_rk4"}
+    for k in got:
+        # the same maths; O·V is formed in the model's dtype (float32 rounding of O V)
+        assert np.isclose(got[k], want[k], rtol=1e-5), (k, got[k], want[k])

@@ -45,3 +45,18 @@ def test_cli_defaults_to_a_headless_backend_but_respects_mplbackend():
     """
     assert _run(code).lower() == "agg"
     assert _run(code, env_backend="svg").lower() == "svg"
+
+
+def test_study_colours_stay_visible_on_white():
+    """Every depth colour of the modular study's figures is dark enough to read on white
+    (relative luminance ≤ 0.6; viridis's pale-yellow end is 0.87), also for one depth."""
+    from jaxattn.plotting._modular import depth_colors
+
+    def luminance(rgba):
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3])
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    for depths in ([6], [2, 6], [2, 3, 4, 5, 6, 7, 8]):
+        cols = depth_colors(depths)
+        assert set(cols) == set(depths)
+        assert max(luminance(c) for c in cols.values()) <= 0.6, depths

@@ -400,3 +400,27 @@ def test_runtime_type_checks_are_on():
     # wrong type: a threshold is a number, not a string
     with pytest.raises(TypeCheckError, match="delta"):
         ja.chord_from_cosine_gap("0.1")
+
+
+@pytest.mark.slow
+def test_readme_snippet_in_float32_gives_the_demos_numbers(capsys):
+    """The README's first Python snippet, run as a new user runs it (float32, no
+    `setup_jax`), draws the demo's tokens (seed 0, rounded) and prints the demo's numbers:
+    the same cluster counts and the final divergence of `docs/demo/summary.json` to 1e-4
+    relative (float32 against float64 over 400 RK4 steps)."""
+    import jax
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    summary = json.loads((ROOT / "docs" / "demo" / "summary.json").read_text())
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with unchecked():
+            exec(compile(code.group(1), "README.md", "exec"), {})
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    words = capsys.readouterr().out.split()
+    assert int(words[0]) == summary["clusters_original"]
+    assert int(words[1]) == summary["clusters_lora"]
+    assert abs(float(words[2]) / summary["final_divergence"] - 1) < 1e-4

@@ -620,6 +620,7 @@ def testexponential_shift_is_the_spectral_abscissa():
     assert float(exponential_shift(jnp.asarray(S))) == float(jnp.linalg.eigvalsh(S)[-1])
 
 
+@pytest.mark.slow
 def test_float32_non_normal_v_keeps_the_float64_clustering_and_warns():
     import warnings
 
@@ -686,3 +687,34 @@ def test_bad_python_calls_are_one_line_value_errors(case):
     with unchecked(), pytest.raises(ValueError, match=match) as e:
         call()
     assert "\n" not in str(e.value), name
+
+
+def test_reproduce_seed_reaches_the_config_or_is_refused(tmp_path, capsys, monkeypatch):
+    """`reproduce --seed S` runs the experiment with `seed = S` (the same tokens as
+    `run(out, seed=S)` from Python); an experiment without a seed option, or a seed that
+    is not a non-negative integer, is a one-line error before any output."""
+    from jaxattn.experiments import stability_bound
+
+    got = {}
+
+    def run(out, quick=False, **kw):
+        got.update(kw)
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump({"experiment": stability_bound.NAME}, fh)
+        return {}
+
+    monkeypatch.setattr(stability_bound, "run", run)
+    out = tmp_path / "s"
+    assert cli.main(["reproduce", "stability-bound", "--seed", "5", "--out", str(out)]) == 0
+    assert got == {"seed": 5}
+    capsys.readouterr()
+    for argv, needle in (
+        (["reproduce", "mean-field", "--seed", "1"], "has no seed option"),
+        (["reproduce", "stability-bound", "--seed", "x"], "--seed must be a non-negative integer"),
+        (["reproduce", "stability-bound", "--seed", "-3"], "--seed must be ≥ 0"),
+    ):
+        bad = tmp_path / "bad"
+        assert cli.main([*argv, "--out", str(bad)]) == 2
+        err = _err(capsys)
+        assert needle in err and "\n" not in err.strip(), err
+        assert not bad.exists()

@@ -100,6 +100,7 @@ def test_fixed_step_gradients_match_finite_differences(dynamics, adjoints):
         assert abs(ad - fd) <= 1e-6 * abs(fd), (adjoint, ad, fd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dynamics",
     [
@@ -120,6 +121,7 @@ def test_adaptive_gradients_match_finite_differences(dynamics):
         assert abs(ad - fd) <= 1e-5 * abs(fd), (adjoint, ad, fd)
 
 
+@pytest.mark.slow
 def test_checkpoint_count_and_squared_distance_objective():
     """Fewer checkpoints recompute more but give the same gradient; the squared_distance
     objective differentiates both runs (with and without the LoRA) and is zero-valued
@@ -217,6 +219,7 @@ def test_worst_case_sign_does_not_depend_on_solver_or_start(small_operator):
         np.testing.assert_allclose(wc.directions, runs[0].directions, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lobpcg_worst_case_matches_full_jacobian_svd_in_d3():
     """d = 3 (9 unknowns: the LOBPCG path, not the dense one of d = 2): the top singular
     value and vector at each time equal those of the full forward-mode Jacobian."""
@@ -325,6 +328,7 @@ def _spec(tmp_path, *, dyn="plain", kind="mean_sq", adjoint="checkpoint", lora=T
     return str(p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint", ["checkpoint", "forward"])
 def test_cli_sensitivity_writes_value_and_gradients(tmp_path, adjoint):
     out = tmp_path / "g.npz"
@@ -357,6 +361,7 @@ def test_cli_sensitivity_writes_value_and_gradients(tmp_path, adjoint):
     np.testing.assert_allclose(z["grad_V"], ref.grads["V"], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_squared_distance_is_half_sum_of_squares_and_old_name_maps_to_it():
     """The objective is ½Σ_i|x_i − x̃_i|² (not `jaxattn.divergence` = max_i|x_i − x̃_i|);
     the old name "divergence" still works, with a FutureWarning, and gives the same."""
@@ -372,6 +377,7 @@ def test_squared_distance_is_half_sum_of_squares_and_old_name_maps_to_it():
     assert old.objective == "squared_distance" and old.value == g.value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["squared_distance", "divergence"])
 def test_cli_prints_the_objective_and_e_T_by_their_definitions(tmp_path, capsys, kind):
     """The CLI prints the objective as ½Σ|Δx|² under its own name and e(T) = max_i|Δx_i|

@@ -56,9 +56,16 @@ def _closed_form_jacobian(V, x0, times):
 
 
 @pytest.fixture(scope="module")
-def generic():
+def generic_system():
     V = _generic_V()
-    field, x0s = _system(V)
+    return (V, *_system(V))
+
+
+@pytest.fixture(scope="module")
+def generic(generic_system):
+    """The system and its worst case against random directions (LOBPCG: the expensive
+    part, about 25 s; its users are in the slow suite)."""
+    V, field, x0s = generic_system
     op = ja.ResponseOperator(field, x0s[0], TIMES[-1], TIMES, "V", **SOLVE)
     R = ja.random_directions(jax.random.key(5), 6, D)
     Rr = ja.random_directions(jax.random.key(6), 5, D, rank=1)
@@ -67,6 +74,7 @@ def generic():
 
 
 # ------------------------------------------------------------------ worst vs random
+@pytest.mark.slow
 def test_worst_vs_random_matches_the_closed_form_jacobian(generic):
     """σ, the random responses and every ratio equal those of the closed-form Jacobian
     (NumPy SVD and products in float64) at each initial condition and time."""
@@ -99,6 +107,7 @@ def test_worst_vs_random_matches_the_closed_form_jacobian(generic):
     np.testing.assert_allclose(res.base, base, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_worst_vs_random_restores_the_operator_and_needs_an_initial_condition(generic):
     _, _, x0s, op, R, Rr, _ = generic
     np.testing.assert_array_equal(np.asarray(op.x0), np.asarray(x0s[0]))
@@ -106,6 +115,7 @@ def test_worst_vs_random_restores_the_operator_and_needs_an_initial_condition(ge
         C.worst_vs_random(op, [], R, Rr)
 
 
+@pytest.mark.slow
 def test_worst_vs_random_when_the_response_is_t_delta_m():
     """V = 0: `δx_i(t) = t Δ m` exactly, so `|J_t Δ| = √n t |Δ m|`: σ = √n t |m|, reached
     by the rank-1 directions u mᵀ/|m| (rank-1 worst = worst), and a random R gives
@@ -132,14 +142,15 @@ def test_worst_vs_random_when_the_response_is_t_delta_m():
 
 
 # ------------------------------------------------------------------ brute force
-def test_full_jacobian_is_the_frechet_derivative_of_the_exponential(generic):
-    V, field, x0s, *_ = generic
+def test_full_jacobian_is_the_frechet_derivative_of_the_exponential(generic_system):
+    V, field, x0s = generic_system
     J = C.full_jacobian(field, x0s[0], TIMES[-1], TIMES, "V", **SOLVE)
     ref = _closed_form_jacobian(V, x0s[0], TIMES)
     assert J.shape == ref.shape == (2, N * D, D * D)
     np.testing.assert_allclose(J, ref, rtol=1e-7, atol=1e-9 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_brute_force_check_agrees_with_the_worst_case(generic):
     """The forward-mode Jacobian's SVD and the LOBPCG worst case agree; the check's σ_svd
     is the closed form's top singular value."""

@@ -206,6 +206,7 @@ def test_summary_saves_fn_of_state_instead_of_tokens():
 
 # Output at given times in the slow suite: backsolve with `ts` is also differentiated by
 # test_speed_paths.py (float32) and test_sensitivity.py (against finite differences).
+@pytest.mark.slow
 @pytest.mark.parametrize("save_every_step", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_backsolve_works_on_any_field_and_saveat(save_every_step):
     # BacksolveAdjoint needs three things diffrax does not do by itself, which `simulate`
@@ -282,18 +283,26 @@ def test_solution_states_its_frame_and_to_x_undoes_the_rescaling():
         lambda: ja.make_field("usa", d=3, dtype="float64"),
     ],
 )
-def test_float64_field_without_x64_is_the_same_error_as_a_float64_x0(make):
-    """One float64 rule: asking a field for float64 while 64-bit JAX is off raises the
-    same one-line error as a float64 x0 (instead of silently giving float32)."""
+def test_float64_without_x64_one_rule(make):
+    """One float64 rule: asking a field or `simulate` for float64 while 64-bit JAX is off
+    raises the same one-line error, naming `setup_jax` and `dtype="float32"`; tokens
+    whose dtype was not asked for (a float64 NumPy array, a Python list) both run in
+    JAX's default float32."""
     jax.config.update("jax_enable_x64", False)
     try:
         with pytest.raises(ValueError) as field_err:
             make()
         with pytest.raises(ValueError) as x0_err:
-            ja.simulate(ja.PlainField(d=2), np.ones((3, 2), np.float64), 0.1)
+            ja.simulate(ja.PlainField(d=2), np.ones((3, 2)), 0.1, dtype="float64")
         assert str(field_err.value) == str(x0_err.value)
-        assert "float64 needs 64-bit JAX" in str(field_err.value)
-        assert "\n" not in str(field_err.value)
+        msg = str(field_err.value)
+        assert "float64 needs 64-bit JAX" in msg and 'setup_jax("float64")' in msg
+        assert 'dtype="float32"' in msg and "\n" not in msg
+        x0 = np.array([[1.0, 0.5], [-0.5, 1.0], [0.25, -1.0]])
+        from_numpy = ja.simulate(ja.PlainField(d=2), x0, 0.1, dt=0.05)
+        from_list = ja.simulate(ja.PlainField(d=2), x0.tolist(), 0.1, dt=0.05)
+        assert from_numpy.xs.dtype == from_list.xs.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(from_numpy.xs), np.asarray(from_list.xs))
         assert ja.PlainField(d=2, dtype="float32").V.dtype == jnp.float32  # still fine
     finally:
         jax.config.update("jax_enable_x64", True)
@@ -321,6 +330,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_xla_optimisation_level_does_not_change_the_numbers(tmp_path):
     # The suite compiles with LLVM's optimiser off (conftest.py); users run XLA's
     # defaults. The same solves at the default level, in a fresh process, agree with this
@@ -365,3 +375,41 @@ def test_progress_into_a_pipe_is_a_few_plain_lines(capfd):
     assert "\r" not in text
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert 3 <= len(lines) <= 15 and lines[-1].strip() == "100.00%"
+
+
+def test_a_seed_names_the_same_draw_in_both_dtypes():
+    """Random inputs are drawn in float64 and cast: the float32 tokens and weights of a
+    seed are its float64 ones rounded (bit for bit), with 64-bit JAX on or off.
+    `jax.random.uniform(key, …, float32)` itself gives unrelated numbers."""
+    from jaxattn._spec.spec import initial_tokens
+
+    def draws(dtype):
+        key = jax.random.key(7)
+        return [
+            initial_tokens(
+                {"kind": "uniform", "n": 5, "d": 2, "seed": 7, "low": -5.0, "high": 5.0},
+                dtype,
+                None,
+            ),
+            initial_tokens({"kind": "normal", "n": 4, "d": 3, "seed": 7}, dtype, None),
+            ja.LoRA.random(3, rank=1, norm=0.5, key=key, dtype=dtype).A,
+            ja.TransformerField.random(3, key=key, heads=2, dtype=dtype).Q,
+            ja.InitialMeasure.uniform(2, -1.0, 1.0).sample(key, 6, dtype),
+        ]
+
+    ref = [np.asarray(a) for a in draws(jnp.float64)]
+    on = [np.asarray(a) for a in draws(jnp.float32)]
+    jax.config.update("jax_enable_x64", False)
+    try:
+        off = [np.asarray(a) for a in draws(jnp.float32)]
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    for i, (r, a, b) in enumerate(zip(ref, on, off, strict=True)):
+        assert r.dtype == np.float64 and a.dtype == b.dtype == np.float32
+        if i < 2:  # tokens: the cast itself
+            np.testing.assert_array_equal(a, r.astype(np.float32))
+        else:  # weights: then scaled in the dtype (a few float32 units of rounding)
+            np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(b, a)
+    plain = np.asarray(jax.random.uniform(jax.random.key(7), (5, 2), jnp.float32, -5.0, 5.0))
+    assert np.max(np.abs(plain - ref[0])) > 1.0  # the trap the draws avoid

@@ -222,10 +222,11 @@ def test_float32_simulate_matches_textbook_rk4():
     np.testing.assert_allclose(got, z, rtol=2e-5, atol=2e-5)
 
 
-# float64 in the slow suite: the three adjoints' float64 gradients are checked against
-# finite differences by test_sensitivity.py, and jax.grad through `simulate` by
-# test_simulate.py's backsolve test; float32 is this test's own case.
-@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])
+# In the slow suite: the fast suite checks the adjoints' float64 gradients against
+# finite differences (test_sensitivity.py, pairwise) and the batch gradient against the
+# sum of single solves (below); float32 agreement is this test's own case.
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_gradients_agree_across_adjoints(dtype):
     d = 3
     x0 = _rand((6, d), 0, 0.8).astype(dtype)

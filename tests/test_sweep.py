@@ -43,6 +43,7 @@ def _run(spec, out, **kw):
     return sweep(spec, str(out), progress=False, log=None, **kw)
 
 
+@pytest.mark.slow
 def test_each_point_equals_its_own_simulation(tmp_path):
     # Point p of the sweep is the simulation of the spec with p's grid values filled in:
     # compare with two independent `simulate` calls (perturbed and unperturbed).
@@ -75,6 +76,7 @@ def test_each_point_equals_its_own_simulation(tmp_path):
         np.testing.assert_array_equal(z["grid_lora.target"], ["Q", "V"])
 
 
+@pytest.mark.slow
 def test_four_devices_give_identical_results(tmp_path, monkeypatch):
     assert len(jax.local_devices()) == 4  # conftest: 4 simulated CPU devices
     r1 = _run(SPEC, tmp_path / "one", devices=jax.local_devices()[:1])
@@ -150,6 +152,7 @@ def test_interrupted_sweep_resumes_to_the_same_file(tmp_path):
     assert _sha(part / "result.npz") == _sha(full / "result.npz")
 
 
+@pytest.mark.slow
 def test_processes_share_chunks_round_robin(tmp_path):
     single = _run(SPEC, tmp_path / "single")
     shared = tmp_path / "shared"

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from .._base import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike, check_choice
+from .._base import Array, ArrayLike, Float, PRNGKeyArray, ScalarLike, check_choice, draw
 from .._model import AbstractField
 from .._simulate import simulate
 from .wasserstein import sinkhorn_divergence, sliced_wasserstein2, wasserstein2
@@ -131,8 +131,13 @@ class InitialMeasure(eqx.Module):
         if isinstance(n, bool) or int(n) < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         dtype = dtype or jnp.result_type(float)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(int(n)))
-        return jax.vmap(lambda k: self._point(k, dtype))(keys)
+
+        def points(key, dt):
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(int(n)))
+            return jax.vmap(lambda k: self._point(k, dt))(keys)
+
+        # drawn in float64 and cast: a seed names the same points in either dtype
+        return draw(points, key, dtype)
 
 
 def _check_dim(d) -> int:

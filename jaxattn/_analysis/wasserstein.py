@@ -49,6 +49,7 @@ from .._base import (
     check_choice,
     check_int,
     check_memory,
+    draw_normal,
 )
 
 COSTS = ("euclidean", "geodesic")
@@ -434,7 +435,7 @@ def wasserstein2_line(
 def _unit_directions(key, n: int, d: int, dtype=None) -> Float[Array, "n d"]:
     """`n` directions uniform on the unit sphere `S^{d−1}` (normalised Gaussians)."""
     dtype = dtype or jnp.result_type(float)
-    g = jax.random.normal(key, (n, d), dtype)
+    g = draw_normal(key, (n, d), dtype)  # in float64, cast: the same directions in either dtype
     return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
 
 

@@ -41,6 +41,12 @@ from .io import (
     write_npz as write_npz,
     write_text as write_text,
 )
+from .random import (
+    draw as draw,
+    draw_normal as draw_normal,
+    draw_uniform as draw_uniform,
+    uniform_tokens as uniform_tokens,
+)
 from .setup import setup_jax as setup_jax
 from .stats import loglog_fit as loglog_fit, nanmedian as nanmedian
 from .validate import (

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import re
 import types
 import typing
 from typing import Any, ClassVar, Literal, TypeVar
@@ -36,6 +37,10 @@ class ExperimentConfig:
 
     #: overrides applied by `build(quick=True)`
     QUICK: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = _with_options(cls)
 
     @classmethod
     def build(cls: type[C], quick: bool = False, **overrides: Any) -> C:
@@ -139,3 +144,69 @@ def plain_hints(cls: type) -> dict[str, Any]:
         keep = [a for a in args if a in _PLAIN or typing.get_origin(a) is tuple]
         out[name] = functools.reduce(operator.or_, keep)
     return out
+
+
+_OPTION_LINE = re.compile(r"^(\s+)(\w+)\s*:\s*[^=]+?(?:=\s*(.*?))?\s*(?:#:\s*(.*))?$")
+
+
+def option_docs(cls: type) -> dict[str, str]:
+    """The description of each option of a config class, from its source: the `#:`
+    comment at the end of the option's line, or the `#:` lines just above it."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (an interactive session)
+        return {}
+    own = set(inspect.get_annotations(cls))
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        m = _OPTION_LINE.match(line)
+        if m and m.group(2) in own and not stripped.startswith(("def ", "@")):
+            text = m.group(4) or " ".join(pending)
+            if text:
+                docs[m.group(2)] = text
+        if stripped and not stripped.startswith("#"):
+            pending = []
+    return docs
+
+
+def _with_options(cls: type) -> str:
+    """`cls`'s docstring followed by its options (type, default, description, and the
+    `--quick` value), as `help()` and the docs site show them."""
+    import inspect
+
+    hints = inspect.get_annotations(cls)
+    docs = option_docs(cls)
+    quick = cls.__dict__.get("QUICK", {})
+    rows = []
+    for name, hint in hints.items():
+        if name.startswith("_") or str(hint).startswith(("ClassVar", "typing.ClassVar")):
+            continue
+        default = cls.__dict__.get(name, dataclasses.MISSING)
+        shown = (
+            "required" if default is dataclasses.MISSING else f"default `{_short_repr(default)}`"
+        )
+        q = f"; `--quick`: `{_short_repr(quick[name])}`" if name in quick else ""
+        text = docs.get(name, "")
+        rows.append(f"    - `{name}` ({shown}{q}){': ' + text if text else ''}")
+    head = (cls.__doc__ or "").rstrip()
+    if not rows:
+        return head
+    return (
+        f"{head}\n\n    **Options** (`Config.build(quick, **overrides)` checks each):\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, tuple) and len(text) > 60:
+        text = f"({_short_repr(value[0])}, …, {_short_repr(value[-1])}) ({len(value)} values)"
+    return text

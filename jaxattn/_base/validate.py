@@ -211,7 +211,7 @@ def check_dtype(dtype) -> jnp.dtype:
     check_choice(name, "dtype", DTYPES)
     if name == "float64" and not jax.config.read("jax_enable_x64"):
         raise ValueError(
-            "dtype float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
-            "before creating arrays (or use dtype float32)"
+            'dtype float64 needs 64-bit JAX: call jaxattn.setup_jax("float64") before '
+            'creating arrays, or pass dtype="float32"'
         )
     return jnp.dtype(name)

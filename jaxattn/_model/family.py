@@ -68,6 +68,7 @@ from .._base import (
     check_int,
     check_memory,
     check_positive,
+    draw_normal,
 )
 from .attention import KERNELS, attend
 from .fields import expm, exponential_shift, tangent
@@ -653,10 +654,10 @@ class TransformerField(AbstractVectorField):
             kq, kk, kv = jax.random.split(k, 3)
 
             def normal(k_, scale):
-                return scale * jax.random.normal(k_, (d, d), dtype)
+                return scale * draw_normal(k_, (d, d), dtype)
 
             if qk == "goe":
-                G = jax.random.normal(kq, (d, d), dtype)
+                G = draw_normal(kq, (d, d), dtype)
                 Q, K = (G + G.T) / math.sqrt(2 * d), eye
             else:
                 scale = 0.02 if qk == "gpt2" else 1 / math.sqrt(d)

@@ -26,6 +26,8 @@ from .._base import (
     as_float_array,
     check_finite,
     check_positive,
+    draw_normal,
+    draw_uniform,
 )
 
 #: the attention matrices a LoRA can perturb
@@ -124,7 +126,7 @@ class LoRA(eqx.Module):
         d_out = d_in if d_out is None else d_out
         _check_rank(rank, min(d_in, d_out))
         dtype = dtype or jnp.result_type(float)
-        A = jax.random.uniform(key, (rank, d_in), dtype, -1.0, 1.0) / float(np.sqrt(d_in))
+        A = draw_uniform(key, (rank, d_in), dtype, -1.0, 1.0) / float(np.sqrt(d_in))
         B = jnp.zeros((d_out, rank), dtype)
         return cls(A, B, float(rank) if alpha is None else alpha, target)
 
@@ -151,8 +153,8 @@ class LoRA(eqx.Module):
         _check_rank(rank, d)
         dtype = dtype or jnp.result_type(float)
         ka, kb = jax.random.split(key)
-        A = jax.random.normal(ka, (rank, d), dtype)
-        B = jax.random.normal(kb, (d, rank), dtype)
+        A = draw_normal(ka, (rank, d), dtype)
+        B = draw_normal(kb, (d, rank), dtype)
         scale = jnp.asarray(alpha, dtype) / rank
         sigma = jnp.linalg.norm(scale * (B @ A), ord=2)
         norm = jnp.asarray(norm, dtype)

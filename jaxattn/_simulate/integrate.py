@@ -430,7 +430,10 @@ def simulate(
       non-adaptive solvers use `dt = 0.1` and adaptive ones `rtol = 1e-6, atol = 1e-9`.
     - `ts`: output times in `[t0, t1]` (interpolated by the solver's dense output).
       Default: every step for fixed steps, 101 equally spaced times for adaptive ones.
-    - `dtype`: `float32 | float64` (default: that of `x0`, else JAX's default float).
+    - `dtype`: `float32 | float64`. Default: that of `x0` if it is a float array, else
+      JAX's default float; without 64-bit JAX (`setup_jax("float64")`) that default is
+      float32, for a float64 NumPy array as for a Python list. An explicit
+      `dtype="float64"` without 64-bit JAX is an error.
     - `max_steps`: cap for adaptive solves (default 100 000).
     - `renormalise`: sphere dynamics only: project back onto the sphere after each step.
     - `adjoint`: `"checkpoint"` (default, reverse mode with `checkpoints`), `"backsolve"`
@@ -467,8 +470,11 @@ def simulate(
         opts = options
     if dtype is None:
         x0_dtype = getattr(x0, "dtype", None)
+        x64 = jax.config.read("jax_enable_x64")
         if x0_dtype is not None and jnp.issubdtype(x0_dtype, jnp.floating):
-            dtype = x0_dtype
+            # x0's own precision where JAX has it; a float64 NumPy array without 64-bit
+            # JAX runs in float32, as a Python list does (JAX's default float)
+            dtype = x0_dtype if x64 or jnp.dtype(x0_dtype).itemsize < 8 else jnp.float32
         else:
             dtype = jnp.result_type(float)
     dtype = check_dtype(dtype)

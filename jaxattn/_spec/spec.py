@@ -27,6 +27,8 @@ from .._base import (
     check_number,
     check_seed,
     check_tokens,
+    draw_normal,
+    draw_uniform,
 )
 from .._model import (
     DYNAMICS,
@@ -282,14 +284,14 @@ def initial_tokens(init: dict, dtype, d_hint: int | None) -> jax.Array:
         bad = sorted({"scale"} & set(init))
         if bad:
             raise SpecError(f"init kind uniform takes low/high, not {', '.join(bad)}")
-        return jax.random.uniform(key, (n, d), dtype, low, high)
+        return draw_uniform(key, (n, d), dtype, low, high)
     bad = sorted({"low", "high"} & set(init))
     if bad:
         raise SpecError(f"init kind {kind} takes scale, not {', '.join(bad)}")
     scale = _num(init.get("scale", 1.0), "init scale")
     if scale <= 0:
         raise SpecError(f"init scale must be > 0, got {scale}")
-    x = jax.random.normal(key, (n, d), dtype)
+    x = draw_normal(key, (n, d), dtype)
     if kind == "sphere":
         return unit_rows(x)
     return scale * x

@@ -18,6 +18,11 @@ def register(sub) -> None:
     p.add_argument("--x0", help="initial tokens from a .npy file, shape (n, d)")
     p.add_argument("--metric", help="departure-time metric: hausdorff (default) | paper")
     p.add_argument(
+        "--seed",
+        help="seed of the experiment's random initial conditions (its config's seed; "
+        "a seed names the same tokens as in Python, in float64)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="write into an --out that holds files this experiment did not write there",
@@ -139,6 +144,21 @@ def handle(args) -> int:
         overrides["eps"] = parse_eps(given["eps"])
     if "x0" in given:
         overrides["x0"] = load_x0(given["x0"])
+    if args.seed is not None:
+        import dataclasses
+
+        if "seed" not in {f.name for f in dataclasses.fields(mod.Config)}:
+            raise ValueError(
+                f"experiment {args.name} has no seed option (its random inputs are fixed "
+                "by its config)"
+            )
+        from .._base import check_seed
+
+        try:
+            seed = int(args.seed)
+        except ValueError:
+            raise ValueError(f"--seed must be a non-negative integer, got {args.seed!r}") from None
+        overrides["seed"] = check_seed(seed, "--seed")
     if "metric" in given:
         if given["metric"] not in ("hausdorff", "paper"):
             raise ValueError(f"unknown metric {given['metric']!r}; choose hausdorff or paper")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,8 +10,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._base import ExperimentConfig, loglog_fit as loglog_fit, nanmedian as nanmedian
+from .._base import ExperimentConfig, draw, loglog_fit as loglog_fit, nanmedian as nanmedian
 from .._model import LoRA
+
+FLOAT64_NOTE = """
+    Computes in float64 whether it is called from Python or from the CLI (64-bit JAX
+    is switched on for the run with `jax.enable_x64`, the process's own setting is
+    restored afterwards), so both give the same numbers; `summary.json` records the
+    dtype (`"dtype"`). Random inputs are drawn from the config's seeds in float64."""
+
+
+def in_float64(run):
+    """Run an experiment's `run()` with 64-bit JAX on (`FLOAT64_NOTE`, appended to its
+    docstring)."""
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        with jax.enable_x64(True):
+            return run(*args, **kwargs)
+
+    wrapper.__doc__ = (run.__doc__ or "").rstrip() + "\n" + FLOAT64_NOTE
+    return wrapper
 
 
 def default_dtype():
@@ -19,8 +39,13 @@ def default_dtype():
 
 def uniform_tokens(seed: int, batch: int, n: int, d: int, low: float, high: float, dtype):
     """`batch` independent draws of n tokens in [low, high]^d, reproducible from `seed`."""
-    keys = jax.random.split(jax.random.key(seed), batch)
-    return jax.vmap(lambda k: jax.random.uniform(k, (n, d), dtype, low, high))(keys)
+    return draw(
+        lambda key, dt: jax.vmap(lambda k: jax.random.uniform(k, (n, d), dt, low, high))(
+            jax.random.split(key, batch)
+        ),
+        jax.random.key(seed),
+        dtype,
+    )
 
 
 def config_key(cfg: Mapping[str, Any] | ExperimentConfig, keys, parts=(), arrays=()) -> str:

@@ -33,6 +33,7 @@ from .._sweep import run_chunks, sweep_id
 from ._common import (
     config_key,
     default_dtype,
+    in_float64,
     loglog_fit,
     nanmedian,
     perturbation,
@@ -51,13 +52,13 @@ class Config(ExperimentConfig):
     n: int = 20  #: tokens per initial condition
     d: int = 2  #: token dimension (the perturbation is 2-D; part of the chunk hash)
     low: float = -1.0  #: initial tokens ~ U[low, high]²
-    high: float = 1.0
+    high: float = 1.0  #: upper bound of the initial tokens
     n_ic: int = 16  #: random initial conditions
     eps: tuple[float, ...] = tuple(float(v) for v in np.logspace(-3, -1, 30))  #: ε values
     t1: float = 1000.0  #: end time of the perturbed runs
     t_ref: float = 20.0  #: time of the reference clusters (V = I)
     dt: float = 0.1  #: solver step
-    solver: str = "rk4"
+    solver: str = "rk4"  #: fixed-step solver of the runs
     delta: float = 0.1  #: approach/departure threshold δ on D(t)
     metric: Literal["hausdorff", "paper"] = "hausdorff"  #: D(t): two- or one-sided
     seed: int = 0  #: seed of the random initial conditions
@@ -169,7 +170,15 @@ def _cfg_hash(cfg: Config, x0) -> str:
     return config_key(cfg.to_dict(), keys, arrays=(x0,))
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the departure-time study (module docstring) and write `phases.png`,
+    `departure_vs_eps.png`, `departure_time.npz`, `departure_time.csv` and `summary.json`
+    into `out_dir`; return the summary (the dict in `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
@@ -245,6 +254,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
+        "dtype": jnp.dtype(dtype).name,
         "config": cfg_print,
         "x0_source": "file" if cfg.x0 is not None else f"uniform seed {cfg.seed}",
         "eps": eps,

@@ -36,10 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import booleanness, cluster_centres_masked, cluster_labels, leaders, support
-from .._base import ExperimentConfig, check_output_dir, write_atomic, write_json, write_npz
+from .._base import (
+    ExperimentConfig,
+    check_output_dir,
+    draw_uniform,
+    write_atomic,
+    write_json,
+    write_npz,
+)
 from .._model import PlainField, RescaledField
 from .._simulate import simulate
 from ._clusters import final_motion, hull_directions, hull_vertex_mask
+from ._common import in_float64
 
 NAME = "geometries"
 DESCRIPTION = (
@@ -173,7 +181,7 @@ def clusters_np(x, threshold) -> list[dict]:
 
 
 def _tokens(key, shape, low, high, dtype):
-    return jax.random.uniform(key, shape, dtype, low, high)
+    return draw_uniform(key, shape, dtype, low, high)
 
 
 # -- the cases -----------------------------------------------------------------------
@@ -464,6 +472,7 @@ def _solve(field, x0, cfg: Config):
     return sol
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     """Run the five cases, write figures, `geometries.npz`, `checks.csv` and
     `summary.json` into `out_dir`, and return the summary."""

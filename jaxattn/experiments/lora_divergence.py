@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import cluster_count, divergence
-from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._base import ExperimentConfig, check_output_dir, draw_uniform, write_json, write_npz
 from .._bounds import bound_a_posteriori, bound_a_priori, certified_horizon
 from .._model import LoRA, RescaledField
 from .._simulate import simulate
+from ._common import in_float64
 
 NAME = "lora-divergence"
 DESCRIPTION = "original vs LoRA run side by side, e(t) with the bounds, Q/K/V compared"
@@ -34,12 +35,12 @@ class Config(ExperimentConfig):
     n: int = 50  #: tokens
     d: int = 2  #: token dimension
     low: float = -5.0  #: initial tokens ~ U[low, high]^d
-    high: float = 5.0
+    high: float = 5.0  #: upper bound of the initial tokens
     eps: float = 0.1  #: size of the LoRA (‖ΔV‖₂)
     t1: float = 40.0  #: end time
     dt: float = 0.1  #: solver step
     seed: int = 0  #: seed of the initial tokens
-    solver: str = "rk4"
+    solver: str = "rk4"  #: fixed-step solver (euler, heun, rk4)
     cluster_threshold: float = 0.1  #: distance under which tokens count as one cluster
     separation: float = 0.1  #: e(t) above this: the runs are apart
     eta: float = 0.1  #: certified horizon: largest t with bound ≤ eta
@@ -49,6 +50,18 @@ class Config(ExperimentConfig):
     compare_seed: int = 1  #: seed of the random Q/K/V LoRA directions
     compare_targets: bool = True  #: also run the random Q, K and V LoRAs
     gif: bool = True  #: write trajectories.gif
+    #: times of the snapshots in trajectories.png (None: 0, 2, 5, 10, 20, t1; 5 evenly
+    #: spaced times when t1 < 20)
+    snapshot_times: tuple[float, ...] | None = None
+
+    def check(self) -> None:
+        if self.snapshot_times is not None and (
+            not self.snapshot_times or any(not 0 <= t <= self.t1 for t in self.snapshot_times)
+        ):
+            raise ValueError(
+                f"snapshot_times must be times in [0, t1 = {self.t1:g}], got "
+                f"{list(self.snapshot_times)}"
+            )
 
     QUICK: ClassVar[dict[str, Any]] = dict(n=20, t1=10.0, gif_frames=12)
 
@@ -58,13 +71,21 @@ def paper_lora(eps: float, dtype) -> LoRA:
     return LoRA(jnp.asarray([[0.0, 1.0]], dtype), jnp.asarray([[0.0], [-eps]], dtype), 1.0, "V")
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the LoRA-divergence figure (module docstring) and write `trajectories.png`,
+    `divergence.png`, `targets.png`, `trajectories.npz` and `summary.json` into `out_dir`;
+    return the summary (the dict in `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
 
-    x0 = jax.random.uniform(jax.random.key(cfg.seed), (cfg.n, cfg.d), dtype, cfg.low, cfg.high)
+    x0 = draw_uniform(jax.random.key(cfg.seed), (cfg.n, cfg.d), dtype, cfg.low, cfg.high)
     base = RescaledField(d=cfg.d, beta=1.0, dtype=dtype)
     pair = LoRA.stack([paper_lora(0.0, dtype), paper_lora(cfg.eps, dtype)])
     log(
@@ -134,13 +155,20 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     log("[4/4] figures and summary ...")
     from .. import plotting
 
-    times = [0.0, 2.0, 5.0, 10.0, 20.0, cfg.t1] if cfg.t1 >= 20 else list(np.linspace(0, cfg.t1, 5))
+    if cfg.snapshot_times is not None:
+        times = list(cfg.snapshot_times)
+    elif cfg.t1 >= 20:
+        times = [0.0, 2.0, 5.0, 10.0, 20.0, cfg.t1]
+    else:
+        times = list(np.linspace(0, cfg.t1, 5))
     plotting.snapshots_side_by_side(
         ts,
         {"original V = I": xs, f"LoRA V = diag(1, {1 - cfg.eps:g})": xs_p},
         times,
         os.path.join(out_dir, "trajectories.png"),
-        title=f"Rescaled dynamics, n = {cfg.n}: short term close, long term apart",
+        title=f"Rescaled dynamics, n = {cfg.n}: short term close, long term apart "
+        "(z = exp(−tV)·x, the frame in which clusters stay put)",
+        axis_labels=("z₁", "z₂"),
     )
     plotting.divergence_with_bounds(
         ts,

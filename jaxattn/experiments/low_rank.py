@@ -44,7 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import cluster_count, divergence
-from .._base import ExperimentConfig, check_output_dir, write_atomic, write_json, write_npz
+from .._base import (
+    ExperimentConfig,
+    check_output_dir,
+    draw_normal,
+    write_atomic,
+    write_json,
+    write_npz,
+)
 from .._model import LoRA, RescaledField
 from .._simulate import simulate
 from ._clusters import (
@@ -59,6 +66,7 @@ from ._clusters import (
     offset_from_initial_mean,
     token_set_stats,
 )
+from ._common import in_float64
 
 NAME = "low-rank"
 DESCRIPTION = (
@@ -209,6 +217,7 @@ def _every(ts, per_unit: int = 2) -> int:
 
 
 # -- run -----------------------------------------------------------------------------
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     """Run the rank study and the LoRA study; write `cases.png`, `cluster_counts.png`,
     `lora.png`, `low_rank.npz`, `clusters.csv` and `summary.json` into `out_dir`, and
@@ -220,7 +229,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     t_start = time.perf_counter()
     n, d, S = cfg.n, cfg.d, cfg.seeds
-    x0 = jax.random.normal(jax.random.key(cfg.seed), (S, n, d), dtype)
+    x0 = draw_normal(jax.random.key(cfg.seed), (S, n, d), dtype)
 
     # 1. rank study: all weight members × all seeds in one solve
     members = weight_members(d, cfg.weight_seeds, cfg.seed)

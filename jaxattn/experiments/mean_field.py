@@ -44,7 +44,7 @@ from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
 from .._bounds import wasserstein_bound
 from .._model import LoRA, RescaledField
 from .._simulate import simulate
-from ._common import default_dtype, loglog_fit, nanmedian, perturbation
+from ._common import default_dtype, in_float64, loglog_fit, nanmedian, perturbation
 
 NAME = "mean-field"
 DESCRIPTION = (
@@ -61,8 +61,8 @@ class Config(ExperimentConfig):
 
     dims: tuple[int, ...] = (2, 3)  #: dimensions of the ladder
     low: float = -1.0  #: μ₀ uniform on [low, high]^d
-    high: float = 1.0
-    beta: float = 1.0
+    high: float = 1.0  #: upper bound of μ₀'s support
+    beta: float = 1.0  #: inverse temperature β
     dt: float = 0.2  #: step of the ladder solves
     seeds: int = 3  #: independent samples of μ₀ per ladder
     ladder_ns: tuple[int, ...] = tuple(2**k for k in range(6, 13))  #: n of the ladder
@@ -74,13 +74,13 @@ class Config(ExperimentConfig):
     cluster_max_n: int = 4096  #: largest n of the cluster statistics
     lora_ns: tuple[int, ...] = (64, 256, 512)  #: n of the LoRA runs
     eps: tuple[float, ...] = (0.2, 0.1, 0.05, 0.025, 0.0125)  #: LoRA sizes ε
-    lora_t1: float = 100.0
-    lora_dt: float = 0.1
+    lora_t1: float = 100.0  #: end time of the LoRA runs
+    lora_dt: float = 0.1  #: RK4 step of the LoRA runs
     lora_every: float = 1.0  #: saved-time spacing of the LoRA runs
     t_ref: float = 20.0  #: time of the reference clusters (a saved time)
     delta: float = 0.1  #: departure threshold in W₂
     bound_n: int = 64  #: tokens of the bound check
-    bound_t1: float = 2.0
+    bound_t1: float = 2.0  #: end time of the bound check
     bound_every: float = 0.02  #: saved-time spacing of the bound check (step: a fifth)
 
     QUICK: ClassVar[dict[str, Any]] = dict(
@@ -321,12 +321,26 @@ def _bound_part(cfg: Config, dtype) -> BoundCheck:
     )
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the four mean-field parts (module docstring) and write `convergence.png`,
+    `clusters.png`, `lora_w2.png`, `departure_w2.png`, `bound.png`, `lora_w2.npz`,
+    `bound.npz` and `summary.json` into `out_dir`; return the summary (the dict in
+    `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
     t_start = time.perf_counter()
-    summary: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": cfg.to_dict()}
+    summary: dict[str, Any] = {
+        "experiment": NAME,
+        "quick": quick,
+        "dtype": jnp.dtype(dtype).name,
+        "config": cfg.to_dict(),
+    }
 
     ladders: dict[int, Ladder] = {}
     for _i, d in enumerate(cfg.dims):

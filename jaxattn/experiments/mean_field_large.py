@@ -33,7 +33,7 @@ from .._analysis import Departures, InitialMeasure, LargeLadder, measure_diverge
 from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
 from .._model import RescaledField
 from .._simulate import simulate
-from ._common import config_key, loglog_fit, nanmedian
+from ._common import config_key, in_float64, loglog_fit, nanmedian
 from .mean_field import Config as MeanFieldConfig, lora_departures
 
 NAME = "mean-field-large"
@@ -49,23 +49,23 @@ class Config(ExperimentConfig):
     """Options of `mean-field-large`: the measure and dynamics, the ladder (part 1), the
     departure runs (part 2)."""
 
-    d: int = 2
+    d: int = 2  #: token dimension
     low: float = -1.0  #: μ₀ uniform on [low, high]^d
-    high: float = 1.0
-    beta: float = 1.0
+    high: float = 1.0  #: upper bound of μ₀'s support
+    beta: float = 1.0  #: inverse temperature β
     dt: float = 0.2  #: step of the ladder solves
     ladder_seed: int = 0  #: key of the ladder's sample of μ₀
     ladder_ns: tuple[int, ...] = tuple(2**k for k in range(6, 17))  #: n of the ladder
     ladder_ts: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)  #: saved times of the ladder
-    ladder_dtype: Literal["float32", "float64"] = "float32"
+    ladder_dtype: Literal["float32", "float64"] = "float32"  #: dtype of the ladder runs
     block: int = 1024  #: block size of the blockwise kernel
     n_projections: int = 256  #: projections of the sliced W₂
     fit_max_frac: float = 0.125  #: slope fitted over n ≤ fit_max_frac·N
     dep_ns: tuple[int, ...] = (128, 256, 512)  #: n of the departure runs
     dep_seeds: int = 5  #: independent samples of μ₀ per n
     eps: tuple[float, ...] = (0.1, 0.05, 0.025)  #: LoRA sizes ε
-    lora_t1: float = 100.0
-    lora_dt: float = 0.1
+    lora_t1: float = 100.0  #: end time of the LoRA runs
+    lora_dt: float = 0.1  #: RK4 step of the LoRA runs
     lora_every: float = 1.0  #: saved-time spacing of the LoRA runs
     t_ref: float = 20.0  #: time of the reference clusters (a saved time)
     delta: float = 0.1  #: departure threshold in W₂
@@ -200,7 +200,15 @@ def _departures(cfg: Config, ckpt: str, dtype, log) -> Departures:
     return Departures(eps=eps, ns=ns, t_dep=t_dep, t_dep_tok=t_dep_tok, prefactor=c, stats=stats)
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the large-n ladder and the departure prefactors (module docstring) and write
+    `large_n.png`, `ladder.npz`, `departures.npz` and `summary.json` into `out_dir`; return
+    the summary (the dict in `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     ckpt = os.path.join(out_dir, "checkpoints")
@@ -234,6 +242,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
+        "dtype": jnp.dtype(dtype).name,
         "config": cfg.to_dict(),
         "ladder": {
             "ns": lad["ns"],

@@ -27,10 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import cluster_count, mean_cosine
-from .._base import ExperimentConfig, check_memory, check_output_dir, write_json, write_npz
+from .._base import (
+    ExperimentConfig,
+    check_memory,
+    check_output_dir,
+    draw_normal,
+    draw_uniform,
+    write_json,
+    write_npz,
+)
 from .._model import TransformerField
 from .._simulate import simulate
-from ._common import default_dtype
+from ._common import default_dtype, in_float64
 from .sphere_phase import equiangular_rate
 
 NAME = "normalisation"
@@ -95,7 +103,7 @@ class Config(ExperimentConfig):
 
 
 def _sphere_tokens(key, batch: int, n: int, d: int, dtype):
-    g = jax.random.normal(key, (batch, n, d), dtype)
+    g = draw_normal(key, (batch, n, d), dtype)
     return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
 
 
@@ -142,6 +150,7 @@ def _drops(ts, counts):
     return [float(ts[k + 1]) for k in np.nonzero(np.diff(c) < 0)[0]]
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     """Both parts (module docstring): figures `normalisation.png` and `causal.png`, the
     curves in `normalisation.npz`, and `summary.json` in `out_dir`; returns the summary."""
@@ -179,7 +188,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         f"[6/6] causal: {cfg.causal_ic} initial conditions × {cfg.causal_n} tokens on the "
         f"circle, β = {cfg.causal_beta:g}, to t = {cfg.causal_t1:g}"
     )
-    angles = jax.random.uniform(key2, (cfg.causal_ic, cfg.causal_n), dtype, 0.0, 2 * np.pi)
+    angles = draw_uniform(key2, (cfg.causal_ic, cfg.causal_n), dtype, 0.0, 2 * np.pi)
     xc0 = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
     ts_c = np.linspace(0.0, cfg.causal_t1, cfg.causal_saves)
     causal = TransformerField(d=2, beta=cfg.causal_beta, mask="causal", norm="post", dtype=dtype)
@@ -235,6 +244,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
+        "dtype": jnp.dtype(dtype).name,
         "config": cfg.to_dict(),
         "schemes": schemes,
         "ordering": {

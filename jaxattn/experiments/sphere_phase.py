@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import chord_from_cosine_gap, cluster_count, gram
-from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._base import ExperimentConfig, check_output_dir, draw_normal, write_json, write_npz
 from .._model import SphereField
 from .._simulate import simulate
 from .._sweep import run_chunks, sweep_id
-from ._common import config_key, default_dtype
+from ._common import config_key, default_dtype, in_float64
 
 NAME = "sphere-phase"
 DESCRIPTION = "sphere phase diagram over (t, β) for d = 2…128, metastable plateaus"
@@ -83,7 +83,7 @@ class Config(ExperimentConfig):
 
 
 def sphere_tokens(key, batch, n, d, dtype):
-    x = jax.random.normal(key, (batch, n, d), dtype)
+    x = draw_normal(key, (batch, n, d), dtype)
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
@@ -141,7 +141,15 @@ def _complete(res: dict[str, np.ndarray] | None, part: str) -> dict[str, np.ndar
     return res
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the phase diagram and the plateaus (module docstring) and write
+    `phase_diagram.png`, `plateaus.png`, `sphere_phase.npz` and `summary.json` into
+    `out_dir`; return the summary (the dict in `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
@@ -271,6 +279,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
+        "dtype": jnp.dtype(dtype).name,
         "config": cfg.to_dict(),
         "betas": betas,
         "dims": dims,

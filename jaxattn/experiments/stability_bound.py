@@ -15,6 +15,7 @@ import time
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._analysis import divergence
@@ -22,7 +23,7 @@ from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
 from .._bounds import bound_a_posteriori, certified_horizon
 from .._model import LoRA, RescaledField
 from .._simulate import simulate
-from ._common import default_dtype, uniform_tokens
+from ._common import default_dtype, in_float64, uniform_tokens
 
 NAME = "stability-bound"
 DESCRIPTION = "divergence vs the Grönwall bound over ε for Q, K, V; certified horizon"
@@ -36,7 +37,7 @@ class Config(ExperimentConfig):
     n: int = 16  #: tokens per initial condition
     d: int = 2  #: token dimension
     low: float = -1.0  #: initial tokens ~ U[low, high]^d
-    high: float = 1.0
+    high: float = 1.0  #: upper bound of the initial tokens
     n_ic: int = 16  #: random initial conditions
     eps: tuple[float, ...] = tuple(float(v) for v in np.logspace(-5, -0.5, 10))  #: ‖ΔW‖₂ values
     t1: float = 2.0  #: end time
@@ -51,7 +52,15 @@ class Config(ExperimentConfig):
     )
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the bound-against-measurement study (module docstring) and write
+    `bound_vs_eps.png`, `horizon_vs_eps.png`, `stability_bound.npz` and `summary.json` into
+    `out_dir`; return the summary (the dict in `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = default_dtype()
@@ -126,6 +135,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     summary = {
         "experiment": NAME,
         "quick": quick,
+        "dtype": jnp.dtype(dtype).name,
         "config": cfg.to_dict(),
         "worst_measured_over_bound": worst,
         "median_measured_over_bound": float(np.median(allr)),

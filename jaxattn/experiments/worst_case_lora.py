@@ -31,10 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._base import ExperimentConfig, check_output_dir, write_json, write_npz
+from .._base import (
+    ExperimentConfig,
+    check_output_dir,
+    draw_normal,
+    draw_uniform,
+    write_json,
+    write_npz,
+)
 from .._model import make_field
 from .._sensitivity import ResponseOperator, perturbed, random_directions, smallest_cluster_change
 from .._simulate import simulate
+from ._common import in_float64
 from ._sensitivity_checks import (
     JacobianCheck,
     LinearResponseCheck,
@@ -73,22 +81,22 @@ class Config(ExperimentConfig):
     and the sizes of the worst-case, linear-response and cluster-change searches."""
 
     settings: tuple[Setting, ...] = ("paper", "random-qk")  #: cases of `SETTINGS` to run
-    dynamics: Literal["plain", "rescaled", "sphere", "usa"] = "rescaled"
-    beta: float = 1.0
+    dynamics: Literal["plain", "rescaled", "sphere", "usa"] = "rescaled"  #: the dynamics
+    beta: float = 1.0  #: inverse temperature β
     low: float = -1.0  #: initial tokens uniform on [low, high]^d
-    high: float = 1.0
+    high: float = 1.0  #: upper bound of the initial tokens
     times: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)  #: depths T
     dt: float = 0.05  #: RK4 step
     seeds: int = 5  #: initial conditions
-    targets: tuple[Target, ...] = ("Q", "K", "V")
+    targets: tuple[Target, ...] = ("Q", "K", "V")  #: perturbed weights
     n_random: int = 64  #: random unit directions compared with the worst one
     rank: int = 1  #: rank of the structured (LoRA) directions
     eig_iters: int = 30  #: LOBPCG iterations for the top singular pair
-    power_iters: int = 60
+    power_iters: int = 60  #: power iterations for the best rank-1 direction
     eps: tuple[float, ...] = (1e-1, 1e-2, 1e-3)  #: ε of the linear-response check
-    cluster_threshold: float = 0.1
-    cluster_steps: int = 30
-    cluster_bisections: int = 7
+    cluster_threshold: float = 0.1  #: tokens within this distance are one cluster
+    cluster_steps: int = 30  #: Adam steps per norm in the cluster-change search
+    cluster_bisections: int = 7  #: bisection steps on the norm of the cluster change
     weight_seed: int = 123  #: key of the random Q, K
     n: int | None = None  #: tokens in every setting (None: each setting's own n)
 
@@ -116,12 +124,20 @@ def _weights(setting: _Setting, seed: int, dtype):
     if setting.weights == "identity":
         return None, None, None
     kq, kk = jax.random.split(jax.random.key(seed))
-    Q = jax.random.normal(kq, (d, d), dtype) / np.sqrt(d) + jnp.eye(d, dtype=dtype)
-    K = jax.random.normal(kk, (d, d), dtype) / np.sqrt(d) + jnp.eye(d, dtype=dtype)
+    Q = draw_normal(kq, (d, d), dtype) / np.sqrt(d) + jnp.eye(d, dtype=dtype)
+    K = draw_normal(kk, (d, d), dtype) / np.sqrt(d) + jnp.eye(d, dtype=dtype)
     return Q, K, None
 
 
+@in_float64
 def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
+    """Run the worst-case, response and cluster-change parts (module docstring) and write
+    `linear_response.png`, `cluster_change.png`, `worst_case_lora.npz` and `summary.json`
+    into `out_dir`; return the summary (the dict in `summary.json`).
+
+    `quick`: the small `--quick` form (`QUICK`); `overrides`: any `Config` field
+    (checked by `Config.build` before anything runs); `log`: where progress lines go.
+    """
     cfg = Config.build(quick, **overrides)
     out_dir = check_output_dir(out_dir)
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -216,7 +232,7 @@ def _problem(cfg: Config, setting: _Setting, dtype):
     Q, K, V = _weights(setting, cfg.weight_seed, dtype)
     field = make_field(cfg.dynamics, Q, K, V, beta=cfg.beta, d=setting.d, dtype=dtype)
     x0s = [
-        jax.random.uniform(jax.random.key(s), (setting.n, setting.d), dtype, cfg.low, cfg.high)
+        draw_uniform(jax.random.key(s), (setting.n, setting.d), dtype, cfg.low, cfg.high)
         for s in range(cfg.seeds)
     ]
     return field, x0s

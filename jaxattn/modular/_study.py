@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
@@ -101,22 +102,35 @@ def particle_divergence(
     tuned: ModularTransformer,
     tokens: Int[ArrayLike, "m 4"],
     *,
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike = jnp.float64,
 ) -> dict[str, float]:
     """Divergence at `T = depth` between the particle dynamics with the base and the
     LoRA-perturbed weights, from the embedded `tokens (m, 4)`; Euler with h = 1 (the
-    model itself) and RK4 with h = 0.05 (the continuous-depth limit)."""
+    model itself) and RK4 with h = 0.05 (the continuous-depth limit).
+
+    Computed in float64 by default, whatever the model was trained in (64-bit JAX for
+    this computation only): a trained `O V` has eigenvalues spread far enough that float32
+    logits cannot resolve the slow directions at `T = depth`, which `simulate` would
+    rightly warn about (`Float32PrecisionWarning`) for a step the user cannot change."""
+    if jnp.dtype(dtype) == jnp.float64:
+        with jax.enable_x64(True):
+            return _particle_divergence(base, tuned, tokens, jnp.dtype(jnp.float64))
+    return _particle_divergence(base, tuned, tokens, jnp.dtype(dtype))
+
+
+def _particle_divergence(base, tuned, tokens, dtype) -> dict[str, float]:
     from .._analysis import divergence
     from .._model import PlainField
     from .._simulate import simulate
 
-    x0 = (base.embed[tokens] + base.pos[None]).astype(dtype)
+    x0 = jnp.asarray(base.embed, dtype)[jnp.asarray(tokens)] + jnp.asarray(base.pos, dtype)[None]
     T = float(base.depth)
     out = {}
     for name, solver, dt in (("euler", "euler", 1.0), ("rk4", "rk4", 0.05)):
         finals = []
         for m in (base, tuned):
-            Q, K, V, beta = m.particle_weights()
+            *weights, beta = m.particle_weights()
+            Q, K, V = (jnp.asarray(w, dtype) for w in weights)
             f = PlainField(Q, K, V, beta=beta, dtype=dtype)
             sol = simulate(f, x0, T, solver=solver, dt=dt, ts=[T], dtype=dtype)
             finals.append(sol.xs[..., -1, :, :])
@@ -205,7 +219,7 @@ def run_study(
             "pre_all_acc_curve": [r.get("all_acc") for r in pre_rows],
         }
         if c.heads == 1 and not c.layernorm:
-            rec.update(particle_divergence(base, tuned, prompts, dtype=jnp.dtype(c.dtype)))
+            rec.update(particle_divergence(base, tuned, prompts))
         runs[(depth, seed, rank)] = rec
         models[(depth, seed, rank)] = tuned
         hl = "never" if rec["half_life"] is None else f"{rec['half_life']:.0f}"

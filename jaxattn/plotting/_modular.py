@@ -21,13 +21,19 @@ def _band(ax, steps, curves, label, color):
     ax.fill_between(steps, a.min(axis=0), a.max(axis=0), color=color, alpha=0.12)
 
 
+def depth_colors(depths) -> dict:
+    """One colour per depth from viridis, stopping short of its pale-yellow end (a curve
+    drawn in it on white is hard to see, and a single depth used to get it)."""
+    cmap = plt.get_cmap("viridis")
+    return {d: cmap(0.8 * i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+
+
 def modular_study_figures(config, summary, out_dir) -> None:
     """Every figure of the study into `out_dir`, from `summary` (as `run_study` returns
     it or as read back from `summary.json`) and the study's `ModularConfig`."""
     runs = {r["key"]: r for r in summary["runs"]}
-    cmap = plt.get_cmap("viridis")
     depths, seeds, ranks = config.depths, config.seeds, config.ranks
-    colors = {d: cmap(i / max(1, len(depths) - 1)) for i, d in enumerate(depths)}
+    colors = depth_colors(depths)
     pdp = summary["per_depth"]
 
     def trend_runs(d):
@@ -152,7 +158,7 @@ def modular_study_figures(config, summary, out_dir) -> None:
 
     # 3. ranks at one depth
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
-    rc = {r: cmap(i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
+    rc = {r: plt.get_cmap("viridis")(0.8 * i / max(1, len(ranks) - 1)) for i, r in enumerate(ranks)}
     for r in ranks:
         # every seed, as the per-rank statistics in summary["per_rank"] use
         rs = [runs[f"d{config.rank_depth}_s{s}_r{r}"] for s in seeds]

@@ -4,6 +4,7 @@ comparison, an animated GIF."""
 
 from __future__ import annotations
 
+import matplotlib.colors
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -11,11 +12,22 @@ from .._base import save_figure
 
 
 def snapshots_side_by_side(
-    ts, runs: dict[str, np.ndarray], times, path, *, title=None, trail: bool = True
+    ts,
+    runs: dict[str, np.ndarray],
+    times,
+    path,
+    *,
+    title=None,
+    trail: bool = True,
+    axis_labels: tuple[str, str] = ("x₁", "x₂"),
 ):
     """Rows = runs (e.g. original / LoRA), columns = snapshot times; 2-D tokens.
 
-    `runs[name]` has shape `(T, n, 2)`. Faint trails show each token's path so far.
+    `runs[name]` has shape `(T, n, 2)`. Each token keeps one colour, set by its first
+    coordinate at the first snapshot (the colour bar), so a cluster's colours say where
+    its tokens came from. With `trail`, faint lines show each token's path since the
+    previous snapshot (not since t = 0: later panels would all look alike).
+    `axis_labels`: the coordinates' names (`z₁, z₂` for the rescaled variable).
     """
     ts = np.asarray(ts)
     idx = [int(np.argmin(np.abs(ts - t))) for t in times]
@@ -23,24 +35,32 @@ def snapshots_side_by_side(
     fig, axes = plt.subplots(
         len(names),
         len(idx),
-        figsize=(2.6 * len(idx), 2.7 * len(names)),
+        figsize=(2.6 * len(idx) + 0.9, 2.7 * len(names)),
         squeeze=False,
         sharex=True,
         sharey=True,
+        layout="constrained",
     )
     allpts = np.concatenate([np.asarray(r).reshape(-1, 2) for r in runs.values()])
     allpts = allpts[np.all(np.isfinite(allpts), axis=1)]
     lo, hi = allpts.min(0), allpts.max(0)
     pad = 0.05 * (hi - lo).max()
-    colors = plt.cm.viridis(np.linspace(0, 1, np.asarray(runs[names[0]]).shape[1]))
+    first = np.asarray(runs[names[0]])[idx[0], :, 0]
+    norm = matplotlib.colors.Normalize(float(np.nanmin(first)), float(np.nanmax(first)))
+    colors = plt.cm.viridis(norm(first))
     for r, name in enumerate(names):
         xs = np.asarray(runs[name])
         for c, k in enumerate(idx):
             ax = axes[r, c]
-            if trail and k > 0:
+            start = idx[c - 1] if c > 0 else 0
+            if trail and k > start:
                 for i in range(xs.shape[1]):
                     ax.plot(
-                        xs[: k + 1, i, 0], xs[: k + 1, i, 1], color=colors[i], lw=0.5, alpha=0.35
+                        xs[start : k + 1, i, 0],
+                        xs[start : k + 1, i, 1],
+                        color=colors[i],
+                        lw=0.5,
+                        alpha=0.4,
                     )
             ax.scatter(
                 xs[k, :, 0], xs[k, :, 1], s=10, c=colors, edgecolors="k", linewidths=0.3, zorder=3
@@ -50,11 +70,20 @@ def snapshots_side_by_side(
             ax.set_aspect("equal")
             if r == 0:
                 ax.set_title(f"t = {ts[k]:g}")
+            if r == len(names) - 1:
+                ax.set_xlabel(axis_labels[0])
             if c == 0:
-                ax.set_ylabel(name)
+                ax.set_ylabel(f"{name}\n{axis_labels[1]}")
+    sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
+    fig.colorbar(
+        sm,
+        ax=axes.ravel().tolist(),
+        fraction=0.025,
+        pad=0.02,
+        label=f"{axis_labels[0]} at t = {ts[idx[0]]:g}",
+    )
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 
@@ -71,7 +100,8 @@ def divergence_with_bounds(
     styles = ["--", ":", "-."]
     for ax, (t, ee, bb, sub) in zip(axes[0], panels):
         pos = ee > 0
-        top = max(ee[pos].max() * 1e3 if pos.any() else 1.0, 10 * (eta or 0))
+        # the axis ends a decade above the data (or η): bounds beyond it are vacuous
+        top = max(ee[pos].max() * 10 if pos.any() else 1.0, 10 * (eta or 0))
         ax.semilogy(t[pos], ee[pos], "k-", lw=1.6, label="measured e(t)")
         for s, (name, b) in zip(styles, bb.items()):
             b = np.asarray(b)
@@ -81,13 +111,23 @@ def divergence_with_bounds(
         if eta is not None:
             ax.axhline(eta, color="tab:red", lw=0.8, alpha=0.7, label=f"η = {eta:g}")
         if horizon is not None and np.isfinite(horizon) and horizon <= t[-1]:
-            ax.axvline(
-                horizon,
-                color="tab:green",
-                lw=0.8,
-                alpha=0.8,
-                label=f"certified horizon {horizon:.3g}",
-            )
+            span = float(t[-1] - t[0])
+            if horizon - t[0] >= 0.02 * span:
+                ax.axvline(
+                    horizon,
+                    color="tab:green",
+                    lw=1.2,
+                    label=f"certified horizon {horizon:.3g}",
+                )
+            else:  # a line at the left edge would be invisible: point at it instead
+                ax.annotate(
+                    f"certified horizon {horizon:.3g}",
+                    xy=(horizon, eta if eta is not None else top / 100),
+                    xytext=(t[0] + 0.12 * span, (eta if eta is not None else top / 100) * 30),
+                    color="tab:green",
+                    fontsize=8,
+                    arrowprops={"arrowstyle": "->", "color": "tab:green"},
+                )
         finite = ee[pos]
         if finite.size:
             ax.set_ylim(max(finite.min() / 10, 1e-16), top)
