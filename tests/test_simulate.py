@@ -413,3 +413,20 @@ def test_a_seed_names_the_same_draw_in_both_dtypes():
         np.testing.assert_array_equal(b, a)
     plain = np.asarray(jax.random.uniform(jax.random.key(7), (5, 2), jnp.float32, -5.0, 5.0))
     assert np.max(np.abs(plain - ref[0])) > 1.0  # the trap the draws avoid
+
+
+def test_progress_announces_the_first_compile_only(capsys):
+    """With `progress`, the first call with given shapes and options says on stderr that
+    it compiles; the same call again (other tokens, same shapes) does not; a new shape
+    does."""
+    field = ja.PlainField(d=2, beta=0.5)
+    x0 = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    ja.clear_caches()
+    ja.simulate(field, x0, 0.2, dt=0.1, progress=True)
+    assert "compiling" in capsys.readouterr().err
+    ja.simulate(field, x0 + 0.25, 0.2, dt=0.1, progress=True)
+    assert "compiling" not in capsys.readouterr().err
+    ja.simulate(field, np.vstack([x0, x0 + 1.0]), 0.2, dt=0.1, progress=True)
+    assert "compiling" in capsys.readouterr().err
+    ja.simulate(field, x0, 0.2, dt=0.1)  # without progress: silent
+    assert "compiling" not in capsys.readouterr().err

@@ -439,6 +439,12 @@ def simulate(
     - `adjoint`: `"checkpoint"` (default, reverse mode with `checkpoints`), `"backsolve"`
       or `"forward"` (forward-mode AD), or any `diffrax.AbstractAdjoint`.
     - `progress`: a tqdm progress bar on a terminal; into a file or a pipe, a line every 10 %.
+      A first call also says that it compiles (the bar starts after). A new program is
+      compiled for each new combination of: the field's class and static options (scheme,
+      mask, heads, kernel, …), the shapes and dtypes of its weights and of `x0` (batch
+      axes included), a stacked or unstacked LoRA, the number of output times, and the
+      solve options (solver, step count, adjoint, `summary`); new values of the same
+      shapes (other tokens, weights, β given as an array) reuse it.
     - `options`: the step options above as one `SolveOptions` (checked when it was
       made), instead of as keywords; giving both is an error.
     - `summary`: `fn(t, x) -> array or pytree`, saved at the output times instead of the
@@ -550,6 +556,8 @@ def simulate(
     ts_arr = None if ts is None else const(ts, dtype)
     if summary is not None and not callable(summary):
         raise TypeError(f"summary must be a function fn(t, x), got {type(summary).__name__}")
+    if cfg.progress:
+        _announce_compile(field, x0, ts_arr, cfg)
     ys, status, steps, drift = _solve_batch(
         field,
         x0,
@@ -567,6 +575,36 @@ def simulate(
 
 
 _OPTION_DEFAULTS = SolveOptions.defaults()
+
+# What `_solve_batch` was compiled for in this process (cleared with the compile caches).
+_COMPILED: dict = register_cache({})
+
+
+def _announce_compile(field, x0, ts, cfg) -> None:
+    """With `progress`, say on stderr that the first call compiles: a new program is made
+    for each combination of the field's structure and static options, the shapes and
+    dtypes of its arrays and of `x0`, the output times' count and the solve options
+    (what `eqx.filter_jit` keys its cache on); its progress bar starts only after."""
+    key = jax.tree.map(
+        lambda a: (a.shape, str(a.dtype)) if eqx.is_array(a) else a,
+        (field, x0, ts, cfg),
+        is_leaf=lambda a: eqx.is_array(a),
+    )
+    try:
+        sig = hash((jax.tree.structure(key), tuple(jax.tree.leaves(key))))
+    except TypeError:  # an unhashable static part: nothing to say
+        return
+    if sig in _COMPILED:
+        return
+    if len(_COMPILED) >= 256:
+        _COMPILED.clear()
+    _COMPILED[sig] = True
+    print(
+        "simulate: compiling the solve (first call with these shapes and options; "
+        "later calls reuse it) ...",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _is_default(name: str, value) -> bool:
