@@ -1,9 +1,12 @@
 """The library never switches matplotlib's backend (a notebook that runs a sweep keeps
-showing its own figures); the CLI picks a headless one unless the user chose."""
+showing its own figures); the CLI picks a headless one unless the user chose. And what
+some figures draw: the sweep overview's final-value row, colours visible on white."""
 
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
 
 
 def _run(code: str, env_backend: str | None = None) -> str:
@@ -60,3 +63,33 @@ def test_study_colours_stay_visible_on_white():
         cols = depth_colors(depths)
         assert set(cols) == set(depths)
         assert max(luminance(c) for c in cols.values()) <= 0.6, depths
+
+
+def test_sweep_overview_draws_the_final_values_against_a_numeric_first_axis(tmp_path, monkeypatch):
+    """With a numeric first axis the overview has a second row: each scalar summary at
+    the final time against that axis, its line the median over the other axes (failed
+    points left out); with a categorical first axis, one row only."""
+    import matplotlib.pyplot as plt
+
+    from jaxattn.plotting import sweep_overview
+
+    rng = np.random.default_rng(0)
+    eps = np.array([0.001, 0.01, 0.1])
+    clusters = rng.integers(1, 5, size=(3, 4, 6)).astype(float)  # (ε, seed, t)
+    status = np.zeros((3, 4), int)
+    status[2, 0] = 3  # a failed point: left out
+    result = {"ts": np.linspace(0, 1, 6), "grid_eps": eps, "status": status, "clusters": clusters}
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    assert sweep_overview(result, ["eps", "seed"], ["clusters"], str(tmp_path / "a.png"))
+    fig = figs[-1]
+    assert len(fig.axes) == 2
+    line = fig.axes[1].get_lines()[0]
+    want = [np.median(clusters[k, 1:, -1] if k == 2 else clusters[k, :, -1]) for k in range(3)]
+    np.testing.assert_allclose(line.get_xdata(), eps)
+    np.testing.assert_allclose(line.get_ydata(), want)
+    assert fig.axes[1].get_xscale() == "log"
+    result2 = {**result, "grid_target": np.array(["Q", "K", "V"])}
+    assert sweep_overview(result2, ["target", "seed"], ["clusters"], str(tmp_path / "b.png"))
+    assert len(figs[-1].axes) == 1
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
