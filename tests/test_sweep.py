@@ -516,3 +516,36 @@ def test_references_are_indexed_by_initial_condition_and_beta():
     lora = {**SPEC["lora"], "norm": 0.1}
     only_seeds = parse_sweep({**SPEC, "lora": lora, "grid": {"init.seed": [0, 1, 2]}})
     assert not sw._References(only_seeds, sw._PointBuilder(only_seeds)).worth_it(7)
+
+
+def test_lora_norm_sweeps_an_explicit_direction_over_its_size():
+    """With explicit A, B, `lora.norm` scales the direction B·A to operator norm ε: the
+    paper's ΔV = −ε e₂e₂ᵀ swept over ε gives at each point the run of that exact LoRA
+    (`Ṽ = diag(1, 1 − ε)`). A zero direction cannot be scaled; `lora.seed` still needs
+    a random LoRA."""
+    import jaxattn as ja
+    from jaxattn._spec import SpecError
+
+    x0 = [[0.5, -0.2], [-0.4, 0.9], [0.1, 0.3], [-0.8, -0.6]]
+    spec = {
+        "dynamics": "rescaled",
+        "init": {"x0": x0},
+        "lora": {"target": "V", "A": [[0.0, 1.0]], "B": [[0.0], [-1.0]]},
+        "solve": {"t1": 2.0, "dt": 0.1},
+        "grid": {"lora.norm": [0.05, 0.3]},
+        "sweep": {"summaries": ["tokens"], "save_points": 3},
+    }
+    r = sweep(spec, None, progress=False, log=None)
+    for k, eps in enumerate((0.05, 0.3)):
+        lora = ja.LoRA(np.array([[0.0, 1.0]]), np.array([[0.0], [-eps]]), target="V")
+        want = ja.simulate(ja.RescaledField(d=2).with_lora(lora), np.array(x0), 2.0, dt=0.1).final
+        np.testing.assert_allclose(r["tokens"][k, -1], want, rtol=1e-12, atol=1e-13)
+    zero = {**spec, "lora": {**spec["lora"], "B": [[0.0], [0.0]]}}
+    with pytest.raises(SweepError, match="direction B·A is zero"):
+        sweep(zero, None, progress=False, log=None)
+    one = {k: v for k, v in zero.items() if k not in ("grid", "sweep")}
+    with pytest.raises(SpecError, match="direction B·A is zero"):
+        parse_spec({**one, "lora": {**zero["lora"], "norm": 0.1}})
+    seeded = {**spec, "grid": {"lora.seed": [0, 1]}}
+    with pytest.raises(SweepError, match="needs a random"):
+        sweep(seeded, None, progress=False, log=None)

@@ -318,11 +318,13 @@ def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
     if explicit:
         if not ("A" in lo and "B" in lo):
             raise SpecError("[lora] needs both A (r×d) and B (d×r)")
-        bad = sorted({"rank", "norm", "seed"} & set(lo))
+        bad = sorted({"rank", "seed"} & set(lo))
         if bad:
             raise SpecError(f"[lora] has explicit A, B: remove {', '.join(bad)}")
         A = _matrix(lo["A"], "lora A", dtype)
         B = _matrix(lo["B"], "lora B", dtype)
+        if "norm" in lo and A.ndim == 2 and B.ndim == 2 and A.shape[0] == B.shape[1]:
+            B = _scaled_to_norm(A, B, alpha, _num(lo["norm"], "lora norm"), dtype)
         if A.ndim != 2 or B.ndim != 2:
             raise SpecError(
                 f"lora A must be r×d and B d×r, got {tuple(A.shape)} and {tuple(B.shape)}"
@@ -362,6 +364,18 @@ def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
         )
     except ValueError as e:
         raise SpecError(str(e)) from None
+
+
+def _scaled_to_norm(A, B, alpha: float, norm: float, dtype):
+    """`B` rescaled so that `ΔW = (α/r) B A` has operator norm `norm` (the direction
+    `B A` kept): an explicit LoRA direction swept over its size ε."""
+    if norm < 0:
+        raise SpecError(f"lora norm must be ≥ 0, got {norm}")
+    a, b = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    size = float(np.linalg.norm(alpha / a.shape[0] * (b @ a), 2))
+    if size == 0.0:
+        raise SpecError("lora norm: the explicit direction B·A is zero, it cannot be scaled")
+    return jnp.asarray(b * (norm / size), dtype)
 
 
 def _spec_tokens(spec: dict, dtype, d_hint: int | None, weights: str) -> tuple[dict, jax.Array]:

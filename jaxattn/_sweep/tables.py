@@ -119,7 +119,7 @@ AXES: dict[str, Axis] = {a.key: a for a in (
     Axis("beta",        _numbers(minimum=0.0),   "field", "beta", None),
     Axis("init.seed",   _seeds,                  "init",  None,   "random init"),
     Axis("init.scale",  _numbers(positive=True), "init",  None,   "random init"),
-    Axis("lora.norm",   _numbers(minimum=0.0),   "lora",  None,   "random lora"),
+    Axis("lora.norm",   _numbers(minimum=0.0),   "lora",  None,   "lora"),
     Axis("lora.seed",   _seeds,                  "lora",  None,   "random lora"),
     Axis("lora.target", _targets,                "lora",  None,   "lora"),
     Axis("lora.alpha",  _numbers(positive=True), "lora",  None,   "lora"),
