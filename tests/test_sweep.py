@@ -464,7 +464,10 @@ def test_shared_references_equal_paired_solves(tmp_path, monkeypatch):
                 "lora.target": ["Q", "K", "V"],
                 "init.seed": [0, 1],
             },
-            "sweep": {**SPEC["sweep"], "summaries": ["divergence", "hausdorff", "clusters"]},
+            "sweep": {
+                **SPEC["sweep"],
+                "summaries": ["divergence", "hausdorff", "clusters", "clusters_reference"],
+            },
         },
         {
             "dynamics": "sphere",
@@ -491,6 +494,18 @@ def test_shared_references_equal_paired_solves(tmp_path, monkeypatch):
             else:
                 np.testing.assert_allclose(shared[k], paired[k], rtol=0, atol=1e-13)
         assert np.max(shared["divergence"][..., -1]) > 1e-3  # the LoRAs moved the runs
+        if "clusters_reference" in shared:  # the unperturbed run's, the same for every LoRA
+            plan = parse_sweep(spec)
+            p = plan.n_points - 1  # the last β, seed
+            sim = parse_spec(plan.point_spec(p))
+            ref = ja.simulate(
+                sim.base_field, sim.x0, sim.t1, options=sim.solve.replace(ts=list(shared["ts"]))
+            )
+            want = [ja.cluster_count(x, 0.1) for x in ref.xs]
+            got = shared["clusters_reference"].reshape(-1, shared["ts"].size)
+            np.testing.assert_array_equal(got[p], want)
+            same_ref = shared["clusters_reference"][:, :, :, -1]  # (β, norm, target, seed)
+            assert np.all(same_ref == same_ref[:, :1, :1, :])
         for d in ("shared", "paired"):
             shutil.rmtree(tmp_path / d)
 

@@ -166,6 +166,13 @@ SUMMARIES: dict[str, Summary] = {
             lambda x, ref, c: cluster_count(x, c.threshold, sphere=c.sphere).astype(x.dtype),
             lambda n, d: 1,
         ),
+        # the unperturbed run's clusters, beside the point's own (an ε plot needs both)
+        Summary(
+            "clusters_reference",
+            lambda x, ref, c: cluster_count(ref, c.threshold, sphere=c.sphere).astype(x.dtype),
+            lambda n, d: 1,
+            True,
+        ),
         Summary("diameter", lambda x, ref, c: jnp.max(pairwise_distances(x)), lambda n, d: 1),
         Summary("mean", lambda x, ref, c: jnp.mean(x, axis=0), lambda n, d: d),
         Summary("tokens", lambda x, ref, c: x, lambda n, d: n * d),
