@@ -93,3 +93,32 @@ def test_sweep_overview_draws_the_final_values_against_a_numeric_first_axis(tmp_
     assert sweep_overview(result2, ["target", "seed"], ["clusters"], str(tmp_path / "b.png"))
     assert len(figs[-1].axes) == 1
     assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+
+
+def test_cluster_change_figure_shows_a_change_that_keeps_the_count(tmp_path, monkeypatch):
+    """A merge and a split keep 3 clusters: the figure still shows the change (the tokens
+    whose cluster partners changed are ringed, each cluster carries its size), and both
+    panels colour tokens by their cluster without the LoRA."""
+    import matplotlib.pyplot as plt
+
+    from jaxattn.plotting import cluster_change_figure
+
+    before = np.array([0, 0, 1, 1, 2, 2])
+    after = np.array([0, 0, 0, 1, 2, 2])  # token 2 joins cluster 0
+    x = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    xa = x.copy()
+    xa[2] = [0.0, 0.0]
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    cluster_change_figure(x, xa, before, after, str(tmp_path / "c.png"))
+    fig = figs[-1]
+    left, right = fig.axes[:2]
+    assert len(right.collections) == 2 and len(left.collections) == 1  # the rings
+    rings = right.collections[1].get_offsets()
+    assert len(rings) == 4  # tokens 0, 1 (gained 2), 2, 3 (lost 2); 4 and 5 unchanged
+    np.testing.assert_array_equal(
+        left.collections[0].get_array(), right.collections[0].get_array()
+    )  # colours: the clusters without the LoRA, in both panels
+    sizes = sorted(t.get_text() for t in right.texts)
+    assert sizes == ["1", "2", "3"]
+    assert (tmp_path / "c.png").exists()

@@ -315,8 +315,9 @@ def test_incompatible_spec_and_grid():
     with pytest.raises(SweepError, match=r"grid lora.norm needs a \[lora\] section"):
         parse_sweep(no_lora)
     ab = dict(SPEC, lora={"A": [[1.0, 0.0]], "B": [[0.0], [1.0]]})
-    with pytest.raises(SweepError, match=r"lora\.norm needs a random"):
-        parse_sweep(ab)
+    assert parse_sweep(ab).shape == (2, 2, 3)  # lora.norm scales the given direction
+    with pytest.raises(SweepError, match=r"lora\.seed needs a random"):
+        parse_sweep(dict(ab, grid={"lora.seed": [0, 1]}))
     twice = dict(SPEC, lora={"rank": 1, "norm": 0.1})
     with pytest.raises(SweepError, match=r"lora.norm is given both in \[lora\] and in \[grid\]"):
         parse_sweep(twice)

@@ -128,27 +128,63 @@ def linear_response_figure(ts, lin, runs: dict, path, *, title=None):
     plt.close(fig)
 
 
-def cluster_change_figure(x_before, x_after, lab_before, lab_after, path, *, title=None):
-    """Tokens at T, coloured by cluster, without and with the smallest LoRA found."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharex=True, sharey=True)
+def cluster_change_figure(
+    x_before, x_after, lab_before, lab_after, path, *, title=None, axis_labels=("z₁", "z₂")
+):
+    """Tokens at T without and with the smallest LoRA found. Both panels colour each
+    token by its cluster *without* the LoRA, so a token that changes cluster shows its old
+    colour in a new place; tokens whose cluster partners changed are ringed in red, and
+    every cluster is labelled with its size (a partition can change while the number of
+    clusters stays the same: a merge and a split)."""
+    x_before, x_after = np.asarray(x_before), np.asarray(x_after)
+    lab_before, lab_after = np.asarray(lab_before), np.asarray(lab_after)
+    same_b = lab_before[:, None] == lab_before[None, :]
+    same_a = lab_after[:, None] == lab_after[None, :]
+    moved = np.any(same_b != same_a, axis=1)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), sharex=True, sharey=True, layout="constrained")
     for ax, x, lab, name in (
         (axes[0], x_before, lab_before, "without LoRA"),
         (axes[1], x_after, lab_after, "with the LoRA found"),
     ):
-        x = np.asarray(x)
+        y = x[:, 1] if x.shape[1] > 1 else np.zeros(len(x))
         ax.scatter(
             x[:, 0],
-            x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)),
-            c=lab,
+            y,
+            c=lab_before,
             cmap="tab10",
+            vmin=0,
+            vmax=9,
             s=30,
             edgecolors="k",
             linewidths=0.4,
+            zorder=2,
         )
-        ax.set_title(f"{name}: {np.unique(lab).size} clusters")
+        if name != "without LoRA" and moved.any():
+            ax.scatter(
+                x[moved, 0],
+                y[moved],
+                s=140,
+                facecolors="none",
+                edgecolors="tab:red",
+                linewidths=1.2,
+                zorder=3,
+                label=f"{int(moved.sum())} tokens whose cluster partners changed",
+            )
+            ax.legend(fontsize=7, loc="best")
+        for c in np.unique(lab):
+            m = lab == c
+            ax.annotate(
+                f"{int(m.sum())}",
+                (float(x[m, 0].mean()), float(y[m].mean())),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize=8,
+            )
+        ax.set_title(f"{name}: {np.unique(lab).size} clusters", fontsize=10)
+        ax.set_xlabel(axis_labels[0])
         ax.set_aspect("equal")
+    axes[0].set_ylabel(axis_labels[1])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
