@@ -177,8 +177,8 @@ def option_docs(cls: type) -> dict[str, str]:
 
 
 def _with_options(cls: type) -> str:
-    """`cls`'s docstring followed by its options (type, default, description, and the
-    `--quick` value), as `help()` and the docs site show them."""
+    """`cls`'s docstring followed by its options (default, `--quick` value and
+    description), as `help()` shows them (the docs site reads the source docstring)."""
     import inspect
 
     hints = inspect.get_annotations(cls)

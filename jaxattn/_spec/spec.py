@@ -323,8 +323,6 @@ def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
             raise SpecError(f"[lora] has explicit A, B: remove {', '.join(bad)}")
         A = _matrix(lo["A"], "lora A", dtype)
         B = _matrix(lo["B"], "lora B", dtype)
-        if "norm" in lo and A.ndim == 2 and B.ndim == 2 and A.shape[0] == B.shape[1]:
-            B = _scaled_to_norm(A, B, alpha, _num(lo["norm"], "lora norm"), dtype)
         if A.ndim != 2 or B.ndim != 2:
             raise SpecError(
                 f"lora A must be r×d and B d×r, got {tuple(A.shape)} and {tuple(B.shape)}"
@@ -338,6 +336,8 @@ def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
             raise SpecError(f"lora rank mismatch: A has {A.shape[0]} rows, B {B.shape[1]} columns")
         if A.shape[0] > d:
             raise SpecError(f"lora rank {A.shape[0]} exceeds the dimension d = {d}")
+        if "norm" in lo:
+            B = _scaled_to_norm(A, B, alpha, _lora_norm(lo), dtype)
         try:
             return LoRA(A, B, alpha, target, **place)
         except ValueError as e:
@@ -347,9 +347,7 @@ def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
     rank = _int(lo["rank"], "lora rank", 1)
     if rank > d:
         raise SpecError(f"lora rank {rank} exceeds the dimension d = {d}")
-    norm = _num(lo["norm"], "lora norm")
-    if norm < 0:
-        raise SpecError(f"lora norm must be ≥ 0, got {norm}")
+    norm = _lora_norm(lo)
     seed = _seed(lo.get("seed", 0), "lora seed")
     try:
         return LoRA.random(
@@ -366,11 +364,17 @@ def lora_from_table(lo: dict, d: int, dtype, *, family: bool = False) -> LoRA:
         raise SpecError(str(e)) from None
 
 
+def _lora_norm(lo: dict) -> float:
+    """The `[lora]` table's `norm` (the operator norm of ΔW), checked."""
+    norm = _num(lo["norm"], "lora norm")
+    if norm < 0:
+        raise SpecError(f"lora norm must be ≥ 0, got {norm}")
+    return norm
+
+
 def _scaled_to_norm(A, B, alpha: float, norm: float, dtype):
     """`B` rescaled so that `ΔW = (α/r) B A` has operator norm `norm` (the direction
     `B A` kept): an explicit LoRA direction swept over its size ε."""
-    if norm < 0:
-        raise SpecError(f"lora norm must be ≥ 0, got {norm}")
     a, b = np.asarray(A, np.float64), np.asarray(B, np.float64)
     size = float(np.linalg.norm(alpha / a.shape[0] * (b @ a), 2))
     if size == 0.0:
