@@ -90,6 +90,7 @@ from ._bounds import (
     WassersteinBound as WassersteinBound,
     bound_a_posteriori as bound_a_posteriori,
     bound_a_priori as bound_a_priori,
+    bound_one_sided as bound_one_sided,
     certified_horizon as certified_horizon,
     wasserstein_bound as wasserstein_bound,
 )
@@ -185,6 +186,7 @@ __all__ = [
     "Bound",
     "bound_a_posteriori",
     "bound_a_priori",
+    "bound_one_sided",
     "certified_horizon",
     "WassersteinBound",
     "wasserstein_bound",

@@ -34,6 +34,7 @@ def test_lora_divergence_quick(tmp_path):
         "trajectories.gif",
         "divergence.png",
         "targets.png",
+        "horizon_vs_eps.png",
         "summary.json",
     } <= set(os.listdir(out))
     s = _summary(out)
@@ -41,6 +42,14 @@ def test_lora_divergence_quick(tmp_path):
     assert set(s["targets"]) == {"Q", "K", "V"}
     for t in s["targets"].values():
         assert t["certified_horizon"] is not None and t["certified_horizon"] > 0
+    # the one-sided bound certifies longer than the Grönwall one, never past the truth
+    assert s["certified_horizon_a_posteriori"] < s["certified_horizon"] <= s["measured_horizon"]
+    rows = s["horizon_vs_eps"]
+    assert [r["eps"] for r in rows] == [0.1, 0.01]
+    for r in rows:
+        assert r["bound_never_below"]
+        assert r["certified_horizon_gronwall"] <= r["certified_horizon"] <= r["measured_horizon"]
+    assert rows[1]["certified_horizon"] > rows[0]["certified_horizon"]
     assert _no_temp_files(out)
 
 
@@ -51,10 +60,13 @@ def test_stability_bound_quick(tmp_path):
     s = _summary(out)
     assert s["bound_holds"] and 0 < s["worst_measured_over_bound"] <= 1.0
     assert 0 < s["median_measured_over_bound"] <= s["worst_measured_over_bound"]
-    # Smaller perturbations are certified for longer.
+    # Smaller perturbations are certified for longer, and never past the measured horizon.
     for t in s["targets"].values():
         h = np.asarray(t["median_certified_horizon"], float)
         assert np.all(np.diff(h) <= 1e-12)  # eps ascending -> horizon non-increasing
+        assert np.all(h <= np.asarray(t["median_measured_horizon"], float) + 1e-12)
+        assert np.all(h >= np.asarray(t["median_gronwall_horizon"], float) - 1e-12)
+    assert s["median_measured_over_certified_horizon"] >= 1.0
     assert {"bound_vs_eps.png", "horizon_vs_eps.png"} <= set(os.listdir(out))
 
 

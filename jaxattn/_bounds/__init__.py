@@ -1,4 +1,4 @@
-"""Bounds layer: the Grönwall token-level bounds and the W₂ stability bound.
+"""Bounds layer: the Grönwall and one-sided token-level bounds and the W₂ stability bound.
 
 The names below are the internal surface other layers import; public names are exported
 by `jaxattn`.
@@ -10,6 +10,7 @@ from .gronwall import (
     bound_a_priori as bound_a_priori,
     certified_horizon as certified_horizon,
 )
+from .lognorm import bound_one_sided as bound_one_sided
 from .wasserstein import (
     WassersteinBound as WassersteinBound,
     wasserstein_bound as wasserstein_bound,

@@ -25,7 +25,9 @@ def handle(args) -> int:
     # the demo is the lora-divergence experiment without its extras
     with experiment_out(args.out, lora_divergence.NAME, "jaxattn demo", args.force) as out:
         setup_jax("float64")
-        summary = lora_divergence.run(out, quick=args.quick, compare_targets=False, gif=False)
+        summary = lora_divergence.run(
+            out, quick=args.quick, compare_targets=False, gif=False, horizon_eps=()
+        )
     print(f"figures and summary.json in {out}")
     del summary
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._analysis import cluster_count, divergence
 from .._base import ExperimentConfig, check_output_dir, draw_uniform, write_json, write_npz
-from .._bounds import bound_a_posteriori, bound_a_priori, certified_horizon
+from .._bounds import bound_a_posteriori, bound_a_priori, bound_one_sided, certified_horizon
 from .._model import LoRA, RescaledField
 from .._simulate import simulate
 from ._common import in_float64
@@ -48,6 +48,10 @@ class Config(ExperimentConfig):
     short_dt: float = 1e-3  #: its step
     gif_frames: int = 80  #: frames of trajectories.gif
     compare_seed: int = 1  #: seed of the random Q/K/V LoRA directions
+    #: LoRA sizes ε of the horizon sweep: measured and certified horizons against ε
+    #: (empty: no sweep)
+    horizon_eps: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
+    horizon_t1: float = 1.0  #: end of the sweep's bound grid (step short_dt)
     compare_targets: bool = True  #: also run the random Q, K and V LoRAs
     gif: bool = True  #: write trajectories.gif
     #: times of the snapshots in trajectories.png (None: 0, 2, 5, 10, 20, t1; 5 evenly
@@ -63,7 +67,47 @@ class Config(ExperimentConfig):
                 f"{list(self.snapshot_times)}"
             )
 
-    QUICK: ClassVar[dict[str, Any]] = dict(n=20, t1=10.0, gif_frames=12)
+    QUICK: ClassVar[dict[str, Any]] = dict(
+        n=20, t1=10.0, gif_frames=12, horizon_eps=(0.1, 0.01), horizon_t1=0.3
+    )
+
+
+def _horizon_sweep(cfg, base, x0, dtype, log) -> list[dict]:
+    """Measured and certified horizons (one-sided and a-posteriori Grönwall bounds) of
+    `e ≤ eta` for each ε of `cfg.horizon_eps`, on the fine grid (step `short_dt`) to
+    `horizon_t1`; a measured horizon past it is read off the `dt` grid to `t1`."""
+    rows = []
+    f0 = base.with_lora(paper_lora(0.0, dtype))
+    for k, eps in enumerate(cfg.horizon_eps):
+        f1 = base.with_lora(paper_lora(eps, dtype))
+        pair = base.with_lora(LoRA.stack([paper_lora(0.0, dtype), paper_lora(eps, dtype)]))
+        fine = simulate(pair, x0, cfg.horizon_t1, solver=cfg.solver, dt=cfg.short_dt)
+        fts, fe = np.asarray(fine.ts), np.asarray(divergence(fine.xs[0], fine.xs[1]))
+        measured, censored = float(certified_horizon(fts, fe, cfg.eta)), False
+        if fe.max() <= cfg.eta:  # not within the fine grid: the whole run
+            whole = simulate(pair, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
+            we = np.asarray(divergence(whole.xs[0], whole.xs[1]))
+            measured = float(certified_horizon(np.asarray(whole.ts), we, cfg.eta))
+            censored = bool(we.max() <= cfg.eta)
+        one = bound_one_sided(f0, f1, fts, np.asarray(x0))
+        gr = bound_a_posteriori(f0, f1, fts, np.asarray(fine.xs[0]), np.asarray(fine.xs[1]))
+        rows.append(
+            {
+                "eps": float(eps),
+                "measured_horizon": measured,
+                "measured_censored": censored,
+                "certified_horizon": float(certified_horizon(fts, one.bound, cfg.eta)),
+                "certified_horizon_gronwall": float(certified_horizon(fts, gr.bound, cfg.eta)),
+                "bound_never_below": bool(np.all(fe <= one.bound)),
+            }
+        )
+        r = rows[-1]
+        log(
+            f"      horizon sweep {k + 1}/{len(cfg.horizon_eps)}: ε = {eps:g}: measured "
+            f"{'>' if censored else ''}{measured:.4g}, one-sided {r['certified_horizon']:.4g}, "
+            f"Grönwall {r['certified_horizon_gronwall']:.4g}"
+        )
+    return rows
 
 
 def paper_lora(eps: float, dtype) -> LoRA:
@@ -102,7 +146,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     ts = np.asarray(sol.ts)
     e = np.asarray(divergence(sol.xs[0], sol.xs[1]))
 
-    log("[2/4] bounds (a priori, a posteriori) and a fine short-time solve ...")
+    log("[2/4] a fine short-time solve and the bounds (one-sided, Grönwall) ...")
     f0, f1 = base.with_lora(paper_lora(0.0, dtype)), base.with_lora(paper_lora(cfg.eps, dtype))
     post = bound_a_posteriori(f0, f1, ts, xs, xs_p)
     prior = bound_a_priori(f0, f1, ts, xs[0])
@@ -111,10 +155,13 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     se = np.asarray(divergence(short.xs[0], short.xs[1]))
     spost = bound_a_posteriori(f0, f1, sts, np.asarray(short.xs[0]), np.asarray(short.xs[1]))
     sprior = bound_a_priori(f0, f1, sts, xs[0])
+    sone = bound_one_sided(f0, f1, sts, np.asarray(x0))
+    h_one = float(certified_horizon(sts, sone.bound, cfg.eta))
     h_post = float(certified_horizon(sts, spost.bound, cfg.eta))
     h_prior = float(certified_horizon(sts, sprior.bound, cfg.eta))
+    h_measured = float(certified_horizon(sts, se, cfg.eta))
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.concatenate([e / post.bound, se / spost.bound])
+        ratio = np.concatenate([e / post.bound, se / spost.bound, se / sone.bound])
     ratio = ratio[np.isfinite(ratio)]  # 0/0 at t = 0 and x/inf where the bound is vacuous
 
     above = e > cfg.separation
@@ -139,7 +186,7 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         st = simulate(ft, x0, cfg.t1, solver=cfg.solver, dt=cfg.dt)
         et = np.asarray(divergence(sol.xs[0], st.xs))
         sh = simulate(ft, x0, cfg.short_t1, solver=cfg.solver, dt=cfg.short_dt)
-        bt = bound_a_posteriori(f0, ft, sts, np.asarray(short.xs[0]), np.asarray(sh.xs))
+        bt = bound_one_sided(f0, ft, sts, np.asarray(x0))
         above_t = et > cfg.separation
         compare[target] = {
             "e": et,
@@ -151,6 +198,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             "max_divergence": float(et.max()),
             "stays_apart_from": _stays_apart_from(ts, above_t),
         }
+
+    sweep = _horizon_sweep(cfg, base, x0, dtype, log) if cfg.horizon_eps else []
 
     log("[4/4] figures and summary ...")
     from .. import plotting
@@ -176,9 +225,17 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         {"a-posteriori bound": post.bound, "a-priori bound": prior.bound},
         os.path.join(out_dir, "divergence.png"),
         eta=cfg.eta,
-        zoom=(sts, se, {"a-posteriori bound": spost.bound, "a-priori bound": sprior.bound}),
-        horizon=h_post,
-        title=f"Divergence e(t) and the Grönwall bound (ε = {cfg.eps:g})",
+        zoom=(
+            sts,
+            se,
+            {
+                "one-sided bound": sone.bound,
+                "Grönwall, a posteriori": spost.bound,
+                "Grönwall, a priori": sprior.bound,
+            },
+        ),
+        horizon=h_one,
+        title=f"Divergence e(t) and the stability bounds (ε = {cfg.eps:g})",
     )
     if compare:
         plotting.target_comparison(
@@ -189,6 +246,13 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             os.path.join(out_dir, "targets.png"),
             eta=cfg.eta,
             title=f"Random rank-1 LoRA with ‖ΔW‖₂ = {cfg.eps:g} on Q, K or V",
+        )
+    if sweep:
+        plotting.horizon_sweep(
+            sweep,
+            os.path.join(out_dir, "horizon_vs_eps.png"),
+            eta=cfg.eta,
+            title=f"Horizons of e ≤ {cfg.eta:g} against ε (n = {cfg.n}, V = I vs diag(1, 1 − ε))",
         )
     if cfg.gif:
         plotting.animate_side_by_side(
@@ -205,6 +269,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         e=e,
         bound_post=post.bound,
         bound_prior=prior.bound,
+        short_ts=sts,
+        short_e=se,
+        short_bound_one_sided=sone.bound,
     )
     summary = {
         "experiment": "lora-divergence",
@@ -216,6 +283,8 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
         "separation_time": t_sep,
         "first_time_above_separation": t_first,
         "final_divergence": float(e[-1]),
+        "certified_horizon": h_one,
+        "measured_horizon": h_measured,
         "certified_horizon_a_posteriori": h_post,
         "certified_horizon_a_priori": h_prior,
         "max_measured_over_bound": float(ratio.max()) if ratio.size else None,
@@ -223,12 +292,18 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
             k: {kk: vv for kk, vv in v.items() if kk not in ("e", "short_e", "bound")}
             for k, v in compare.items()
         },
+        "horizon_vs_eps": sweep,
         "solve_seconds_incl_compile": round(solve_s, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "notes": "times in units of depth; null = never happened. separation_time: start "
         "of the final stretch with e(t) > separation (the runs stay apart from "
         "then on); first_time_above_separation: first t with e(t) > separation. "
-        "Horizons: largest t with bound(s) <= eta for all s <= t (short-time grid).",
+        "Horizons: largest t with bound(s) <= eta for all s <= t (short-time grid); "
+        "certified_horizon: the one-sided bound's, the _a_posteriori and _a_priori ones: "
+        "the Grönwall bounds'; measured_horizon: the same for e(t) itself. horizon_vs_eps: "
+        "per ε, the measured horizon (fine grid to horizon_t1, then the dt grid to t1; "
+        "measured_censored: e never exceeded eta up to t1) and the certified ones on the "
+        "fine grid to horizon_t1.",
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(

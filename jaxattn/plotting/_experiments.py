@@ -11,14 +11,14 @@ from .._base import save_figure
 
 # -- stability-bound ---------------------------------------------------------------------
 def bound_vs_eps(eps, probe_ts, results, path):
-    """Measured divergence at a few times (band: min–max over initial conditions) and the
-    a-posteriori bound against ε = ‖ΔW‖₂, for each perturbed weight."""
+    """Measured divergence at a few times (band: min–max over initial conditions), the
+    one-sided bound (dashed) and the Grönwall bound (dotted) against ε = ‖ΔW‖₂, for each
+    perturbed weight (medians over initial conditions)."""
     colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
     fig, axes = plt.subplots(1, len(probe_ts), figsize=(4.6 * len(probe_ts), 4), squeeze=False)
     for j, (ax, t) in enumerate(zip(axes[0], probe_ts)):
         for name, r in results.items():
             e = r["e_probe"][..., j]
-            b = r["bound_probe"][..., j]
             ax.loglog(
                 eps,
                 np.median(e, axis=1),
@@ -28,36 +28,97 @@ def bound_vs_eps(eps, probe_ts, results, path):
                 label=f"{name}: measured (median)",
             )
             ax.fill_between(eps, e.min(axis=1), e.max(axis=1), color=colors[name], alpha=0.15)
-            bm = np.median(b, axis=1)
-            ok = np.isfinite(bm)
-            ax.loglog(eps[ok], bm[ok], "--", color=colors[name], label=f"{name}: bound")
+            for key, style, what in (
+                ("bound_probe", "--", "one-sided bound"),
+                ("gronwall_probe", ":", "Grönwall bound"),
+            ):
+                if key not in r:
+                    continue
+                bm = np.median(r[key][..., j], axis=1)
+                ok = np.isfinite(bm)
+                ax.loglog(eps[ok], bm[ok], style, color=colors[name], label=f"{name}: {what}")
         ax.set_xlabel("ε = ‖ΔW‖₂")
         ax.set_ylabel(f"e(t = {t:g})")
         ax.set_title(f"t = {t:g}")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Measured divergence (band: min–max over initial conditions) and the bound")
+    fig.suptitle("Measured divergence (band: min–max over initial conditions) and the bounds")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def horizon_vs_eps(eps, results, path, *, eta):
-    """Certified horizon (e ≤ η) against ε for each perturbed weight."""
+    """Horizons (the last time with e ≤ η) against ε for each perturbed weight, medians
+    over initial conditions: measured (solid), certified by the one-sided bound (dashed,
+    band: min–max) and by the Grönwall bound (dotted)."""
     colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, r in results.items():
         h = r["horizon"]
-        ax.semilogx(eps, r["median_horizon"], "-o", ms=3, color=colors[name], label=name)
+        if "median_measured_horizon" in r:
+            ax.loglog(
+                eps,
+                r["median_measured_horizon"],
+                "-",
+                lw=2,
+                color=colors[name],
+                label=f"{name}: measured",
+            )
+        ax.loglog(
+            eps,
+            r["median_horizon"],
+            "--o",
+            ms=3,
+            color=colors[name],
+            label=f"{name}: one-sided bound",
+        )
         with np.errstate(all="ignore"):
             ax.fill_between(
-                eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1), color=colors[name], alpha=0.15
+                eps, np.nanmin(h, axis=1), np.nanmax(h, axis=1), color=colors[name], alpha=0.12
             )
-    ax.set_xlabel("ε")
-    ax.set_ylabel(f"certified horizon (e ≤ {eta:g})")
-    ax.set_title("Certified horizon grows like log(1/ε)")
+        if "median_gronwall_horizon" in r:
+            ax.loglog(
+                eps,
+                r["median_gronwall_horizon"],
+                ":",
+                color=colors[name],
+                label=f"{name}: Grönwall bound",
+            )
+    ax.set_xlabel("ε = ‖ΔW‖₂")
+    ax.set_ylabel(f"horizon: last t with e ≤ {eta:g}")
+    ax.set_title("Measured and certified horizons")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=len(results), loc="upper right")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def horizon_sweep(rows, path, *, eta, title=None):
+    """Measured and certified horizons (the last time with e ≤ η) against ε, log-log: one
+    row per ε with `eps`, `measured_horizon` (`measured_censored`: a lower bound),
+    `certified_horizon` (one-sided bound) and `certified_horizon_gronwall`."""
+    eps = np.array([r["eps"] for r in rows])
+    meas = np.array([r["measured_horizon"] for r in rows])
+    cens = np.array([r["measured_censored"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.loglog(eps, meas, "k-o", ms=4, label="measured")
+    if cens.any():
+        ax.loglog(eps[cens], meas[cens], "k^", ms=8, mfc="none", label="measured ≥ (run ended)")
+    for key, style, label in (
+        ("certified_horizon", "--s", "certified: one-sided bound"),
+        ("certified_horizon_gronwall", ":v", "certified: Grönwall bound"),
+    ):
+        h = np.array([r[key] for r in rows], np.float64)
+        ok = np.isfinite(h) & (h > 0)
+        ax.loglog(eps[ok], h[ok], style, ms=4, label=label)
+    ax.set_xlabel("ε = ‖ΔV‖₂")
+    ax.set_ylabel(f"horizon: last t with e ≤ {eta:g}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -145,7 +145,7 @@ def divergence_with_bounds(
 
 def target_comparison(ts, e_by_target, short_ts, short_by_target, path, *, eta=None, title=None):
     """Left: e(t) over the whole run for each perturbed weight. Right: short times, with
-    each target's a-posteriori bound (dashed, same colour)."""
+    each target's bound (dashed, same colour)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
     for name, e in e_by_target.items():
@@ -161,7 +161,7 @@ def target_comparison(ts, e_by_target, short_ts, short_by_target, path, *, eta=N
         ok = np.isfinite(b) & (b > 0) & (b <= 10 * top)
         a2.semilogy(st[ok], b[ok], "--", color=colors.get(name), label=f"{name}: bound")
         a2.set_ylim(top=top)
-    for ax, sub in ((a1, "whole run"), (a2, "short times, with the a-posteriori bound")):
+    for ax, sub in ((a1, "whole run"), (a2, "short times, with the one-sided bound")):
         if eta is not None:
             ax.axhline(eta, color="tab:red", lw=0.8, alpha=0.7)
         ax.set_xlabel("t")
