@@ -127,6 +127,53 @@ def _runs(kind, Vs, Aq, beta, tf, z0):
     return jnp.swapaxes(z1s, 0, 1), jnp.swapaxes(z2s, 0, 1)
 
 
+def _attention_ball(kind, At, beta, z, r, tau, vnorm):
+    """The attention at the centre `z` and how far it moves on the ball
+    `|z'_j − z_j| ≤ r_j`, `|t' − t| ≤ τ`: logits by at most `w_ij`, so weights by a factor
+    `e^{±2 w_i}` (`|P'_ij − P_ij| ≤ γ_i P_ij`) and means by `δm_i`.
+
+    Returns `(‖A_t‖, ‖A_t' − A_t‖ on the window, P, m, u, |u|, |z|, γ, δm)`."""
+    nA = _norm2(At)
+    if kind == "rescaled":
+        dA = nA * jnp.expm1(2.0 * vnorm * tau)  # ‖A_t' − A_t‖ on the window
+    else:
+        dA = jnp.zeros_like(nA)
+    P = jax.nn.softmax(beta * (z @ At) @ z.T, axis=-1)
+    m = P @ z
+    u = z[None, :, :] - m[:, None, :]  # u[i, k] = z_k − m_i
+    nz, nu = jnp.linalg.norm(z, axis=-1), jnp.linalg.norm(u, axis=-1)
+    R = nz + r
+    w = beta * (
+        nA * (r[:, None] * R[None, :] + nz[:, None] * r[None, :]) + dA * R[:, None] * R[None, :]
+    )
+    gam = jnp.expm1(2.0 * jnp.max(w, axis=-1))
+    dm = (1.0 + gam) * (P @ r) + gam * jnp.einsum("ij,ij->i", P, nu)  # |m'_i − m_i|
+    return nA, dA, P, m, u, nu, nz, gam, dm
+
+
+def _gap_ball(kind, V, At, Vp, Atp, beta, y, r, tau, vnorm):
+    """A bound on the field gap `|F̃_i − F_i|` on the whole ball around `y` that is
+    proportional to the perturbation (docs/bounds.md, 'The gap'):
+    `F̃_i − F_i = ΔV (m̃_i − c z_i) + V (m̃_i − m_i)` (c = 1 rescaled, 0 plain; projected
+    on the sphere), with `‖P̃'_i − P'_i‖₁` at most half the range of the logit change."""
+    _, dA, _, _, _, nu, nz, _, _ = _attention_ball(kind, At, beta, y, r, tau, vnorm)
+    _, _, _, mp, _, _, _, _, dmp = _attention_ball(kind, Atp, beta, y, r, tau, vnorm)
+    nV, ndV = _norm2(V), _norm2(Vp - V)
+    dlog = _norm2(Atp - At)
+    if kind == "rescaled":  # ‖Ã_t' − A_t'‖ on the window (Grönwall on its derivative)
+        grow = jnp.exp(2.0 * vnorm * tau)
+        dlog = grow * (dlog + 2.0 * tau * ndV * (_norm2(At) + dA))
+    diam = jnp.max(jnp.linalg.norm(y[:, None] - y[None], axis=-1)) + 2.0 * jnp.max(r)
+    half_range = 0.5 * beta * dlog * (nz + r) * diam  # ≥ ‖P̃'_i − P'_i‖₁
+    far = jnp.max(nu, axis=-1) + jnp.max(r)  # ≥ max_j |z'_j − m_i|
+    c = 1.0 if kind == "rescaled" else 0.0
+    shift = jnp.linalg.norm(mp - c * y, axis=-1) + dmp + c * r  # ≥ |m̃'_i − c z'_i|
+    crude = ndV * shift + nV * half_range * far
+    if kind == "sphere":
+        crude = crude * (jnp.maximum(1.0, jnp.abs(nz**2 - 1.0)) + 2.0 * nz * r + r**2)
+    return crude
+
+
 def _blocks(kind, V, At, beta, z, r, tau, vnorm):
     """Jacobian blocks of the field at the centre `z` (n, d) and a time `t` whose logit
     matrix is `At`, and bounds on how far they move on the ball `|z'_j − z_j| ≤ r_j`,
@@ -138,19 +185,12 @@ def _blocks(kind, V, At, beta, z, r, tau, vnorm):
     Derivation: docs/bounds.md, 'The one-sided bound'."""
     n, d = z.shape
     eye = jnp.eye(d, dtype=z.dtype)
-    nA = _norm2(At)
     nV = _norm2(V)
-    if kind == "rescaled":
-        dA = nA * jnp.expm1(2.0 * vnorm * tau)  # ‖A_t' − A_t‖ on the window
-    else:
-        dA = jnp.zeros_like(nA)
+    ball = _attention_ball(kind, At, beta, z, r, tau, vnorm)
+    nA, dA, P, m, u, nu, nz, gam, dm = ball
     alpha = nA + dA  # ‖A_t'‖ on the window
-    P = jax.nn.softmax(beta * (z @ At) @ z.T, axis=-1)
-    m = P @ z
-    u = z[None, :, :] - m[:, None, :]  # u[i, k] = z_k − m_i
     a = z @ At  # row i: (A_tᵀ z_i)ᵀ
-    nz, na = jnp.linalg.norm(z, axis=-1), jnp.linalg.norm(a, axis=-1)
-    nu = jnp.linalg.norm(u, axis=-1)
+    na = jnp.linalg.norm(a, axis=-1)
     C = jnp.einsum("ij,ija,ijb->iab", P, u, u)
     s2 = jnp.einsum("ij,ij->i", P, nu**2)  # tr C_i ≥ ‖C_i‖
     # V Y_ik: the derivative of V m_i with respect to z_k
@@ -160,13 +200,7 @@ def _blocks(kind, V, At, beta, z, r, tau, vnorm):
     VY = jnp.einsum("ab,ikbc->ikac", V, VY)
     nVY = _norm2(VY)
 
-    # -- the ball: logits move by at most w_ij, weights by a factor e^{±2 w_i}
-    R = nz + r
-    w = beta * (
-        nA * (r[:, None] * R[None, :] + nz[:, None] * r[None, :]) + dA * R[:, None] * R[None, :]
-    )
-    gam = jnp.expm1(2.0 * jnp.max(w, axis=-1))  # |P'_ij − P_ij| ≤ γ_i P_ij
-    dm = (1.0 + gam) * (P @ r) + gam * jnp.einsum("ij,ij->i", P, nu)  # |m'_i − m_i|
+    # -- the ball (weights and means: _attention_ball)
     da = alpha * r + dA * nz  # |a'_i − a_i|
     X = (r[None, :] + dm[:, None]) * (na + da)[:, None] + nu * da[:, None]
     dVY = gam[:, None] * nVY + (1.0 + gam[:, None]) * beta * nV * P * X
@@ -260,6 +294,9 @@ def _coefficients(kind, W, Wp, beta, vnorm, At, Atp, tau, x, y, ex, ey, pieces):
     )
     Jd = _jacobian_gap(kind, V, At, Vp, Atp, beta, y)
     G = g + (Jd + var[pieces] + var[pieces + 1]) @ ry + tau * (vy[pieces] + vy[pieces + 1])
+    # both are bounds on the gap over the ball: the first is tight for large
+    # perturbations, the second proportional to the perturbation however small
+    G = jnp.minimum(G, _gap_ball(kind, V, At, Vp, Atp, beta, y, ry, tau, vnorm))
     return M, G
 
 
@@ -280,10 +317,14 @@ def _propagate(M, G, b0, h):
 
     def step(b, inp):
         Mk, Gk, hk = inp
+        # a vacuous bound stays vacuous; and never hand expm a non-finite or huge matrix
+        # (its number of squarings comes from the norm: inf would never finish)
+        live = jnp.all(jnp.isfinite(b)) & jnp.all(jnp.isfinite(Mk)) & jnp.all(jnp.isfinite(Gk))
+        live = live & (hk * jnp.max(jnp.sum(jnp.abs(Mk), axis=-1)) < 700.0)
         Z = jnp.zeros((n + 1, n + 1), b.dtype)
-        Z = Z.at[:n, :n].set(Mk).at[:n, n].set(Gk)
-        b = (expm(hk * Z) @ jnp.append(b, 1.0))[:n]
-        b = jnp.where(jnp.isfinite(b), jnp.maximum(b, 0.0), jnp.inf)
+        Z = Z.at[:n, :n].set(jnp.where(live, Mk, 0.0)).at[:n, n].set(jnp.where(live, Gk, 0.0))
+        nxt = (expm(hk * Z) @ jnp.append(jnp.where(live, b, 0.0), 1.0))[:n]
+        b = jnp.where(live & jnp.isfinite(nxt), jnp.maximum(nxt, 0.0), jnp.inf)
         return b, b
 
     _, bs = jax.lax.scan(step, b0, (M, G, h))

@@ -135,7 +135,9 @@ def run(out_dir, quick: bool = False, log=print, **overrides) -> dict:
     from .. import plotting
 
     plotting.bound_vs_eps(eps, ts[probe_idx], results, os.path.join(out_dir, "bound_vs_eps.png"))
-    plotting.horizon_vs_eps(eps, results, os.path.join(out_dir, "horizon_vs_eps.png"), eta=cfg.eta)
+    plotting.horizon_vs_eps(
+        eps, results, os.path.join(out_dir, "horizon_vs_eps.png"), eta=cfg.eta, t_end=cfg.t1
+    )
     write_npz(
         os.path.join(out_dir, "stability_bound.npz"),
         eps=eps,

@@ -48,10 +48,11 @@ def bound_vs_eps(eps, probe_ts, results, path):
     plt.close(fig)
 
 
-def horizon_vs_eps(eps, results, path, *, eta):
+def horizon_vs_eps(eps, results, path, *, eta, t_end=None):
     """Horizons (the last time with e ≤ η) against ε for each perturbed weight, medians
     over initial conditions: measured (solid), certified by the one-sided bound (dashed,
-    band: min–max) and by the Grönwall bound (dotted)."""
+    band: min–max) and by the Grönwall bound (dotted). `t_end`: the end of the runs (a
+    measured horizon there means the runs never separated)."""
     colors = {"Q": "tab:blue", "K": "tab:orange", "V": "tab:green"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, r in results.items():
@@ -86,10 +87,21 @@ def horizon_vs_eps(eps, results, path, *, eta):
                 label=f"{name}: Grönwall bound",
             )
     ax.set_xlabel("ε = ‖ΔW‖₂")
+    if t_end is not None:
+        ax.axhline(t_end, color="0.4", lw=0.8, ls="-.")
+        ax.annotate(
+            "end of the runs",
+            (eps[0], t_end),
+            xytext=(0, 4),
+            textcoords="offset points",
+            fontsize=7,
+            color="0.3",
+        )
+        ax.set_ylim(top=1.5 * t_end)
     ax.set_ylabel(f"horizon: last t with e ≤ {eta:g}")
-    ax.set_title("Measured and certified horizons")
+    ax.set_title("Measured and certified horizons (medians over initial conditions)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=len(results), loc="upper right")
+    ax.legend(fontsize=7, ncol=len(results), loc="lower left")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -98,7 +110,8 @@ def horizon_vs_eps(eps, results, path, *, eta):
 def horizon_sweep(rows, path, *, eta, title=None):
     """Measured and certified horizons (the last time with e ≤ η) against ε, log-log: one
     row per ε with `eps`, `measured_horizon` (`measured_censored`: a lower bound),
-    `certified_horizon` (one-sided bound) and `certified_horizon_gronwall`."""
+    `certified_horizon` (one-sided bound; `certified_censored`: a lower bound) and
+    `certified_horizon_gronwall`."""
     eps = np.array([r["eps"] for r in rows])
     meas = np.array([r["measured_horizon"] for r in rows])
     cens = np.array([r["measured_censored"] for r in rows])
@@ -112,15 +125,27 @@ def horizon_sweep(rows, path, *, eta, title=None):
     ):
         h = np.array([r[key] for r in rows], np.float64)
         ok = np.isfinite(h) & (h > 0)
-        ax.loglog(eps[ok], h[ok], style, ms=4, label=label)
+        (line,) = ax.loglog(eps[ok], h[ok], style, ms=4, label=label)
+        if key == "certified_horizon":
+            cc = np.array([r.get("certified_censored", False) for r in rows]) & ok
+            if cc.any():
+                ax.loglog(
+                    eps[cc],
+                    h[cc],
+                    "^",
+                    ms=8,
+                    mfc="none",
+                    color=line.get_color(),
+                    label="certified ≥ (bound's grid ended)",
+                )
     ax.set_xlabel("ε = ‖ΔV‖₂")
     ax.set_ylabel(f"horizon: last t with e ≤ {eta:g}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
