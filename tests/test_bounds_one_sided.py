@@ -176,3 +176,16 @@ def test_demo_certified_horizon():
     b = ja.bound_one_sided(f0, f1, ts, x0).bound
     assert np.all(e <= b + 1e-10)
     assert ja.certified_horizon(ts, b, 0.1) >= 0.08
+
+
+def test_bad_input_is_refused_in_one_line():
+    f = ja.RescaledField(d=2, dtype=jnp.float64)
+    x0 = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="for usa use bound_a_posteriori"):
+        ja.bound_one_sided(ja.USAField(d=2), ja.USAField(d=2), [0.0, 0.1], x0)
+    with pytest.raises(ValueError, match="at most 4096 solver steps"):
+        ja.bound_one_sided(f, f, np.linspace(0, 1, 2001), x0, substeps=4)
+    with pytest.raises(ValueError, match="must be finite"):
+        ja.bound_one_sided(f, f, [0.0, 0.1], np.full((4, 2), np.nan))
+    with pytest.raises(ValueError, match="increasing grid"):
+        ja.bound_one_sided(f, f, [0.1, 0.0], x0)

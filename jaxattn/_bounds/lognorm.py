@@ -36,6 +36,9 @@ SAFETY = 10.0
 WINDOW_LOGIT_MOTION = 0.025
 #: at most this many solver steps (and windows) per interval of the output grid
 MAX_SUBSTEPS = 64
+#: at most this many solver steps per call: on this CPU a call of 8000 steps (n = 50)
+#: hung inside XLA, one of 4000 did not (not understood yet)
+MAX_STEPS = 4096
 
 
 #: squarings of `BᵀB` in the spectral-norm bound for blocks of size d ≥ 3
@@ -384,6 +387,13 @@ def bound_one_sided(
         )
     else:
         m = int(substeps)
+    steps = (ts_np.shape[0] - 1) * m
+    if steps > MAX_STEPS:
+        raise ValueError(
+            f"the one-sided bound takes at most {MAX_STEPS} solver steps per call, got "
+            f"{ts_np.shape[0] - 1} intervals × {m} substeps; bound a shorter grid (it is a "
+            "short-time bound) or pass fewer substeps"
+        )
     with jax.enable_x64(True):
         out = _bound(kind, V, A, Vp, Ap, beta, ts_np, flat, flat_p, m, int(pieces))
     b, rate, gap = (np.asarray(o, np.float64).reshape(*batch, -1) for o in out)

@@ -51,7 +51,7 @@ class Config(ExperimentConfig):
     #: LoRA sizes ε of the horizon sweep: measured and certified horizons against ε
     #: (empty: no sweep)
     horizon_eps: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
-    horizon_t1: float = 2.0  #: end of the sweep's bound grid (step short_dt)
+    horizon_t1: float = 1.0  #: end of the sweep's bound grid (step short_dt)
     compare_targets: bool = True  #: also run the random Q, K and V LoRAs
     gif: bool = True  #: write trajectories.gif
     #: times of the snapshots in trajectories.png (None: 0, 2, 5, 10, 20, t1; 5 evenly
